@@ -1,0 +1,368 @@
+"""``App``: the library face of pycompart.
+
+An App holds a validated spec, the entrypoints registered against it, and,
+while started, a ``Monitor``. Calling an ``Entrypoint`` while the app runs
+crosses the call gate into an instance of its compartment; calling it when
+the app is not running (or inside an instance) runs the function locally.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from . import instance as _instance
+from .audit import AuditLog
+from .errors import (
+    CallTimeout,
+    CompartmentCrashed,
+    CompartmentError,
+    EntrypointError,
+    PycompartError,
+    ProtocolError,
+    SpecError,
+)
+from .gate import Contract, describe_exception, function_key, rebuild_exception
+from .monitor import CommBreakEvent, Hooks, InstanceEvent, Monitor, Pool, TimeoutEvent
+from .protocol import Err
+from .spec import AppSpec, CompartmentSpec, load_spec, load_spec_file
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_UNSET: Any = object()
+
+
+class Entrypoint(Generic[P, R]):
+    """A function exposed by a compartment. Call it like the function."""
+
+    def __init__(self, app: App, compartment: str, fn: Callable[P, R], key: str | None = None):
+        self.app = app
+        self.compartment = compartment
+        self.__pycompart_function__ = fn
+        self.key = key or function_key(fn)
+        self._contract: Contract | None = None
+        functools.update_wrapper(self, fn)
+
+    @property
+    def contract(self) -> Contract:
+        if self._contract is None:
+            self._contract = Contract(self.__pycompart_function__, self.key)
+        return self._contract
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        runtime = self.app._runtime
+        if runtime is None:
+            return self.__pycompart_function__(*args, **kwargs)
+        return runtime.call(self, args, kwargs, _UNSET)
+
+    def options(self, *, timeout: float | None = _UNSET) -> Callable[P, R]:
+        """This entrypoint with per-call options, e.g.
+        ``parse.options(timeout=0.5)(data)``; ``timeout=None`` waits forever."""
+
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            runtime = self.app._runtime
+            if runtime is None:
+                return self.__pycompart_function__(*args, **kwargs)
+            return runtime.call(self, args, kwargs, timeout)
+        return call
+
+    def __repr__(self) -> str:
+        return f"<entrypoint {self.key} in compartment {self.compartment!r}>"
+
+
+class App:
+    """A compartmentalized application.
+
+    ``App(spec_dict)`` or ``App.from_spec("app.toml")``; register entrypoints
+    with ``@app.entrypoint("compartment")``; ``with app:`` runs it.
+    """
+
+    def __init__(self, spec: Mapping[str, Any] | AppSpec | None = None, *,
+                 on_termination: Callable[[InstanceEvent], Any] | None = None,
+                 on_call_timeout: Callable[[TimeoutEvent], Any] | None = None,
+                 on_comm_break: Callable[[CommBreakEvent], Any] | None = None):
+        if isinstance(spec, AppSpec):
+            self.spec = spec
+        else:
+            self.spec = load_spec(spec or {})
+        self.hooks = Hooks()
+        for hooks, fn in ((self.hooks.on_termination, on_termination),
+                          (self.hooks.on_call_timeout, on_call_timeout),
+                          (self.hooks.on_comm_break, on_comm_break)):
+            if fn is not None:
+                hooks.append(fn)
+        self._entrypoints: dict[str, Entrypoint[Any, Any]] = {}
+        self._runtime: _Runtime | None = None
+        self._lock = threading.Lock()
+        # Spec-declared functions, callable via app.function(...).
+        for comp in self.spec.compartments.values():
+            for key in comp.functions:
+                self._entrypoints.setdefault(key, _declared(self, comp.name, key))
+
+    @classmethod
+    def from_spec(cls, path: str | os.PathLike[str], **hooks: Any) -> App:
+        if _instance.CURRENT is not None:
+            # Inside an instance the module defining entrypoints is being
+            # imported only to find them: nothing here may start anything.
+            return cls(AppSpec(name="instance", source=os.fspath(path), compartments=_Anything()))
+        return cls(load_spec_file(path), **hooks)
+
+    # -- declaring ----------------------------------------------------------------
+
+    def entrypoint(self, compartment: str) -> Callable[[Callable[P, R]], Entrypoint[P, R]]:
+        """Decorator: run this function inside ``compartment``."""
+        if compartment not in self.spec.compartments:
+            raise EntrypointError(f"compartment {compartment!r} is not defined in "
+                                  f"{self.spec.source} (defined: "
+                                  f"{', '.join(self.spec.compartments) or 'none'})")
+
+        def register(fn: Callable[P, R]) -> Entrypoint[P, R]:
+            if not callable(fn) or "<locals>" in getattr(fn, "__qualname__", "<locals>"):
+                raise EntrypointError(f"{fn!r}: an entrypoint must be a module-level function")
+            ep: Entrypoint[P, R] = Entrypoint(self, compartment, fn)
+            with self._lock:
+                if self._runtime is not None:
+                    raise EntrypointError(f"{ep.key}: entrypoints must be registered before the "
+                                          "app starts")
+                old = self._entrypoints.get(ep.key)
+                if old is not None and old.compartment != compartment:
+                    raise EntrypointError(f"{ep.key} is already an entrypoint of compartment "
+                                          f"{old.compartment!r}")
+                self._entrypoints[ep.key] = ep
+            return ep
+        return register
+
+    def function(self, key: str) -> Entrypoint[..., Any]:
+        """The entrypoint declared in the spec as ``functions = [key]``.
+
+        Its contract comes from the function's annotations if its module is
+        already imported in this process; otherwise the return value is
+        decoded without a declared type (plain data only: dict, list, str,
+        bytes, numbers, bool, None)."""
+        ep = self._entrypoints.get(key)
+        if ep is None:
+            raise EntrypointError(f"{key!r} is not an entrypoint of any compartment in "
+                                  f"{self.spec.source}")
+        return ep
+
+    def on_termination(self, fn: Callable[[InstanceEvent], Any]) -> Callable[[InstanceEvent], Any]:
+        self.hooks.on_termination.append(fn)
+        return fn
+
+    def on_call_timeout(self, fn: Callable[[TimeoutEvent], Any]) -> Callable[[TimeoutEvent], Any]:
+        self.hooks.on_call_timeout.append(fn)
+        return fn
+
+    def on_comm_break(self, fn: Callable[[CommBreakEvent], Any]) -> Callable[[CommBreakEvent], Any]:
+        self.hooks.on_comm_break.append(fn)
+        return fn
+
+    # -- running ------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._runtime is not None
+
+    def start(self) -> None:
+        if _instance.CURRENT is not None:
+            raise PycompartError("an App cannot be started inside a compartment instance")
+        with self._lock:
+            if self._runtime is not None:
+                raise PycompartError("the app is already running")
+            runtime = _Runtime(self)
+            runtime.start()
+            self._runtime = runtime
+
+    def stop(self) -> None:
+        with self._lock:
+            runtime, self._runtime = self._runtime, None
+        if runtime is not None:
+            runtime.stop()
+
+    def __enter__(self) -> App:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def instances(self, compartment: str) -> list[int]:
+        """The pids of the ready instances of ``compartment`` (for tests and
+        tooling)."""
+        runtime = self._runtime
+        if runtime is None or runtime.monitor is None or compartment not in runtime.monitor.pools:
+            return []
+        return [i.pid for i in runtime.monitor.pools[compartment].ready if i.pid]
+
+    @property
+    def zygote_pid(self) -> int | None:
+        runtime = self._runtime
+        proc = runtime.monitor.zygote_proc if runtime and runtime.monitor else None
+        return proc.pid if proc else None
+
+
+class _Anything(dict):  # type: ignore[type-arg]
+    """Compartment table of an inert App inside an instance: any name goes."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+
+def _declared(app: App, compartment: str, key: str) -> Entrypoint[..., Any]:
+    module_name, _, qualname = key.partition(":")
+    module = sys.modules.get(module_name)
+    fn: Any = module
+    for part in qualname.split("."):
+        fn = getattr(fn, part, None) if fn is not None else None
+    if fn is None or not callable(fn):
+        def fn(*args: Any, **kwargs: Any) -> Any:
+            raise EntrypointError(f"{key} runs only inside compartment {compartment!r}; start the app")
+        fn.__module__, fn.__qualname__, fn.__name__ = module_name, qualname, qualname.rsplit(".", 1)[-1]
+    fn = getattr(fn, "__pycompart_function__", fn)
+    return Entrypoint(app, compartment, fn, key)
+
+
+class _Runtime:
+    """The running state of an App: monitor, pools, audit log."""
+
+    def __init__(self, app: App):
+        self.app = app
+        self.spec = app.spec
+        self.audit = AuditLog(self.spec.audit_log) if self.spec.audit_log else None
+        self.monitor: Monitor | None = None
+        self.inline = {n for n, c in self.spec.compartments.items() if c.mechanism == "inline"}
+        self.entrypoints = dict(app._entrypoints)
+        self._main_path, self._main_module = _main_location()
+
+    def start(self) -> None:
+        for ep in self.entrypoints.values():
+            ep.contract  # resolve annotations now: errors belong to start, not first call
+        if len(self.inline) < len(self.spec.compartments):
+            self.monitor = Monitor(self.spec, self._config_for, self.app.hooks, self.audit)
+            try:
+                self.monitor.start()
+            except BaseException:
+                self._close_audit()
+                raise
+            _live.add(self.app)
+
+    def stop(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
+        _live.discard(self.app)
+        self._close_audit()
+
+    def _close_audit(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
+
+    def _config_for(self, comp: CompartmentSpec, index: int) -> _instance.InstanceConfig:
+        keys = sorted(k for k, ep in self.entrypoints.items() if ep.compartment == comp.name)
+        return _instance.InstanceConfig(
+            compartment=comp.name, index=index, sys_path=list(sys.path), cwd=os.getcwd(),
+            main_path=self._main_path, main_module=self._main_module, modules=list(comp.modules),
+            entrypoints=keys, max_frame=self.spec.max_message_size,
+            environment={k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+                         if k in os.environ},
+        )
+
+    def call(self, ep: Entrypoint[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+             timeout: Any) -> Any:
+        comp = ep.compartment
+        contract = ep.contract
+        spec = self.spec.compartments[comp]
+        if timeout is _UNSET:
+            timeout = spec.call_timeout
+        payload = contract.encode_args(args, kwargs)
+        if comp in self.inline:
+            return self._call_inline(ep, contract, payload)
+        assert self.monitor is not None
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        pool: Pool = self.monitor.pools[comp]
+        inst = None
+        outcome = "ok"
+        reply_size = 0
+        try:
+            inst = pool.pick(deadline)
+            reply = inst.channel.request(ep.key, payload, deadline)
+            if isinstance(reply, Err):
+                outcome = f"error:{reply.error.type_name}"
+                raise rebuild_exception(reply.error, comp)
+            reply_size = len(reply.value)
+            try:
+                return contract.decode_result(reply.value, comp)
+            except ProtocolError:
+                outcome = "protocol_error"
+                raise
+        except CallTimeout:
+            outcome = "timeout"
+            Hooks.fire(self.app.hooks.on_call_timeout,
+                       TimeoutEvent(comp, ep.key, inst.pid if inst else None, timeout))
+            raise
+        except CompartmentCrashed:
+            outcome = "crashed"
+            raise
+        except CompartmentError as exc:
+            if outcome == "ok":
+                outcome = f"failed:{type(exc).__name__}"
+            raise
+        finally:
+            if self.audit is not None:
+                self.audit.record("call", caller="main", callee=comp, entrypoint=ep.key,
+                                  pid=inst.pid if inst else None,
+                                  duration_ms=round((time.monotonic() - started) * 1000, 3),
+                                  outcome=outcome, bytes_out=len(payload), bytes_in=reply_size)
+
+    def _call_inline(self, ep: Entrypoint[Any, Any], contract: Contract, payload: bytes) -> Any:
+        """No isolation, but the same encoding, validation and error mapping."""
+        started = time.monotonic()
+        outcome = "ok"
+        result = b""
+        try:
+            try:
+                result = contract.invoke(payload)
+            except Exception as exc:
+                info = describe_exception(exc)
+                outcome = f"error:{info.type_name}"
+                raise rebuild_exception(info, ep.compartment) from None
+            return contract.decode_result(result, ep.compartment)
+        finally:
+            if self.audit is not None:
+                self.audit.record("call", caller="main", callee=ep.compartment, entrypoint=ep.key,
+                                  pid=os.getpid(), mechanism="inline",
+                                  duration_ms=round((time.monotonic() - started) * 1000, 3),
+                                  outcome=outcome, bytes_out=len(payload), bytes_in=len(result))
+
+
+def _main_location() -> tuple[str | None, str | None]:
+    """Where the instance can re-import ``__main__`` from (as multiprocessing does)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and getattr(spec, "name", None) and spec.name != "__main__":
+        return None, spec.name
+    path = getattr(main, "__file__", None)
+    return (os.path.abspath(path) if path else None), None
+
+
+_live: weakref.WeakSet[App] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for app in list(_live):
+        try:
+            app.stop()
+        except Exception:
+            pass
+
+
+__all__ = ["App", "Entrypoint", "SpecError"]

@@ -1,0 +1,275 @@
+"""Inside an instance: prepare the process, lock it down, import, serve.
+
+This runs in a child forked from the zygote. The order matters and is the
+design's: process hygiene first, then the privilege lock-down, and only then
+any import of the compartment's own code, so that not even import-time code of
+an untrusted module runs with more than the compartment's privileges.
+
+Calls are executed one at a time on the main thread, which keeps the null call
+cheap (no thread hand-off) and makes cancellation possible: the caller sends a
+``Cancel`` frame and the monitor a ``CANCEL_SIGNAL``; the handler reads the
+frame and raises ``CallCancelled`` inside the running entrypoint. Code that
+does not yield (a C loop, a blocked signal) is killed by the monitor after the
+grace period instead; a process can always be stopped, a thread cannot.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import os
+import runpy
+import signal
+import socket
+import sys
+import types
+from typing import NoReturn
+
+import msgspec
+
+from .errors import CallCancelled, EntrypointError
+from .gate import Contract, describe_exception
+from .kernel import process
+from .protocol import Call, Cancel, Connection, FrameReceived, NeedData, Violation
+
+CANCEL_SIGNAL = signal.SIGRTMIN + 1
+
+EXIT_START_FAILED = 70
+EXIT_PROTOCOL = 71
+
+#: The configuration of the instance this process is, or None in ``main``.
+CURRENT: InstanceConfig | None = None
+
+
+class InstanceConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Everything an instance needs, sent by the monitor through the zygote.
+    Holds names and paths, never code or objects."""
+
+    compartment: str
+    index: int
+    sys_path: list[str]
+    cwd: str
+    main_path: str | None
+    main_module: str | None
+    modules: list[str]
+    entrypoints: list[str]
+    max_frame: int
+    environment: dict[str, str]
+
+
+def run(config: InstanceConfig, sock: socket.socket) -> NoReturn:
+    """Become an instance. Never returns."""
+    global CURRENT
+    CURRENT = config
+    code = 0
+    try:
+        try:
+            _prepare_process(sock.fileno())
+            apply_privileges(config)
+            table = _load(config)
+        except BaseException as exc:  # report any start failure, then die
+            sock.setblocking(True)
+            sock.settimeout(2.0)
+            try:
+                sock.sendall(Connection.send_abort(describe_exception(exc)))
+            except OSError:
+                pass
+            code = EXIT_START_FAILED
+        else:
+            Server(config, sock, table).serve()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _prepare_process(keep_fd: int) -> None:
+    # Die with the zygote (itself bound to the monitor). The zygote is
+    # single-threaded, so "parent thread" is the whole zygote.
+    parent = os.getppid()
+    process.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+    os.setpgid(0, 0)  # own process group: terminal signals aimed at main miss it
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
+    # Keep stdout/stderr (so prints and tracebacks are visible) and the
+    # channel; everything else inherited is closed. stdin becomes /dev/null.
+    process.close_fds_except({1, 2, keep_fd})
+    null = os.open(os.devnull, os.O_RDONLY)
+    if null != 0:
+        os.dup2(null, 0)
+        os.close(null)
+
+
+def apply_privileges(config: InstanceConfig) -> None:
+    """The lock-down step: namespaces, rlimits, uid/caps, NO_NEW_PRIVS,
+    Landlock, seccomp, in that order. This version enforces no privileges;
+    the spec layer refuses any spec that asks for one (fail closed)."""
+    os.environ.clear()
+    os.environ.update(config.environment)
+
+
+def _load(config: InstanceConfig) -> dict[str, Contract]:
+    sys.path[:] = config.sys_path
+    os.chdir(config.cwd)
+    if any(key.startswith("__main__:") for key in config.entrypoints):
+        _load_main(config)
+    for name in config.modules:
+        importlib.import_module(name)
+    table: dict[str, Contract] = {}
+    for key in config.entrypoints:
+        module_name, _, qualname = key.partition(":")
+        obj: object = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        fn = getattr(obj, "__pycompart_function__", obj)
+        if not callable(fn):
+            raise EntrypointError(f"{key} is not callable")
+        table[key] = Contract(fn, key)
+    return table
+
+
+def _load_main(config: InstanceConfig) -> None:
+    """Make ``__main__`` functions importable, as multiprocessing's spawn does:
+    run the main script (or module) under the name ``__mp_main__`` so its
+    ``if __name__ == "__main__":`` block does not run here."""
+    module = types.ModuleType("__mp_main__")
+    if config.main_module:
+        namespace = runpy.run_module(config.main_module, run_name="__mp_main__", alter_sys=True)
+    elif config.main_path:
+        module.__file__ = config.main_path
+        sys.modules["__mp_main__"] = module
+        namespace = runpy.run_path(config.main_path, run_name="__mp_main__")
+    else:
+        raise EntrypointError("an entrypoint is defined in __main__, but the main program has no "
+                              "file to import it from (interactive session or -c)")
+    module.__dict__.update(namespace)
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = module
+
+
+class Server:
+    """The serve loop of an instance: one call at a time, cancellable."""
+
+    def __init__(self, config: InstanceConfig, sock: socket.socket, table: dict[str, Contract]):
+        self.config = config
+        self.sock = sock
+        self.table = table
+        self.conn = Connection(config.max_frame)
+        self.queue: collections.deque[Call] = collections.deque()
+        self.current: int | None = None
+        self.cancel_current = False
+        self.in_user_code = False
+        self.buf = bytearray(256 * 1024)
+        self.view = memoryview(self.buf)
+
+    def serve(self) -> None:
+        self.sock.setblocking(True)
+        signal.signal(CANCEL_SIGNAL, self._on_cancel_signal)
+        self.sock.sendall(Connection.send_hello(os.getpid(), self.config.compartment, sorted(self.table)))
+        while True:
+            if self.queue:
+                self._execute(self.queue.popleft())
+                continue
+            event = self.conn.next_event()
+            if isinstance(event, NeedData):
+                if not self._read(0):
+                    return  # caller closed the channel: orderly shutdown
+                continue
+            self._handle(event)
+
+    def _read(self, flags: int) -> bool:
+        view = self.conn.frames.want_buffer() or self.view
+        n, anc, _, _ = self.sock.recvmsg_into([view], 0, flags)
+        if n == 0:
+            return False
+        if view is self.view:
+            self.conn.receive_data(view[:n])
+        else:
+            self.conn.frames.body_written(n)
+        return True
+
+    def _handle(self, event: object) -> None:
+        if isinstance(event, Violation):
+            if event.fatal:
+                print(f"pycompart: instance of {self.config.compartment!r}: protocol violation "
+                      f"from caller: {event.reason}", file=sys.stderr)
+                os._exit(EXIT_PROTOCOL)
+            return
+        assert isinstance(event, FrameReceived)
+        msg = event.message
+        for fd in event.fds:
+            os.close(fd)
+        if isinstance(msg, Call):
+            self.queue.append(msg)
+        elif isinstance(msg, Cancel):
+            if msg.id == self.current:
+                self.cancel_current = True
+                return
+            for queued in self.queue:
+                if queued.id == msg.id:
+                    self.queue.remove(queued)
+                    self._reply(self.conn.send_err(msg.id, describe_exception(
+                        CallCancelled("cancelled by the caller before it started"))))
+                    break
+        # Anything else from a caller (Hello, Ok for a call we never made) is
+        # ignored; the connection counted it.
+
+    def _execute(self, call: Call) -> None:
+        contract = self.table.get(call.entrypoint)
+        if contract is None:
+            self.conn.violations += 1
+            self._reply(self.conn.send_err(call.id, describe_exception(EntrypointError(
+                f"{call.entrypoint!r} is not an entrypoint of compartment "
+                f"{self.config.compartment!r}"))))
+            return
+        self.current = call.id
+        self.cancel_current = False
+        try:
+            self.in_user_code = True
+            try:
+                result = contract.invoke(call.args)
+            finally:
+                self.in_user_code = False
+            reply = self.conn.send_ok(call.id, result)
+        except CallCancelled as exc:
+            reply = self.conn.send_err(call.id, describe_exception(exc))
+        except Exception as exc:
+            reply = self.conn.send_err(call.id, describe_exception(exc))
+        finally:
+            self.current = None
+        self._reply(reply)
+
+    def _reply(self, frame: bytes) -> None:
+        try:
+            self.sock.sendall(frame)
+        except (BrokenPipeError, ConnectionResetError):
+            os._exit(0)  # the caller is gone; nothing left to serve
+
+    def _on_cancel_signal(self, signum: int, frame: object) -> None:
+        if not self.in_user_code:
+            return  # the serve loop will read the Cancel frame itself
+        # We interrupted user code, so the loop is not inside the decoder:
+        # it is safe to read what has arrived and look for our Cancel.
+        try:
+            while self._read(socket.MSG_DONTWAIT):
+                while True:
+                    event = self.conn.next_event()
+                    if isinstance(event, NeedData):
+                        break
+                    self._handle(event)
+        except (BlockingIOError, InterruptedError):
+            pass
+        if self.cancel_current and self.in_user_code:
+            raise CallCancelled("the caller timed out and cancelled this call")

@@ -1,0 +1,565 @@
+"""The monitor: supervision of instances. Runs no compartment code.
+
+One thread in ``main``'s process (domain 0). It owns the zygote, every
+instance's pidfd and the timers, and is the only thread that signals or kills
+an instance (so a pidfd is never used after it is closed). Callers talk to it
+by ``submit``-ting small functions that run on its thread.
+
+Life of an instance::
+
+    spawning --Spawned(pid, pidfd)--> starting --Hello--> ready --exit--> dead
+                                          |--Abort/exit/start timeout--> dead
+
+A dead instance fails every call pending on it at once (its channel is shut
+down; the leader thread wakes with ``CompartmentCrashed`` carrying the exit
+status the zygote reaped), then the restart policy decides whether and when a
+replacement is spawned.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import itertools
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .audit import AuditLog
+from .channel import Channel, SocketTransport
+from .errors import (
+    CallTimeout,
+    CompartmentCrashed,
+    CompartmentStartError,
+    CompartmentUnavailable,
+    ProtocolError,
+)
+from .gate import rebuild_exception
+from .instance import CANCEL_SIGNAL, EXIT_START_FAILED, InstanceConfig
+from .kernel import process
+from .protocol import Abort, Connection, FrameReceived, Hello, NeedData, Violation
+from .spec import AppSpec, CompartmentSpec
+from . import zygote
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceEvent:
+    """Passed to ``on_termination``: an instance ended."""
+
+    compartment: str
+    pid: int | None
+    status: str
+    restarting: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeoutEvent:
+    """Passed to ``on_call_timeout``."""
+
+    compartment: str
+    entrypoint: str
+    pid: int | None
+    timeout: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class CommBreakEvent:
+    """Passed to ``on_comm_break``: a channel broke (protocol violation,
+    failed send)."""
+
+    compartment: str
+    pid: int | None
+    reason: str
+
+
+@dataclasses.dataclass
+class Hooks:
+    on_termination: list[Callable[[InstanceEvent], Any]] = dataclasses.field(default_factory=list)
+    on_call_timeout: list[Callable[[TimeoutEvent], Any]] = dataclasses.field(default_factory=list)
+    on_comm_break: list[Callable[[CommBreakEvent], Any]] = dataclasses.field(default_factory=list)
+
+    @staticmethod
+    def fire(hooks: list[Callable[[Any], Any]], event: Any) -> None:
+        for hook in hooks:
+            try:
+                hook(event)
+            except Exception as exc:  # a broken hook must not take the monitor down
+                print(f"pycompart: hook {getattr(hook, '__name__', hook)!r} raised {exc!r}",
+                      file=sys.stderr)
+
+
+class InstanceHandle:
+    """What domain 0 knows about one instance."""
+
+    def __init__(self, pool: Pool, index: int, channel: Channel, generation: int):
+        self.pool = pool
+        self.index = index
+        self.channel = channel
+        self.generation = generation
+        self.pid: int | None = None
+        self.pidfd: int | None = None
+        self.state = "spawning"
+        self.started_at = time.monotonic()
+        self.status: int | None = None
+        self.status_text = "is still running"
+        self.dead = threading.Event()
+        self.start_error: str | None = None
+        self.start_exception: Exception | None = None
+        self.kill_reason: str | None = None
+        self.request = 0
+
+    def crash_error(self) -> CompartmentCrashed:
+        """Built by a caller that saw the channel close: wait (briefly) for the
+        monitor to learn the exit status, so the error can name it."""
+        self.dead.wait(1.0)
+        status = self.status_text if self.dead.is_set() else "closed its channel"
+        if self.kill_reason:
+            status += f" ({self.kill_reason})"
+        return CompartmentCrashed(self.pool.spec.name, self.pid, status)
+
+
+class Pool:
+    """The live instances of one compartment, and its restart accounting."""
+
+    def __init__(self, spec: CompartmentSpec):
+        self.spec = spec
+        self.ready: tuple[InstanceHandle, ...] = ()
+        self.cond = threading.Condition()
+        self.unavailable: str | None = None
+        self.restarts: collections.deque[float] = collections.deque()
+        self.rr = itertools.count()
+
+    def pick(self, deadline: float | None) -> InstanceHandle:
+        ready = self.ready
+        if len(ready) == 1:
+            return ready[0]
+        if ready:
+            start = next(self.rr) % len(ready)
+            best = ready[start]
+            for inst in ready[start:] + ready[:start]:
+                if inst.channel.pending < best.channel.pending:
+                    best = inst
+            return best
+        with self.cond:
+            while not self.ready:
+                if self.unavailable:
+                    raise CompartmentUnavailable(f"compartment {self.spec.name!r} is unavailable: "
+                                                 f"{self.unavailable}")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise CallTimeout(f"no instance of compartment {self.spec.name!r} became "
+                                      "ready before the call's deadline")
+                self.cond.wait(remaining)
+        return self.pick(deadline)
+
+    def add(self, inst: InstanceHandle) -> None:
+        with self.cond:
+            self.ready = self.ready + (inst,)
+            self.cond.notify_all()
+
+    def remove(self, inst: InstanceHandle) -> None:
+        with self.cond:
+            self.ready = tuple(i for i in self.ready if i is not inst)
+
+    def make_unavailable(self, reason: str) -> None:
+        with self.cond:
+            self.unavailable = reason
+            self.cond.notify_all()
+
+
+class Monitor:
+    def __init__(self, spec: AppSpec, config_for: Callable[[CompartmentSpec, int], InstanceConfig],
+                 hooks: Hooks, audit: AuditLog | None):
+        self.spec = spec
+        self.config_for = config_for
+        self.hooks = hooks
+        self.audit = audit
+        self.pools = {name: Pool(c) for name, c in spec.compartments.items()
+                      if c.mechanism == "process"}
+        self._commands: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poll = select.poll()
+        self._fd_owner: dict[int, tuple[str, Any]] = {}
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._by_request: dict[int, InstanceHandle] = {}  # spawn sent, no pid yet
+        self._by_pid: dict[int, InstanceHandle] = {}
+        self._requests = itertools.count(1)
+        self._generation = itertools.count(1)
+        self._start_failures: list[Exception] = []
+        self._start_done = threading.Condition()
+        self._launched = threading.Event()
+        self._launch_error: BaseException | None = None
+        self.stopping = False
+        self.zygote_proc: Any = None
+        self._control: SocketTransport | None = None
+        self._control_buf = memoryview(bytearray(65536))
+        self._started = False
+        self._control_reader = zygote.ControlReader()
+        self._thread = threading.Thread(target=self._run, name="pycompart-monitor", daemon=True)
+
+    # -- public (any thread) ----------------------------------------------------
+
+    def start(self) -> None:
+        """Launch the zygote and every instance; return when all are ready,
+        or raise CompartmentStartError (after cleaning up) if any fails."""
+        self._thread.start()
+        self._launched.wait()
+        if self._launch_error is not None:
+            raise CompartmentStartError(f"cannot start the zygote: {self._launch_error}")
+        for pool in self.pools.values():
+            for index in range(pool.spec.instances):
+                self.submit(lambda pool=pool, index=index: self._spawn(pool, index))
+        budget = max([p.spec.start_timeout for p in self.pools.values()], default=0) + 5.0
+        deadline = time.monotonic() + budget
+        with self._start_done:
+            while True:
+                if self._start_failures:
+                    break
+                if all(len(p.ready) == p.spec.instances for p in self.pools.values()):
+                    self._started = True
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._start_failures.append(CompartmentStartError(
+                        f"instances did not become ready within {budget:.1f}s"))
+                    break
+                self._start_done.wait(remaining)
+        error = self._start_failures[0]
+        self.stop()
+        raise error
+
+    def stop(self, grace: float = 1.0) -> None:
+        if not self._thread.is_alive():
+            return
+        self.stopping = True
+        for pool in self.pools.values():
+            pool.make_unavailable("the app has stopped")
+
+        def begin() -> None:
+            for inst in list(self._by_pid.values()) + list(self._by_request.values()):
+                inst.channel.fail(CompartmentUnavailable("the app has stopped"), reason="stop")
+            if self._control is not None:
+                self._send_control(zygote.Shutdown(grace))
+        self.submit(begin)
+        self._thread.join(grace + 5.0)
+        proc = self.zygote_proc
+        if proc is not None:
+            try:
+                proc.wait(timeout=max(0.1, grace + 2.0))
+            except Exception:
+                proc.kill()
+                proc.wait()
+        if self._thread.is_alive():
+            self._thread.join(2.0)
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._commands.append(fn)
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # already awake
+
+    def channel_event(self, inst: InstanceHandle, kind: str, detail: Any) -> None:
+        """Called from caller threads by an instance's Channel."""
+        if kind == "timeout":
+            self.submit(lambda: self._cancel(inst, detail))
+        elif kind == "broken":
+            exc, reason = detail
+            if isinstance(exc, ProtocolError):
+                self.submit(lambda: self._kill(inst, f"protocol violation: {reason}"))
+                Hooks.fire(self.hooks.on_comm_break, CommBreakEvent(inst.pool.spec.name, inst.pid, reason))
+                self._audit("comm_break", compartment=inst.pool.spec.name, pid=inst.pid, reason=reason)
+        elif kind == "violation":
+            self._audit("violation", compartment=inst.pool.spec.name, pid=inst.pid, reason=str(detail))
+
+    # -- the monitor thread -----------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.zygote_proc, control = zygote.launch()
+            self._control = SocketTransport(control)
+        except BaseException as exc:
+            self._launch_error = exc
+            self._launched.set()
+            return
+        self._watch(self._control.fileno(), "control", None)
+        self._watch(self._wake_r, "wake", None)
+        self._launched.set()
+        try:
+            while self._loop_once():
+                pass
+        finally:
+            self._shutdown_cleanup()
+
+    def _loop_once(self) -> bool:
+        timeout_ms = -1
+        if self._timers:
+            timeout_ms = max(0, int((self._timers[0][0] - time.monotonic()) * 1000) + 1)
+        for fd, _mask in self._poll.poll(timeout_ms):
+            kind, obj = self._fd_owner.get(fd, (None, None))
+            if kind == "wake":
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            elif kind == "control":
+                if not self._read_control():
+                    return False
+            elif kind == "pidfd":
+                self._on_pidfd(obj)
+            elif kind == "hello":
+                self._on_hello(obj)
+        while self._commands:
+            self._commands.popleft()()
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self._timers)
+            fn()
+        return True
+
+    def _watch(self, fd: int, kind: str, obj: Any) -> None:
+        self._fd_owner[fd] = (kind, obj)
+        self._poll.register(fd, select.POLLIN)
+
+    def _unwatch(self, fd: int | None) -> None:
+        if fd is not None and self._fd_owner.pop(fd, None) is not None:
+            self._poll.unregister(fd)
+
+    def _after(self, delay: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), fn))
+
+    def _send_control(self, msg: object, fds: list[int] | None = None) -> None:
+        assert self._control is not None
+        fds = fds or []
+        self._control.send(zygote.encode_control(msg, len(fds)), fds, time.monotonic() + 5.0)
+
+    def _read_control(self) -> bool:
+        assert self._control is not None
+        try:
+            n, fds = self._control.recv_into(self._control_buf, time.monotonic())
+        except TimeoutError:
+            return True
+        except OSError:
+            n, fds = 0, []
+        if n == 0:
+            return False  # the zygote is gone
+        self._control_reader.feed(bytes(self._control_buf[:n]), fds)
+        for msg, fds in self._control_reader.messages():
+            if isinstance(msg, zygote.Spawned):
+                self._on_spawned(msg, fds)
+            elif isinstance(msg, zygote.Exited):
+                inst = self._by_pid.pop(msg.pid, None)
+                if inst is not None:
+                    self._finalize(inst, msg.status)
+            else:
+                for fd in fds:
+                    os.close(fd)
+        return True
+
+    # -- spawning ---------------------------------------------------------------
+
+    def _spawn(self, pool: Pool, index: int) -> None:
+        if self.stopping:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn = Connection(self.spec.max_message_size)
+        channel = Channel(SocketTransport(ours), conn, pool.spec.name)
+        inst = InstanceHandle(pool, index, channel, next(self._generation))
+        channel._on_event = lambda kind, detail: self.channel_event(inst, kind, detail)
+        channel.failure_factory = inst.crash_error
+        request = inst.request = next(self._requests)
+        self._by_request[request] = inst
+        try:
+            self._send_control(zygote.Spawn(request, self.config_for(pool.spec, index)), [theirs.fileno()])
+        except (OSError, TimeoutError) as exc:
+            self._by_request.pop(request, None)
+            self._start_failed(inst, f"cannot reach the zygote: {exc}")
+            return
+        finally:
+            theirs.close()  # the instance must hold the only copy, or its death is no EOF
+        self._after(pool.spec.start_timeout, lambda: self._start_timeout(inst))
+
+    def _on_spawned(self, msg: zygote.Spawned, fds: list[int]) -> None:
+        inst = self._by_request.pop(msg.request, None)
+        if inst is None or msg.error or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            if inst is not None:
+                self._start_failed(inst, msg.error or "zygote sent no pidfd")
+            return
+        inst.pid, inst.pidfd = msg.pid, fds[0]
+        inst.state = "starting"
+        self._by_pid[msg.pid] = inst
+        self._watch(inst.pidfd, "pidfd", inst)
+        self._watch(inst.channel.transport.fileno(), "hello", inst)
+
+    def _on_hello(self, inst: InstanceHandle) -> None:
+        conn = inst.channel.conn
+        try:
+            n, fds = inst.channel.transport.recv_into(inst.channel._view, time.monotonic())
+        except (TimeoutError, BlockingIOError):
+            return
+        except Exception:
+            n, fds = 0, []
+        if n == 0:
+            self._unwatch(inst.channel.transport.fileno())
+            return  # it died; the exit path reports why
+        conn.receive_data(inst.channel._view[:n], fds)
+        event = conn.next_event()
+        if isinstance(event, NeedData):
+            return
+        self._unwatch(inst.channel.transport.fileno())
+        msg = event.message if isinstance(event, FrameReceived) else None
+        if isinstance(msg, Hello) and msg.compartment == inst.pool.spec.name and msg.pid == inst.pid:
+            self._became_ready(inst)
+        elif isinstance(msg, Abort):
+            inst.start_exception = rebuild_exception(msg.error, inst.pool.spec.name)
+            inst.start_error = f"{msg.error.type_name}: {msg.error.message}"
+        else:
+            reason = event.reason if isinstance(event, Violation) else f"unexpected first message {msg!r}"
+            self._kill(inst, f"bad start: {reason}")
+
+    def _became_ready(self, inst: InstanceHandle) -> None:
+        inst.state = "ready"
+        ms = (time.monotonic() - inst.started_at) * 1000
+        self._audit("instance_start", compartment=inst.pool.spec.name, pid=inst.pid,
+                    index=inst.index, generation=inst.generation, ready_ms=round(ms, 3))
+        inst.pool.add(inst)
+        with self._start_done:
+            self._start_done.notify_all()
+
+    def _start_timeout(self, inst: InstanceHandle) -> None:
+        if inst.state == "starting":
+            inst.start_error = f"did not become ready within {inst.pool.spec.start_timeout:g}s"
+            self._kill(inst, "start timeout")  # the exit path reports it
+        elif inst.state == "spawning":
+            self._by_request.pop(inst.request, None)
+            self._start_failed(inst, "the zygote did not fork it in time")
+
+    def _start_failed(self, inst: InstanceHandle, reason: str) -> None:
+        inst.state = "dead"
+        inst.dead.set()
+        if self._started:  # a replacement failed: count it against the restart budget
+            self._plan_restart(inst, None)
+            return
+        error = CompartmentStartError(f"compartment {inst.pool.spec.name!r} failed to start: {reason}")
+        if inst.start_exception is not None:
+            error.__cause__ = inst.start_exception
+        with self._start_done:
+            self._start_failures.append(error)
+            self._start_done.notify_all()
+
+    # -- death and restart --------------------------------------------------------
+
+    def _on_pidfd(self, inst: InstanceHandle) -> None:
+        self._unwatch(inst.pidfd)
+        # The zygote reaps and reports the status within microseconds; if it
+        # cannot, do not leave callers waiting on it.
+        self._after(1.0, lambda: self._finalize(inst, None) if inst.state != "dead" else None)
+
+    def _finalize(self, inst: InstanceHandle, status: int | None) -> None:
+        if inst.state == "dead":
+            return
+        was_ready = inst.state == "ready"
+        inst.state = "dead"
+        inst.status = status
+        inst.status_text = (process.describe_wait_status(status) if status is not None
+                            else "ended (exit status unknown)")
+        if status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_START_FAILED:
+            inst.status_text = "failed to start"
+        inst.dead.set()
+        self._by_pid.pop(inst.pid or -1, None)
+        self._unwatch(inst.pidfd)
+        self._unwatch(inst.channel.transport.fileno())
+        if inst.pidfd is not None:
+            os.close(inst.pidfd)
+            inst.pidfd = None
+        pool = inst.pool
+        pool.remove(inst)
+        detail = inst.status_text + (f" ({inst.kill_reason})" if inst.kill_reason else "")
+        # Shut down, not closed: a caller thread may still be polling it; the
+        # socket closes when the last reference goes.
+        inst.channel.fail(CompartmentCrashed(pool.spec.name, inst.pid, detail), reason=detail)
+        if not was_ready and not self._started and not self.stopping:
+            self._audit("instance_exit", compartment=pool.spec.name, pid=inst.pid, status=detail)
+            self._start_failed(inst, inst.start_error or detail)
+            return
+        restarting = self._plan_restart(inst, status)
+        self._audit("instance_exit", compartment=pool.spec.name, pid=inst.pid, status=detail,
+                    restarting=restarting)
+        Hooks.fire(self.hooks.on_termination, InstanceEvent(pool.spec.name, inst.pid, detail, restarting))
+
+    def _plan_restart(self, inst: InstanceHandle, status: int | None) -> bool:
+        pool = inst.pool
+        spec = pool.spec
+        if self.stopping:
+            return False
+        failed = status is None or process.is_failure(status)
+        if spec.restart == "never" or (spec.restart == "on-failure" and not failed):
+            if not pool.ready:
+                pool.make_unavailable(f"its instance {inst.status_text} and restart is {spec.restart!r}")
+            return False
+        now = time.monotonic()
+        while pool.restarts and pool.restarts[0] < now - spec.restart_window:
+            pool.restarts.popleft()
+        if len(pool.restarts) >= spec.max_restarts:
+            if not pool.ready:
+                pool.make_unavailable(f"gave up after {spec.max_restarts} restarts within "
+                                      f"{spec.restart_window:g}s (last: {inst.status_text})")
+            return False
+        delay = min(5.0, spec.restart_backoff * (2 ** len(pool.restarts)))
+        pool.restarts.append(now)
+        self._audit("instance_restart", compartment=spec.name, index=inst.index,
+                    delay_ms=round(delay * 1000, 3))
+        self._after(delay, lambda: self._spawn(pool, inst.index))
+        return True
+
+    def _kill(self, inst: InstanceHandle, reason: str) -> None:
+        if inst.state == "dead" or inst.pidfd is None:
+            return
+        inst.kill_reason = inst.kill_reason or reason
+        self._audit("instance_kill", compartment=inst.pool.spec.name, pid=inst.pid, reason=reason)
+        try:
+            os.killpg(inst.pid, signal.SIGKILL)  # its process group, children included
+        except (ProcessLookupError, PermissionError):
+            pass
+        process.pidfd_kill(inst.pidfd, signal.SIGKILL)
+
+    def _cancel(self, inst: InstanceHandle, rid: int) -> None:
+        """A call timed out: interrupt it, and kill the instance if it has
+        not yielded when the grace period ends."""
+        if inst.state != "ready" or inst.pidfd is None:
+            return
+        process.pidfd_kill(inst.pidfd, CANCEL_SIGNAL)
+
+        def check() -> None:
+            if inst.state != "ready":
+                return
+            inst.channel.drain()
+            if rid in inst.channel.conn.cancelled:
+                self._kill(inst, f"a cancelled call did not yield within "
+                                 f"{inst.pool.spec.cancel_grace:g}s")
+        self._after(inst.pool.spec.cancel_grace, check)
+
+    def _shutdown_cleanup(self) -> None:
+        for inst in list(self._by_pid.values()) + list(self._by_request.values()):
+            inst.channel.fail(CompartmentUnavailable("the app has stopped"), reason="stop")
+            self._finalize(inst, None)
+        for pool in self.pools.values():
+            pool.make_unavailable("the app has stopped")
+        if self._control is not None:
+            self._control.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.record(event, **fields)

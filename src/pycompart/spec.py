@@ -1,0 +1,299 @@
+"""The spec: what the application's compartments are and what they may do.
+
+This module is *policy* only: it turns a TOML file (or a dict built in code)
+into frozen dataclasses and rejects anything it does not understand. It never
+starts a process. Every error names the source, the dotted key path, what was
+expected and what was found, because a spec is security configuration and a
+silently ignored typo is a hole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import SpecError
+
+TRUST_MODELS = ("sandbox", "safebox", "mutual")
+RESTART_POLICIES = ("never", "on-failure", "always")
+MECHANISMS = ("process", "inline")
+
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}\Z")
+_DOTTED_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+_FUNCTION_RE = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z"
+)
+_DURATION_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*(ms|s|m|h)\s*\Z")
+_SIZE_RE = re.compile(r"\s*([0-9]+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*\Z")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "k": 1024, "K": 1024, "KiB": 1024, "M": 1024**2, "MiB": 1024**2,
+    "G": 1024**3, "GiB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+DEFAULT_MAX_MESSAGE = 128 * 1024**2  # room for a 64 MiB argument plus envelope
+
+
+@dataclasses.dataclass(frozen=True)
+class CompartmentSpec:
+    """One compartment's policy. Durations are seconds, sizes bytes."""
+
+    name: str
+    trust: str = "sandbox"
+    functions: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()
+    instances: int = 1
+    restart: str = "on-failure"
+    max_restarts: int = 5
+    restart_window: float = 60.0
+    restart_backoff: float = 0.05
+    call_timeout: float | None = 60.0
+    cancel_grace: float = 0.5
+    start_timeout: float = 10.0
+    may_call: tuple[str, ...] = ()
+    mechanism: str = "process"
+
+
+@dataclasses.dataclass(frozen=True)
+class AppSpec:
+    """The whole application: ``[app]`` plus every ``[compartments.NAME]``."""
+
+    name: str = "app"
+    source: str = "<dict>"
+    audit_log: str | None = None
+    mechanism: str = "process"
+    max_message_size: int = DEFAULT_MAX_MESSAGE
+    compartments: Mapping[str, CompartmentSpec] = dataclasses.field(default_factory=dict)
+
+    def edges(self) -> list[tuple[str, str]]:
+        """Every (caller, callee) pair that gets a channel. ``main`` may call
+        every compartment; a compartment may call what its ``may_call`` lists."""
+        out = [("main", name) for name in self.compartments]
+        for c in self.compartments.values():
+            out.extend((c.name, callee) for callee in c.may_call)
+        return out
+
+
+def parse_duration(value: Any) -> float:
+    """``"5s"``, ``"250ms"``, ``"2m"``, ``"1h"`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError("a positive duration")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            if seconds > 0:
+                return seconds
+    raise ValueError('a positive duration such as "5s", "250ms" or a number of seconds')
+
+
+def parse_size(value: Any) -> int:
+    """``"256MiB"``, ``"64KiB"``, ``"1GB"`` or a number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("a size")
+    if isinstance(value, int) and value > 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and int(m.group(1)) > 0:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    raise ValueError('a positive size such as "256MiB", "64KiB" or a number of bytes')
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+class _Reader:
+    """Walks one table, converting keys and remembering which were used so
+    that unknown keys are reported instead of ignored."""
+
+    def __init__(self, source: str, path: str, table: Any):
+        self.source = source
+        self.path = path
+        if not isinstance(table, Mapping):
+            raise SpecError(source, path or "<top>", "a table", _describe(table))
+        self.table = table
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, expected: str, value: Any = dataclasses.MISSING) -> SpecError:
+        found = None if value is dataclasses.MISSING else _describe(value)
+        return SpecError(self.source, self.key(name), expected, found)
+
+    def get(self, name: str, convert: Callable[[Any], Any], expected: str, default: Any) -> Any:
+        self.used.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        try:
+            return convert(value)
+        except (ValueError, TypeError) as exc:
+            raise self.error(name, str(exc) or expected, value) from None
+
+    def sub(self, name: str) -> _Reader | None:
+        self.used.add(name)
+        if name not in self.table:
+            return None
+        return _Reader(self.source, self.key(name), self.table[name])
+
+    def finish(self) -> None:
+        for name in self.table:
+            if name not in self.used:
+                raise SpecError(self.source, self.key(str(name)), "no such key (known: "
+                                + ", ".join(sorted(self.used)) + ")", "an unknown key")
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("one of " + ", ".join(repr(c) for c in choices))
+        return value
+    return convert
+
+
+def _str_list(pattern: re.Pattern[str], what: str) -> Callable[[Any], tuple[str, ...]]:
+    def convert(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise ValueError(f"a list of {what}")
+        for item in value:
+            if not isinstance(item, str) or not pattern.match(item):
+                raise ValueError(f"a list of {what}; {item!r} is not one")
+        if len(set(value)) != len(value):
+            raise ValueError(f"a list of {what} without duplicates")
+        return tuple(value)
+    return convert
+
+
+def _positive_int(limit: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise ValueError(f"an integer from 1 to {limit}")
+        return value
+    return convert
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10_000:
+        raise ValueError("an integer from 0 to 10000")
+    return value
+
+
+def _instances(value: Any) -> int:
+    if value in ("per-call", "per-connection"):
+        raise ValueError(f"an integer from 1 to 256 ({value!r} instances are not supported by this version)")
+    return _positive_int(256)(value)
+
+
+def _timeout(value: Any) -> float | None:
+    if value == "none":
+        return None
+    return parse_duration(value)
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("a non-empty string")
+    return value
+
+
+def _compartment(reader: _Reader, name: str, default_mechanism: str) -> CompartmentSpec:
+    d = CompartmentSpec(name=name)
+    spec = CompartmentSpec(
+        name=name,
+        trust=reader.get("trust", _one_of(TRUST_MODELS), "", d.trust),
+        functions=reader.get("functions", _str_list(_FUNCTION_RE, '"module:function" names'), "", ()),
+        modules=reader.get("modules", _str_list(_DOTTED_RE, "dotted module names"), "", ()),
+        instances=reader.get("instances", _instances, "", d.instances),
+        restart=reader.get("restart", _one_of(RESTART_POLICIES), "", d.restart),
+        max_restarts=reader.get("max_restarts", _count, "", d.max_restarts),
+        restart_window=reader.get("restart_window", parse_duration, "", d.restart_window),
+        restart_backoff=reader.get("restart_backoff", parse_duration, "", d.restart_backoff),
+        call_timeout=reader.get("call_timeout", _timeout, 'a duration or "none"', d.call_timeout),
+        cancel_grace=reader.get("cancel_grace", parse_duration, "", d.cancel_grace),
+        start_timeout=reader.get("start_timeout", parse_duration, "", d.start_timeout),
+        may_call=reader.get("may_call", _str_list(_NAME_RE, "compartment names"), "", ()),
+        mechanism=reader.get("mechanism", _one_of(MECHANISMS), "", default_mechanism),
+    )
+    privileges = reader.sub("privileges")
+    if privileges is not None and privileges.table:
+        # Fail closed: a privilege we cannot enforce must not be accepted silently.
+        first = next(iter(privileges.table))
+        raise privileges.error(str(first), "no privileges: this version of pycompart does not "
+                               "enforce [privileges] yet, so it refuses to run a spec that asks for them")
+    reader.finish()
+    return spec
+
+
+def load_spec(source: Mapping[str, Any], *, origin: str = "<dict>", base_dir: str | None = None) -> AppSpec:
+    """Validate a spec given as a mapping (what ``tomllib`` returns)."""
+    top = _Reader(origin, "", source)
+    app = top.sub("app") or _Reader(origin, "app", {})
+    name = app.get("name", _string, "a non-empty string", "app")
+    audit_log = app.get("audit_log", _string, "a file path", None)
+    if audit_log is not None and base_dir is not None:
+        audit_log = os.path.join(base_dir, audit_log)
+    mechanism = app.get("mechanism", _one_of(MECHANISMS), "", "process")
+    max_message = app.get("max_message_size", parse_size, "", DEFAULT_MAX_MESSAGE)
+    if max_message < 4096 or max_message > 2**32 - 1:
+        raise app.error("max_message_size", "a size from 4KiB to 4GiB-1", max_message)
+    app.finish()
+
+    comps_reader = top.sub("compartments") or _Reader(origin, "compartments", {})
+    compartments: dict[str, CompartmentSpec] = {}
+    for cname in comps_reader.table:
+        if not isinstance(cname, str) or not _NAME_RE.match(cname):
+            raise comps_reader.error(str(cname), "a compartment name of letters, digits, '_' and '-'")
+        if cname == "main":
+            raise comps_reader.error(cname, "a compartment name other than 'main' (main is the "
+                                     "program itself, in domain 0)")
+        sub = comps_reader.sub(cname)
+        assert sub is not None
+        compartments[cname] = _compartment(sub, cname, mechanism)
+    comps_reader.finish()
+
+    if top.sub("domains") is not None:
+        raise top.error("domains", "no [domains]: remote domains are not supported by this version")
+    top.finish()
+
+    for comp in compartments.values():
+        for callee in comp.may_call:
+            if callee != "main" and callee not in compartments:
+                raise SpecError(origin, f"compartments.{comp.name}.may_call",
+                                "names of compartments defined in this spec (or 'main')", repr(callee))
+            if callee == comp.name:
+                raise SpecError(origin, f"compartments.{comp.name}.may_call",
+                                "other compartments (a compartment calls itself directly)", repr(callee))
+        if comp.may_call:
+            raise SpecError(origin, f"compartments.{comp.name}.may_call",
+                            "an empty list: calls out of a compartment are not supported by this "
+                            "version", repr(list(comp.may_call)))
+    return AppSpec(name=name, source=origin, audit_log=audit_log, mechanism=mechanism,
+                   max_message_size=max_message, compartments=compartments)
+
+
+def load_spec_file(path: str | os.PathLike[str]) -> AppSpec:
+    """Read and validate a TOML spec file."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise SpecError(path, "<file>", "an existing TOML file", "no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(path, "<file>", "valid TOML", str(exc)) from None
+    return load_spec(data, origin=path, base_dir=os.path.dirname(os.path.abspath(path)))
