@@ -253,6 +253,11 @@ class _Runtime:
                 self._close_audit()
                 raise
             _live.add(self.app)
+        # What every call of an entrypoint needs, looked up once.
+        self.plans: dict[str, tuple[Pool | None, Contract, float | None]] = {
+            key: (None if ep.compartment in self.inline else self.monitor.pools[ep.compartment],  # type: ignore[union-attr]
+                  ep.contract, self.spec.compartments[ep.compartment].call_timeout)
+            for key, ep in self.entrypoints.items()}
 
     def stop(self) -> None:
         if self.monitor is not None:
@@ -276,18 +281,29 @@ class _Runtime:
 
     def call(self, ep: Entrypoint[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],
              timeout: Any) -> Any:
-        comp = ep.compartment
-        contract = ep.contract
-        spec = self.spec.compartments[comp]
+        pool, contract, default_timeout = self.plans[ep.key]
         if timeout is _UNSET:
-            timeout = spec.call_timeout
+            timeout = default_timeout
         payload = contract.encode_args(args, kwargs)
-        if comp in self.inline:
+        if pool is None:
             return self._call_inline(ep, contract, payload)
-        assert self.monitor is not None
+        if self.audit is not None:
+            return self._call_audited(ep, pool, contract, payload, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            reply = pool.pick(deadline).channel.request(ep.key, payload, deadline)
+        except CallTimeout as exc:
+            Hooks.fire(self.app.hooks.on_call_timeout, TimeoutEvent(ep.compartment, ep.key, None, timeout))
+            raise exc from None
+        if reply.__class__ is Err:
+            raise rebuild_exception(reply.error, ep.compartment)
+        return contract.decode_result(reply.value, ep.compartment)
+
+    def _call_audited(self, ep: Entrypoint[Any, Any], pool: Pool, contract: Contract,
+                      payload: bytes, timeout: float | None) -> Any:
+        comp = ep.compartment
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
-        pool: Pool = self.monitor.pools[comp]
         inst = None
         outcome = "ok"
         reply_size = 0
@@ -316,11 +332,11 @@ class _Runtime:
                 outcome = f"failed:{type(exc).__name__}"
             raise
         finally:
-            if self.audit is not None:
-                self.audit.record("call", caller="main", callee=comp, entrypoint=ep.key,
-                                  pid=inst.pid if inst else None,
-                                  duration_ms=round((time.monotonic() - started) * 1000, 3),
-                                  outcome=outcome, bytes_out=len(payload), bytes_in=reply_size)
+            assert self.audit is not None
+            self.audit.record("call", caller="main", callee=comp, entrypoint=ep.key,
+                              pid=inst.pid if inst else None,
+                              duration_ms=round((time.monotonic() - started) * 1000, 3),
+                              outcome=outcome, bytes_out=len(payload), bytes_in=reply_size)
 
     def _call_inline(self, ep: Entrypoint[Any, Any], contract: Contract, payload: bytes) -> Any:
         """No isolation, but the same encoding, validation and error mapping."""

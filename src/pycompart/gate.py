@@ -60,6 +60,7 @@ _OWN_EXCEPTIONS: dict[str, type[Exception]] = {
 }
 
 _SIMPLE = (str, int, float, bool, type(None))
+_EMPTY_MAP = _encoder.encode({})
 
 
 def function_key(fn: Callable[..., Any]) -> str:
@@ -153,6 +154,8 @@ class Contract:
     # -- caller side ----------------------------------------------------------
 
     def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+        if not args and not kwargs and not self._required:
+            return _EMPTY_MAP
         bound: dict[str, Any] = {}
         positional = self._positional
         if len(args) > len(positional):
@@ -198,6 +201,8 @@ class Contract:
     def invoke(self, raw_args: bytes | msgspec.Raw) -> bytes:
         """Decode arguments (raising TypeError if they break the contract),
         call the function, encode its result."""
+        if not self.params and raw_args == _EMPTY_MAP:
+            return _encoder.encode(self.fn())
         try:
             decoded = self._args_decoder.decode(raw_args)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:

@@ -20,7 +20,6 @@ import importlib
 import os
 import runpy
 import signal
-import socket
 import sys
 import types
 from typing import NoReturn
@@ -30,7 +29,7 @@ import msgspec
 from .errors import CallCancelled, EntrypointError
 from .gate import Contract, describe_exception
 from .kernel import process
-from .protocol import Call, Cancel, Connection, FrameReceived, NeedData, Violation
+from .protocol import NEED_DATA, Call, Cancel, Connection, Violation
 
 CANCEL_SIGNAL = signal.SIGRTMIN + 1
 
@@ -57,26 +56,26 @@ class InstanceConfig(msgspec.Struct, forbid_unknown_fields=True):
     environment: dict[str, str]
 
 
-def run(config: InstanceConfig, sock: socket.socket) -> NoReturn:
-    """Become an instance. Never returns."""
+def run(config: InstanceConfig, read_fd: int, write_fd: int) -> NoReturn:
+    """Become an instance, serving calls read from ``read_fd`` with replies
+    written to ``write_fd``. Never returns."""
     global CURRENT
     CURRENT = config
     code = 0
     try:
         try:
-            _prepare_process(sock.fileno())
+            _prepare_process({read_fd, write_fd})
             apply_privileges(config)
             table = _load(config)
         except BaseException as exc:  # report any start failure, then die
-            sock.setblocking(True)
-            sock.settimeout(2.0)
             try:
-                sock.sendall(Connection.send_abort(describe_exception(exc)))
+                os.set_blocking(write_fd, True)
+                os.write(write_fd, Connection.send_abort(describe_exception(exc)))
             except OSError:
                 pass
             code = EXIT_START_FAILED
         else:
-            Server(config, sock, table).serve()
+            Server(config, read_fd, write_fd, table).serve()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -92,7 +91,7 @@ def run(config: InstanceConfig, sock: socket.socket) -> NoReturn:
             os._exit(code)
 
 
-def _prepare_process(keep_fd: int) -> None:
+def _prepare_process(keep: set[int]) -> None:
     # Die with the zygote (itself bound to the monitor). The zygote is
     # single-threaded, so "parent thread" is the whole zygote.
     parent = os.getppid()
@@ -100,13 +99,13 @@ def _prepare_process(keep_fd: int) -> None:
     if os.getppid() != parent:
         os._exit(1)
     os.setpgid(0, 0)  # own process group: terminal signals aimed at main miss it
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a closed channel is EPIPE, handled
     signal.set_wakeup_fd(-1)
     # Keep stdout/stderr (so prints and tracebacks are visible) and the
     # channel; everything else inherited is closed. stdin becomes /dev/null.
-    process.close_fds_except({1, 2, keep_fd})
+    process.close_fds_except(keep | {1, 2})
     null = os.open(os.devnull, os.O_RDONLY)
     if null != 0:
         os.dup2(null, 0)
@@ -162,69 +161,69 @@ def _load_main(config: InstanceConfig) -> None:
 class Server:
     """The serve loop of an instance: one call at a time, cancellable."""
 
-    def __init__(self, config: InstanceConfig, sock: socket.socket, table: dict[str, Contract]):
+    def __init__(self, config: InstanceConfig, read_fd: int, write_fd: int, table: dict[str, Contract]):
         self.config = config
-        self.sock = sock
+        self.read_fd = read_fd
+        self.write_fd = write_fd
         self.table = table
         self.conn = Connection(config.max_frame)
         self.queue: collections.deque[Call] = collections.deque()
         self.current: int | None = None
         self.cancel_current = False
         self.in_user_code = False
-        self.buf = bytearray(256 * 1024)
+        self.buf = bytearray(64 * 1024)
         self.view = memoryview(self.buf)
 
     def serve(self) -> None:
-        self.sock.setblocking(True)
+        os.set_blocking(self.read_fd, True)
+        os.set_blocking(self.write_fd, True)
         signal.signal(CANCEL_SIGNAL, self._on_cancel_signal)
-        self.sock.sendall(Connection.send_hello(os.getpid(), self.config.compartment, sorted(self.table)))
+        self._reply(Connection.send_hello(os.getpid(), self.config.compartment, sorted(self.table)))
+        conn = self.conn
+        frames = conn.frames
         while True:
             if self.queue:
                 self._execute(self.queue.popleft())
                 continue
-            event = self.conn.next_event()
-            if isinstance(event, NeedData):
-                if not self._read(0):
-                    return  # caller closed the channel: orderly shutdown
+            if frames.buffered:
+                event = conn.next_event()
+                if event is not NEED_DATA:
+                    self._handle(event)
+                    continue
+            view = frames.want_buffer() or self.view
+            n = os.readv(self.read_fd, (view,))
+            if n == 0:
+                return  # the caller closed the channel: orderly shutdown
+            if view is not self.view:
+                frames.body_written(n)
                 continue
-            self._handle(event)
-
-    def _read(self, flags: int) -> bool:
-        view = self.conn.frames.want_buffer() or self.view
-        n, anc, _, _ = self.sock.recvmsg_into([view], 0, flags)
-        if n == 0:
-            return False
-        if view is self.view:
-            self.conn.receive_data(view[:n])
-        else:
-            self.conn.frames.body_written(n)
-        return True
+            event = conn.parse_one(view[:n])
+            if event is not NEED_DATA:
+                self._handle(event)
 
     def _handle(self, event: object) -> None:
-        if isinstance(event, Violation):
-            if event.fatal:
-                print(f"pycompart: instance of {self.config.compartment!r}: protocol violation "
-                      f"from caller: {event.reason}", file=sys.stderr)
-                os._exit(EXIT_PROTOCOL)
-            return
-        assert isinstance(event, FrameReceived)
-        msg = event.message
-        for fd in event.fds:
-            os.close(fd)
-        if isinstance(msg, Call):
-            self.queue.append(msg)
-        elif isinstance(msg, Cancel):
-            if msg.id == self.current:
+        cls = event.__class__
+        if cls is Call:
+            self.queue.append(event)  # type: ignore[arg-type]
+        elif cls is Cancel:
+            rid = event.id  # type: ignore[attr-defined]
+            if rid == self.current:
                 self.cancel_current = True
                 return
             for queued in self.queue:
-                if queued.id == msg.id:
+                if queued.id == rid:
                     self.queue.remove(queued)
-                    self._reply(self.conn.send_err(msg.id, describe_exception(
+                    self._reply(self.conn.send_err(rid, describe_exception(
                         CallCancelled("cancelled by the caller before it started"))))
                     break
-        # Anything else from a caller (Hello, Ok for a call we never made) is
-        # ignored; the connection counted it.
+        elif cls is Violation and event.fatal:  # type: ignore[attr-defined]
+            print(f"pycompart: instance of {self.config.compartment!r}: protocol violation "
+                  f"from caller: {event.reason}", file=sys.stderr)  # type: ignore[attr-defined]
+            os._exit(EXIT_PROTOCOL)
+        for fd in self.conn.take_fds():
+            os.close(fd)
+        # Anything else from a caller (a Hello, a reply to a call never made)
+        # is ignored; the connection counted it.
 
     def _execute(self, call: Call) -> None:
         contract = self.table.get(call.entrypoint)
@@ -253,8 +252,12 @@ class Server:
 
     def _reply(self, frame: bytes) -> None:
         try:
-            self.sock.sendall(frame)
-        except (BrokenPipeError, ConnectionResetError):
+            n = os.write(self.write_fd, frame)
+            if n < len(frame):
+                view = memoryview(frame)[n:]
+                while view:
+                    view = view[os.write(self.write_fd, view):]
+        except BrokenPipeError:
             os._exit(0)  # the caller is gone; nothing left to serve
 
     def _on_cancel_signal(self, signum: int, frame: object) -> None:
@@ -262,14 +265,22 @@ class Server:
             return  # the serve loop will read the Cancel frame itself
         # We interrupted user code, so the loop is not inside the decoder:
         # it is safe to read what has arrived and look for our Cancel.
+        os.set_blocking(self.read_fd, False)
         try:
-            while self._read(socket.MSG_DONTWAIT):
-                while True:
-                    event = self.conn.next_event()
-                    if isinstance(event, NeedData):
-                        break
+            while True:
+                view = self.conn.frames.want_buffer() or self.view
+                n = os.readv(self.read_fd, (view,))
+                if n == 0:
+                    break
+                if view is self.view:
+                    self.conn.receive_data(view[:n])
+                else:
+                    self.conn.frames.body_written(n)
+                while (event := self.conn.next_event()) is not NEED_DATA:
                     self._handle(event)
         except (BlockingIOError, InterruptedError):
             pass
+        finally:
+            os.set_blocking(self.read_fd, True)
         if self.cancel_current and self.in_user_code:
             raise CallCancelled("the caller timed out and cancelled this call")

@@ -25,7 +25,6 @@ import itertools
 import os
 import select
 import signal
-import socket
 import sys
 import threading
 import time
@@ -33,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .audit import AuditLog
-from .channel import Channel, SocketTransport
+from .channel import Channel, PipeTransport, SocketTransport, make_pipe
 from .errors import (
     CallTimeout,
     CompartmentCrashed,
@@ -44,7 +43,7 @@ from .errors import (
 from .gate import rebuild_exception
 from .instance import CANCEL_SIGNAL, EXIT_START_FAILED, InstanceConfig
 from .kernel import process
-from .protocol import Abort, Connection, FrameReceived, Hello, NeedData, Violation
+from .protocol import NEED_DATA, Abort, Connection, Hello, Violation
 from .spec import AppSpec, CompartmentSpec
 from . import zygote
 
@@ -344,8 +343,8 @@ class Monitor:
     def _read_control(self) -> bool:
         assert self._control is not None
         try:
-            n, fds = self._control.recv_into(self._control_buf, time.monotonic())
-        except TimeoutError:
+            n, fds = self._control.read_into(self._control_buf)
+        except BlockingIOError:
             return True
         except OSError:
             n, fds = 0, []
@@ -369,22 +368,25 @@ class Monitor:
     def _spawn(self, pool: Pool, index: int) -> None:
         if self.stopping:
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        call_r, call_w = make_pipe()
+        reply_r, reply_w = make_pipe()
         conn = Connection(self.spec.max_message_size)
-        channel = Channel(SocketTransport(ours), conn, pool.spec.name)
+        channel = Channel(PipeTransport(reply_r, call_w), conn, pool.spec.name)
         inst = InstanceHandle(pool, index, channel, next(self._generation))
-        channel._on_event = lambda kind, detail: self.channel_event(inst, kind, detail)
+        channel.on_event = lambda kind, detail: self.channel_event(inst, kind, detail)
         channel.failure_factory = inst.crash_error
         request = inst.request = next(self._requests)
         self._by_request[request] = inst
         try:
-            self._send_control(zygote.Spawn(request, self.config_for(pool.spec, index)), [theirs.fileno()])
+            self._send_control(zygote.Spawn(request, self.config_for(pool.spec, index)), [call_r, reply_w])
         except (OSError, TimeoutError) as exc:
             self._by_request.pop(request, None)
             self._start_failed(inst, f"cannot reach the zygote: {exc}")
             return
         finally:
-            theirs.close()  # the instance must hold the only copy, or its death is no EOF
+            # The instance must hold the only copies, or its death is no EOF.
+            os.close(call_r)
+            os.close(reply_w)
         self._after(pool.spec.start_timeout, lambda: self._start_timeout(inst))
 
     def _on_spawned(self, msg: zygote.Spawned, fds: list[int]) -> None:
@@ -402,29 +404,27 @@ class Monitor:
         self._watch(inst.channel.transport.fileno(), "hello", inst)
 
     def _on_hello(self, inst: InstanceHandle) -> None:
-        conn = inst.channel.conn
+        channel = inst.channel
         try:
-            n, fds = inst.channel.transport.recv_into(inst.channel._view, time.monotonic())
-        except (TimeoutError, BlockingIOError):
+            n, _ = channel.transport.read_into(channel._view)
+        except BlockingIOError:
             return
-        except Exception:
-            n, fds = 0, []
+        except OSError:
+            n = 0
         if n == 0:
-            self._unwatch(inst.channel.transport.fileno())
+            self._unwatch(channel.transport.fileno())
             return  # it died; the exit path reports why
-        conn.receive_data(inst.channel._view[:n], fds)
-        event = conn.next_event()
-        if isinstance(event, NeedData):
+        event = channel.conn.parse_one(channel._view[:n])
+        if event is NEED_DATA:
             return
-        self._unwatch(inst.channel.transport.fileno())
-        msg = event.message if isinstance(event, FrameReceived) else None
-        if isinstance(msg, Hello) and msg.compartment == inst.pool.spec.name and msg.pid == inst.pid:
+        self._unwatch(channel.transport.fileno())
+        if isinstance(event, Hello) and event.compartment == inst.pool.spec.name and event.pid == inst.pid:
             self._became_ready(inst)
-        elif isinstance(msg, Abort):
-            inst.start_exception = rebuild_exception(msg.error, inst.pool.spec.name)
-            inst.start_error = f"{msg.error.type_name}: {msg.error.message}"
+        elif isinstance(event, Abort):
+            inst.start_exception = rebuild_exception(event.error, inst.pool.spec.name)
+            inst.start_error = f"{event.error.type_name}: {event.error.message}"
         else:
-            reason = event.reason if isinstance(event, Violation) else f"unexpected first message {msg!r}"
+            reason = event.reason if isinstance(event, Violation) else f"unexpected first message {event!r}"
             self._kill(inst, f"bad start: {reason}")
 
     def _became_ready(self, inst: InstanceHandle) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-import threading
 from typing import Any, Union
 
 import msgspec
@@ -115,14 +114,6 @@ class LateReply(msgspec.Struct, frozen=True):
     id: int
 
 
-class FrameReceived(msgspec.Struct):
-    """A decoded message with the file descriptors that came with it."""
-
-    message: Any
-    fds: list[int]
-    size: int
-
-
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
@@ -134,13 +125,15 @@ def encode_frame(payload: bytes, nfds: int = 0) -> bytes:
 class FrameDecoder:
     """Reassembles frames from a byte stream.
 
-    ``want_buffer()`` lets a transport ``recv_into`` straight into the body of
-    a large frame, so a 64 MiB argument is not copied once more here.
+    Small frames are sliced out of the bytes received (the common case: one
+    read holds one whole frame). For a large frame the decoder allocates the
+    body once, and ``want_buffer()`` lets a transport read straight into it,
+    so a 64 MiB argument is not copied once more here.
     """
 
     def __init__(self, max_frame: int):
         self.max_frame = max_frame
-        self._buf = bytearray()
+        self._data = b""
         self._body: bytearray | None = None
         self._body_filled = 0
         self._body_nfds = 0
@@ -156,12 +149,16 @@ class FrameDecoder:
             self._body_filled += n
             data = data[n:]
         if data:
-            self._buf += data
+            self._data = self._data + bytes(data) if self._data else bytes(data)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._data) + (self._body_filled if self._body is not None else 0)
 
     def want_buffer(self, minimum: int = 65536) -> memoryview | None:
         """A writable view of the unfilled part of the current frame's body,
-        if it is at least ``minimum`` bytes; the caller must then report what
-        it wrote with ``body_written``."""
+        if at least ``minimum`` bytes remain; report what was written into it
+        with ``body_written``."""
         if self._body is None or len(self._body) - self._body_filled < minimum:
             return None
         return memoryview(self._body)[self._body_filled:]
@@ -170,29 +167,32 @@ class FrameDecoder:
         self._body_filled += n
 
     def next_frame(self) -> tuple[bytes | bytearray, list[int]] | NeedData | Violation:
-        if self.broken is not None:
-            return Violation(self.broken, fatal=True)
         if self._body is None:
-            if len(self._buf) < HEADER.size:
+            data = self._data
+            if len(data) < 8:
+                if self.broken is not None:
+                    return Violation(self.broken, fatal=True)
                 return NEED_DATA
-            length, nfds, reserved = HEADER.unpack_from(self._buf)
+            length, nfds, reserved = HEADER.unpack_from(data)
             if reserved != 0:
                 return self._break(f"frame header has reserved field {reserved:#x}, expected 0")
             if length > self.max_frame:
                 return self._break(f"frame of {length} bytes exceeds the maximum of {self.max_frame}")
             if nfds > MAX_FDS_PER_FRAME:
                 return self._break(f"frame claims {nfds} file descriptors, more than {MAX_FDS_PER_FRAME}")
-            end = HEADER.size + length
-            if len(self._buf) >= end:
-                body = bytes(self._buf[HEADER.size:end])
-                del self._buf[:end]
-                return self._with_fds(body, nfds)
+            end = 8 + length
+            if len(data) >= end:
+                body = data[8:end]
+                self._data = data[end:]
+                if nfds or self._fds:
+                    return self._with_fds(body, nfds)
+                return body, _NO_FDS
             self._body = bytearray(length)
-            have = len(self._buf) - HEADER.size
-            self._body[:have] = self._buf[HEADER.size:]
+            have = len(data) - 8
+            self._body[:have] = data[8:]
             self._body_filled = have
             self._body_nfds = nfds
-            self._buf.clear()
+            self._data = b""
         if self._body_filled < len(self._body):
             return NEED_DATA
         body, self._body = self._body, None
@@ -201,75 +201,79 @@ class FrameDecoder:
     def _with_fds(self, body: bytes | bytearray, nfds: int) -> tuple[bytes | bytearray, list[int]] | Violation:
         if nfds > len(self._fds):
             return self._break(f"frame claims {nfds} file descriptors but {len(self._fds)} arrived")
+        if nfds == 0:
+            return body, _NO_FDS
         fds, self._fds = self._fds[:nfds], self._fds[nfds:]
         return body, fds
 
     def _break(self, reason: str) -> Violation:
         self.broken = reason
+        self._data = b""
+        self._body = None
         self.close_fds()
         return Violation(reason, fatal=True)
 
     def close_fds(self) -> None:
         """Close descriptors that arrived but were never claimed by a frame."""
         fds, self._fds = self._fds, []
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_all(fds)
+
+
+_NO_FDS: list[int] = []
 
 
 class Connection:
     """One end of a channel: framing plus request/reply bookkeeping.
 
-    Thread-safe for the pattern the runtime uses: any thread may call
-    ``send_*``; one thread at a time calls ``receive_data``/``next_event``.
+    Not thread-safe by itself; ``channel.Channel`` serializes access (one
+    reader at a time; sends under its send lock). Set operations are atomic
+    under the GIL, which is all the senders need.
     """
-
-    _ids = itertools.count(1)
 
     def __init__(self, max_frame: int):
         self.max_frame = max_frame
         self.frames = FrameDecoder(max_frame)
-        self._lock = threading.Lock()
         self.awaiting: set[int] = set()  # calls we sent, reply not yet seen
         self.owed: set[int] = set()  # calls we received, reply not yet sent
         self.cancelled: set[int] = set()  # calls we sent and gave up on
         self.violations = 0
         self.bytes_in = 0
+        self._ids = itertools.count(1)
+        self._fds: list[int] = _NO_FDS
 
     # -- sending --------------------------------------------------------------
 
     def send_call(self, entrypoint: str, args: bytes, nfds: int = 0) -> tuple[int, bytes]:
         rid = next(self._ids)
         payload = _encoder.encode(Call(rid, entrypoint, msgspec.Raw(args)))
-        self._check_size(payload)
-        with self._lock:
-            self.awaiting.add(rid)
-        return rid, encode_frame(payload, nfds)
+        if len(payload) > self.max_frame:
+            from .errors import ProtocolError
+
+            raise ProtocolError(f"message of {len(payload)} bytes exceeds the maximum message "
+                                f"size of {self.max_frame} (set [app] max_message_size)")
+        self.awaiting.add(rid)
+        return rid, HEADER.pack(len(payload), nfds, 0) + payload
 
     def send_ok(self, rid: int, value: bytes, nfds: int = 0) -> bytes:
         payload = _encoder.encode(Ok(rid, msgspec.Raw(value)))
         if len(payload) > self.max_frame:
-            # The reply is too big: tell the caller instead of breaking the stream.
+            # Too big to send: tell the caller instead of breaking the stream.
             return self.send_err(rid, ErrorInfo(
                 "pycompart.ProtocolError", f"reply of {len(payload)} bytes exceeds the maximum "
                 f"message size of {self.max_frame}", [], ""))
-        self._settle(rid)
-        return encode_frame(payload, nfds)
+        self.owed.discard(rid)
+        return HEADER.pack(len(payload), nfds, 0) + payload
 
     def send_err(self, rid: int, info: ErrorInfo) -> bytes:
         payload = _encoder.encode(Err(rid, info))
         if len(payload) > self.max_frame:
-            info = ErrorInfo(info.type_name[:200], info.message[:1000], [], "")
-            payload = _encoder.encode(Err(rid, info))
-        self._settle(rid)
+            payload = _encoder.encode(Err(rid, ErrorInfo(info.type_name[:200], info.message[:1000], [], "")))
+        self.owed.discard(rid)
         return encode_frame(payload)
 
     def send_cancel(self, rid: int) -> bytes:
-        with self._lock:
-            if rid in self.awaiting:
-                self.cancelled.add(rid)
+        if rid in self.awaiting:
+            self.cancelled.add(rid)
         return encode_frame(_encoder.encode(Cancel(rid)))
 
     @staticmethod
@@ -280,23 +284,10 @@ class Connection:
     def send_abort(info: ErrorInfo) -> bytes:
         return encode_frame(_encoder.encode(Abort(info)))
 
-    def _check_size(self, payload: bytes) -> None:
-        if len(payload) > self.max_frame:
-            from .errors import ProtocolError
-
-            raise ProtocolError(f"message of {len(payload)} bytes exceeds the maximum message "
-                                f"size of {self.max_frame} (set [app] max_message_size)")
-
-    def _settle(self, rid: int) -> None:
-        with self._lock:
-            self.owed.discard(rid)
-
     def forget(self, rid: int) -> None:
-        """The caller stopped waiting for ``rid`` (timed out and the reply
-        arrived, or the connection is being torn down)."""
-        with self._lock:
-            self.awaiting.discard(rid)
-            self.cancelled.discard(rid)
+        """Stop expecting a reply to ``rid`` (the call could not be sent)."""
+        self.awaiting.discard(rid)
+        self.cancelled.discard(rid)
 
     # -- receiving ------------------------------------------------------------
 
@@ -304,13 +295,32 @@ class Connection:
         self.bytes_in += len(data)
         self.frames.receive_data(data, fds)
 
-    def next_event(self) -> FrameReceived | LateReply | NeedData | Violation:
+    def next_event(self) -> Message | LateReply | NeedData | Violation:
+        """The next message, or NEED_DATA, or a Violation. Descriptors that
+        came with the message are collected by ``take_fds()``."""
         frame = self.frames.next_frame()
-        if isinstance(frame, (NeedData, Violation)):
-            if isinstance(frame, Violation):
+        if frame.__class__ is not tuple:
+            if frame.__class__ is Violation:
                 self.violations += 1
-            return frame
-        body, fds = frame
+            return frame  # type: ignore[return-value]
+        body, fds = frame  # type: ignore[misc]
+        return self._message(body, fds)
+
+    def parse_one(self, data: bytes | memoryview) -> Message | LateReply | NeedData | Violation:
+        """Fast path for a reader that just got ``data`` with nothing else
+        buffered: one whole frame without descriptors is decoded straight
+        from ``data``; anything else takes the general path."""
+        frames = self.frames
+        n = len(data)
+        if n >= 8 and frames._body is None and not frames._data and not frames._fds:
+            length, nfds, reserved = HEADER.unpack_from(data)
+            if n == 8 + length and nfds == 0 and reserved == 0 and length <= self.max_frame:
+                self.bytes_in += n
+                return self._message(data[8:], _NO_FDS)
+        self.receive_data(data)
+        return self.next_event()
+
+    def _message(self, body: bytes | bytearray | memoryview, fds: list[int]) -> Message | LateReply | Violation:
         try:
             msg = _decoder.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -319,28 +329,38 @@ class Connection:
             # The frame boundary is intact, but a peer that sends garbage is
             # not following the protocol; the runtime treats this as fatal.
             return Violation(f"malformed message: {exc}", fatal=True)
-        with self._lock:
-            if isinstance(msg, Call):
-                if msg.id in self.owed:
-                    self.violations += 1
-                    _close_all(fds)
-                    return Violation(f"duplicate call id {msg.id}", fatal=True)
-                self.owed.add(msg.id)
-            elif isinstance(msg, (Ok, Err)):
-                if msg.id not in self.awaiting:
-                    self.violations += 1
-                    _close_all(fds)
-                    return Violation(f"reply for unknown call id {msg.id}", fatal=False)
-                self.awaiting.discard(msg.id)
-                if msg.id in self.cancelled:
-                    # A late reply to a call we gave up on: expected, not a violation.
-                    self.cancelled.discard(msg.id)
-                    _close_all(fds)
-                    return LateReply(msg.id)
-        return FrameReceived(msg, fds, len(body))
+        cls = msg.__class__
+        if cls is Ok or cls is Err:
+            rid = msg.id
+            if rid not in self.awaiting:
+                self.violations += 1
+                _close_all(fds)
+                return Violation(f"reply for unknown call id {rid}", fatal=False)
+            self.awaiting.discard(rid)
+            if self.cancelled and rid in self.cancelled:
+                # A late reply to a call we gave up on: the far side did yield.
+                self.cancelled.discard(rid)
+                _close_all(fds)
+                return LateReply(rid)
+        elif cls is Call:
+            if msg.id in self.owed:
+                self.violations += 1
+                _close_all(fds)
+                return Violation(f"duplicate call id {msg.id}", fatal=True)
+            self.owed.add(msg.id)
+        if fds:
+            self._fds = fds
+        return msg
+
+    def take_fds(self) -> list[int]:
+        """Descriptors that arrived with the last message returned (the
+        caller now owns them)."""
+        fds, self._fds = self._fds, _NO_FDS
+        return fds
 
     def close(self) -> None:
         self.frames.close_fds()
+        _close_all(self.take_fds())
 
 
 def _close_all(fds: list[int]) -> None:

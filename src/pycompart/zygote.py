@@ -7,7 +7,7 @@ hand them its memory, secrets included.
 
 It talks to the monitor over one control socket (the same framing as calls):
 
-* ``Spawn`` (+ the instance's channel end as an fd) -> fork;
+* ``Spawn`` (+ the instance's ends of its channel pipes) -> fork;
   ``Spawned`` (+ a pidfd of the child) back;
 * when a child exits the zygote reaps it and sends ``Exited`` with the raw
   wait status (only the parent can collect it);
@@ -148,8 +148,8 @@ class Zygote:
                     self.reap()
                     continue
                 try:
-                    n, fds = self.transport.recv_into(memoryview(self.buf), time.monotonic())
-                except TimeoutError:
+                    n, fds = self.transport.read_into(memoryview(self.buf))
+                except BlockingIOError:
                     continue
                 if n == 0:
                     self.shutdown(0.0)
@@ -174,12 +174,12 @@ class Zygote:
             pass
 
     def spawn(self, msg: Spawn, fds: list[int]) -> None:
-        if len(fds) != 1:
+        if len(fds) != 2:
             for fd in fds:
                 os.close(fd)
-            self.send(Spawned(msg.request, 0, f"expected 1 channel descriptor, got {len(fds)}"))
+            self.send(Spawned(msg.request, 0, f"expected 2 channel descriptors, got {len(fds)}"))
             return
-        channel_fd = fds[0]
+        read_fd, write_fd = fds
         pid = os.fork()
         if pid == 0:
             try:
@@ -187,10 +187,12 @@ class Zygote:
                 os.close(self.wake_r)
                 os.close(self.wake_w)
                 self.control.close()
-                _instance.run(msg.config, socket.socket(fileno=channel_fd))
+                _instance.run(msg.config, read_fd, write_fd)
             finally:
                 os._exit(1)
-        os.close(channel_fd)  # the child's copy is the only one: its death is our EOF
+        # The child's copies must be the only ones: its death is the caller's EOF.
+        os.close(read_fd)
+        os.close(write_fd)
         self.children.add(pid)
         pidfd = process.pidfd_open(pid)
         try:
