@@ -301,14 +301,12 @@ class Channel:
         except TimeoutError:
             pass
         finally:
-            self._release_leadership()
-        return self._leader_reply
+            # Taken while still leader: the next leader reuses the slot.
+            reply = self._release_leadership()
+        return reply if self.failure is None else None
 
     def _finish_leading_without_reply(self, rid: int, entrypoint: str) -> Ok | Err:
-        with self._mu:
-            failure = self.failure
-            if self._leader_reply is not None:  # raced in
-                return self._leader_reply
+        failure = self.failure
         if failure is not None:
             self.conn.forget(rid)
             raise failure
@@ -355,14 +353,17 @@ class Channel:
         self.on_event("timeout", rid)
         raise CallTimeout(f"call {entrypoint} to compartment {self.peer!r} timed out")
 
-    def _release_leadership(self) -> None:
+    def _release_leadership(self) -> Ok | Err | None:
+        """Stop leading; return the fast-path leader's own reply, if any."""
         with self._mu:
+            reply, self._leader_reply = self._leader_reply, None
             self._leader = False
             self._leader_rid = 0
             for other in self._waiters.values():
                 if not other.done:
                     other.wake()  # it takes over reading
                     break
+        return reply
 
     def cancel(self, rid: int) -> None:
         """Tell the far side to abandon ``rid`` (best effort, bounded)."""
@@ -391,6 +392,8 @@ class Channel:
         transport = self.transport
         poll = self._poll.poll
         while True:
+            if self.failure is not None:
+                return  # nothing after a failure is trusted, not even our reply
             if waiter is None:
                 if self._leader_reply is not None:
                     return

@@ -88,7 +88,7 @@ def rebuild_exception(info: ErrorInfo, where: str) -> Exception:
     cls = ALLOWED_EXCEPTIONS.get(info.type_name) or _OWN_EXCEPTIONS.get(info.type_name)
     exc: Exception | None = None
     if cls is not None:
-        for ctor_args in (tuple(info.args), (info.message,)):
+        for ctor_args in ((tuple(info.args), (info.message,)) if info.args else ((info.message,),)):
             try:
                 exc = cls(*ctor_args)
                 break

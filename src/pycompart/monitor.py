@@ -137,8 +137,14 @@ class Pool:
 
     def pick(self, deadline: float | None) -> InstanceHandle:
         ready = self.ready
-        if len(ready) == 1:
+        if len(ready) == 1 and ready[0].channel.failure is None:
             return ready[0]
+        if any(inst.channel.failure is not None for inst in ready):
+            # Broken but not yet reaped: never hand it out again.
+            for inst in ready:
+                if inst.channel.failure is not None:
+                    self.remove(inst)
+            ready = self.ready
         if ready:
             start = next(self.rr) % len(ready)
             best = ready[start]
@@ -268,6 +274,8 @@ class Monitor:
 
     def channel_event(self, inst: InstanceHandle, kind: str, detail: Any) -> None:
         """Called from caller threads by an instance's Channel."""
+        if kind == "broken":
+            inst.pool.remove(inst)  # no new call may pick it, even before it is reaped
         if kind == "timeout":
             self.submit(lambda: self._cancel(inst, detail))
         elif kind == "broken":

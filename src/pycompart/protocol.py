@@ -141,6 +141,9 @@ class FrameDecoder:
         self.broken: str | None = None
 
     def receive_data(self, data: bytes | bytearray | memoryview, fds: list[int] | tuple[int, ...] = ()) -> None:
+        if self.broken is not None:
+            _close_all(list(fds))  # framing is lost: nothing after it is trusted
+            return
         if fds:
             self._fds.extend(fds)
         if self._body is not None and data:
@@ -167,11 +170,11 @@ class FrameDecoder:
         self._body_filled += n
 
     def next_frame(self) -> tuple[bytes | bytearray, list[int]] | NeedData | Violation:
+        if self.broken is not None:
+            return Violation(self.broken, fatal=True)
         if self._body is None:
             data = self._data
             if len(data) < 8:
-                if self.broken is not None:
-                    return Violation(self.broken, fatal=True)
                 return NEED_DATA
             length, nfds, reserved = HEADER.unpack_from(data)
             if reserved != 0:
@@ -312,11 +315,13 @@ class Connection:
         from ``data``; anything else takes the general path."""
         frames = self.frames
         n = len(data)
-        if n >= 8 and frames._body is None and not frames._data and not frames._fds:
+        if n >= 8 and frames._body is None and not frames._data and not frames._fds and frames.broken is None:
             length, nfds, reserved = HEADER.unpack_from(data)
             if n == 8 + length and nfds == 0 and reserved == 0 and length <= self.max_frame:
                 self.bytes_in += n
-                return self._message(data[8:], _NO_FDS)
+                # A copy: decoded messages hold Raw views of their body, and
+                # the reader reuses its buffer for the next read.
+                return self._message(bytes(data[8:]), _NO_FDS)
         self.receive_data(data)
         return self.next_event()
 
@@ -327,8 +332,8 @@ class Connection:
             _close_all(fds)
             self.violations += 1
             # The frame boundary is intact, but a peer that sends garbage is
-            # not following the protocol; the runtime treats this as fatal.
-            return Violation(f"malformed message: {exc}", fatal=True)
+            # not following the protocol: nothing after it is trusted either.
+            return self.frames._break(f"malformed message: {exc}")
         cls = msg.__class__
         if cls is Ok or cls is Err:
             rid = msg.id
@@ -346,7 +351,7 @@ class Connection:
             if msg.id in self.owed:
                 self.violations += 1
                 _close_all(fds)
-                return Violation(f"duplicate call id {msg.id}", fatal=True)
+                return self.frames._break(f"duplicate call id {msg.id}")
             self.owed.add(msg.id)
         if fds:
             self._fds = fds

@@ -1,0 +1,100 @@
+"""The typed call gate, in-process."""
+
+from typing import Any
+
+import msgspec
+import pytest
+
+import boxed
+from pycompart import EntrypointError, ProtocolError, RemoteError
+from pycompart.gate import ALLOWED_EXCEPTIONS, Contract, describe_exception, rebuild_exception
+
+
+def roundtrip(fn, *args, **kwargs):
+    c = Contract(fn)
+    return c.decode_result(c.invoke(c.encode_args(args, kwargs)), "test")
+
+
+def test_arguments_bind_like_python():
+    assert roundtrip(boxed.add, 1) == 11
+    assert roundtrip(boxed.add, 1, 2) == 3
+    assert roundtrip(boxed.add, 1, 2, 3, 4, scale=2) == 20
+    assert roundtrip(boxed.add, a=1, b=1, extra=5) == 7
+    with pytest.raises(TypeError, match="multiple values"):
+        Contract(boxed.add).encode_args((1,), {"a": 2})
+    with pytest.raises(TypeError, match="missing required"):
+        Contract(boxed.add).encode_args((), {})
+    with pytest.raises(TypeError, match="positional arguments"):
+        Contract(boxed.parse).encode_args((b"a", True), {})
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        Contract(boxed.parse).encode_args((b"a",), {"loose": True})
+
+
+def test_structs_dataclasses_and_optional():
+    shape = roundtrip(boxed.make_shape, "tri", 3)
+    assert isinstance(shape, boxed.Shape) and shape.points[2] == boxed.Point(2, 4)
+    assert roundtrip(boxed.centroid, shape) == boxed.Point(1, 1)
+    assert roundtrip(boxed.centroid, boxed.Shape("empty", [])) is None
+
+
+def test_callee_rejects_mistyped_arguments():
+    c = Contract(boxed.parse)
+    with pytest.raises(TypeError, match="do not match its annotations"):
+        c.invoke(msgspec.msgpack.encode({"data": "a str, not bytes"}))
+    with pytest.raises(TypeError):
+        c.invoke(msgspec.msgpack.encode({"data": b"x", "smuggled": 1}))
+
+
+def test_caller_rejects_mistyped_result():
+    c = Contract(boxed.lie)
+    for kind in ("str", "float", "none"):
+        with pytest.raises(ProtocolError, match="does not match the declared return type"):
+            c.decode_result(c.invoke(c.encode_args((kind,), {})), "liar")
+
+
+def test_unencodable_argument_is_a_type_error():
+    with pytest.raises(TypeError, match="cannot cross a compartment boundary"):
+        Contract(boxed.echo).encode_args((object(),), {})
+
+
+def test_unsupported_annotation_is_reported_at_declaration():
+    def weird(x: "set[object] | dict[str, int] | list[int] | tuple[int]") -> int: ...
+    weird.__module__ = "m"
+    with pytest.raises(EntrypointError, match="cannot be carried"):
+        Contract(weird)
+
+
+def test_builtin_exceptions_come_back_as_themselves():
+    for exc in (ValueError("v", 1), KeyError("k"), FileNotFoundError(2, "gone"), ZeroDivisionError("z")):
+        back = rebuild_exception(describe_exception(exc), "box")
+        assert type(back) is type(exc) and back.args == exc.args
+        assert "Traceback from compartment 'box'" in str(back.__cause__)
+
+
+def test_other_exceptions_become_remote_error_without_import():
+    back = rebuild_exception(describe_exception(boxed.CustomError("boom")), "box")
+    assert isinstance(back, RemoteError) and back.type_name == "boxed.CustomError" and back.message == "boom"
+
+
+def test_dangerous_base_exceptions_are_not_rebuilt():
+    assert "SystemExit" not in ALLOWED_EXCEPTIONS and "KeyboardInterrupt" not in ALLOWED_EXCEPTIONS
+    from pycompart.protocol import ErrorInfo
+    for name in ("SystemExit", "KeyboardInterrupt", "GeneratorExit", "StopIteration", "os.system"):
+        back = rebuild_exception(ErrorInfo(name, "x", [], ""), "box")
+        assert isinstance(back, RemoteError)
+
+
+def test_unprintable_exception_is_described():
+    class Nasty(Exception):
+        def __str__(self):
+            raise RuntimeError("no")
+    assert describe_exception(Nasty()).message == "<unprintable>"
+
+
+def test_untyped_entrypoint_only_returns_plain_data():
+    def untyped(x):
+        return x
+    untyped.__module__ = "m"
+    c = Contract(untyped)
+    assert c.return_type is Any
+    assert c.decode_result(c.invoke(c.encode_args(({"a": [1, b"x"]},), {})), "t") == {"a": [1, b"x"]}

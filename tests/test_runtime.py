@@ -1,0 +1,380 @@
+"""The runtime with real processes: calls, crashes, restarts, timeouts,
+concurrency, hostile replies."""
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+import boxed
+import pycompart
+from pycompart import (
+    CallTimeout,
+    CompartmentCrashed,
+    CompartmentStartError,
+    CompartmentUnavailable,
+    ProtocolError,
+    RemoteError,
+)
+
+
+def box(make_app, extra=None, **compartment):
+    spec = {"compartments": {"box": {"restart_backoff": "10ms", **compartment}}}
+    if extra:
+        spec.update(extra)
+    app = make_app(spec)
+    eps = {name: app.entrypoint("box")(getattr(boxed, name)) for name in (
+        "null", "echo", "parse", "whoami", "add", "make_shape", "centroid", "fail", "crash",
+        "lie", "forge", "spin", "stubborn", "sleepy", "environment", "open_fds", "big", "size")}
+    return app, eps
+
+
+def test_call_runs_in_another_process_and_validates(make_app):
+    app, ep = box(make_app)
+    assert ep["whoami"]() == os.getpid()  # not started: runs locally
+    with app:
+        pid = ep["whoami"]()
+        assert pid != os.getpid() and pid in app.instances("box")
+        assert ep["parse"](b"a bb ccc") == {"a": 1, "bb": 2, "ccc": 3}
+        assert ep["parse"](b"", strict=False) == {}
+        assert ep["add"](1, 2, 3, scale=2, z=1) == 14
+        shape = ep["make_shape"]("sq", 4)
+        assert isinstance(shape, boxed.Shape) and ep["centroid"](shape) == boxed.Point(1, 3)
+        assert ep["null"]() is None
+    assert ep["whoami"]() == os.getpid()
+
+
+def test_instance_is_clean(make_app):
+    """Forked from the zygote, not from main: no inherited descriptors, no
+    environment beyond the basics."""
+    os.environ["PYCOMPART_TEST_SECRET"] = "hunter2"
+    try:
+        app, ep = box(make_app)
+        with app:
+            env = ep["environment"]()
+            assert "PYCOMPART_TEST_SECRET" not in env
+            fds = ep["open_fds"]()
+            # stdin/stdout/stderr, the two channel pipes, and the listdir fd.
+            assert len(fds) <= 6, fds
+            # The zygote is the parent, not main.
+            pid = ep["whoami"]()
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            assert ppid == app.zygote_pid
+    finally:
+        del os.environ["PYCOMPART_TEST_SECRET"]
+
+
+def test_exceptions_map_back(make_app):
+    app, ep = box(make_app)
+    with app:
+        with pytest.raises(ValueError) as info:
+            ep["fail"]("value")
+        assert info.value.args == ("bad value", 42)
+        assert "boxed.py" in info.value.remote_traceback
+        with pytest.raises(KeyError):
+            ep["fail"]("key")
+        with pytest.raises(FileNotFoundError):
+            ep["fail"]("oserror")
+        with pytest.raises(RemoteError) as rinfo:
+            ep["fail"]("custom")
+        assert rinfo.value.type_name == "boxed.CustomError"
+        with pytest.raises(TypeError, match="do not match"):
+            ep["parse"]("str instead of bytes")
+        assert ep["parse"](b"still works") == {"still": 5, "works": 5}
+
+
+@pytest.mark.parametrize("how, status", [("exit", "exited with status 7"),
+                                         ("sigkill", "SIGKILL"),
+                                         ("segfault", "SIGSEGV"),
+                                         ("abort", "SIGABRT")])
+def test_crash_mid_call_fails_promptly_and_restarts(make_app, how, status):
+    terminations = []
+    app, ep = box(make_app)
+    app.on_termination(terminations.append)
+    with app:
+        first = ep["whoami"]()
+        t0 = time.monotonic()
+        with pytest.raises(CompartmentCrashed) as info:
+            ep["crash"](how)
+        assert time.monotonic() - t0 < 2.0
+        assert status in str(info.value) and info.value.pid == first
+        assert info.value.compartment == "box"
+        second = ep["whoami"]()  # waits for the replacement
+        assert second != first
+    assert terminations[0].pid == first and terminations[0].restarting
+
+
+def test_system_exit_in_entrypoint_ends_the_instance(make_app):
+    app, ep = box(make_app)
+    with app:
+        with pytest.raises(CompartmentCrashed, match="exited with status 5"):
+            ep["fail"]("systemexit")
+        assert ep["null"]() is None
+
+
+def test_restart_never_makes_compartment_unavailable(make_app):
+    app, ep = box(make_app, restart="never")
+    with app:
+        with pytest.raises(CompartmentCrashed):
+            ep["crash"]("exit")
+        with pytest.raises(CompartmentUnavailable, match="restart is 'never'"):
+            ep["null"]()
+
+
+def test_restart_budget_is_bounded(make_app):
+    app, ep = box(make_app, max_restarts=2, restart_window="60s")
+    with app:
+        for _ in range(3):
+            with pytest.raises(CompartmentCrashed):
+                ep["crash"]("exit")
+        with pytest.raises(CompartmentUnavailable, match="gave up after 2 restarts"):
+            ep["null"]()
+
+
+def test_restart_always_replaces_a_clean_exit(make_app):
+    app, ep = box(make_app, restart="always")
+    with app:
+        first = ep["whoami"]()
+        with pytest.raises(CompartmentCrashed, match="exited with status 0"):
+            ep["crash"]("clean")
+        assert ep["whoami"]() != first
+
+
+def test_on_failure_does_not_restart_a_clean_exit(make_app):
+    app, ep = box(make_app, restart="on-failure")
+    with app:
+        with pytest.raises(CompartmentCrashed, match="exited with status 0"):
+            ep["crash"]("clean")
+        with pytest.raises(CompartmentUnavailable, match="restart is 'on-failure'"):
+            ep["null"]()
+
+
+def test_timeout_cancels_a_python_loop_without_killing(make_app):
+    timeouts = []
+    app, ep = box(make_app, call_timeout="300ms", cancel_grace="2s")
+    app.on_call_timeout(timeouts.append)
+    with app:
+        pid = ep["whoami"]()
+        t0 = time.monotonic()
+        with pytest.raises(CallTimeout):
+            ep["spin"](30.0)
+        assert time.monotonic() - t0 < 1.5
+        # The loop was interrupted cooperatively: same instance serves on.
+        assert ep["whoami"]() == pid
+    assert timeouts and timeouts[0].entrypoint == "boxed:spin"
+
+
+def test_timeout_kills_an_instance_that_does_not_yield(make_app):
+    app, ep = box(make_app, call_timeout="300ms", cancel_grace="300ms")
+    with app:
+        pid = ep["whoami"]()
+        with pytest.raises(CallTimeout):
+            ep["stubborn"](30.0)
+        # Killed after the grace period and replaced.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.02)
+        assert not os.path.exists(f"/proc/{pid}")
+        assert ep["whoami"]() != pid
+
+
+def test_per_call_timeout_override(make_app):
+    app, ep = box(make_app, call_timeout="none")
+    with app:
+        with pytest.raises(CallTimeout):
+            ep["sleepy"].options(timeout=0.2)(5.0)
+        assert ep["sleepy"].options(timeout=5)(0.01) == 0.01
+
+
+def test_sixteen_threads_get_their_own_answers(make_app):
+    app, ep = box(make_app, instances=2)
+    errors = []
+
+    def worker(n):
+        try:
+            for i in range(200):
+                payload = f"t{n}-{i}".encode() * (1 + i % 7)
+                assert ep["echo"](payload) == payload
+                assert ep["add"](n, i) == n + i
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with app:
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[:3]
+
+
+def test_calls_spread_over_instances(make_app):
+    app, ep = box(make_app, instances=3)
+    seen = set()
+    barrier = threading.Barrier(6)
+
+    def worker():
+        barrier.wait()
+        for _ in range(5):
+            seen.add(ep["sleepy"](0.05) and ep["whoami"]())
+
+    with app:
+        assert len(app.instances("box")) == 3
+        threads = [threading.Thread(target=worker) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert len(seen) >= 2
+
+
+def test_crash_fails_all_pending_calls_from_many_threads(make_app):
+    app, ep = box(make_app, call_timeout="10s")
+    results = []
+
+    def waiter():
+        try:
+            ep["sleepy"](5.0)
+            results.append("ok")
+        except CompartmentCrashed as exc:
+            results.append(exc)
+
+    with app:
+        threads = [threading.Thread(target=waiter) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        os.kill(app.instances("box")[0], 9)
+        t0 = time.monotonic()
+        for t in threads:
+            t.join(5)
+        assert time.monotonic() - t0 < 3
+    assert len(results) == 4 and all(isinstance(r, CompartmentCrashed) for r in results)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "oversized", "reserved", "wrongshape", "fds"])
+def test_hostile_frames_give_protocol_error_and_main_survives(make_app, kind):
+    breaks = []
+    app, ep = box(make_app)
+    app.on_comm_break(breaks.append)
+    with app:
+        pid = ep["whoami"]()
+        with pytest.raises((ProtocolError, CompartmentCrashed)) as info:
+            ep["forge"](kind)
+        assert isinstance(info.value, ProtocolError), info.value
+        # The misbehaving instance is killed and replaced.
+        assert ep["whoami"]() != pid
+    assert breaks and breaks[0].compartment == "box"
+
+
+def test_reply_for_unknown_id_is_ignored_and_counted(make_app):
+    app, ep = box(make_app)
+    with app:
+        assert ep["forge"]("unknown_id") == 1
+        assert ep["null"]() is None
+        inst = app._runtime.monitor.pools["box"].ready[0]
+        assert inst.channel.conn.violations == 1
+
+
+@pytest.mark.parametrize("kind", ["str", "float", "none"])
+def test_mistyped_reply_is_a_protocol_error_channel_survives(make_app, kind):
+    app, ep = box(make_app)
+    with app:
+        pid = ep["whoami"]()
+        with pytest.raises(ProtocolError, match="declared return type"):
+            ep["lie"](kind)
+        assert ep["whoami"]() == pid
+
+
+def test_large_arguments_and_limits(make_app):
+    app, ep = box(make_app, extra={"app": {"max_message_size": "4MiB"}})
+    with app:
+        data = os.urandom(3 << 20)
+        assert ep["echo"](data) == data
+        with pytest.raises(ProtocolError, match="max_message_size"):
+            ep["echo"](b"x" * (5 << 20))
+        with pytest.raises(ProtocolError, match="exceeds the maximum"):
+            ep["big"](5 << 20)
+        assert ep["size"](b"ok") == 2
+
+
+def test_start_failure_names_compartment_and_cause(make_app):
+    app = make_app({"compartments": {"box": {"modules": ["no_such_module_xyz"]}}})
+    with pytest.raises(CompartmentStartError, match="'box' failed to start.*ModuleNotFoundError") as info:
+        app.start()
+    assert "no_such_module_xyz" in str(info.value.__cause__)
+    assert not app.running
+
+
+def test_audit_log(make_app, tmp_path):
+    log = tmp_path / "audit.jsonl"
+    app, ep = box(make_app, extra={"app": {"audit_log": str(log)}})
+    with app:
+        ep["parse"](b"a b")
+        with pytest.raises(ValueError):
+            ep["fail"]("value")
+        with pytest.raises(CompartmentCrashed):
+            ep["crash"]("exit")
+        ep["null"]()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    calls = [r for r in records if r["event"] == "call"]
+    assert [c["outcome"] for c in calls] == ["ok", "error:ValueError", "crashed", "ok"]
+    first = calls[0]
+    assert first["caller"] == "main" and first["callee"] == "box" and first["entrypoint"] == "boxed:parse"
+    assert first["bytes_out"] > 0 and first["bytes_in"] > 0 and first["duration_ms"] >= 0
+    events = {r["event"] for r in records}
+    assert {"instance_start", "instance_exit", "instance_restart"} <= events
+
+
+def test_inline_mechanism_same_api_same_validation(make_app):
+    app, ep = box(make_app, mechanism="inline")
+    with app:
+        assert ep["whoami"]() == os.getpid()
+        with pytest.raises(ProtocolError):
+            ep["lie"]("str")
+        with pytest.raises(RemoteError):
+            ep["fail"]("custom")
+        assert ep["make_shape"]("x", 2).points[1] == boxed.Point(1, 1)
+
+
+def test_spec_declared_function(make_app):
+    app = make_app({"compartments": {"box": {"functions": ["boxed:parse"]}}})
+    parse = app.function("boxed:parse")
+    with app:
+        assert parse(b"x yy") == {"x": 1, "yy": 2}
+    with pytest.raises(pycompart.EntrypointError):
+        app.function("boxed:nothere")
+
+
+def test_entrypoint_declaration_errors(make_app):
+    app = make_app()
+    with pytest.raises(pycompart.EntrypointError, match="not defined"):
+        app.entrypoint("ghost")
+
+    def local():
+        pass
+    with pytest.raises(pycompart.EntrypointError, match="module-level"):
+        app.entrypoint("box")(local)
+    app.entrypoint("box")(boxed.null)
+    with app:
+        with pytest.raises(pycompart.EntrypointError, match="before the app starts"):
+            app.entrypoint("box")(boxed.echo)
+
+
+def test_stop_fails_pending_calls_and_reaps(make_app):
+    app, ep = box(make_app, call_timeout="10s")
+    out = []
+    app.start()
+    pids = app.instances("box") + [app.zygote_pid]
+    t = threading.Thread(target=lambda: out.append(pytest.raises(pycompart.CompartmentError, ep["sleepy"], 5)))
+    t.start()
+    time.sleep(0.2)
+    app.stop()
+    t.join(5)
+    assert out
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}")

@@ -1,0 +1,96 @@
+import pytest
+
+from pycompart import SpecError
+from pycompart.spec import load_spec, load_spec_file, parse_duration, parse_size
+
+
+def test_defaults_and_full_spec(tmp_path):
+    path = tmp_path / "app.toml"
+    path.write_text('''
+[app]
+name = "thumbs"
+audit_log = "audit.jsonl"
+max_message_size = "8MiB"
+
+[compartments.decoder]
+trust = "sandbox"
+modules = ["json"]
+functions = ["thumbs:decode"]
+instances = 2
+restart = "always"
+call_timeout = "250ms"
+max_restarts = 3
+restart_window = "1m"
+
+[compartments.signer]
+trust = "safebox"
+call_timeout = "none"
+''')
+    spec = load_spec_file(path)
+    assert spec.name == "thumbs"
+    assert spec.audit_log == str(tmp_path / "audit.jsonl")
+    assert spec.max_message_size == 8 * 1024 * 1024
+    d = spec.compartments["decoder"]
+    assert (d.instances, d.restart, d.call_timeout, d.max_restarts, d.restart_window) == (2, "always", 0.25, 3, 60.0)
+    assert d.functions == ("thumbs:decode",) and d.modules == ("json",)
+    assert spec.compartments["signer"].call_timeout is None
+    assert spec.edges() == [("main", "decoder"), ("main", "signer")]
+
+
+@pytest.mark.parametrize("spec, key, expected", [
+    ({"compartments": {"a": {"instances": 0}}}, "compartments.a.instances", "integer from 1"),
+    ({"compartments": {"a": {"instances": "two"}}}, "compartments.a.instances", "integer"),
+    ({"compartments": {"a": {"instances": "per-call"}}}, "compartments.a.instances", "not supported"),
+    ({"compartments": {"a": {"trust": "trusting"}}}, "compartments.a.trust", "'sandbox'"),
+    ({"compartments": {"a": {"restart": "sometimes"}}}, "compartments.a.restart", "'on-failure'"),
+    ({"compartments": {"a": {"call_timeout": "soon"}}}, "compartments.a.call_timeout", "duration"),
+    ({"compartments": {"a": {"functions": ["nocolon"]}}}, "compartments.a.functions", "module:function"),
+    ({"compartments": {"a": {"modules": ["bad name"]}}}, "compartments.a.modules", "dotted"),
+    ({"compartments": {"a": {"typo": 1}}}, "compartments.a.typo", "no such key"),
+    ({"compartments": {"a": {"privileges": {"network": "none"}}}}, "compartments.a.privileges.network",
+     "does not enforce"),
+    ({"compartments": {"a": {"may_call": ["ghost"]}}}, "compartments.a.may_call", "defined in this spec"),
+    ({"compartments": {"main": {}}}, "compartments.main", "other than 'main'"),
+    ({"compartments": {"bad name": {}}}, "compartments.bad name", "compartment name"),
+    ({"app": {"mechanism": "vm"}}, "app.mechanism", "'process'"),
+    ({"app": {"max_message_size": "1KiB"}}, "app.max_message_size", "4KiB"),
+    ({"app": {"colour": "red"}}, "app.colour", "no such key"),
+    ({"domains": {"edge": {}}}, "domains", "not supported"),
+    ({"compartments": []}, "compartments", "a table"),
+])
+def test_errors_name_key_and_expectation(spec, key, expected):
+    with pytest.raises(SpecError) as info:
+        load_spec(spec, origin="t.toml")
+    err = info.value
+    assert err.source == "t.toml" and err.key == key, str(err)
+    assert expected in str(err)
+
+
+def test_error_mentions_what_was_found():
+    with pytest.raises(SpecError, match=r"found 'two' \(str\)"):
+        load_spec({"compartments": {"a": {"instances": "two"}}})
+
+
+def test_bad_file(tmp_path):
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec_file(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[app\n")
+    with pytest.raises(SpecError, match="valid TOML"):
+        load_spec_file(bad)
+
+
+@pytest.mark.parametrize("text, seconds", [("5s", 5.0), ("250ms", 0.25), ("2m", 120.0), (3, 3.0), ("1.5s", 1.5)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["0s", "-1s", "5", "s", True, 0, float("inf")])
+def test_bad_durations(bad):
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+@pytest.mark.parametrize("text, n", [("256MiB", 256 << 20), ("64KiB", 64 << 10), ("1GB", 10**9), (4096, 4096)])
+def test_sizes(text, n):
+    assert parse_size(text) == n
