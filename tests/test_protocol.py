@@ -32,6 +32,9 @@ def drain(conn):
     out = []
     while (ev := conn.next_event()) is not NEED_DATA:
         out.append(ev)
+        if isinstance(ev, Violation) and ev.fatal:
+            assert conn.next_event() == ev  # it stays broken
+            break
     return out
 
 
