@@ -378,3 +378,14 @@ def test_stop_fails_pending_calls_and_reaps(make_app):
     assert out
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_leaving_the_app_ends_instances_cleanly(make_app):
+    """Instances see end-of-stream and exit 0; nobody has to be killed."""
+    ended = []
+    app, ep = box(make_app, instances=3)
+    app.on_termination(ended.append)
+    with app:
+        ep["null"]()
+    assert len(ended) == 3
+    assert all(e.status == "exited with status 0" and not e.restarting for e in ended), ended

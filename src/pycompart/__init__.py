@@ -2,28 +2,48 @@
 
 The public API is small: ``App`` (with ``@app.entrypoint``), the errors, and
 the events passed to life-cycle hooks. See the README for a tour.
+
+Names are imported on first use, so the zygote, which imports
+``pycompart.zygote``, carries only the runtime it needs into every fork.
 """
 
-from ._version import __version__
-from .app import App, Entrypoint
-from .errors import (
-    CallTimeout,
-    CompartmentCrashed,
-    CompartmentError,
-    CompartmentStartError,
-    CompartmentUnavailable,
-    EntrypointError,
-    ProtocolError,
-    PycompartError,
-    RemoteError,
-    SpecError,
-)
-from .monitor import CommBreakEvent, InstanceEvent, TimeoutEvent
+from __future__ import annotations
 
-__all__ = [
-    "App", "Entrypoint", "__version__",
-    "CallTimeout", "CompartmentCrashed", "CompartmentError", "CompartmentStartError",
-    "CompartmentUnavailable", "EntrypointError", "ProtocolError", "PycompartError",
-    "RemoteError", "SpecError",
-    "CommBreakEvent", "InstanceEvent", "TimeoutEvent",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+_EXPORTS = {
+    "App": "app", "Entrypoint": "app",
+    "CallTimeout": "errors", "CompartmentCrashed": "errors", "CompartmentError": "errors",
+    "CompartmentStartError": "errors", "CompartmentUnavailable": "errors",
+    "EntrypointError": "errors", "ProtocolError": "errors", "PycompartError": "errors",
+    "RemoteError": "errors", "SpecError": "errors",
+    "CommBreakEvent": "monitor", "InstanceEvent": "monitor", "TimeoutEvent": "monitor",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pycompart' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from .app import App, Entrypoint
+    from .errors import (
+        CallTimeout, CompartmentCrashed, CompartmentError, CompartmentStartError,
+        CompartmentUnavailable, EntrypointError, ProtocolError, PycompartError, RemoteError,
+        SpecError,
+    )
+    from .monitor import CommBreakEvent, InstanceEvent, TimeoutEvent

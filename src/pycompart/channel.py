@@ -67,6 +67,11 @@ class Transport:
     def send(self, data: bytes, fds: list[int] | tuple[int, ...] = (), deadline: float | None = None) -> None:
         raise NotImplementedError
 
+    def shutdown(self) -> None:
+        """End the stream both ways now (the far side reads EOF), while
+        other threads may still hold our descriptors."""
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -126,6 +131,18 @@ class PipeTransport(Transport):
             except BlockingIOError:
                 pass
 
+    def shutdown(self) -> None:
+        # Pipes have no shutdown(2). Replacing our ends with /dev/null closes
+        # the pipes (the instance sees EOF) without freeing the descriptor
+        # numbers, so a thread still using them cannot hit a reused fd.
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for fd in (self.read_fd, self.write_fd):
+                if fd >= 0:
+                    os.dup2(null, fd, inheritable=False)
+        finally:
+            os.close(null)
+
     def close(self) -> None:
         for fd in (self.read_fd, self.write_fd):
             try:
@@ -179,6 +196,12 @@ class SocketTransport(Transport):
                 continue
             anc = []  # descriptors ride with the first byte only
             view = view[n:]
+
+    def shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def close(self) -> None:
         self.sock.close()
@@ -526,11 +549,14 @@ class Channel:
                 waiter.done = True
                 waiter.wake()
         if first:
+            # Report first: the monitor must know why before the far side
+            # can see end-of-stream and exit.
+            self.on_event("broken", (exc, reason))
+            self.transport.shutdown()
             try:
-                os.eventfd_write(self._wake, 1)
+                os.eventfd_write(self._wake, 1)  # a poll already waiting on the old pipe
             except OSError:
                 pass
-            self.on_event("broken", (exc, reason))
 
     def close(self) -> None:
         """Release the descriptors. Only once no thread can be using them."""

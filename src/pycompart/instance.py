@@ -120,14 +120,14 @@ def apply_privileges(config: InstanceConfig) -> None:
     os.environ.update(config.environment)
 
 
-def _load(config: InstanceConfig) -> dict[str, Contract]:
+def _load(config: InstanceConfig) -> dict[str, _LazyContract]:
     sys.path[:] = config.sys_path
     os.chdir(config.cwd)
     if any(key.startswith("__main__:") for key in config.entrypoints):
         _load_main(config)
     for name in config.modules:
         importlib.import_module(name)
-    table: dict[str, Contract] = {}
+    table: dict[str, _LazyContract] = {}
     for key in config.entrypoints:
         module_name, _, qualname = key.partition(":")
         obj: object = importlib.import_module(module_name)
@@ -136,8 +136,26 @@ def _load(config: InstanceConfig) -> dict[str, Contract]:
         fn = getattr(obj, "__pycompart_function__", obj)
         if not callable(fn):
             raise EntrypointError(f"{key} is not callable")
-        table[key] = Contract(fn, key)
+        table[key] = _LazyContract(fn, key)
     return table
+
+
+class _LazyContract:
+    """Builds the entrypoint's Contract on its first call. Main has already
+    checked the annotations at start; building every codec up front would
+    only slow the instance's start."""
+
+    __slots__ = ("fn", "key", "contract")
+
+    def __init__(self, fn: object, key: str):
+        self.fn = fn
+        self.key = key
+        self.contract: Contract | None = None
+
+    def invoke(self, raw_args: object) -> bytes:
+        if self.contract is None:
+            self.contract = Contract(self.fn, self.key)  # type: ignore[arg-type]
+        return self.contract.invoke(raw_args)  # type: ignore[arg-type]
 
 
 def _load_main(config: InstanceConfig) -> None:
@@ -161,7 +179,7 @@ def _load_main(config: InstanceConfig) -> None:
 class Server:
     """The serve loop of an instance: one call at a time, cancellable."""
 
-    def __init__(self, config: InstanceConfig, read_fd: int, write_fd: int, table: dict[str, Contract]):
+    def __init__(self, config: InstanceConfig, read_fd: int, write_fd: int, table: dict[str, _LazyContract]):
         self.config = config
         self.read_fd = read_fd
         self.write_fd = write_fd

@@ -113,6 +113,8 @@ class InstanceHandle:
         self.start_exception: Exception | None = None
         self.kill_reason: str | None = None
         self.request = 0
+        self.on_ready: Callable[[InstanceHandle], None] | None = None
+        self.retired = False
 
     def crash_error(self) -> CompartmentCrashed:
         """Built by a caller that saw the channel close: wait (briefly) for the
@@ -272,6 +274,32 @@ class Monitor:
         except BlockingIOError:
             pass  # already awake
 
+    def spawn_on_demand(self, compartment: str, timeout: float = 10.0) -> InstanceHandle:
+        """Start one more instance of ``compartment`` outside its pool and
+        return it once ready. It is never restarted; end it with ``retire``.
+        (The building block for per-call and per-connection instances.)"""
+        pool = self.pools[compartment]
+        ready: list[InstanceHandle] = []
+        done = threading.Event()
+
+        def on_ready(inst: InstanceHandle) -> None:
+            ready.append(inst)
+            done.set()
+        spawned: list[InstanceHandle] = []
+        self.submit(lambda: spawned.append(self._spawn(pool, -1, on_ready)))
+        if not done.wait(timeout):
+            for inst in spawned:
+                self.retire(inst)
+            raise CompartmentStartError(f"an on-demand instance of {compartment!r} did not become "
+                                        f"ready within {timeout:g}s")
+        return ready[0]
+
+    def retire(self, inst: InstanceHandle) -> None:
+        """End an instance: calls pending on it fail, it is not restarted."""
+        inst.pool.remove(inst)
+        inst.retired = True
+        self.submit(lambda: self._kill(inst, "retired"))
+
     def channel_event(self, inst: InstanceHandle, kind: str, detail: Any) -> None:
         """Called from caller threads by an instance's Channel."""
         if kind == "broken":
@@ -281,7 +309,10 @@ class Monitor:
         elif kind == "broken":
             exc, reason = detail
             if isinstance(exc, ProtocolError):
-                self.submit(lambda: self._kill(inst, f"protocol violation: {reason}"))
+                # Set now, not on the monitor thread: the instance may see EOF
+                # and exit 0 before the kill, and that is still a failure.
+                inst.kill_reason = inst.kill_reason or f"protocol violation: {reason}"
+                self.submit(lambda: self._kill(inst, inst.kill_reason or "protocol violation"))
                 Hooks.fire(self.hooks.on_comm_break, CommBreakEvent(inst.pool.spec.name, inst.pid, reason))
                 self._audit("comm_break", compartment=inst.pool.spec.name, pid=inst.pid, reason=reason)
         elif kind == "violation":
@@ -373,14 +404,16 @@ class Monitor:
 
     # -- spawning ---------------------------------------------------------------
 
-    def _spawn(self, pool: Pool, index: int) -> None:
+    def _spawn(self, pool: Pool, index: int,
+               on_ready: Callable[[InstanceHandle], None] | None = None) -> InstanceHandle | None:
         if self.stopping:
-            return
+            return None
         call_r, call_w = make_pipe()
         reply_r, reply_w = make_pipe()
         conn = Connection(self.spec.max_message_size)
         channel = Channel(PipeTransport(reply_r, call_w), conn, pool.spec.name)
         inst = InstanceHandle(pool, index, channel, next(self._generation))
+        inst.on_ready = on_ready
         channel.on_event = lambda kind, detail: self.channel_event(inst, kind, detail)
         channel.failure_factory = inst.crash_error
         request = inst.request = next(self._requests)
@@ -390,12 +423,13 @@ class Monitor:
         except (OSError, TimeoutError) as exc:
             self._by_request.pop(request, None)
             self._start_failed(inst, f"cannot reach the zygote: {exc}")
-            return
+            return inst
         finally:
             # The instance must hold the only copies, or its death is no EOF.
             os.close(call_r)
             os.close(reply_w)
         self._after(pool.spec.start_timeout, lambda: self._start_timeout(inst))
+        return inst
 
     def _on_spawned(self, msg: zygote.Spawned, fds: list[int]) -> None:
         inst = self._by_request.pop(msg.request, None)
@@ -440,7 +474,10 @@ class Monitor:
         ms = (time.monotonic() - inst.started_at) * 1000
         self._audit("instance_start", compartment=inst.pool.spec.name, pid=inst.pid,
                     index=inst.index, generation=inst.generation, ready_ms=round(ms, 3))
-        inst.pool.add(inst)
+        if inst.on_ready is not None:
+            inst.on_ready(inst)
+        else:
+            inst.pool.add(inst)
         with self._start_done:
             self._start_done.notify_all()
 
@@ -508,9 +545,9 @@ class Monitor:
     def _plan_restart(self, inst: InstanceHandle, status: int | None) -> bool:
         pool = inst.pool
         spec = pool.spec
-        if self.stopping:
-            return False
-        failed = status is None or process.is_failure(status)
+        if self.stopping or inst.retired or inst.on_ready is not None:
+            return False  # on-demand and retired instances are not replaced
+        failed = status is None or process.is_failure(status) or inst.kill_reason is not None
         if spec.restart == "never" or (spec.restart == "on-failure" and not failed):
             if not pool.ready:
                 pool.make_unavailable(f"its instance {inst.status_text} and restart is {spec.restart!r}")

@@ -18,14 +18,14 @@ It talks to the monitor over one control socket (the same framing as calls):
 
 from __future__ import annotations
 
+import gc
 import os
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import time
-from typing import Union
+from typing import Any, Union
 
 import msgspec
 
@@ -68,9 +68,11 @@ ZYGOTE_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
 # -- monitor side ---------------------------------------------------------------
 
 
-def launch(python: str = sys.executable) -> tuple[subprocess.Popen[bytes], socket.socket]:
+def launch(python: str = sys.executable) -> tuple[Any, socket.socket]:
     """Start a zygote. Must be called from the thread that will outlive it
     (the monitor thread): PDEATHSIG is bound to the parent *thread*."""
+    import subprocess  # here, not at the top: the zygote itself never needs it
+
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     env = {k: os.environ[k] for k in ZYGOTE_ENV_KEEP if k in os.environ}
     code = "import pycompart.zygote as z; z.main()"
@@ -120,7 +122,12 @@ def main() -> None:
         os._exit(1)  # main died before we armed PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=control_fd)
-    Zygote(control).run()
+    zygote = Zygote(control)
+    # Everything imported so far is shared by every instance: keep the
+    # collector from touching (and so copying) those pages after each fork.
+    gc.collect()
+    gc.freeze()
+    zygote.run()
 
 
 class Zygote:

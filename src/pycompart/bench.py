@@ -1,0 +1,161 @@
+"""``pycompart bench``: what a compartment boundary costs, against baselines
+measured in the same run on the same CPUs.
+
+Rows: a null typed call through pycompart; a raw ``os.write``/``os.read``
+pipe ping-pong between two Python processes; ``multiprocessing.Pipe``
+send/recv; instance ready time from the zygote vs ``python -c pass``; a
+1 MiB and a 64 MiB ``bytes`` argument. The headline rows pin both ends to
+one CPU, because cross-CPU wake-ups on small VMs cost tens of microseconds
+for everything, C included; the unpinned rows are printed too.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from . import _bench_targets
+from .app import App
+
+
+def _stats(samples: list[float]) -> tuple[float, float]:
+    samples = sorted(samples)
+    return statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+
+
+def _time_loop(fn: Callable[[], object], n: int) -> list[float]:
+    out = []
+    clock = time.perf_counter_ns
+    for _ in range(n):
+        t = clock()
+        fn()
+        out.append((clock() - t) / 1000)
+    return out
+
+
+def raw_pipe(n: int) -> list[float]:
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w1)
+        os.close(r2)
+        while True:
+            b = os.read(r1, 64)
+            if not b:
+                os._exit(0)
+            os.write(w2, b)
+    os.close(r1)
+    os.close(w2)
+    try:
+        for _ in range(200):
+            os.write(w1, b"x")
+            os.read(r2, 64)
+        return _time_loop(lambda: (os.write(w1, b"x"), os.read(r2, 64)), n)
+    finally:
+        os.close(w1)
+        os.close(r2)
+        os.waitpid(pid, 0)
+
+
+def _mp_echo(conn) -> None:  # type: ignore[no-untyped-def]
+    while True:
+        try:
+            conn.send(conn.recv())
+        except EOFError:
+            return
+
+
+def mp_pipe(n: int) -> list[float]:
+    ctx = multiprocessing.get_context("fork")
+    a, b = ctx.Pipe()
+    proc = ctx.Process(target=_mp_echo, args=(b,))
+    proc.start()
+    b.close()
+    try:
+        for _ in range(200):
+            a.send(None)
+            a.recv()
+        return _time_loop(lambda: (a.send(None), a.recv()), n)
+    finally:
+        a.close()
+        proc.join(5)
+
+
+def python_startup(n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter_ns()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        out.append((time.perf_counter_ns() - t) / 1000)
+    return out
+
+
+def _app() -> tuple[App, Callable[[], None], Callable[[bytes], int]]:
+    app = App({"compartments": {"bench": {"call_timeout": "60s"}}})
+    null = app.entrypoint("bench")(_bench_targets.null)
+    size = app.entrypoint("bench")(_bench_targets.size)
+    return app, null, size
+
+
+def instance_ready(n: int) -> list[float]:
+    """From asking the monitor for a new instance to that instance having
+    imported its module and said Hello, ready for calls."""
+    app, null, _ = _app()
+    out = []
+    with app:
+        monitor = app._runtime.monitor  # type: ignore[union-attr]
+        for _ in range(n):
+            t = time.perf_counter_ns()
+            inst = monitor.spawn_on_demand("bench")
+            out.append((time.perf_counter_ns() - t) / 1000)
+            monitor.retire(inst)
+    return out
+
+
+def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, float]:
+    n = 2000 if quick else 20000
+    results: dict[str, float] = {}
+    cpus = sorted(os.sched_getaffinity(0))
+    out(f"pycompart bench: python {sys.version.split()[0]}, {len(cpus)} CPUs, "
+        f"{n} round trips per row (medians and p99 in microseconds)")
+
+    def row(name: str, samples: list[float], base: float | None) -> float:
+        med, p99 = _stats(samples)
+        ratio = f"{med / base:6.2f}x" if base else "  1.00x"
+        out(f"  {name:44s} median {med:10.1f}  p99 {p99:10.1f}  {ratio}")
+        return med
+
+    for label, affinity in (("pinned to one CPU", {cpus[0]}), ("unpinned", set(cpus))):
+        os.sched_setaffinity(0, affinity)
+        out(f"\n{label}: (ratio to the raw pipe round trip)")
+        base = row("raw pipe round trip (os.write/os.read)", raw_pipe(n), None)
+        results[f"raw_pipe_{label}"] = base
+        results[f"mp_pipe_{label}"] = row("multiprocessing.Pipe send/recv", mp_pipe(n), base)
+        app, null, size = _app()
+        with app:
+            for _ in range(500):
+                null()
+            results[f"null_call_{label}"] = row("pycompart null typed call", _time_loop(null, n), base)
+            if label == "pinned to one CPU":
+                mib = b"x" * (1 << 20)
+                results["arg_1mib"] = row("pycompart call, 1 MiB bytes argument",
+                                          _time_loop(lambda: size(mib), 50 if quick else 200), base)
+                big = b"x" * (64 << 20)
+                results["arg_64mib"] = row("pycompart call, 64 MiB bytes argument",
+                                           _time_loop(lambda: size(big), 3 if quick else 10), base)
+    os.sched_setaffinity(0, set(cpus))
+    out("\ninstance start: (ratio to python -c pass)")
+    base = row("python -c pass", python_startup(5 if quick else 20), None)
+    results["python_startup"] = base
+    results["instance_ready"] = row("instance ready from the zygote", instance_ready(10 if quick else 50), base)
+    pinned = "pinned to one CPU"
+    out(f"\nsummary: null call = {results[f'null_call_{pinned}'] / results[f'raw_pipe_{pinned}']:.2f}x "
+        f"raw pipe (pinned; target <= 2.0x), instance ready = "
+        f"{results['instance_ready'] / base:.3f}x python -c pass (target <= 0.2x)")
+    return results

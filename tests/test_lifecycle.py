@@ -1,0 +1,78 @@
+"""Process life cycle: nothing outlives main, __main__ entrypoints work."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+SCRIPT = textwrap.dedent('''
+    import json, os, sys, time
+    import pycompart
+
+    app = pycompart.App({"compartments": {"parser": {"instances": 3}}})
+
+    @app.entrypoint("parser")
+    def parse(data: bytes) -> dict[str, int]:
+        return {"pid": os.getpid(), "n": len(data)}
+
+    if __name__ == "__main__":
+        with app:
+            out = parse(b"hello")
+            print(json.dumps({"main": os.getpid(), "zygote": app.zygote_pid,
+                              "instances": app.instances("parser"), "result": out}), flush=True)
+            if sys.argv[1:] == ["hang"]:
+                time.sleep(60)
+''')
+
+
+def _gone(pid: int) -> bool:
+    """Exited *and* reaped: a zombie does not count as gone."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def _wait_gone(pids, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [p for p in pids if not _gone(p)]
+        if not left:
+            return []
+        time.sleep(0.02)
+    return left
+
+
+def _run(tmp_path, *args):
+    script = tmp_path / "prog.py"
+    script.write_text(SCRIPT)
+    return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+
+
+def test_main_function_entrypoint_and_clean_exit(tmp_path):
+    proc = _run(tmp_path)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    info = json.loads(out)
+    assert info["result"]["n"] == 5 and info["result"]["pid"] in info["instances"]
+    assert _wait_gone([info["zygote"], *info["instances"]]) == []
+
+
+def test_sigkill_of_main_takes_every_instance_with_it(tmp_path):
+    proc = _run(tmp_path, "hang")
+    line = proc.stdout.readline()
+    info = json.loads(line)
+    pids = [info["zygote"], *info["instances"]]
+    assert all(not _gone(p) for p in pids)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert _wait_gone(pids) == [], "zygote or instances outlived a SIGKILLed main"
+
+
+def test_sigterm_of_main_is_clean_too(tmp_path):
+    proc = _run(tmp_path, "hang")
+    info = json.loads(proc.stdout.readline())
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(10)
+    assert _wait_gone([info["zygote"], *info["instances"]]) == []
