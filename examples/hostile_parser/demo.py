@@ -42,9 +42,11 @@ def main() -> int:
                 print(f"  {label:30s} -> parser timed out; the call was cancelled")
             except ValueError as exc:
                 print(f"  {label:30s} -> rejected: {exc}")
-    print(f"\nmain survived; the parser compartment ended {len(ended)} time(s) and was restarted:")
+    crashes = [e for e in ended if e.restarting]
+    print(f"\nmain survived; parser instances replaced after a crash: {len(crashes)}")
     for event in ended:
-        print(f"  pid {event.pid}: {event.status}")
+        what = "replaced" if event.restarting else "stopped with the app"
+        print(f"  pid {event.pid}: {event.status} ({what})")
     return 0
 
 

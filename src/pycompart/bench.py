@@ -63,7 +63,8 @@ def raw_pipe(n: int) -> list[float]:
         os.waitpid(pid, 0)
 
 
-def _mp_echo(conn) -> None:  # type: ignore[no-untyped-def]
+def _mp_echo(conn, parent_end) -> None:  # type: ignore[no-untyped-def]
+    parent_end.close()  # or our own copy keeps the pipe open and recv never sees EOF
     while True:
         try:
             conn.send(conn.recv())
@@ -74,7 +75,7 @@ def _mp_echo(conn) -> None:  # type: ignore[no-untyped-def]
 def mp_pipe(n: int) -> list[float]:
     ctx = multiprocessing.get_context("fork")
     a, b = ctx.Pipe()
-    proc = ctx.Process(target=_mp_echo, args=(b,))
+    proc = ctx.Process(target=_mp_echo, args=(b, a), daemon=True)
     proc.start()
     b.close()
     try:
@@ -85,6 +86,9 @@ def mp_pipe(n: int) -> list[float]:
     finally:
         a.close()
         proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 def python_startup(n: int) -> list[float]:

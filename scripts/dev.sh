@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: creates .venv, installs pycompart and
+# its test dependencies, then runs what you asked for.
+#
+#   bash scripts/dev.sh demo     # set up, run the main demo
+#   bash scripts/dev.sh test     # set up, run the test suite
+#   bash scripts/dev.sh bench    # set up, run the benchmark
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+# Quiet unless something fails; pip's own output is kept for that case.
+if ! .venv/bin/python -m pip install -q -e ".[test]" >.venv/pip.log 2>&1; then
+    cat .venv/pip.log >&2
+    exit 1
+fi
+
+case "${1:-test}" in
+    demo)  exec .venv/bin/python examples/hostile_parser/demo.py ;;
+    test)  shift || true; exec .venv/bin/python -m pytest "$@" ;;
+    bench) shift || true; exec .venv/bin/python -m pycompart bench "$@" ;;
+    *)     echo "usage: $0 demo|test|bench" >&2; exit 2 ;;
+esac

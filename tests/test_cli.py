@@ -1,0 +1,56 @@
+import subprocess
+import sys
+
+import pycompart
+from pycompart.cli import main
+
+GOOD = '''
+[app]
+name = "demo"
+[compartments.parser]
+functions = ["tinyimg:parse"]
+instances = 2
+call_timeout = "500ms"
+'''
+
+
+def test_version(capsys):
+    try:
+        main(["--version"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    assert pycompart.__version__ in capsys.readouterr().out
+
+
+def test_check_ok(tmp_path, capsys):
+    spec = tmp_path / "app.toml"
+    spec.write_text(GOOD)
+    assert main(["check", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "compartment 'parser'" in out and "main -> parser" in out and "instances: 2" in out
+    assert "OK" in out
+
+
+def test_check_error_names_file_key_expectation(tmp_path, capsys):
+    spec = tmp_path / "app.toml"
+    spec.write_text(GOOD.replace("instances = 2", "instances = 'lots'"))
+    assert main(["check", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert str(spec) in err and "compartments.parser.instances" in err and "integer" in err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    spec = tmp_path / "app.toml"
+    spec.write_text(GOOD)
+    proc = subprocess.run([sys.executable, "-m", "pycompart", "check", str(spec)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "main -> parser" in proc.stdout
+
+
+def test_bench_quick_runs():
+    proc = subprocess.run([sys.executable, "-m", "pycompart", "bench", "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for row in ("raw pipe round trip", "multiprocessing.Pipe", "null typed call", "64 MiB",
+                "instance ready", "python -c pass", "summary"):
+        assert row in proc.stdout
