@@ -15,7 +15,6 @@ from pycompart.protocol import (
     Connection,
     Err,
     ErrorInfo,
-    FrameDecoder,
     Hello,
     LateReply,
     Ok,
@@ -199,9 +198,7 @@ def test_hello_and_error_info_round_trip():
     assert err.error == info
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=512), st.integers(min_value=1, max_value=64))
-def test_fuzz_random_bytes_never_raise(data, chunk):
+def _fuzz_random_bytes(data, chunk):
     """Whatever a hostile peer sends, the reader returns events; it never
     raises and never buffers past the maximum."""
     conn = Connection(4096)
@@ -213,6 +210,21 @@ def test_fuzz_random_bytes_never_raise(data, chunk):
             if ev is NEED_DATA or (isinstance(ev, Violation) and ev.fatal):
                 break
     assert conn.frames.buffered <= 4096 + 8 + len(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512), st.integers(min_value=1, max_value=64))
+def test_fuzz_random_bytes_never_raise(data, chunk):
+    """Whatever a hostile peer sends, the reader returns events; it never
+    raises and never buffers past the maximum."""
+    _fuzz_random_bytes(data, chunk)
+
+
+@pytest.mark.slow
+@settings(max_examples=20000, deadline=None)
+@given(st.binary(max_size=4096), st.integers(min_value=1, max_value=512))
+def test_fuzz_random_bytes_long(data, chunk):
+    _fuzz_random_bytes(data, chunk)
 
 
 @settings(max_examples=200, deadline=None)

@@ -6,10 +6,12 @@ import os
 import threading
 import time
 
+import msgspec
 import pytest
 
 import boxed
 import pycompart
+import pycompart.gate
 from pycompart import (
     CallTimeout,
     CompartmentCrashed,
@@ -389,3 +391,81 @@ def test_leaving_the_app_ends_instances_cleanly(make_app):
         ep["null"]()
     assert len(ended) == 3
     assert all(e.status == "exited with status 0" and not e.restarting for e in ended), ended
+
+
+def test_undeclared_entrypoint_is_refused_and_counted(make_app):
+    """Only the table main fixed at spawn is callable: naming any other
+    function, even one that exists in the instance, is refused."""
+    app, ep = box(make_app)
+    with app:
+        inst = app._runtime.monitor.pools["box"].ready[0]
+        for name in ("boxed:CustomError", "os:system", "boxed:_channel_write_fd", "nonsense"):
+            reply = inst.channel.request(name, b"\x80", time.monotonic() + 5)
+            err = pycompart.gate.rebuild_exception(reply.error, "box")
+            assert isinstance(err, pycompart.EntrypointError) and "not an entrypoint" in str(err)
+        assert ep["null"]() is None  # the instance kept serving
+
+
+def test_spawn_on_demand_and_retire(make_app):
+    app, ep = box(make_app)
+    with app:
+        monitor = app._runtime.monitor
+        extra = monitor.spawn_on_demand("box")
+        assert extra.pid not in app.instances("box")
+        reply = extra.channel.request("boxed:whoami", b"\x80", time.monotonic() + 5)
+        assert msgspec.msgpack.decode(reply.value) == extra.pid
+        monitor.retire(extra)
+        assert extra.dead.wait(5)
+        assert len(app.instances("box")) == 1 and ep["null"]() is None
+
+
+@pytest.mark.slow
+def test_stress_calls_under_random_kills(make_app):
+    """Many threads calling while instances are killed at random: every call
+    either succeeds with its own answer or fails with CompartmentCrashed."""
+    import random
+
+    app, ep = box(make_app, instances=3, max_restarts=1000)
+    stop = time.monotonic() + 20
+    bad = []
+
+    def worker(n):
+        i = 0
+        while time.monotonic() < stop:
+            i += 1
+            try:
+                if ep["add"](n, i) != n + i:
+                    bad.append((n, i))
+            except (CompartmentCrashed, CompartmentUnavailable):
+                pass
+
+    with app:
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+        for t in threads:
+            t.start()
+        while time.monotonic() < stop:
+            time.sleep(random.uniform(0.05, 0.3))
+            pids = app.instances("box")
+            if pids:
+                os.kill(random.choice(pids), 9)
+        for t in threads:
+            t.join(30)
+        assert ep["null"]() is None
+    assert not bad
+
+
+def test_restarts_do_not_leak_descriptors(make_app):
+    app, ep = box(make_app, max_restarts=100, restart_window="50ms")
+
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    with app:
+        ep["null"]()
+        before = fds()
+        for _ in range(20):
+            with pytest.raises(CompartmentCrashed):
+                ep["crash"]("exit")
+            ep["null"]()
+        after = fds()
+    assert after - before <= 2, (before, after)

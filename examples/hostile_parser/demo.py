@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pycompart  # noqa: E402
-import tinyimg  # noqa: E402  (main imports it only for its annotations)
+import tinyimg  # noqa: E402,F401  (imported in main only for its annotations)
 
 INPUTS = [
     ("good image", b"TIMG" + struct.pack("<HHBB", 64, 48, 3, 0) + b"\x01\x02\x03" * 10),

@@ -27,7 +27,6 @@ from .errors import (
     EntrypointError,
     PycompartError,
     ProtocolError,
-    SpecError,
 )
 from .gate import Contract, describe_exception, function_key, rebuild_exception
 from .monitor import CommBreakEvent, Hooks, InstanceEvent, Monitor, Pool, TimeoutEvent
@@ -244,7 +243,7 @@ class _Runtime:
 
     def start(self) -> None:
         for ep in self.entrypoints.values():
-            ep.contract  # resolve annotations now: errors belong to start, not first call
+            _ = ep.contract  # resolve annotations now: errors belong to start, not first call
         if len(self.inline) < len(self.spec.compartments):
             self.monitor = Monitor(self.spec, self._config_for, self.app.hooks, self.audit)
             try:
@@ -380,5 +379,3 @@ def _stop_all() -> None:
         except Exception:
             pass
 
-
-__all__ = ["App", "Entrypoint", "SpecError"]

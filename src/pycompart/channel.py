@@ -270,6 +270,9 @@ class Channel:
         self._poll.register(self._wake, select.POLLIN)
         self.failure: CompartmentError | None = None
         self.failure_factory: Callable[[], CompartmentError] | None = None
+        self._users = 0  # threads inside request()/drain(); close waits for 0
+        self._close_requested = False
+        self.closed = False
 
     @property
     def pending(self) -> int:
@@ -286,6 +289,24 @@ class Channel:
             mu.release()
             conn.forget(rid)
             raise self.failure
+        self._users += 1
+        try:
+            return self._request(rid, entrypoint, frame, deadline)
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        with self._mu:
+            self._users -= 1
+            close = self._close_requested and self._users == 0 and not self.closed
+            if close:
+                self.closed = True
+        if close:
+            self._close_now()
+
+    def _request(self, rid: int, entrypoint: str, frame: bytes, deadline: float | None) -> Ok | Err:
+        """Called with ``_mu`` held; releases it."""
+        mu = self._mu
         if not self._leader:
             # Fast path: nobody is reading, so we will read our own reply.
             self._leader = True
@@ -525,10 +546,12 @@ class Channel:
                 return
             self._leader = True
             self._leader_rid = 0
+            self._users += 1
         try:
             self._read_until(_DRAIN, time.monotonic())
         finally:
             self._release_leadership()
+            self._leave()
 
     # -- failure ----------------------------------------------------------------
 
@@ -559,7 +582,19 @@ class Channel:
                 pass
 
     def close(self) -> None:
-        """Release the descriptors. Only once no thread can be using them."""
+        """Release the descriptors as soon as no thread is using the channel
+        (now, or when the last caller inside it leaves). Fails it first."""
+        if self.failure is None:
+            self.fail(CompartmentCrashed(self.peer, None, "channel closed"), reason="closed")
+        with self._mu:
+            self._close_requested = True
+            close = self._users == 0 and not self.closed
+            if close:
+                self.closed = True
+        if close:
+            self._close_now()
+
+    def _close_now(self) -> None:
         self.transport.close()
         self.conn.close()
         try:

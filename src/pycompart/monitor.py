@@ -530,9 +530,8 @@ class Monitor:
         pool = inst.pool
         pool.remove(inst)
         detail = inst.status_text + (f" ({inst.kill_reason})" if inst.kill_reason else "")
-        # Shut down, not closed: a caller thread may still be polling it; the
-        # socket closes when the last reference goes.
         inst.channel.fail(CompartmentCrashed(pool.spec.name, inst.pid, detail), reason=detail)
+        inst.channel.close()  # now, or when the last thread inside it leaves
         if not was_ready and not self._started and not self.stopping:
             self._audit("instance_exit", compartment=pool.spec.name, pid=inst.pid, status=detail)
             self._start_failed(inst, inst.start_error or detail)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-from typing import Any, Union
+from typing import Union
 
 import msgspec
 
