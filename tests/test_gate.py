@@ -98,3 +98,10 @@ def test_untyped_entrypoint_only_returns_plain_data():
     c = Contract(untyped)
     assert c.return_type is Any
     assert c.decode_result(c.invoke(c.encode_args(({"a": [1, b"x"]},), {})), "t") == {"a": [1, b"x"]}
+
+
+def test_no_argument_fast_path_still_refuses_arguments():
+    c = Contract(boxed.null)
+    assert c.invoke(msgspec.Raw(c.encode_args((), {}))) == msgspec.msgpack.encode(None)
+    with pytest.raises(TypeError):
+        c.invoke(msgspec.msgpack.encode({"smuggled": 1}))

@@ -201,8 +201,8 @@ class Contract:
     def invoke(self, raw_args: bytes | msgspec.Raw) -> bytes:
         """Decode arguments (raising TypeError if they break the contract),
         call the function, encode its result."""
-        if not self.params and raw_args == _EMPTY_MAP:
-            return _encoder.encode(self.fn())
+        if not self.params and len(raw_args) == 1 and bytes(raw_args) == _EMPTY_MAP:
+            return _encoder.encode(self.fn())  # no parameters, no arguments: skip the decoder
         try:
             decoded = self._args_decoder.decode(raw_args)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
