@@ -1,0 +1,138 @@
+"""seccomp filters, exercised in forked children. Each denial has a granted
+twin (the same action without the filter, or with the call allowed)."""
+
+import ctypes
+import errno
+import os
+import signal
+import socket
+import threading
+
+import pytest
+
+from pycompart.kernel import process, seccomp
+
+pytestmark = pytest.mark.skipif(not seccomp.available(), reason="libseccomp not available")
+
+
+def in_child(fn):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            out = f"ok {fn()}"
+        except OSError as exc:
+            out = f"errno {exc.errno}"
+        except BaseException as exc:
+            out = f"error {type(exc).__name__}"
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    out = os.read(r, 200).decode()
+    os.close(r)
+    if os.WIFSIGNALED(status):
+        return ("signal", os.WTERMSIG(status))
+    kind, _, value = out.partition(" ")
+    return (kind, value)
+
+
+def locked(profile="python", **kw):
+    def wrap(fn):
+        def run():
+            process.prctl(process.PR_SET_NO_NEW_PRIVS, 1)
+            seccomp.apply(profile, **kw)
+            return fn()
+        return run
+    return wrap
+
+
+def pure_python_work():
+    import json
+    data = json.dumps({"k": list(range(1000))})
+    r, w = os.pipe()
+    os.write(w, data.encode()[:100])
+    big = bytearray(64 * 1024 * 1024)  # mmap
+    return len(os.read(r, 100)) + len(big) // (1 << 20) + os.getpid() * 0
+
+
+def test_pure_python_work_is_allowed():
+    assert in_child(locked()(pure_python_work)) == ("ok", "164")
+
+
+def test_exec_is_denied():
+    def execute():
+        os.execv("/bin/true", ["true"])
+    assert in_child(locked()(execute)) == ("errno", str(errno.EPERM))
+
+
+def test_fork_is_denied_in_python_profile():
+    def fork():
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        return "forked"
+    assert in_child(locked()(fork)) == ("errno", str(errno.EPERM))
+    assert in_child(fork) == ("ok", "forked")
+
+
+def test_sockets_only_with_network_profile():
+    def make_socket():
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+        return "socket"
+    assert in_child(locked()(make_socket)) == ("errno", str(errno.EPERM))
+    assert in_child(locked("network-client")(make_socket)) == ("ok", "socket")
+
+
+def test_threads_only_with_threads_profile():
+    def start_thread():
+        t = threading.Thread(target=lambda: None)
+        t.start()
+        t.join()
+        return "thread"
+    assert in_child(locked()(start_thread))[0] in ("errno", "error")
+    assert in_child(locked("python-threads")(start_thread)) == ("ok", "thread")
+    # Threads yes, processes no: clone without CLONE_THREAD is refused.
+    def fork():
+        os.fork()
+        return "forked"
+    assert in_child(locked("python-threads")(fork)) == ("errno", str(errno.EPERM))
+
+
+@pytest.mark.parametrize("name, args", [("ptrace", (0, 0, 0, 0)), ("bpf", (0, 0, 0)),
+                                        ("process_vm_readv", (1, 0, 0, 0, 0, 0))])
+def test_kill_list_ends_the_process(name, args):
+    import pyseccomp
+    number = pyseccomp.resolve_syscall(pyseccomp.system_arch(), name)
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def attempt():
+        libc.syscall(number, *args)
+        return "survived"
+    assert in_child(locked()(attempt)) == ("signal", signal.SIGSYS)
+
+
+def test_deny_and_allow_lists():
+    assert in_child(locked()(lambda: os.uname().sysname)) == ("ok", "Linux")
+    assert in_child(locked(deny=["uname"])(lambda: os.uname().sysname)) == ("errno", str(errno.EPERM))
+
+    def make_socket():
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close()
+        return "socket"
+    assert in_child(locked()(make_socket)) == ("errno", str(errno.EPERM))
+    assert in_child(locked(allow=["socket"])(make_socket)) == ("ok", "socket")
+    # The kill list wins over allow.
+    assert in_child(locked(allow=["socket"], kill=["socket"])(make_socket)) == ("signal", signal.SIGSYS)
+
+
+def test_x32_syscalls_are_rejected():
+    libc = ctypes.CDLL(None, use_errno=True)
+    x32_getpid = 0x40000000 | 39
+
+    def attempt():
+        res = libc.syscall(x32_getpid)
+        return f"returned {res}"
+    result = in_child(locked()(attempt))
+    assert result == ("signal", signal.SIGSYS), result
