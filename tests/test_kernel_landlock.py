@@ -8,33 +8,17 @@ import socket
 
 import pytest
 
+import forked
 from pycompart.kernel import landlock, process
 
 pytestmark = pytest.mark.skipif(landlock.abi_version() < 1, reason="no Landlock on this kernel")
 
 
 def in_child(fn):
-    """Run ``fn`` in a forked child; return what it returned (an int: 0 for
-    success or an errno)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            code = fn()
-        except OSError as exc:
-            code = exc.errno or 255
-        except BaseException:
-            code = 254
-        os.write(w, str(code).encode())
-        os._exit(0)
-    os.close(w)
-    out = b""
-    while chunk := os.read(r, 64):
-        out += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return int(out or b"253")
+    """0 if ``fn`` succeeded in a forked child, else the errno it failed with."""
+    kind, value = forked.in_child(fn)
+    assert kind in ("ok", "errno"), (kind, value)
+    return 0 if kind == "ok" else int(value)
 
 
 def lock(fs_read=(), fs_write=(), connect=(), handle_fs=True, handle_net=False, scopes=0):

@@ -8,47 +8,11 @@ import time
 
 import pytest
 
+from forked import in_child
 from pycompart.kernel import credentials, rlimits
 
 ROOT = os.geteuid() == 0
 NOBODY = 65534
-
-
-def in_child(fn, *, timeout=10.0):
-    """Run ``fn`` in a child; return ("ok", value) or ("errno", n) or
-    ("signal", n)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            value = fn()
-            out = f"ok {value}"
-        except OSError as exc:
-            out = f"errno {exc.errno}"
-        except MemoryError:
-            out = "errno memory"
-        except BaseException as exc:  # pragma: no cover - reported to the test
-            out = f"error {type(exc).__name__}"
-        os.write(w, out.encode())
-        os._exit(0)
-    os.close(w)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            raise AssertionError("child did not finish")
-        time.sleep(0.01)
-    out = os.read(r, 200).decode()
-    os.close(r)
-    if os.WIFSIGNALED(status):
-        return ("signal", os.WTERMSIG(status))
-    kind, _, value = out.partition(" ")
-    return (kind, value)
 
 
 def test_memory_limit_bounds_allocation():

@@ -10,32 +10,10 @@ import threading
 
 import pytest
 
+from forked import in_child
 from pycompart.kernel import process, seccomp
 
 pytestmark = pytest.mark.skipif(not seccomp.available(), reason="libseccomp not available")
-
-
-def in_child(fn):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            out = f"ok {fn()}"
-        except OSError as exc:
-            out = f"errno {exc.errno}"
-        except BaseException as exc:
-            out = f"error {type(exc).__name__}"
-        os.write(w, out.encode())
-        os._exit(0)
-    os.close(w)
-    _, status = os.waitpid(pid, 0)
-    out = os.read(r, 200).decode()
-    os.close(r)
-    if os.WIFSIGNALED(status):
-        return ("signal", os.WTERMSIG(status))
-    kind, _, value = out.partition(" ")
-    return (kind, value)
 
 
 def locked(profile="python", **kw):

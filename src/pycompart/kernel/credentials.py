@@ -91,21 +91,21 @@ def clear_capabilities(keep: frozenset[int] = frozenset()) -> None:
         raise OSError(err, f"capset: {os.strerror(err)}")
 
 
-def effective_capabilities() -> int:
-    """The effective set as a bitmask, from /proc (for checks and tests)."""
+def _status_mask(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("CapEff:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1], 16)
     return 0
+
+
+def effective_capabilities() -> int:
+    """The effective set as a bitmask, from /proc (for checks and tests)."""
+    return _status_mask("CapEff")
 
 
 def bounding_capabilities() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapBnd:"):
-                return int(line.split()[1], 16)
-    return 0
+    return _status_mask("CapBnd")
 
 
 def no_new_privs() -> None:
