@@ -56,12 +56,56 @@ def test_fork_is_denied_in_python_profile():
     assert in_child(fork) == ("ok", "forked")
 
 
-def test_sockets_only_with_network_profile():
-    def make_socket():
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+def make(family, kind):
+    def attempt():
+        socket.socket(family, kind).close()
         return "socket"
-    assert in_child(locked()(make_socket)) == ("errno", str(errno.EPERM))
-    assert in_child(locked("network-client")(make_socket)) == ("ok", "socket")
+    return attempt
+
+
+TCP = make(socket.AF_INET, socket.SOCK_STREAM)
+TCP6 = make(socket.AF_INET6, socket.SOCK_STREAM)
+UDP = make(socket.AF_INET, socket.SOCK_DGRAM)
+UNIX = make(socket.AF_UNIX, socket.SOCK_STREAM)
+
+
+def test_socket_creation_follows_the_socket_rule():
+    assert in_child(locked()(TCP)) == ("errno", str(errno.EPERM))
+    assert in_child(locked("network-client")(TCP)) == ("errno", str(errno.EPERM))
+    assert in_child(locked(sockets="inet-stream")(TCP)) == ("ok", "socket")
+    assert in_child(locked(sockets="inet-stream")(TCP6)) == ("ok", "socket")
+    # TCP only: UDP and unix sockets would slip past Landlock's port rules.
+    assert in_child(locked(sockets="inet-stream")(UDP)) == ("errno", str(errno.EPERM))
+    assert in_child(locked(sockets="inet-stream")(UNIX)) == ("errno", str(errno.EPERM))
+    assert in_child(locked(sockets="inet")(UDP)) == ("ok", "socket")
+    assert in_child(locked(sockets="inet")(UNIX)) == ("errno", str(errno.EPERM))
+    assert in_child(locked(sockets="any")(UNIX)) == ("ok", "socket")
+
+
+def test_tcp_fast_open_is_refused():
+    """sendto(MSG_FASTOPEN) connects without connect(): refused, while a
+    plain sendto on the same kind of socket reaches the kernel."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def fast_open():
+        s = socket.socket()
+        s.sendto(b"x", socket.MSG_FASTOPEN, ("127.0.0.1", port))
+        return "sent"
+
+    def plain_sendto_unconnected():
+        s = socket.socket()
+        s.sendto(b"x", 0, ("127.0.0.1", port))
+        return "sent"
+    try:
+        assert in_child(locked(sockets="inet-stream")(fast_open)) == ("errno", str(errno.EPERM))
+        # Without the flag the call passes the filter and the kernel answers
+        # for itself (EPIPE: not connected).
+        assert in_child(locked(sockets="inet-stream")(plain_sendto_unconnected)) == ("errno", str(errno.EPIPE))
+    finally:
+        listener.close()
 
 
 def test_threads_only_with_threads_profile():

@@ -58,8 +58,11 @@ def test_instance_is_clean(make_app):
             env = ep["environment"]()
             assert "PYCOMPART_TEST_SECRET" not in env
             fds = ep["open_fds"]()
-            # stdin/stdout/stderr, the two channel pipes, and the listdir fd.
-            assert len(fds) <= 6, fds
+            # stdin/stdout/stderr, the two channel pipes, the listdir fd, and
+            # one O_PATH descriptor per import directory that the
+            # compartment's uid could not reach by path.
+            preopened = len(app._runtime.lockdowns["box"].preopen)
+            assert len(fds) <= 6 + preopened, fds
             # The zygote is the parent, not main.
             pid = ep["whoami"]()
             with open(f"/proc/{pid}/stat") as f:

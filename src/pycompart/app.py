@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from . import instance as _instance
+from . import policy
 from .audit import AuditLog
 from .errors import (
     CallTimeout,
@@ -244,6 +245,13 @@ class _Runtime:
     def start(self) -> None:
         for ep in self.entrypoints.values():
             _ = ep.contract  # resolve annotations now: errors belong to start, not first call
+        # Every privilege decision, before any process starts (fail closed).
+        try:
+            self.lockdowns = {name: policy.resolve(comp, sys.path, self._main_path).lockdown
+                              for name, comp in self.spec.compartments.items()}
+        except BaseException:
+            self._close_audit()
+            raise
         if len(self.inline) < len(self.spec.compartments):
             self.monitor = Monitor(self.spec, self._config_for, self.app.hooks, self.audit)
             try:
@@ -274,8 +282,8 @@ class _Runtime:
             compartment=comp.name, index=index, sys_path=list(sys.path), cwd=os.getcwd(),
             main_path=self._main_path, main_module=self._main_module, modules=list(comp.modules),
             entrypoints=keys, max_frame=self.spec.max_message_size,
-            environment={k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
-                         if k in os.environ},
+            environment={k: os.environ[k] for k in comp.privileges.environment if k in os.environ},
+            lockdown=self.lockdowns[comp.name],
         )
 
     def call(self, ep: Entrypoint[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -29,6 +29,12 @@ class SpecError(PycompartError):
         super().__init__(msg)
 
 
+class PrivilegeError(PycompartError):
+    """A privilege in the spec cannot be enforced on this host (strict
+    enforcement), or enforcing it failed inside an instance. The message
+    names the compartment and the mechanism."""
+
+
 class EntrypointError(PycompartError):
     """An entrypoint cannot be declared or called as written (bad annotation,
     unknown compartment, registration after start, ...)."""

@@ -29,12 +29,16 @@ import msgspec
 from .errors import CallCancelled, EntrypointError
 from .gate import Contract, describe_exception
 from .kernel import process
+from .lockdown import Lockdown
+from . import lockdown as _lockdown
 from .protocol import NEED_DATA, Call, Cancel, Connection, Violation
 
 CANCEL_SIGNAL = signal.SIGRTMIN + 1
 
 EXIT_START_FAILED = 70
 EXIT_PROTOCOL = 71
+
+_main_source: bytes | None = None
 
 #: The configuration of the instance this process is, or None in ``main``.
 CURRENT: InstanceConfig | None = None
@@ -54,6 +58,7 @@ class InstanceConfig(msgspec.Struct, forbid_unknown_fields=True):
     entrypoints: list[str]
     max_frame: int
     environment: dict[str, str]
+    lockdown: Lockdown = msgspec.field(default_factory=Lockdown)
 
 
 def run(config: InstanceConfig, read_fd: int, write_fd: int) -> NoReturn:
@@ -113,16 +118,28 @@ def _prepare_process(keep: set[int]) -> None:
 
 
 def apply_privileges(config: InstanceConfig) -> None:
-    """The lock-down step: namespaces, rlimits, uid/caps, NO_NEW_PRIVS,
-    Landlock, seccomp, in that order. This version enforces no privileges;
-    the spec layer refuses any spec that asks for one (fail closed)."""
+    """The lock-down step (see ``pycompart.lockdown``): after it, this
+    process has only what the compartment's spec grants."""
     os.environ.clear()
     os.environ.update(config.environment)
+    # Before the uid drop: the new uid may not be able to reach the working
+    # directory, and a process may stay where it already is.
+    os.chdir(config.cwd)
+    lock = config.lockdown
+    global _main_source
+    if config.main_path and any(key.startswith("__main__:") for key in config.entrypoints):
+        # main's own script is trusted (it is domain 0's code): read it while
+        # it is surely readable; it is *run* only after the lock-down.
+        with open(config.main_path, "rb") as f:
+            _main_source = f.read()
+    if lock.preopen:
+        reach = _lockdown.preopen(lock.preopen)
+        config.sys_path = [reach.get(os.path.abspath(p or config.cwd), p) for p in config.sys_path]
+    _lockdown.apply(lock)
 
 
 def _load(config: InstanceConfig) -> dict[str, _LazyContract]:
     sys.path[:] = config.sys_path
-    os.chdir(config.cwd)
     if any(key.startswith("__main__:") for key in config.entrypoints):
         _load_main(config)
     for name in config.modules:
@@ -165,10 +182,13 @@ def _load_main(config: InstanceConfig) -> None:
     module = types.ModuleType("__mp_main__")
     if config.main_module:
         namespace = runpy.run_module(config.main_module, run_name="__mp_main__", alter_sys=True)
-    elif config.main_path:
+    elif config.main_path and _main_source is not None:
         module.__file__ = config.main_path
+        module.__builtins__ = __builtins__  # type: ignore[attr-defined]
         sys.modules["__mp_main__"] = module
-        namespace = runpy.run_path(config.main_path, run_name="__mp_main__")
+        code = compile(_main_source, config.main_path, "exec", dont_inherit=True)
+        exec(code, module.__dict__)
+        namespace = module.__dict__
     else:
         raise EntrypointError("an entrypoint is defined in __main__, but the main program has no "
                               "file to import it from (interactive session or -c)")

@@ -23,6 +23,18 @@ PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+PR_SET_KEEPCAPS = 8
+
+#: linux/capability.h, in number order.
+CAPABILITIES = {name: number for number, name in enumerate("""
+CAP_CHOWN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_FSETID CAP_KILL CAP_SETGID
+CAP_SETUID CAP_SETPCAP CAP_LINUX_IMMUTABLE CAP_NET_BIND_SERVICE CAP_NET_BROADCAST CAP_NET_ADMIN
+CAP_NET_RAW CAP_IPC_LOCK CAP_IPC_OWNER CAP_SYS_MODULE CAP_SYS_RAWIO CAP_SYS_CHROOT CAP_SYS_PTRACE
+CAP_SYS_PACCT CAP_SYS_ADMIN CAP_SYS_BOOT CAP_SYS_NICE CAP_SYS_RESOURCE CAP_SYS_TIME
+CAP_SYS_TTY_CONFIG CAP_MKNOD CAP_LEASE CAP_AUDIT_WRITE CAP_AUDIT_CONTROL CAP_SETFCAP
+CAP_MAC_OVERRIDE CAP_MAC_ADMIN CAP_SYSLOG CAP_WAKE_ALARM CAP_BLOCK_SUSPEND CAP_AUDIT_READ
+CAP_PERFMON CAP_BPF CAP_CHECKPOINT_RESTORE
+""".split())}
 
 
 class _CapHeader(ctypes.Structure):
@@ -57,14 +69,21 @@ def resolve_group(group: str | int) -> int:
     return group if isinstance(group, int) else grp.getgrnam(group).gr_gid
 
 
-def drop_to(uid: int, gid: int) -> None:
+def drop_to(uid: int, gid: int, keep_capabilities: bool = False) -> None:
     """Become ``uid``/``gid`` with no supplementary groups, for good (real,
-    effective and saved ids all change). Needs CAP_SETUID/CAP_SETGID."""
+    effective and saved ids all change). Needs CAP_SETUID/CAP_SETGID. With
+    ``keep_capabilities`` the permitted set survives the change (the
+    effective set is emptied by the kernel; ``clear_capabilities`` then sets
+    what is kept)."""
+    if keep_capabilities:
+        process.prctl(PR_SET_KEEPCAPS, 1)
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
         raise PermissionError(f"could not drop to uid {uid} gid {gid}")
+    if keep_capabilities:
+        process.prctl(PR_SET_KEEPCAPS, 0)
 
 
 def clear_capabilities(keep: frozenset[int] = frozenset()) -> None:

@@ -43,15 +43,30 @@ wait4 waitid sendfile copy_file_range splice tee
 #: clone3 answers ENOSYS so glibc falls back to clone.
 _THREADS = "sched_setaffinity"
 
-_NETWORK_CLIENT = """
-socket connect getsockname getpeername getsockopt setsockopt sendto recvfrom sendmsg recvmsg
-sendmmsg recvmmsg shutdown socketpair bind
-"""
+#: Calls on sockets a process already has. Which sockets it may *create*
+#: (``socket()``) is decided separately, by argument: see ``SOCKET_RULES``.
+SOCKET_CALLS = frozenset("""
+connect getsockname getpeername getsockopt setsockopt sendto recvfrom sendmsg recvmsg
+sendmmsg recvmmsg shutdown socketpair bind listen accept accept4
+""".split())
+
+#: What ``socket()`` may create, by (domain, type) argument checks:
+#:   none         no socket() at all
+#:   inet-stream  AF_INET/AF_INET6 SOCK_STREAM only (TCP: what Landlock's port
+#:                rules govern; UDP and raw sockets would bypass them)
+#:   inet         AF_INET/AF_INET6, any type
+#:   any          any domain (AF_UNIX, AF_NETLINK, ...)
+SOCKET_RULES = ("none", "inet-stream", "inet", "any")
+_AF_INET, _AF_INET6 = 2, 10
+_SOCK_STREAM, _SOCK_TYPE_MASK = 1, 0xF
+#: TCP Fast Open connects from sendto()/sendmsg() without a connect() call;
+#: refuse the flag so every outgoing TCP connection passes connect().
+MSG_FASTOPEN = 0x20000000
 
 PROFILES: dict[str, frozenset[str]] = {
     "python": frozenset(_PYTHON.split()),
     "python-threads": frozenset(_PYTHON.split() + _THREADS.split()),
-    "network-client": frozenset(_PYTHON.split() + _THREADS.split() + _NETWORK_CLIENT.split()),
+    "network-client": frozenset(_PYTHON.split() + _THREADS.split()) | SOCKET_CALLS,
 }
 THREADED_PROFILES = frozenset({"python-threads", "network-client"})
 
@@ -81,19 +96,40 @@ def available() -> bool:
     return True
 
 
+def known(name: str) -> bool:
+    """Whether libseccomp knows ``name`` as a system call of this architecture."""
+    import pyseccomp as sc
+
+    try:
+        return sc.resolve_syscall(sc.Arch.NATIVE, name) >= 0
+    except (ValueError, RuntimeError, OSError):
+        return False
+
+
 def build(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (),
-          kill: Iterable[str] = ()):  # type: ignore[no-untyped-def]
-    """A loaded-ready libseccomp filter for ``profile`` (see PROFILES)."""
+          kill: Iterable[str] = (), sockets: str = "none"):  # type: ignore[no-untyped-def]
+    """A loaded-ready libseccomp filter for ``profile`` (see PROFILES).
+
+    ``ALWAYS_KILL`` applies unless a call is named in ``allow`` (an explicit
+    grant); ``kill`` wins over everything. ``sockets`` is one of
+    ``SOCKET_RULES``."""
     try:
         import pyseccomp as sc
     except (ImportError, OSError) as exc:
         raise SeccompError(0, f"seccomp filters need libseccomp (pyseccomp): {exc}") from None
     if profile not in PROFILES:
         raise SeccompError(0, f"unknown syscall profile {profile!r} (known: {', '.join(PROFILES)})")
+    if sockets not in SOCKET_RULES:
+        raise SeccompError(0, f"unknown socket rule {sockets!r}")
     allowed = set(PROFILES[profile]) | set(allow)
+    if sockets != "none":
+        allowed |= SOCKET_CALLS
     denied = set(deny)
-    killed = set(kill) | ALWAYS_KILL
+    killed = set(kill) | (ALWAYS_KILL - set(allow))
     allowed -= denied | killed
+    guarded = {"socket", "sendto", "sendmsg", "sendmmsg"} - set(allow) - denied - killed
+    if sockets != "none":
+        allowed -= guarded
     f = sc.SyscallFilter(defaction=sc.ERRNO(errno.EPERM))
     # Foreign architectures (x32, i386 via int 0x80) are never legitimate here.
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
@@ -103,10 +139,32 @@ def build(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (),
     # refuses rules that repeat the default).
     for name in sorted(killed):
         _rule(sc, f, sc.KILL_PROCESS, name)
-    if profile in THREADED_PROFILES and "clone" not in killed | denied:
+    if profile in THREADED_PROFILES and "clone" not in killed | denied | allowed:
         f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
+    if "clone3" not in allowed | killed:
+        # clone3 passes its flags in memory, which seccomp cannot inspect;
+        # ENOSYS makes glibc fall back to clone, whose flags it can.
         _rule(sc, f, sc.ERRNO(errno.ENOSYS), "clone3")
+    if sockets != "none":
+        _socket_rules(sc, f, sockets, guarded)
     return f
+
+
+def _socket_rules(sc, f, sockets: str, guarded: set[str]) -> None:  # type: ignore[no-untyped-def]
+    if "socket" in guarded:
+        if sockets == "any":
+            f.add_rule(sc.ALLOW, "socket")
+        else:
+            for family in (_AF_INET, _AF_INET6):
+                if sockets == "inet":
+                    f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, family))
+                else:
+                    f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, family),
+                               sc.Arg(1, sc.MASKED_EQ, _SOCK_TYPE_MASK, _SOCK_STREAM))
+    flags_arg = {"sendto": 3, "sendmsg": 2, "sendmmsg": 3}
+    for name in ("sendto", "sendmsg", "sendmmsg"):
+        if name in guarded:
+            f.add_rule(sc.ALLOW, name, sc.Arg(flags_arg[name], sc.MASKED_EQ, MSG_FASTOPEN, 0))
 
 
 def _rule(sc, f, action, name: str) -> None:  # type: ignore[no-untyped-def]
@@ -120,7 +178,8 @@ def _rule(sc, f, action, name: str) -> None:  # type: ignore[no-untyped-def]
         raise
 
 
-def apply(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (), kill: Iterable[str] = ()) -> None:
+def apply(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (), kill: Iterable[str] = (),
+          sockets: str = "none") -> None:
     """Build and load the filter on the calling thread (NO_NEW_PRIVS must be
     set, or the caller must have CAP_SYS_ADMIN)."""
-    build(profile, allow, deny, kill).load()
+    build(profile, allow, deny, kill, sockets).load()

@@ -1,0 +1,161 @@
+"""The lock-down of a new instance: the design's order, applied once.
+
+``Lockdown`` is the concrete plan that ``pycompart.policy`` computed in
+``main`` from the spec and the host (resolved paths, uid numbers, ports,
+syscall lists: no decisions left). ``apply()`` runs inside the instance,
+after process hygiene and before any import of the compartment's code:
+
+1. prepare, with nothing changed yet: open the Landlock path rules and
+   build the seccomp filter while the paths are still reachable, and open
+   the import directories the new uid could not traverse;
+2. namespaces (network, IPC; as non-root inside a user namespace);
+3. resource limits;
+4. drop supplementary groups, gid and uid; empty the capability sets
+   (except what the spec keeps); re-arm the parent-death signal, which the
+   kernel clears on a credential change;
+5. NO_NEW_PRIVS (no setuid binary or file capability can undo 4);
+6. non-dumpable (no ptrace or /proc/<pid>/mem access by the same uid);
+7. Landlock (files, TCP ports, signal and abstract-socket scopes);
+8. seccomp, last, so nothing after it can loosen anything.
+
+Any failure raises ``PrivilegeError`` naming the mechanism; the instance
+then reports it and exits without running compartment code (fail closed).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import msgspec
+
+from .errors import PrivilegeError
+from .kernel import credentials, landlock, namespaces, process, rlimits, seccomp
+
+
+class Lockdown(msgspec.Struct, forbid_unknown_fields=True):
+    """Everything the instance must enforce, as plain data."""
+
+    compartment: str = ""
+    net_namespace: bool = False
+    loopback: bool = False
+    ipc_namespace: bool = False
+    limits: dict[str, int] = {}
+    uid: int | None = None
+    gid: int | None = None
+    keep_capabilities: list[int] = []
+    drop_capabilities: bool = True
+    fs: bool = False  # Landlock filesystem rules
+    fs_read: list[str] = []
+    fs_write: list[str] = []
+    fs_execute: list[str] = []
+    tcp: bool = False  # Landlock TCP port rules
+    tcp_connect: list[int] = []
+    tcp_bind: list[int] = []
+    scopes: bool = False  # Landlock signal + abstract unix socket scopes
+    seccomp: bool = False
+    syscall_profile: str = "python"
+    syscalls_allow: list[str] = []
+    syscalls_deny: list[str] = []
+    syscalls_kill: list[str] = []
+    sockets: str = "none"
+    preopen: list[str] = []  # import directories to reach through descriptors
+
+
+def _step(what: str):  # type: ignore[no-untyped-def]
+    """Name the mechanism in any error raised while enforcing it."""
+
+    class _Step:
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, typ, exc, tb) -> bool:  # type: ignore[no-untyped-def]
+            if exc is not None and not isinstance(exc, PrivilegeError):
+                raise PrivilegeError(f"cannot enforce {what}: {exc}") from exc
+            return False
+    return _Step()
+
+
+def preopen(paths: list[str]) -> dict[str, str]:
+    """Open each directory with O_PATH and return path -> ``/proc/self/fd/N``.
+    The descriptors stay open for the instance's life: a process can always
+    resolve its own ``/proc/self/fd`` links, so imports keep working after
+    the uid drop even below a directory the new uid cannot traverse (a
+    virtualenv in a 0700 home directory, pyenv under /root)."""
+    out: dict[str, str] = {}
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_DIRECTORY)  # not O_CLOEXEC: no exec happens anyway
+        except OSError:
+            continue
+        out[path] = f"/proc/self/fd/{fd}"
+    return out
+
+
+def apply(lock: Lockdown) -> None:
+    """Enforce ``lock`` on this process, in the design's order."""
+    # 1. prepare: every path is opened now, while it is reachable.
+    ruleset = None
+    if lock.fs or lock.tcp or lock.scopes:
+        with _step("filesystem/network rules (Landlock)"):
+            ruleset = _landlock_ruleset(lock)
+    seccomp_filter = None
+    if lock.seccomp:
+        with _step(f"syscalls (seccomp profile {lock.syscall_profile!r})"):
+            seccomp_filter = seccomp.build(lock.syscall_profile, lock.syscalls_allow, lock.syscalls_deny,
+                                           lock.syscalls_kill, lock.sockets)
+    # 2. namespaces
+    if lock.net_namespace or lock.ipc_namespace:
+        with _step("network isolation (network/IPC namespaces)"):
+            namespaces.isolate(net=lock.net_namespace, loopback=lock.loopback, ipc=lock.ipc_namespace)
+    # 3. resource limits
+    with _step("resource limits (setrlimit)"):
+        rlimits.apply(rlimits.Limits(**lock.limits))
+    # 4. credentials
+    parent = os.getppid()
+    if lock.uid is not None and lock.gid is not None:
+        with _step(f"user/group (uid {lock.uid}, gid {lock.gid})"):
+            credentials.drop_to(lock.uid, lock.gid, keep_capabilities=bool(lock.keep_capabilities))
+    if lock.drop_capabilities:
+        with _step("capabilities"):
+            credentials.clear_capabilities(frozenset(lock.keep_capabilities))
+    process.set_parent_death_signal(signal.SIGKILL)  # cleared by the kernel on uid change
+    if os.getppid() != parent:
+        os._exit(1)
+    # 5., 6.
+    with _step("no_new_privs"):
+        credentials.no_new_privs()
+    with _step("non-dumpable"):
+        credentials.not_dumpable()
+    # 7. Landlock
+    if ruleset is not None:
+        with _step("filesystem/network rules (Landlock)"):
+            ruleset.enforce()
+    # 8. seccomp
+    if seccomp_filter is not None:
+        with _step(f"syscalls (seccomp profile {lock.syscall_profile!r})"):
+            seccomp_filter.load()
+
+
+def _landlock_ruleset(lock: Lockdown) -> landlock.Ruleset:
+    abi = landlock.abi_version()
+    handle_fs = landlock.fs_rights(abi) if lock.fs else 0
+    handle_net = landlock.NET_BIND_TCP | landlock.NET_CONNECT_TCP if lock.tcp else 0
+    scopes = landlock.SCOPE_ABSTRACT_UNIX_SOCKET | landlock.SCOPE_SIGNAL if lock.scopes else 0
+    rs = landlock.Ruleset(handle_fs, handle_net, scopes, abi)
+    if rs.unsupported:
+        rs.close()
+        raise PrivilegeError("this kernel's Landlock lacks " + "; ".join(rs.unsupported))
+    try:
+        read = landlock.FS_READ
+        rs.allow_paths(lock.fs_read, read)
+        rs.allow_paths(lock.fs_write, read | landlock.FS_WRITE)
+        rs.allow_paths(lock.fs_execute, read | landlock.FS_EXECUTE)
+        for port in lock.tcp_connect:
+            rs.allow_port(port, landlock.NET_CONNECT_TCP)
+        for port in lock.tcp_bind:
+            rs.allow_port(port, landlock.NET_BIND_TCP)
+    except BaseException:
+        rs.close()
+        raise
+    return rs

@@ -1,0 +1,277 @@
+"""Policy resolution: from a compartment's ``[privileges]`` and this host to
+a concrete ``Lockdown`` plan.
+
+This is where every decision is made, in ``main``, before any process is
+started: which paths are added read-only, which uid the instance becomes,
+which mechanisms are needed for each privilege and whether the host has
+them. With ``enforcement = "strict"`` (the default) a privilege that cannot
+be enforced raises ``PrivilegeError`` naming it; with ``"best-effort"`` it
+is left out and a warning is issued once per missing mechanism. The instance
+only executes the plan (``pycompart.lockdown``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import stat
+import sys
+import warnings
+from collections.abc import Sequence
+
+from .errors import PrivilegeError
+from .kernel import credentials, host as _host, seccomp
+from .kernel.host import HostSupport
+from .lockdown import Lockdown
+from .spec import CompartmentSpec, Privileges
+
+#: Read-only for every instance: shared libraries (extension modules load
+#: them), the loader cache, time zone data, harmless devices, and the
+#: instance's own /proc entry (resolved inside the instance, so it is its own
+#: pid's, never another process's).
+SYSTEM_READ = ("/usr/lib", "/lib", "/lib64", "/usr/lib64", "/usr/local/lib", "/etc/ld.so.cache",
+               "/etc/localtime", "/usr/share/zoneinfo", "/dev/urandom", "/dev/random", "/proc/self")
+SYSTEM_WRITE = ("/dev/null",)
+
+
+class PrivilegeWarning(UserWarning):
+    """A privilege was left unenforced under ``enforcement = "best-effort"``."""
+
+
+@dataclasses.dataclass
+class Resolution:
+    """The plan plus what ``pycompart check`` shows about it."""
+
+    lockdown: Lockdown
+    auto_read: list[str]
+    missing: list[str]  # mechanisms this host lacks (left out under best-effort)
+    notes: list[str]
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | None,
+            host: HostSupport | None = None, euid: int | None = None) -> Resolution:
+    """The lock-down for ``comp``. Raises ``PrivilegeError`` (strict) or
+    warns (best-effort) for each privilege this host cannot enforce."""
+    p = comp.privileges
+    host = host or _host.probe()
+    euid = os.geteuid() if euid is None else euid
+    missing: list[str] = []
+    notes: list[str] = []
+    lock = Lockdown(compartment=comp.name)
+
+    def need(ok: bool, what: str) -> bool:
+        if not ok:
+            missing.append(what)
+        return ok
+
+    # -- who ---------------------------------------------------------------------
+    uid, gid = _identity(comp, p, euid, need, notes)
+    lock.uid, lock.gid = uid, gid
+    target_uid = euid if uid is None else uid
+    caps = []
+    for name in p.capabilities:
+        if name not in credentials.CAPABILITIES:
+            raise PrivilegeError(f"compartment {comp.name!r}: privileges.capabilities: unknown "
+                                 f"capability {name!r}")
+        caps.append(credentials.CAPABILITIES[name])
+    if caps and need(euid == 0, "capabilities (only a process started as root has any to keep)"):
+        lock.keep_capabilities = sorted(caps)
+
+    # -- limits ------------------------------------------------------------------
+    limits = {k: v for k, v in (("memory", p.memory), ("cpu_seconds", p.cpu_seconds),
+                                ("open_files", p.open_files), ("file_size", p.file_size))
+              if v is not None}
+    if p.processes is not None:
+        unbounded = target_uid == 0 or {"CAP_SYS_RESOURCE", "CAP_SYS_ADMIN"} & set(p.capabilities)
+        if need(not unbounded, "processes (RLIMIT_NPROC does not bind uid 0 or CAP_SYS_RESOURCE/"
+                "CAP_SYS_ADMIN: run the compartment as a non-root user)"):
+            limits["processes"] = p.processes
+            notes.append(f"processes = {p.processes} counts every process and thread of uid "
+                         f"{target_uid}, including other instances running as that user")
+    lock.limits = limits
+
+    # -- files -------------------------------------------------------------------
+    auto_read = _auto_read(sys_path, main_path)
+    if need(host.landlock_abi >= 3, f"filesystem rules (Landlock ABI 3, this kernel has "
+                                    f"{host.landlock_abi})"):
+        lock.fs = True
+        lock.fs_read = _dedupe(auto_read + list(SYSTEM_READ) + list(p.read))
+        lock.fs_write = _dedupe(list(SYSTEM_WRITE) + list(p.write))
+        lock.fs_execute = list(p.execute)
+        if p.execute:
+            lock.fs_execute += _dynamic_loaders()
+    if uid is not None and uid != euid:
+        for d in _dedupe([os.path.abspath(e) for e in sys_path if e]):
+            if not os.path.isdir(d):
+                continue
+            reach = reachability(d, uid, gid)
+            if reach == "ancestors":
+                lock.preopen.append(d)
+                notes.append(f"uid {uid} cannot reach {d}; it is opened before the uid drop and "
+                             "imported through /proc/self/fd (imports work; opening files there by "
+                             "path does not)")
+            elif reach == "denied":
+                notes.append(f"uid {uid} may not read the directory {d} itself (its mode): modules "
+                             "there cannot be imported by this compartment; make it readable "
+                             "(chmod o+rx) or set privileges.user")
+
+    # -- network -----------------------------------------------------------------
+    mode = p.network.mode
+    if mode in ("none", "loopback"):
+        if need(host.net_namespace, f"network = {mode!r} (a network namespace: {host.namespace_detail})"):
+            lock.net_namespace = True
+            lock.loopback = mode == "loopback"
+        if mode == "none" and need(host.landlock_tcp, "network = 'none' (Landlock TCP rules, ABI 4)"):
+            lock.tcp = True
+        lock.sockets = "inet" if mode == "loopback" else "none"
+    elif mode == "ports":
+        if need(host.landlock_tcp, f"network ports (Landlock TCP rules need ABI 4, this kernel has "
+                                   f"{host.landlock_abi})"):
+            lock.tcp = True
+            lock.tcp_connect = list(p.network.connect)
+            lock.tcp_bind = list(p.network.bind)
+        lock.sockets = "inet-stream"
+        notes.append("network ports: TCP only (UDP, raw and unix-domain sockets cannot be created, "
+                     "so name resolution over UDP DNS fails; use addresses)")
+    else:
+        lock.sockets = "any"
+        notes.append("network = 'host': the host's network, unrestricted")
+    # IPC namespace: as root always; as non-root it needs a user namespace,
+    # which is made anyway when the network is isolated.
+    lock.ipc_namespace = host.net_namespace and (euid == 0 or lock.net_namespace)
+
+    # -- scopes and syscalls ------------------------------------------------------
+    if need(host.landlock_scopes, f"signal and abstract-socket isolation (Landlock scopes, ABI 6; "
+                                  f"this kernel has {host.landlock_abi})"):
+        lock.scopes = True
+    if p.syscalls not in seccomp.PROFILES:
+        raise PrivilegeError(f"compartment {comp.name!r}: privileges.syscalls: unknown profile "
+                             f"{p.syscalls!r} (known: {', '.join(seccomp.PROFILES)})")
+    if need(host.seccomp, f"syscalls (seccomp: {host.seccomp_detail})"):
+        for key, names in (("allow", p.syscalls_allow), ("deny", p.syscalls_deny), ("kill", p.syscalls_kill)):
+            unknown = [n for n in names if not seccomp.known(n)]
+            if unknown:
+                raise PrivilegeError(f"compartment {comp.name!r}: privileges.syscalls.{key}: unknown "
+                                     f"system call(s) on this architecture: {', '.join(unknown)}")
+        lock.seccomp = True
+        lock.syscall_profile = p.syscalls
+        lock.syscalls_allow = list(p.syscalls_allow)
+        lock.syscalls_deny = list(p.syscalls_deny)
+        lock.syscalls_kill = list(p.syscalls_kill)
+        granted = seccomp.ALWAYS_KILL & set(p.syscalls_allow)
+        if granted:
+            notes.append("explicitly allowed, normally fatal: " + ", ".join(sorted(granted)))
+
+    if comp.mechanism == "inline":
+        missing.append("every privilege (mechanism = 'inline' runs the compartment inside main)")
+        if not p.explicit:
+            missing.clear()  # nothing was asked for; inline is a debugging aid
+
+    _settle(comp, p, missing)
+    return Resolution(lock, auto_read, missing, notes)
+
+
+def _identity(comp: CompartmentSpec, p: Privileges, euid: int, need, notes: list[str]):  # type: ignore[no-untyped-def]
+    if euid != 0:
+        if p.user is not None:
+            try:
+                uid, _ = credentials.resolve_user(p.user)
+            except KeyError:
+                raise PrivilegeError(f"compartment {comp.name!r}: privileges.user: no such user "
+                                     f"{p.user!r}") from None
+            need(uid == euid, f"user = {p.user!r} (changing user needs root; main runs as uid {euid})")
+        if p.group is not None:
+            need(False, f"group = {p.group!r} (changing group needs root)")
+        notes.append(f"main is not root: instances keep uid {euid}; they are kept apart by Landlock, "
+                     "seccomp, scopes and non-dumpable, not by uid")
+        return None, None
+    user = p.user if p.user is not None else "nobody"
+    try:
+        uid, gid = credentials.resolve_user(user)
+    except KeyError:
+        raise PrivilegeError(f"compartment {comp.name!r}: privileges.user: no such user {user!r}") from None
+    if p.group is not None:
+        try:
+            gid = credentials.resolve_group(p.group)
+        except KeyError:
+            raise PrivilegeError(f"compartment {comp.name!r}: privileges.group: no such group "
+                                 f"{p.group!r}") from None
+    if uid == 0:
+        notes.append("runs as root (user = 'root'): capabilities are still dropped, but root-owned "
+                     "files are reachable where Landlock allows, and processes cannot be bounded")
+    return uid, gid
+
+
+def _settle(comp: CompartmentSpec, p: Privileges, missing: list[str]) -> None:
+    if not missing:
+        return
+    if p.enforcement == "strict":
+        raise PrivilegeError(
+            f"compartment {comp.name!r}: cannot enforce on this host: " + "; ".join(missing)
+            + ". Grant less, fix the host (see `pycompart doctor`), or set "
+            'privileges.enforcement = "best-effort"')
+    for what in missing:
+        if (comp.name, what) not in _warned:
+            _warned.add((comp.name, what))
+            warnings.warn(f"pycompart: compartment {comp.name!r} runs WITHOUT {what} "
+                          "(enforcement = best-effort)", PrivilegeWarning, stacklevel=4)
+
+
+def _auto_read(sys_path: Sequence[str], main_path: str | None) -> list[str]:
+    out = []
+    for entry in sys_path:
+        path = os.path.abspath(entry or os.getcwd())
+        if os.path.exists(path):
+            out.append(path)
+    if main_path:
+        out.append(main_path)
+    out.append(os.path.realpath(sys.executable))
+    return _dedupe(out)
+
+
+def _dynamic_loaders() -> list[str]:
+    """The ELF interpreter is opened for execution by the kernel, so running
+    any program needs execute permission on it too."""
+    found = []
+    for pattern in ("/lib64/ld-linux*.so*", "/lib/ld-linux*.so*", "/lib/*/ld-linux*.so*",
+                    "/usr/lib/*/ld-linux*.so*", "/lib/ld-musl*.so*"):
+        found += glob.glob(pattern)
+    return _dedupe(found)
+
+
+def _dedupe(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def reachability(path: str, uid: int, gid: int | None) -> str:
+    """For ``uid``/``gid`` (no supplementary groups) and directory ``path``:
+    ``"ok"`` (every directory on the way can be searched and ``path`` read),
+    ``"ancestors"`` (only a directory above it is in the way) or
+    ``"denied"`` (``path`` itself may not be searched or listed)."""
+    parts = os.path.abspath(path).split(os.sep)
+    verdict = "ok"
+    for i in range(1, len(parts) + 1):
+        d = os.sep.join(parts[:i]) or os.sep
+        try:
+            st = os.stat(d)
+        except OSError:
+            return "denied"
+        if uid == 0 or not stat.S_ISDIR(st.st_mode):
+            continue
+        last = i == len(parts)
+        if st.st_uid == uid:
+            shift = 6
+        elif gid is not None and st.st_gid == gid:
+            shift = 3
+        else:
+            shift = 0
+        need = 0o5 if last else 0o1  # r-x for the directory itself, x on the way
+        if (st.st_mode >> shift) & need != need:
+            if last:
+                return "denied"
+            verdict = "ancestors"
+    return verdict
