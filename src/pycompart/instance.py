@@ -135,7 +135,25 @@ def apply_privileges(config: InstanceConfig) -> None:
     if lock.preopen:
         reach = _lockdown.preopen(lock.preopen)
         config.sys_path = [reach.get(os.path.abspath(p or config.cwd), p) for p in config.sys_path]
+        _reroute_packages(reach)
     _lockdown.apply(lock)
+
+
+def _reroute_packages(reach: dict[str, str]) -> None:
+    """Packages imported before the drop (by the zygote: ``encodings``,
+    ``json``, ...) find their submodules through ``__path__``; point those
+    at the pre-opened descriptors too."""
+    prefixes = sorted(reach, key=len, reverse=True)
+    for module in list(sys.modules.values()):
+        paths = getattr(module, "__path__", None)
+        if not isinstance(paths, list):
+            continue
+        for i, entry in enumerate(paths):
+            for prefix in prefixes:
+                if entry == prefix or entry.startswith(prefix + os.sep):
+                    paths[i] = reach[prefix] + entry[len(prefix):]
+                    break
+    sys.path_importer_cache.clear()
 
 
 def _load(config: InstanceConfig) -> dict[str, _LazyContract]:

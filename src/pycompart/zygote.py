@@ -75,7 +75,11 @@ def launch(python: str = sys.executable) -> tuple[Any, socket.socket]:
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     env = {k: os.environ[k] for k in ZYGOTE_ENV_KEEP if k in os.environ}
-    code = "import pycompart.zygote as z; z.main()"
+    # -I: no environment variables, no user site, no script directory. Only
+    # the directories holding pycompart and its dependencies are added, so
+    # a source checkout or PYTHONPATH install works without importing
+    # anything else of main's path.
+    code = f"import sys; sys.path[:0] = {_runtime_path()!r}; import pycompart.zygote as z; z.main()"
     try:
         proc = subprocess.Popen(
             [python, "-I", "-c", code, str(theirs.fileno()), str(os.getpid())],
@@ -85,6 +89,21 @@ def launch(python: str = sys.executable) -> tuple[Any, socket.socket]:
     finally:
         theirs.close()
     return proc, ours
+
+
+def _runtime_path() -> list[str]:
+    import importlib.util
+
+    dirs: list[str] = []
+    for name in ("pycompart", "msgspec", "pyseccomp"):
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            continue
+        origin = os.path.dirname(spec.origin)
+        parent = os.path.dirname(origin) if spec.submodule_search_locations else origin
+        if parent not in dirs:
+            dirs.append(parent)
+    return dirs
 
 
 def encode_control(msg: object, nfds: int = 0) -> bytes:
@@ -121,6 +140,10 @@ def main() -> None:
     if os.getppid() != expected_parent:
         os._exit(1)  # main died before we armed PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:  # load libseccomp once here rather than in every instance
+        import pyseccomp  # noqa: F401
+    except (ImportError, OSError):
+        pass
     control = socket.socket(fileno=control_fd)
     zygote = Zygote(control)
     # Everything imported so far is shared by every instance: keep the

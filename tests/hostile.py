@@ -1,0 +1,239 @@
+"""Hostile code for the escape battery. Runs *inside* compartments.
+
+``attempt(attack, arg)`` performs one escape attempt and reports what the
+kernel said: ``"ok:<detail>"`` when it worked, ``"denied:<ERRNO>"`` (or the
+exception type) when it was refused. Attempts that the kernel answers by
+killing the process (seccomp's SIGSYS, RLIMIT_CPU's SIGKILL) end the
+instance; the caller sees ``CompartmentCrashed``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import subprocess
+import time
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+#: A secret held in this process's memory (for the safebox tests).
+SECRET = b"SAFEBOX-SECRET-" + os.urandom(8).hex().encode()
+
+
+def _errno(res: int) -> None:
+    if res < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def read_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return "read " + f.read(40).decode(errors="replace").strip()
+
+
+def write_file(path: str) -> str:
+    with open(path, "w") as f:
+        f.write("written by a compartment\n")
+    return "wrote " + path
+
+
+def create_in_tmp(_: str) -> str:
+    path = f"/tmp/pycompart-escape-{os.getpid()}-{time.monotonic_ns()}"
+    with open(path, "w") as f:
+        f.write("x")
+    os.unlink(path)
+    return "created " + path
+
+
+def tcp_connect(port: str) -> str:
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=3) as s:
+        return f"connected to {s.getpeername()}"
+
+
+def udp_send(port: str) -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"exfiltrated", ("127.0.0.1", int(port)))
+    return "sent"
+
+
+def abstract_connect(name: str) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect("\0" + name)
+    return "connected"
+
+
+def own_abstract_socket(_: str) -> str:
+    """Listen and connect inside this compartment: what the scope allows."""
+    name = f"\0pycompart-own-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(name)
+        server.listen()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.connect(name)
+    return "connected to own socket"
+
+
+def signal_pid(pid: str) -> str:
+    os.kill(int(pid), 0)  # the kernel's full permission check, without harm
+    return f"may signal {pid}"
+
+
+def signal_self(_: str) -> str:
+    os.kill(os.getpid(), 0)
+    return "may signal self"
+
+
+def _target(arg: str) -> tuple[int, int, int]:
+    pid, address, length = (int(x) for x in arg.split(":"))
+    return (os.getpid() if pid == 0 else pid), address, length
+
+
+def vm_read(arg: str) -> str:
+    """process_vm_readv of ``pid:address:length`` (pid 0 = self)."""
+    pid, address, length = _target(arg)
+    if pid == os.getpid() and address == 0:
+        address, length = secret_address()
+    buf = ctypes.create_string_buffer(length)
+
+    class iovec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+    local = iovec(ctypes.cast(buf, ctypes.c_void_p), length)
+    remote = iovec(address, length)
+    _libc.process_vm_readv.restype = ctypes.c_ssize_t
+    n = _libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    _errno(n)
+    return "read " + buf.raw[:n].decode(errors="replace")
+
+
+def proc_mem(arg: str) -> str:
+    """Read ``/proc/<pid>/mem`` at address (pid 0 = self, address 0 = SECRET)."""
+    pid, address, length = _target(arg)
+    if pid == os.getpid() and address == 0:
+        address, length = secret_address()
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+        f.seek(address)
+        return "read " + f.read(length).decode(errors="replace")
+
+
+def ptrace_attach(pid: str) -> str:
+    PTRACE_SEIZE, PTRACE_DETACH = 0x4206, 17
+    target = int(pid) or os.getppid()
+    _errno(_libc.ptrace(ctypes.c_long(PTRACE_SEIZE), ctypes.c_long(target), None, None))
+    _libc.ptrace(ctypes.c_long(PTRACE_DETACH), ctypes.c_long(target), None, None)
+    return f"attached to {target}"
+
+
+def exec_subprocess(_: str) -> str:
+    out = subprocess.run(["/bin/sh", "-c", "echo shell: $(id -u)"], capture_output=True, timeout=10)
+    return out.stdout.decode().strip() or f"exit {out.returncode}"
+
+
+def exec_replace(_: str) -> str:
+    os.execv("/bin/sh", ["sh", "-c", "exit 42"])  # on success this process is gone (status 42)
+
+
+def run_program(path: str) -> str:
+    out = subprocess.run([path, "-u"], capture_output=True, timeout=10)
+    return f"euid {out.stdout.decode().strip()} (exit {out.returncode})"
+
+
+def fork_bomb(limit: str) -> str:
+    """Fork until refused (at most ``limit`` children); report how many."""
+    r, w = os.pipe()
+    children = []
+    refused = 0
+    try:
+        for _ in range(int(limit)):
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                refused = exc.errno or errno.EAGAIN
+                break
+            if pid == 0:
+                os.close(w)
+                os.read(r, 1)  # wait until the parent is done counting
+                os._exit(0)
+            children.append(pid)
+    finally:
+        os.close(w)
+        os.close(r)
+        for pid in children:
+            os.waitpid(pid, 0)
+    if refused:
+        raise OSError(refused, f"fork refused after {len(children)} children")
+    return f"forked {len(children)}"
+
+
+def memory_bomb(mib: str) -> str:
+    block = bytearray(int(mib) * 1024 * 1024)
+    return f"allocated {len(block) >> 20} MiB"
+
+
+def cpu_spin(seconds: str) -> str:
+    end = time.process_time() + float(seconds)
+    while time.process_time() < end:
+        pass
+    return f"spun {seconds}s of CPU"
+
+
+def load_module(_: str) -> str:
+    SYS_finit_module = 313
+    _errno(_libc.syscall(ctypes.c_long(SYS_finit_module), ctypes.c_int(-1), b"", ctypes.c_int(0)))
+    return "module loaded"
+
+
+def mount_tmpfs(target: str) -> str:
+    _errno(_libc.mount(b"none", target.encode(), b"tmpfs", ctypes.c_ulong(0), None))
+    return "mounted"
+
+
+def start_thread(_: str) -> str:
+    import threading
+
+    t = threading.Thread(target=lambda: None)
+    t.start()
+    t.join()
+    return "thread ran"
+
+
+ATTACKS = {fn.__name__: fn for fn in (
+    read_file, write_file, create_in_tmp, tcp_connect, udp_send, abstract_connect, own_abstract_socket,
+    signal_pid, signal_self, vm_read, proc_mem, ptrace_attach, exec_subprocess, exec_replace, run_program,
+    fork_bomb, memory_bomb, cpu_spin, load_module, mount_tmpfs, start_thread)}
+
+
+def attempt(attack: str, arg: str) -> str:
+    """Run one attack by name (only names in ATTACKS)."""
+    try:
+        return "ok:" + ATTACKS[attack](arg)
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+        return f"denied:{name or type(exc).__name__}"
+    except MemoryError:
+        return "denied:MemoryError"
+    except (RuntimeError, subprocess.SubprocessError) as exc:
+        return f"denied:{type(exc).__name__}:{exc}"
+
+
+def secret_address() -> tuple[int, int]:
+    """Where SECRET's bytes live in this process (CPython bytes layout)."""
+    return id(SECRET) + (bytes.__basicsize__ - 1), len(SECRET)
+
+
+def whoami() -> list[int]:
+    """[pid, secret address, secret length]."""
+    address, length = secret_address()
+    return [os.getpid(), address, length]
+
+
+def secret() -> str:
+    return SECRET.decode()
+
+
+
+def vault_info() -> list[int]:
+    """whoami, under another name, for the safebox compartment."""
+    return whoami()
