@@ -54,3 +54,27 @@ def test_bench_quick_runs():
     for row in ("raw pipe round trip", "multiprocessing.Pipe", "null typed call", "64 MiB",
                 "instance ready", "python -c pass", "summary"):
         assert row in proc.stdout
+
+
+def test_check_shows_the_resolved_privileges(tmp_path, capsys):
+    spec = tmp_path / "app.toml"
+    spec.write_text(GOOD + '\n[compartments.parser.privileges]\nnetwork = { connect = [443] }\n'
+                    'filesystem.read = ["/etc/hostname"]\nmemory = "64MiB"\n')
+    assert main(["check", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "TCP connect [443]" in out and "/etc/hostname" in out and "memory 67108864" in out
+    assert "added read-only automatically:" in out and sys.prefix.split("/")[1] in out
+
+
+def test_check_fails_when_the_host_cannot_enforce(tmp_path, capsys):
+    spec = tmp_path / "app.toml"
+    spec.write_text(GOOD + '\n[compartments.parser.privileges]\nuser = "no-such-user-here"\n')
+    assert main(["check", str(spec)]) == 1
+    assert "no such user" in capsys.readouterr().err
+
+
+def test_doctor_says_what_the_host_enforces(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for words in ("Landlock: ABI", "seccomp:", "namespaces", "cgroups", "running as", "verdict"):
+        assert words in out

@@ -1,4 +1,4 @@
-"""The command line: ``pycompart check | bench | --version``."""
+"""The command line: ``pycompart check | doctor | bench | --version``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from . import __version__
-from .errors import SpecError
-from .spec import AppSpec, load_spec_file
+from .errors import PrivilegeError, SpecError
+from .spec import AppSpec, CompartmentSpec, load_spec_file
 
 
 def describe(spec: AppSpec) -> str:
@@ -27,10 +27,100 @@ def describe(spec: AppSpec) -> str:
             f"{c.start_timeout:g}s",
             f"  functions: {', '.join(c.functions) or '(declared in code with @app.entrypoint)'}",
             f"  modules imported only here: {', '.join(c.modules) or 'none'}",
-            "  privileges: none enforced in this version (a spec that asks for any is refused)",
         ]
+        lines += describe_privileges(c)
     lines.append("\nedges (caller -> callee; no other channel exists):")
     lines += [f"  {a} -> {b}" for a, b in spec.edges()]
+    return "\n".join(lines)
+
+
+def describe_privileges(comp: CompartmentSpec) -> list[str]:
+    """The resolved lock-down of one compartment on this host, as main
+    would start it (same sys.path as this process)."""
+    import sys
+
+    from . import policy
+    from .kernel import credentials
+
+    p = comp.privileges
+    try:
+        res = policy.resolve(comp, sys.path, None)
+    except PrivilegeError as exc:
+        return [f"  privileges: CANNOT START HERE: {exc}"]
+    lock = res.lockdown
+    names = {v: k for k, v in credentials.CAPABILITIES.items()}
+    who = "unchanged (main is not root)" if lock.uid is None else f"uid {lock.uid}, gid {lock.gid}"
+    net = p.network.mode if p.network.mode != "ports" else (
+        f"TCP connect {list(p.network.connect)}, bind {list(p.network.bind)}")
+    out = [f"  privileges ({p.enforcement}):",
+           f"    user: {who}; capabilities kept: "
+           f"{', '.join(names[c] for c in lock.keep_capabilities) or 'none'}",
+           f"    network: {net}" + (" (own network namespace)" if lock.net_namespace else ""),
+           f"    syscalls: profile {lock.syscall_profile!r}" if lock.seccomp else "    syscalls: NOT FILTERED"]
+    if lock.seccomp and (lock.syscalls_allow or lock.syscalls_deny or lock.syscalls_kill):
+        out.append(f"      allow {lock.syscalls_allow}, deny {lock.syscalls_deny}, kill {lock.syscalls_kill}")
+    if lock.fs:
+        granted = [x for x in p.read]
+        out.append(f"    filesystem read: {granted or 'nothing beyond the automatic set'}")
+        out.append(f"    filesystem write: {list(p.write) or 'nothing'}; execute: {list(p.execute) or 'nothing'}")
+        out.append("    added read-only automatically: " + ", ".join(res.auto_read + list(policy.SYSTEM_READ)))
+    else:
+        out.append("    filesystem: NOT RESTRICTED")
+    limits = ", ".join(f"{k} {v}" for k, v in lock.limits.items()) or "none"
+    out.append(f"    limits: {limits}")
+    out.append(f"    environment passed in: {', '.join(p.environment) or 'nothing'}")
+    out.append("    always: NO_NEW_PRIVS, non-dumpable, own process group, inherited fds closed"
+               + (", Landlock signal/abstract-socket scopes" if lock.scopes else ""))
+    for what in res.missing:
+        out.append(f"    WARNING: not enforced on this host: {what}")
+    for note in res.notes:
+        out.append(f"    note: {note}")
+    return out
+
+
+def _unenforceable(spec: AppSpec) -> list[str]:
+    import sys
+
+    from . import policy
+
+    problems = []
+    for comp in spec.compartments.values():
+        try:
+            policy.resolve(comp, sys.path, None)
+        except PrivilegeError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def doctor() -> str:
+    """What this host can enforce, in plain words."""
+    import os
+
+    from .kernel import host as _host
+
+    h = _host.probe()
+    yes = lambda ok: "yes" if ok else "NO"  # noqa: E731
+    lines = [
+        f"running as: {'root' if h.root else f'uid {os.geteuid()} (not root)'}",
+        f"Landlock: ABI {h.landlock_abi}" + ("" if h.landlock_abi else " (absent or disabled)"),
+        f"  filesystem rules (ABI 3+ needed): {yes(h.landlock_abi >= 3)}",
+        f"  TCP port rules, network = 'none' and ports (ABI 4+): {yes(h.landlock_tcp)}",
+        f"  signal and abstract-socket scopes (ABI 6+): {yes(h.landlock_scopes)}",
+        f"seccomp: {yes(h.seccomp)} ({h.seccomp_detail})",
+        f"namespaces for network = 'none'/'loopback': {yes(h.net_namespace)} ({h.namespace_detail})",
+        f"change user/group, keep capabilities: {yes(h.root)}"
+        + ("" if h.root else " (needs root: compartments keep main's uid)"),
+        f"processes limit: {'yes (compartments run as a non-root user)' if h.root else 'yes (RLIMIT_NPROC on this uid)'}"
+        "; never for a compartment running as root",
+        "memory, cpu_seconds, open_files, file_size limits: yes (setrlimit)",
+        f"cgroups: v1 writable controllers: {', '.join(h.cgroup_v1) or 'none'}; v2: {yes(h.cgroup_v2)}"
+        " (pycompart does not use cgroups yet)",
+    ]
+    ok = h.landlock_abi >= 6 and h.seccomp and h.net_namespace
+    lines.append("")
+    lines.append("verdict: " + ("every privilege pycompart knows can be enforced here" if ok else
+                                "some privileges cannot be enforced here; strict specs that need them "
+                                "will refuse to start (see above)"))
     return "\n".join(lines)
 
 
@@ -40,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate a spec and summarize it, without running anything")
     check.add_argument("spec")
+    sub.add_parser("doctor", help="say what this host can enforce")
     bench = sub.add_parser("bench", help="measure call and start-up costs against raw baselines")
     bench.add_argument("--quick", action="store_true", help="fewer iterations")
     args = parser.parse_args(argv)
@@ -50,7 +141,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pycompart check: {exc}", file=sys.stderr)
             return 1
         print(describe(spec))
+        problems = _unenforceable(spec)
+        if problems:
+            for problem in problems:
+                print(f"pycompart check: {problem}", file=sys.stderr)
+            return 1
         print("\nOK")
+        return 0
+    if args.command == "doctor":
+        print(doctor())
         return 0
     if args.command == "bench":
         from . import bench as _bench

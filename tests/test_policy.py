@@ -1,0 +1,138 @@
+"""Policy resolution without processes: what a spec and a host turn into,
+and fail-closed behaviour when the host lacks a mechanism."""
+
+import os
+import sys
+import warnings
+
+import pytest
+
+from pycompart import policy
+from pycompart.errors import PrivilegeError
+from pycompart.kernel.host import HostSupport
+from pycompart.spec import load_spec
+
+FULL = HostSupport(root=True, landlock_abi=7, seccomp=True, seccomp_detail="ok", net_namespace=True,
+                   namespace_detail="ok", cgroup_v1=(), cgroup_v2=False)
+BARE = HostSupport(root=True, landlock_abi=0, seccomp=False, seccomp_detail="no libseccomp",
+                   net_namespace=False, namespace_detail="unshare: EPERM", cgroup_v1=(), cgroup_v2=False)
+
+
+def comp(privileges=None, **extra):
+    spec = {"compartments": {"c": dict(extra, **({"privileges": privileges} if privileges is not None else {}))}}
+    return load_spec(spec).compartments["c"]
+
+
+def test_defaults_lock_everything_down():
+    res = policy.resolve(comp(), sys.path, None, host=FULL, euid=0)
+    lock = res.lockdown
+    assert (lock.uid, lock.gid) == (65534, 65534)
+    assert lock.fs and lock.fs_write == ["/dev/null"] and lock.fs_execute == []
+    assert lock.net_namespace and not lock.loopback and lock.tcp and lock.tcp_connect == []
+    assert lock.seccomp and lock.syscall_profile == "python" and lock.sockets == "none"
+    assert lock.scopes and lock.ipc_namespace and lock.keep_capabilities == []
+    assert os.path.realpath(sys.executable) in lock.fs_read
+    assert not res.missing
+
+
+def test_strict_refuses_naming_every_missing_mechanism():
+    with pytest.raises(PrivilegeError) as info:
+        policy.resolve(comp(), sys.path, None, host=BARE, euid=0)
+    text = str(info.value)
+    for words in ("'c'", "filesystem rules", "network = 'none'", "Landlock scopes", "seccomp",
+                  "best-effort"):
+        assert words in text
+
+
+def test_best_effort_leaves_out_and_warns_once():
+    c = comp({"enforcement": "best-effort"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = policy.resolve(c, sys.path, None, host=BARE, euid=0)
+        policy.resolve(c, sys.path, None, host=BARE, euid=0)
+    lock = res.lockdown
+    assert not (lock.fs or lock.tcp or lock.scopes or lock.seccomp or lock.net_namespace)
+    assert lock.uid == 65534  # what the host can do is still done
+    messages = [str(w.message) for w in caught if issubclass(w.category, policy.PrivilegeWarning)]
+    assert len(messages) == len(res.missing) >= 4  # once each, not once per resolve
+
+
+def test_app_level_enforcement_default():
+    spec = load_spec({"app": {"enforcement": "best-effort"}, "compartments": {"c": {}}})
+    assert spec.compartments["c"].privileges.enforcement == "best-effort"
+
+
+def test_processes_cannot_bind_root():
+    with pytest.raises(PrivilegeError, match="processes"):
+        policy.resolve(comp({"user": "root", "processes": 4}), sys.path, None, host=FULL, euid=0)
+    lock = policy.resolve(comp({"processes": 4}), sys.path, None, host=FULL, euid=0).lockdown
+    assert lock.limits == {"processes": 4}
+
+
+def test_non_root_main_cannot_change_user_or_keep_capabilities():
+    with pytest.raises(PrivilegeError, match="changing user needs root"):
+        policy.resolve(comp({"user": "root"}), sys.path, None, host=FULL, euid=1000)
+    with pytest.raises(PrivilegeError, match="capabilities"):
+        policy.resolve(comp({"capabilities": ["net_bind_service"]}), sys.path, None, host=FULL, euid=1000)
+    res = policy.resolve(comp(), sys.path, None, host=FULL, euid=1000)
+    assert res.lockdown.uid is None and any("not root" in n for n in res.notes)
+
+
+def test_unknown_names_are_errors_not_silently_ignored():
+    with pytest.raises(PrivilegeError, match="opennat"):
+        policy.resolve(comp({"syscalls": {"kill": ["opennat"]}}), sys.path, None, host=FULL, euid=0)
+    with pytest.raises(PrivilegeError, match="unknown profile"):
+        policy.resolve(comp({"syscalls": "everything"}), sys.path, None, host=FULL, euid=0)
+    with pytest.raises(PrivilegeError, match="CAP_FLY"):
+        policy.resolve(comp({"capabilities": ["fly"]}), sys.path, None, host=FULL, euid=0)
+
+
+def test_network_modes():
+    lock = policy.resolve(comp({"network": {"connect": [443], "bind": [8080]}}), sys.path, None,
+                          host=FULL, euid=0).lockdown
+    assert not lock.net_namespace and lock.tcp and lock.tcp_connect == [443] and lock.tcp_bind == [8080]
+    assert lock.sockets == "inet-stream"
+    lock = policy.resolve(comp({"network": "loopback"}), sys.path, None, host=FULL, euid=0).lockdown
+    assert lock.net_namespace and lock.loopback and lock.sockets == "inet"
+    lock = policy.resolve(comp({"network": "host"}), sys.path, None, host=FULL, euid=0).lockdown
+    assert not lock.net_namespace and not lock.tcp and lock.sockets == "any"
+
+
+def test_execute_adds_the_dynamic_loader():
+    lock = policy.resolve(comp({"filesystem": {"execute": ["/bin"]}}), sys.path, None,
+                          host=FULL, euid=0).lockdown
+    assert lock.fs_execute[0] == "/bin" and any("ld-linux" in p for p in lock.fs_execute[1:])
+
+
+def test_reachability():
+    import pathlib
+    import shutil
+    import tempfile
+
+    base = pathlib.Path(tempfile.mkdtemp(dir="/tmp"))  # /tmp itself is world-searchable
+    os.chmod(base, 0o755)
+    outer = base / "outer"
+    inner = outer / "inner"
+    inner.mkdir(parents=True)
+    os.chmod(outer, 0o700)
+    os.chmod(inner, 0o755)
+    st = os.stat(outer)
+    stranger = st.st_uid + 12345
+    assert policy.reachability(str(inner), stranger, None) == "ancestors"
+    assert policy.reachability(str(outer), stranger, None) == "denied"
+    assert policy.reachability(str(inner), st.st_uid, None) == "ok"
+    os.chmod(outer, 0o755)
+    assert policy.reachability(str(inner), stranger, None) == "ok"
+    shutil.rmtree(base)
+
+
+def test_inline_refuses_explicit_privileges():
+    with pytest.raises(PrivilegeError, match="inline"):
+        policy.resolve(comp({"memory": "1GiB"}, mechanism="inline"), sys.path, None, host=FULL, euid=0)
+    policy.resolve(comp(mechanism="inline"), sys.path, None, host=FULL, euid=0)  # nothing asked
+
+
+def test_auto_read_set_is_shown(tmp_path):
+    res = policy.resolve(comp(), [str(tmp_path)], "/x/prog.py", host=FULL, euid=0)
+    assert str(tmp_path) in res.auto_read and "/x/prog.py" in res.auto_read
+
