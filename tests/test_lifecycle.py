@@ -18,12 +18,27 @@ SCRIPT = textwrap.dedent('''
     def parse(data: bytes) -> dict[str, int]:
         return {"pid": os.getpid(), "n": len(data)}
 
+    @app.entrypoint("parser")
+    def busy(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+
     if __name__ == "__main__":
         with app:
             out = parse(b"hello")
             print(json.dumps({"main": os.getpid(), "zygote": app.zygote_pid,
                               "instances": app.instances("parser"), "result": out}), flush=True)
             if sys.argv[1:] == ["hang"]:
+                time.sleep(60)
+            if sys.argv[1:] == ["busy"]:
+                # Every instance busy in a call (not reading its channel):
+                # only the parent-death signal can end it when main dies.
+                import threading
+                for _ in range(3):
+                    threading.Thread(target=busy, args=(60.0,), daemon=True).start()
+                time.sleep(0.5)
+                print("busy", flush=True)
                 time.sleep(60)
 ''')
 
@@ -68,6 +83,22 @@ def test_sigkill_of_main_takes_every_instance_with_it(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     assert _wait_gone(pids) == [], "zygote or instances outlived a SIGKILLed main"
+
+
+def test_sigkill_of_main_ends_busy_instances_after_the_uid_drop(tmp_path):
+    """The kernel clears the parent-death signal when an instance changes
+    uid; the lock-down re-arms it. Busy instances never see their channel
+    close, so this is the only thing that ends them."""
+    proc = _run(tmp_path, "busy")
+    info = json.loads(proc.stdout.readline())
+    assert proc.stdout.readline().strip() == "busy"
+    pids = [info["zygote"], *info["instances"]]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    left = _wait_gone(pids)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "busy instances outlived a SIGKILLed main"
 
 
 def test_sigterm_of_main_is_clean_too(tmp_path):
