@@ -158,3 +158,28 @@ def test_x32_syscalls_are_rejected():
         return f"returned {res}"
     result = in_child(locked()(attempt))
     assert result == ("signal", signal.SIGSYS), result
+
+
+def test_compiled_bpf_behaves_like_the_libseccomp_filter():
+    """Instances load the BPF program main compiled, with one syscall."""
+    program = seccomp.compile_bpf("python", sockets="inet-stream")
+    assert len(program) % 8 == 0
+
+    def bpf_locked(fn):
+        def run():
+            process.prctl(process.PR_SET_NO_NEW_PRIVS, 1)
+            seccomp.load_bpf(program)
+            return fn()
+        return run
+    assert in_child(bpf_locked(pure_python_work)) == ("ok", "164")
+    assert in_child(bpf_locked(lambda: os.execv("/bin/true", ["true"]))) == ("errno", str(errno.EPERM))
+    assert in_child(bpf_locked(TCP)) == ("ok", "socket")
+    assert in_child(bpf_locked(UDP)) == ("errno", str(errno.EPERM))
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert in_child(bpf_locked(lambda: libc.syscall(0x40000000 | 39))) == ("signal", signal.SIGSYS)
+    assert in_child(bpf_locked(lambda: libc.syscall(101, 16, 1, 0, 0))) == ("signal", signal.SIGSYS)  # ptrace
+
+
+def test_load_bpf_rejects_garbage():
+    with pytest.raises(seccomp.SeccompError):
+        seccomp.load_bpf(b"123")

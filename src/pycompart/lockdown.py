@@ -5,9 +5,9 @@
 syscall lists: no decisions left). ``apply()`` runs inside the instance,
 after process hygiene and before any import of the compartment's code:
 
-1. prepare, with nothing changed yet: open the Landlock path rules and
-   build the seccomp filter while the paths are still reachable, and open
-   the import directories the new uid could not traverse;
+1. prepare, with nothing changed yet: open the Landlock path rules while
+   the paths are still reachable (the import directories the new uid could
+   not traverse were opened just before);
 2. namespaces (network, IPC; as non-root inside a user namespace);
 3. resource limits;
 4. drop supplementary groups, gid and uid; empty the capability sets
@@ -16,7 +16,8 @@ after process hygiene and before any import of the compartment's code:
 5. NO_NEW_PRIVS (no setuid binary or file capability can undo 4);
 6. non-dumpable (no ptrace or /proc/<pid>/mem access by the same uid);
 7. Landlock (files, TCP ports, signal and abstract-socket scopes);
-8. seccomp, last, so nothing after it can loosen anything.
+8. seccomp, last, so nothing after it can loosen anything (the BPF program
+   was compiled once in main; loading it is one system call).
 
 Any failure raises ``PrivilegeError`` naming the mechanism; the instance
 then reports it and exits without running compartment code (fail closed).
@@ -59,6 +60,7 @@ class Lockdown(msgspec.Struct, forbid_unknown_fields=True):
     syscalls_deny: list[str] = []
     syscalls_kill: list[str] = []
     sockets: str = "none"
+    seccomp_bpf: bytes = b""  # the compiled filter (built in main by the policy layer)
     preopen: list[str] = []  # import directories to reach through descriptors
 
 
@@ -99,11 +101,8 @@ def apply(lock: Lockdown) -> None:
     if lock.fs or lock.tcp or lock.scopes:
         with _step("filesystem/network rules (Landlock)"):
             ruleset = _landlock_ruleset(lock)
-    seccomp_filter = None
-    if lock.seccomp:
-        with _step(f"syscalls (seccomp profile {lock.syscall_profile!r})"):
-            seccomp_filter = seccomp.build(lock.syscall_profile, lock.syscalls_allow, lock.syscalls_deny,
-                                           lock.syscalls_kill, lock.sockets)
+    if lock.seccomp and not lock.seccomp_bpf:
+        raise PrivilegeError("cannot enforce syscalls: the plan has no compiled filter")
     # 2. namespaces
     if lock.net_namespace or lock.ipc_namespace:
         with _step("network isolation (network/IPC namespaces)"):
@@ -132,9 +131,9 @@ def apply(lock: Lockdown) -> None:
         with _step("filesystem/network rules (Landlock)"):
             ruleset.enforce()
     # 8. seccomp
-    if seccomp_filter is not None:
+    if lock.seccomp:
         with _step(f"syscalls (seccomp profile {lock.syscall_profile!r})"):
-            seccomp_filter.load()
+            seccomp.load_bpf(lock.seccomp_bpf)
 
 
 def _landlock_ruleset(lock: Lockdown) -> landlock.Ruleset:

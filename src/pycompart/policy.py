@@ -13,6 +13,7 @@ only executes the plan (``pycompart.lockdown``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 import stat
@@ -162,6 +163,8 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
         lock.syscalls_allow = list(p.syscalls_allow)
         lock.syscalls_deny = list(p.syscalls_deny)
         lock.syscalls_kill = list(p.syscalls_kill)
+        lock.seccomp_bpf = _compiled(p.syscalls, tuple(p.syscalls_allow), tuple(p.syscalls_deny),
+                                     tuple(p.syscalls_kill), lock.sockets)
         granted = seccomp.ALWAYS_KILL & set(p.syscalls_allow)
         if granted:
             notes.append("explicitly allowed, normally fatal: " + ", ".join(sorted(granted)))
@@ -173,6 +176,12 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
 
     _settle(comp, p, missing)
     return Resolution(lock, auto_read, missing, notes)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(profile: str, allow: tuple[str, ...], deny: tuple[str, ...], kill: tuple[str, ...],
+              sockets: str) -> bytes:
+    return seccomp.compile_bpf(profile, allow, deny, kill, sockets)
 
 
 def _identity(comp: CompartmentSpec, p: Privileges, euid: int, need, notes: list[str]):  # type: ignore[no-untyped-def]
