@@ -203,6 +203,10 @@ def compile_bpf(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (
     return program
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
@@ -221,9 +225,7 @@ def load_bpf(program: bytes) -> None:
     number = _SYS_SECCOMP.get(platform.machine())
     if number is None:
         raise SeccompError(0, f"seccomp syscall number unknown on {platform.machine()}")
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    if libc.syscall(ctypes.c_long(number), ctypes.c_long(_SECCOMP_SET_MODE_FILTER), ctypes.c_long(0),
+    if _libc.syscall(ctypes.c_long(number), ctypes.c_long(_SECCOMP_SET_MODE_FILTER), ctypes.c_long(0),
                     ctypes.byref(prog)) != 0:
         err = ctypes.get_errno()
         raise SeccompError(err, f"seccomp(SET_MODE_FILTER): {os.strerror(err)}")
