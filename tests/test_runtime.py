@@ -62,7 +62,7 @@ def test_instance_is_clean(make_app):
             # one O_PATH descriptor per import directory that the
             # compartment's uid could not reach by path.
             preopened = len(app._runtime.lockdowns["box"].preopen)
-            assert len(fds) <= 6 + preopened, fds
+            assert len(fds) <= 7 + preopened, fds
             # The zygote is the parent, not main.
             pid = ep["whoami"]()
             with open(f"/proc/{pid}/stat") as f:

@@ -19,7 +19,8 @@ _EXPORTS = {
     "CallTimeout": "errors", "CompartmentCrashed": "errors", "CompartmentError": "errors",
     "CompartmentStartError": "errors", "CompartmentUnavailable": "errors",
     "EntrypointError": "errors", "ProtocolError": "errors", "PycompartError": "errors",
-    "RemoteError": "errors", "SpecError": "errors",
+    "RemoteError": "errors", "SpecError": "errors", "StaleReference": "errors",
+    "PrivilegeError": "errors",
     "CommBreakEvent": "monitor", "InstanceEvent": "monitor", "TimeoutEvent": "monitor",
 }
 
@@ -44,6 +45,6 @@ if TYPE_CHECKING:
     from .errors import (
         CallTimeout, CompartmentCrashed, CompartmentError, CompartmentStartError,
         CompartmentUnavailable, EntrypointError, ProtocolError, PycompartError, RemoteError,
-        SpecError,
+        SpecError, StaleReference, PrivilegeError,
     )
     from .monitor import CommBreakEvent, InstanceEvent, TimeoutEvent

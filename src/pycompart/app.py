@@ -171,21 +171,47 @@ class App:
     def running(self) -> bool:
         return self._runtime is not None
 
-    def start(self) -> None:
+    def start(self, *, lazy: bool = False, import_hook: bool = False) -> None:
+        """Start the monitor and the instances.
+
+        ``lazy``: start each compartment's instances on its first use instead
+        (``shared`` data is then read from main at that moment).
+        ``import_hook``: from now on, importing a module placed in a
+        compartment gives a proxy module (what ``pycompart run`` does)."""
         if _instance.CURRENT is not None:
             raise PycompartError("an App cannot be started inside a compartment instance")
         with self._lock:
             if self._runtime is not None:
                 raise PycompartError("the app is already running")
             runtime = _Runtime(self)
-            runtime.start()
+            runtime.start(lazy)
             self._runtime = runtime
+            if import_hook:
+                from .shim import CompartmentFinder
+
+                finder = CompartmentFinder(runtime)
+                try:
+                    finder.install()
+                except BaseException:
+                    self._runtime = None
+                    runtime.stop()
+                    raise
+                runtime.finder = finder
 
     def stop(self) -> None:
         with self._lock:
             runtime, self._runtime = self._runtime, None
         if runtime is not None:
             runtime.stop()
+
+    def compartment(self, name: str) -> Any:
+        """main's handle on a running module compartment
+        (``pycompart.proxy.Compartment``): ``.module("yaml")`` imports a
+        placed module as a proxy without the import hook."""
+        runtime = self._runtime
+        if runtime is None or name not in runtime.compartments:
+            raise PycompartError(f"compartment {name!r} is not running in this app")
+        return runtime.compartments[name]
 
     def __enter__(self) -> App:
         self.start()
@@ -241,8 +267,10 @@ class _Runtime:
         self.inline = {n for n, c in self.spec.compartments.items() if c.mechanism == "inline"}
         self.entrypoints = dict(app._entrypoints)
         self._main_path, self._main_module = _main_location()
+        self.compartments: dict[str, Any] = {}
+        self.finder: Any = None
 
-    def start(self) -> None:
+    def start(self, lazy: bool = False) -> None:
         for ep in self.entrypoints.values():
             _ = ep.contract  # resolve annotations now: errors belong to start, not first call
         # Every privilege decision, before any process starts (fail closed).
@@ -253,9 +281,14 @@ class _Runtime:
             self._close_audit()
             raise
         if len(self.inline) < len(self.spec.compartments):
-            self.monitor = Monitor(self.spec, self._config_for, self.app.hooks, self.audit)
+            from .proxy import Compartment
+
+            self.monitor = Monitor(self.spec, self._config_for, self.app.hooks, self.audit,
+                                   prepare=self._prepare)
+            self.compartments = {name: Compartment(self.spec.compartments[name], pool, self._timed_out)
+                                 for name, pool in self.monitor.pools.items()}
             try:
-                self.monitor.start()
+                self.monitor.start(lazy)
             except BaseException:
                 self._close_audit()
                 raise
@@ -267,6 +300,8 @@ class _Runtime:
             for key, ep in self.entrypoints.items()}
 
     def stop(self) -> None:
+        if self.finder is not None:
+            self.finder.uninstall()
         if self.monitor is not None:
             self.monitor.stop()
         _live.discard(self.app)
@@ -276,6 +311,37 @@ class _Runtime:
         if self.audit is not None:
             self.audit.close()
 
+    def _prepare(self, inst: Any) -> None:
+        """Equip a new instance's channel for remote references and callbacks."""
+        from .objects import CallbackGate
+
+        comp = self.compartments[inst.pool.spec.name]
+        peer = comp.make_peer()
+        peer.instance = inst
+        peer.pending_release = inst.channel.pending_release
+        inst.peer = peer
+        inst.channel.server = CallbackGate(comp.name, "main" in comp.spec.may_call, peer, self.audit)
+
+    def _timed_out(self, compartment: str, op: str, pid: int | None, timeout: float | None) -> None:
+        Hooks.fire(self.app.hooks.on_call_timeout, TimeoutEvent(compartment, op, pid, timeout))
+
+    def _shared(self, comp: CompartmentSpec) -> list[tuple[str, str, bytes]]:
+        """IA2_SHARED_DATA: main's current values of the declared names."""
+        from . import refs
+
+        out = []
+        for key in comp.shared:
+            module_name, _, name = key.partition(":")
+            module = sys.modules.get(module_name)
+            if module is None or not hasattr(module, name):
+                raise EntrypointError(f"compartment {comp.name!r}: shared data {key!r} does not exist "
+                                      "in main (not imported or not yet defined)")
+            try:
+                out.append((module_name, name, refs.encode_plain(getattr(module, name))))
+            except TypeError as exc:
+                raise EntrypointError(f"compartment {comp.name!r}: shared data {key!r}: {exc}") from None
+        return out
+
     def _config_for(self, comp: CompartmentSpec, index: int) -> _instance.InstanceConfig:
         keys = sorted(k for k, ep in self.entrypoints.items() if ep.compartment == comp.name)
         return _instance.InstanceConfig(
@@ -284,6 +350,9 @@ class _Runtime:
             entrypoints=keys, max_frame=self.spec.max_message_size,
             environment={k: os.environ[k] for k in comp.privileges.environment if k in os.environ},
             lockdown=self.lockdowns[comp.name],
+            functions=list(comp.functions), expose=list(comp.expose),
+            allow_setattr=comp.allow_setattr, may_call_main="main" in comp.may_call,
+            shared=self._shared(comp),
         )
 
     def call(self, ep: Entrypoint[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],

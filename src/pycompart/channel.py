@@ -11,11 +11,19 @@ A *transport* moves bytes and, where it can, file descriptors:
 A later transport (an SSH byte stream) implements the same interface with
 ``can_pass_fds = False``.
 
-``Channel`` is the caller's end of one caller→callee edge. Many threads may
-call over it at once. There is no reader thread: the first waiting thread
-becomes the *leader* and reads, handing replies that belong to other threads
-to them; when its own reply arrives it passes leadership on. With a single
-caller this costs nothing over a plain blocking round trip.
+``Channel`` is one end of an edge; both ends use it. Many threads may call
+over it at once. There is no reader thread: the first waiting thread becomes
+the *leader* and reads, handing replies that belong to other threads to them;
+when its own reply arrives it passes leadership on. With a single caller this
+costs nothing over a plain blocking round trip.
+
+Calls flow both ways. A call nested inside one of ours (a callback: its
+``parent`` is the id of a call we are waiting on) is handed to the thread that
+waits on that call, which runs it through the channel's ``CallServer`` and
+goes back to waiting. So A → B → A → B nests on the threads already involved,
+from any number of threads, with no helper thread and no deadlock. Top-level
+calls (``parent`` 0) go to ``CallServer.top_level``: an instance queues them
+for its serve loop; ``main`` refuses them.
 """
 
 from __future__ import annotations
@@ -35,10 +43,13 @@ from .protocol import (
     MAX_FDS_PER_FRAME,
     NEED_DATA as _NEED_DATA,
     Call,
+    Cancel,
     Connection,
     Err,
+    ErrorInfo,
     LateReply,
     Ok,
+    Release,
     Violation,
 )
 
@@ -217,10 +228,79 @@ def fds_from_ancillary(anc: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-class _Waiter:
-    """A thread waiting for its reply while another thread leads."""
+#: How long a reply to a nested call may take to write (the peer is waiting
+#: for it, so it is reading; this only bounds a peer that stopped).
+REPLY_SEND_TIMEOUT = 60.0
 
-    __slots__ = ("lock", "done", "message", "error")
+_context = threading.local()
+
+
+def serving(channel: Channel) -> int:
+    """The innermost call that this thread is serving for ``channel``'s
+    peer, or 0. A call this thread makes to that peer is nested in it."""
+    stack = getattr(_context, "stack", None)
+    if stack:
+        for ch, rid in reversed(stack):
+            if ch is channel:
+                return rid
+    return 0
+
+
+def serving_any() -> list[tuple[Channel, int]]:
+    """Every (channel, call id) this thread is serving, innermost last."""
+    return list(getattr(_context, "stack", ()) or ())
+
+
+class serving_call:
+    """Context manager: this thread serves ``rid`` for ``channel``."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self, channel: Channel, rid: int):
+        self.entry = (channel, rid)
+
+    def __enter__(self) -> None:
+        stack = getattr(_context, "stack", None)
+        if stack is None:
+            stack = _context.stack = []
+        stack.append(self.entry)
+
+    def __exit__(self, *exc: object) -> None:
+        _context.stack.pop()
+
+
+class CallServer:
+    """What a channel does with calls that arrive from its peer. The default
+    refuses everything: that is ``main`` with no callbacks exported."""
+
+    def execute(self, channel: Channel, call: Call) -> bytes:
+        """Run a nested call in this thread; return the reply frame. Must not raise."""
+        return channel.conn.send_err(call.id, refusal(f"{channel.peer!r} may not call back"))
+
+    def top_level(self, channel: Channel, call: Call) -> None:
+        channel.reply(channel.conn.send_err(call.id, refusal(
+            f"compartment {channel.peer!r} may only call back while it is being called")))
+
+    def cancel(self, channel: Channel, rid: int) -> None:
+        """The peer gave up on a call we are running (we cannot stop a thread;
+        the reply it eventually gets is a late one)."""
+
+    def release(self, channel: Channel, handles: list[tuple[int, int]]) -> None:
+        """The peer dropped references to our objects."""
+
+    def closed(self, channel: Channel) -> None:
+        """The channel is closed: drop what the peer held."""
+
+
+def refusal(message: str) -> ErrorInfo:
+    return ErrorInfo("pycompart.EntrypointError", message, [message], "")
+
+
+class _Waiter:
+    """A thread waiting for its reply while another thread leads. Calls
+    nested in its call are queued on ``nested`` for it to run."""
+
+    __slots__ = ("lock", "done", "message", "error", "nested")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -228,6 +308,7 @@ class _Waiter:
         self.done = False
         self.message: Ok | Err | None = None
         self.error: BaseException | None = None
+        self.nested: list[Call] = []
 
     def wake(self) -> None:
         try:
@@ -237,6 +318,7 @@ class _Waiter:
 
 
 _DRAIN = _Waiter()  # a waiter that is never done: read what is there, then stop
+_REFUSE = CallServer()
 
 
 class Channel:
@@ -250,11 +332,19 @@ class Channel:
     """
 
     def __init__(self, transport: Transport, conn: Connection, peer: str,
-                 on_event: Callable[[str, Any], None] | None = None):
+                 on_event: Callable[[str, Any], None] | None = None,
+                 server: CallServer | None = None):
         self.transport = transport
         self.conn = conn
         self.peer = peer
         self.on_event = on_event or (lambda kind, detail: None)
+        self.server = server or _REFUSE
+        #: (handle, count) pairs to tell the peer about with the next frame.
+        self.pending_release: list[tuple[int, int]] = []
+        self._leader_nested: list[Call] = []
+        # The serve loop of an instance waits here for top-level calls.
+        self._inbox = _Waiter()
+        self._inbox_waiting = False
         self._mu = threading.Lock()
         self._send_lock = threading.Lock()
         self._waiters: dict[int, _Waiter] = {}
@@ -280,9 +370,12 @@ class Channel:
 
     # -- calling ----------------------------------------------------------------
 
-    def request(self, entrypoint: str, payload: bytes, deadline: float | None) -> Ok | Err:
+    def request(self, entrypoint: str, payload: bytes, deadline: float | None,
+                parent: int = 0) -> Ok | Err:
         conn = self.conn
-        rid, frame = conn.send_call(entrypoint, payload)
+        rid, frame = conn.send_call(entrypoint, payload, 0, parent)
+        if self.pending_release:
+            frame = self._release_frame() + frame
         mu = self._mu
         mu.acquire()
         if self.failure is not None:
@@ -332,22 +425,23 @@ class Channel:
             self._fail_from_eof(f"send failed: {exc}")
             raise self.failure or CompartmentCrashed(self.peer, None, "closed its channel") from None
         if waiter is None:
-            reply = self._lead_for_self(rid, deadline)
+            reply, waiter = self._lead_for_self(rid, deadline)
             if reply is not None:
                 return reply
-            # Our reply did not come while we led (timeout or failure).
-            return self._finish_leading_without_reply(rid, entrypoint)
+            if waiter is None:
+                # Our reply did not come while we led (timeout or failure).
+                return self._finish_leading_without_reply(rid, entrypoint)
         return self._await(rid, entrypoint, waiter, deadline)
 
-    def _lead_for_self(self, rid: int, deadline: float | None) -> Ok | Err | None:
+    def _lead_for_self(self, rid: int, deadline: float | None) -> tuple[Ok | Err | None, _Waiter | None]:
         try:
             self._read_until(None, deadline)
         except TimeoutError:
             pass
         finally:
             # Taken while still leader: the next leader reuses the slot.
-            reply = self._release_leadership()
-        return reply if self.failure is None else None
+            reply, waiter = self._release_leadership(rid)
+        return (reply if self.failure is None else None), waiter
 
     def _finish_leading_without_reply(self, rid: int, entrypoint: str) -> Ok | Err:
         failure = self.failure
@@ -361,17 +455,24 @@ class Channel:
             with self._mu:
                 if waiter.done:
                     break
-                lead = not self._leader
+                nested = waiter.nested
+                if nested:
+                    waiter.nested = []
+                lead = not nested and not self._leader
                 if lead:
                     self._leader = True
                     self._leader_rid = 0
+            if nested:
+                for call in nested:
+                    self.serve_nested(call)
+                continue
             if lead:
                 try:
                     self._read_until(waiter, deadline)
                 except TimeoutError:
                     pass
                 finally:
-                    self._release_leadership()
+                    self._release_leadership(own=waiter)
                 if waiter.done:
                     break
             elif deadline is None:
@@ -397,17 +498,36 @@ class Channel:
         self.on_event("timeout", rid)
         raise CallTimeout(f"call {entrypoint} to compartment {self.peer!r} timed out")
 
-    def _release_leadership(self) -> Ok | Err | None:
-        """Stop leading; return the fast-path leader's own reply, if any."""
+    def _release_leadership(self, rid: int = 0, own: _Waiter | None = None) -> tuple[Ok | Err | None, _Waiter | None]:
+        """Stop leading. Returns the fast-path leader's own reply, if any,
+        and, if calls nested in ``rid`` arrived instead, a waiter (now
+        registered) holding them: the leader goes on waiting as a follower."""
+        waiter = None
+        orphans: list[Call] = []
         with self._mu:
             reply, self._leader_reply = self._leader_reply, None
+            if self._leader_nested:
+                if reply is None and rid and self.failure is None:
+                    waiter = _Waiter()
+                    waiter.nested, self._leader_nested = self._leader_nested, []
+                    self._waiters[rid] = waiter
+                else:
+                    orphans, self._leader_nested = self._leader_nested, []
             self._leader = False
             self._leader_rid = 0
             for other in self._waiters.values():
-                if not other.done:
-                    other.wake()  # it takes over reading
+                if not other.done and other is not waiter and other is not own:
+                    # It takes over reading (we may be about to run a nested
+                    # call for a long time).
+                    other.wake()
                     break
-        return reply
+            else:
+                if self._inbox_waiting:
+                    self._inbox.wake()
+        for call in orphans:
+            self.reply(self.conn.send_err(call.id, refusal(
+                "the call this one is nested in has already ended")))
+        return reply, waiter
 
     def cancel(self, rid: int) -> None:
         """Tell the far side to abandon ``rid`` (best effort, bounded)."""
@@ -439,9 +559,9 @@ class Channel:
             if self.failure is not None:
                 return  # nothing after a failure is trusted, not even our reply
             if waiter is None:
-                if self._leader_reply is not None:
+                if self._leader_reply is not None or self._leader_nested:
                     return
-            elif waiter.done:
+            elif waiter.done or waiter.nested:
                 return
             if frames.buffered:
                 event = conn.next_event()
@@ -519,24 +639,130 @@ class Channel:
                 self.on_event("violation", v.reason)
             return
         if cls is Call:
-            # Calls *from* a compartment need a may_call edge; none exist yet.
             call: Any = event
             for fd in self.conn.take_fds():
                 os.close(fd)
-            self.conn.violations += 1
-            from .gate import describe_exception
-
-            info = describe_exception(EntrypointError(
-                f"compartment {self.peer!r} may not call into main (not in its may_call)"))
-            try:
-                with self._send_lock:
-                    self.transport.send(self.conn.send_err(call.id, info), (), time.monotonic() + 1)
-            except (OSError, TimeoutError):
-                pass
-            self.on_event("violation", f"refused call {call.entrypoint!r} from {self.peer!r}")
+            parent = call.parent
+            if parent:
+                with self._mu:
+                    if self._leader and parent == self._leader_rid:
+                        self._leader_nested.append(call)
+                        return
+                    waiter = self._waiters.get(parent)
+                    if waiter is not None and not waiter.done:
+                        waiter.nested.append(call)
+                        waiter.wake()
+                        return
+                self.reply(self.conn.send_err(call.id, refusal(
+                    "the call this one is nested in is no longer waiting (it timed out or ended)")))
+                return
+            self.server.top_level(self, call)
+            return
+        if cls is Release:
+            self.server.release(self, event.handles)  # type: ignore[attr-defined]
+            return
+        if cls is Cancel:
+            self.server.cancel(self, event.id)  # type: ignore[attr-defined]
             return
         self.fail(ProtocolError(f"compartment {self.peer!r} sent an unexpected "
                                 f"{cls.__name__} message"), reason="unexpected message")
+
+    # -- serving calls from the peer ---------------------------------------------
+
+    def serve_nested(self, call: Call) -> None:
+        """Run a call nested in one of ours, in this thread, and reply."""
+        try:
+            with serving_call(self, call.id):
+                frame = self.server.execute(self, call)
+        except BaseException:
+            # KeyboardInterrupt and the like: the peer still gets an answer.
+            self.reply(self.conn.send_err(call.id, refusal("interrupted")))
+            raise
+        self.reply(frame)
+
+    def reply(self, frame: bytes) -> None:
+        """Send a reply frame (with any pending releases before it)."""
+        if self.pending_release:
+            frame = self._release_frame() + frame
+        try:
+            with self._send_lock:
+                self.transport.send(frame, (), time.monotonic() + REPLY_SEND_TIMEOUT)
+        except TimeoutError:
+            self.fail(ProtocolError(f"channel to {self.peer!r} broken: a reply could not be sent "
+                                    "in time"), reason="reply send timeout")
+        except (OSError, ProtocolError) as exc:
+            self._fail_from_eof(f"send failed: {exc}")
+
+    def _release_frame(self) -> bytes:
+        # In place: the Peer that fills the list holds it. Appends from other
+        # threads land after the part we take.
+        pending = self.pending_release
+        handles = pending[:]
+        del pending[:len(handles)]
+        return Connection.send_release(handles)
+
+    def deliver(self, call: Call) -> None:
+        """Queue a top-level call for ``next_call`` (an instance's serve loop)."""
+        with self._mu:
+            self._inbox.nested.append(call)
+            if self._inbox_waiting:
+                self._inbox.wake()
+
+    def withdraw(self, rid: int) -> bool:
+        """Take a queued top-level call back out (it was cancelled)."""
+        with self._mu:
+            for call in self._inbox.nested:
+                if call.id == rid:
+                    self._inbox.nested.remove(call)
+                    return True
+        return False
+
+    def next_call(self) -> Call | None:
+        """For an instance's serve loop: the next top-level call, reading the
+        channel when no other thread does; None once the channel is closed."""
+        inbox = self._inbox
+        mu = self._mu
+        while True:
+            with mu:
+                if inbox.nested:
+                    return inbox.nested.pop(0)
+                if self.failure is not None:
+                    return None
+                lead = not self._leader
+                if lead:
+                    self._leader = True
+                    self._leader_rid = 0
+                    self._users += 1
+                else:
+                    self._inbox_waiting = True
+            if lead:
+                try:
+                    self._read_until(inbox, None)
+                finally:
+                    self._release_leadership()
+                    self._leave()
+            else:
+                inbox.lock.acquire()
+                with mu:
+                    self._inbox_waiting = False
+
+    def try_drain(self) -> None:
+        """``drain`` from a signal handler: gives up at once if the channel's
+        lock is held (possibly by the very thread the handler interrupted)."""
+        if not self._mu.acquire(blocking=False):
+            return
+        if self._leader or self.failure is not None:
+            self._mu.release()
+            return
+        self._leader = True
+        self._leader_rid = 0
+        self._users += 1
+        self._mu.release()
+        try:
+            self._read_until(_DRAIN, time.monotonic())
+        finally:
+            self._release_leadership()
+            self._leave()
 
     def drain(self) -> None:
         """Process what has already arrived, without waiting, if no other
@@ -571,6 +797,7 @@ class Channel:
                 waiter.error = exc
                 waiter.done = True
                 waiter.wake()
+            self._inbox.wake()
         if first:
             # Report first: the monitor must know why before the far side
             # can see end-of-stream and exit.
@@ -595,6 +822,10 @@ class Channel:
             self._close_now()
 
     def _close_now(self) -> None:
+        try:
+            self.server.closed(self)
+        except Exception:
+            pass
         self.transport.close()
         self.conn.close()
         try:

@@ -1,4 +1,4 @@
-"""The command line: ``pycompart check | doctor | bench | --version``."""
+"""The command line: ``pycompart run | check | doctor | bench | --version``."""
 
 from __future__ import annotations
 
@@ -124,10 +124,46 @@ def doctor() -> str:
     return "\n".join(lines)
 
 
+RUN_USAGE = """usage: pycompart run SPEC [--] SCRIPT [ARGS...]
+       pycompart run SPEC -m MODULE [ARGS...]
+
+Run a program like `python SCRIPT ARGS...` (or `python -m MODULE ARGS...`),
+with the modules and functions that SPEC places in compartments imported only
+inside those compartments, under their privileges."""
+
+
+def run_command(argv: list[str]) -> int:
+    """``pycompart run``: parsed by hand, since everything after the script
+    belongs to the script."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(RUN_USAGE)
+        return 0 if argv else 2
+    spec, rest = argv[0], argv[1:]
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    as_module = rest[:1] == ["-m"]
+    if as_module:
+        rest = rest[1:]
+    if not rest:
+        print(RUN_USAGE, file=sys.stderr)
+        return 2
+    from . import shim
+
+    try:
+        return shim.run(spec, rest[0], rest[1:], as_module=as_module)
+    except (SpecError, PrivilegeError) as exc:
+        print(f"pycompart run: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        return run_command(argv[1:])
     parser = argparse.ArgumentParser(prog="pycompart", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pycompart {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run a program with its dependencies boxed (see: pycompart run -h)")
     check = sub.add_parser("check", help="validate a spec and summarize it, without running anything")
     check.add_argument("spec")
     sub.add_parser("doctor", help="say what this host can enforce")

@@ -109,3 +109,10 @@ class CallCancelled(BaseException):
     """Raised *inside* an instance to interrupt an entrypoint whose caller
     gave up. A BaseException so that ``except Exception`` in user code does not
     swallow it."""
+
+
+class StaleReference(CompartmentError):
+    """A remote reference points into an instance that no longer exists (it
+    died and was replaced), or to an object its owner has already released.
+    The object is gone with its process; get a new one from the new
+    instance."""

@@ -79,7 +79,10 @@ def describe_exception(exc: BaseException) -> ErrorInfo:
     except Exception:  # a hostile __str__ must not break error reporting
         message = "<unprintable>"
     tb = "".join(traceback.format_exception(exc))
-    return ErrorInfo(name[:200], message[:MAX_ERROR_TEXT], args[:16], tb[-MAX_ERROR_TEXT:])
+    mro = [c.__qualname__ if c.__module__ == "builtins" else f"{c.__module__}.{c.__qualname__}"
+           for c in cls.__mro__[:32]]
+    return ErrorInfo(name[:200], message[:MAX_ERROR_TEXT], args[:16], tb[-MAX_ERROR_TEXT:],
+                     [m[:200] for m in mro])
 
 
 def rebuild_exception(info: ErrorInfo, where: str) -> Exception:

@@ -15,7 +15,6 @@ grace period instead; a process can always be stopped, a thread cannot.
 
 from __future__ import annotations
 
-import collections
 import importlib
 import os
 import runpy
@@ -24,14 +23,19 @@ import sys
 import types
 from typing import NoReturn
 
+import threading
+
 import msgspec
 
-from .errors import CallCancelled, EntrypointError
-from .gate import Contract, describe_exception
+from . import lockdown as _lockdown
+from . import refs
+from .channel import CallServer, Channel, PipeTransport, serving, serving_call
+from .errors import CallCancelled, EntrypointError, ProtocolError
+from .gate import Contract, describe_exception, rebuild_exception
 from .kernel import process
 from .lockdown import Lockdown
-from . import lockdown as _lockdown
-from .protocol import NEED_DATA, Call, Cancel, Connection, Violation
+from .objects import Callback, ObjectServer, instance_peer
+from .protocol import Call, Connection, Err
 
 CANCEL_SIGNAL = signal.SIGRTMIN + 1
 
@@ -59,6 +63,13 @@ class InstanceConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_frame: int
     environment: dict[str, str]
     lockdown: Lockdown = msgspec.field(default_factory=Lockdown)
+    #: Module-compartment settings (``pycompart.objects``).
+    functions: list[str] = []
+    expose: list[str] = []
+    allow_setattr: bool = False
+    may_call_main: bool = False
+    #: Shared data: (module, name, value encoded by ``refs.encode_plain``).
+    shared: list[tuple[str, str, bytes]] = []
 
 
 def run(config: InstanceConfig, read_fd: int, write_fd: int) -> NoReturn:
@@ -158,6 +169,7 @@ def _reroute_packages(reach: dict[str, str]) -> None:
 
 def _load(config: InstanceConfig) -> dict[str, _LazyContract]:
     sys.path[:] = config.sys_path
+    _install_shared(config.shared)
     if any(key.startswith("__main__:") for key in config.entrypoints):
         _load_main(config)
     for name in config.modules:
@@ -173,6 +185,19 @@ def _load(config: InstanceConfig) -> dict[str, _LazyContract]:
             raise EntrypointError(f"{key} is not callable")
         table[key] = _LazyContract(fn, key)
     return table
+
+
+def _install_shared(shared: list[tuple[str, str, bytes]]) -> None:
+    """IA2_SHARED_DATA for Python: main's declared values, copied in before
+    any of the compartment's modules is imported. A module not already here
+    becomes a stand-in holding only the shared names: none of main's code
+    runs in the compartment."""
+    for module_name, name, data in shared:
+        module = sys.modules.get(module_name)
+        if module is None:
+            module = types.ModuleType(module_name, "shared data from main (pycompart)")
+            sys.modules[module_name] = module
+        setattr(module, name, refs.decode_plain(data))
 
 
 class _LazyContract:
@@ -214,129 +239,139 @@ def _load_main(config: InstanceConfig) -> None:
     sys.modules["__main__"] = sys.modules["__mp_main__"] = module
 
 
-class Server:
-    """The serve loop of an instance: one call at a time, cancellable."""
+class Server(CallServer):
+    """The serve loop of an instance: top-level calls run one at a time on
+    the main thread, cancellable. Calls nested in a callback this instance
+    made run on the thread that made it (``pycompart.channel``)."""
 
     def __init__(self, config: InstanceConfig, read_fd: int, write_fd: int, table: dict[str, _LazyContract]):
         self.config = config
-        self.read_fd = read_fd
-        self.write_fd = write_fd
         self.table = table
-        self.conn = Connection(config.max_frame)
-        self.queue: collections.deque[Call] = collections.deque()
+        self.channel = Channel(PipeTransport(read_fd, write_fd), Connection(config.max_frame), "main",
+                               server=self)
+        self.objects = ObjectServer(config.compartment, config.modules, config.functions,
+                                    config.expose, config.allow_setattr)
+        self.peer = instance_peer(self.objects)
+        self.peer.pending_release = self.channel.pending_release
         self.current: int | None = None
+        self.active: list[int] = []  # calls the serve thread runs, innermost last
+        self.serve_ident = threading.get_ident()
         self.cancel_current = False
         self.in_user_code = False
-        self.buf = bytearray(64 * 1024)
-        self.view = memoryview(self.buf)
+        self.depth = 0  # > 0 while the main thread is inside the channel (a callback)
+        Callback.call_out = self.call_out
 
     def serve(self) -> None:
-        os.set_blocking(self.read_fd, True)
-        os.set_blocking(self.write_fd, True)
         signal.signal(CANCEL_SIGNAL, self._on_cancel_signal)
-        self._reply(Connection.send_hello(os.getpid(), self.config.compartment, sorted(self.table)))
-        conn = self.conn
-        frames = conn.frames
+        channel = self.channel
+        channel.reply(Connection.send_hello(os.getpid(), self.config.compartment, sorted(self.table)))
         while True:
-            if self.queue:
-                self._execute(self.queue.popleft())
-                continue
-            if frames.buffered:
-                event = conn.next_event()
-                if event is not NEED_DATA:
-                    self._handle(event)
-                    continue
-            view = frames.want_buffer() or self.view
-            n = os.readv(self.read_fd, (view,))
-            if n == 0:
+            call = channel.next_call()
+            if call is None:
+                failure = channel.failure
+                if isinstance(failure, ProtocolError):
+                    print(f"pycompart: instance of {self.config.compartment!r}: protocol violation "
+                          f"from caller: {failure}", file=sys.stderr)
+                    os._exit(EXIT_PROTOCOL)
                 return  # the caller closed the channel: orderly shutdown
-            if view is not self.view:
-                frames.body_written(n)
-                continue
-            event = conn.parse_one(view[:n])
-            if event is not NEED_DATA:
-                self._handle(event)
-
-    def _handle(self, event: object) -> None:
-        cls = event.__class__
-        if cls is Call:
-            self.queue.append(event)  # type: ignore[arg-type]
-        elif cls is Cancel:
-            rid = event.id  # type: ignore[attr-defined]
-            if rid == self.current:
-                self.cancel_current = True
-                return
-            for queued in self.queue:
-                if queued.id == rid:
-                    self.queue.remove(queued)
-                    self._reply(self.conn.send_err(rid, describe_exception(
-                        CallCancelled("cancelled by the caller before it started"))))
-                    break
-        elif cls is Violation and event.fatal:  # type: ignore[attr-defined]
-            print(f"pycompart: instance of {self.config.compartment!r}: protocol violation "
-                  f"from caller: {event.reason}", file=sys.stderr)  # type: ignore[attr-defined]
-            os._exit(EXIT_PROTOCOL)
-        for fd in self.conn.take_fds():
-            os.close(fd)
-        # Anything else from a caller (a Hello, a reply to a call never made)
-        # is ignored; the connection counted it.
-
-    def _execute(self, call: Call) -> None:
-        contract = self.table.get(call.entrypoint)
-        if contract is None:
-            self.conn.violations += 1
-            self._reply(self.conn.send_err(call.id, describe_exception(EntrypointError(
-                f"{call.entrypoint!r} is not an entrypoint of compartment "
-                f"{self.config.compartment!r}"))))
-            return
-        self.current = call.id
-        self.cancel_current = False
-        try:
-            self.in_user_code = True
+            self.current = call.id
+            self.cancel_current = False
             try:
-                result = contract.invoke(call.args)
+                with serving_call(channel, call.id):
+                    frame = self.execute(channel, call, top=True)
             finally:
-                self.in_user_code = False
-            reply = self.conn.send_ok(call.id, result)
-        except CallCancelled as exc:
-            reply = self.conn.send_err(call.id, describe_exception(exc))
-        except Exception as exc:
-            reply = self.conn.send_err(call.id, describe_exception(exc))
-        finally:
-            self.current = None
-        self._reply(reply)
+                self.current = None
+            channel.reply(frame)
+            if channel.failure is not None and not isinstance(channel.failure, ProtocolError):
+                os._exit(0)  # the caller is gone; nothing left to serve
 
-    def _reply(self, frame: bytes) -> None:
+    def execute(self, channel: Channel, call: Call, top: bool = False) -> bytes:
+        conn = channel.conn
+        name = call.entrypoint
+        # Only the serve thread's calls: a thread the compartment started
+        # itself calls back on behalf of the call the serve thread runs.
+        on_serve_thread = threading.get_ident() == self.serve_ident
+        if on_serve_thread:
+            self.active.append(call.id)
         try:
-            n = os.write(self.write_fd, frame)
-            if n < len(frame):
-                view = memoryview(frame)[n:]
-                while view:
-                    view = view[os.write(self.write_fd, view):]
-        except BrokenPipeError:
-            os._exit(0)  # the caller is gone; nothing left to serve
+            if name.startswith("@") and self.objects.handles(name):
+                run = lambda: self.objects.execute(self.peer, name, call.args)  # noqa: E731
+            else:
+                contract = self.table.get(name)
+                if contract is None:
+                    conn.violations += 1
+                    return conn.send_err(call.id, describe_exception(EntrypointError(
+                        f"{name!r} is not an entrypoint of compartment {self.config.compartment!r}")))
+                run = lambda: contract.invoke(call.args)  # noqa: E731
+            try:
+                if top:
+                    self.in_user_code = True
+                    try:
+                        result = run()
+                    finally:
+                        self.in_user_code = False
+                else:
+                    result = run()
+                return conn.send_ok(call.id, result)
+            except CallCancelled as exc:
+                return conn.send_err(call.id, describe_exception(exc))
+            except Exception as exc:
+                return conn.send_err(call.id, describe_exception(exc))
+        finally:
+            if on_serve_thread:
+                self.active.pop()
+
+    def call_out(self, request: list[object]) -> object:
+        """Call one of main's callbacks (``objects.Callback``), from any thread."""
+        if not self.config.may_call_main:
+            raise EntrypointError(f"compartment {self.config.compartment!r} may not call back into "
+                                  "main (its spec's may_call does not list \"main\")")
+        channel = self.channel
+        parent = serving(channel)
+        if not parent:
+            active = self.active
+            parent = active[-1] if active else 0
+        if not parent:
+            raise EntrypointError("a callback into main can only be made while main is calling "
+                                  f"into compartment {self.config.compartment!r}")
+        payload = self.peer.encode(request)
+        on_main = threading.current_thread() is threading.main_thread()
+        if on_main:
+            self.depth += 1
+        try:
+            reply = channel.request("@call", payload, None, parent)
+        finally:
+            if on_main:
+                self.depth -= 1
+        if reply.__class__ is Err:
+            raise rebuild_exception(reply.error, "main")  # type: ignore[union-attr]
+        return self.peer.decode(reply.value)  # type: ignore[union-attr]
+
+    # -- CallServer: what arrives from main -----------------------------------------
+
+    def top_level(self, channel: Channel, call: Call) -> None:
+        channel.deliver(call)
+
+    def release(self, channel: Channel, handles: list[tuple[int, int]]) -> None:
+        for handle, count in handles:
+            self.peer.exports.release(handle, count)
+
+    def cancel(self, channel: Channel, rid: int) -> None:
+        if rid == self.current:
+            self.cancel_current = True
+            if threading.current_thread() is not threading.main_thread():
+                signal.pthread_kill(threading.main_thread().ident, CANCEL_SIGNAL)  # type: ignore[arg-type]
+            return
+        if channel.withdraw(rid):
+            channel.reply(channel.conn.send_err(rid, describe_exception(
+                CallCancelled("cancelled by the caller before it started"))))
 
     def _on_cancel_signal(self, signum: int, frame: object) -> None:
-        if not self.in_user_code:
-            return  # the serve loop will read the Cancel frame itself
-        # We interrupted user code, so the loop is not inside the decoder:
-        # it is safe to read what has arrived and look for our Cancel.
-        os.set_blocking(self.read_fd, False)
-        try:
-            while True:
-                view = self.conn.frames.want_buffer() or self.view
-                n = os.readv(self.read_fd, (view,))
-                if n == 0:
-                    break
-                if view is self.view:
-                    self.conn.receive_data(view[:n])
-                else:
-                    self.conn.frames.body_written(n)
-                while (event := self.conn.next_event()) is not NEED_DATA:
-                    self._handle(event)
-        except (BlockingIOError, InterruptedError):
-            pass
-        finally:
-            os.set_blocking(self.read_fd, True)
-        if self.cancel_current and self.in_user_code:
+        if not self.in_user_code or self.depth:
+            return  # the serve loop, or the thread leading the channel, reads the Cancel
+        # We interrupted user code, not channel code: it is safe to read what
+        # has arrived (if no other thread is reading) and look for our Cancel.
+        if not self.cancel_current:
+            self.channel.try_drain()
+        if self.cancel_current and self.in_user_code and not self.depth:
             raise CallCancelled("the caller timed out and cancelled this call")

@@ -134,8 +134,12 @@ class Pool:
         self.ready: tuple[InstanceHandle, ...] = ()
         self.cond = threading.Condition()
         self.unavailable: str | None = None
+        self.unavailable_cause: BaseException | None = None
         self.restarts: collections.deque[float] = collections.deque()
         self.rr = itertools.count()
+        #: Lazy start: spawns the instances on first use (set by the monitor).
+        self.launch: Callable[[], None] | None = None
+        self.ever_ready = False
 
     def pick(self, deadline: float | None) -> InstanceHandle:
         ready = self.ready
@@ -155,10 +159,14 @@ class Pool:
                     best = inst
             return best
         with self.cond:
+            launch, self.launch = self.launch, None
+        if launch is not None:
+            launch()
+        with self.cond:
             while not self.ready:
                 if self.unavailable:
                     raise CompartmentUnavailable(f"compartment {self.spec.name!r} is unavailable: "
-                                                 f"{self.unavailable}")
+                                                 f"{self.unavailable}") from self.unavailable_cause
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise CallTimeout(f"no instance of compartment {self.spec.name!r} became "
@@ -183,8 +191,10 @@ class Pool:
 
 class Monitor:
     def __init__(self, spec: AppSpec, config_for: Callable[[CompartmentSpec, int], InstanceConfig],
-                 hooks: Hooks, audit: AuditLog | None):
+                 hooks: Hooks, audit: AuditLog | None,
+                 prepare: Callable[[InstanceHandle], None] | None = None):
         self.spec = spec
+        self.prepare = prepare
         self.config_for = config_for
         self.hooks = hooks
         self.audit = audit
@@ -214,13 +224,22 @@ class Monitor:
 
     # -- public (any thread) ----------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, lazy: bool = False) -> None:
         """Launch the zygote and every instance; return when all are ready,
-        or raise CompartmentStartError (after cleaning up) if any fails."""
+        or raise CompartmentStartError (after cleaning up) if any fails.
+        ``lazy``: start only the zygote; each pool's instances are spawned
+        when it is first used (a start failure then makes it unavailable)."""
         self._thread.start()
         self._launched.wait()
         if self._launch_error is not None:
             raise CompartmentStartError(f"cannot start the zygote: {self._launch_error}")
+        if lazy:
+            self._started = True
+            for pool in self.pools.values():
+                pool.launch = lambda pool=pool: [
+                    self.submit(lambda index=index: self._spawn(pool, index))
+                    for index in range(pool.spec.instances)]
+            return
         for pool in self.pools.values():
             for index in range(pool.spec.instances):
                 self.submit(lambda pool=pool, index=index: self._spawn(pool, index))
@@ -416,10 +435,24 @@ class Monitor:
         inst.on_ready = on_ready
         channel.on_event = lambda kind, detail: self.channel_event(inst, kind, detail)
         channel.failure_factory = inst.crash_error
+        channel.instance = inst  # type: ignore[attr-defined]
+        if self.prepare is not None:
+            self.prepare(inst)
         request = inst.request = next(self._requests)
         self._by_request[request] = inst
         try:
-            self._send_control(zygote.Spawn(request, self.config_for(pool.spec, index)), [call_r, reply_w])
+            config = self.config_for(pool.spec, index)
+        except Exception as exc:  # e.g. shared data missing in main
+            self._by_request.pop(request, None)
+            os.close(call_r)
+            os.close(reply_w)
+            inst.start_exception = exc
+            inst.start_error = str(exc)
+            channel.close()
+            self._start_failed(inst, str(exc))
+            return inst
+        try:
+            self._send_control(zygote.Spawn(request, config), [call_r, reply_w])
         except (OSError, TimeoutError) as exc:
             self._by_request.pop(request, None)
             self._start_failed(inst, f"cannot reach the zygote: {exc}")
@@ -471,6 +504,7 @@ class Monitor:
 
     def _became_ready(self, inst: InstanceHandle) -> None:
         inst.state = "ready"
+        inst.pool.ever_ready = True
         ms = (time.monotonic() - inst.started_at) * 1000
         self._audit("instance_start", compartment=inst.pool.spec.name, pid=inst.pid,
                     index=inst.index, generation=inst.generation, ready_ms=round(ms, 3))
@@ -492,6 +526,12 @@ class Monitor:
     def _start_failed(self, inst: InstanceHandle, reason: str) -> None:
         inst.state = "dead"
         inst.dead.set()
+        if self._started and not inst.pool.ever_ready and inst.on_ready is None:
+            # Lazy start, first launch: retrying a module that cannot import
+            # would only fail again. Fail the callers with the reason.
+            inst.pool.unavailable_cause = inst.start_exception
+            inst.pool.make_unavailable(f"it failed to start: {inst.start_error or reason}")
+            return
         if self._started:  # a replacement failed: count it against the restart budget
             self._plan_restart(inst, None)
             return
@@ -532,7 +572,7 @@ class Monitor:
         detail = inst.status_text + (f" ({inst.kill_reason})" if inst.kill_reason else "")
         inst.channel.fail(CompartmentCrashed(pool.spec.name, inst.pid, detail), reason=detail)
         inst.channel.close()  # now, or when the last thread inside it leaves
-        if not was_ready and not self._started and not self.stopping:
+        if not was_ready and not self.stopping and (not self._started or not pool.ever_ready):
             self._audit("instance_exit", compartment=pool.spec.name, pid=inst.pid, status=detail)
             self._start_failed(inst, inst.start_error or detail)
             return

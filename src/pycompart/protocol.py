@@ -44,6 +44,10 @@ class ErrorInfo(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     message: str
     args: list[Union[str, int, float, bool, None]]
     traceback: str
+    #: Qualified names of the exception's classes, most derived first. The
+    #: receiver may build stand-in classes from them (``pycompart.proxy``),
+    #: never import them.
+    mro: list[str] = []
 
 
 class Hello(msgspec.Struct, array_like=True, tag=0):
@@ -56,9 +60,16 @@ class Hello(msgspec.Struct, array_like=True, tag=0):
 
 
 class Call(msgspec.Struct, array_like=True, tag=1):
+    """``parent`` is 0 for a top-level call. Otherwise it is the id of a call
+    the *receiver* sent and is still waiting on: this call is nested inside
+    it (a callback, or a call made by a callback), and the receiver's thread
+    that waits on ``parent`` runs it. That is what lets A call B, B call back
+    into A, and A call B again, with no extra threads and no deadlock."""
+
     id: int
     entrypoint: str
     args: msgspec.Raw
+    parent: int = 0
 
 
 class Ok(msgspec.Struct, array_like=True, tag=2):
@@ -81,7 +92,15 @@ class Abort(msgspec.Struct, array_like=True, tag=5):
     error: ErrorInfo
 
 
-Message = Union[Hello, Call, Ok, Err, Cancel, Abort]
+class Release(msgspec.Struct, array_like=True, tag=6):
+    """The sender dropped its last proxy of each ``(handle, count)``: the
+    owner may forget ``count`` exports of ``handle`` (see ``pycompart.refs``).
+    Needs no reply."""
+
+    handles: list[tuple[int, int]]
+
+
+Message = Union[Hello, Call, Ok, Err, Cancel, Abort, Release]
 
 # -- events that are not messages ---------------------------------------------
 
@@ -246,9 +265,9 @@ class Connection:
 
     # -- sending --------------------------------------------------------------
 
-    def send_call(self, entrypoint: str, args: bytes, nfds: int = 0) -> tuple[int, bytes]:
+    def send_call(self, entrypoint: str, args: bytes, nfds: int = 0, parent: int = 0) -> tuple[int, bytes]:
         rid = next(self._ids)
-        payload = _encoder.encode(Call(rid, entrypoint, msgspec.Raw(args)))
+        payload = _encoder.encode(Call(rid, entrypoint, msgspec.Raw(args), parent))
         if len(payload) > self.max_frame:
             from .errors import ProtocolError
 
@@ -270,7 +289,8 @@ class Connection:
     def send_err(self, rid: int, info: ErrorInfo) -> bytes:
         payload = _encoder.encode(Err(rid, info))
         if len(payload) > self.max_frame:
-            payload = _encoder.encode(Err(rid, ErrorInfo(info.type_name[:200], info.message[:1000], [], "")))
+            payload = _encoder.encode(Err(rid, ErrorInfo(info.type_name[:200], info.message[:1000], [], "",
+                                                         info.mro[:32])))
         self.owed.discard(rid)
         return encode_frame(payload)
 
@@ -278,6 +298,10 @@ class Connection:
         if rid in self.awaiting:
             self.cancelled.add(rid)
         return encode_frame(_encoder.encode(Cancel(rid)))
+
+    @staticmethod
+    def send_release(handles: list[tuple[int, int]]) -> bytes:
+        return encode_frame(_encoder.encode(Release(handles)))
 
     @staticmethod
     def send_hello(pid: int, compartment: str, entrypoints: list[str]) -> bytes:

@@ -103,6 +103,12 @@ class CompartmentSpec:
     may_call: tuple[str, ...] = ()
     mechanism: str = "process"
     privileges: Privileges = Privileges()
+    #: Private/dunder names of the compartment's objects that others may reach.
+    expose: tuple[str, ...] = ()
+    #: Whether others may set attributes on the compartment's objects.
+    allow_setattr: bool = False
+    #: ``module:name`` values of main copied into each instance at its start.
+    shared: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +121,9 @@ class AppSpec:
     mechanism: str = "process"
     max_message_size: int = DEFAULT_MAX_MESSAGE
     compartments: Mapping[str, CompartmentSpec] = dataclasses.field(default_factory=dict)
+    #: ``[compartments.main.privileges]``: what main itself may do, enforced
+    #: by ``pycompart run`` (None: main is not confined).
+    main_privileges: Privileges | None = None
 
     def edges(self) -> list[tuple[str, str]]:
         """Every (caller, callee) pair that gets a channel. ``main`` may call
@@ -251,6 +260,15 @@ def _timeout(value: Any) -> float | None:
     return parse_duration(value)
 
 
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
 def _string(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("a non-empty string")
@@ -275,6 +293,9 @@ def _compartment(reader: _Reader, name: str, default_mechanism: str, base_dir: s
         start_timeout=reader.get("start_timeout", parse_duration, "", d.start_timeout),
         may_call=reader.get("may_call", _str_list(_NAME_RE, "compartment names"), "", ()),
         mechanism=reader.get("mechanism", _one_of(MECHANISMS), "", default_mechanism),
+        expose=reader.get("expose", _str_list(_IDENT_RE, "attribute names"), "", ()),
+        allow_setattr=reader.get("allow_setattr", _bool, "true or false", False),
+        shared=reader.get("shared", _str_list(_FUNCTION_RE, '"module:name" names'), "", ()),
     )
     privileges = reader.sub("privileges")
     if privileges is not None:
@@ -412,12 +433,21 @@ def load_spec(source: Mapping[str, Any], *, origin: str = "<dict>", base_dir: st
 
     comps_reader = top.sub("compartments") or _Reader(origin, "compartments", {})
     compartments: dict[str, CompartmentSpec] = {}
+    main_privileges = None
     for cname in comps_reader.table:
         if not isinstance(cname, str) or not _NAME_RE.match(cname):
             raise comps_reader.error(str(cname), "a compartment name of letters, digits, '_' and '-'")
         if cname == "main":
-            raise comps_reader.error(cname, "a compartment name other than 'main' (main is the "
-                                     "program itself, in domain 0)")
+            # main is the program itself (domain 0): it has privileges, nothing else.
+            main = comps_reader.sub(cname)
+            assert main is not None
+            priv = main.sub("privileges")
+            if priv is None:
+                raise main.error("privileges", "a [compartments.main.privileges] table (main "
+                                 "takes no other settings)")
+            main_privileges = _privileges(priv, base_dir, enforcement)
+            main.finish()
+            continue
         sub = comps_reader.sub(cname)
         assert sub is not None
         compartments[cname] = _compartment(sub, cname, mechanism, base_dir, enforcement)
@@ -427,6 +457,7 @@ def load_spec(source: Mapping[str, Any], *, origin: str = "<dict>", base_dir: st
         raise top.error("domains", "no [domains]: remote domains are not supported by this version")
     top.finish()
 
+    placed: dict[str, str] = {}
     for comp in compartments.values():
         for callee in comp.may_call:
             if callee != "main" and callee not in compartments:
@@ -435,12 +466,24 @@ def load_spec(source: Mapping[str, Any], *, origin: str = "<dict>", base_dir: st
             if callee == comp.name:
                 raise SpecError(origin, f"compartments.{comp.name}.may_call",
                                 "other compartments (a compartment calls itself directly)", repr(callee))
-        if comp.may_call:
-            raise SpecError(origin, f"compartments.{comp.name}.may_call",
-                            "an empty list: calls out of a compartment are not supported by this "
-                            "version", repr(list(comp.may_call)))
+            if callee != "main":
+                raise SpecError(origin, f"compartments.{comp.name}.may_call",
+                                "'main' only: calls between compartments are not supported by this "
+                                "version", repr(callee))
+        for module in comp.modules:
+            other = placed.get(module)
+            if other is not None:
+                raise SpecError(origin, f"compartments.{comp.name}.modules",
+                                f"modules placed in one compartment only; {module!r} is also in "
+                                f"compartment {other!r}", repr(module))
+            placed[module] = comp.name
+        for key in comp.shared:
+            if key.split(":", 1)[0] in comp.modules:
+                raise SpecError(origin, f"compartments.{comp.name}.shared",
+                                "data from main, not from a module placed in this compartment", repr(key))
     return AppSpec(name=name, source=origin, audit_log=audit_log, mechanism=mechanism,
-                   max_message_size=max_message, compartments=compartments)
+                   max_message_size=max_message, compartments=compartments,
+                   main_privileges=main_privileges)
 
 
 def load_spec_file(path: str | os.PathLike[str]) -> AppSpec:

@@ -1,0 +1,341 @@
+"""The home side of remote references: serving operations on our objects.
+
+Two servers, one per direction:
+
+* ``ObjectServer`` runs inside an instance of a module compartment. It
+  answers ``@import``, ``@getattr``, ``@setattr``, ``@call``,
+  ``@callmethod`` and ``@op`` requests on the compartment's own objects
+  (reached by a handle it exported, or by a ``module:qualname`` path inside
+  the modules placed in it). The **exposure policy** is applied here:
+  private and dunder names are refused unless the spec's ``expose`` lists
+  them, and setting attributes needs ``allow_setattr``.
+* ``CallbackGate`` runs in ``main``. A compartment can do exactly one thing
+  with an object main gave it: call it, and only if its spec's ``may_call``
+  lists ``"main"``. Attributes of main's objects are never served, so a
+  compartment cannot walk from a callback to its ``__globals__``, its module
+  or the builtins; modules and module globals are refused by the codec
+  before they could cross at all (``pycompart.refs``).
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import inspect
+import types
+from collections.abc import Callable
+from typing import Any
+
+from . import refs
+from .channel import CallServer, Channel
+from .errors import EntrypointError
+from .gate import ALLOWED_EXCEPTIONS, describe_exception
+from .protocol import Call
+from .proxy import exposed
+
+_FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType)
+
+
+def qualified(cls: type) -> str:
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+class ObjectServer:
+    """Operations on a compartment's objects, inside one of its instances."""
+
+    def __init__(self, compartment: str, modules: list[str], functions: list[str],
+                 expose: list[str], allow_setattr: bool):
+        self.compartment = compartment
+        self.modules = tuple(modules)
+        self.functions = frozenset(functions)
+        self.expose = frozenset(expose)
+        self.allow_setattr = allow_setattr
+        self._ops: dict[str, Callable[..., Any]] = {
+            "@import": self.op_import, "@getattr": self.op_getattr, "@setattr": self.op_setattr,
+            "@call": self.op_call, "@callmethod": self.op_callmethod, "@op": self.op_protocol,
+        }
+
+    def handles(self, entrypoint: str) -> bool:
+        return entrypoint in self._ops
+
+    def execute(self, peer: refs.Peer, entrypoint: str, raw: Any) -> bytes:
+        args = peer.decode(raw)
+        if type(args) is not list:
+            raise TypeError(f"{entrypoint}: malformed request")
+        try:
+            result = self._ops[entrypoint](*args)
+        except TypeError as exc:
+            if "positional argument" in str(exc) and exc.__traceback__ is not None \
+                    and exc.__traceback__.tb_next is None:
+                raise TypeError(f"{entrypoint}: malformed request") from None
+            raise
+        return peer.encode(result)
+
+    # -- names ------------------------------------------------------------------------
+
+    def placed(self, module: str, qualname: str = "") -> bool:
+        for placed in self.modules:
+            if module == placed or module.startswith(placed + "."):
+                return True
+        return bool(qualname) and f"{module}:{qualname}" in self.functions
+
+    def check_name(self, name: Any, what: str) -> str:
+        if type(name) is not str:
+            raise TypeError("attribute names are strings")
+        if not exposed(name, self.expose):
+            raise AttributeError(f"{what} does not expose {name!r} in compartment "
+                                 f"{self.compartment!r} (private and dunder names need the "
+                                 "spec's expose list)")
+        return name
+
+    def resolve(self, module: str, qualname: str) -> Any:
+        """The object at ``module:qualname``, if the compartment holds it."""
+        if not self.placed(module, qualname):
+            raise LookupError(f"{module}{':' + qualname if qualname else ''} is not placed in "
+                              f"compartment {self.compartment!r}")
+        obj: Any = importlib.import_module(module)
+        if qualname:
+            for part in qualname.split("."):
+                obj = getattr(obj, self.check_name(part, module))
+        return obj
+
+    def path_of(self, obj: Any) -> refs.Ext | None:
+        """``obj`` by name, if it is a module, class or function that other
+        instances of this compartment can find by the same name."""
+        if isinstance(obj, types.ModuleType):
+            name = obj.__name__
+            return refs.path_ext(name, "", "module") if self.placed(name) else None
+        if not isinstance(obj, type) and not isinstance(obj, _FUNCTION_TYPES):
+            return None
+        module = getattr(obj, "__module__", None)
+        qualname = getattr(obj, "__qualname__", None)
+        if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
+            return None
+        if not self.placed(module, qualname):
+            return None
+        if not all(exposed(part, self.expose) for part in qualname.split(".")):
+            return None
+        try:
+            if self.resolve(module, qualname) is not obj:
+                return None
+        except Exception:
+            return None
+        if isinstance(obj, type):
+            if issubclass(obj, BaseException):
+                return refs.path_ext(module, qualname, "exception", [qualified(c) for c in obj.__mro__[:32]])
+            return refs.path_ext(module, qualname, "class")
+        return refs.path_ext(module, qualname, "function")
+
+    # -- operations -------------------------------------------------------------------
+
+    def op_import(self, module: Any) -> Any:
+        if type(module) is not str or not self.placed(module):
+            raise ModuleNotFoundError(f"module {module!r} is not placed in compartment "
+                                      f"{self.compartment!r}")
+        mod = importlib.import_module(module)
+        return [mod, hasattr(mod, "__path__")]
+
+    def op_getattr(self, target: Any, name: Any) -> Any:
+        self._check_target(target)
+        self.check_name(name, _describe(target))
+        if not isinstance(target, (type, types.ModuleType)):
+            static = inspect.getattr_static(target, name, None)
+            if isinstance(static, types.FunctionType):
+                return refs.METHOD  # called later with @callmethod: one round trip
+        return getattr(target, name)
+
+    def op_setattr(self, target: Any, name: Any, value: Any) -> None:
+        self._check_target(target)
+        if not self.allow_setattr:
+            raise PermissionError(f"setting attributes in compartment {self.compartment!r} is not "
+                                  "allowed (spec: allow_setattr)")
+        setattr(target, self.check_name(name, _describe(target)), value)
+
+    def op_call(self, target: Any, args: Any, kwargs: Any) -> Any:
+        self._check_target(target)
+        _check_arguments(args, kwargs)
+        if not callable(target):
+            raise TypeError(f"{_describe(target)} is not callable")
+        return target(*args, **kwargs)
+
+    def op_callmethod(self, target: Any, name: Any, args: Any, kwargs: Any) -> Any:
+        self._check_target(target)
+        _check_arguments(args, kwargs)
+        return getattr(target, self.check_name(name, _describe(target)))(*args, **kwargs)
+
+    def op_protocol(self, target: Any, op: Any, args: Any) -> Any:
+        self._check_target(target)
+        fn = _PROTOCOL.get(op) if type(op) is str else None
+        if fn is None or type(args) is not list:
+            raise TypeError(f"unknown operation {op!r}")
+        if op == "dir":
+            return sorted(n for n in dir(target) if exposed(n, self.expose))
+        return fn(target, *args)
+
+    def _check_target(self, target: Any) -> None:
+        if isinstance(target, MainRef):
+            raise TypeError("the target of an operation must be an object of this compartment")
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, types.ModuleType):
+        return f"module {obj.__name__!r}"
+    if isinstance(obj, type):
+        return f"class {obj.__qualname__!r}"
+    return f"{type(obj).__qualname__!r} object"
+
+
+def _check_arguments(args: Any, kwargs: Any) -> None:
+    if type(args) is not list or type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
+        raise TypeError("malformed call arguments")
+
+
+def _next(obj: Any) -> Any:
+    return next(obj, refs.END)
+
+
+def _exit(obj: Any, name: Any, message: Any) -> bool:
+    if name is None:
+        return bool(type(obj).__exit__(obj, None, None, None))
+    cls = ALLOWED_EXCEPTIONS.get(name, Exception) if type(name) is str else Exception
+    exc = cls(str(message))
+    return bool(type(obj).__exit__(obj, cls, exc, None))
+
+
+def _isinstance(obj: Any, cls: Any) -> bool:
+    if not isinstance(cls, type):
+        raise TypeError("isinstance() needs a class of this compartment")
+    return isinstance(obj, cls)
+
+
+def _issubclass(obj: Any, cls: Any) -> bool:
+    if not isinstance(cls, type) or not isinstance(obj, type):
+        raise TypeError("issubclass() needs classes of this compartment")
+    return issubclass(obj, cls)
+
+
+_PROTOCOL: dict[str, Callable[..., Any]] = {
+    "len": len, "iter": iter, "next": _next,
+    "getitem": lambda o, k: o[k], "delitem": lambda o, k: o.__delitem__(k),
+    "setitem": lambda o, k, v: o.__setitem__(k, v), "contains": lambda o, k: k in o,
+    "enter": lambda o: type(o).__enter__(o), "exit": _exit,
+    "repr": repr, "str": str, "bool": bool, "hash": hash,
+    "eq": lambda o, x: o == x, "ne": lambda o, x: o != x, "lt": lambda o, x: o < x,
+    "le": lambda o, x: o <= x, "gt": lambda o, x: o > x, "ge": lambda o, x: o >= x,
+    "isinstance": _isinstance, "issubclass": _issubclass, "dir": dir,
+}
+
+
+# -- references to main's objects, inside an instance ---------------------------------
+
+
+class MainRef:
+    """An object of ``main`` held by a compartment: opaque, except that a
+    callable one (a callback) can be called."""
+
+    __slots__ = ("_pc_peer", "_pc_handle", "_pc_count", "_pc_tname", "__weakref__")
+
+    def __repr__(self) -> str:
+        return f"<opaque reference to a {self._pc_tname} object of main>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a reference to an object of main cannot be pickled")
+
+    def __del__(self) -> None:
+        try:
+            self._pc_peer.released(self._pc_handle, self._pc_count)
+        except Exception:
+            pass
+
+
+class Callback(MainRef):
+    """A callable of ``main``: calling it runs it in main (``may_call``)."""
+
+    __slots__ = ()
+    call_out: Callable[[list[Any]], Any]  # set by the instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return Callback.call_out([self, list(args), kwargs])
+
+    def __repr__(self) -> str:
+        return f"<callback into main: {self._pc_tname}>"
+
+
+def instance_peer(server: ObjectServer) -> refs.Peer:
+    """The instance's Peer for its channel to main."""
+
+    def make_proxy(peer: refs.Peer, handle: int, type_key: str, flags: int, tname: str) -> MainRef:
+        ref = object.__new__(Callback if flags & refs.F_CALL else MainRef)
+        ref._pc_peer, ref._pc_handle, ref._pc_count, ref._pc_tname = peer, handle, 1, tname
+        return ref
+
+    def reference(peer: refs.Peer, value: Any) -> Any:
+        if isinstance(value, MainRef) and value._pc_peer is peer:
+            return refs.yours_ext(value._pc_handle)
+        if value is refs.END:
+            return refs.END_EXT
+        if value is refs.METHOD:
+            return refs.METHOD_EXT
+        return server.path_of(value)
+
+    def from_path(peer: refs.Peer, module: str, qualname: str, kind: str, mro: list[str]) -> Any:
+        return server.resolve(module, qualname)
+
+    return refs.Peer(server.compartment, make_proxy, reference, from_path)
+
+
+# -- main's side ------------------------------------------------------------------------
+
+
+class CallbackGate(CallServer):
+    """main's server for calls from one instance: callbacks only."""
+
+    def __init__(self, compartment: str, may_call_main: bool, peer: refs.Peer,
+                 audit: Any = None):
+        self.compartment = compartment
+        self.may_call_main = may_call_main
+        self.peer = peer
+        self.audit = audit
+
+    def execute(self, channel: Channel, call: Call) -> bytes:
+        conn = channel.conn
+        try:
+            result = self._run(call)
+            reply = conn.send_ok(call.id, self.peer.encode(result))
+            outcome = "ok"
+        except Exception as exc:
+            info = describe_exception(exc)
+            reply = conn.send_err(call.id, info)
+            outcome = f"error:{info.type_name}"
+        if self.audit is not None:
+            self.audit.record("callback", caller=self.compartment, callee="main", outcome=outcome)
+        return reply
+
+    def _run(self, call: Call) -> Any:
+        if not self.may_call_main:
+            raise EntrypointError(f"compartment {self.compartment!r} may not call back into main "
+                                  "(its spec's may_call does not list \"main\")")
+        if call.entrypoint != "@call":
+            raise EntrypointError(f"a compartment can only call main's callbacks, not "
+                                  f"{call.entrypoint!r}")
+        request = self.peer.decode(call.args)
+        if type(request) is not list or len(request) != 3:
+            raise TypeError("malformed callback request")
+        target, args, kwargs = request
+        _check_arguments(args, kwargs)
+        if not self.peer.exports.contains(target):
+            raise EntrypointError("a compartment can only call objects main passed to it")
+        if not callable(target):
+            raise TypeError(f"{type(target).__qualname__!r} object of main is not callable")
+        return target(*args, **kwargs)
+
+    def release(self, channel: Channel, handles: list[tuple[int, int]]) -> None:
+        for handle, count in handles:
+            if not self.peer.exports.release(handle, count):
+                channel.conn.violations += 1
+
+    def closed(self, channel: Channel) -> None:
+        self.peer.close()
+
+
+__all__ = ["ObjectServer", "MainRef", "Callback", "CallbackGate", "instance_peer", "builtins"]

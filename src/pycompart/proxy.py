@@ -1,0 +1,497 @@
+"""Stand-ins in ``main`` for what lives in a module compartment.
+
+* ``ModuleProxy``: what ``import yaml`` gives when ``yaml`` is placed in a
+  compartment. Attribute reads go to the compartment; functions, classes and
+  submodules come back as the stand-ins below and are cached.
+* ``PathFunction``: a module-level function of the compartment, called by
+  name on any instance (so it survives restarts).
+* ``RemoteClass``: a class of the compartment. Calling it makes an instance
+  over there and returns a ``RemoteObject``. ``isinstance(obj, cls)`` asks the
+  compartment whether the remote object is an instance of the remote class.
+  It cannot be subclassed in main.
+* ``RemoteObject``: a reference to one object in one instance. It forwards
+  attribute reads, method calls and the protocols its type supports (call,
+  len, iteration, indexing, ``in``, context manager, bool, ==/hash, ordering,
+  repr/str). Its proxy class defines only those, so ``callable()``,
+  ``hasattr(x, "__iter__")`` and friends answer as they would locally.
+* Exception stand-ins: an exception class of the compartment becomes a
+  synthesized subclass of ``RemoteError`` (and of the builtin exception it
+  derives from), built from names only; ``except yaml.YAMLError`` catches
+  what the compartment raised. Nothing the compartment names is imported.
+
+Requests go through ``Compartment.call``. A call made while this thread is
+running a callback for an instance of the same compartment is nested in it
+and goes to that instance (see ``pycompart.channel``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import types
+from typing import TYPE_CHECKING, Any
+
+from . import refs
+from .channel import serving, serving_any
+from .errors import CallTimeout, CompartmentCrashed, ProtocolError, RemoteError, RemoteTraceback, StaleReference
+from .gate import ALLOWED_EXCEPTIONS, rebuild_exception
+from .protocol import Err, ErrorInfo
+
+if TYPE_CHECKING:
+    from .monitor import InstanceHandle, Pool
+    from .spec import CompartmentSpec
+
+#: Dunder attributes that are data, not machinery: reachable unless the
+#: compartment's spec says otherwise.
+ALWAYS_EXPOSED = frozenset({"__version__", "__doc__", "__name__", "__qualname__", "__all__",
+                            "__module__"})
+
+
+def exposed(name: str, expose: frozenset[str] | tuple[str, ...]) -> bool:
+    return not name.startswith("_") or name in ALWAYS_EXPOSED or name in expose
+
+
+def places(spec: CompartmentSpec, module: str, qualname: str = "") -> bool:
+    """Whether ``module:qualname`` lives in ``spec``'s compartment."""
+    for placed in spec.modules:
+        if module == placed or module.startswith(placed + "."):
+            return True
+    return bool(qualname) and f"{module}:{qualname}" in spec.functions
+
+
+def dotted_in(spec: CompartmentSpec, dotted: str) -> bool:
+    return any(dotted.startswith(placed + ".") for placed in spec.modules) or \
+        any(dotted == f.replace(":", ".") for f in spec.functions)
+
+
+class Compartment:
+    """``main``'s view of one module compartment: its pool and stand-ins."""
+
+    def __init__(self, spec: CompartmentSpec, pool: Pool, on_timeout: Any = None):
+        self.name = spec.name
+        self.spec = spec
+        self.pool = pool
+        self.expose = frozenset(spec.expose)
+        self.on_timeout = on_timeout
+        self._paths: dict[tuple[str, str], Any] = {}
+        self._standins: dict[str, type] = {}
+        self._lock = threading.RLock()
+
+    # -- requests -------------------------------------------------------------
+
+    def call(self, inst: InstanceHandle | None, op: str, args: list[Any]) -> Any:
+        parent = 0
+        if inst is None:
+            for channel, rid in reversed(serving_any()):
+                owner = getattr(channel, "instance", None)
+                if owner is not None and owner.pool is self.pool and channel.failure is None:
+                    inst, parent = owner, rid  # nested: that instance is waiting on us
+                    break
+            else:
+                timeout = self.spec.call_timeout
+                inst = self.pool.pick(None if timeout is None else time.monotonic() + timeout)
+        else:
+            self.check_alive(inst)
+            parent = serving(inst.channel)
+        peer: refs.Peer = inst.peer  # type: ignore[attr-defined]
+        payload = peer.encode(args)
+        timeout = self.spec.call_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            reply = inst.channel.request(op, payload, deadline, parent)
+        except CallTimeout:
+            if self.on_timeout is not None:
+                self.on_timeout(self.name, op, inst.pid, timeout)
+            raise
+        if reply.__class__ is Err:
+            raise self.exception(reply.error)  # type: ignore[union-attr]
+        return peer.decode(reply.value)  # type: ignore[union-attr]
+
+    def check_alive(self, inst: InstanceHandle) -> None:
+        failure = inst.channel.failure
+        if failure is None:
+            return
+        if any(other.generation > inst.generation for other in self.pool.ready):
+            raise StaleReference(f"this reference points into an instance of compartment "
+                                 f"{self.name!r} (pid {inst.pid}) that {inst.status_text} and was "
+                                 "replaced; the object died with it")
+        raise failure
+
+    # -- exceptions -----------------------------------------------------------
+
+    def exception(self, info: ErrorInfo) -> Exception:
+        if info.mro and info.mro[0] == info.type_name and dotted_in(self.spec, info.type_name):
+            cls = self.standin(info.mro)
+            exc = cls(info.type_name, info.message, info.traceback)
+            if info.args:
+                exc.args = tuple(info.args)
+            exc.__cause__ = RemoteTraceback(
+                f'"""\nTraceback from compartment {self.name!r}:\n{info.traceback}"""')
+            exc.remote_compartment = self.name  # type: ignore[attr-defined]
+            return exc
+        return rebuild_exception(info, self.name)
+
+    def standin(self, mro: list[str]) -> type:
+        """The stand-in class for the compartment's exception class ``mro[0]``."""
+        name = mro[0]
+        with self._lock:
+            cls = self._standins.get(name)
+            if cls is not None:
+                return cls
+            bases: tuple[type, ...] = (RemoteError,)
+            for i, ancestor in enumerate(mro[1:], 1):
+                if dotted_in(self.spec, ancestor):
+                    bases = (self.standin(mro[i:]),)
+                    break
+                builtin = ALLOWED_EXCEPTIONS.get(ancestor)
+                if builtin is not None:
+                    if builtin is not Exception:
+                        bases = (RemoteError, builtin)
+                    break
+            module, _, qualname = name.rpartition(".")
+            ns = {"__module__": module, "__qualname__": qualname, "__str__": _standin_str,
+                  "__pycompart_standin__": (self.name, name)}
+            try:
+                cls = type(qualname.rpartition(".")[2], bases, ns)
+            except TypeError:  # an incompatible builtin layout: RemoteError alone
+                cls = type(qualname.rpartition(".")[2], (RemoteError,), ns)
+            self._standins[name] = cls
+            return cls
+
+    # -- stand-ins by name ----------------------------------------------------------
+
+    def from_path(self, peer: refs.Peer, module: str, qualname: str, kind: str, mro: list[str]) -> Any:
+        if not places(self.spec, module, qualname):
+            raise ProtocolError(f"compartment {self.name!r} named {module}:{qualname}, which is not "
+                                "placed in it")
+        return self.path_object(module, qualname, kind, mro)
+
+    def path_object(self, module: str, qualname: str, kind: str, mro: list[str] | None = None) -> Any:
+        key = (module, qualname)
+        with self._lock:
+            obj = self._paths.get(key)
+            if obj is not None:
+                return obj
+            if kind == "module":
+                import sys
+
+                existing = sys.modules.get(module)
+                obj = existing if isinstance(existing, ModuleProxy) else ModuleProxy(self, module)
+            elif kind == "exception" and mro:
+                obj = self.standin(mro)
+            elif kind == "class":
+                obj = _remote_class(self, module, qualname)
+            else:
+                obj = PathFunction(self, module, qualname)
+            self._paths[key] = obj
+            return obj
+
+    # -- the peer of one instance ---------------------------------------------------
+
+    def make_peer(self) -> refs.Peer:
+        return refs.Peer(self.name, self._make_proxy, self._reference, self.from_path)
+
+    def _make_proxy(self, peer: refs.Peer, handle: int, type_key: str, flags: int, tname: str) -> Any:
+        proxy = object.__new__(_proxy_class(flags))
+        set_ = object.__setattr__
+        set_(proxy, "_pc_peer", peer)
+        set_(proxy, "_pc_handle", handle)
+        set_(proxy, "_pc_count", 1)
+        set_(proxy, "_pc_type", type_key)
+        set_(proxy, "_pc_tname", tname)
+        set_(proxy, "_pc_comp", self)
+        set_(proxy, "_pc_inst", peer.instance)  # type: ignore[attr-defined]
+        return proxy
+
+    def _reference(self, peer: refs.Peer, value: Any) -> Any:
+        if isinstance(value, RemoteObject):
+            if value._pc_peer is peer:
+                return refs.yours_ext(value._pc_handle)
+            return None  # another instance's object: passed on as one of main's
+        path = getattr(type(value), "__pycompart_path__", None) if not isinstance(value, type) else None
+        if isinstance(value, (ModuleProxy, PathFunction)) or isinstance(value, RemoteClassMeta):
+            path = value.__pycompart_path__
+        elif isinstance(value, type) and "__pycompart_standin__" in value.__dict__:
+            comp, name = value.__pycompart_standin__
+            if comp == self.name:
+                module, _, qualname = name.rpartition(".")
+                return refs.path_ext(module, qualname, "exception")
+            return None
+        else:
+            path = None
+        if path is not None and path[0] == self.name:
+            return refs.path_ext(path[1], path[2], path[3])
+        if isinstance(value, types.ModuleType):
+            return None  # main's modules never cross (to_wire refuses)
+        return None
+
+
+def _standin_str(self: RemoteError) -> str:
+    return self.message
+
+
+class ModuleProxy(types.ModuleType):
+    """A module placed in a compartment, as seen from elsewhere."""
+
+    __pycompart_proxy__ = True
+
+    def __init__(self, comp: Compartment, name: str):
+        super().__init__(name)
+        self.__dict__["__pycompart_comp__"] = comp
+        self.__dict__["__pycompart_path__"] = (comp.name, name, "", "module")
+
+    def __getattr__(self, name: str) -> Any:
+        comp: Compartment = self.__dict__["__pycompart_comp__"]
+        if not exposed(name, comp.expose):
+            raise AttributeError(f"module {self.__name__!r} (in compartment {comp.name!r}) does "
+                                 f"not expose {name!r} (add it to the compartment's expose list)")
+        value = comp.call(None, "@getattr", [self, name])
+        if isinstance(value, (ModuleProxy, PathFunction, RemoteClassMeta)) or (
+                isinstance(value, type) and "__pycompart_standin__" in value.__dict__):
+            self.__dict__[name] = value  # functions, classes, submodules do not change
+        return value
+
+    def __dir__(self) -> list[str]:
+        comp: Compartment = self.__dict__["__pycompart_comp__"]
+        return list(comp.call(None, "@op", [self, "dir", []]))
+
+    def __repr__(self) -> str:
+        comp: Compartment = self.__dict__["__pycompart_comp__"]
+        return f"<module {self.__name__!r} in compartment {comp.name!r}>"
+
+
+class PathFunction:
+    """A function of a module compartment, called by name."""
+
+    def __init__(self, comp: Compartment, module: str, qualname: str):
+        self._pc_comp = comp
+        self.__pycompart_path__ = (comp.name, module, qualname, "function")
+        self.__module__ = module
+        self.__qualname__ = qualname
+        self.__name__ = qualname.rpartition(".")[2]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._pc_comp.call(None, "@call", [self, list(args), kwargs])
+
+    def __getattr__(self, name: str) -> Any:
+        if not exposed(name, self._pc_comp.expose):
+            raise AttributeError(name)
+        return self._pc_comp.call(None, "@getattr", [self, name])
+
+    def __repr__(self) -> str:
+        return f"<function {self.__module__}.{self.__qualname__} in compartment {self._pc_comp.name!r}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a function of another compartment cannot be pickled")
+
+
+class RemoteClassMeta(type):
+    """Metaclass of the classes of a compartment, as seen from main."""
+
+    def __new__(mcls, *args: Any, **kwargs: Any) -> Any:  # noqa: N804
+        raise TypeError("a class that lives in another compartment cannot be subclassed here "
+                        "(its instances exist only in that compartment's process)")
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return cls._pc_comp.call(None, "@call", [cls, list(args), kwargs])
+
+    def __getattr__(cls, name: str) -> Any:
+        comp: Compartment = type.__getattribute__(cls, "_pc_comp")
+        if not exposed(name, comp.expose):
+            raise AttributeError(f"{cls.__qualname__} (in compartment {comp.name!r}) does not "
+                                 f"expose {name!r}")
+        return comp.call(None, "@getattr", [cls, name])
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        if not isinstance(obj, RemoteObject) or obj._pc_comp is not cls._pc_comp:
+            return False
+        key = (obj._pc_type, cls.__pycompart_path__)
+        cache = cls._pc_comp.__dict__.setdefault("_isinstance_cache", {})
+        answer = cache.get(key)
+        if answer is None:
+            answer = bool(obj._pc_comp.call(obj._pc_inst, "@op", [obj, "isinstance", [cls]]))
+            if len(cache) < 10000:
+                cache[key] = answer
+        return answer
+
+    def __subclasscheck__(cls, sub: Any) -> bool:
+        if sub is cls:
+            return True
+        if not isinstance(sub, RemoteClassMeta) or sub._pc_comp is not cls._pc_comp:
+            return False
+        return bool(cls._pc_comp.call(None, "@op", [sub, "issubclass", [cls]]))
+
+    def __repr__(cls) -> str:
+        return f"<class '{cls.__module__}.{cls.__qualname__}' in compartment {cls._pc_comp.name!r}>"
+
+
+def _remote_class(comp: Compartment, module: str, qualname: str) -> type:
+    ns = {"__module__": module, "__qualname__": qualname, "_pc_comp": comp,
+          "__pycompart_path__": (comp.name, module, qualname, "class"), "__slots__": ()}
+    return type.__new__(RemoteClassMeta, qualname.rpartition(".")[2], (), ns)
+
+
+# -- remote objects -----------------------------------------------------------------
+
+
+class RemoteObject:
+    """A reference to an object in one instance of a compartment."""
+
+    __slots__ = ("_pc_peer", "_pc_handle", "_pc_count", "_pc_type", "_pc_tname", "_pc_comp",
+                 "_pc_inst", "_pc_hash", "__weakref__")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_pc_"):
+            raise AttributeError(name)
+        comp = self._pc_comp
+        if not exposed(name, comp.expose):
+            raise AttributeError(f"{self._pc_tname} object (in compartment {comp.name!r}) does "
+                                 f"not expose {name!r}")
+        methods = self._pc_peer.methods.get(self._pc_type)
+        if methods is not None and name in methods:
+            return RemoteMethod(self, name)
+        value = comp.call(self._pc_inst, "@getattr", [self, name])
+        if value is refs.METHOD:
+            peer = self._pc_peer
+            if len(peer.methods) < 4096:
+                peer.methods.setdefault(self._pc_type, set()).add(name)
+            return RemoteMethod(self, name)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        comp = self._pc_comp
+        if not comp.spec.allow_setattr:
+            raise AttributeError(f"cannot set {name!r} on a {self._pc_tname} object of compartment "
+                                 f"{comp.name!r}: setting attributes on remote objects is not "
+                                 "allowed (spec: allow_setattr = true)")
+        if not exposed(name, comp.expose):
+            raise AttributeError(f"{self._pc_tname} object (in compartment {comp.name!r}) does "
+                                 f"not expose {name!r}")
+        comp.call(self._pc_inst, "@setattr", [self, name, value])
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete attributes of a {self._pc_tname} object of "
+                             f"compartment {self._pc_comp.name!r}")
+
+    def _pc_op(self, op: str, *args: Any) -> Any:
+        return self._pc_comp.call(self._pc_inst, "@op", [self, op, list(args)])
+
+    def __repr__(self) -> str:
+        try:
+            return self._pc_op("repr")
+        except Exception:
+            return f"<remote {self._pc_tname} object in compartment {self._pc_comp.name!r}>"
+
+    def __str__(self) -> str:
+        return self._pc_op("str")
+
+    def __dir__(self) -> list[str]:
+        return list(self._pc_op("dir"))
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"a reference to a {self._pc_tname} object of compartment "
+                        f"{self._pc_comp.name!r} cannot be pickled or copied")
+
+    def __del__(self) -> None:
+        try:
+            self._pc_peer.released(self._pc_handle, self._pc_count)
+        except Exception:
+            pass
+
+
+class RemoteMethod:
+    """``obj.method`` of a remote object: calling it is one round trip."""
+
+    __slots__ = ("obj", "name")
+
+    def __init__(self, obj: RemoteObject, name: str):
+        self.obj = obj
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        obj = self.obj
+        return obj._pc_comp.call(obj._pc_inst, "@callmethod", [obj, self.name, list(args), kwargs])
+
+    def __repr__(self) -> str:
+        return f"<remote method {self.obj._pc_tname}.{self.name} in compartment {self.obj._pc_comp.name!r}>"
+
+
+def _call(self: RemoteObject, *args: Any, **kwargs: Any) -> Any:
+    return self._pc_comp.call(self._pc_inst, "@call", [self, list(args), kwargs])
+
+
+def _next(self: RemoteObject) -> Any:
+    value = self._pc_op("next")
+    if value is refs.END:
+        raise StopIteration
+    return value
+
+
+def _exit(self: RemoteObject, exc_type: Any, exc: Any, tb: Any) -> bool:
+    if exc is None:
+        return bool(self._pc_op("exit", None, None))
+    name = type(exc).__qualname__ if type(exc).__module__ == "builtins" else "Exception"
+    try:
+        message = str(exc)
+    except Exception:
+        message = ""
+    return bool(self._pc_op("exit", name, message))
+
+
+def _hash(self: RemoteObject) -> int:
+    try:
+        return self._pc_hash
+    except AttributeError:
+        value = self._pc_op("hash")
+        if type(value) is not int:
+            raise ProtocolError("a remote __hash__ returned a non-integer")
+        object.__setattr__(self, "_pc_hash", value)
+        return value
+
+
+def _simple(op: str) -> Any:
+    def method(self: RemoteObject, *args: Any) -> Any:
+        return self._pc_op(op, *args)
+    method.__name__ = f"__{op}__"
+    return method
+
+
+_PROTOCOLS: list[tuple[int, dict[str, Any]]] = [
+    (refs.F_CALL, {"__call__": _call}),
+    (refs.F_LEN, {"__len__": _simple("len")}),
+    (refs.F_ITER, {"__iter__": _simple("iter")}),
+    (refs.F_NEXT, {"__next__": _next}),
+    (refs.F_GETITEM, {"__getitem__": _simple("getitem")}),
+    (refs.F_SETITEM, {"__setitem__": _simple("setitem")}),
+    (refs.F_DELITEM, {"__delitem__": _simple("delitem")}),
+    (refs.F_CONTAINS, {"__contains__": _simple("contains")}),
+    (refs.F_CONTEXT, {"__enter__": _simple("enter"), "__exit__": _exit}),
+    (refs.F_BOOL, {"__bool__": _simple("bool")}),
+    (refs.F_EQ, {"__eq__": _simple("eq"), "__ne__": _simple("ne"), "__hash__": None}),
+    (refs.F_HASH, {"__hash__": _hash}),
+    (refs.F_ORDER, {"__lt__": _simple("lt"), "__le__": _simple("le"), "__gt__": _simple("gt"),
+                    "__ge__": _simple("ge")}),
+]
+_classes: dict[int, type] = {}
+
+
+def _proxy_class(flags: int) -> type:
+    cls = _classes.get(flags)
+    if cls is None:
+        ns: dict[str, Any] = {"__slots__": ()}
+        for bit, methods in _PROTOCOLS:
+            if flags & bit:
+                ns.update(methods)
+        cls = type("RemoteObject", (RemoteObject,), ns)
+        cls.__module__ = "pycompart.proxy"
+        _classes[flags] = cls
+    return cls
+
+
+def is_remote(value: Any) -> bool:
+    """Whether ``value`` is a stand-in for something in a compartment."""
+    return isinstance(value, (RemoteObject, RemoteMethod, ModuleProxy, PathFunction, RemoteClassMeta))
+
+
+__all__ = ["Compartment", "ModuleProxy", "PathFunction", "RemoteClassMeta", "RemoteObject",
+           "RemoteMethod", "is_remote", "CompartmentCrashed"]

@@ -1,0 +1,195 @@
+"""A module the tests place in a compartment ("box"). Never imported in the
+test process itself: it reaches the tests through the import hook."""
+
+import os
+import threading
+
+VERSION = "1.2"
+TABLE = {"a": [1, 2, (3, 4)], (1, 2): {5}}
+_private_value = "hidden"
+__secret__ = "dunder"
+
+
+class BoxError(ValueError):
+    pass
+
+
+class DeepError(BoxError):
+    pass
+
+
+class Counter:
+    """Supports most protocols, so the proxy class gets most dunders."""
+
+    def __init__(self, name, values=()):
+        self.name = name
+        self.values = list(values)
+        self._hidden = "hidden"
+        self.entered = 0
+
+    def add(self, value):
+        self.values.append(value)
+        return self
+
+    def total(self, scale=1):
+        return sum(self.values) * scale
+
+    def __len__(self):
+        return len(self.values)
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __getitem__(self, index):
+        return self.values[index]
+
+    def __setitem__(self, index, value):
+        self.values[index] = value
+
+    def __contains__(self, value):
+        return value in self.values
+
+    def __enter__(self):
+        self.entered += 1
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.entered -= 1
+        return exc_type is KeyError  # swallows KeyError only
+
+    def __eq__(self, other):
+        return isinstance(other, Counter) and other.values == self.values
+
+    def __hash__(self):
+        return hash(tuple(self.values))
+
+    def __lt__(self, other):
+        return self.total() < other.total()
+
+    def __repr__(self):
+        return f"Counter({self.name!r}, {self.values})"
+
+    def __str__(self):
+        return f"counter {self.name}"
+
+
+class Opaque:
+    pass
+
+
+def make(name, *values):
+    return Counter(name, values)
+
+
+def make_many(n):
+    return [Opaque() for _ in range(n)]
+
+
+def exported():
+    """How many objects this instance holds for main."""
+    from pycompart.objects import Callback
+
+    return len(Callback.call_out.__self__.peer.exports)
+
+
+def held_callbacks():
+    from pycompart.objects import Callback
+
+    return len(Callback.call_out.__self__.peer.proxies)
+
+
+def apply(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+def sort_with(items, key):
+    return sorted(items, key=key)
+
+
+def nest(fn, depth):
+    """main's fn calls back into nest: A -> B -> A -> B ..."""
+    return fn(depth)
+
+
+def threaded(fn, n):
+    """Call fn from n threads of this compartment at once."""
+    results = [None] * n
+    errors = []
+
+    def work(i):
+        try:
+            results[i] = fn(i)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return results
+
+
+_kept = []
+
+
+def keep(fn):
+    _kept.append(fn)
+    return len(_kept)
+
+
+def call_kept():
+    return [fn() for fn in _kept]
+
+
+def fail(deep=False):
+    raise (DeepError if deep else BoxError)("it failed", 7)
+
+
+def pid():
+    return os.getpid()
+
+
+def crash():
+    os.kill(os.getpid(), 9)
+
+
+def read_shared():
+    import pc_test_config
+
+    return pc_test_config.LIMIT, sorted(n for n in dir(pc_test_config) if not n.startswith("_"))
+
+
+def forge(op, handle, *rest):
+    """Send main a hand-made request naming one of main's handles."""
+    from pycompart import refs
+    from pycompart.channel import serving
+    from pycompart.objects import Callback
+
+    server = Callback.call_out.__self__
+    payload = refs._encoder.encode([refs.yours_ext(handle), *rest])
+    reply = server.channel.request(op, payload, None, serving(server.channel) or server.active[-1])
+    if reply.__class__.__name__ == "Err":
+        return ("error", reply.error.type_name, reply.error.message)
+    return ("ok", server.peer.decode(reply.value))
+
+
+_late = []
+
+
+def call_later(fn):
+    """Call fn from a thread of ours once main's call has returned."""
+    import time
+
+    def work():
+        time.sleep(0.2)
+        try:
+            _late.append(("ok", fn()))
+        except Exception as exc:
+            _late.append(("error", type(exc).__name__, str(exc)))
+    threading.Thread(target=work).start()
+
+
+def late_result():
+    return list(_late)

@@ -1,0 +1,322 @@
+"""Module compartments: the import hook, remote references, callbacks,
+exposure policy, shared data, and what happens when instances die."""
+
+import gc
+import os
+import sys
+import threading
+import time
+import types
+
+import pytest
+
+import pycompart
+from pycompart.proxy import ModuleProxy, RemoteObject
+
+
+def box_app(make_app, **extra):
+    spec = {"modules": ["boxlib"], "may_call": ["main"], "restart_backoff": "10ms"}
+    privileges = extra.pop("privileges", {"syscalls": "python-threads"})
+    spec.update(extra)
+    spec["privileges"] = privileges
+    app = make_app({"compartments": {"box": spec}})
+    return app
+
+
+@pytest.fixture
+def boxed(make_app):
+    """A started app with boxlib placed in compartment "box"; yields the
+    proxy module."""
+    app = box_app(make_app)
+    app.start(import_hook=True)
+    import boxlib
+
+    yield boxlib
+    del sys.modules["boxlib"]
+    app.stop()
+
+
+def test_import_gives_a_proxy_module_run_elsewhere(boxed):
+    import boxlib
+    from boxlib import VERSION, make
+
+    assert isinstance(boxlib, ModuleProxy) and boxlib is boxed
+    assert VERSION == "1.2"
+    assert boxlib.TABLE == {"a": [1, 2, (3, 4)], (1, 2): {5}}  # containers keep their types
+    assert boxlib.pid() != os.getpid()
+    assert make("c", 1).total() == 1
+    assert "boxlib" not in {m.__name__ for m in sys.modules.values()
+                           if isinstance(m, types.ModuleType) and not isinstance(m, ModuleProxy)}
+    with pytest.raises(AttributeError):
+        boxlib.no_such_name
+    assert "make" in dir(boxlib)
+
+
+def test_missing_placed_module_is_an_import_error(make_app):
+    app = make_app({"compartments": {"box": {"modules": ["boxlib"]}}})
+    app.start(import_hook=True)
+    with pytest.raises(ModuleNotFoundError):
+        import boxlib.nothing_here  # noqa: F401
+    del sys.modules["boxlib"]
+
+
+def test_remote_objects_forward_methods_attributes_and_protocols(boxed):
+    c = boxed.make("c", 3, 1, 2)
+    assert isinstance(c, RemoteObject)
+    assert c.name == "c" and c.values == [3, 1, 2]  # attributes by value
+    assert c.total(scale=2) == 12
+    assert c.add(5) is c  # the same remote object gives the same proxy
+    assert len(c) == 4 and list(c) == [3, 1, 2, 5] and c[0] == 3 and 5 in c and 9 not in c
+    c[0] = 10
+    assert c[0] == 10
+    assert repr(c) == "Counter('c', [10, 1, 2, 5])" and str(c) == "counter c" and f"{c}" == "counter c"
+    with c as inner:
+        assert inner is c and c.entered == 1
+    assert c.entered == 0
+    with c:
+        raise KeyError("swallowed by the remote __exit__")
+    with pytest.raises(ValueError):
+        with c:
+            raise ValueError("not swallowed")
+    d = boxed.make("d", 10, 1, 2, 5)
+    assert c == d and hash(c) == hash(d) and c != boxed.make("e")
+    assert boxed.make("small", 1) < c
+    assert callable(boxed.make) and not callable(c)
+    assert hasattr(c, "__len__") and not hasattr(boxed.make("o").add(1), "__call__")
+
+
+def test_isinstance_against_proxied_classes(boxed):
+    c = boxed.make("c")
+    assert isinstance(c, boxed.Counter)
+    assert not isinstance(c, boxed.Opaque) and not isinstance(3, boxed.Counter)
+    assert isinstance(boxed.Counter("x"), boxed.Counter)
+    assert issubclass(boxed.Counter, boxed.Counter)
+    with pytest.raises(TypeError, match="cannot be subclassed"):
+        class Mine(boxed.Counter):  # noqa: F841
+            pass
+
+
+def test_exceptions_become_catchable_stand_ins(boxed):
+    with pytest.raises(boxed.BoxError) as info:
+        boxed.fail(deep=True)
+    exc = info.value
+    assert type(exc) is boxed.DeepError and isinstance(exc, ValueError)
+    assert isinstance(exc, pycompart.RemoteError) and str(exc) == "('it failed', 7)"
+    assert exc.args == ("it failed", 7) and "Traceback" in exc.remote_traceback
+    assert type(exc).__module__ == "boxlib" and type(exc).__name__ == "DeepError"
+
+
+def test_callbacks_run_in_main(boxed):
+    main_pid = os.getpid()
+    assert boxed.apply(lambda x, y=0: (os.getpid(), x + y), 2, y=3) == (main_pid, 5)
+    items = [boxed.make(n, v) for n, v in (("a", 3), ("b", 1), ("c", 2))]
+    ordered = boxed.sort_with(items, key=lambda c: c.total())  # the key calls back into the box
+    assert [c.name for c in ordered] == ["b", "c", "a"]
+    assert ordered[0] is items[1]
+    with pytest.raises(ZeroDivisionError):
+        boxed.apply(lambda: 1 / 0)
+
+
+def test_callbacks_nest_without_deadlock(boxed):
+    def fn(depth):
+        return 0 if depth == 0 else boxed.nest(fn, depth - 1) + 1
+
+    assert boxed.nest(fn, 6) == 6
+
+
+def test_callbacks_from_16_threads_each_side(boxed):
+    """16 threads in main call the box; the box calls back from 4 threads of
+    its own, and each callback calls into the box again."""
+    errors = []
+
+    def callback(i):
+        return boxed.nest(lambda d: d * 10 + i, 1)
+
+    def worker(t):
+        try:
+            for _ in range(3):
+                assert boxed.threaded(callback, 4) == [10, 11, 12, 13]
+                assert boxed.nest(lambda d: boxed.apply(lambda: d + t), 2) == 2 + t
+        except BaseException as exc:
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert not errors, errors
+
+
+def test_callbacks_need_may_call(make_app):
+    app = box_app(make_app, may_call=[])
+    app.start(import_hook=True)
+    import boxlib
+
+    try:
+        with pytest.raises(pycompart.EntrypointError, match="may_call"):
+            boxlib.apply(lambda: 1)
+        # The instance's own check can be bypassed by its code: main refuses too.
+        assert boxlib.forge("@call", 1, [], {})[0] == "error"
+    finally:
+        del sys.modules["boxlib"]
+
+
+def test_a_callback_outside_any_call_is_refused(boxed):
+    boxed.keep(lambda: "kept")
+    assert boxed.call_kept() == ["kept"]  # later, inside another call: fine
+    # From the box's own thread with no call from main in flight there is no
+    # thread in main to run it: the box gets an error, main is not disturbed.
+    boxed.call_later(lambda: "late")
+    time.sleep(0.6)
+    result = boxed.late_result()
+    assert result and result[0][:2] == ("error", "EntrypointError"), result
+    assert "while main is calling" in result[0][2]
+
+
+def test_compartment_cannot_reach_mains_objects(boxed):
+    secret = {"key": "main's secret"}
+    cb = lambda: secret["key"]  # noqa: E731
+    assert boxed.keep(cb) >= 1
+    for op, rest in (("@getattr", ["__globals__"]), ("@op", ["repr", []]),
+                     ("@callmethod", ["__call__", [], {}]), ("@import", [])):
+        for handle in range(1, 8):
+            outcome = boxed.forge(op, handle, *rest)
+            assert outcome[0] == "error", (op, handle, outcome)
+    # Forged handles that main never exported are refused.
+    assert boxed.forge("@call", 10_000, [], {})[0] == "error"
+    # A callback cannot hand over main's modules or globals.
+    with pytest.raises(TypeError, match="module"):
+        boxed.apply(lambda: os)
+    with pytest.raises(TypeError, match="globals"):
+        boxed.apply(lambda: globals())
+    with pytest.raises(TypeError, match="globals"):
+        boxed.apply(lambda: vars(sys.modules[__name__]))
+
+
+def test_exposure_policy(boxed):
+    c = boxed.make("c")
+    for get in (lambda: boxed._private_value, lambda: boxed.__secret__, lambda: c._hidden,
+                lambda: c.__dict__, lambda: boxed.__builtins__, lambda: boxed.__dict__["x"],
+                lambda: boxed.make.__globals__, lambda: boxed.Counter.__secret__):
+        with pytest.raises((AttributeError, KeyError)):
+            get()
+    assert c.__class__.__module__ == "pycompart.proxy"  # the local proxy class, not the remote one
+    with pytest.raises(AttributeError, match="allow_setattr"):
+        c.name = "changed"
+    assert c.name == "c"
+
+
+def test_expose_and_allow_setattr(make_app):
+    app = box_app(make_app, expose=["_private_value", "_hidden"], allow_setattr=True)
+    app.start(import_hook=True)
+    import boxlib
+
+    try:
+        assert boxlib._private_value == "hidden"
+        c = boxlib.make("c")
+        assert c._hidden == "hidden"
+        c.name = "renamed"
+        assert c.name == "renamed"
+        with pytest.raises(AttributeError):
+            c.__dict__
+    finally:
+        del sys.modules["boxlib"]
+
+
+def test_shared_data_is_copied_in_at_instance_start(make_app):
+    cfg = types.ModuleType("pc_test_config")
+    cfg.LIMIT = {"max": 5}
+    cfg.OTHER = "not shared"
+    sys.modules["pc_test_config"] = cfg
+    try:
+        app = box_app(make_app, shared=["pc_test_config:LIMIT"])
+        app.start(lazy=True, import_hook=True)
+        cfg.LIMIT = {"max": 7}  # the value at instance start counts
+        import boxlib
+
+        assert boxlib.read_shared() == ({"max": 7}, ["LIMIT"])  # only the shared name
+        del sys.modules["boxlib"]
+    finally:
+        del sys.modules["pc_test_config"]
+
+
+def test_shared_data_must_be_plain_and_exist(make_app):
+    app = box_app(make_app, shared=["pc_no_such_module:X"])
+    app.start(lazy=True, import_hook=True)
+    try:
+        with pytest.raises(pycompart.CompartmentUnavailable, match="does not exist in main"):
+            import boxlib  # noqa: F401  (the import asks the compartment, which cannot start)
+    finally:
+        sys.modules.pop("boxlib", None)
+
+
+def test_released_references_do_not_accumulate(boxed):
+    """100k remote objects created and dropped: both export tables stay small."""
+    for _ in range(100):
+        batch = boxed.make_many(1000)
+        assert len(batch) == 1000
+        del batch
+    assert boxed.exported() < 1100
+    for i in range(2000):
+        boxed.make("x", i)
+    assert boxed.exported() < 10
+    for i in range(300):
+        boxed.apply(lambda: i)
+    assert boxed.held_callbacks() < 10
+
+
+def test_references_survive_gc_while_held(boxed):
+    c = boxed.make("keep", 1)
+    for _ in range(50):
+        boxed.make_many(10)
+    gc.collect()
+    assert c.total() == 1
+
+
+def test_dead_compartment_then_stale_reference(make_app):
+    app = box_app(make_app, restart_backoff="300ms")
+    app.start(import_hook=True)
+    import boxlib
+
+    try:
+        c = boxlib.make("c", 1)
+        old = app.instances("box")
+        with pytest.raises(pycompart.CompartmentCrashed):
+            boxlib.crash()
+        with pytest.raises(pycompart.CompartmentCrashed):
+            c.total()  # dead, not yet replaced
+        deadline = time.monotonic() + 10
+        while (not app.instances("box") or app.instances("box") == old) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(pycompart.StaleReference, match="replaced"):
+            c.total()
+        assert boxlib.make("new", 2).total() == 2  # module proxies move on
+    finally:
+        del sys.modules["boxlib"]
+
+
+def test_functions_placement(make_app, tmp_path, monkeypatch):
+    (tmp_path / "pc_fnmod.py").write_text(
+        "import os\n"
+        "def where():\n    return os.getpid()\n"
+        "def here():\n    return os.getpid()\n")
+    tmp_path.chmod(0o755)  # the compartment runs as nobody
+    (tmp_path / "pc_fnmod.py").chmod(0o644)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    app = make_app({"compartments": {"box": {"functions": ["pc_fnmod:where"]}}})
+    app.start(import_hook=True)
+    try:
+        import pc_fnmod
+
+        assert pc_fnmod.here() == os.getpid()
+        assert pc_fnmod.where() != os.getpid()
+    finally:
+        sys.modules.pop("pc_fnmod", None)
+
+
+def test_module_already_imported_in_main_cannot_be_boxed(make_app):
+    app = make_app({"compartments": {"box": {"modules": ["json"]}}})
+    with pytest.raises(pycompart.PycompartError, match="already imported"):
+        app.start(import_hook=True)
+    app.stop()
