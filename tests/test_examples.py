@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -15,3 +17,121 @@ def test_hostile_parser_demo_survives():
     assert "rejected: not a TIMG file" in out
     assert out.count("Header(") == 3  # every good image parsed, also after the crash
     assert "main survived; parser instances replaced after a crash: 1" in out
+
+
+PYCOMPART = [sys.executable, "-m", "pycompart"]
+
+
+def _stage(tmp_path, name):
+    """A world-readable copy of an example: its compartment runs as nobody."""
+    import shutil
+
+    dest = tmp_path / name
+    shutil.copytree(os.path.join(ROOT, "examples", name), dest,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [tmp_path, *dest.rglob("*"), dest]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return dest
+
+
+def test_yaml_example_same_output_boxed(tmp_path):
+    """A real PyPI parser (PyYAML) fed hostile input: malformed documents, a
+    code-execution tag, 3000-deep nesting, invalid bytes, a dangling alias.
+    Boxed, the unmodified script prints exactly what it prints unboxed."""
+    import yaml  # noqa: F401  (a test dependency: this must not be skipped)
+    where = _stage(tmp_path, "yaml_box")
+    inputs = sorted(str(p.relative_to(where)) for p in (where / "inputs").iterdir())
+    plain = subprocess.run([sys.executable, "show_config.py", *inputs], cwd=where,
+                           capture_output=True, text=True, timeout=60)
+    boxed = subprocess.run([*PYCOMPART, "run", "app.toml", "--", "show_config.py", *inputs],
+                           cwd=where, capture_output=True, text=True, timeout=120)
+    assert boxed.stdout == plain.stdout, boxed.stderr
+    assert boxed.returncode == plain.returncode == 1
+    assert "rejected (ConstructorError)" in boxed.stdout and "nested too deeply" in boxed.stdout
+    assert '"released": "2026-11-02"' in boxed.stdout  # a date crossed as a remote reference
+    good = (where / "inputs" / "good.yaml").read_text()
+    piped = subprocess.run([*PYCOMPART, "run", "app.toml", "show_config.py", "-"], cwd=where,
+                           input=good, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and '"service": "thumbnailer"' in piped.stdout, piped.stderr
+
+
+def test_malicious_dependency_is_contained(tmp_path):
+    """prettycolors tries, at import and on every call, to read SSH keys and
+    environment secrets, write to $HOME and phone home. Unboxed every attempt
+    works (the twin); boxed every one fails and the program still works."""
+    import socket
+    import threading
+
+    import pathlib
+    import shutil
+    import tempfile
+
+    where = _stage(tmp_path, "malicious_dep")
+    # Outside pytest's 0700 directory: nobody can traverse to it, so only the
+    # kernel sandbox (not file permissions) stands between the attack and it.
+    outside = pathlib.Path(tempfile.mkdtemp(prefix="pycompart-home-"))
+    outside.chmod(0o755)
+    home = outside / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_rsa").write_text("-----BEGIN TEST KEY-----\n")
+    # Readable and writable by anyone: only the compartment's sandbox can stop it.
+    (home / ".ssh" / "id_rsa").chmod(0o644)
+    (home / ".ssh").chmod(0o755)
+    home.chmod(0o777)
+    collector = socket.socket()
+    collector.bind(("127.0.0.1", 0))
+    collector.listen()
+    collector.settimeout(0.2)
+    (where / "collector_port").write_text(str(collector.getsockname()[1]))
+    (where / "collector_port").chmod(0o644)
+    loot: list[bytes] = []
+    stop = threading.Event()
+
+    def collect():
+        while not stop.is_set():
+            try:
+                conn, _ = collector.accept()
+            except OSError:
+                continue
+            with conn:
+                loot.append(conn.recv(4096))
+    thread = threading.Thread(target=collect)
+    thread.start()
+    env = dict(os.environ, HOME=str(home), API_TOKEN="tok-123-secret")
+    try:
+        plain = subprocess.run([sys.executable, "app.py", "hello"], cwd=where, env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert plain.returncode == 0, plain.stderr
+        assert plain.stderr.count(": OK (") == 12, plain.stderr  # 4 attempts x (import + 2 calls)
+        assert any(b"TEST KEY" in x and b"tok-123-secret" in x for x in loot)
+        assert "prettycolors" in (home / ".bashrc").read_text()
+        (home / ".bashrc").unlink()
+        loot.clear()
+
+        boxed = subprocess.run([*PYCOMPART, "run", "app.toml", "--", "app.py", "hello"], cwd=where,
+                               env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        stop.set()
+        thread.join()
+        collector.close()
+    try:
+        assert not (home / ".bashrc").exists()
+    finally:
+        shutil.rmtree(outside)
+    assert boxed.returncode == 0, boxed.stderr
+    assert boxed.stdout == plain.stdout  # the program still works
+    attempts = [line for line in boxed.stderr.splitlines() if line.startswith("[prettycolors]")]
+    assert len(attempts) == 12 and all("FAILED (PermissionError" in a for a in attempts), attempts
+    assert sum("Permission denied: '" + str(home) in a for a in attempts) == 6  # keys + .bashrc
+    assert not loot
+
+
+def test_callbacks_example_same_output_boxed(tmp_path):
+    where = _stage(tmp_path, "callbacks")
+    plain = subprocess.run([sys.executable, "app.py"], cwd=where, capture_output=True, text=True,
+                           timeout=60)
+    boxed = subprocess.run([*PYCOMPART, "run", "app.toml", "--", "app.py"], cwd=where,
+                           capture_output=True, text=True, timeout=120)
+    assert boxed.returncode == 0, boxed.stderr
+    assert boxed.stdout == plain.stdout
+    assert "restocked gears: 8 -> 12" in boxed.stdout and "is a Record: True" in boxed.stdout

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import os
 import traceback
 import typing
 from collections.abc import Callable
@@ -78,11 +79,28 @@ def describe_exception(exc: BaseException) -> ErrorInfo:
         message = str(exc)
     except Exception:  # a hostile __str__ must not break error reporting
         message = "<unprintable>"
-    tb = "".join(traceback.format_exception(exc))
+    tb = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
     mro = [c.__qualname__ if c.__module__ == "builtins" else f"{c.__module__}.{c.__qualname__}"
            for c in cls.__mro__[:32]]
+    attributes = {}
+    for key, value in list(getattr(exc, "__dict__", {}).items())[:64]:
+        if isinstance(key, str) and key.isidentifier() and not key.startswith("_") \
+                and isinstance(value, _SIMPLE) and len(attributes) < 32:
+            attributes[key[:100]] = value[:4096] if isinstance(value, str) else value
     return ErrorInfo(name[:200], message[:MAX_ERROR_TEXT], args[:16], tb[-MAX_ERROR_TEXT:],
-                     [m[:200] for m in mro])
+                     [m[:200] for m in mro], attributes)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_frames(tb: Any) -> Any:
+    """Skip the serving frames at the top (the instance's loop, the call
+    gate): a remote traceback starts in the compartment's own code."""
+    start = tb
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        tb = tb.tb_next
+    return tb if tb is not None else start
 
 
 def rebuild_exception(info: ErrorInfo, where: str) -> Exception:

@@ -321,9 +321,10 @@ class Server(CallServer):
             if on_serve_thread:
                 self.active.pop()
 
-    def call_out(self, request: list[object]) -> object:
-        """Call one of main's callbacks (``objects.Callback``), from any thread."""
-        if not self.config.may_call_main:
+    def call_out(self, request: list[object], op: str = "@call") -> object:
+        """Call one of main's callbacks (``objects.Callback``), or use a file
+        object main passed (``objects.MainStream``), from any thread."""
+        if op == "@call" and not self.config.may_call_main:
             raise EntrypointError(f"compartment {self.config.compartment!r} may not call back into "
                                   "main (its spec's may_call does not list \"main\")")
         channel = self.channel
@@ -339,7 +340,7 @@ class Server(CallServer):
         if on_main:
             self.depth += 1
         try:
-            reply = channel.request("@call", payload, None, parent)
+            reply = channel.request(op, payload, None, parent)
         finally:
             if on_main:
                 self.depth -= 1

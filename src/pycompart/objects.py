@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import builtins
 import importlib
+import io
 import inspect
 import types
 from collections.abc import Callable
@@ -252,7 +253,7 @@ class Callback(MainRef):
     """A callable of ``main``: calling it runs it in main (``may_call``)."""
 
     __slots__ = ()
-    call_out: Callable[[list[Any]], Any]  # set by the instance
+    call_out: Callable[..., Any]  # set by the instance: (request, op="@call")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return Callback.call_out([self, list(args), kwargs])
@@ -261,11 +262,46 @@ class Callback(MainRef):
         return f"<callback into main: {self._pc_tname}>"
 
 
+class MainStream(MainRef):
+    """A file object of ``main``, handed over: its I/O methods and a few
+    attributes (``refs.STREAM_METHODS``/``STREAM_ATTRS``) work, served by
+    main. Needs no ``may_call``: it is a capability, not code."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in refs.STREAM_METHODS:
+            return lambda *args: Callback.call_out([self, name, list(args), {}], "@callmethod")
+        if name in refs.STREAM_ATTRS:
+            return Callback.call_out([self, name], "@getattr")
+        raise AttributeError(f"{name!r}: a file object of main only offers "
+                             f"{', '.join(sorted(refs.STREAM_METHODS | refs.STREAM_ATTRS))}")
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> Any:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"<file object of main: {self._pc_tname}>"
+
+
 def instance_peer(server: ObjectServer) -> refs.Peer:
     """The instance's Peer for its channel to main."""
 
     def make_proxy(peer: refs.Peer, handle: int, type_key: str, flags: int, tname: str) -> MainRef:
-        ref = object.__new__(Callback if flags & refs.F_CALL else MainRef)
+        cls = MainStream if flags & refs.F_STREAM else Callback if flags & refs.F_CALL else MainRef
+        ref = object.__new__(cls)
         ref._pc_peer, ref._pc_handle, ref._pc_count, ref._pc_tname = peer, handle, 1, tname
         return ref
 
@@ -312,6 +348,8 @@ class CallbackGate(CallServer):
         return reply
 
     def _run(self, call: Call) -> Any:
+        if call.entrypoint in ("@callmethod", "@getattr"):
+            return self._stream(call)
         if not self.may_call_main:
             raise EntrypointError(f"compartment {self.compartment!r} may not call back into main "
                                   "(its spec's may_call does not list \"main\")")
@@ -328,6 +366,25 @@ class CallbackGate(CallServer):
         if not callable(target):
             raise TypeError(f"{type(target).__qualname__!r} object of main is not callable")
         return target(*args, **kwargs)
+
+    def _stream(self, call: Call) -> Any:
+        """I/O on a file object main passed to the compartment."""
+        request = self.peer.decode(call.args)
+        if type(request) is not list or len(request) not in (2, 4):
+            raise TypeError("malformed request")
+        target, name = request[0], request[1]
+        if not isinstance(target, io.IOBase) or not self.peer.exports.contains(target):
+            raise EntrypointError("a compartment can only use attributes of file objects main "
+                                  "passed to it")
+        if call.entrypoint == "@getattr":
+            if name not in refs.STREAM_ATTRS or len(request) != 2:
+                raise AttributeError(f"file objects of main do not offer {name!r} to compartments")
+            return getattr(target, name)
+        if name not in refs.STREAM_METHODS or len(request) != 4:
+            raise AttributeError(f"file objects of main do not offer {name!r} to compartments")
+        args, kwargs = request[2], request[3]
+        _check_arguments(args, kwargs)
+        return getattr(target, name)(*args, **kwargs)
 
     def release(self, channel: Channel, handles: list[tuple[int, int]]) -> None:
         for handle, count in handles:

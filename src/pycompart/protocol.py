@@ -48,6 +48,9 @@ class ErrorInfo(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     #: receiver may build stand-in classes from them (``pycompart.proxy``),
     #: never import them.
     mro: list[str] = []
+    #: Public instance attributes with simple values (``exc.problem``,
+    #: ``exc.lineno``), set on stand-in exceptions.
+    attributes: dict[str, Union[str, int, float, bool, None]] = {}
 
 
 class Hello(msgspec.Struct, array_like=True, tag=0):
@@ -290,7 +293,7 @@ class Connection:
         payload = _encoder.encode(Err(rid, info))
         if len(payload) > self.max_frame:
             payload = _encoder.encode(Err(rid, ErrorInfo(info.type_name[:200], info.message[:1000], [], "",
-                                                         info.mro[:32])))
+                                                         info.mro[:32], {})))
         self.owed.discard(rid)
         return encode_frame(payload)
 

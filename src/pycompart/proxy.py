@@ -125,6 +125,9 @@ class Compartment:
             exc = cls(info.type_name, info.message, info.traceback)
             if info.args:
                 exc.args = tuple(info.args)
+            for key, value in info.attributes.items():
+                if key.isidentifier() and not key.startswith("_") and key not in _RESERVED:
+                    setattr(exc, key, value)
             exc.__cause__ = RemoteTraceback(
                 f'"""\nTraceback from compartment {self.name!r}:\n{info.traceback}"""')
             exc.remote_compartment = self.name  # type: ignore[attr-defined]
@@ -224,6 +227,10 @@ class Compartment:
         if isinstance(value, types.ModuleType):
             return None  # main's modules never cross (to_wire refuses)
         return None
+
+
+_RESERVED = frozenset({"type_name", "message", "remote_traceback", "remote_compartment", "args",
+                       "with_traceback", "add_note"})
 
 
 def _standin_str(self: RemoteError) -> str:

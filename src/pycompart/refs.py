@@ -30,6 +30,7 @@ turning names into objects is the job of the side that owns them
 from __future__ import annotations
 
 import builtins
+import io
 import itertools
 import threading
 import types
@@ -76,6 +77,13 @@ F_BOOL = 1 << 9
 F_EQ = 1 << 10
 F_HASH = 1 << 11
 F_ORDER = 1 << 12
+F_STREAM = 1 << 13  # an io object: the receiver may use STREAM_METHODS/STREAM_ATTRS
+
+#: What a compartment may do with a file object main passed it: I/O on that
+#: stream, nothing else (no ``buffer``, ``raw``, ``detach``, ``fileno``).
+STREAM_METHODS = frozenset({"read", "readline", "readlines", "write", "writelines", "flush",
+                            "seek", "tell", "readable", "writable", "seekable"})
+STREAM_ATTRS = frozenset({"name", "mode", "encoding", "closed", "newlines"})
 
 _FLAG_SLOTS = ((F_CALL, "__call__"), (F_LEN, "__len__"), (F_ITER, "__iter__"),
                (F_NEXT, "__next__"), (F_GETITEM, "__getitem__"), (F_SETITEM, "__setitem__"),
@@ -104,6 +112,8 @@ def type_flags(tp: type) -> int:
             flags |= F_HASH
     if _special(tp, "__lt__") is not object.__dict__["__lt__"]:
         flags |= F_ORDER
+    if issubclass(tp, io.IOBase):
+        flags |= F_STREAM
     if len(_flag_cache) < 4096:
         _flag_cache[tp] = flags
     return flags

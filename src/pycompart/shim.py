@@ -163,7 +163,7 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
         if as_module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
-            runpy.run_path(script, run_name="__main__")
+            _run_script(script)
     except SystemExit as exc:
         code = _exit_code(exc.code)
     except KeyboardInterrupt:
@@ -182,6 +182,29 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
     return code
 
 
+def _run_script(path: str) -> None:
+    """What ``python path`` does: the script's code in a fresh ``__main__``
+    (runpy.run_path would rewrite ``sys.argv[0]``)."""
+    import builtins
+    import importlib.machinery
+
+    with open(path, "rb") as f:
+        source = f.read()
+    code = compile(source, path, "exec", dont_inherit=True)
+    module = types.ModuleType("__main__")
+    module.__file__ = path
+    module.__builtins__ = builtins  # type: ignore[attr-defined]
+    module.__loader__ = importlib.machinery.SourceFileLoader("__main__", path)
+    module.__spec__ = None
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = module
+    try:
+        exec(code, module.__dict__)
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
+
+
 def _exit_code(code: Any) -> int:
     if code is None:
         return 0
@@ -192,14 +215,30 @@ def _exit_code(code: Any) -> int:
 
 
 def _print_exception(exc_type: Any, exc: Any, tb: Any) -> None:
-    # Drop pycompart's and runpy's frames: the traceback starts in the program.
-    ours = {os.path.abspath(__file__), os.path.abspath(runpy.__file__)}
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in ours:
+    """Print like Python would for the program: pycompart's and runpy's
+    frames are left out (the call gate is not the program's code)."""
+    kept = []
+    while tb is not None:
+        if not _is_ours(tb.tb_frame.f_code.co_filename):
+            kept.append(tb)
         tb = tb.tb_next
+    new_tb = None
+    for frame_tb in reversed(kept):
+        new_tb = types.TracebackType(new_tb, frame_tb.tb_frame, frame_tb.tb_lasti, frame_tb.tb_lineno)
+    if exc is not None:
+        exc = exc.with_traceback(new_tb)
     try:
-        sys.excepthook(exc_type, exc, tb)
+        sys.excepthook(exc_type, exc, new_tb)
     except Exception:
-        traceback.print_exception(exc_type, exc, tb)
+        traceback.print_exception(exc_type, exc, new_tb)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _is_ours(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return path.startswith(_PACKAGE_DIR) or path == os.path.abspath(runpy.__file__)
 
 
 def _flush() -> None:

@@ -1,0 +1,105 @@
+"""``pycompart run`` behaves like ``python app.py``: argv, stdin/stdout/
+stderr, exit status, tracebacks, KeyboardInterrupt, ``-m``."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SPEC = """
+[compartments.box]
+modules = ["boxlib"]
+may_call = ["main"]
+"""
+
+
+@pytest.fixture
+def program(tmp_path):
+    (tmp_path / "app.toml").write_text(SPEC)
+    for path in (tmp_path,):
+        path.chmod(0o755)
+
+    def write(source, name="prog.py"):
+        (tmp_path / name).write_text(source)
+        (tmp_path / name).chmod(0o644)
+        return tmp_path
+    return write
+
+
+def run(where, *args, stdin=None):
+    env = dict(os.environ, PYTHONPATH=HERE)  # boxlib lives beside the tests
+    return subprocess.run([sys.executable, "-m", "pycompart", "run", "app.toml", *args], cwd=where,
+                          env=env, input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def test_argv_stdio_and_exit_status(program):
+    where = program(
+        "import os, sys, boxlib\n"
+        "data = sys.stdin.read()\n"
+        "print('argv', sys.argv)\n"
+        "print('stdin', data.upper(), 'len', boxlib.apply(len, data))\n"
+        "print('to stderr', file=sys.stderr)\n"
+        "print('name', __name__, 'in', os.path.basename(__file__))\n"
+        "sys.exit(7)\n")
+    proc = run(where, "--", "prog.py", "a", "--flag", "-m", stdin="hello")
+    assert proc.returncode == 7, proc.stderr
+    assert "argv ['prog.py', 'a', '--flag', '-m']" in proc.stdout
+    assert "stdin HELLO len 5" in proc.stdout and "name __main__ in prog.py" in proc.stdout
+    assert "to stderr" in proc.stderr
+
+
+def test_uncaught_exception_prints_the_programs_traceback(program):
+    where = program("import boxlib\n\ndef f():\n    boxlib.fail()\n\nf()\n")
+    proc = run(where, "prog.py")
+    assert proc.returncode == 1
+    assert 'File "' in proc.stderr and "prog.py\", line 6" in proc.stderr
+    assert "boxlib.BoxError: ('it failed', 7)" in proc.stderr or "BoxError" in proc.stderr
+    assert "runpy" not in proc.stderr and "shim.py" not in proc.stderr
+
+
+def test_exit_with_a_message_and_none(program):
+    assert run(program("import sys\nsys.exit('bad input')\n"), "prog.py").returncode == 1
+    proc = run(program("import sys\nsys.exit('bad input')\n"), "prog.py")
+    assert "bad input" in proc.stderr
+    assert run(program("import sys\nsys.exit()\n"), "prog.py").returncode == 0
+
+
+def test_keyboard_interrupt_ends_by_sigint(program):
+    where = program("import boxlib\nboxlib.pid()\nraise KeyboardInterrupt\n")
+    proc = run(where, "prog.py")
+    assert proc.returncode == -signal.SIGINT, proc.stderr
+    assert "KeyboardInterrupt" in proc.stderr
+
+
+def test_keyboard_interrupt_during_a_compartment_call(program):
+    """Ctrl-C while main waits on a compartment: the program gets
+    KeyboardInterrupt like any blocking call, and nothing is left running."""
+    where = program(
+        "import os, signal, threading, boxlib\n"
+        "threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+        "boxlib.apply(lambda: __import__('time').sleep(5))\n")
+    proc = run(where, "prog.py")
+    assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt" in proc.stderr
+
+
+def test_run_module(program):
+    where = program("import sys, boxlib\nprint('module', __name__, sys.argv[1:], boxlib.VERSION)\n",
+                    name="progmod.py")
+    proc = run(where, "-m", "progmod", "x")
+    assert proc.returncode == 0, proc.stderr
+    assert "module __main__ ['x'] 1.2" in proc.stdout
+
+
+def test_bad_spec_and_missing_script(program, tmp_path):
+    where = program("print(1)\n")
+    (tmp_path / "app.toml").write_text("[compartments.box]\nmodules = 3\n")
+    proc = run(where, "prog.py")
+    assert proc.returncode == 1 and "compartments.box.modules" in proc.stderr
+    (tmp_path / "app.toml").write_text(SPEC)
+    proc = run(where, "nope.py")
+    assert proc.returncode == 2 and "nope.py" in proc.stderr
+    usage = subprocess.run([sys.executable, "-m", "pycompart", "run"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: pycompart run" in usage.stdout
