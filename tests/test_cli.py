@@ -52,7 +52,9 @@ def test_bench_quick_runs():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for row in ("raw pipe round trip", "multiprocessing.Pipe", "null typed call", "64 MiB",
-                "instance ready, default lock-down", "python -c pass", "summary"):
+                "instance ready, default lock-down", "python -c pass", "summary",
+                "proxied module function call", "remote-reference method call",
+                "call that makes one callback into main", "pycompart run app.toml -- show_config.py"):
         assert row in proc.stdout
 
 

@@ -103,3 +103,56 @@ def test_bad_spec_and_missing_script(program, tmp_path):
     assert proc.returncode == 2 and "nope.py" in proc.stderr
     usage = subprocess.run([sys.executable, "-m", "pycompart", "run"], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage: pycompart run" in usage.stdout
+
+
+PROBE = """
+import os, socket, sys, boxlib
+def attempt(fn):
+    try:
+        fn()
+        return "ok"
+    except OSError as exc:
+        return exc.__class__.__name__ + ":" + str(exc.errno)
+print("read", attempt(lambda: open(sys.argv[1]).read()))
+print("write", attempt(lambda: open(sys.argv[2], "w").write("x")))
+print("socket", attempt(lambda: socket.socket().close()))
+print("box", boxlib.apply(lambda: os.getpid()) == os.getpid(), boxlib.pid() != os.getpid())
+"""
+
+
+@pytest.mark.parametrize("granted", [False, True], ids=["denied", "granted-twin"])
+def test_main_privileges_confine_the_program(program, tmp_path, granted):
+    """[compartments.main.privileges]: the program itself is locked down
+    (Landlock, seccomp, namespaces), and its boxed modules still work."""
+    import pathlib
+    import shutil
+    import tempfile
+
+    outside = pathlib.Path(tempfile.mkdtemp(prefix="pycompart-main-"))
+    try:
+        outside.chmod(0o777)  # world-readable and -writable: only the sandbox can refuse
+        (outside / "data.txt").write_text("data")
+        (outside / "data.txt").chmod(0o666)
+        grant = (f'filesystem.read = ["{outside}"]\nfilesystem.write = ["{outside}"]\n'
+                 'network = "host"\n') if granted else ""
+        spec = SPEC + f"\n[compartments.main.privileges]\n{grant}"
+        where = program(PROBE)
+        (tmp_path / "app.toml").write_text(spec)
+        proc = run(where, "prog.py", str(outside / "data.txt"), str(outside / "new.txt"))
+        assert proc.returncode == 0, proc.stderr
+        expect = ("ok", "ok", "ok") if granted else ("PermissionError:13", "PermissionError:13",
+                                                     "PermissionError:1")
+        assert f"read {expect[0]}\nwrite {expect[1]}\nsocket {expect[2]}\n" in proc.stdout, proc.stdout
+        assert "box True True" in proc.stdout
+        assert (outside / "new.txt").exists() == granted
+    finally:
+        shutil.rmtree(outside)
+
+
+def test_check_shows_mains_privileges(tmp_path):
+    (tmp_path / "app.toml").write_text(SPEC + '\n[compartments.main.privileges]\nnetwork = "none"\n')
+    proc = subprocess.run([sys.executable, "-m", "pycompart", "check", str(tmp_path / "app.toml")],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=HERE))
+    assert proc.returncode == 0, proc.stderr
+    assert "main (the program, under pycompart run)" in proc.stdout
+    assert "may call: main" in proc.stdout

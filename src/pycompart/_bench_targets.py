@@ -8,3 +8,16 @@ def null() -> None:
 
 def size(data: bytes) -> int:
     return len(data)
+
+
+def fn() -> None:
+    return None
+
+
+def call(callback):  # type: ignore[no-untyped-def]
+    return callback()
+
+
+class Obj:
+    def ping(self) -> None:
+        return None

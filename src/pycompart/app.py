@@ -171,20 +171,22 @@ class App:
     def running(self) -> bool:
         return self._runtime is not None
 
-    def start(self, *, lazy: bool = False, import_hook: bool = False) -> None:
+    def start(self, *, lazy: bool = False, import_hook: bool = False, confine_main: bool = False) -> None:
         """Start the monitor and the instances.
 
         ``lazy``: start each compartment's instances on its first use instead
         (``shared`` data is then read from main at that moment).
         ``import_hook``: from now on, importing a module placed in a
-        compartment gives a proxy module (what ``pycompart run`` does)."""
+        compartment gives a proxy module (what ``pycompart run`` does).
+        ``confine_main``: lock this process down with the spec's
+        ``[compartments.main.privileges]`` (it must have one thread)."""
         if _instance.CURRENT is not None:
             raise PycompartError("an App cannot be started inside a compartment instance")
         with self._lock:
             if self._runtime is not None:
                 raise PycompartError("the app is already running")
             runtime = _Runtime(self)
-            runtime.start(lazy)
+            runtime.start(lazy, confine_main)
             self._runtime = runtime
             if import_hook:
                 from .shim import CompartmentFinder
@@ -270,16 +272,34 @@ class _Runtime:
         self.compartments: dict[str, Any] = {}
         self.finder: Any = None
 
-    def start(self, lazy: bool = False) -> None:
+    def start(self, lazy: bool = False, confine_main: bool = False) -> None:
+        # Instances get main's import path as it is now (main's own lock-down
+        # may rewrite it to descriptors that mean nothing in another process).
+        self.sys_path = list(sys.path)
         for ep in self.entrypoints.values():
             _ = ep.contract  # resolve annotations now: errors belong to start, not first call
         # Every privilege decision, before any process starts (fail closed).
+        main_lock = None
         try:
             self.lockdowns = {name: policy.resolve(comp, sys.path, self._main_path).lockdown
                               for name, comp in self.spec.compartments.items()}
+            if confine_main:
+                if self.spec.main_privileges is None:
+                    raise PycompartError(f"{self.spec.source} has no [compartments.main.privileges]")
+                if threading.active_count() > 1:
+                    raise PycompartError("main can only be locked down while it has one thread")
+                from . import main_lockdown
+
+                main_lock = main_lockdown.plan(self.spec.main_privileges, sys.path,
+                                               self._main_path).lockdown
         except BaseException:
             self._close_audit()
             raise
+        before_threads = None
+        if main_lock is not None:
+            from . import main_lockdown
+
+            before_threads = lambda: main_lockdown.confine(main_lock)  # noqa: E731
         if len(self.inline) < len(self.spec.compartments):
             from .proxy import Compartment
 
@@ -288,11 +308,13 @@ class _Runtime:
             self.compartments = {name: Compartment(self.spec.compartments[name], pool, self._timed_out)
                                  for name, pool in self.monitor.pools.items()}
             try:
-                self.monitor.start(lazy)
+                self.monitor.start(lazy, before_threads)
             except BaseException:
                 self._close_audit()
                 raise
             _live.add(self.app)
+        elif before_threads is not None:
+            before_threads()
         # What every call of an entrypoint needs, looked up once.
         self.plans: dict[str, tuple[Pool | None, Contract, float | None]] = {
             key: (None if ep.compartment in self.inline else self.monitor.pools[ep.compartment],  # type: ignore[union-attr]
@@ -345,7 +367,7 @@ class _Runtime:
     def _config_for(self, comp: CompartmentSpec, index: int) -> _instance.InstanceConfig:
         keys = sorted(k for k, ep in self.entrypoints.items() if ep.compartment == comp.name)
         return _instance.InstanceConfig(
-            compartment=comp.name, index=index, sys_path=list(sys.path), cwd=os.getcwd(),
+            compartment=comp.name, index=index, sys_path=list(self.sys_path), cwd=os.getcwd(),
             main_path=self._main_path, main_module=self._main_module, modules=list(comp.modules),
             entrypoints=keys, max_frame=self.spec.max_message_size,
             environment={k: os.environ[k] for k in comp.privileges.environment if k in os.environ},

@@ -3,8 +3,10 @@ measured in the same run on the same CPUs.
 
 Rows: a null typed call through pycompart; a raw ``os.write``/``os.read``
 pipe ping-pong between two Python processes; ``multiprocessing.Pipe``
-send/recv; instance ready time from the zygote vs ``python -c pass``; a
-1 MiB and a 64 MiB ``bytes`` argument. The headline rows pin both ends to
+send/recv; a proxied module-function call, a method call on a remote
+reference and a callback (module compartments); instance ready time from the
+zygote vs ``python -c pass``; a 1 MiB and a 64 MiB ``bytes`` argument; the
+whole-program cost of ``examples/yaml_box`` run boxed vs plain. The headline rows pin both ends to
 one CPU, because cross-CPU wake-ups on small VMs cost tens of microseconds
 for everything, C included; the unpinned rows are printed too.
 """
@@ -125,6 +127,34 @@ def instance_ready(n: int, privileges: dict | None = None) -> list[float]:  # ty
     return out
 
 
+def _module_app() -> App:
+    return App({"compartments": {"bench_mod": {"modules": ["pycompart._bench_targets"],
+                                               "may_call": ["main"], "call_timeout": "60s"}}})
+
+
+def whole_program(n: int) -> tuple[list[float], list[float]] | None:
+    """Wall time of ``examples/yaml_box`` (PyYAML on six hostile and benign
+    files), plain ``python`` vs ``pycompart run``, each a fresh process."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    where = os.path.join(here, "..", "..", "examples", "yaml_box")
+    try:
+        import yaml  # noqa: F401
+    except ImportError:
+        return None
+    if not os.path.isdir(where):
+        return None
+    inputs = sorted(os.path.join("inputs", f) for f in os.listdir(os.path.join(where, "inputs")))
+    plain_cmd = [sys.executable, "show_config.py", *inputs]
+    boxed_cmd = [sys.executable, "-m", "pycompart", "run", "app.toml", "--", "show_config.py", *inputs]
+    plain, boxed = [], []
+    for _ in range(n):
+        for cmd, samples in ((plain_cmd, plain), (boxed_cmd, boxed)):
+            t = time.perf_counter_ns()
+            subprocess.run(cmd, cwd=where, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            samples.append((time.perf_counter_ns() - t) / 1000)
+    return plain, boxed
+
+
 def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, float]:
     n = 2000 if quick else 20000
     results: dict[str, float] = {}
@@ -156,6 +186,19 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
                 big = b"x" * (64 << 20)
                 results["arg_64mib"] = row("pycompart call, 64 MiB bytes argument",
                                            _time_loop(lambda: size(big), 3 if quick else 10), base)
+        mapp = _module_app()
+        with mapp:
+            mod = mapp.compartment("bench_mod").module("pycompart._bench_targets")
+            obj = mod.Obj()
+            cb = lambda: None  # noqa: E731
+            for _ in range(500):
+                mod.fn()
+                obj.ping()
+            results[f"proxy_call_{label}"] = row("proxied module function call", _time_loop(mod.fn, n), base)
+            results[f"remote_method_{label}"] = row("remote-reference method call",
+                                                    _time_loop(obj.ping, n), base)
+            results[f"callback_{label}"] = row("call that makes one callback into main",
+                                               _time_loop(lambda: mod.call(cb), n // 2), base)
     os.sched_setaffinity(0, set(cpus))
     out("\ninstance start: (ratio to python -c pass)")
     base = row("python -c pass", python_startup(5 if quick else 20), None)
@@ -165,8 +208,14 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
         10 if quick else 50, {"network": "host"}), base)
     out("  (default lock-down: own network and IPC namespaces, uid nobody when root, capabilities\n"
         "   dropped, NO_NEW_PRIVS, non-dumpable, Landlock files+TCP+scopes, seccomp 'python')")
+    programs = whole_program(2 if quick else 10)
+    if programs is not None:
+        out("\nwhole program: examples/yaml_box, PyYAML on 6 files (ratio to plain python)")
+        base = row("python show_config.py", programs[0], None)
+        results["program_plain"] = base
+        results["program_boxed"] = row("pycompart run app.toml -- show_config.py", programs[1], base)
     pinned = "pinned to one CPU"
     out(f"\nsummary: null call = {results[f'null_call_{pinned}'] / results[f'raw_pipe_{pinned}']:.2f}x "
         f"raw pipe (pinned; target <= 2.0x), instance ready = "
-        f"{results['instance_ready'] / base:.3f}x python -c pass (target <= 0.2x)")
+        f"{results['instance_ready'] / results['python_startup']:.3f}x python -c pass (target <= 0.2x)")
     return results

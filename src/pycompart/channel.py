@@ -251,6 +251,15 @@ def serving_any() -> list[tuple[Channel, int]]:
     return list(getattr(_context, "stack", ()) or ())
 
 
+def serving_stack() -> list[tuple[Channel, int]]:
+    """This thread's stack of calls being served (for a serve loop that
+    pushes and pops without a context manager)."""
+    stack = getattr(_context, "stack", None)
+    if stack is None:
+        stack = _context.stack = []
+    return stack
+
+
 class serving_call:
     """Context manager: this thread serves ``rid`` for ``channel``."""
 
@@ -345,6 +354,10 @@ class Channel:
         # The serve loop of an instance waits here for top-level calls.
         self._inbox = _Waiter()
         self._inbox_waiting = False
+        self._inbox_reading = False  # the serve thread itself leads
+        #: The transport's read end blocks (an instance): an idle serve loop
+        #: reads without polling first; everyone else still polls.
+        self.blocking_reads = False
         self._mu = threading.Lock()
         self._send_lock = threading.Lock()
         self._waiters: dict[int, _Waiter] = {}
@@ -570,7 +583,9 @@ class Channel:
                     continue
             if self.failure is not None:
                 return
-            if deadline is None:
+            if waiter is self._inbox and self.blocking_reads:
+                ready = True  # the serve thread, idle: one blocking read, no poll
+            elif deadline is None:
                 ready = poll()
             else:
                 remaining = deadline - time.monotonic()
@@ -581,6 +596,8 @@ class Channel:
                 if waiter is _DRAIN:
                     return
                 continue
+            if self.failure is not None:
+                return  # woken by the eventfd: never read (a blocking fd would hang)
             view = frames.want_buffer() or self._view
             try:
                 n, fds = transport.read_into(view)
@@ -703,6 +720,10 @@ class Channel:
 
     def deliver(self, call: Call) -> None:
         """Queue a top-level call for ``next_call`` (an instance's serve loop)."""
+        if self._inbox_reading:
+            # The serve thread is the one reading: nobody to wake.
+            self._inbox.nested.append(call)
+            return
         with self._mu:
             self._inbox.nested.append(call)
             if self._inbox_waiting:
@@ -733,18 +754,70 @@ class Channel:
                     self._leader = True
                     self._leader_rid = 0
                     self._users += 1
+                    self._inbox_reading = True
                 else:
                     self._inbox_waiting = True
             if lead:
+                call = None
                 try:
-                    self._read_until(inbox, None)
+                    if self.blocking_reads:
+                        call = self._serve_read()
+                    if call is None:
+                        self._read_until(inbox, None)
                 finally:
-                    self._release_leadership()
-                    self._leave()
+                    self._inbox_reading = False
+                    if call is None and inbox.nested and not self._waiters:
+                        call = inbox.nested.pop(0)
+                    mu.acquire()
+                    if not self._waiters and not self._close_requested and not self._inbox_waiting:
+                        # Nobody else is here: stop leading, no hand-over.
+                        self._leader = False
+                        self._users -= 1
+                        mu.release()
+                    else:
+                        mu.release()
+                        self._release_leadership()
+                        self._leave()
+                if call is not None:
+                    return call
             else:
                 inbox.lock.acquire()
                 with mu:
                     self._inbox_waiting = False
+
+    def _serve_read(self) -> Call | None:
+        """The idle serve loop's read: blocking, one frame, a top-level call
+        returned as is. Anything else is dispatched; None hands over to the
+        general ``_read_until``."""
+        conn = self.conn
+        frames = conn.frames
+        view = self._view
+        read = self.transport.read_into
+        inbox = self._inbox
+        while True:
+            if self.failure is not None or frames.buffered or inbox.nested:
+                return None
+            try:
+                n, fds = read(view)
+            except BlockingIOError:
+                return None
+            except (OSError, ProtocolError) as exc:
+                self._fail_from_eof(f"read failed: {exc}")
+                return None
+            if n == 0:
+                self._fail_from_eof("closed its channel")
+                return None
+            if fds:
+                event = self._feed(view[:n], fds)
+            else:
+                event = conn.parse_one(view[:n])
+            if event.__class__ is Call and not event.parent:  # type: ignore[attr-defined]
+                for fd in conn.take_fds():
+                    os.close(fd)
+                return event  # type: ignore[return-value]
+            if event is _NEED_DATA:
+                return None  # a large frame: the general loop reads the rest
+            self._dispatch(event)
 
     def try_drain(self) -> None:
         """``drain`` from a signal handler: gives up at once if the channel's

@@ -27,24 +27,33 @@ def describe(spec: AppSpec) -> str:
             f"{c.start_timeout:g}s",
             f"  functions: {', '.join(c.functions) or '(declared in code with @app.entrypoint)'}",
             f"  modules imported only here: {', '.join(c.modules) or 'none'}",
+            f"  may call: {', '.join(c.may_call) or 'nothing (no callbacks)'}; exposes private "
+            f"names: {', '.join(c.expose) or 'none'}; setattr from outside: "
+            f"{'allowed' if c.allow_setattr else 'refused'}",
+            f"  shared data copied in at start: {', '.join(c.shared) or 'none'}",
         ]
         lines += describe_privileges(c)
+    if spec.main_privileges is not None:
+        from .spec import CompartmentSpec as _Spec
+
+        lines.append("\nmain (the program, under pycompart run)")
+        lines += describe_privileges(_Spec(name="main", privileges=spec.main_privileges), main=True)
     lines.append("\nedges (caller -> callee; no other channel exists):")
     lines += [f"  {a} -> {b}" for a, b in spec.edges()]
     return "\n".join(lines)
 
 
-def describe_privileges(comp: CompartmentSpec) -> list[str]:
+def describe_privileges(comp: CompartmentSpec, main: bool = False) -> list[str]:
     """The resolved lock-down of one compartment on this host, as main
     would start it (same sys.path as this process)."""
     import sys
 
-    from . import policy
+    from . import main_lockdown, policy
     from .kernel import credentials
 
     p = comp.privileges
     try:
-        res = policy.resolve(comp, sys.path, None)
+        res = main_lockdown.plan(p, sys.path, None) if main else policy.resolve(comp, sys.path, None)
     except PrivilegeError as exc:
         return [f"  privileges: CANNOT START HERE: {exc}"]
     lock = res.lockdown

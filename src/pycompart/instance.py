@@ -29,7 +29,7 @@ import msgspec
 
 from . import lockdown as _lockdown
 from . import refs
-from .channel import CallServer, Channel, PipeTransport, serving, serving_call
+from .channel import CallServer, Channel, PipeTransport, serving, serving_stack
 from .errors import CallCancelled, EntrypointError, ProtocolError
 from .gate import Contract, describe_exception, rebuild_exception
 from .kernel import process
@@ -249,6 +249,8 @@ class Server(CallServer):
         self.table = table
         self.channel = Channel(PipeTransport(read_fd, write_fd), Connection(config.max_frame), "main",
                                server=self)
+        os.set_blocking(read_fd, True)  # see Channel.blocking_reads
+        self.channel.blocking_reads = True
         self.objects = ObjectServer(config.compartment, config.modules, config.functions,
                                     config.expose, config.allow_setattr)
         self.peer = instance_peer(self.objects)
@@ -265,8 +267,11 @@ class Server(CallServer):
         signal.signal(CANCEL_SIGNAL, self._on_cancel_signal)
         channel = self.channel
         channel.reply(Connection.send_hello(os.getpid(), self.config.compartment, sorted(self.table)))
+        stack = serving_stack()
+        next_call = channel.next_call
+        reply = channel.reply
         while True:
-            call = channel.next_call()
+            call = next_call()
             if call is None:
                 failure = channel.failure
                 if isinstance(failure, ProtocolError):
@@ -276,47 +281,51 @@ class Server(CallServer):
                 return  # the caller closed the channel: orderly shutdown
             self.current = call.id
             self.cancel_current = False
+            stack.append((channel, call.id))
             try:
-                with serving_call(channel, call.id):
-                    frame = self.execute(channel, call, top=True)
+                frame = self.execute(channel, call, True)
             finally:
+                stack.pop()
                 self.current = None
-            channel.reply(frame)
+            reply(frame)
             if channel.failure is not None and not isinstance(channel.failure, ProtocolError):
                 os._exit(0)  # the caller is gone; nothing left to serve
 
     def execute(self, channel: Channel, call: Call, top: bool = False) -> bytes:
+        """Run ``call`` in this thread; the reply frame. ``top``: a top-level
+        call on the serve thread (cancellable)."""
         conn = channel.conn
         name = call.entrypoint
         # Only the serve thread's calls: a thread the compartment started
         # itself calls back on behalf of the call the serve thread runs.
-        on_serve_thread = threading.get_ident() == self.serve_ident
+        on_serve_thread = top or threading.get_ident() == self.serve_ident
         if on_serve_thread:
             self.active.append(call.id)
         try:
-            if name.startswith("@") and self.objects.handles(name):
-                run = lambda: self.objects.execute(self.peer, name, call.args)  # noqa: E731
+            contract = None
+            if name[:1] == "@" and self.objects.handles(name):
+                pass
             else:
                 contract = self.table.get(name)
                 if contract is None:
                     conn.violations += 1
                     return conn.send_err(call.id, describe_exception(EntrypointError(
                         f"{name!r} is not an entrypoint of compartment {self.config.compartment!r}")))
-                run = lambda: contract.invoke(call.args)  # noqa: E731
+            if top:
+                self.in_user_code = True
             try:
-                if top:
-                    self.in_user_code = True
-                    try:
-                        result = run()
-                    finally:
-                        self.in_user_code = False
+                if contract is not None:
+                    result = contract.invoke(call.args)
                 else:
-                    result = run()
-                return conn.send_ok(call.id, result)
-            except CallCancelled as exc:
-                return conn.send_err(call.id, describe_exception(exc))
-            except Exception as exc:
-                return conn.send_err(call.id, describe_exception(exc))
+                    result = self.objects.execute(self.peer, name, call.args)
+            finally:
+                if top:
+                    self.in_user_code = False
+            return conn.send_ok(call.id, result)
+        except CallCancelled as exc:
+            return conn.send_err(call.id, describe_exception(exc))
+        except Exception as exc:
+            return conn.send_err(call.id, describe_exception(exc))
         finally:
             if on_serve_thread:
                 self.active.pop()

@@ -54,6 +54,10 @@ class Lockdown(msgspec.Struct, forbid_unknown_fields=True):
     tcp_connect: list[int] = []
     tcp_bind: list[int] = []
     scopes: bool = False  # Landlock signal + abstract unix socket scopes
+    #: Off for main: its monitor signals instances, which live in other domains.
+    signal_scope: bool = True
+    #: Die with the parent (instances: the zygote). Off for main.
+    bind_to_parent: bool = True
     seccomp: bool = False
     syscall_profile: str = "python"
     syscalls_allow: list[str] = []
@@ -118,9 +122,10 @@ def apply(lock: Lockdown) -> None:
     if lock.drop_capabilities:
         with _step("capabilities"):
             credentials.clear_capabilities(frozenset(lock.keep_capabilities))
-    process.set_parent_death_signal(signal.SIGKILL)  # cleared by the kernel on uid change
-    if os.getppid() != parent:
-        os._exit(1)
+    if lock.bind_to_parent:
+        process.set_parent_death_signal(signal.SIGKILL)  # cleared by the kernel on uid change
+        if os.getppid() != parent:
+            os._exit(1)
     # 5., 6.
     with _step("no_new_privs"):
         credentials.no_new_privs()
@@ -140,7 +145,9 @@ def _landlock_ruleset(lock: Lockdown) -> landlock.Ruleset:
     abi = landlock.abi_version()
     handle_fs = landlock.fs_rights(abi) if lock.fs else 0
     handle_net = landlock.NET_BIND_TCP | landlock.NET_CONNECT_TCP if lock.tcp else 0
-    scopes = landlock.SCOPE_ABSTRACT_UNIX_SOCKET | landlock.SCOPE_SIGNAL if lock.scopes else 0
+    scopes = 0
+    if lock.scopes:
+        scopes = landlock.SCOPE_ABSTRACT_UNIX_SOCKET | (landlock.SCOPE_SIGNAL if lock.signal_scope else 0)
     rs = landlock.Ruleset(handle_fs, handle_net, scopes, abi)
     if rs.unsupported:
         rs.close()

@@ -212,8 +212,6 @@ class Monitor:
         self._generation = itertools.count(1)
         self._start_failures: list[Exception] = []
         self._start_done = threading.Condition()
-        self._launched = threading.Event()
-        self._launch_error: BaseException | None = None
         self.stopping = False
         self.zygote_proc: Any = None
         self._control: SocketTransport | None = None
@@ -224,15 +222,30 @@ class Monitor:
 
     # -- public (any thread) ----------------------------------------------------
 
-    def start(self, lazy: bool = False) -> None:
+    def start(self, lazy: bool = False, before_threads: Callable[[], None] | None = None) -> None:
         """Launch the zygote and every instance; return when all are ready,
         or raise CompartmentStartError (after cleaning up) if any fails.
         ``lazy``: start only the zygote; each pool's instances are spawned
-        when it is first used (a start failure then makes it unavailable)."""
+        when it is first used (a start failure then makes it unavailable).
+        ``before_threads`` runs after the zygote exists and before the
+        monitor thread does (main's own lock-down, which is per thread)."""
+        try:
+            self.zygote_proc, control = zygote.launch()
+            self._control = SocketTransport(control)
+        except BaseException as exc:
+            raise CompartmentStartError(f"cannot start the zygote: {exc}") from None
+        if before_threads is not None:
+            try:
+                before_threads()
+            except BaseException:
+                self._control.close()
+                self._control = None
+                self.zygote_proc.kill()
+                self.zygote_proc.wait()
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                raise
         self._thread.start()
-        self._launched.wait()
-        if self._launch_error is not None:
-            raise CompartmentStartError(f"cannot start the zygote: {self._launch_error}")
         if lazy:
             self._started = True
             for pool in self.pools.values():
@@ -273,7 +286,10 @@ class Monitor:
             for inst in list(self._by_pid.values()) + list(self._by_request.values()):
                 inst.channel.fail(CompartmentUnavailable("the app has stopped"), reason="stop")
             if self._control is not None:
-                self._send_control(zygote.Shutdown(grace))
+                try:
+                    self._send_control(zygote.Shutdown(grace))
+                except (OSError, TimeoutError):
+                    pass  # the zygote ends anyway when the control socket closes
         self.submit(begin)
         self._thread.join(grace + 5.0)
         proc = self.zygote_proc
@@ -340,16 +356,9 @@ class Monitor:
     # -- the monitor thread -----------------------------------------------------
 
     def _run(self) -> None:
-        try:
-            self.zygote_proc, control = zygote.launch()
-            self._control = SocketTransport(control)
-        except BaseException as exc:
-            self._launch_error = exc
-            self._launched.set()
-            return
+        assert self._control is not None
         self._watch(self._control.fileno(), "control", None)
         self._watch(self._wake_r, "wake", None)
-        self._launched.set()
         try:
             while self._loop_once():
                 pass

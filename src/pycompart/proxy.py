@@ -77,6 +77,16 @@ class Compartment:
         self._standins: dict[str, type] = {}
         self._lock = threading.RLock()
 
+    def module(self, name: str) -> ModuleProxy:
+        """A placed module as a proxy, without the import hook."""
+        if not places(self.spec, name):
+            raise ModuleNotFoundError(f"module {name!r} is not placed in compartment {self.name!r}")
+        module = self.path_object(name, "", "module")
+        _, is_package = self.call(None, "@import", [name])
+        if is_package:
+            module.__path__ = []
+        return module
+
     # -- requests -------------------------------------------------------------
 
     def call(self, inst: InstanceHandle | None, op: str, args: list[Any]) -> Any:

@@ -152,18 +152,19 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
             return 2
         sys.path[0:1] = [os.path.dirname(script)]
         sys.argv = [target, *argv]
-    app.start(lazy=True, import_hook=True)
+    source = None
+    if not as_module:
+        # Read now: under its own lock-down main may not reach the file.
+        with open(script, "rb") as f:
+            source = f.read()
+    app.start(lazy=True, import_hook=True, confine_main=app.spec.main_privileges is not None)
     interrupted = False
     code: int = 0
     try:
-        if app.spec.main_privileges is not None:
-            from . import main_lockdown
-
-            main_lockdown.confine(app)
         if as_module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
-            _run_script(script)
+            _run_script(script, source)
     except SystemExit as exc:
         code = _exit_code(exc.code)
     except KeyboardInterrupt:
@@ -182,14 +183,12 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
     return code
 
 
-def _run_script(path: str) -> None:
+def _run_script(path: str, source: bytes) -> None:
     """What ``python path`` does: the script's code in a fresh ``__main__``
     (runpy.run_path would rewrite ``sys.argv[0]``)."""
     import builtins
     import importlib.machinery
 
-    with open(path, "rb") as f:
-        source = f.read()
     code = compile(source, path, "exec", dont_inherit=True)
     module = types.ModuleType("__main__")
     module.__file__ = path

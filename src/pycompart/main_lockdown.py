@@ -1,0 +1,54 @@
+"""Privileges for ``main`` itself: ``[compartments.main.privileges]``.
+
+``pycompart run`` can confine the program it runs, not only its boxed
+dependencies. The plan is the same as a compartment's (``pycompart.policy``)
+with what the monitor, which lives in main, needs to keep working:
+
+* the ``python-threads`` profile at least (the monitor is a thread),
+  ``pidfd_send_signal`` (it cancels and kills instances) and
+  ``sendmsg``/``recvmsg`` on its control socket to the zygote;
+* no Landlock signal scope (instances live in other Landlock domains, and
+  the monitor must be able to signal them);
+* no parent-death signal (main's parent is your shell, not a zygote).
+
+Landlock, no_new_privs and namespaces apply to the calling thread only, so
+the lock-down runs after the zygote is launched and before the monitor
+thread starts (``Monitor.start(before_threads=...)``); every thread created
+afterwards inherits it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+
+from . import lockdown, policy
+from .spec import CompartmentSpec, Privileges
+
+#: What the monitor needs beyond plain Python: signalling instances through
+#: pidfds, and messages on its (already open) control socket to the zygote.
+#: No socket can be *created* with these (``socket()`` stays per the network mode).
+MONITOR_SYSCALLS = ("pidfd_send_signal", "sendmsg", "recvmsg")
+
+
+def plan(privileges: Privileges, sys_path: Sequence[str], main_path: str | None) -> policy.Resolution:
+    profile = "python-threads" if privileges.syscalls == "python" else privileges.syscalls
+    allow = tuple(dict.fromkeys(privileges.syscalls_allow + MONITOR_SYSCALLS))
+    p = dataclasses.replace(privileges, syscalls=profile, syscalls_allow=allow)
+    res = policy.resolve(CompartmentSpec(name="main", privileges=p), sys_path, main_path)
+    res.lockdown.signal_scope = False
+    res.lockdown.bind_to_parent = False
+    return res
+
+
+def confine(lock: lockdown.Lockdown) -> None:
+    """Lock this process (main) down; call it while it has one thread."""
+    from .instance import _reroute_packages
+
+    if lock.preopen:
+        reach = lockdown.preopen(lock.preopen)
+        sys.path[:] = [reach.get(os.path.abspath(p or os.getcwd()), p) for p in sys.path]
+        _reroute_packages(reach)
+    lockdown.apply(lock)
