@@ -5,6 +5,7 @@
 #   bash scripts/dev.sh demo     # set up, run the main demo
 #   bash scripts/dev.sh test     # set up, run the test suite
 #   bash scripts/dev.sh bench    # set up, run the benchmark
+#   bash scripts/dev.sh box      # set up, run PyYAML boxed by pycompart run on hostile input
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,5 +23,7 @@ case "${1:-test}" in
     demo)  exec .venv/bin/python examples/hostile_parser/demo.py ;;
     test)  shift || true; exec .venv/bin/python -m pytest "$@" ;;
     bench) shift || true; exec .venv/bin/python -m pycompart bench "$@" ;;
-    *)     echo "usage: $0 demo|test|bench" >&2; exit 2 ;;
+    box)   cd examples/yaml_box
+           exec ../../.venv/bin/python -m pycompart run app.toml -- show_config.py inputs/*.yaml ;;
+    *)     echo "usage: $0 demo|test|bench|box" >&2; exit 2 ;;
 esac

@@ -5,8 +5,10 @@ design's: process hygiene first, then the privilege lock-down, and only then
 any import of the compartment's own code, so that not even import-time code of
 an untrusted module runs with more than the compartment's privileges.
 
-Calls are executed one at a time on the main thread, which keeps the null call
-cheap (no thread hand-off) and makes cancellation possible: the caller sends a
+Top-level calls are executed one at a time on the main thread, which keeps
+the null call cheap (no thread hand-off) and makes cancellation possible.
+Calls nested in a callback this instance made to main run on the thread that
+made it (``pycompart.channel``). Cancellation: the caller sends a
 ``Cancel`` frame and the monitor a ``CANCEL_SIGNAL``; the handler reads the
 frame and raises ``CallCancelled`` inside the running entrypoint. Code that
 does not yield (a C loop, a blocked signal) is killed by the monitor after the

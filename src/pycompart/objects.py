@@ -9,12 +9,15 @@ Two servers, one per direction:
   the modules placed in it). The **exposure policy** is applied here:
   private and dunder names are refused unless the spec's ``expose`` lists
   them, and setting attributes needs ``allow_setattr``.
-* ``CallbackGate`` runs in ``main``. A compartment can do exactly one thing
-  with an object main gave it: call it, and only if its spec's ``may_call``
-  lists ``"main"``. Attributes of main's objects are never served, so a
-  compartment cannot walk from a callback to its ``__globals__``, its module
-  or the builtins; modules and module globals are refused by the codec
-  before they could cross at all (``pycompart.refs``).
+* ``CallbackGate`` runs in ``main``. A compartment can do one thing with an
+  object main gave it: call it, and only if its spec's ``may_call`` lists
+  ``"main"``. A file object main passed is a stream: its I/O methods and a
+  few attributes (``refs.STREAM_METHODS``/``STREAM_ATTRS``) are served, as
+  a capability, without ``may_call``. No other attribute of main's objects
+  is ever served, so a compartment cannot walk from a callback to its
+  ``__globals__``, its module or the builtins; modules and module globals
+  are refused by the codec before they could cross at all
+  (``pycompart.refs``).
 """
 
 from __future__ import annotations
