@@ -193,3 +193,8 @@ def call_later(fn):
 
 def late_result():
     return list(_late)
+
+
+def spin_callbacks(fn):
+    while True:
+        fn()

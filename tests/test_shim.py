@@ -320,3 +320,32 @@ def test_module_already_imported_in_main_cannot_be_boxed(make_app):
     with pytest.raises(pycompart.PycompartError, match="already imported"):
         app.start(import_hook=True)
     app.stop()
+
+
+def test_endless_callbacks_cannot_hold_main_past_the_timeout(make_app):
+    app = box_app(make_app, call_timeout="1s", cancel_grace="200ms")
+    app.start(import_hook=True)
+    import boxlib
+
+    try:
+        started = time.monotonic()
+        with pytest.raises(pycompart.CallTimeout):
+            boxlib.spin_callbacks(lambda: None)
+        assert time.monotonic() - started < 10
+        # From several threads at once, so that main never runs out of
+        # callbacks to serve and never has to wait (and look at the clock).
+        started = time.monotonic()
+        with pytest.raises(pycompart.CallTimeout):
+            boxlib.threaded(lambda i: boxlib.spin_callbacks(lambda: None), 6)
+        assert time.monotonic() - started < 10
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # replaced (or recovered) and serving again
+            try:
+                assert boxlib.VERSION == "1.2"
+                break
+            except pycompart.CompartmentError:
+                time.sleep(0.05)
+        else:
+            pytest.fail("the compartment did not recover")
+    finally:
+        del sys.modules["boxlib"]

@@ -478,6 +478,15 @@ class Channel:
             if nested:
                 for call in nested:
                     self.serve_nested(call)
+                if deadline is not None and time.monotonic() >= deadline:
+                    # A peer that keeps calling back cannot hold us past the
+                    # deadline; its later nested calls are refused.
+                    with self._mu:
+                        timed_out = not waiter.done
+                        if timed_out:
+                            self._waiters.pop(rid, None)
+                    if timed_out:
+                        return self._timed_out(rid, entrypoint)
                 continue
             if lead:
                 try:

@@ -93,6 +93,7 @@ _SCALARS = frozenset({str, float, bool, type(None), bytes})
 _KEY_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 _encoder = msgspec.msgpack.Encoder()
 _flag_cache: dict[type, int] = {}
+_nesting = threading.local()
 _BUILTINS_DICT = builtins.__dict__
 
 
@@ -280,8 +281,11 @@ class Peer:
     def decode(self, data: bytes | memoryview | msgspec.Raw) -> Any:
         try:
             return self._decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ProtocolError(f"compartment {self.compartment!r} sent a malformed value: {exc}") from None
+        except (ProtocolError, StaleReference):
+            raise
+        except Exception as exc:  # DecodeError, and any shape error in an extension
+            raise ProtocolError(f"{self.compartment!r}: a malformed value "
+                                f"({type(exc).__name__}: {exc})") from None
 
     def _ext(self, code: int, data: memoryview) -> Any:
         if code == EXT_TUPLE:
@@ -326,7 +330,16 @@ class Peer:
         raise ProtocolError(f"unknown extension type {code}")
 
     def _list(self, data: memoryview) -> list[Any]:
-        value = self._decoder.decode(data)
+        # Containers inside extensions re-enter the decoder: bound the depth
+        # (per thread: several threads may decode at once).
+        depth = getattr(_nesting, "depth", 0)
+        if depth >= MAX_DEPTH:
+            raise ProtocolError(f"a value nested more than {MAX_DEPTH} levels deep")
+        _nesting.depth = depth + 1
+        try:
+            value = self._decoder.decode(data)
+        finally:
+            _nesting.depth = depth
         if type(value) is not list:
             raise ProtocolError("malformed container")
         return value

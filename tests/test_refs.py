@@ -1,0 +1,145 @@
+"""The reference codec without processes (sans-IO): what crosses by value,
+handle accounting, and hostile payloads from a compartment."""
+
+import os
+import sys
+
+import msgspec
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pycompart import refs
+from pycompart.errors import ProtocolError, StaleReference
+from pycompart.proxy import Compartment, RemoteObject
+from pycompart.spec import load_spec
+
+Ext = msgspec.msgpack.Ext
+enc = msgspec.msgpack.Encoder()
+
+
+class _Pool:
+    ready = ()
+
+
+def main_peer():
+    spec = load_spec({"compartments": {"box": {"modules": ["boxlib"]}}}).compartments["box"]
+    comp = Compartment(spec, _Pool())
+    peer = comp.make_peer()
+    peer.instance = None
+    peer.pending_release = []
+    return comp, peer
+
+
+VALUES = [None, True, 0, -1, 2**63, -(2**63) - 1, 2**200, 1.5, 3 + 4j, "s", b"b", bytearray(b"ba"),
+          [1, [2, (3, {4})]], (1,), (), {"a": 1}, {(1, 2): "t", 3: frozenset({4})}, set(), frozenset()]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=repr)
+def test_plain_values_round_trip_with_their_types(value):
+    _, peer = main_peer()
+    back = peer.decode(peer.encode(value))
+    assert back == value and type(back) is type(value)
+    assert len(peer.exports) == 0  # nothing was exported
+
+
+def test_module_globals_and_modules_are_refused():
+    _, peer = main_peer()
+    for value in (globals(), vars(sys.modules["os"]), __builtins__ if isinstance(__builtins__, dict)
+                  else vars(__builtins__), [os], {"x": sys}):
+        with pytest.raises(TypeError):
+            peer.encode(value)
+
+
+def test_other_objects_are_exported_and_counted():
+    _, peer = main_peer()
+    obj = object()
+    f = lambda: 1  # noqa: E731
+    peer.encode([obj, obj, f])
+    assert len(peer.exports) == 2
+    handle = next(h for h, e in peer.exports._by_handle.items() if e[0] is obj)
+    assert peer.exports._by_handle[handle][1] == 2
+    assert peer.exports.release(handle, 1) and len(peer.exports) == 2
+    assert peer.exports.release(handle, 1) and len(peer.exports) == 1
+    # A peer that releases what it never had, or too much, changes nothing.
+    assert not peer.exports.release(handle, 1)
+    assert not peer.exports.release(10**9, 1) and not peer.exports.release("x", 1)
+    assert not peer.exports.release(1, -5)
+
+
+def test_export_table_is_bounded():
+    exports = refs.Exports(limit=3)
+    for _ in range(3):
+        exports.export(object())
+    with pytest.raises(ProtocolError, match="not releasing"):
+        exports.export(object())
+
+
+def test_references_become_one_proxy_each_and_release_their_count():
+    comp, peer = main_peer()
+    ref = Ext(refs.EXT_REF, enc.encode([7, "boxlib.Thing@1", refs.F_LEN, "boxlib.Thing"]))
+    a, b = peer.decode(enc.encode([ref, ref]))
+    assert a is b and isinstance(a, RemoteObject) and hasattr(a, "__len__") and not callable(a)
+    del a, b
+    assert peer.pending_release == [(7, 2)]
+
+
+def test_a_compartment_cannot_name_what_is_not_placed_in_it():
+    _, peer = main_peer()
+    for module, qualname in (("os", "system"), ("builtins", "eval"), ("boxlibx", "f")):
+        payload = enc.encode(Ext(refs.EXT_PATH, enc.encode([module, qualname, "function", []])))
+        with pytest.raises(ProtocolError, match="not placed"):
+            peer.decode(payload)
+    ok = peer.decode(enc.encode(Ext(refs.EXT_PATH, enc.encode(["boxlib.sub", "f", "function", []]))))
+    assert ok.__qualname__ == "f"
+
+
+def test_handles_main_never_exported_are_stale():
+    _, peer = main_peer()
+    with pytest.raises(StaleReference):
+        peer.decode(enc.encode(Ext(refs.EXT_YOURS, enc.encode(42))))
+
+
+def test_deep_nesting_is_refused_both_ways():
+    _, peer = main_peer()
+    deep: object = []
+    for _ in range(refs.MAX_DEPTH + 5):
+        deep = [deep]
+    with pytest.raises(TypeError, match="nested"):
+        peer.encode(deep)
+    data = enc.encode(1)
+    for _ in range(5000):
+        data = enc.encode(Ext(refs.EXT_TUPLE, enc.encode([Ext(refs.EXT_TUPLE, data)])))
+    with pytest.raises(ProtocolError):
+        peer.decode(data)
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.text(max_size=20),
+                     st.binary(max_size=20), st.floats(allow_nan=False))
+
+
+def _ext_payloads():
+    inner = st.recursive(_scalars, lambda kids: st.lists(kids, max_size=4), max_leaves=12)
+    return st.builds(lambda code, body, raw: Ext(code, raw if raw is not None else enc.encode(body)),
+                     st.integers(-128, 127) | st.sampled_from(range(1, 15)), inner,
+                     st.none() | st.binary(max_size=30))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.recursive(_scalars | _ext_payloads(), lambda kids: st.lists(kids, max_size=4),
+                    max_leaves=20))
+def test_hostile_payloads_only_raise_protocol_errors(value):
+    _, peer = main_peer()
+    try:
+        peer.decode(enc.encode(value))
+    except (ProtocolError, StaleReference):
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_only_raise_protocol_errors(data):
+    _, peer = main_peer()
+    try:
+        peer.decode(data)
+    except (ProtocolError, StaleReference):
+        pass
