@@ -198,3 +198,18 @@ def late_result():
 def spin_callbacks(fn):
     while True:
         fn()
+
+
+def spin_threads(fn, n):
+    """n threads that call fn without end (each call returns at once)."""
+    def spin():
+        try:
+            while True:
+                fn()
+        except Exception:
+            return  # main stopped serving us: the call we belonged to is over
+    threads = [threading.Thread(target=spin, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

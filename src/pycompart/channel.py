@@ -479,8 +479,10 @@ class Channel:
                 for call in nested:
                     self.serve_nested(call)
                 if deadline is not None and time.monotonic() >= deadline:
-                    # A peer that keeps calling back cannot hold us past the
-                    # deadline; its later nested calls are refused.
+                    # Checked here too, not only before waiting for data: a
+                    # peer that keeps a buffer of nested calls queued would
+                    # otherwise delay the timeout until that buffer ran out.
+                    # Its later nested calls are refused.
                     with self._mu:
                         timed_out = not waiter.done
                         if timed_out:

@@ -618,6 +618,9 @@ class Monitor:
     def _kill(self, inst: InstanceHandle, reason: str) -> None:
         if inst.state == "dead" or inst.pidfd is None:
             return
+        # Never hand it out again: between the kill and the zygote's report
+        # of its exit, a caller would otherwise pick a dying instance.
+        inst.pool.remove(inst)
         inst.kill_reason = inst.kill_reason or reason
         self._audit("instance_kill", compartment=inst.pool.spec.name, pid=inst.pid, reason=reason)
         try:
