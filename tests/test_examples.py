@@ -55,6 +55,25 @@ def test_yaml_example_same_output_boxed(tmp_path):
     assert piped.returncode == 0 and '"service": "thumbnailer"' in piped.stdout, piped.stderr
 
 
+def _victim_home(outside=None):
+    """A home directory with an SSH key, outside pytest's 0700 directory and
+    readable and writable by anyone: only the kernel sandbox, not file
+    permissions, stands between the attack and it. Returns (outside, home)."""
+    import pathlib
+    import tempfile
+
+    if outside is None:
+        outside = pathlib.Path(tempfile.mkdtemp(prefix="pycompart-home-"))
+    outside.chmod(0o755)
+    home = outside / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_rsa").write_text("-----BEGIN TEST KEY-----\n")
+    (home / ".ssh" / "id_rsa").chmod(0o644)
+    (home / ".ssh").chmod(0o755)
+    home.chmod(0o777)
+    return outside, home
+
+
 def test_malicious_dependency_is_contained(tmp_path):
     """prettycolors tries, at import and on every call, to read SSH keys and
     environment secrets, write to $HOME and phone home. Unboxed every attempt
@@ -67,17 +86,7 @@ def test_malicious_dependency_is_contained(tmp_path):
     import tempfile
 
     where = _stage(tmp_path, "malicious_dep")
-    # Outside pytest's 0700 directory: nobody can traverse to it, so only the
-    # kernel sandbox (not file permissions) stands between the attack and it.
-    outside = pathlib.Path(tempfile.mkdtemp(prefix="pycompart-home-"))
-    outside.chmod(0o755)
-    home = outside / "home"
-    (home / ".ssh").mkdir(parents=True)
-    (home / ".ssh" / "id_rsa").write_text("-----BEGIN TEST KEY-----\n")
-    # Readable and writable by anyone: only the compartment's sandbox can stop it.
-    (home / ".ssh" / "id_rsa").chmod(0o644)
-    (home / ".ssh").chmod(0o755)
-    home.chmod(0o777)
+    outside, home = _victim_home()
     collector = socket.socket()
     collector.bind(("127.0.0.1", 0))
     collector.listen()
@@ -162,13 +171,7 @@ def test_malicious_dependency_contained_when_main_is_not_root(tmp_path):
         (where / "collector_port").write_text("9")  # discard: nothing listens there
         for path in [where, *where.iterdir()]:
             path.chmod(0o755 if path.is_dir() else 0o644)
-        outside.chmod(0o755)
-        home = outside / "home"
-        (home / ".ssh").mkdir(parents=True)
-        (home / ".ssh" / "id_rsa").write_text("-----BEGIN TEST KEY-----\n")
-        (home / ".ssh" / "id_rsa").chmod(0o644)
-        (home / ".ssh").chmod(0o755)
-        home.chmod(0o777)
+        home = _victim_home(outside)[1]
         env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "API_TOKEN": "tok-123-secret"}
         nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
         launcher = (f"import sys; sys.path[:0] = [{stage!r}]; from pycompart.cli import main; "
