@@ -213,3 +213,13 @@ def spin_threads(fn, n):
         t.start()
     for t in threads:
         t.join()
+
+
+def import_other(name):
+    import importlib
+
+    try:
+        importlib.import_module(name)
+        return "imported"
+    except ImportError as exc:
+        return str(exc)

@@ -6,7 +6,6 @@ import threading
 import time
 
 import msgspec
-import pytest
 
 from pycompart.channel import CallServer, Channel, PipeTransport
 from pycompart.errors import CallTimeout, CompartmentError

@@ -78,12 +78,9 @@ def test_malicious_dependency_is_contained(tmp_path):
     """prettycolors tries, at import and on every call, to read SSH keys and
     environment secrets, write to $HOME and phone home. Unboxed every attempt
     works (the twin); boxed every one fails and the program still works."""
+    import shutil
     import socket
     import threading
-
-    import pathlib
-    import shutil
-    import tempfile
 
     where = _stage(tmp_path, "malicious_dep")
     outside, home = _victim_home()

@@ -353,3 +353,22 @@ def test_endless_callbacks_cannot_hold_main_past_the_timeout(make_app):
         assert recovered()
     finally:
         del sys.modules["boxlib"]
+
+
+def test_a_module_placed_elsewhere_cannot_be_imported_in_a_compartment(make_app, tmp_path, monkeypatch):
+    (tmp_path / "pc_other.py").write_text("X = 1\n")
+    tmp_path.chmod(0o755)
+    (tmp_path / "pc_other.py").chmod(0o644)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    app = make_app({"compartments": {"box": {"modules": ["boxlib"]},
+                                     "other": {"modules": ["pc_other"]}}})
+    app.start(import_hook=True)
+    import boxlib
+
+    try:
+        assert "placed in compartment 'other'" in boxlib.import_other("pc_other")
+        assert "placed in compartment 'other'" in boxlib.import_other("pc_other.sub")
+        assert boxlib.import_other("json") == "imported"  # not placed anywhere
+    finally:
+        del sys.modules["boxlib"]
+        sys.modules.pop("pc_other", None)

@@ -375,6 +375,8 @@ class _Runtime:
             functions=list(comp.functions), expose=list(comp.expose),
             allow_setattr=comp.allow_setattr, may_call_main="main" in comp.may_call,
             shared=self._shared(comp),
+            elsewhere={m: other.name for other in self.spec.compartments.values()
+                       if other.name != comp.name for m in other.modules},
         )
 
     def call(self, ep: Entrypoint[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],

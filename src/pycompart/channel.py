@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import CallTimeout, CompartmentCrashed, CompartmentError, EntrypointError, ProtocolError
+from .errors import CallTimeout, CompartmentCrashed, CompartmentError, ProtocolError
 from .protocol import (
     MAX_FDS_PER_FRAME,
     NEED_DATA as _NEED_DATA,

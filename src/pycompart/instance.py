@@ -72,6 +72,8 @@ class InstanceConfig(msgspec.Struct, forbid_unknown_fields=True):
     may_call_main: bool = False
     #: Shared data: (module, name, value encoded by ``refs.encode_plain``).
     shared: list[tuple[str, str, bytes]] = []
+    #: Modules placed in *other* compartments: importing one here fails.
+    elsewhere: dict[str, str] = {}
 
 
 def run(config: InstanceConfig, read_fd: int, write_fd: int) -> NoReturn:
@@ -171,6 +173,8 @@ def _reroute_packages(reach: dict[str, str]) -> None:
 
 def _load(config: InstanceConfig) -> dict[str, _LazyContract]:
     sys.path[:] = config.sys_path
+    if config.elsewhere:
+        sys.meta_path.insert(0, _PlacedElsewhere(config.compartment, config.elsewhere))
     _install_shared(config.shared)
     if any(key.startswith("__main__:") for key in config.entrypoints):
         _load_main(config)
@@ -187,6 +191,24 @@ def _load(config: InstanceConfig) -> dict[str, _LazyContract]:
             raise EntrypointError(f"{key} is not callable")
         table[key] = _LazyContract(fn, key)
     return table
+
+
+class _PlacedElsewhere:
+    """Refuses to import, here, a module the spec placed in another
+    compartment: it must run only there, under that compartment's
+    privileges (and calls between compartments do not exist yet)."""
+
+    def __init__(self, here: str, elsewhere: dict[str, str]):
+        self.here = here
+        self.elsewhere = elsewhere
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> None:
+        for module, owner in self.elsewhere.items():
+            if fullname == module or fullname.startswith(module + "."):
+                raise ImportError(f"module {fullname!r} is placed in compartment {owner!r}; "
+                                  f"compartment {self.here!r} cannot import it (calls between "
+                                  "compartments are not supported in this version)", name=fullname)
+        return None
 
 
 def _install_shared(shared: list[tuple[str, str, bytes]]) -> None:

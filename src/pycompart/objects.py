@@ -22,7 +22,6 @@ Two servers, one per direction:
 
 from __future__ import annotations
 
-import builtins
 import importlib
 import io
 import inspect
@@ -398,4 +397,4 @@ class CallbackGate(CallServer):
         self.peer.close()
 
 
-__all__ = ["ObjectServer", "MainRef", "Callback", "CallbackGate", "instance_peer", "builtins"]
+__all__ = ["ObjectServer", "MainRef", "Callback", "MainStream", "CallbackGate", "instance_peer"]

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import refs
 from .channel import serving, serving_any
-from .errors import CallTimeout, CompartmentCrashed, ProtocolError, RemoteError, RemoteTraceback, StaleReference
+from .errors import CallTimeout, ProtocolError, RemoteError, RemoteTraceback, StaleReference
 from .gate import ALLOWED_EXCEPTIONS, rebuild_exception
 from .protocol import Err, ErrorInfo
 
@@ -511,4 +511,4 @@ def is_remote(value: Any) -> bool:
 
 
 __all__ = ["Compartment", "ModuleProxy", "PathFunction", "RemoteClassMeta", "RemoteObject",
-           "RemoteMethod", "is_remote", "CompartmentCrashed"]
+           "RemoteMethod", "is_remote"]
