@@ -223,3 +223,16 @@ def import_other(name):
         return "imported"
     except ImportError as exc:
         return str(exc)
+
+
+def read_stream(f):
+    """Use a file object main passed in; report what else it offers."""
+    first = f.readline()
+    rest = f.read()
+    refused = []
+    for name in ("fileno", "buffer", "detach", "__class__", "_checkClosed"):
+        try:
+            getattr(f, name)
+        except AttributeError:
+            refused.append(name)
+    return first, rest, f.name, refused

@@ -372,3 +372,39 @@ def test_a_module_placed_elsewhere_cannot_be_imported_in_a_compartment(make_app,
     finally:
         del sys.modules["boxlib"]
         sys.modules.pop("pc_other", None)
+
+
+def test_file_objects_cross_as_streams(boxed, tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("line one\nline two\n")
+    with open(path) as f:
+        first, rest, name, refused = boxed.read_stream(f)
+    assert (first, rest, name) == ("line one\n", "line two\n", str(path))
+    # The stream is a capability for I/O on that file, nothing more.
+    assert {"fileno", "buffer", "detach", "_checkClosed"} <= set(refused)
+
+
+def test_module_calls_are_audited(make_app, tmp_path):
+    log = tmp_path / "audit.jsonl"
+    app = make_app({"app": {"audit_log": str(log)},
+                    "compartments": {"box": {"modules": ["boxlib"], "may_call": ["main"]}}})
+    app.start(import_hook=True)
+    import boxlib
+
+    try:
+        boxlib.make("c", 1).total()
+        boxlib.apply(lambda: 1)
+        with pytest.raises(boxlib.BoxError):
+            boxlib.fail()
+    finally:
+        del sys.modules["boxlib"]
+    app.stop()
+    import json
+
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    calls = [(r["entrypoint"], r["target"], r["outcome"]) for r in records if r["event"] == "call"]
+    assert ("@call", "boxlib:make", "ok") in calls
+    assert ("@callmethod", "<boxlib.Counter object>.total", "ok") in calls
+    assert ("@call", "boxlib:fail", "error:BoxError") in calls
+    assert any(r["event"] == "callback" and r["caller"] == "box" and r["outcome"] == "ok"
+               for r in records)

@@ -98,6 +98,13 @@ def _unenforceable(spec: AppSpec) -> list[str]:
             policy.resolve(comp, sys.path, None)
         except PrivilegeError as exc:
             problems.append(str(exc))
+    if spec.main_privileges is not None:
+        from . import main_lockdown
+
+        try:
+            main_lockdown.plan(spec.main_privileges, sys.path, None)
+        except PrivilegeError as exc:
+            problems.append(str(exc))
     return problems
 
 

@@ -67,8 +67,9 @@ def dotted_in(spec: CompartmentSpec, dotted: str) -> bool:
 class Compartment:
     """``main``'s view of one module compartment: its pool and stand-ins."""
 
-    def __init__(self, spec: CompartmentSpec, pool: Pool, on_timeout: Any = None):
+    def __init__(self, spec: CompartmentSpec, pool: Pool, on_timeout: Any = None, audit: Any = None):
         self.name = spec.name
+        self.audit = audit
         self.spec = spec
         self.pool = pool
         self.expose = frozenset(spec.expose)
@@ -90,6 +91,35 @@ class Compartment:
     # -- requests -------------------------------------------------------------
 
     def call(self, inst: InstanceHandle | None, op: str, args: list[Any]) -> Any:
+        if self.audit is not None:
+            return self._call_audited(inst, op, args)
+        return self._call(inst, op, args)
+
+    def _call_audited(self, inst: InstanceHandle | None, op: str, args: list[Any]) -> Any:
+        """``call`` with an audit record: the operation, and for a call, the
+        name of what was called (never argument values)."""
+        started = time.monotonic()
+        outcome = "ok"
+        try:
+            return self._call(inst, op, args)
+        except CallTimeout:
+            outcome = "timeout"
+            raise
+        except Exception as exc:
+            outcome = f"error:{type(exc).__qualname__}"
+            raise
+        finally:
+            target = args[0] if args else None
+            path = getattr(target, "__pycompart_path__", None)
+            what = f"{path[1]}:{path[2]}" if path else (
+                f"<{target._pc_tname} object>" if isinstance(target, RemoteObject) else "")
+            if op in ("@getattr", "@callmethod") and len(args) > 1 and isinstance(args[1], str):
+                what += f".{args[1]}"
+            self.audit.record("call", caller="main", callee=self.name, entrypoint=op, target=what,
+                              duration_ms=round((time.monotonic() - started) * 1000, 3),
+                              outcome=outcome)
+
+    def _call(self, inst: InstanceHandle | None, op: str, args: list[Any]) -> Any:
         parent = 0
         if inst is None:
             for channel, rid in reversed(serving_any()):
