@@ -114,3 +114,55 @@ def test_a_peer_flooding_nested_calls_cannot_hold_the_caller_past_its_deadline()
             os.close(fd)
         except OSError:
             pass
+
+
+def test_nested_calls_queued_for_a_busy_thread_are_bounded():
+    """While the caller runs a slow nested call, another thread leads the
+    channel and queues what the peer sends next: at most MAX_QUEUED_NESTED
+    are kept, the rest are answered with an error."""
+    from pycompart.channel import MAX_QUEUED_NESTED
+    from pycompart.protocol import Err
+
+    channel, server, peer_r, peer_w = pair()
+    release = threading.Event()
+    original = server.execute
+
+    def slow_first(ch, call):
+        if server.served == 0:
+            release.wait(10)
+        return original(ch, call)
+    server.execute = slow_first
+    peer = Connection(1 << 20)
+    flood = MAX_QUEUED_NESTED + 200
+    refused = []
+
+    def fake_peer():
+        calls = []
+        while len(calls) < 2:
+            calls.append(read_events(peer_r, peer, lambda e: isinstance(e, Call)))
+        x = min(calls, key=lambda c: c.id)  # the first thread's call
+        frames = [peer.send_call("@cb", NIL, 0, x.id)[1] for _ in range(flood + 1)]
+        os.write(peer_w, b"".join(frames))
+        answers = 0
+        while answers < flood + 1:
+            event = read_events(peer_r, peer, lambda e: not isinstance(e, Call))
+            answers += 1
+            if isinstance(event, Err):
+                refused.append(event)
+                if len(refused) == flood - MAX_QUEUED_NESTED:
+                    release.set()
+        for call in calls:
+            os.write(peer_w, peer.send_ok(call.id, NIL))
+    t = threading.Thread(target=fake_peer, daemon=True)
+    t.start()
+    first = threading.Thread(target=lambda: channel.request("@x", NIL, time.monotonic() + 30))
+    first.start()
+    time.sleep(0.2)
+    second = threading.Thread(target=lambda: channel.request("@y", NIL, time.monotonic() + 30))
+    second.start()
+    for thread in (first, second, t):
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in (first, second, t))
+    assert len(refused) == flood - MAX_QUEUED_NESTED
+    assert server.served == MAX_QUEUED_NESTED + 1  # the slow one, then every queued one
+    channel.close()

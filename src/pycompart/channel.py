@@ -228,6 +228,10 @@ def fds_from_ancillary(anc: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
+#: Nested calls queued for one waiting thread while it is busy (running an
+#: earlier one); beyond this the peer gets an error instead of our memory.
+MAX_QUEUED_NESTED = 256
+
 #: How long a reply to a nested call may take to write (the peer is waiting
 #: for it, so it is reading; this only bounds a peer that stopped).
 REPLY_SEND_TIMEOUT = 60.0
@@ -677,10 +681,17 @@ class Channel:
                         self._leader_nested.append(call)
                         return
                     waiter = self._waiters.get(parent)
-                    if waiter is not None and not waiter.done:
+                    full = waiter is not None and len(waiter.nested) >= MAX_QUEUED_NESTED
+                    if waiter is not None and not waiter.done and not full:
                         waiter.nested.append(call)
                         waiter.wake()
                         return
+                if full:
+                    self.conn.violations += 1
+                    self.reply(self.conn.send_err(call.id, refusal(
+                        f"more than {MAX_QUEUED_NESTED} calls are already queued for the call this "
+                        "one is nested in")))
+                    return
                 self.reply(self.conn.send_err(call.id, refusal(
                     "the call this one is nested in is no longer waiting (it timed out or ended)")))
                 return
