@@ -53,6 +53,7 @@ class ObjectServer:
         self.functions = frozenset(functions)
         self.expose = frozenset(expose)
         self.allow_setattr = allow_setattr
+        self._resolved: dict[tuple[str, str], Any] = {}
         self._ops: dict[str, Callable[..., Any]] = {
             "@import": self.op_import, "@getattr": self.op_getattr, "@setattr": self.op_setattr,
             "@call": self.op_call, "@callmethod": self.op_callmethod, "@op": self.op_protocol,
@@ -93,6 +94,16 @@ class ObjectServer:
 
     def resolve(self, module: str, qualname: str) -> Any:
         """The object at ``module:qualname``, if the compartment holds it."""
+        key = (module, qualname)
+        obj = self._resolved.get(key)
+        if obj is not None:
+            return obj
+        obj = self._resolve(module, qualname)
+        if len(self._resolved) < 4096 and isinstance(obj, (type, types.ModuleType, *_FUNCTION_TYPES)):
+            self._resolved[key] = obj  # modules, classes and functions stay put
+        return obj
+
+    def _resolve(self, module: str, qualname: str) -> Any:
         if not self.placed(module, qualname):
             raise LookupError(f"{module}{':' + qualname if qualname else ''} is not placed in "
                               f"compartment {self.compartment!r}")

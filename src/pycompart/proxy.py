@@ -76,6 +76,7 @@ class Compartment:
         self.on_timeout = on_timeout
         self._paths: dict[tuple[str, str], Any] = {}
         self._standins: dict[str, type] = {}
+        self._path_exts: dict[tuple[str, ...], refs.Ext] = {}
         self._lock = threading.RLock()
 
     def module(self, name: str) -> ModuleProxy:
@@ -251,22 +252,20 @@ class Compartment:
             if value._pc_peer is peer:
                 return refs.yours_ext(value._pc_handle)
             return None  # another instance's object: passed on as one of main's
-        path = getattr(type(value), "__pycompart_path__", None) if not isinstance(value, type) else None
-        if isinstance(value, (ModuleProxy, PathFunction)) or isinstance(value, RemoteClassMeta):
+        if isinstance(value, (ModuleProxy, PathFunction, RemoteClassMeta)):
             path = value.__pycompart_path__
-        elif isinstance(value, type) and "__pycompart_standin__" in value.__dict__:
+            if path[0] != self.name:
+                return None  # another compartment's stand-in: passed on as one of main's
+            ext = self._path_exts.get(path)
+            if ext is None:
+                ext = self._path_exts[path] = refs.path_ext(path[1], path[2], path[3])
+            return ext
+        if isinstance(value, type) and "__pycompart_standin__" in value.__dict__:
             comp, name = value.__pycompart_standin__
             if comp == self.name:
                 module, _, qualname = name.rpartition(".")
                 return refs.path_ext(module, qualname, "exception")
-            return None
-        else:
-            path = None
-        if path is not None and path[0] == self.name:
-            return refs.path_ext(path[1], path[2], path[3])
-        if isinstance(value, types.ModuleType):
-            return None  # main's modules never cross (to_wire refuses)
-        return None
+        return None  # exported (main's modules never get here: to_wire refuses them)
 
 
 _RESERVED = frozenset({"type_name", "message", "remote_traceback", "remote_compartment", "args",

@@ -240,8 +240,10 @@ class Peer:
                             "a compartment boundary")
         depth += 1
         if tp is list:
-            return [self.to_wire(v, depth) for v in value]
+            return [self.to_wire(v, depth) for v in value] if value else value
         if tp is dict:
+            if not value:
+                return value
             if "__builtins__" in value or value is _BUILTINS_DICT:
                 raise TypeError("a module's globals cannot be passed to another compartment")
             if all(type(k) in _KEY_SCALARS for k in value):
