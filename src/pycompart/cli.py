@@ -25,7 +25,7 @@ def describe(spec: AppSpec) -> str:
             f"{c.restart_window:g}s, backoff from {c.restart_backoff * 1000:g}ms)",
             f"  call timeout: {timeout}; cancel grace: {c.cancel_grace:g}s; start timeout: "
             f"{c.start_timeout:g}s",
-            f"  functions: {', '.join(c.functions) or '(declared in code with @app.entrypoint)'}",
+            f"  functions: {', '.join(c.functions) or 'none in the spec (entrypoints may be declared in code)'}",
             f"  modules imported only here: {', '.join(c.modules) or 'none'}",
             f"  may call: {', '.join(c.may_call) or 'nothing (no callbacks)'}; exposes private "
             f"names: {', '.join(c.expose) or 'none'}; setattr from outside: "
