@@ -6,7 +6,7 @@ installed pycompart can measure the machine it is installed on.
 
 import sys
 
-from pycompart.bench import run
+from pycompart.frontend.bench import run
 
 if __name__ == "__main__":
     run(quick="--quick" in sys.argv)

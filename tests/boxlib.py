@@ -87,13 +87,13 @@ def make_many(n):
 
 def exported():
     """How many objects this instance holds for main."""
-    from pycompart.objects import Callback
+    from pycompart.compartment.objects import Callback
 
     return len(Callback.call_out.__self__.peer.exports)
 
 
 def held_callbacks():
-    from pycompart.objects import Callback
+    from pycompart.compartment.objects import Callback
 
     return len(Callback.call_out.__self__.peer.proxies)
 
@@ -163,9 +163,9 @@ def read_shared():
 
 def forge(op, handle, *rest):
     """Send main a hand-made request naming one of main's handles."""
-    from pycompart import refs
-    from pycompart.channel import serving
-    from pycompart.objects import Callback
+    from pycompart.wire import refs
+    from pycompart.transport.channel import serving
+    from pycompart.compartment.objects import Callback
 
     server = Callback.call_out.__self__
     payload = refs._encoder.encode([refs.yours_ext(handle), *rest])

@@ -16,7 +16,7 @@ def _pycompart_processes() -> set[int]:
                 cmd = f.read()
         except OSError:
             continue
-        if b"pycompart.zygote" in cmd:
+        if b"pycompart.supervisor.zygote" in cmd:
             found.add(int(name))
     return found
 

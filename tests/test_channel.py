@@ -7,9 +7,10 @@ import time
 
 import msgspec
 
-from pycompart.channel import CallServer, Channel, PipeTransport
+from pycompart.transport.channel import CallServer, Channel
+from pycompart.transport.streams import PipeTransport
 from pycompart.errors import CallTimeout, CompartmentError
-from pycompart.protocol import Call, Connection, NEED_DATA
+from pycompart.wire.protocol import Call, Connection, NEED_DATA
 
 NIL = msgspec.msgpack.encode(None)
 
@@ -120,8 +121,8 @@ def test_nested_calls_queued_for_a_busy_thread_are_bounded():
     """While the caller runs a slow nested call, another thread leads the
     channel and queues what the peer sends next: at most MAX_QUEUED_NESTED
     are kept, the rest are answered with an error."""
-    from pycompart.channel import MAX_QUEUED_NESTED
-    from pycompart.protocol import Err
+    from pycompart.transport.channel import MAX_QUEUED_NESTED
+    from pycompart.wire.protocol import Err
 
     channel, server, peer_r, peer_w = pair()
     release = threading.Event()

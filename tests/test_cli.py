@@ -2,7 +2,7 @@ import subprocess
 import sys
 
 import pycompart
-from pycompart.cli import main
+from pycompart.frontend.cli import main
 
 GOOD = '''
 [app]

@@ -171,7 +171,7 @@ def test_malicious_dependency_contained_when_main_is_not_root(tmp_path):
         home = _victim_home(outside)[1]
         env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "API_TOKEN": "tok-123-secret"}
         nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        launcher = (f"import sys; sys.path[:0] = [{stage!r}]; from pycompart.cli import main; "
+        launcher = (f"import sys; sys.path[:0] = [{stage!r}]; from pycompart.frontend.cli import main; "
                     "sys.exit(main(sys.argv[1:]))")
         plain = subprocess.run([*nobody, SYSTEM_PYTHON, "app.py", "hello"], cwd=where, env=env,
                                capture_output=True, text=True, timeout=60)

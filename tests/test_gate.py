@@ -7,7 +7,8 @@ import pytest
 
 import boxed
 from pycompart import EntrypointError, ProtocolError, RemoteError
-from pycompart.gate import ALLOWED_EXCEPTIONS, Contract, describe_exception, rebuild_exception
+from pycompart.wire.contract import Contract
+from pycompart.wire.exceptions import ALLOWED_EXCEPTIONS, describe_exception, rebuild_exception
 
 
 def roundtrip(fn, *args, **kwargs):
@@ -78,7 +79,7 @@ def test_other_exceptions_become_remote_error_without_import():
 
 def test_dangerous_base_exceptions_are_not_rebuilt():
     assert "SystemExit" not in ALLOWED_EXCEPTIONS and "KeyboardInterrupt" not in ALLOWED_EXCEPTIONS
-    from pycompart.protocol import ErrorInfo
+    from pycompart.wire.protocol import ErrorInfo
     for name in ("SystemExit", "KeyboardInterrupt", "GeneratorExit", "StopIteration", "os.system"):
         back = rebuild_exception(ErrorInfo(name, "x", [], ""), "box")
         assert isinstance(back, RemoteError)

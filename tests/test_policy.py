@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 
-from pycompart import policy
+from pycompart.policy import resolution as policy
 from pycompart.errors import PrivilegeError
 from pycompart.kernel.host import HostSupport
-from pycompart.spec import load_spec
+from pycompart.policy.spec import load_spec
 
 FULL = HostSupport(root=True, landlock_abi=7, seccomp=True, seccomp_detail="ok", net_namespace=True,
                    namespace_detail="ok", cgroup_v1=(), cgroup_v2=False)

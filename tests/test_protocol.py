@@ -7,7 +7,7 @@ import msgspec
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pycompart.protocol import (
+from pycompart.wire.protocol import (
     HEADER,
     NEED_DATA,
     Call,

@@ -8,10 +8,10 @@ import msgspec
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pycompart import refs
+from pycompart.wire import refs
 from pycompart.errors import ProtocolError, StaleReference
-from pycompart.proxy import Compartment, RemoteObject
-from pycompart.spec import load_spec
+from pycompart.frontend.proxy import Compartment, RemoteObject
+from pycompart.policy.spec import load_spec
 
 Ext = msgspec.msgpack.Ext
 enc = msgspec.msgpack.Encoder()

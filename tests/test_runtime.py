@@ -11,7 +11,7 @@ import pytest
 
 import boxed
 import pycompart
-import pycompart.gate
+import pycompart.wire.exceptions
 from pycompart import (
     CallTimeout,
     CompartmentCrashed,
@@ -404,7 +404,7 @@ def test_undeclared_entrypoint_is_refused_and_counted(make_app):
         inst = app._runtime.monitor.pools["box"].ready[0]
         for name in ("boxed:CustomError", "os:system", "boxed:_channel_write_fd", "nonsense"):
             reply = inst.channel.request(name, b"\x80", time.monotonic() + 5)
-            err = pycompart.gate.rebuild_exception(reply.error, "box")
+            err = pycompart.wire.exceptions.rebuild_exception(reply.error, "box")
             assert isinstance(err, pycompart.EntrypointError) and "not an entrypoint" in str(err)
         assert ep["null"]() is None  # the instance kept serving
 

@@ -11,7 +11,7 @@ import types
 import pytest
 
 import pycompart
-from pycompart.proxy import ModuleProxy, RemoteObject
+from pycompart.frontend.proxy import ModuleProxy, RemoteObject
 
 
 def box_app(make_app, **extra):
@@ -201,7 +201,7 @@ def test_exposure_policy(boxed):
                 lambda: boxed.make.__globals__, lambda: boxed.Counter.__secret__):
         with pytest.raises((AttributeError, KeyError)):
             get()
-    assert c.__class__.__module__ == "pycompart.proxy"  # the local proxy class, not the remote one
+    assert c.__class__.__module__ == "pycompart.frontend.proxy"  # the local proxy class, not the remote one
     with pytest.raises(AttributeError, match="allow_setattr"):
         c.name = "changed"
     assert c.name == "c"

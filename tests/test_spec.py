@@ -1,7 +1,7 @@
 import pytest
 
 from pycompart import SpecError
-from pycompart.spec import load_spec, load_spec_file, parse_duration, parse_size
+from pycompart.policy.spec import load_spec, load_spec_file, parse_duration, parse_size
 
 
 def test_defaults_and_full_spec(tmp_path):

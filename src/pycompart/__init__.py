@@ -4,7 +4,7 @@ The public API is small: ``App`` (with ``@app.entrypoint``), the errors, and
 the events passed to life-cycle hooks. See the README for a tour.
 
 Names are imported on first use, so the zygote, which imports
-``pycompart.zygote``, carries only the runtime it needs into every fork.
+``pycompart.supervisor.zygote``, carries only the runtime it needs into every fork.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 _EXPORTS = {
-    "App": "app", "Entrypoint": "app",
+    "App": "frontend.app", "Entrypoint": "frontend.app",
     "CallTimeout": "errors", "CompartmentCrashed": "errors", "CompartmentError": "errors",
     "CompartmentStartError": "errors", "CompartmentUnavailable": "errors",
     "EntrypointError": "errors", "ProtocolError": "errors", "PycompartError": "errors",
     "RemoteError": "errors", "SpecError": "errors", "StaleReference": "errors",
     "PrivilegeError": "errors",
-    "CommBreakEvent": "monitor", "InstanceEvent": "monitor", "TimeoutEvent": "monitor",
+    "CommBreakEvent": "supervisor.monitor", "InstanceEvent": "supervisor.monitor",
+    "TimeoutEvent": "supervisor.monitor",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -41,10 +42,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .app import App, Entrypoint
+    from .frontend.app import App, Entrypoint
     from .errors import (
         CallTimeout, CompartmentCrashed, CompartmentError, CompartmentStartError,
         CompartmentUnavailable, EntrypointError, ProtocolError, PycompartError, RemoteError,
         SpecError, StaleReference, PrivilegeError,
     )
-    from .monitor import CommBreakEvent, InstanceEvent, TimeoutEvent
+    from .supervisor.monitor import CommBreakEvent, InstanceEvent, TimeoutEvent

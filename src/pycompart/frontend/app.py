@@ -18,10 +18,8 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from . import instance as _instance
-from . import policy
-from .audit import AuditLog
-from .errors import (
+from ..compartment import serve as _instance
+from ..errors import (
     CallTimeout,
     CompartmentCrashed,
     CompartmentError,
@@ -29,10 +27,18 @@ from .errors import (
     PycompartError,
     ProtocolError,
 )
-from .gate import Contract, describe_exception, function_key, rebuild_exception
-from .monitor import CommBreakEvent, Hooks, InstanceEvent, Monitor, Pool, TimeoutEvent
-from .protocol import Err
-from .spec import AppSpec, CompartmentSpec, load_spec, load_spec_file
+from ..policy import resolution as policy
+from ..policy.spec import AppSpec, CompartmentSpec, load_spec, load_spec_file
+from ..supervisor import confine as main_lockdown
+from ..supervisor.audit import AuditLog
+from ..supervisor.monitor import CommBreakEvent, Hooks, InstanceEvent, Monitor, Pool, TimeoutEvent
+from ..wire import refs
+from ..wire.contract import Contract, function_key
+from ..wire.exceptions import describe_exception, rebuild_exception
+from ..wire.protocol import Err
+from .callbacks import CallbackGate
+from .importhook import CompartmentFinder
+from .proxy import Compartment
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -189,8 +195,6 @@ class App:
             runtime.start(lazy, confine_main)
             self._runtime = runtime
             if import_hook:
-                from .shim import CompartmentFinder
-
                 finder = CompartmentFinder(runtime)
                 try:
                     finder.install()
@@ -208,7 +212,7 @@ class App:
 
     def compartment(self, name: str) -> Any:
         """main's handle on a running module compartment
-        (``pycompart.proxy.Compartment``): ``.module("yaml")`` imports a
+        (``pycompart.frontend.proxy.Compartment``): ``.module("yaml")`` imports a
         placed module as a proxy without the import hook."""
         runtime = self._runtime
         if runtime is None or name not in runtime.compartments:
@@ -288,8 +292,6 @@ class _Runtime:
                     raise PycompartError(f"{self.spec.source} has no [compartments.main.privileges]")
                 if threading.active_count() > 1:
                     raise PycompartError("main can only be locked down while it has one thread")
-                from . import main_lockdown
-
                 main_lock = main_lockdown.plan(self.spec.main_privileges, sys.path,
                                                self._main_path).lockdown
         except BaseException:
@@ -297,12 +299,8 @@ class _Runtime:
             raise
         before_threads = None
         if main_lock is not None:
-            from . import main_lockdown
-
             before_threads = lambda: main_lockdown.confine(main_lock)  # noqa: E731
         if len(self.inline) < len(self.spec.compartments):
-            from .proxy import Compartment
-
             self.monitor = Monitor(self.spec, self._config_for, self.app.hooks, self.audit,
                                    prepare=self._prepare)
             self.compartments = {name: Compartment(self.spec.compartments[name], pool, self._timed_out,
@@ -336,8 +334,6 @@ class _Runtime:
 
     def _prepare(self, inst: Any) -> None:
         """Equip a new instance's channel for remote references and callbacks."""
-        from .objects import CallbackGate
-
         comp = self.compartments[inst.pool.spec.name]
         peer = comp.make_peer()
         peer.instance = inst
@@ -350,8 +346,6 @@ class _Runtime:
 
     def _shared(self, comp: CompartmentSpec) -> list[tuple[str, str, bytes]]:
         """IA2_SHARED_DATA: main's current values of the declared names."""
-        from . import refs
-
         out = []
         for key in comp.shared:
             module_name, _, name = key.partition(":")

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from . import _bench_targets
+from . import bench_targets as _bench_targets
 from .app import App
 
 
@@ -128,7 +128,7 @@ def instance_ready(n: int, privileges: dict | None = None) -> list[float]:  # ty
 
 
 def _module_app() -> App:
-    return App({"compartments": {"bench_mod": {"modules": ["pycompart._bench_targets"],
+    return App({"compartments": {"bench_mod": {"modules": ["pycompart.frontend.bench_targets"],
                                                "may_call": ["main"], "call_timeout": "60s"}}})
 
 
@@ -136,7 +136,7 @@ def whole_program(n: int) -> tuple[list[float], list[float]] | None:
     """Wall time of ``examples/yaml_box`` (PyYAML on six hostile and benign
     files), plain ``python`` vs ``pycompart run``, each a fresh process."""
     here = os.path.dirname(os.path.abspath(__file__))
-    where = os.path.join(here, "..", "..", "examples", "yaml_box")
+    where = os.path.join(here, "..", "..", "..", "examples", "yaml_box")
     try:
         import yaml  # noqa: F401
     except ImportError:
@@ -188,7 +188,7 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
                                            _time_loop(lambda: size(big), 3 if quick else 10), base)
         mapp = _module_app()
         with mapp:
-            mod = mapp.compartment("bench_mod").module("pycompart._bench_targets")
+            mod = mapp.compartment("bench_mod").module("pycompart.frontend.bench_targets")
             obj = mod.Obj()
             cb = lambda: None  # noqa: E731
             for _ in range(500):

@@ -1,17 +1,6 @@
-"""Channels: the byte streams calls travel on, and the caller's end of one.
+"""``Channel``: one end of an edge; both ends use it.
 
-A *transport* moves bytes and, where it can, file descriptors:
-
-* ``PipeTransport``: a pair of pipes. The cheapest round trip Linux offers
-  between two processes (on the machines we measure, a socketpair costs ~1.7×
-  a pipe), so calls use it. It cannot carry descriptors.
-* ``SocketTransport``: a connected AF_UNIX stream socket; carries
-  descriptors with SCM_RIGHTS. The zygote's control channel uses it.
-
-A later transport (an SSH byte stream) implements the same interface with
-``can_pass_fds = False``.
-
-``Channel`` is one end of an edge; both ends use it. Many threads may call
+Many threads may call
 over it at once. There is no reader thread: the first waiting thread becomes
 the *leader* and reads, handing replies that belong to other threads to them;
 when its own reply arrives it passes leadership on. With a single caller this
@@ -28,19 +17,15 @@ for its serve loop; ``main`` refuses them.
 
 from __future__ import annotations
 
-import array
-import fcntl
 import os
 import select
-import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import CallTimeout, CompartmentCrashed, CompartmentError, ProtocolError
-from .protocol import (
-    MAX_FDS_PER_FRAME,
+from ..errors import CallTimeout, CompartmentCrashed, CompartmentError, ProtocolError
+from ..wire.protocol import (
     NEED_DATA as _NEED_DATA,
     Call,
     Cancel,
@@ -52,180 +37,9 @@ from .protocol import (
     Release,
     Violation,
 )
+from .streams import Transport
 
 _READ_CHUNK = 64 * 1024
-_FD_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
-_F_SETPIPE_SZ = 1031
-PIPE_SIZE = 1024 * 1024
-
-
-class Transport:
-    """Interface of a byte transport.
-
-    ``read_into`` never blocks: it raises ``BlockingIOError`` when nothing is
-    there, returns ``(0, [])`` at end of stream. ``send`` writes everything or
-    raises ``TimeoutError`` once ``deadline`` (``time.monotonic``) passes."""
-
-    can_pass_fds = False
-
-    def fileno(self) -> int:
-        """The descriptor to poll for readability."""
-        raise NotImplementedError
-
-    def read_into(self, buf: memoryview) -> tuple[int, list[int]]:
-        raise NotImplementedError
-
-    def send(self, data: bytes, fds: list[int] | tuple[int, ...] = (), deadline: float | None = None) -> None:
-        raise NotImplementedError
-
-    def shutdown(self) -> None:
-        """End the stream both ways now (the far side reads EOF), while
-        other threads may still hold our descriptors."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-def _wait_fd(fd: int, events: int, deadline: float | None) -> None:
-    timeout_ms = -1
-    if deadline is not None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        timeout_ms = max(1, int(remaining * 1000 + 0.999))
-    p = select.poll()
-    p.register(fd, events)
-    if not p.poll(timeout_ms):
-        raise TimeoutError
-
-
-def make_pipe() -> tuple[int, int]:
-    """A pipe with a large buffer (best effort), close-on-exec both ends."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass  # over the per-user pipe budget: the default size still works
-    return r, w
-
-
-class PipeTransport(Transport):
-    """Reads from one pipe, writes to another."""
-
-    def __init__(self, read_fd: int, write_fd: int):
-        self.read_fd = read_fd
-        self.write_fd = write_fd
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
-
-    def fileno(self) -> int:
-        return self.read_fd
-
-    def read_into(self, buf: memoryview) -> tuple[int, list[int]]:
-        return os.readv(self.read_fd, (buf,)), []
-
-    def send(self, data: bytes, fds: list[int] | tuple[int, ...] = (), deadline: float | None = None) -> None:
-        if fds:
-            raise ProtocolError("this channel cannot carry file descriptors")
-        try:
-            n = os.write(self.write_fd, data)
-        except BlockingIOError:
-            n = 0
-        if n == len(data):
-            return
-        view = memoryview(data)[n:]
-        while view:
-            _wait_fd(self.write_fd, select.POLLOUT, deadline)
-            try:
-                view = view[os.write(self.write_fd, view):]
-            except BlockingIOError:
-                pass
-
-    def shutdown(self) -> None:
-        # Pipes have no shutdown(2). Replacing our ends with /dev/null closes
-        # the pipes (the instance sees EOF) without freeing the descriptor
-        # numbers, so a thread still using them cannot hit a reused fd.
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            for fd in (self.read_fd, self.write_fd):
-                if fd >= 0:
-                    os.dup2(null, fd, inheritable=False)
-        finally:
-            os.close(null)
-
-    def close(self) -> None:
-        for fd in (self.read_fd, self.write_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.read_fd = self.write_fd = -1
-
-
-class SocketTransport(Transport):
-    """A connected AF_UNIX stream socket; carries descriptors."""
-
-    can_pass_fds = True
-
-    def __init__(self, sock: socket.socket):
-        sock.setblocking(False)
-        self.sock = sock
-        self._fd = sock.fileno()
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def read_into(self, buf: memoryview) -> tuple[int, list[int]]:
-        try:
-            n, anc, flags, _ = self.sock.recvmsg_into([buf], _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
-        except ConnectionResetError:
-            return 0, []
-        fds = fds_from_ancillary(anc)
-        if flags & socket.MSG_CTRUNC:
-            for fd in fds:
-                os.close(fd)
-            raise ProtocolError("peer sent more file descriptors than a frame may carry")
-        return n, fds
-
-    def recv_into(self, buf: memoryview, deadline: float | None) -> tuple[int, list[int]]:
-        """Blocking read with a deadline (``TimeoutError`` when it passes)."""
-        while True:
-            try:
-                return self.read_into(buf)
-            except BlockingIOError:
-                _wait_fd(self._fd, select.POLLIN, deadline)
-
-    def send(self, data: bytes, fds: list[int] | tuple[int, ...] = (), deadline: float | None = None) -> None:
-        view = memoryview(data)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        while view:
-            try:
-                n = self.sock.sendmsg([view], anc)
-            except BlockingIOError:
-                _wait_fd(self._fd, select.POLLOUT, deadline)
-                continue
-            anc = []  # descriptors ride with the first byte only
-            view = view[n:]
-
-    def shutdown(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def fds_from_ancillary(anc: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(data[: len(data) - (len(data) % a.itemsize)])
-            fds.extend(a)
-    return fds
 
 
 #: Nested calls queued for one waiting thread while it is busy (running an

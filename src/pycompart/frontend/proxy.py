@@ -21,7 +21,7 @@
 
 Requests go through ``Compartment.call``. A call made while this thread is
 running a callback for an instance of the same compartment is nested in it
-and goes to that instance (see ``pycompart.channel``).
+and goes to that instance (see ``pycompart.transport.channel``).
 """
 
 from __future__ import annotations
@@ -31,25 +31,16 @@ import time
 import types
 from typing import TYPE_CHECKING, Any
 
-from . import refs
-from .channel import serving, serving_any
-from .errors import CallTimeout, ProtocolError, RemoteError, RemoteTraceback, StaleReference
-from .gate import ALLOWED_EXCEPTIONS, rebuild_exception
-from .protocol import Err, ErrorInfo
+from ..errors import CallTimeout, ProtocolError, RemoteError, RemoteTraceback, StaleReference
+from ..transport.channel import serving, serving_any
+from ..wire import refs
+from ..wire.exceptions import ALLOWED_EXCEPTIONS, rebuild_exception
+from ..wire.protocol import Err, ErrorInfo
+from ..wire.refs import exposed
 
 if TYPE_CHECKING:
-    from .monitor import InstanceHandle, Pool
-    from .spec import CompartmentSpec
-
-#: Dunder attributes that are data, not machinery: reachable unless the
-#: compartment's spec says otherwise.
-ALWAYS_EXPOSED = frozenset({"__version__", "__doc__", "__name__", "__qualname__", "__all__",
-                            "__module__"})
-
-
-def exposed(name: str, expose: frozenset[str] | tuple[str, ...]) -> bool:
-    return not name.startswith("_") or name in ALWAYS_EXPOSED or name in expose
-
+    from ..policy.spec import CompartmentSpec
+    from ..supervisor.monitor import InstanceHandle, Pool
 
 def places(spec: CompartmentSpec, module: str, qualname: str = "") -> bool:
     """Whether ``module:qualname`` lives in ``spec``'s compartment."""
@@ -529,7 +520,7 @@ def _proxy_class(flags: int) -> type:
             if flags & bit:
                 ns.update(methods)
         cls = type("RemoteObject", (RemoteObject,), ns)
-        cls.__module__ = "pycompart.proxy"
+        cls.__module__ = "pycompart.frontend.proxy"
         _classes[flags] = cls
     return cls
 

@@ -8,7 +8,7 @@ an untrusted module runs with more than the compartment's privileges.
 Top-level calls are executed one at a time on the main thread, which keeps
 the null call cheap (no thread hand-off) and makes cancellation possible.
 Calls nested in a callback this instance made to main run on the thread that
-made it (``pycompart.channel``). Cancellation: the caller sends a
+made it (``pycompart.transport.channel``). Cancellation: the caller sends a
 ``Cancel`` frame and the monitor a ``CANCEL_SIGNAL``; the handler reads the
 frame and raises ``CallCancelled`` inside the running entrypoint. Code that
 does not yield (a C loop, a blocked signal) is killed by the monitor after the
@@ -22,58 +22,26 @@ import os
 import runpy
 import signal
 import sys
+import threading
 import types
 from typing import NoReturn
 
-import threading
-
-import msgspec
-
+from ..errors import CallCancelled, EntrypointError, ProtocolError
+from ..kernel import process
+from ..transport.channel import CallServer, Channel, serving, serving_stack
+from ..transport.streams import PipeTransport
+from ..wire import refs
+from ..wire.config import CANCEL_SIGNAL, EXIT_PROTOCOL, EXIT_START_FAILED, InstanceConfig
+from ..wire.contract import Contract
+from ..wire.exceptions import describe_exception, rebuild_exception
+from ..wire.protocol import Call, Connection, Err
 from . import lockdown as _lockdown
-from . import refs
-from .channel import CallServer, Channel, PipeTransport, serving, serving_stack
-from .errors import CallCancelled, EntrypointError, ProtocolError
-from .gate import Contract, describe_exception, rebuild_exception
-from .kernel import process
-from .lockdown import Lockdown
 from .objects import Callback, ObjectServer, instance_peer
-from .protocol import Call, Connection, Err
-
-CANCEL_SIGNAL = signal.SIGRTMIN + 1
-
-EXIT_START_FAILED = 70
-EXIT_PROTOCOL = 71
 
 _main_source: bytes | None = None
 
 #: The configuration of the instance this process is, or None in ``main``.
 CURRENT: InstanceConfig | None = None
-
-
-class InstanceConfig(msgspec.Struct, forbid_unknown_fields=True):
-    """Everything an instance needs, sent by the monitor through the zygote.
-    Holds names and paths, never code or objects."""
-
-    compartment: str
-    index: int
-    sys_path: list[str]
-    cwd: str
-    main_path: str | None
-    main_module: str | None
-    modules: list[str]
-    entrypoints: list[str]
-    max_frame: int
-    environment: dict[str, str]
-    lockdown: Lockdown = msgspec.field(default_factory=Lockdown)
-    #: Module-compartment settings (``pycompart.objects``).
-    functions: list[str] = []
-    expose: list[str] = []
-    allow_setattr: bool = False
-    may_call_main: bool = False
-    #: Shared data: (module, name, value encoded by ``refs.encode_plain``).
-    shared: list[tuple[str, str, bytes]] = []
-    #: Modules placed in *other* compartments: importing one here fails.
-    elsewhere: dict[str, str] = {}
 
 
 def run(config: InstanceConfig, read_fd: int, write_fd: int) -> NoReturn:
@@ -133,7 +101,7 @@ def _prepare_process(keep: set[int]) -> None:
 
 
 def apply_privileges(config: InstanceConfig) -> None:
-    """The lock-down step (see ``pycompart.lockdown``): after it, this
+    """The lock-down step (see ``pycompart.compartment.lockdown``): after it, this
     process has only what the compartment's spec grants."""
     os.environ.clear()
     os.environ.update(config.environment)
@@ -150,25 +118,8 @@ def apply_privileges(config: InstanceConfig) -> None:
     if lock.preopen:
         reach = _lockdown.preopen(lock.preopen)
         config.sys_path = [reach.get(os.path.abspath(p or config.cwd), p) for p in config.sys_path]
-        _reroute_packages(reach)
+        _lockdown.reroute_packages(reach)
     _lockdown.apply(lock)
-
-
-def _reroute_packages(reach: dict[str, str]) -> None:
-    """Packages imported before the drop (by the zygote: ``encodings``,
-    ``json``, ...) find their submodules through ``__path__``; point those
-    at the pre-opened descriptors too."""
-    prefixes = sorted(reach, key=len, reverse=True)
-    for module in list(sys.modules.values()):
-        paths = getattr(module, "__path__", None)
-        if not isinstance(paths, list):
-            continue
-        for i, entry in enumerate(paths):
-            for prefix in prefixes:
-                if entry == prefix or entry.startswith(prefix + os.sep):
-                    paths[i] = reach[prefix] + entry[len(prefix):]
-                    break
-    sys.path_importer_cache.clear()
 
 
 def _load(config: InstanceConfig) -> dict[str, _LazyContract]:
@@ -266,7 +217,7 @@ def _load_main(config: InstanceConfig) -> None:
 class Server(CallServer):
     """The serve loop of an instance: top-level calls run one at a time on
     the main thread, cancellable. Calls nested in a callback this instance
-    made run on the thread that made it (``pycompart.channel``)."""
+    made run on the thread that made it (``pycompart.transport.channel``)."""
 
     def __init__(self, config: InstanceConfig, read_fd: int, write_fd: int, table: dict[str, _LazyContract]):
         self.config = config

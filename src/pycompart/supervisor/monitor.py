@@ -31,21 +31,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .audit import AuditLog
-from .channel import Channel, PipeTransport, SocketTransport, make_pipe
-from .errors import (
+from ..errors import (
     CallTimeout,
     CompartmentCrashed,
     CompartmentStartError,
     CompartmentUnavailable,
     ProtocolError,
 )
-from .gate import rebuild_exception
-from .instance import CANCEL_SIGNAL, EXIT_START_FAILED, InstanceConfig
-from .kernel import process
-from .protocol import NEED_DATA, Abort, Connection, Hello, Violation
-from .spec import AppSpec, CompartmentSpec
+from ..kernel import process
+from ..policy.spec import AppSpec, CompartmentSpec
+from ..transport.channel import Channel
+from ..transport.streams import PipeTransport, SocketTransport, make_pipe
+from ..wire.config import CANCEL_SIGNAL, EXIT_START_FAILED, InstanceConfig
+from ..wire.exceptions import rebuild_exception
+from ..wire.protocol import NEED_DATA, Abort, Connection, Hello, Violation
 from . import zygote
+from .audit import AuditLog
 
 
 @dataclasses.dataclass(frozen=True)

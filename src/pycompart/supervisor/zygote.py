@@ -29,15 +29,16 @@ from typing import Any, Union
 
 import msgspec
 
-from . import instance as _instance
-from .channel import SocketTransport
-from .kernel import process
-from .protocol import FrameDecoder, NeedData, Violation, encode_frame
+from ..compartment import serve as _instance
+from ..kernel import process
+from ..transport.streams import SocketTransport
+from ..wire.config import InstanceConfig
+from ..wire.protocol import FrameDecoder, NeedData, Violation, encode_frame
 
 
 class Spawn(msgspec.Struct, array_like=True, tag=10):
     request: int
-    config: _instance.InstanceConfig
+    config: InstanceConfig
 
 
 class Spawned(msgspec.Struct, array_like=True, tag=11):
@@ -79,7 +80,7 @@ def launch(python: str = sys.executable) -> tuple[Any, socket.socket]:
     # the directories holding pycompart and its dependencies are added, so
     # a source checkout or PYTHONPATH install works without importing
     # anything else of main's path.
-    code = f"import sys; sys.path[:0] = {_runtime_path()!r}; import pycompart.zygote as z; z.main()"
+    code = f"import sys; sys.path[:0] = {_runtime_path()!r}; import pycompart.supervisor.zygote as z; z.main()"
     try:
         proc = subprocess.Popen(
             [python, "-I", "-c", code, str(theirs.fileno()), str(os.getpid())],

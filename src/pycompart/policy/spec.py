@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import SpecError
+from ..errors import SpecError
 
 TRUST_MODELS = ("sandbox", "safebox", "mutual")
 RESTART_POLICIES = ("never", "on-failure", "always")

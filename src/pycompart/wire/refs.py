@@ -9,7 +9,7 @@ run``, the import hook) where there are no annotations to check against.
   deep). The receiver gets a copy.
 * **By name** (``EXT_PATH``): modules, classes and functions that live in a
   module placed in the compartment, reachable by ``module:qualname``. The
-  receiver gets a stand-in (``pycompart.proxy``) that any instance of the
+  receiver gets a stand-in (``pycompart.frontend.proxy``) that any instance of the
   compartment can serve, so it survives restarts.
 * **By reference** (``EXT_REF``): everything else stays in the process that
   made it, in that channel's ``Exports`` table, and crosses as a handle. The
@@ -24,7 +24,7 @@ A handle sent again while a release is in flight is therefore never lost.
 
 Nothing here imports a module or calls a function named by the other side:
 turning names into objects is the job of the side that owns them
-(``pycompart.objects``), under the compartment's exposure policy.
+(``pycompart.compartment.objects``), under the compartment's exposure policy.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any
 
 import msgspec
 
-from .errors import ProtocolError, StaleReference
+from ..errors import ProtocolError, StaleReference
 
 Ext = msgspec.msgpack.Ext
 
@@ -95,6 +95,16 @@ _encoder = msgspec.msgpack.Encoder()
 _flag_cache: dict[type, int] = {}
 _nesting = threading.local()
 _BUILTINS_DICT = builtins.__dict__
+
+
+#: Dunder attributes that are data, not machinery: reachable unless the
+#: compartment's spec says otherwise.
+ALWAYS_EXPOSED = frozenset({"__version__", "__doc__", "__name__", "__qualname__", "__all__",
+                            "__module__"})
+
+
+def exposed(name: str, expose: frozenset[str] | tuple[str, ...]) -> bool:
+    return not name.startswith("_") or name in ALWAYS_EXPOSED or name in expose
 
 
 def type_flags(tp: type) -> int:

@@ -7,7 +7,7 @@ which mechanisms are needed for each privilege and whether the host has
 them. With ``enforcement = "strict"`` (the default) a privilege that cannot
 be enforced raises ``PrivilegeError`` naming it; with ``"best-effort"`` it
 is left out and a warning is issued once per missing mechanism. The instance
-only executes the plan (``pycompart.lockdown``).
+only executes the plan (``pycompart.compartment.lockdown``).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from .errors import PrivilegeError
-from .kernel import credentials, host as _host, seccomp
-from .kernel.host import HostSupport
-from .lockdown import Lockdown
+from ..errors import PrivilegeError
+from ..kernel import credentials, host as _host, seccomp
+from ..kernel.host import HostSupport
+from ..wire.config import Lockdown
 from .spec import CompartmentSpec, Privileges
 
 #: Read-only for every instance: shared libraries (extension modules load

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
-from .errors import PrivilegeError, SpecError
-from .spec import AppSpec, CompartmentSpec, load_spec_file
+from .._version import __version__
+from ..errors import PrivilegeError, SpecError
+from ..kernel import credentials
+from ..kernel import host as _host
+from ..policy import resolution as policy
+from ..policy.spec import AppSpec, CompartmentSpec, load_spec_file
+from ..supervisor import confine as main_lockdown
 
 
 def describe(spec: AppSpec) -> str:
@@ -34,10 +38,8 @@ def describe(spec: AppSpec) -> str:
         ]
         lines += describe_privileges(c)
     if spec.main_privileges is not None:
-        from .spec import CompartmentSpec as _Spec
-
         lines.append("\nmain (the program, under pycompart run)")
-        lines += describe_privileges(_Spec(name="main", privileges=spec.main_privileges), main=True)
+        lines += describe_privileges(CompartmentSpec(name="main", privileges=spec.main_privileges), main=True)
     lines.append("\nedges (caller -> callee; no other channel exists):")
     lines += [f"  {a} -> {b}" for a, b in spec.edges()]
     return "\n".join(lines)
@@ -46,11 +48,6 @@ def describe(spec: AppSpec) -> str:
 def describe_privileges(comp: CompartmentSpec, main: bool = False) -> list[str]:
     """The resolved lock-down of one compartment on this host, as main
     would start it (same sys.path as this process)."""
-    import sys
-
-    from . import main_lockdown, policy
-    from .kernel import credentials
-
     p = comp.privileges
     try:
         res = main_lockdown.plan(p, sys.path, None) if main else policy.resolve(comp, sys.path, None)
@@ -88,10 +85,6 @@ def describe_privileges(comp: CompartmentSpec, main: bool = False) -> list[str]:
 
 
 def _unenforceable(spec: AppSpec) -> list[str]:
-    import sys
-
-    from . import policy
-
     problems = []
     for comp in spec.compartments.values():
         try:
@@ -99,8 +92,6 @@ def _unenforceable(spec: AppSpec) -> list[str]:
         except PrivilegeError as exc:
             problems.append(str(exc))
     if spec.main_privileges is not None:
-        from . import main_lockdown
-
         try:
             main_lockdown.plan(spec.main_privileges, sys.path, None)
         except PrivilegeError as exc:
@@ -111,8 +102,6 @@ def _unenforceable(spec: AppSpec) -> list[str]:
 def doctor() -> str:
     """What this host can enforce, in plain words."""
     import os
-
-    from .kernel import host as _host
 
     h = _host.probe()
     yes = lambda ok: "yes" if ok else "NO"  # noqa: E731
@@ -163,7 +152,7 @@ def run_command(argv: list[str]) -> int:
     if not rest:
         print(RUN_USAGE, file=sys.stderr)
         return 2
-    from . import shim
+    from . import run as shim
 
     try:
         return shim.run(spec, rest[0], rest[1:], as_module=as_module)

@@ -1,6 +1,6 @@
 """The lock-down of a new instance: the design's order, applied once.
 
-``Lockdown`` is the concrete plan that ``pycompart.policy`` computed in
+``Lockdown`` (``pycompart.wire.config``) is the concrete plan that ``pycompart.policy`` computed in
 ``main`` from the spec and the host (resolved paths, uid numbers, ports,
 syscall lists: no decisions left). ``apply()`` runs inside the instance,
 after process hygiene and before any import of the compartment's code:
@@ -27,45 +27,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
-import msgspec
-
-from .errors import PrivilegeError
-from .kernel import credentials, landlock, namespaces, process, rlimits, seccomp
-
-
-class Lockdown(msgspec.Struct, forbid_unknown_fields=True):
-    """Everything the instance must enforce, as plain data."""
-
-    compartment: str = ""
-    net_namespace: bool = False
-    loopback: bool = False
-    ipc_namespace: bool = False
-    limits: dict[str, int] = {}
-    uid: int | None = None
-    gid: int | None = None
-    keep_capabilities: list[int] = []
-    drop_capabilities: bool = True
-    fs: bool = False  # Landlock filesystem rules
-    fs_read: list[str] = []
-    fs_write: list[str] = []
-    fs_execute: list[str] = []
-    tcp: bool = False  # Landlock TCP port rules
-    tcp_connect: list[int] = []
-    tcp_bind: list[int] = []
-    scopes: bool = False  # Landlock signal + abstract unix socket scopes
-    #: Off for main: its monitor signals instances, which live in other domains.
-    signal_scope: bool = True
-    #: Die with the parent (instances: the zygote). Off for main.
-    bind_to_parent: bool = True
-    seccomp: bool = False
-    syscall_profile: str = "python"
-    syscalls_allow: list[str] = []
-    syscalls_deny: list[str] = []
-    syscalls_kill: list[str] = []
-    sockets: str = "none"
-    seccomp_bpf: bytes = b""  # the compiled filter (built in main by the policy layer)
-    preopen: list[str] = []  # import directories to reach through descriptors
+from ..errors import PrivilegeError
+from ..kernel import credentials, landlock, namespaces, process, rlimits, seccomp
+from ..wire.config import Lockdown
 
 
 def _step(what: str):  # type: ignore[no-untyped-def]
@@ -165,3 +131,21 @@ def _landlock_ruleset(lock: Lockdown) -> landlock.Ruleset:
         rs.close()
         raise
     return rs
+
+
+def reroute_packages(reach: dict[str, str]) -> None:
+    """Packages imported before the drop (by the zygote: ``encodings``,
+    ``json``, ...) find their submodules through ``__path__``; point those
+    at the pre-opened descriptors too."""
+    prefixes = sorted(reach, key=len, reverse=True)
+    for module in list(sys.modules.values()):
+        paths = getattr(module, "__path__", None)
+        if not isinstance(paths, list):
+            continue
+        for i, entry in enumerate(paths):
+            for prefix in prefixes:
+                if entry == prefix or entry.startswith(prefix + os.sep):
+                    paths[i] = reach[prefix] + entry[len(prefix):]
+                    break
+    sys.path_importer_cache.clear()
+

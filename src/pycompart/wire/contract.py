@@ -1,4 +1,4 @@
-"""The call gate: what may cross a compartment boundary, and in what shape.
+"""The typed call gate: an entrypoint's annotations as msgspec codecs.
 
 An entrypoint's annotations are its contract. ``Contract`` turns a function's
 signature into msgspec codecs:
@@ -10,118 +10,27 @@ signature into msgspec codecs:
   the trusted side never receives a value the contract does not allow
   (RLBox's tainted values, with the type checker of the wire as the check).
 
-Exceptions cross as descriptions (``ErrorInfo``). Only the builtin types on
-``ALLOWED_EXCEPTIONS`` are rebuilt; anything else becomes ``RemoteError``. No
-class named by the far side is ever imported.
+Exceptions cross as descriptions (``pycompart.wire.exceptions``).
 """
 
 from __future__ import annotations
 
-import builtins
 import inspect
-import os
-import traceback
 import typing
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from . import errors
-from .errors import EntrypointError, ProtocolError, RemoteError, RemoteTraceback
-from .protocol import ErrorInfo
+from ..errors import EntrypointError, ProtocolError
 
 _encoder = msgspec.msgpack.Encoder()
-
-MAX_ERROR_TEXT = 64 * 1024
-
-#: Builtin exceptions that arrive as themselves. BaseExceptions such as
-#: SystemExit/KeyboardInterrupt are deliberately absent: a compartment must not
-#: be able to make ``main`` exit. StopIteration is absent because raising it
-#: into a caller's generator changes control flow.
-ALLOWED_EXCEPTIONS: dict[str, type[Exception]] = {
-    name: getattr(builtins, name)
-    for name in (
-        "Exception ArithmeticError AssertionError AttributeError BufferError EOFError "
-        "FloatingPointError ImportError ModuleNotFoundError IndexError KeyError LookupError "
-        "MemoryError NameError NotImplementedError OSError BlockingIOError ChildProcessError "
-        "ConnectionError BrokenPipeError ConnectionAbortedError ConnectionRefusedError "
-        "ConnectionResetError FileExistsError FileNotFoundError InterruptedError "
-        "IsADirectoryError NotADirectoryError PermissionError ProcessLookupError TimeoutError "
-        "OverflowError RecursionError ReferenceError RuntimeError TypeError UnboundLocalError "
-        "UnicodeError UnicodeDecodeError UnicodeEncodeError ValueError ZeroDivisionError"
-    ).split()
-}
-
-#: pycompart's own errors that an instance may report (for example a reply
-#: that was too large to send).
-_OWN_EXCEPTIONS: dict[str, type[Exception]] = {
-    "pycompart.ProtocolError": errors.ProtocolError,
-    "pycompart.EntrypointError": errors.EntrypointError,
-}
-
-_SIMPLE = (str, int, float, bool, type(None))
 _EMPTY_MAP = _encoder.encode({})
 
 
 def function_key(fn: Callable[..., Any]) -> str:
     """``module:qualname``, the name an entrypoint is known by on the wire."""
     return f"{fn.__module__}:{fn.__qualname__}"
-
-
-def describe_exception(exc: BaseException) -> ErrorInfo:
-    cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    if isinstance(exc, errors.PycompartError) and cls.__module__.startswith("pycompart"):
-        name = f"pycompart.{cls.__qualname__}"
-    args = list(exc.args) if all(isinstance(a, _SIMPLE) for a in exc.args) else []
-    try:
-        message = str(exc)
-    except Exception:  # a hostile __str__ must not break error reporting
-        message = "<unprintable>"
-    tb = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
-    mro = [c.__qualname__ if c.__module__ == "builtins" else f"{c.__module__}.{c.__qualname__}"
-           for c in cls.__mro__[:32]]
-    attributes = {}
-    for key, value in list(getattr(exc, "__dict__", {}).items())[:64]:
-        if isinstance(key, str) and key.isidentifier() and not key.startswith("_") \
-                and isinstance(value, _SIMPLE) and len(attributes) < 32:
-            attributes[key[:100]] = value[:4096] if isinstance(value, str) else value
-    return ErrorInfo(name[:200], message[:MAX_ERROR_TEXT], args[:16], tb[-MAX_ERROR_TEXT:],
-                     [m[:200] for m in mro], attributes)
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _user_frames(tb: Any) -> Any:
-    """Skip the serving frames at the top (the instance's loop, the call
-    gate): a remote traceback starts in the compartment's own code."""
-    start = tb
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        tb = tb.tb_next
-    return tb if tb is not None else start
-
-
-def rebuild_exception(info: ErrorInfo, where: str) -> Exception:
-    """Turn an ``ErrorInfo`` from ``where`` (a compartment name) into the
-    exception to raise in the caller."""
-    cls = ALLOWED_EXCEPTIONS.get(info.type_name) or _OWN_EXCEPTIONS.get(info.type_name)
-    exc: Exception | None = None
-    if cls is not None:
-        for ctor_args in ((tuple(info.args), (info.message,)) if info.args else ((info.message,),)):
-            try:
-                exc = cls(*ctor_args)
-                break
-            except Exception:
-                continue
-    if exc is None:
-        exc = RemoteError(info.type_name, info.message, info.traceback)
-    tb = info.traceback or f"{info.type_name}: {info.message}\n"
-    exc.__cause__ = RemoteTraceback(f'"""\nTraceback from compartment {where!r}:\n{tb}"""')
-    exc.remote_traceback = tb  # type: ignore[attr-defined]
-    exc.remote_compartment = where  # type: ignore[attr-defined]
-    return exc
 
 
 class Contract:

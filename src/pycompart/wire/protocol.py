@@ -30,6 +30,8 @@ from typing import Union
 
 import msgspec
 
+from ..errors import ProtocolError
+
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<IHH")
 MAX_FDS_PER_FRAME = 64
@@ -45,7 +47,7 @@ class ErrorInfo(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     args: list[Union[str, int, float, bool, None]]
     traceback: str
     #: Qualified names of the exception's classes, most derived first. The
-    #: receiver may build stand-in classes from them (``pycompart.proxy``),
+    #: receiver may build stand-in classes from them (``pycompart.frontend.proxy``),
     #: never import them.
     mro: list[str] = []
     #: Public instance attributes with simple values (``exc.problem``,
@@ -97,7 +99,7 @@ class Abort(msgspec.Struct, array_like=True, tag=5):
 
 class Release(msgspec.Struct, array_like=True, tag=6):
     """The sender dropped its last proxy of each ``(handle, count)``: the
-    owner may forget ``count`` exports of ``handle`` (see ``pycompart.refs``).
+    owner may forget ``count`` exports of ``handle`` (see ``pycompart.wire.refs``).
     Needs no reply."""
 
     handles: list[tuple[int, int]]
@@ -272,8 +274,6 @@ class Connection:
         rid = next(self._ids)
         payload = _encoder.encode(Call(rid, entrypoint, msgspec.Raw(args), parent))
         if len(payload) > self.max_frame:
-            from .errors import ProtocolError
-
             raise ProtocolError(f"message of {len(payload)} bytes exceeds the maximum message "
                                 f"size of {self.max_frame} (set [app] max_message_size)")
         self.awaiting.add(rid)

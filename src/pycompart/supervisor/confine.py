@@ -24,8 +24,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import lockdown, policy
-from .spec import CompartmentSpec, Privileges
+from ..compartment import lockdown
+from ..policy import resolution as policy
+from ..policy.spec import CompartmentSpec, Privileges
+from ..wire.config import Lockdown
 
 #: What the monitor needs beyond plain Python: signalling instances through
 #: pidfds, and messages on its (already open) control socket to the zygote.
@@ -43,12 +45,10 @@ def plan(privileges: Privileges, sys_path: Sequence[str], main_path: str | None)
     return res
 
 
-def confine(lock: lockdown.Lockdown) -> None:
+def confine(lock: Lockdown) -> None:
     """Lock this process (main) down; call it while it has one thread."""
-    from .instance import _reroute_packages
-
     if lock.preopen:
         reach = lockdown.preopen(lock.preopen)
         sys.path[:] = [reach.get(os.path.abspath(p or os.getcwd()), p) for p in sys.path]
-        _reroute_packages(reach)
+        lockdown.reroute_packages(reach)
     lockdown.apply(lock)

@@ -1,0 +1,94 @@
+"""main's callback gate: what a compartment may do with main's objects.
+
+A compartment can do one thing with an object main gave it: call it, and
+only if its spec's ``may_call`` lists ``"main"``. A file object main passed
+is a stream: its I/O methods and a few attributes
+(``refs.STREAM_METHODS``/``STREAM_ATTRS``) are served, as a capability,
+without ``may_call``. No other attribute of main's objects is ever served,
+so a compartment cannot walk from a callback to its ``__globals__``, its
+module or the builtins; modules and module globals are refused by the codec
+before they could cross at all (``pycompart.wire.refs``).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from ..compartment.objects import check_arguments
+from ..errors import EntrypointError
+from ..transport.channel import CallServer, Channel
+from ..wire import refs
+from ..wire.exceptions import describe_exception
+from ..wire.protocol import Call
+
+class CallbackGate(CallServer):
+    """main's server for calls from one instance: callbacks only."""
+
+    def __init__(self, compartment: str, may_call_main: bool, peer: refs.Peer,
+                 audit: Any = None):
+        self.compartment = compartment
+        self.may_call_main = may_call_main
+        self.peer = peer
+        self.audit = audit
+
+    def execute(self, channel: Channel, call: Call) -> bytes:
+        conn = channel.conn
+        try:
+            result = self._run(call)
+            reply = conn.send_ok(call.id, self.peer.encode(result))
+            outcome = "ok"
+        except Exception as exc:
+            info = describe_exception(exc)
+            reply = conn.send_err(call.id, info)
+            outcome = f"error:{info.type_name}"
+        if self.audit is not None:
+            self.audit.record("callback", caller=self.compartment, callee="main", outcome=outcome)
+        return reply
+
+    def _run(self, call: Call) -> Any:
+        if call.entrypoint in ("@callmethod", "@getattr"):
+            return self._stream(call)
+        if not self.may_call_main:
+            raise EntrypointError(f"compartment {self.compartment!r} may not call back into main "
+                                  "(its spec's may_call does not list \"main\")")
+        if call.entrypoint != "@call":
+            raise EntrypointError(f"a compartment can only call main's callbacks, not "
+                                  f"{call.entrypoint!r}")
+        request = self.peer.decode(call.args)
+        if type(request) is not list or len(request) != 3:
+            raise TypeError("malformed callback request")
+        target, args, kwargs = request
+        check_arguments(args, kwargs)
+        if not self.peer.exports.contains(target):
+            raise EntrypointError("a compartment can only call objects main passed to it")
+        if not callable(target):
+            raise TypeError(f"{type(target).__qualname__!r} object of main is not callable")
+        return target(*args, **kwargs)
+
+    def _stream(self, call: Call) -> Any:
+        """I/O on a file object main passed to the compartment."""
+        request = self.peer.decode(call.args)
+        if type(request) is not list or len(request) not in (2, 4):
+            raise TypeError("malformed request")
+        target, name = request[0], request[1]
+        if not isinstance(target, io.IOBase) or not self.peer.exports.contains(target):
+            raise EntrypointError("a compartment can only use attributes of file objects main "
+                                  "passed to it")
+        if call.entrypoint == "@getattr":
+            if name not in refs.STREAM_ATTRS or len(request) != 2:
+                raise AttributeError(f"file objects of main do not offer {name!r} to compartments")
+            return getattr(target, name)
+        if name not in refs.STREAM_METHODS or len(request) != 4:
+            raise AttributeError(f"file objects of main do not offer {name!r} to compartments")
+        args, kwargs = request[2], request[3]
+        check_arguments(args, kwargs)
+        return getattr(target, name)(*args, **kwargs)
+
+    def release(self, channel: Channel, handles: list[tuple[int, int]]) -> None:
+        for handle, count in handles:
+            if not self.peer.exports.release(handle, count):
+                channel.conn.violations += 1
+
+    def closed(self, channel: Channel) -> None:
+        self.peer.close()

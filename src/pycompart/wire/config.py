@@ -1,0 +1,78 @@
+"""What the monitor sends a new instance: its configuration and its
+lock-down plan, as plain data (names, paths, numbers; never code or
+objects), plus the signal and exit codes both sides agree on.
+
+``Lockdown`` is computed in ``main`` by ``pycompart.policy`` and executed
+inside the instance by ``pycompart.compartment.lockdown``; ``InstanceConfig``
+travels from the monitor through the zygote's control socket.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import msgspec
+
+class Lockdown(msgspec.Struct, forbid_unknown_fields=True):
+    """Everything the instance must enforce, as plain data."""
+
+    compartment: str = ""
+    net_namespace: bool = False
+    loopback: bool = False
+    ipc_namespace: bool = False
+    limits: dict[str, int] = {}
+    uid: int | None = None
+    gid: int | None = None
+    keep_capabilities: list[int] = []
+    drop_capabilities: bool = True
+    fs: bool = False  # Landlock filesystem rules
+    fs_read: list[str] = []
+    fs_write: list[str] = []
+    fs_execute: list[str] = []
+    tcp: bool = False  # Landlock TCP port rules
+    tcp_connect: list[int] = []
+    tcp_bind: list[int] = []
+    scopes: bool = False  # Landlock signal + abstract unix socket scopes
+    #: Off for main: its monitor signals instances, which live in other domains.
+    signal_scope: bool = True
+    #: Die with the parent (instances: the zygote). Off for main.
+    bind_to_parent: bool = True
+    seccomp: bool = False
+    syscall_profile: str = "python"
+    syscalls_allow: list[str] = []
+    syscalls_deny: list[str] = []
+    syscalls_kill: list[str] = []
+    sockets: str = "none"
+    seccomp_bpf: bytes = b""  # the compiled filter (built in main by the policy layer)
+    preopen: list[str] = []  # import directories to reach through descriptors
+
+
+CANCEL_SIGNAL = signal.SIGRTMIN + 1
+
+EXIT_START_FAILED = 70
+EXIT_PROTOCOL = 71
+
+class InstanceConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Everything an instance needs, sent by the monitor through the zygote.
+    Holds names and paths, never code or objects."""
+
+    compartment: str
+    index: int
+    sys_path: list[str]
+    cwd: str
+    main_path: str | None
+    main_module: str | None
+    modules: list[str]
+    entrypoints: list[str]
+    max_frame: int
+    environment: dict[str, str]
+    lockdown: Lockdown = msgspec.field(default_factory=Lockdown)
+    #: Module-compartment settings (``pycompart.compartment.objects``).
+    functions: list[str] = []
+    expose: list[str] = []
+    allow_setattr: bool = False
+    may_call_main: bool = False
+    #: Shared data: (module, name, value encoded by ``refs.encode_plain``).
+    shared: list[tuple[str, str, bytes]] = []
+    #: Modules placed in *other* compartments: importing one here fails.
+    elsewhere: dict[str, str] = {}
