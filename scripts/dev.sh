@@ -13,10 +13,16 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-# Quiet unless something fails; pip's own output is kept for that case.
-if ! .venv/bin/python -m pip install -q -e ".[test]" >.venv/pip.log 2>&1; then
-    cat .venv/pip.log >&2
-    exit 1
+# Install (editable) only when the venv is new or what it was built from
+# changed: the source tree itself needs no reinstall.
+stamp=$(sha256sum pyproject.toml | cut -d" " -f1)
+if [ "$(cat .venv/.pycompart-installed 2>/dev/null)" != "$stamp" ]; then
+    # Quiet unless something fails; pip's own output is kept for that case.
+    if ! .venv/bin/python -m pip install -q -e ".[test]" >.venv/pip.log 2>&1; then
+        cat .venv/pip.log >&2
+        exit 1
+    fi
+    echo "$stamp" >.venv/.pycompart-installed
 fi
 
 case "${1:-test}" in

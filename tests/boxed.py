@@ -76,7 +76,7 @@ def fail(kind: str) -> int:
     if kind == "custom":
         raise CustomError("custom failure")
     if kind == "oserror":
-        raise FileNotFoundError(2, "No such file or directory")
+        open("/no/such/file")
     if kind == "systemexit":
         raise SystemExit(5)
     if kind == "keyboard":

@@ -1,3 +1,4 @@
+import pytest
 import subprocess
 import sys
 
@@ -80,3 +81,73 @@ def test_doctor_says_what_the_host_enforces(capsys):
     out = capsys.readouterr().out
     for words in ("Landlock: ABI", "seccomp:", "namespaces", "cgroups", "running as", "verdict"):
         assert words in out
+
+
+def test_help_is_plain_text():
+    proc = subprocess.run([sys.executable, "-m", "pycompart", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "``" not in proc.stdout and "check" in proc.stdout
+
+
+def test_check_reports_every_error_in_one_run(tmp_path, capsys):
+    spec = tmp_path / "app.toml"
+    spec.write_text(GOOD.replace("instances = 2", "instances = 'lots'\nrestart = 'sometimes'")
+                    + "\n[compartments.other]\ntypo = 1\n[compartments.other.privileges]\nnetwork = 'wifi'\n")
+    assert main(["check", str(spec)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    for key in ("compartments.parser.instances", "compartments.parser.restart",
+                "compartments.other.privileges.network", "compartments.other.typo"):
+        assert sum(key in line and str(spec) in line for line in err) == 1, (key, err)
+    assert err[-1] == "pycompart check: 4 errors"
+
+
+def test_check_warns_about_a_memory_limit_too_small_to_start(tmp_path, capsys):
+    spec = tmp_path / "app.toml"
+    spec.write_text(GOOD + '\n[compartments.parser.privileges]\nmemory = "16MiB"\n')
+    main(["check", str(spec)])
+    assert "WARNING: memory = 16 MiB is below" in capsys.readouterr().out
+    spec.write_text(GOOD + '\n[compartments.parser.privileges]\nmemory = "1GiB"\n')
+    main(["check", str(spec)])
+    assert "WARNING: memory" not in capsys.readouterr().out
+
+
+def test_an_interpreter_this_user_cannot_reach_is_named(tmp_path):
+    """A program that dropped to another user (or a venv whose python links
+    into a 0700 home) cannot exec the zygote: doctor, check and the start
+    error say so and what to do, instead of a bare EACCES."""
+    import os
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch users")
+    hidden = tempfile.mkdtemp()  # 0700, owned by root
+    link = os.path.join(hidden, "python")
+    os.symlink(os.path.realpath(sys.executable), link)
+    public = tempfile.mkdtemp(dir="/tmp")
+    os.chmod(public, 0o755)
+    spec = os.path.join(public, "app.toml")
+    with open(spec, "w") as f:
+        f.write(GOOD)
+    os.chmod(spec, 0o644)
+    script = f'''
+import os, sys, warnings
+import pycompart, pycompart.frontend.app, pycompart.supervisor.monitor, subprocess, importlib.util
+from pycompart.frontend.cli import doctor, main
+os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
+sys.executable = {link!r}
+print("DOCTOR", doctor().splitlines()[-1])
+print("CHECK", main(["check", {spec!r}]))
+warnings.simplefilter("ignore")
+app = pycompart.App({{"compartments": {{"b": {{"privileges": {{"enforcement": "best-effort"}}}}}}}})
+try:
+    app.start()
+except pycompart.CompartmentStartError as exc:
+    print("START", exc)
+'''
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd="/")
+    out = proc.stdout + proc.stderr
+    assert "DOCTOR verdict: no compartment can start with this interpreter" in out, out
+    assert "CHECK 1" in out and f"the directory {hidden} on its way is not searchable" in out, out
+    start = [line for line in out.splitlines() if line.startswith("START")]
+    assert start and f"{link}" in start[0] and "cannot be executed by uid 65534" in start[0], out

@@ -106,3 +106,33 @@ def test_no_argument_fast_path_still_refuses_arguments():
     assert c.invoke(msgspec.Raw(c.encode_args((), {}))) == msgspec.msgpack.encode(None)
     with pytest.raises(TypeError):
         c.invoke(msgspec.msgpack.encode({"smuggled": 1}))
+
+
+def test_oserror_keeps_errno_strerror_and_file_names():
+    """``str(e)`` of a failed open names the path; so must the rebuilt one."""
+    for exc in (FileNotFoundError(2, "No such file or directory", "/data/in.txt"),
+                PermissionError(13, "Permission denied", "/a", None, "/b"),
+                OSError(5, "I/O error", b"/raw/bytes"), IsADirectoryError(21, "Is a directory", 3)):
+        back = rebuild_exception(describe_exception(exc), "box")
+        assert type(back) is type(exc), (back, exc)
+        assert (back.errno, back.strerror, back.filename, back.filename2) == \
+            (exc.errno, exc.strerror, exc.filename, exc.filename2)
+        assert str(back) == str(exc)
+
+
+def test_bytes_arguments_and_attributes_cross():
+    exc = UnicodeDecodeError("utf-8", b"\xff\xfe", 0, 1, "invalid start byte")
+    exc.detail = b"raw"
+    back = rebuild_exception(describe_exception(exc), "box")
+    assert type(back) is UnicodeDecodeError and back.object == b"\xff\xfe" and back.detail == b"raw"
+    assert str(back) == str(exc)
+
+
+def test_rebuild_never_raises_on_lying_attributes():
+    """A typed slot given a value of the wrong type (the red team's
+    ``characters_written = "x"`` on a BlockingIOError) is left alone."""
+    from pycompart.wire.protocol import ErrorInfo
+    info = ErrorInfo("BlockingIOError", "x", [11, "would block"], "", ["BlockingIOError"],
+                     {"characters_written": "x", "errno": "not a number", "args": "forged"})
+    back = rebuild_exception(info, "box")
+    assert type(back) is BlockingIOError and back.args == (11, "would block")

@@ -81,8 +81,10 @@ def test_exceptions_map_back(make_app):
         assert "boxed.py" in info.value.remote_traceback
         with pytest.raises(KeyError):
             ep["fail"]("key")
-        with pytest.raises(FileNotFoundError):
+        with pytest.raises(FileNotFoundError) as oinfo:
             ep["fail"]("oserror")
+        assert (oinfo.value.errno, oinfo.value.filename) == (2, "/no/such/file")
+        assert "/no/such/file" in str(oinfo.value)
         with pytest.raises(RemoteError) as rinfo:
             ep["fail"]("custom")
         assert rinfo.value.type_name == "boxed.CustomError"
@@ -313,6 +315,17 @@ def test_start_failure_names_compartment_and_cause(make_app):
         app.start()
     assert "no_such_module_xyz" in str(info.value.__cause__)
     assert not app.running
+
+
+def test_a_memory_limit_too_small_to_start_names_the_cause(make_app):
+    """Not "cannot enforce capabilities: " with an empty reason: the limit,
+    what the instance already maps, and what to give it."""
+    app = make_app({"compartments": {"box": {"privileges": {"memory": "16MiB"}}}})
+    with pytest.raises(CompartmentStartError) as info:
+        app.start()
+    text = str(info.value)
+    assert "memory = 16 MiB" in text and "already maps" in text and "give it at least" in text, text
+    assert isinstance(info.value.__cause__, pycompart.PrivilegeError)
 
 
 def test_audit_log(make_app, tmp_path):

@@ -123,3 +123,26 @@ def test_bad_durations(bad):
 @pytest.mark.parametrize("text, n", [("256MiB", 256 << 20), ("64KiB", 64 << 10), ("1GB", 10**9), (4096, 4096)])
 def test_sizes(text, n):
     assert parse_size(text) == n
+
+
+def test_every_mistake_is_reported_at_once():
+    """One run names all of them, each with its key path; the first is the
+    exception's own key (so ``err.key`` keeps working)."""
+    spec = {"app": {"colour": "red"},
+            "compartments": {"a": {"instances": "two", "typo": 1,
+                                   "privileges": {"memory": "lots", "network": "wifi",
+                                                  "filesystem": {"raed": []}}},
+                             "bad name": {},
+                             "b": {"may_call": ["ghost"], "restart": "sometimes"}},
+            "domains": {}}
+    with pytest.raises(SpecError) as info:
+        load_spec(spec, origin="t.toml")
+    keys = [e.key for e in info.value.errors]
+    assert keys == ["app.colour", "compartments.a.instances", "compartments.a.privileges.filesystem.raed",
+                    "compartments.a.privileges.network", "compartments.a.privileges.memory",
+                    "compartments.a.typo", "compartments.bad name", "compartments.b.restart",
+                    "domains", "compartments.b.may_call"], keys
+    assert info.value.key == "app.colour"
+    text = str(info.value)
+    assert len(text.splitlines()) == len(keys) and "found 'two' (str)" in text
+    assert all(e.source == "t.toml" for e in info.value.errors)

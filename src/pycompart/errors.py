@@ -15,7 +15,10 @@ class SpecError(PycompartError):
     """The spec (TOML file or dict) is invalid.
 
     ``source`` is the file (or ``"<dict>"``), ``key`` the dotted key path,
-    ``expected``/``found`` say what was wanted and what was there.
+    ``expected``/``found`` say what was wanted and what was there. A spec
+    with several mistakes raises one ``SpecError`` for the first, whose
+    ``errors`` lists every one found (its message shows them all, one per
+    line), so a single run of ``pycompart check`` reports them all.
     """
 
     def __init__(self, source: str, key: str, expected: str, found: str | None = None):
@@ -26,7 +29,18 @@ class SpecError(PycompartError):
         msg = f"{source}: {key}: expected {expected}"
         if found is not None:
             msg += f", found {found}"
+        self.message = msg
+        self.errors: list[SpecError] = [self]
         super().__init__(msg)
+
+    @classmethod
+    def collect(cls, errors: list[SpecError]) -> SpecError:
+        """The first of ``errors``, carrying them all."""
+        first = errors[0]
+        first.errors = list(errors)
+        if len(errors) > 1:
+            first.args = ("\n".join(e.message for e in errors),)
+        return first
 
 
 class PrivilegeError(PycompartError):

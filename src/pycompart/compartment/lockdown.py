@@ -34,8 +34,14 @@ from ..kernel import credentials, landlock, namespaces, process, rlimits, seccom
 from ..wire.config import Lockdown
 
 
+#: The limits applied so far in this process (for naming the cause of a
+#: later failure: with a tight ``memory`` every allocation may fail).
+_limits_applied: dict[str, int] = {}
+
+
 def _step(what: str):  # type: ignore[no-untyped-def]
-    """Name the mechanism in any error raised while enforcing it."""
+    """Name the mechanism in any error raised while enforcing it, and the
+    real cause where it is not the mechanism itself."""
 
     class _Step:
         def __enter__(self) -> None:
@@ -43,9 +49,46 @@ def _step(what: str):  # type: ignore[no-untyped-def]
 
         def __exit__(self, typ, exc, tb) -> bool:  # type: ignore[no-untyped-def]
             if exc is not None and not isinstance(exc, PrivilegeError):
-                raise PrivilegeError(f"cannot enforce {what}: {exc}") from exc
+                raise PrivilegeError(f"cannot enforce {what}: {_cause(exc)}") from exc
             return False
     return _Step()
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError) and "memory" in _limits_applied:
+        return (f"out of memory under the compartment's memory limit of "
+                f"{_limits_applied['memory'] // 2**20} MiB (address space, RLIMIT_AS); raise "
+                "privileges.memory")
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+#: Address space an instance needs beyond what it maps when the limit is
+#: set: room to import the compartment's module and start serving.
+MEMORY_HEADROOM = 16 * 2**20
+
+
+def mapped_bytes() -> int:
+    """This process's address space now (VmSize), what RLIMIT_AS counts."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _check_memory(limit: int | None) -> None:
+    if limit is None:
+        return
+    mapped = mapped_bytes()
+    if limit < mapped + MEMORY_HEADROOM:
+        need = -(-(mapped + MEMORY_HEADROOM) // 2**20)
+        raise PrivilegeError(
+            f"cannot enforce memory = {limit // 2**20} MiB: this instance already maps "
+            f"{mapped // 2**20} MiB of address space before running any compartment code (the "
+            f"interpreter forked from the zygote), so it could not even start; give it at least "
+            f"{need} MiB plus what the compartment itself uses (each thread reserves its stack "
+            "and a malloc arena as well)")
 
 
 def preopen(paths: list[str]) -> dict[str, str]:
@@ -78,8 +121,10 @@ def apply(lock: Lockdown) -> None:
         with _step("network isolation (network/IPC namespaces)"):
             namespaces.isolate(net=lock.net_namespace, loopback=lock.loopback, ipc=lock.ipc_namespace)
     # 3. resource limits
+    _check_memory(lock.limits.get("memory"))
     with _step("resource limits (setrlimit)"):
         rlimits.apply(rlimits.Limits(**lock.limits))
+    _limits_applied.update(lock.limits)
     # 4. credentials
     parent = os.getppid()
     if lock.uid is not None and lock.gid is not None:

@@ -12,6 +12,7 @@ from ..kernel import host as _host
 from ..policy import resolution as policy
 from ..policy.spec import AppSpec, CompartmentSpec, load_spec_file
 from ..supervisor import confine as main_lockdown
+from ..supervisor.zygote import runtime_path
 
 
 def describe(spec: AppSpec) -> str:
@@ -79,13 +80,15 @@ def describe_privileges(comp: CompartmentSpec, main: bool = False) -> list[str]:
                + (", Landlock signal/abstract-socket scopes" if lock.scopes else ""))
     for what in res.missing:
         out.append(f"    WARNING: not enforced on this host: {what}")
+    for what in res.warnings:
+        out.append(f"    WARNING: {what}")
     for note in res.notes:
         out.append(f"    note: {note}")
     return out
 
 
 def _unenforceable(spec: AppSpec) -> list[str]:
-    problems = []
+    problems = _host.runtime_problems(sys.executable, runtime_path())
     for comp in spec.compartments.values():
         try:
             policy.resolve(comp, sys.path, None)
@@ -121,11 +124,17 @@ def doctor() -> str:
         f"cgroups: v1 writable controllers: {', '.join(h.cgroup_v1) or 'none'}; v2: {yes(h.cgroup_v2)}"
         " (pycompart does not use cgroups yet)",
     ]
+    startup = _host.runtime_problems(sys.executable, runtime_path())
+    lines.append(f"zygote can start from this interpreter ({sys.executable}): {yes(not startup)}")
+    lines += [f"  {problem}" for problem in startup]
     ok = h.landlock_abi >= 6 and h.seccomp and h.net_namespace
     lines.append("")
-    lines.append("verdict: " + ("every privilege pycompart knows can be enforced here" if ok else
-                                "some privileges cannot be enforced here; strict specs that need them "
-                                "will refuse to start (see above)"))
+    if startup:
+        lines.append("verdict: no compartment can start with this interpreter and user (see above)")
+    else:
+        lines.append("verdict: " + ("every privilege pycompart knows can be enforced here" if ok else
+                                    "some privileges cannot be enforced here; strict specs that need "
+                                    "them will refuse to start (see above)"))
     return "\n".join(lines)
 
 
@@ -165,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
         return run_command(argv[1:])
-    parser = argparse.ArgumentParser(prog="pycompart", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="pycompart", description="Compartmentalize Python programs: run parts of them as "
+        "separate least-privilege processes, enforced by the Linux kernel.",
+        epilog="Start with `pycompart doctor` (what this host can enforce) and `pycompart check "
+        "SPEC` (what a spec grants here). The README has a quick start and the spec reference.")
     parser.add_argument("--version", action="version", version=f"pycompart {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run a program with its dependencies boxed (see: pycompart run -h)")
@@ -179,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             spec = load_spec_file(args.spec)
         except SpecError as exc:
-            print(f"pycompart check: {exc}", file=sys.stderr)
+            for error in exc.errors:
+                print(f"pycompart check: {error.message}", file=sys.stderr)
+            if len(exc.errors) > 1:
+                print(f"pycompart check: {len(exc.errors)} errors", file=sys.stderr)
             return 1
         print(describe(spec))
         problems = _unenforceable(spec)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CallTimeout, ProtocolError, RemoteError, RemoteTraceback, StaleReference
 from ..transport.channel import serving, serving_any
 from ..wire import refs
-from ..wire.exceptions import ALLOWED_EXCEPTIONS, rebuild_exception
+from ..wire.exceptions import ALLOWED_EXCEPTIONS, plain, rebuild_exception
 from ..wire.protocol import Err, ErrorInfo
 from ..wire.refs import exposed
 
@@ -156,10 +156,13 @@ class Compartment:
             cls = self.standin(info.mro)
             exc = cls(info.type_name, info.message, info.traceback)
             if info.args:
-                exc.args = tuple(info.args)
+                exc.args = tuple(plain(a) for a in info.args)
             for key, value in info.attributes.items():
                 if key.isidentifier() and not key.startswith("_") and key not in _RESERVED:
-                    setattr(exc, key, value)
+                    try:
+                        setattr(exc, key, plain(value))
+                    except Exception:  # a typed slot of the builtin base: the far side lied
+                        pass
             exc.__cause__ = RemoteTraceback(
                 f'"""\nTraceback from compartment {self.name!r}:\n{info.traceback}"""')
             exc.remote_compartment = self.name  # type: ignore[attr-defined]

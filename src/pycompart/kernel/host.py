@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
+from collections.abc import Sequence
 
 from . import landlock, namespaces, seccomp
 
@@ -94,3 +96,42 @@ def probe() -> HostSupport:
     return HostSupport(root=os.geteuid() == 0, landlock_abi=landlock.abi_version(), seccomp=ok,
                        seccomp_detail=detail, net_namespace=ns, namespace_detail=ns_detail,
                        cgroup_v1=v1, cgroup_v2=v2)
+
+
+def runtime_problems(executable: str | None = None, runtime_dirs: Sequence[str] = ()) -> list[str]:
+    """What stops this process's user from starting a zygote at all: the
+    interpreter it is exec'd from, or the directories holding pycompart and
+    its dependencies, out of this uid's reach (a virtualenv whose
+    ``bin/python`` links into a 0700 home directory, say)."""
+    exe = executable or sys.executable
+    uid = os.geteuid()
+    problems = []
+    if not exe:
+        return ["this interpreter does not know its own executable (sys.executable is empty), so "
+                "no zygote can be started from it"]
+    if not os.access(exe, os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        real = os.path.realpath(exe)
+        where = _blocking_directory(exe) or _blocking_directory(real)
+        why = (f"the directory {where} on its way is not searchable by this uid" if where
+               else "it is not executable by this uid")
+        problems.append(
+            f"the interpreter {exe}" + (f" (-> {real})" if real != exe else "")
+            + f" cannot be executed by uid {uid}: {why}. The zygote is started from it. Use an "
+            "interpreter and virtualenv this user can reach (for example `python3 -m venv "
+            "/opt/app-venv` from /usr/bin/python3)" + (f", or make {where} searchable (chmod o+x)"
+                                                       if where else ""))
+    for d in runtime_dirs:
+        if not os.access(d, os.R_OK | os.X_OK):
+            problems.append(f"the directory {d} (pycompart or one of its dependencies) cannot be "
+                            f"read by uid {uid}; the zygote imports from it")
+    return problems
+
+
+def _blocking_directory(path: str) -> str | None:
+    """The first directory above ``path`` that this process may not search."""
+    parts = os.path.abspath(path).split(os.sep)
+    for i in range(1, len(parts)):
+        d = os.sep.join(parts[:i]) or os.sep
+        if not os.access(d, os.X_OK):
+            return d
+    return None

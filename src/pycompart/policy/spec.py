@@ -173,15 +173,24 @@ def _describe(value: Any) -> str:
 
 class _Reader:
     """Walks one table, converting keys and remembering which were used so
-    that unknown keys are reported instead of ignored."""
+    that unknown keys are reported instead of ignored.
 
-    def __init__(self, source: str, path: str, table: Any):
+    Mistakes are recorded in ``errors`` (shared by every reader of one spec)
+    and reading goes on with the key's default, so one pass finds them all;
+    ``load_spec`` raises them together at the end."""
+
+    def __init__(self, source: str, path: str, table: Any, errors: list[SpecError]):
         self.source = source
         self.path = path
+        self.errors = errors
         if not isinstance(table, Mapping):
-            raise SpecError(source, path or "<top>", "a table", _describe(table))
+            errors.append(SpecError(source, path or "<top>", "a table", _describe(table)))
+            table = {}
         self.table = table
         self.used: set[str] = set()
+
+    def report(self, name: str, expected: str, value: Any = dataclasses.MISSING) -> None:
+        self.errors.append(self.error(name, expected, value))
 
     def key(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
@@ -198,19 +207,24 @@ class _Reader:
         try:
             return convert(value)
         except (ValueError, TypeError) as exc:
-            raise self.error(name, str(exc) or expected, value) from None
+            self.report(name, str(exc) or expected, value)
+            return default
 
     def sub(self, name: str) -> _Reader | None:
         self.used.add(name)
         if name not in self.table:
             return None
-        return _Reader(self.source, self.key(name), self.table[name])
+        return _Reader(self.source, self.key(name), self.table[name], self.errors)
+
+    def empty(self, name: str) -> _Reader:
+        """A reader of an absent sub-table (every key at its default)."""
+        return _Reader(self.source, self.key(name), {}, self.errors)
 
     def finish(self) -> None:
         for name in self.table:
             if name not in self.used:
-                raise SpecError(self.source, self.key(str(name)), "no such key (known: "
-                                + ", ".join(sorted(self.used)) + ")", "an unknown key")
+                self.errors.append(SpecError(self.source, self.key(str(name)), "no such key (known: "
+                                             + ", ".join(sorted(self.used)) + ")", "an unknown key"))
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
@@ -341,8 +355,9 @@ def _network(reader: _Reader) -> Network:
     value = reader.table["network"]
     if isinstance(value, str):
         if value not in NETWORK_MODES:
-            raise reader.error("network", '"none", "loopback", "host" or a table '
-                               "{ connect = [ports], bind = [ports] }", value)
+            reader.report("network", '"none", "loopback", "host" or a table '
+                          "{ connect = [ports], bind = [ports] }", value)
+            return Network()
         return Network(mode=value)
     sub = reader.sub("network")
     assert sub is not None
@@ -370,7 +385,7 @@ def _limit(limit: int) -> Callable[[Any], int]:
 
 def _privileges(reader: _Reader, base_dir: str | None, default_enforcement: str) -> Privileges:
     d = Privileges()
-    fs = reader.sub("filesystem") or _Reader(reader.source, reader.key("filesystem"), {})
+    fs = reader.sub("filesystem") or reader.empty("filesystem")
     read = fs.get("read", _paths(base_dir), "", ())
     write = fs.get("write", _paths(base_dir), "", ())
     execute = fs.get("execute", _paths(base_dir), "", ())
@@ -391,7 +406,7 @@ def _privileges(reader: _Reader, base_dir: str | None, default_enforcement: str)
         sc.finish()
         both = set(allow) & (set(deny) | set(kill))
         if both:
-            raise sc.error("allow", "names not also in deny or kill", sorted(both))
+            sc.report("allow", "names not also in deny or kill", sorted(both))
     # The profile names are the enforcement layer's; checked there, against
     # the table it actually has (pycompart.kernel.seccomp.PROFILES).
     enforcement = reader.get("enforcement", _one_of(ENFORCEMENT), "", default_enforcement)
@@ -418,8 +433,9 @@ def _privileges(reader: _Reader, base_dir: str | None, default_enforcement: str)
 
 def load_spec(source: Mapping[str, Any], *, origin: str = "<dict>", base_dir: str | None = None) -> AppSpec:
     """Validate a spec given as a mapping (what ``tomllib`` returns)."""
-    top = _Reader(origin, "", source)
-    app = top.sub("app") or _Reader(origin, "app", {})
+    errors: list[SpecError] = []
+    top = _Reader(origin, "", source, errors)
+    app = top.sub("app") or top.empty("app")
     name = app.get("name", _string, "a non-empty string", "app")
     audit_log = app.get("audit_log", _string, "a file path", None)
     if audit_log is not None and base_dir is not None:
@@ -428,24 +444,28 @@ def load_spec(source: Mapping[str, Any], *, origin: str = "<dict>", base_dir: st
     enforcement = app.get("enforcement", _one_of(ENFORCEMENT), "", "strict")
     max_message = app.get("max_message_size", parse_size, "", DEFAULT_MAX_MESSAGE)
     if max_message < 4096 or max_message > 2**32 - 1:
-        raise app.error("max_message_size", "a size from 4KiB to 4GiB-1", max_message)
+        app.report("max_message_size", "a size from 4KiB to 4GiB-1", max_message)
+        max_message = DEFAULT_MAX_MESSAGE
     app.finish()
 
-    comps_reader = top.sub("compartments") or _Reader(origin, "compartments", {})
+    comps_reader = top.sub("compartments") or top.empty("compartments")
     compartments: dict[str, CompartmentSpec] = {}
     main_privileges = None
     for cname in comps_reader.table:
         if not isinstance(cname, str) or not _NAME_RE.match(cname):
-            raise comps_reader.error(str(cname), "a compartment name of letters, digits, '_' and '-'")
+            comps_reader.report(str(cname), "a compartment name of letters, digits, '_' and '-'")
+            comps_reader.used.add(cname)
+            continue
         if cname == "main":
             # main is the program itself (domain 0): it has privileges, nothing else.
             main = comps_reader.sub(cname)
             assert main is not None
             priv = main.sub("privileges")
             if priv is None:
-                raise main.error("privileges", "a [compartments.main.privileges] table (main "
-                                 "takes no other settings)")
-            main_privileges = _privileges(priv, base_dir, enforcement)
+                main.report("privileges", "a [compartments.main.privileges] table (main "
+                            "takes no other settings)")
+            else:
+                main_privileges = _privileges(priv, base_dir, enforcement)
             main.finish()
             continue
         sub = comps_reader.sub(cname)
@@ -453,34 +473,37 @@ def load_spec(source: Mapping[str, Any], *, origin: str = "<dict>", base_dir: st
         compartments[cname] = _compartment(sub, cname, mechanism, base_dir, enforcement)
     comps_reader.finish()
 
-    if top.sub("domains") is not None:
-        raise top.error("domains", "no [domains]: remote domains are not supported by this version")
+    if "domains" in top.table:
+        top.used.add("domains")
+        top.report("domains", "no [domains]: remote domains are not supported by this version")
     top.finish()
 
     placed: dict[str, str] = {}
     for comp in compartments.values():
+        where = f"compartments.{comp.name}"
         for callee in comp.may_call:
             if callee != "main" and callee not in compartments:
-                raise SpecError(origin, f"compartments.{comp.name}.may_call",
-                                "names of compartments defined in this spec (or 'main')", repr(callee))
-            if callee == comp.name:
-                raise SpecError(origin, f"compartments.{comp.name}.may_call",
-                                "other compartments (a compartment calls itself directly)", repr(callee))
-            if callee != "main":
-                raise SpecError(origin, f"compartments.{comp.name}.may_call",
-                                "'main' only: calls between compartments are not supported by this "
-                                "version", repr(callee))
+                errors.append(SpecError(origin, f"{where}.may_call", "names of compartments defined "
+                                        "in this spec (or 'main')", repr(callee)))
+            elif callee == comp.name:
+                errors.append(SpecError(origin, f"{where}.may_call", "other compartments (a "
+                                        "compartment calls itself directly)", repr(callee)))
+            elif callee != "main":
+                errors.append(SpecError(origin, f"{where}.may_call", "'main' only: calls between "
+                                        "compartments are not supported by this version", repr(callee)))
         for module in comp.modules:
             other = placed.get(module)
             if other is not None:
-                raise SpecError(origin, f"compartments.{comp.name}.modules",
-                                f"modules placed in one compartment only; {module!r} is also in "
-                                f"compartment {other!r}", repr(module))
+                errors.append(SpecError(origin, f"{where}.modules", f"modules placed in one "
+                                        f"compartment only; {module!r} is also in compartment "
+                                        f"{other!r}", repr(module)))
             placed[module] = comp.name
         for key in comp.shared:
             if key.split(":", 1)[0] in comp.modules:
-                raise SpecError(origin, f"compartments.{comp.name}.shared",
-                                "data from main, not from a module placed in this compartment", repr(key))
+                errors.append(SpecError(origin, f"{where}.shared", "data from main, not from a "
+                                        "module placed in this compartment", repr(key)))
+    if errors:
+        raise SpecError.collect(errors)
     return AppSpec(name=name, source=origin, audit_log=audit_log, mechanism=mechanism,
                    max_message_size=max_message, compartments=compartments,
                    main_privileges=main_privileges)

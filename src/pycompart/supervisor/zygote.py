@@ -31,6 +31,7 @@ import msgspec
 
 from ..compartment import serve as _instance
 from ..kernel import process
+from ..kernel.host import runtime_problems
 from ..transport.streams import SocketTransport
 from ..wire.config import InstanceConfig
 from ..wire.protocol import FrameDecoder, NeedData, Violation, encode_frame
@@ -69,30 +70,39 @@ ZYGOTE_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
 # -- monitor side ---------------------------------------------------------------
 
 
-def launch(python: str = sys.executable) -> tuple[Any, socket.socket]:
-    """Start a zygote. Must be called from the thread that will outlive it
-    (the monitor thread): PDEATHSIG is bound to the parent *thread*."""
+def launch(python: str | None = None) -> tuple[Any, socket.socket]:
+    """Start a zygote from ``python`` (default: this interpreter). Must be
+    called from the thread that will outlive it: PDEATHSIG is bound to the
+    parent *thread*."""
     import subprocess  # here, not at the top: the zygote itself never needs it
 
+    python = python or sys.executable
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     env = {k: os.environ[k] for k in ZYGOTE_ENV_KEEP if k in os.environ}
     # -I: no environment variables, no user site, no script directory. Only
     # the directories holding pycompart and its dependencies are added, so
     # a source checkout or PYTHONPATH install works without importing
     # anything else of main's path.
-    code = f"import sys; sys.path[:0] = {_runtime_path()!r}; import pycompart.supervisor.zygote as z; z.main()"
+    runtime = runtime_path()
+    code = f"import sys; sys.path[:0] = {runtime!r}; import pycompart.supervisor.zygote as z; z.main()"
     try:
         proc = subprocess.Popen(
             [python, "-I", "-c", code, str(theirs.fileno()), str(os.getpid())],
             pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )
+    except OSError as exc:
+        ours.close()
+        problems = runtime_problems(python, runtime)
+        raise OSError(exc.errno, "; ".join(problems) if problems else f"{python}: {exc}") from None
     finally:
         theirs.close()
     return proc, ours
 
 
-def _runtime_path() -> list[str]:
+def runtime_path() -> list[str]:
+    """The directories holding pycompart and its dependencies: the zygote's
+    whole import path."""
     import importlib.util
 
     dirs: list[str] = []

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import errors
 from ..errors import RemoteError, RemoteTraceback
-from .protocol import ErrorInfo
+from .protocol import Blob, ErrorInfo
 
 MAX_ERROR_TEXT = 64 * 1024
 
@@ -44,9 +44,26 @@ ALLOWED_EXCEPTIONS: dict[str, type[Exception]] = {
 _OWN_EXCEPTIONS: dict[str, type[Exception]] = {
     "pycompart.ProtocolError": errors.ProtocolError,
     "pycompart.EntrypointError": errors.EntrypointError,
+    "pycompart.PrivilegeError": errors.PrivilegeError,
 }
 
-_SIMPLE = (str, int, float, bool, type(None))
+_SIMPLE = (str, bytes, int, float, bool, type(None))
+#: An OSError's fields live in C slots, not in ``__dict__``: sent by name.
+_OSERROR_FIELDS = ("errno", "strerror", "filename", "filename2")
+#: Never set from the far side's attributes: they are the receiver's.
+_RESERVED = frozenset({"args", "with_traceback", "add_note", "remote_traceback",
+                       "remote_compartment", "type_name", "message", *_OSERROR_FIELDS})
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return Blob(value[:4096])
+    return value[:4096] if isinstance(value, str) else value
+
+
+def plain(value: Any) -> Any:
+    """A simple value from an ``ErrorInfo`` as a Python value."""
+    return value.data if value.__class__ is Blob else value
 
 
 def describe_exception(exc: BaseException) -> ErrorInfo:
@@ -54,7 +71,7 @@ def describe_exception(exc: BaseException) -> ErrorInfo:
     name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     if isinstance(exc, errors.PycompartError) and cls.__module__.startswith("pycompart"):
         name = f"pycompart.{cls.__qualname__}"
-    args = list(exc.args) if all(isinstance(a, _SIMPLE) for a in exc.args) else []
+    args = [_bounded(a) for a in exc.args] if all(isinstance(a, _SIMPLE) for a in exc.args) else []
     try:
         message = str(exc)
     except Exception:  # a hostile __str__ must not break error reporting
@@ -63,10 +80,15 @@ def describe_exception(exc: BaseException) -> ErrorInfo:
     mro = [c.__qualname__ if c.__module__ == "builtins" else f"{c.__module__}.{c.__qualname__}"
            for c in cls.__mro__[:32]]
     attributes = {}
+    if isinstance(exc, OSError):
+        for key in _OSERROR_FIELDS:
+            value = getattr(exc, key, None)
+            if value is not None and isinstance(value, _SIMPLE):
+                attributes[key] = _bounded(value)
     for key, value in list(getattr(exc, "__dict__", {}).items())[:64]:
         if isinstance(key, str) and key.isidentifier() and not key.startswith("_") \
-                and isinstance(value, _SIMPLE) and len(attributes) < 32:
-            attributes[key[:100]] = value[:4096] if isinstance(value, str) else value
+                and isinstance(value, _SIMPLE) and len(attributes) < 36:
+            attributes[key[:100]] = _bounded(value)
     return ErrorInfo(name[:200], message[:MAX_ERROR_TEXT], args[:16], tb[-MAX_ERROR_TEXT:],
                      [m[:200] for m in mro], attributes)
 
@@ -86,16 +108,42 @@ def _user_frames(tb: Any) -> Any:
 
 def rebuild_exception(info: ErrorInfo, where: str) -> Exception:
     """Turn an ``ErrorInfo`` from ``where`` (a compartment name) into the
-    exception to raise in the caller."""
+    exception to raise in the caller. Never raises: whatever the far side
+    sent, the result is an allowed builtin, one of pycompart's own errors, or
+    ``RemoteError``."""
     cls = ALLOWED_EXCEPTIONS.get(info.type_name) or _OWN_EXCEPTIONS.get(info.type_name)
     exc: Exception | None = None
     if cls is not None:
-        for ctor_args in ((tuple(info.args), (info.message,)) if info.args else ((info.message,),)):
+        attrs = {k: plain(v) for k, v in info.attributes.items()}
+        candidates: list[tuple[Any, ...]] = []
+        if issubclass(cls, OSError) and isinstance(attrs.get("errno"), int):
+            # The constructor picks the subclass from errno as Python does;
+            # keep the sender's type when it is a narrower one.
+            fields: tuple[Any, ...] = (attrs["errno"], attrs.get("strerror"))
+            if attrs.get("filename2") is not None:
+                fields += (attrs.get("filename"), None, attrs["filename2"])
+            elif attrs.get("filename") is not None:
+                fields += (attrs["filename"],)
+            candidates.append(fields)
+        if info.args:
+            candidates.append(tuple(plain(a) for a in info.args))
+        candidates.append((info.message,))
+        for ctor_args in candidates:
             try:
                 exc = cls(*ctor_args)
-                break
             except Exception:
                 continue
+            if not isinstance(exc, cls):
+                exc = None
+                continue
+            break
+        if exc is not None:
+            for key, value in attrs.items():
+                if key not in _RESERVED and key.isidentifier() and not key.startswith("_"):
+                    try:
+                        setattr(exc, key, value)
+                    except Exception:  # a read-only or typed slot: the far side lied
+                        pass
     if exc is None:
         exc = RemoteError(info.type_name, info.message, info.traceback)
     tb = info.traceback or f"{info.type_name}: {info.message}\n"

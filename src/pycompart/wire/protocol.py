@@ -39,20 +39,32 @@ MAX_FDS_PER_FRAME = 64
 # -- messages ---------------------------------------------------------------
 
 
+class Blob(msgspec.Struct, array_like=True):
+    """A ``bytes`` value among the simple values of an ``ErrorInfo``
+    (msgspec unions hold one string-like type; this keeps ``str`` apart)."""
+
+    data: bytes
+
+
+#: An exception argument or attribute as it may cross.
+Simple = Union[str, int, float, bool, None, Blob]
+
+
 class ErrorInfo(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     """An exception raised on the far side, described, never pickled."""
 
     type_name: str
     message: str
-    args: list[Union[str, int, float, bool, None]]
+    args: list[Simple]
     traceback: str
     #: Qualified names of the exception's classes, most derived first. The
     #: receiver may build stand-in classes from them (``pycompart.frontend.proxy``),
     #: never import them.
     mro: list[str] = []
     #: Public instance attributes with simple values (``exc.problem``,
-    #: ``exc.lineno``), set on stand-in exceptions.
-    attributes: dict[str, Union[str, int, float, bool, None]] = {}
+    #: ``exc.lineno``; an ``OSError``'s ``errno``, ``strerror``, ``filename``
+    #: and ``filename2``), set on the exception the receiver raises.
+    attributes: dict[str, Simple] = {}
 
 
 class Hello(msgspec.Struct, array_like=True, tag=0):
