@@ -115,12 +115,12 @@ CASES = [
     Case("run /bin/sh via subprocess", "exec_subprocess", "", "denied:EPERM"),
     Case("run /bin/sh via subprocess, exec allowed but /bin not executable", "exec_subprocess", "",
          "denied:EACCES", _p(syscalls={"allow": EXEC})),
-    Case("run /bin/sh via subprocess, granted", "exec_subprocess", "", "ok:shell: 65534",
-         _p(filesystem={"execute": BIN}, syscalls={"allow": EXEC}), expect_user="ok:shell: {uid}"),
+    Case("run /bin/sh via subprocess, granted", "exec_subprocess", "", "ok:shell: <box uid>",
+         _p(filesystem={"execute": BIN}, syscalls={"allow": EXEC})),
     Case("os.execv /bin/sh", "exec_replace", "", "denied:EPERM"),
     Case("os.execv /bin/sh, granted", "exec_replace", "", "exited:42",
          _p(filesystem={"execute": BIN}, syscalls={"allow": EXEC})),
-    Case("setuid-root binary under NO_NEW_PRIVS", "run_program", "{suid}", "ok:euid 65534",
+    Case("setuid-root binary under NO_NEW_PRIVS", "run_program", "{suid}", "ok:euid <box uid>",
          _p(filesystem={"execute": ["{suid}"]}, syscalls={"allow": EXEC}), only="root"),
     # -- resources ----------------------------------------------------------------
     Case("fork", "fork_bomb", "8", "denied:EPERM"),
@@ -147,6 +147,63 @@ CASES = [
     Case("mount as root with CAP_SYS_ADMIN, syscall allowed", "mount_tmpfs", "{outside}", "denied:EPERM",
          _p(user="root", capabilities=["CAP_SYS_ADMIN"], syscalls={"allow": ["mount"]},
             filesystem={"write": ["{outside}"]}), only="root"),
+    # -- file metadata (red team 0.3: Landlock does not govern it) ------------------
+    # As root the compartment runs as "root" here, the red team's setup: only
+    # seccomp can refuse. As a normal user it keeps the owner's uid.
+    Case("make a root file it cannot read setuid", "chmod_path", "{victim}:4755", "denied:EPERM",
+         _p(user="root"), only="root"),
+    Case("make its owner's 0600 file world-readable", "chmod_path", "{victim}:644", "denied:EPERM",
+         only="user"),
+    Case("fchmod a file it may read", "fchmod_open", "{victim}:4755", "denied:EPERM",
+         _p(user="root", filesystem={"read": ["{victim}"]}), only="root"),
+    Case("fchmod a file it may read, as its owner", "fchmod_open", "{victim}:644", "denied:EPERM",
+         _p(filesystem={"read": ["{victim}"]}), only="user"),
+    Case("set a file's times", "utime_path", "{victim}", "denied:EPERM", _p(user="root"), only="root"),
+    Case("set a file's times, as its owner", "utime_path", "{victim}", "denied:EPERM", only="user"),
+    Case("set an extended attribute", "setxattr_path", "{victim}", "denied:EPERM"),
+    Case("chmod its own new file, file_metadata = own-files", "create_and_chmod", "{outside}",
+         "ok:own file mode 0o664", _p(file_metadata="own-files", filesystem={"write": ["{outside}"]}),
+         only="root"),
+    Case("chmod another uid's file, file_metadata = own-files", "chmod_path", "{others}:777",
+         "denied:EPERM", _p(file_metadata="own-files", filesystem={"read": ["{others}"]}), only="root"),
+    Case("setuid bit on its own file, file_metadata = own-files", "chmod_path", "{outside}:4777",
+         "denied:EPERM", _p(file_metadata="own-files", filesystem={"write": ["{outside}"]}), only="root"),
+    # -- locks, leases, dnotify: read access is not lock access ----------------------
+    Case("flock a file it may read", "flock_file", "{secret}", "denied:EPERM",
+         _p(filesystem={"read": ["{secret}"]})),
+    Case("flock a file it may read, file_locks granted", "flock_file", "{secret}", "ok:locked",
+         _p(file_locks=True, filesystem={"read": ["{secret}"]})),
+    Case("POSIX read lock", "posix_lock", "{secret}", "denied:EPERM", _p(filesystem={"read": ["{secret}"]})),
+    Case("POSIX read lock, file_locks granted", "posix_lock", "{secret}", "ok:read-locked",
+         _p(file_locks=True, filesystem={"read": ["{secret}"]})),
+    Case("lease a file it may read", "lease_file", "{victim}", "denied:EPERM",
+         _p(user="root", filesystem={"read": ["{victim}"]}), only="root"),
+    Case("lease its owner's file", "lease_file", "{victim}", "denied:EPERM",
+         _p(filesystem={"read": ["{victim}"]}), only="user"),
+    Case("dnotify on a directory it may read", "dnotify_dir", "{outside}", "denied:EPERM",
+         _p(filesystem={"read": ["{outside}"]})),
+    Case("shrink a pipe (F_SETPIPE_SZ)", "shrink_pipe", "", "denied:EPERM"),
+    # -- outliving main, process attributes -----------------------------------------
+    Case("clear the parent-death signal", "prctl_option", "1:0", "denied:EPERM"),
+    Case("become dumpable again", "prctl_option", "4:1", "denied:EPERM"),
+    # -- links and special files in a granted write directory ----------------------
+    Case("plant a symlink in a writable directory", "make_symlink", "{outside}:/etc/passwd",
+         "denied:EACCES", _p(filesystem={"write": ["{outside}"]})),
+    Case("plant a symlink, filesystem.symlinks granted", "make_symlink", "{outside}:/etc/passwd",
+         "ok:linked", _p(filesystem={"write": ["{outside}"], "symlinks": True})),
+    Case("make a FIFO in a writable directory", "make_fifo", "{outside}", "denied:E",
+         _p(filesystem={"write": ["{outside}"]})),
+    Case("make a FIFO, filesystem.fifos granted", "make_fifo", "{outside}", "ok:fifo made",
+         _p(filesystem={"write": ["{outside}"], "fifos": True})),
+    # -- default bounds on the host's resources --------------------------------------
+    Case("thread bomb under the default bounds", "thread_bomb", "400", "denied:EAGAIN",
+         _p(syscalls="python-threads")),
+    Case("thread bomb, memory unlimited: the default processes bound", "thread_bomb", "400",
+         "denied:EAGAIN", _p(syscalls="python-threads", memory="unlimited")),
+    Case("400 threads, processes = 1000, memory unlimited", "thread_bomb", "400", "ok:started 400",
+         _p(syscalls="python-threads", processes=1000, memory="unlimited")),
+    Case("3 GiB under the default bounds", "memory_bomb", "3072", "denied:MemoryError"),
+    Case("3 GiB, memory = 8GiB", "memory_bomb", "3072", "ok:allocated 3072", _p(memory="8GiB")),
 ]
 
 
@@ -179,8 +236,19 @@ class Targets:
         self._stop = False
         self._acceptor = threading.Thread(target=self._accept, daemon=True)
         self._acceptor.start()
+        # A file of the running user's, 0600: what finding 1 made 0644 or setuid.
+        self.victim = os.path.join(self.dir, "victim")
+        with open(self.victim, "w") as f:
+            f.write("VICTIM\n")
+        os.chmod(self.victim, 0o600)
+        # A file of another uid (root mode only): file_metadata cannot reach it.
+        self.others = os.path.join(self.dir, "others")
+        with open(self.others, "w") as f:
+            f.write("OTHERS\n")
+        os.chmod(self.others, 0o644)
         self.suid = ""
         if ROOT:
+            os.chown(self.others, 12345, 12345)
             self.suid = os.path.join(self.dir, "suid-id")
             shutil.copy("/usr/bin/id", self.suid)
             os.chown(self.suid, 0, 0)
@@ -204,6 +272,7 @@ class Targets:
                 "main": str(os.getpid()),
                 "main_secret": f"{id(MAIN_SECRET) + bytes.__basicsize__ - 1}:{len(MAIN_SECRET)}",
                 "vault": str(vault[0]), "vault_secret": f"{vault[1]}:{vault[2]}", "suid": self.suid,
+                "victim": self.victim, "others": self.others,
                 "uid": str(os.geteuid())}
 
     def udp_received(self) -> bool:
@@ -236,7 +305,7 @@ def _spec(privileges: dict[str, Any]) -> dict[str, Any]:
     return {"compartments": {
         "box": {"functions": ["hostile:attempt"], "restart": "on-failure", "max_restarts": 100,
                 "restart_backoff": "10ms", "call_timeout": "30s", "privileges": privileges},
-        "vault": {"trust": "safebox", "functions": ["hostile:vault_info"]},
+        "vault": {"trust": "safebox", "functions": ["hostile:vault_info", "hostile:vault_uid"]},
     }}
 
 
@@ -281,9 +350,15 @@ def run(cases: list[Case]) -> dict[str, str]:
                     results["twin: main reads the safebox's memory through /proc/<pid>/mem"] = \
                         _in_child(lambda: _read_mem(vault))
                 attempt = app.function("hostile:attempt")
+                box_uid = attempt("my_uid", "").split()[1]
+                results.setdefault("box uid", box_uid)
+                results.setdefault("vault uid", app.function("hostile:vault_uid")())
                 for case in group:
                     arg = case.arg.format(**values)
-                    results[case.name] = outcome_of(lambda: attempt(case.attack, arg))
+                    outcome = outcome_of(lambda: attempt(case.attack, arg))
+                    # Which uid the box runs as is the battery's to check
+                    # (test_escape.py), not each case's.
+                    results[case.name] = re.sub(rf"\b{box_uid}\b", "<box uid>", outcome)
                     if case.attack == "udp_send" and results[case.name].startswith("ok"):
                         import time
 

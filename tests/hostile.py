@@ -199,10 +199,148 @@ def start_thread(_: str) -> str:
     return "thread ran"
 
 
+# -- file metadata, locks, process attributes (red team, 0.3) -------------------
+
+
+def chmod_path(arg: str) -> str:
+    """``path:mode`` (octal): change a file's mode by path."""
+    path, mode = arg.rsplit(":", 1)
+    os.chmod(path, int(mode, 8))
+    return f"mode {oct(os.stat(path).st_mode & 0o7777)}"
+
+
+def fchmod_open(arg: str) -> str:
+    """Open ``path`` read-only, then ``fchmod`` it to ``mode``."""
+    path, mode = arg.rsplit(":", 1)
+    with open(path, "rb") as f:
+        os.fchmod(f.fileno(), int(mode, 8))
+    return f"mode {oct(os.stat(path).st_mode & 0o7777)}"
+
+
+def utime_path(path: str) -> str:
+    os.utime(path, (0, 0))
+    return "times set"
+
+
+def setxattr_path(path: str) -> str:
+    os.setxattr(path, "user.pycompart", b"x")
+    return "xattr set"
+
+
+def create_and_chmod(directory: str) -> str:
+    """Create a file of our own in ``directory`` and make it group-writable."""
+    path = os.path.join(directory, f"own-{os.getpid()}-{time.monotonic_ns()}")
+    with open(path, "w") as f:
+        f.write("mine")
+    try:
+        os.chmod(path, 0o664)
+        return f"own file mode {oct(os.stat(path).st_mode & 0o777)}"
+    finally:
+        os.unlink(path)
+
+
+def flock_file(path: str) -> str:
+    import fcntl
+
+    with open(path, "rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return "locked"
+
+
+def posix_lock(path: str) -> str:
+    import fcntl
+
+    with open(path, "rb") as f:
+        fcntl.lockf(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return "read-locked"
+
+
+def lease_file(path: str) -> str:
+    import fcntl
+
+    with open(path, "rb") as f:
+        fcntl.fcntl(f.fileno(), 1024, fcntl.F_RDLCK)  # F_SETLEASE
+    return "leased"
+
+
+def dnotify_dir(path: str) -> str:
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.fcntl(fd, 1026, 0x80000002)  # F_NOTIFY: DN_MODIFY | DN_MULTISHOT
+    finally:
+        os.close(fd)
+    return "watching"
+
+
+def shrink_pipe(_: str) -> str:
+    import fcntl
+
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, 1031, 4096)  # F_SETPIPE_SZ
+    finally:
+        os.close(r)
+        os.close(w)
+    return "pipe resized"
+
+
+def prctl_option(arg: str) -> str:
+    """``option:value``: e.g. 1:0 clears the parent-death signal."""
+    option, value = (int(x) for x in arg.split(":"))
+    _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    _errno(_libc.prctl(option, value, 0, 0, 0))
+    return f"prctl {option} set"
+
+
+def make_symlink(arg: str) -> str:
+    """``directory:target``: plant a link to ``target`` in ``directory``."""
+    directory, target = arg.split(":", 1)
+    link = os.path.join(directory, f"link-{os.getpid()}-{time.monotonic_ns()}")
+    os.symlink(target, link)
+    os.unlink(link)
+    return "linked"
+
+
+def make_fifo(directory: str) -> str:
+    path = os.path.join(directory, f"fifo-{os.getpid()}-{time.monotonic_ns()}")
+    os.mkfifo(path)
+    os.unlink(path)
+    return "fifo made"
+
+
+def thread_bomb(limit: str) -> str:
+    """Start up to ``limit`` threads that wait; report how many started."""
+    import threading
+
+    stop = threading.Event()
+    threads = []
+    try:
+        for _ in range(int(limit)):
+            t = threading.Thread(target=stop.wait)
+            try:
+                t.start()
+            except RuntimeError as exc:
+                raise OSError(errno.EAGAIN, f"thread {len(threads) + 1} refused: {exc}") from None
+            threads.append(t)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return f"started {len(threads)} threads"
+
+
+def my_uid(_: str) -> str:
+    return f"uid {os.getuid()} gid {os.getgid()}"
+
+
 ATTACKS = {fn.__name__: fn for fn in (
     read_file, write_file, create_in_tmp, tcp_connect, udp_send, abstract_connect, own_abstract_socket,
     signal_pid, signal_self, vm_read, proc_mem, ptrace_attach, exec_subprocess, exec_replace, run_program,
-    fork_bomb, memory_bomb, cpu_spin, load_module, mount_tmpfs, start_thread)}
+    fork_bomb, memory_bomb, cpu_spin, load_module, mount_tmpfs, start_thread,
+    chmod_path, fchmod_open, utime_path, setxattr_path, create_and_chmod, flock_file, posix_lock,
+    lease_file, dnotify_dir, shrink_pipe, prctl_option, make_symlink, make_fifo, thread_bomb, my_uid)}
 
 
 def attempt(attack: str, arg: str) -> str:
@@ -232,6 +370,10 @@ def whoami() -> list[int]:
 def secret() -> str:
     return SECRET.decode()
 
+
+
+def vault_uid() -> str:
+    return str(os.getuid())
 
 
 def vault_info() -> list[int]:

@@ -31,6 +31,20 @@ def test_as_root(root_results, case):
 
 
 @needs_root
+def test_each_compartment_has_a_uid_of_its_own_as_root(root_results):
+    """Not a shared nobody: compartment A cannot chmod or read B's files by
+    DAC, and no user or other app holds the id."""
+    import pwd
+
+    box, vault = int(root_results["box uid"]), int(root_results["vault uid"])
+    assert box != vault and 65534 not in (box, vault) and 0 not in (box, vault)
+    for uid in (box, vault):
+        assert 393216 <= uid <= 458751
+        with pytest.raises(KeyError):
+            pwd.getpwuid(uid)
+
+
+@needs_root
 @pytest.mark.parametrize("name", sorted(escape.UNCONFINED))
 def test_unconfined_twin_as_root(root_results, name):
     """What pycompart refuses inside a compartment works outside one."""

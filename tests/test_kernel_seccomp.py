@@ -183,3 +183,41 @@ def test_compiled_bpf_behaves_like_the_libseccomp_filter():
 def test_load_bpf_rejects_garbage():
     with pytest.raises(seccomp.SeccompError):
         seccomp.load_bpf(b"123")
+
+
+def test_fcntl_and_prctl_are_allowed_only_with_harmless_arguments():
+    import fcntl
+
+    def use():
+        r, w = os.pipe()
+        flags = fcntl.fcntl(r, fcntl.F_GETFL)  # allowed: descriptor flags
+        os.set_blocking(r, False)
+        out = [flags >= 0]
+        for attempt in (lambda: fcntl.flock(r, fcntl.LOCK_EX),      # locks
+                        lambda: fcntl.fcntl(w, 1031, 4096),          # F_SETPIPE_SZ
+                        lambda: process.prctl(process.PR_SET_PDEATHSIG, 0),
+                        lambda: process.prctl(process.PR_SET_DUMPABLE, 1)):
+            try:
+                attempt()
+                out.append("allowed")
+            except OSError as exc:
+                out.append(errno.errorcode[exc.errno])
+        out.append(process.prctl(3) in (0, 1))  # PR_GET_DUMPABLE: reading is fine
+        return out
+    assert in_child(locked()(use)) == ("ok", str([True, "EPERM", "EPERM", "EPERM", "EPERM", True]))
+    assert in_child(locked(locks=True)(use))[1].startswith("[True, 'allowed'")
+    assert in_child(use) == ("ok", str([True, "allowed", "allowed", "allowed", "allowed", True]))
+
+
+def test_own_files_metadata_never_sets_special_bits(tmp_path):
+    path = tmp_path / "f"
+    path.write_text("x")
+
+    def chmod(mode):
+        def run():
+            os.chmod(path, mode)
+            return oct(os.stat(path).st_mode & 0o7777)
+        return run
+    assert in_child(locked()(chmod(0o640))) == ("errno", str(errno.EPERM))
+    assert in_child(locked(metadata="own-files")(chmod(0o640))) == ("ok", "0o640")
+    assert in_child(locked(metadata="own-files")(chmod(0o4755))) == ("errno", str(errno.EPERM))

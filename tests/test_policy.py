@@ -26,7 +26,11 @@ def comp(privileges=None, **extra):
 def test_defaults_lock_everything_down():
     res = policy.resolve(comp(), sys.path, None, host=FULL, euid=0)
     lock = res.lockdown
-    assert (lock.uid, lock.gid) == (65534, 65534)
+    # A uid of its own, allocated at start (not a shared nobody), and the
+    # default bounds on memory and tasks.
+    assert lock.dynamic_user and (lock.uid, lock.gid) == (None, None)
+    assert lock.limits == {"memory": 2 << 30, "processes": 128}
+    assert not (lock.fs_symlinks or lock.fs_fifos or lock.file_locks) and lock.file_metadata == "none"
     assert lock.fs and lock.fs_write == ["/dev/null"] and lock.fs_execute == []
     assert lock.net_namespace and not lock.loopback and lock.tcp and lock.tcp_connect == []
     assert lock.seccomp and lock.syscall_profile == "python" and lock.sockets == "none"
@@ -52,7 +56,7 @@ def test_best_effort_leaves_out_and_warns_once():
         policy.resolve(c, sys.path, None, host=BARE, euid=0)
     lock = res.lockdown
     assert not (lock.fs or lock.tcp or lock.scopes or lock.seccomp or lock.net_namespace)
-    assert lock.uid == 65534  # what the host can do is still done
+    assert lock.dynamic_user  # what the host can do is still done
     messages = [str(w.message) for w in caught if issubclass(w.category, policy.PrivilegeWarning)]
     assert len(messages) == len(res.missing) >= 4  # once each, not once per resolve
 
@@ -66,7 +70,34 @@ def test_processes_cannot_bind_root():
     with pytest.raises(PrivilegeError, match="processes"):
         policy.resolve(comp({"user": "root", "processes": 4}), sys.path, None, host=FULL, euid=0)
     lock = policy.resolve(comp({"processes": 4}), sys.path, None, host=FULL, euid=0).lockdown
-    assert lock.limits == {"processes": 4}
+    assert lock.limits == {"processes": 4, "memory": 2 << 30}
+    # The default bound does not stop a root compartment from starting: it is noted.
+    res = policy.resolve(comp({"user": "root"}), sys.path, None, host=FULL, euid=0)
+    assert "processes" not in res.lockdown.limits
+    assert any("default bound of 128 processes" in n for n in res.notes)
+
+
+def test_default_bounds_can_be_lifted_and_count_per_instance_as_non_root():
+    lock = policy.resolve(comp({"memory": "unlimited", "processes": "unlimited"}), sys.path, None,
+                          host=FULL, euid=0).lockdown
+    assert lock.limits == {}
+    res = policy.resolve(comp(), sys.path, None, host=FULL, euid=1000)
+    assert res.lockdown.user_namespace and res.lockdown.limits["processes"] == 128
+    assert any("this instance alone" in n for n in res.notes)
+    no_userns = HostSupport(**{**FULL.__dict__, "net_namespace": False})
+    res = policy.resolve(comp({"network": "host"}), sys.path, None, host=no_userns, euid=1000)
+    assert "processes" not in res.lockdown.limits  # would count every process of main's user
+    with pytest.raises(PrivilegeError, match="processes"):
+        policy.resolve(comp({"network": "host", "processes": 8}), sys.path, None, host=no_userns, euid=1000)
+
+
+def test_file_metadata_needs_a_uid_of_its_own():
+    assert policy.resolve(comp({"file_metadata": "own-files"}), sys.path, None, host=FULL,
+                          euid=0).lockdown.file_metadata == "own-files"
+    for privileges, euid in (({"file_metadata": "own-files", "user": "nobody"}, 0),
+                             ({"file_metadata": "own-files"}, 1000)):
+        with pytest.raises(PrivilegeError, match="own-files"):
+            policy.resolve(comp(privileges), sys.path, None, host=FULL, euid=euid)
 
 
 def test_non_root_main_cannot_change_user_or_keep_capabilities():

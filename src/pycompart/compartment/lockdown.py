@@ -117,11 +117,16 @@ def apply(lock: Lockdown) -> None:
     if lock.seccomp and not lock.seccomp_bpf:
         raise PrivilegeError("cannot enforce syscalls: the plan has no compiled filter")
     # 2. namespaces
-    if lock.net_namespace or lock.ipc_namespace:
-        with _step("network isolation (network/IPC namespaces)"):
-            namespaces.isolate(net=lock.net_namespace, loopback=lock.loopback, ipc=lock.ipc_namespace)
+    if lock.net_namespace or lock.ipc_namespace or lock.user_namespace:
+        with _step("network isolation (user/network/IPC namespaces)"):
+            namespaces.isolate(net=lock.net_namespace, loopback=lock.loopback, ipc=lock.ipc_namespace,
+                               user=lock.user_namespace)
     # 3. resource limits
     _check_memory(lock.limits.get("memory"))
+    if "memory" in lock.limits:
+        # Address space is what the limit counts: keep glibc from reserving
+        # a 64 MiB malloc arena per thread out of it.
+        rlimits.limit_malloc_arenas()
     with _step("resource limits (setrlimit)"):
         rlimits.apply(rlimits.Limits(**lock.limits))
     _limits_applied.update(lock.limits)
@@ -166,7 +171,12 @@ def _landlock_ruleset(lock: Lockdown) -> landlock.Ruleset:
     try:
         read = landlock.FS_READ
         rs.allow_paths(lock.fs_read, read)
-        rs.allow_paths(lock.fs_write, read | landlock.FS_WRITE)
+        write = read | landlock.FS_WRITE
+        if lock.fs_symlinks:
+            write |= landlock.FS_MAKE_SYM
+        if lock.fs_fifos:
+            write |= landlock.FS_MAKE_FIFO
+        rs.allow_paths(lock.fs_write, write)
         rs.allow_paths(lock.fs_execute, read | landlock.FS_EXECUTE)
         for port in lock.tcp_connect:
             rs.allow_port(port, landlock.NET_CONNECT_TCP)

@@ -31,6 +31,7 @@ from ..policy import resolution as policy
 from ..policy.spec import AppSpec, CompartmentSpec, load_spec, load_spec_file
 from ..supervisor import confine as main_lockdown
 from ..supervisor.audit import AuditLog
+from ..supervisor.identities import Identities
 from ..supervisor.monitor import CommBreakEvent, Hooks, InstanceEvent, Monitor, Pool, TimeoutEvent
 from ..wire import refs
 from ..wire.contract import Contract, function_key
@@ -275,6 +276,7 @@ class _Runtime:
         self._main_path, self._main_module = _main_location()
         self.compartments: dict[str, Any] = {}
         self.finder: Any = None
+        self.identities = Identities()
 
     def start(self, lazy: bool = False, confine_main: bool = False) -> None:
         # Instances get main's import path as it is now (main's own lock-down
@@ -287,6 +289,9 @@ class _Runtime:
         try:
             self.lockdowns = {name: policy.resolve(comp, sys.path, self._main_path).lockdown
                               for name, comp in self.spec.compartments.items()}
+            for name, lock in self.lockdowns.items():
+                if lock.dynamic_user and self.spec.compartments[name].mechanism == "process":
+                    lock.uid = lock.gid = self.identities.allocate(self.spec.name, name)
             if confine_main:
                 if self.spec.main_privileges is None:
                     raise PycompartError(f"{self.spec.source} has no [compartments.main.privileges]")
@@ -295,7 +300,7 @@ class _Runtime:
                 main_lock = main_lockdown.plan(self.spec.main_privileges, sys.path,
                                                self._main_path).lockdown
         except BaseException:
-            self._close_audit()
+            self._release()
             raise
         before_threads = None
         if main_lock is not None:
@@ -309,7 +314,7 @@ class _Runtime:
             try:
                 self.monitor.start(lazy, before_threads)
             except BaseException:
-                self._close_audit()
+                self._release()
                 raise
             _live.add(self.app)
         elif before_threads is not None:
@@ -326,11 +331,13 @@ class _Runtime:
         if self.monitor is not None:
             self.monitor.stop()
         _live.discard(self.app)
-        self._close_audit()
+        self._release()
 
-    def _close_audit(self) -> None:
+    def _release(self) -> None:
+        """What the runtime holds beyond processes: the audit log, the ids."""
         if self.audit is not None:
             self.audit.close()
+        self.identities.release()
 
     def _prepare(self, inst: Any) -> None:
         """Equip a new instance's channel for remote references and callbacks."""

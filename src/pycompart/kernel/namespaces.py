@@ -76,14 +76,14 @@ def bring_up_loopback() -> None:
         fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sh14x", b"lo", flags | _IFF_UP))
 
 
-def isolate(net: bool, loopback: bool, ipc: bool = True) -> None:
+def isolate(net: bool, loopback: bool, ipc: bool = True, user: bool = False) -> None:
     """Enter new network (if ``net``) and IPC namespaces; as non-root, inside
-    a new user namespace first."""
+    a new user namespace first (always, with ``user``)."""
     flags = (CLONE_NEWNET if net else 0) | (CLONE_NEWIPC if ipc else 0)
+    if os.geteuid() != 0 and (flags or user):
+        enter_user_namespace()
     if not flags:
         return
-    if os.geteuid() != 0:
-        enter_user_namespace()
     unshare(flags)
     if net and loopback:
         bring_up_loopback()

@@ -28,6 +28,21 @@ class Limits:
         return [(name, which, getattr(self, name)) for name, which in table if getattr(self, name) is not None]
 
 
+_M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread a malloc arena of its own, reserving up to
+    64 MiB of address space each: under RLIMIT_AS that is what runs out
+    first. Best effort (other libcs have no such call)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(ctypes.c_int(_M_ARENA_MAX), ctypes.c_int(arenas))
+    except (OSError, AttributeError):
+        pass
+
+
 def apply(limits: Limits) -> None:
     """Set every given limit, soft = hard. A limit above the current hard
     limit cannot be granted and raises (fail closed)."""

@@ -21,11 +21,15 @@ from collections.abc import Iterable
 
 #: What a single-threaded pure-Python worker needs once it is running:
 #: memory, descriptors it already has or opens (Landlock decides which
-#: files), time, signals, polling. No fork, exec, sockets or threads.
+#: files), time, signals, polling. No fork, exec, sockets or threads. Not
+#: here, because Landlock does not govern them and read access must not
+#: become more: changing file modes, owners, times or extended attributes,
+#: and file locks. ``fcntl`` and ``prctl`` are allowed only with the
+#: arguments in ``FCNTL_ALLOWED`` and ``PRCTL_ALLOWED``.
 _PYTHON = """
 read readv pread64 preadv preadv2 write writev pwrite64 pwritev pwritev2 close close_range
 lseek fstat newfstatat statx stat lstat fstatfs statfs openat open getdents64 getdents
-readlink readlinkat access faccessat faccessat2 getcwd fcntl ioctl dup dup2 dup3 pipe pipe2
+readlink readlinkat access faccessat faccessat2 getcwd ioctl dup dup2 dup3 pipe pipe2
 mmap munmap mprotect mremap brk madvise mlock munlock msync membarrier
 rt_sigaction rt_sigprocmask rt_sigreturn rt_sigpending rt_sigtimedwait rt_sigsuspend sigaltstack
 poll ppoll select pselect6 epoll_create epoll_create1 epoll_ctl epoll_wait epoll_pwait epoll_pwait2
@@ -35,12 +39,42 @@ getpid getppid gettid getuid geteuid getgid getegid getresuid getresgid getgroup
 getsid getrandom uname sysinfo getrlimit prlimit64 sched_yield sched_getaffinity
 sched_getparam sched_getscheduler sched_get_priority_max sched_get_priority_min
 exit exit_group restart_syscall set_tid_address set_robust_list get_robust_list rseq
-arch_prctl prctl kill tgkill tkill
+arch_prctl kill tgkill tkill
 mkdir mkdirat rmdir unlink unlinkat rename renameat renameat2 link linkat symlink symlinkat
-chmod fchmod fchmodat ftruncate truncate fsync fdatasync fallocate utimensat futimesat
-umask flock getxattr lgetxattr fgetxattr listxattr llistxattr flistxattr
+ftruncate truncate fsync fdatasync fallocate
+umask getxattr lgetxattr fgetxattr listxattr llistxattr flistxattr
 wait4 waitid sendfile copy_file_range splice tee
 """
+
+#: fcntl commands any compartment may use on its own descriptors: duplicate,
+#: descriptor and status flags, asking about locks, pipe size, memfd seals.
+#: Not: taking locks (F_SETLK/F_SETLKW/F_OFD_SETLK*), leases (F_SETLEASE),
+#: directory notification (F_NOTIFY), signal ownership (F_SETOWN*,
+#: F_SETSIG) or resizing a pipe (F_SETPIPE_SZ: a pipe to main it shrank
+#: would make main's writes block).
+FCNTL_ALLOWED = {
+    "F_DUPFD": 0, "F_GETFD": 1, "F_SETFD": 2, "F_GETFL": 3, "F_SETFL": 4, "F_GETLK": 5,
+    "F_GETOWN": 9, "F_GETSIG": 11, "F_GETOWN_EX": 16, "F_OFD_GETLK": 36, "F_GETLEASE": 1025,
+    "F_DUPFD_CLOEXEC": 1030, "F_GETPIPE_SZ": 1032, "F_ADD_SEALS": 1033, "F_GET_SEALS": 1034,
+}
+#: With ``file_locks``: the lock commands too (and the flock system call).
+FCNTL_LOCKS = {"F_SETLK": 6, "F_SETLKW": 7, "F_OFD_SETLK": 37, "F_OFD_SETLKW": 38}
+#: prctl options: only reading process attributes and naming things. Not:
+#: clearing the parent-death signal (outliving main), becoming dumpable
+#: again, subreaping, ptracer exceptions, speculation controls, ...
+PRCTL_ALLOWED = {
+    "PR_GET_PDEATHSIG": 2, "PR_GET_DUMPABLE": 3, "PR_GET_KEEPCAPS": 7, "PR_SET_NAME": 15,
+    "PR_GET_NAME": 16, "PR_GET_SECCOMP": 21, "PR_CAPBSET_READ": 23, "PR_GET_TIMERSLACK": 30,
+    "PR_GET_NO_NEW_PRIVS": 39, "PR_GET_THP_DISABLE": 42, "PR_GET_SPECULATION_CTRL": 52,
+    "PR_SET_VMA": 0x53564D41,
+}
+#: ``file_metadata = "own-files"``: mode and time changes, never a setuid,
+#: setgid or sticky bit (checked on the mode argument, by index). Ownership
+#: (DAC) keeps them to files the compartment's own uid owns.
+METADATA_MODE_ARG = {"chmod": 1, "fchmod": 1, "fchmodat": 2}
+METADATA_TIMES = ("utimensat", "futimesat", "utime", "utimes")
+_SPECIAL_MODE_BITS = 0o7000
+_S_IFMT, _S_IFIFO = 0o170000, 0o010000
 
 #: Threads: clone only with CLONE_THREAD (enforced by argument check);
 #: clone3 answers ENOSYS so glibc falls back to clone.
@@ -110,12 +144,16 @@ def known(name: str) -> bool:
 
 
 def build(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (),
-          kill: Iterable[str] = (), sockets: str = "none"):  # type: ignore[no-untyped-def]
+          kill: Iterable[str] = (), sockets: str = "none", metadata: str = "none",
+          locks: bool = False, fifos: bool = False):  # type: ignore[no-untyped-def]
     """A loaded-ready libseccomp filter for ``profile`` (see PROFILES).
 
     ``ALWAYS_KILL`` applies unless a call is named in ``allow`` (an explicit
     grant); ``kill`` wins over everything. ``sockets`` is one of
-    ``SOCKET_RULES``."""
+    ``SOCKET_RULES``; ``metadata`` ("none" or "own-files") and ``locks``
+    add the file-mode and file-lock calls, ``fifos`` ``mknod`` of FIFOs
+    (never device nodes; where Landlock lets it). Naming ``fcntl`` or ``prctl`` in
+    ``allow`` lifts their argument checks."""
     try:
         import pyseccomp as sc
     except (ImportError, OSError) as exc:
@@ -150,6 +188,32 @@ def build(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (),
         _rule(sc, f, sc.ERRNO(errno.ENOSYS), "clone3")
     if sockets != "none":
         _socket_rules(sc, f, sockets, guarded)
+    blocked = killed | denied | allowed
+    if "fcntl" not in blocked:
+        commands = dict(FCNTL_ALLOWED, **(FCNTL_LOCKS if locks else {}))
+        for cmd in sorted(commands.values()):
+            f.add_rule(sc.ALLOW, "fcntl", sc.Arg(1, sc.EQ, cmd))
+    if "prctl" not in blocked:
+        for option in sorted(PRCTL_ALLOWED.values()):
+            f.add_rule(sc.ALLOW, "prctl", sc.Arg(0, sc.EQ, option))
+    if locks and "flock" not in blocked:
+        _rule(sc, f, sc.ALLOW, "flock")
+    if fifos:
+        for name, index in (("mknod", 1), ("mknodat", 2)):
+            if name not in blocked:
+                try:
+                    f.add_rule(sc.ALLOW, name, sc.Arg(index, sc.MASKED_EQ, _S_IFMT, _S_IFIFO))
+                except (ValueError, RuntimeError, OSError):
+                    pass  # a call this architecture lacks
+    if metadata == "own-files":
+        for name, index in METADATA_MODE_ARG.items():
+            if name not in blocked:
+                f.add_rule(sc.ALLOW, name, sc.Arg(index, sc.MASKED_EQ, _SPECIAL_MODE_BITS, 0))
+        for name in METADATA_TIMES:
+            if name not in blocked:
+                _rule(sc, f, sc.ALLOW, name)
+    elif metadata != "none":
+        raise SeccompError(0, f"unknown file_metadata rule {metadata!r}")
     return f
 
 
@@ -182,11 +246,12 @@ def _rule(sc, f, action, name: str) -> None:  # type: ignore[no-untyped-def]
 
 
 def compile_bpf(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (), kill: Iterable[str] = (),
-                sockets: str = "none") -> bytes:
+                sockets: str = "none", metadata: str = "none", locks: bool = False,
+                fifos: bool = False) -> bytes:
     """The filter as raw BPF (``struct sock_filter`` array) for this
     machine: built once in main, loaded by each instance with one system
     call instead of a libseccomp compile per instance."""
-    f = build(profile, allow, deny, kill, sockets)
+    f = build(profile, allow, deny, kill, sockets, metadata, locks, fifos)
     fd = os.memfd_create("pycompart-seccomp", os.MFD_CLOEXEC)
     try:
         with os.fdopen(os.dup(fd), "rb", closefd=True) as dup:
@@ -232,7 +297,7 @@ def load_bpf(program: bytes) -> None:
 
 
 def apply(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (), kill: Iterable[str] = (),
-          sockets: str = "none") -> None:
+          sockets: str = "none", metadata: str = "none", locks: bool = False) -> None:
     """Build and load the filter on the calling thread (NO_NEW_PRIVS must be
     set, or the caller must have CAP_SYS_ADMIN)."""
-    build(profile, allow, deny, kill, sockets).load()
+    build(profile, allow, deny, kill, sockets, metadata, locks).load()

@@ -36,6 +36,14 @@ SYSTEM_READ = ("/usr/lib", "/lib", "/lib64", "/usr/lib64", "/usr/local/lib", "/e
 SYSTEM_WRITE = ("/dev/null",)
 
 
+#: The ids a compartment gets when main is root and its spec names no
+#: ``user``: one per compartment, like systemd's DynamicUser, in a block
+#: systemd's scheme leaves unused (65536-524287: below the container
+#: ranges) so that no user, system service or container holds it.
+#: ``pycompart.supervisor.identities`` allocates them.
+DYNAMIC_IDS = range(0x60000, 0x70000)  # 393216-458751
+DYNAMIC = -1  # "allocate one at start" in a plan being resolved
+
 #: Address space an instance maps before it runs compartment code (the
 #: interpreter forked from the zygote: 20-24 MiB measured on x86_64 with
 #: Python 3.11), plus room to import a module and serve. Below it an
@@ -84,7 +92,18 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
     # -- who ---------------------------------------------------------------------
     uid, gid = _identity(comp, p, euid, need, notes)
     lock.uid, lock.gid = uid, gid
+    if uid == DYNAMIC:
+        # A uid of its own, allocated when the app starts; for the checks
+        # below any id of the range stands for it (it owns nothing).
+        lock.uid = lock.gid = None
+        lock.dynamic_user = True
+        uid = gid = DYNAMIC_IDS.start
     target_uid = euid if uid is None else uid
+    # As non-root, every instance gets a user namespace of its own (mapping
+    # only its uid): the other namespaces are made in it, and the kernel
+    # counts RLIMIT_NPROC per user namespace, so ``processes`` bounds this
+    # instance's tasks alone rather than every process of main's user.
+    lock.user_namespace = euid != 0 and host.net_namespace
     caps = []
     for name in p.capabilities:
         if name not in credentials.CAPABILITIES:
@@ -99,12 +118,29 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
                                 ("open_files", p.open_files), ("file_size", p.file_size))
               if v is not None}
     if p.processes is not None:
+        defaulted = "processes" in p.defaulted
         unbounded = target_uid == 0 or {"CAP_SYS_RESOURCE", "CAP_SYS_ADMIN"} & set(p.capabilities)
-        if need(not unbounded, "processes (RLIMIT_NPROC does not bind uid 0 or CAP_SYS_RESOURCE/"
-                "CAP_SYS_ADMIN: run the compartment as a non-root user)"):
+        shared_uid = euid != 0 and not lock.user_namespace
+        if unbounded or shared_uid:
+            why = ("RLIMIT_NPROC does not bind uid 0 or CAP_SYS_RESOURCE/CAP_SYS_ADMIN: run the "
+                   "compartment as a non-root user" if unbounded else
+                   "without a user namespace RLIMIT_NPROC would count every process of main's user")
+            if defaulted:
+                notes.append(f"the default bound of {p.processes} processes and threads is not "
+                             f"applied ({why})")
+            else:
+                need(False, f"processes ({why})")
+        else:
             limits["processes"] = p.processes
-            notes.append(f"processes = {p.processes} counts every process and thread of uid "
-                         f"{target_uid}, including other instances running as that user")
+            whose = ("this instance alone (its own user namespace)" if lock.user_namespace else
+                     "every instance of this compartment (its own uid)" if lock.dynamic_user else
+                     f"every process and thread of uid {target_uid}, including other instances "
+                     "running as that user")
+            notes.append(f"processes = {p.processes}{' (default)' if defaulted else ''}: processes "
+                         f"and threads, counted for {whose}")
+    if p.memory is not None and "memory" in p.defaulted:
+        notes.append(f"memory = {p.memory // 2**20} MiB of address space (default; "
+                     '"unlimited" lifts it)')
     lock.limits = limits
     warnings_: list[str] = []
     if p.memory is not None:
@@ -124,21 +160,26 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
         lock.fs = True
         lock.fs_read = _dedupe(auto_read + list(SYSTEM_READ) + list(p.read))
         lock.fs_write = _dedupe(list(SYSTEM_WRITE) + list(p.write))
+        lock.fs_symlinks, lock.fs_fifos = p.symlinks, p.fifos
         lock.fs_execute = list(p.execute)
         if p.execute:
             lock.fs_execute += _dynamic_loaders()
+    if p.file_metadata == "own-files" and not lock.dynamic_user:
+        need(False, "file_metadata = 'own-files' (only a compartment with a uid of its own owns "
+             "only the files it made: main must run as root, and privileges.user must not be set)")
     if uid is not None and uid != euid:
+        who = "its uid" if lock.dynamic_user else f"uid {uid}"
         for d in _dedupe([os.path.abspath(e) for e in sys_path if e]):
             if not os.path.isdir(d):
                 continue
             reach = reachability(d, uid, gid)
             if reach == "ancestors":
                 lock.preopen.append(d)
-                notes.append(f"uid {uid} cannot reach {d}; it is opened before the uid drop and "
+                notes.append(f"{who} cannot reach {d}; it is opened before the uid drop and "
                              "imported through /proc/self/fd (imports work; opening files there by "
                              "path does not)")
             elif reach == "denied":
-                notes.append(f"uid {uid} may not read the directory {d} itself (its mode): modules "
+                notes.append(f"{who} may not read the directory {d} itself (its mode): modules "
                              "there cannot be imported by this compartment; make it readable "
                              "(chmod o+rx) or set privileges.user")
 
@@ -163,9 +204,8 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
     else:
         lock.sockets = "any"
         notes.append("network = 'host': the host's network, unrestricted")
-    # IPC namespace: as root always; as non-root it needs a user namespace,
-    # which is made anyway when the network is isolated.
-    lock.ipc_namespace = host.net_namespace and (euid == 0 or lock.net_namespace)
+    # IPC namespace: as root always; as non-root inside its user namespace.
+    lock.ipc_namespace = host.net_namespace
 
     # -- scopes and syscalls ------------------------------------------------------
     if need(host.landlock_scopes, f"signal and abstract-socket isolation (Landlock scopes, ABI 6; "
@@ -185,8 +225,13 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
         lock.syscalls_allow = list(p.syscalls_allow)
         lock.syscalls_deny = list(p.syscalls_deny)
         lock.syscalls_kill = list(p.syscalls_kill)
+        lock.file_metadata, lock.file_locks = p.file_metadata, p.file_locks
         lock.seccomp_bpf = _compiled(p.syscalls, tuple(p.syscalls_allow), tuple(p.syscalls_deny),
-                                     tuple(p.syscalls_kill), lock.sockets)
+                                     tuple(p.syscalls_kill), lock.sockets, p.file_metadata,
+                                     p.file_locks, p.fifos)
+        if p.file_locks:
+            notes.append("file_locks: may lock (flock, fcntl) every file it may open, read-only ones "
+                         "included; grant read access narrowly")
         granted = seccomp.ALWAYS_KILL & set(p.syscalls_allow)
         if granted:
             notes.append("explicitly allowed, normally fatal: " + ", ".join(sorted(granted)))
@@ -202,8 +247,8 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
 
 @functools.lru_cache(maxsize=64)
 def _compiled(profile: str, allow: tuple[str, ...], deny: tuple[str, ...], kill: tuple[str, ...],
-              sockets: str) -> bytes:
-    return seccomp.compile_bpf(profile, allow, deny, kill, sockets)
+              sockets: str, metadata: str, locks: bool, fifos: bool) -> bytes:
+    return seccomp.compile_bpf(profile, allow, deny, kill, sockets, metadata, locks, fifos)
 
 
 def _identity(comp: CompartmentSpec, p: Privileges, euid: int, need, notes: list[str]):  # type: ignore[no-untyped-def]
@@ -220,7 +265,15 @@ def _identity(comp: CompartmentSpec, p: Privileges, euid: int, need, notes: list
         notes.append(f"main is not root: instances keep uid {euid}; they are kept apart by Landlock, "
                      "seccomp, scopes and non-dumpable, not by uid")
         return None, None
-    user = p.user if p.user is not None else "nobody"
+    if p.user is None:
+        if p.group is not None:
+            need(False, f"group = {p.group!r} without a user (a compartment's own uid comes with "
+                 "a group of its own; name a user to choose the group)")
+        notes.append(f"a uid and gid of its own (pycompart's range {DYNAMIC_IDS.start}-"
+                     f"{DYNAMIC_IDS.stop - 1}, allocated when the app starts): no other compartment, "
+                     "app or user shares them")
+        return DYNAMIC, DYNAMIC
+    user = p.user
     try:
         uid, gid = credentials.resolve_user(user)
     except KeyError:

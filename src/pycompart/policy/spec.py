@@ -40,6 +40,12 @@ DEFAULT_MAX_MESSAGE = 128 * 1024**2  # room for a 64 MiB argument plus envelope
 
 
 NETWORK_MODES = ("none", "loopback", "host")
+FILE_METADATA = ("none", "own-files")
+OUTPUT_MODES = ("relay", "prefixed", "null", "inherit")
+#: Default bounds on what one compartment may take from the host, so that a
+#: thread or memory bomb cannot take it down; ``"unlimited"`` lifts them.
+DEFAULT_MEMORY = 2 * 1024**3  # address space
+DEFAULT_PROCESSES = 128  # tasks: processes and threads
 ENFORCEMENT = ("strict", "best-effort")
 #: Variables every instance gets from main's environment unless the spec's
 #: ``environment`` list says otherwise: locale and time zone, nothing secret.
@@ -74,13 +80,23 @@ class Privileges:
     user: str | int | None = None  # None: nobody when root, else unchanged
     group: str | int | None = None
     capabilities: tuple[str, ...] = ()
-    memory: int | None = None
+    memory: int | None = DEFAULT_MEMORY  # None: unlimited
     cpu_seconds: int | None = None
     open_files: int | None = None
-    processes: int | None = None
+    processes: int | None = DEFAULT_PROCESSES  # None: unlimited
     file_size: int | None = None
     environment: tuple[str, ...] = DEFAULT_ENVIRONMENT
     enforcement: str = "strict"
+    #: Changing file modes and times: "none", or "own-files" (chmod and utime
+    #: without setuid/setgid bits, on files its own uid owns: the ones it made).
+    file_metadata: str = "none"
+    #: flock/fcntl locks on files it may open (read access is not lock access).
+    file_locks: bool = False
+    #: Creating symbolic links / FIFOs beneath ``write`` (Landlock rights).
+    symlinks: bool = False
+    fifos: bool = False
+    #: Limits left at their defaults (enforced where the host can, noted where not).
+    defaulted: tuple[str, ...] = ("memory", "processes")
     explicit: bool = False  # the spec had a [privileges] table
 
 
@@ -109,6 +125,10 @@ class CompartmentSpec:
     allow_setattr: bool = False
     #: ``module:name`` values of main copied into each instance at its start.
     shared: tuple[str, ...] = ()
+    #: Where the instances' stdout/stderr go: relayed by main ("relay",
+    #: "prefixed" with the compartment's name), "null", or "inherit" (main's
+    #: own descriptors: unsafe, the compartment can take the terminal over).
+    output: str = "relay"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,6 +330,7 @@ def _compartment(reader: _Reader, name: str, default_mechanism: str, base_dir: s
         expose=reader.get("expose", _str_list(_IDENT_RE, "attribute names"), "", ()),
         allow_setattr=reader.get("allow_setattr", _bool, "true or false", False),
         shared=reader.get("shared", _str_list(_FUNCTION_RE, '"module:name" names'), "", ()),
+        output=reader.get("output", _one_of(OUTPUT_MODES), "", d.output),
     )
     privileges = reader.sub("privileges")
     if privileges is not None:
@@ -375,6 +396,18 @@ def _user(value: Any) -> str | int:
     raise ValueError("a user or group name, or a numeric id")
 
 
+def _unlimited(convert: Callable[[Any], int]) -> Callable[[Any], int | None]:
+    """``"unlimited"`` lifts a default bound (None); anything else converts."""
+    def wrapped(value: Any) -> int | None:
+        if value == "unlimited":
+            return None
+        try:
+            return convert(value)
+        except ValueError as exc:
+            raise ValueError(f'{exc} or "unlimited"') from None
+    return wrapped
+
+
 def _limit(limit: int) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
@@ -389,6 +422,8 @@ def _privileges(reader: _Reader, base_dir: str | None, default_enforcement: str)
     read = fs.get("read", _paths(base_dir), "", ())
     write = fs.get("write", _paths(base_dir), "", ())
     execute = fs.get("execute", _paths(base_dir), "", ())
+    symlinks = fs.get("symlinks", _bool, "true or false", False)
+    fifos = fs.get("fifos", _bool, "true or false", False)
     fs.finish()
     network = _network(reader)
     reader.used.add("syscalls")
@@ -417,14 +452,18 @@ def _privileges(reader: _Reader, base_dir: str | None, default_enforcement: str)
         group=reader.get("group", _user, "", None),
         capabilities=tuple(c.upper() if c.upper().startswith("CAP_") else "CAP_" + c.upper()
                            for c in reader.get("capabilities", _str_list(_CAP_RE, "capability names"), "", ())),
-        memory=reader.get("memory", parse_size, "", None),
+        memory=reader.get("memory", _unlimited(parse_size), "", DEFAULT_MEMORY),
         cpu_seconds=reader.get("cpu_seconds", _limit(10**7), "", None),
         open_files=reader.get("open_files", _limit(2**20), "", None),
-        processes=reader.get("processes", _limit(2**22), "", None),
+        processes=reader.get("processes", _unlimited(_limit(2**22)), "", DEFAULT_PROCESSES),
         file_size=reader.get("file_size", parse_size, "", None),
         environment=reader.get("environment", _str_list(_ENV_RE, "environment variable names"), "",
                                DEFAULT_ENVIRONMENT),
         enforcement=enforcement,
+        file_metadata=reader.get("file_metadata", _one_of(FILE_METADATA), "", "none"),
+        file_locks=reader.get("file_locks", _bool, "true or false", False),
+        symlinks=symlinks, fifos=fifos,
+        defaulted=tuple(k for k in ("memory", "processes") if k not in reader.table),
         explicit=True,
     )
     reader.finish()

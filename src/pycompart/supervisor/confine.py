@@ -38,7 +38,13 @@ MONITOR_SYSCALLS = ("pidfd_send_signal", "sendmsg", "recvmsg")
 def plan(privileges: Privileges, sys_path: Sequence[str], main_path: str | None) -> policy.Resolution:
     profile = "python-threads" if privileges.syscalls == "python" else privileges.syscalls
     allow = tuple(dict.fromkeys(privileges.syscalls_allow + MONITOR_SYSCALLS))
-    p = dataclasses.replace(privileges, syscalls=profile, syscalls_allow=allow)
+    # The compartments' default bounds are not main's: main is the user's
+    # program (its own subprocesses, its own memory); only what the spec
+    # names applies. Its user, when root and unnamed, stays "nobody".
+    defaults = {key: None for key in privileges.defaulted}
+    user = privileges.user if privileges.user is not None or os.geteuid() != 0 else "nobody"
+    p = dataclasses.replace(privileges, syscalls=profile, syscalls_allow=allow, user=user,
+                            defaulted=(), **defaults)
     res = policy.resolve(CompartmentSpec(name="main", privileges=p), sys_path, main_path)
     res.lockdown.signal_scope = False
     res.lockdown.bind_to_parent = False

@@ -17,18 +17,27 @@ class Lockdown(msgspec.Struct, forbid_unknown_fields=True):
     """Everything the instance must enforce, as plain data."""
 
     compartment: str = ""
+    #: As non-root: a user namespace of its own (mapping only its uid), in
+    #: which the other namespaces are made and RLIMIT_NPROC counts only
+    #: this instance's tasks.
+    user_namespace: bool = False
     net_namespace: bool = False
     loopback: bool = False
     ipc_namespace: bool = False
     limits: dict[str, int] = {}
     uid: int | None = None
     gid: int | None = None
+    #: uid/gid are one of pycompart's dynamic ids, allocated per compartment
+    #: when the app starts (``pycompart.supervisor.identities``).
+    dynamic_user: bool = False
     keep_capabilities: list[int] = []
     drop_capabilities: bool = True
     fs: bool = False  # Landlock filesystem rules
     fs_read: list[str] = []
     fs_write: list[str] = []
     fs_execute: list[str] = []
+    fs_symlinks: bool = False  # may create symbolic links beneath fs_write
+    fs_fifos: bool = False  # may create FIFOs beneath fs_write
     tcp: bool = False  # Landlock TCP port rules
     tcp_connect: list[int] = []
     tcp_bind: list[int] = []
@@ -43,6 +52,8 @@ class Lockdown(msgspec.Struct, forbid_unknown_fields=True):
     syscalls_deny: list[str] = []
     syscalls_kill: list[str] = []
     sockets: str = "none"
+    file_metadata: str = "none"  # seccomp: chmod/utime family ("own-files")
+    file_locks: bool = False  # seccomp: flock and fcntl locks
     seccomp_bpf: bytes = b""  # the compiled filter (built in main by the policy layer)
     preopen: list[str] = []  # import directories to reach through descriptors
 
