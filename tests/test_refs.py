@@ -143,3 +143,37 @@ def test_random_bytes_only_raise_protocol_errors(data):
         peer.decode(data)
     except (ProtocolError, StaleReference):
         pass
+
+
+def test_caches_keyed_by_what_a_compartment_sends_are_bounded():
+    """Finding 7: one proxy class per distinct flags value (40,000 kept),
+    stand-ins per name (100,000), exception classes per named ancestor
+    (5,000): main's memory was the compartment's to grow."""
+    from pycompart.frontend import proxy
+    from pycompart.wire.protocol import ErrorInfo
+
+    spec = load_spec({"compartments": {"box": {"modules": ["boxmod"]}}}).compartments["box"]
+    comp = Compartment(spec, pool=None)
+    peer = comp.make_peer()
+    peer.instance = None
+    for flags in range(40_000):
+        peer.decode(refs._encoder.encode(refs.Ext(refs.EXT_REF, refs._encoder.encode(
+            [flags + 1, f"T#{flags}", flags << 3, "T"]))))
+    assert len(proxy._classes) <= 2 ** 14 and len(proxy._classes) <= proxy.MAX_CACHED
+    for i in range(20_000):
+        peer.decode(refs._encoder.encode(refs.path_ext("boxmod", f"f{i}", "function")))
+        comp.exception(ErrorInfo(f"boxmod.E{i}", "x", [], "", [f"boxmod.E{i}", f"boxmod.Base{i}",
+                                                                 "ValueError", "Exception"]))
+    assert len(comp._paths) <= proxy.MAX_CACHED and len(comp._standins) <= proxy.MAX_CACHED
+
+
+def test_type_keys_carry_no_addresses():
+    """Finding 14: type keys were ``name@id(type)``: main's heap and
+    libpython addresses, sent to the compartment."""
+    peer = refs.Peer("box", lambda *a: None, lambda p, v: None, lambda *a: None)
+
+    class Thing:
+        pass
+    key = peer.type_key(Thing)
+    assert key.endswith("#1") and f"{id(Thing):x}" not in key
+    assert peer.type_key(Thing) == key and peer.type_key(dict).endswith("#2")

@@ -55,6 +55,12 @@ def dotted_in(spec: CompartmentSpec, dotted: str) -> bool:
         any(dotted == f.replace(":", ".") for f in spec.functions)
 
 
+#: Entries kept in each cache keyed by what a compartment sends (names,
+#: type keys, protocol flags): a compartment must not grow main's memory by
+#: naming ever new things.
+MAX_CACHED = 4096
+
+
 class Compartment:
     """``main``'s view of one module compartment: its pool and stand-ins."""
 
@@ -65,6 +71,8 @@ class Compartment:
         self.pool = pool
         self.expose = frozenset(spec.expose)
         self.on_timeout = on_timeout
+        # Keyed by names the compartment may choose: bounded (MAX_CACHED),
+        # beyond that stand-ins are made afresh and not kept.
         self._paths: dict[tuple[str, str], Any] = {}
         self._standins: dict[str, type] = {}
         self._path_exts: dict[tuple[str, ...], refs.Ext] = {}
@@ -193,7 +201,8 @@ class Compartment:
                 cls = type(qualname.rpartition(".")[2], bases, ns)
             except TypeError:  # an incompatible builtin layout: RemoteError alone
                 cls = type(qualname.rpartition(".")[2], (RemoteError,), ns)
-            self._standins[name] = cls
+            if len(self._standins) < MAX_CACHED:
+                self._standins[name] = cls
             return cls
 
     # -- stand-ins by name ----------------------------------------------------------
@@ -221,7 +230,8 @@ class Compartment:
                 obj = _remote_class(self, module, qualname)
             else:
                 obj = PathFunction(self, module, qualname)
-            self._paths[key] = obj
+            if len(self._paths) < MAX_CACHED:
+                self._paths[key] = obj
             return obj
 
     # -- the peer of one instance ---------------------------------------------------
@@ -252,7 +262,9 @@ class Compartment:
                 return None  # another compartment's stand-in: passed on as one of main's
             ext = self._path_exts.get(path)
             if ext is None:
-                ext = self._path_exts[path] = refs.path_ext(path[1], path[2], path[3])
+                ext = refs.path_ext(path[1], path[2], path[3])
+                if len(self._path_exts) < MAX_CACHED:
+                    self._path_exts[path] = ext
             return ext
         if isinstance(value, type) and "__pycompart_standin__" in value.__dict__:
             comp, name = value.__pycompart_standin__
@@ -345,12 +357,14 @@ class RemoteClassMeta(type):
     def __instancecheck__(cls, obj: Any) -> bool:
         if not isinstance(obj, RemoteObject) or obj._pc_comp is not cls._pc_comp:
             return False
+        # Cached per type and per instance (type keys are the instance's own
+        # numbering), on the instance's Peer: it goes with the instance.
         key = (obj._pc_type, cls.__pycompart_path__)
-        cache = cls._pc_comp.__dict__.setdefault("_isinstance_cache", {})
-        answer = cache.get(key)
+        cache = obj._pc_peer.answers
+        answer = cache.get(key) if obj._pc_type else None
         if answer is None:
             answer = bool(obj._pc_comp.call(obj._pc_inst, "@op", [obj, "isinstance", [cls]]))
-            if len(cache) < 10000:
+            if obj._pc_type and len(cache) < MAX_CACHED:
                 cache[key] = answer
         return answer
 
@@ -393,8 +407,10 @@ class RemoteObject:
         value = comp.call(self._pc_inst, "@getattr", [self, name])
         if value is refs.METHOD:
             peer = self._pc_peer
-            if len(peer.methods) < 4096:
-                peer.methods.setdefault(self._pc_type, set()).add(name)
+            if self._pc_type and len(peer.methods) < MAX_CACHED:
+                names = peer.methods.setdefault(self._pc_type, set())
+                if len(names) < MAX_CACHED:
+                    names.add(name)
             return RemoteMethod(self, name)
         return value
 
@@ -513,9 +529,15 @@ _PROTOCOLS: list[tuple[int, dict[str, Any]]] = [
                     "__ge__": _simple("ge")}),
 ]
 _classes: dict[int, type] = {}
+_ALL_FLAGS = 0
+for _bit, _ in _PROTOCOLS:
+    _ALL_FLAGS |= _bit
 
 
 def _proxy_class(flags: int) -> type:
+    """The proxy class for a protocol set. Flags come from the compartment:
+    only known bits count, and the classes kept are bounded."""
+    flags &= _ALL_FLAGS
     cls = _classes.get(flags)
     if cls is None:
         ns: dict[str, Any] = {"__slots__": ()}
@@ -524,7 +546,8 @@ def _proxy_class(flags: int) -> type:
                 ns.update(methods)
         cls = type("RemoteObject", (RemoteObject,), ns)
         cls.__module__ = "pycompart.frontend.proxy"
-        _classes[flags] = cls
+        if len(_classes) < MAX_CACHED:
+            _classes[flags] = cls
     return cls
 
 

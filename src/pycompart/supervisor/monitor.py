@@ -49,6 +49,15 @@ from . import zygote
 from .audit import AuditLog
 
 
+#: Non-fatal protocol violations (replies to calls never made, refused
+#: nested calls, ...) an instance may commit: the first ``AUDITED`` are
+#: audit records, and at ``MAX`` it is killed and replaced.
+AUDITED_VIOLATIONS = 10
+#: The largest first frame (Hello, or Abort with its traceback) an instance may send.
+HELLO_MAX = 256 * 1024
+MAX_VIOLATIONS = 100
+
+
 @dataclasses.dataclass(frozen=True)
 class InstanceEvent:
     """Passed to ``on_termination``: an instance ended."""
@@ -116,6 +125,7 @@ class InstanceHandle:
         self.request = 0
         self.on_ready: Callable[[InstanceHandle], None] | None = None
         self.retired = False
+        self.violations = 0
 
     def crash_error(self) -> CompartmentCrashed:
         """Built by a caller that saw the channel close: wait (briefly) for the
@@ -352,7 +362,18 @@ class Monitor:
                 Hooks.fire(self.hooks.on_comm_break, CommBreakEvent(inst.pool.spec.name, inst.pid, reason))
                 self._audit("comm_break", compartment=inst.pool.spec.name, pid=inst.pid, reason=reason)
         elif kind == "violation":
-            self._audit("violation", compartment=inst.pool.spec.name, pid=inst.pid, reason=str(detail))
+            # Counted, logged up to a point, and fatal past a bound: a flood
+            # must neither fill the audit log nor go on for ever.
+            inst.violations += 1
+            n = inst.violations
+            if n <= AUDITED_VIOLATIONS:
+                more = " (further violations are counted, not logged)" if n == AUDITED_VIOLATIONS else ""
+                self._audit("violation", compartment=inst.pool.spec.name, pid=inst.pid,
+                            reason=str(detail)[:500] + more, count=n)
+            if n == MAX_VIOLATIONS:
+                inst.kill_reason = inst.kill_reason or f"{n} protocol violations (last: {str(detail)[:200]})"
+                inst.pool.remove(inst)
+                self.submit(lambda: self._kill(inst, inst.kill_reason or "protocol violations"))
 
     # -- the monitor thread -----------------------------------------------------
 
@@ -381,16 +402,31 @@ class Monitor:
                 if not self._read_control():
                     return False
             elif kind == "pidfd":
-                self._on_pidfd(obj)
+                self._guarded(self._on_pidfd, obj)
             elif kind == "hello":
-                self._on_hello(obj)
+                self._guarded(self._on_hello, obj)
         while self._commands:
-            self._commands.popleft()()
+            self._guarded(self._commands.popleft())
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, fn = heapq.heappop(self._timers)
-            fn()
+            self._guarded(fn)
         return True
+
+    def _guarded(self, fn: Callable[..., None], inst: InstanceHandle | None = None) -> None:
+        """Run one piece of the monitor's work. Nothing an instance sends may
+        end the monitor loop: whatever escapes is reported, and the instance
+        it concerns (if known) is killed and replaced."""
+        try:
+            fn() if inst is None else fn(inst)
+        except Exception as exc:
+            print(f"pycompart: monitor: {type(exc).__name__}: {exc}", file=sys.stderr)
+            if inst is not None:
+                try:
+                    inst.kill_reason = inst.kill_reason or f"broke the monitor: {type(exc).__name__}"
+                    self._kill(inst, inst.kill_reason)
+                except Exception:
+                    pass
 
     def _watch(self, fd: int, kind: str, obj: Any) -> None:
         self._fd_owner[fd] = (kind, obj)
@@ -440,6 +476,9 @@ class Monitor:
         call_r, call_w = make_pipe()
         reply_r, reply_w = make_pipe()
         conn = Connection(self.spec.max_message_size)
+        # Until its Hello, an instance has nothing big to say: the first
+        # frame is read on this thread and must cost it next to nothing.
+        conn.frames.max_frame = min(HELLO_MAX, self.spec.max_message_size)
         channel = Channel(PipeTransport(reply_r, call_w), conn, pool.spec.name)
         inst = InstanceHandle(pool, index, channel, next(self._generation))
         inst.on_ready = on_ready
@@ -513,6 +552,7 @@ class Monitor:
             self._kill(inst, f"bad start: {reason}")
 
     def _became_ready(self, inst: InstanceHandle) -> None:
+        inst.channel.conn.frames.max_frame = self.spec.max_message_size
         inst.state = "ready"
         inst.pool.ever_ready = True
         ms = (time.monotonic() - inst.started_at) * 1000

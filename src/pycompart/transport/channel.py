@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import CallTimeout, CompartmentCrashed, CompartmentError, ProtocolError
 from ..wire.protocol import (
+    MAX_RELEASES,
     NEED_DATA as _NEED_DATA,
     Call,
     Cancel,
@@ -46,9 +47,15 @@ _READ_CHUNK = 64 * 1024
 #: earlier one); beyond this the peer gets an error instead of our memory.
 MAX_QUEUED_NESTED = 256
 
-#: How long a reply to a nested call may take to write (the peer is waiting
-#: for it, so it is reading; this only bounds a peer that stopped).
+#: How long a reply to a nested call may take to write when the call it
+#: answers has no deadline of its own (the peer is waiting for it, so it is
+#: reading; this only bounds a peer that stopped). A call with a deadline
+#: bounds the replies sent while it waits: a peer that does not read is
+#: misbehaving, and must not hold the caller past its timeout.
 REPLY_SEND_TIMEOUT = 60.0
+#: Bytes one ``drain`` may read: the monitor thread drains, and no single
+#: instance may hold it.
+DRAIN_BUDGET = 256 * 1024
 
 _context = threading.local()
 
@@ -105,8 +112,8 @@ class CallServer:
         return channel.conn.send_err(call.id, refusal(f"{channel.peer!r} may not call back"))
 
     def top_level(self, channel: Channel, call: Call) -> None:
-        channel.reply(channel.conn.send_err(call.id, refusal(
-            f"compartment {channel.peer!r} may only call back while it is being called")))
+        channel.refuse(call, f"compartment {channel.peer!r} may only call back while it is being "
+                       "called")
 
     def cancel(self, channel: Channel, rid: int) -> None:
         """The peer gave up on a call we are running (we cannot stop a thread;
@@ -295,7 +302,7 @@ class Channel:
                     self._leader_rid = 0
             if nested:
                 for call in nested:
-                    self.serve_nested(call)
+                    self.serve_nested(call, deadline)
                 if deadline is not None and time.monotonic() >= deadline:
                     # Checked here too, not only before waiting for data: a
                     # peer that keeps a buffer of nested calls queued would
@@ -367,8 +374,7 @@ class Channel:
                 if self._inbox_waiting:
                     self._inbox.wake()
         for call in orphans:
-            self.reply(self.conn.send_err(call.id, refusal(
-                "the call this one is nested in has already ended")))
+            self.refuse(call, "the call this one is nested in has already ended")
         return reply, waiter
 
     def cancel(self, rid: int) -> None:
@@ -392,14 +398,18 @@ class Channel:
 
     def _read_until(self, waiter: _Waiter | None, deadline: float | None) -> None:
         """Read and dispatch until ``waiter`` is done (``None``: until the
-        leader's own reply arrives; ``_DRAIN``: until nothing is buffered)."""
+        leader's own reply arrives; ``_DRAIN``: until nothing is buffered, or
+        ``DRAIN_BUDGET`` bytes have been read)."""
         conn = self.conn
         frames = conn.frames
         transport = self.transport
         poll = self._poll.poll
+        drained = 0
         while True:
             if self.failure is not None:
                 return  # nothing after a failure is trusted, not even our reply
+            if waiter is _DRAIN and drained > DRAIN_BUDGET:
+                return  # what is left waits for the next reader
             if waiter is None:
                 if self._leader_reply is not None or self._leader_nested:
                     return
@@ -441,6 +451,7 @@ class Channel:
             if n == 0:
                 self._fail_from_eof("closed its channel")
                 return
+            drained += n
             if view is not self._view:
                 frames.body_written(n)
                 conn.bytes_in += n
@@ -502,12 +513,12 @@ class Channel:
                         return
                 if full:
                     self.conn.violations += 1
-                    self.reply(self.conn.send_err(call.id, refusal(
-                        f"more than {MAX_QUEUED_NESTED} calls are already queued for the call this "
-                        "one is nested in")))
+                    self.on_event("violation", f"more than {MAX_QUEUED_NESTED} nested calls queued")
+                    self.refuse(call, f"more than {MAX_QUEUED_NESTED} calls are already queued for "
+                                "the call this one is nested in")
                     return
-                self.reply(self.conn.send_err(call.id, refusal(
-                    "the call this one is nested in is no longer waiting (it timed out or ended)")))
+                self.refuse(call, "the call this one is nested in is no longer waiting (it timed "
+                            "out or ended)")
                 return
             self.server.top_level(self, call)
             return
@@ -522,35 +533,45 @@ class Channel:
 
     # -- serving calls from the peer ---------------------------------------------
 
-    def serve_nested(self, call: Call) -> None:
-        """Run a call nested in one of ours, in this thread, and reply."""
+    def serve_nested(self, call: Call, deadline: float | None = None) -> None:
+        """Run a call nested in one of ours, in this thread, and reply
+        (within ``deadline``, the deadline of the call it is nested in)."""
         try:
             with serving_call(self, call.id):
                 frame = self.server.execute(self, call)
         except BaseException:
             # KeyboardInterrupt and the like: the peer still gets an answer.
-            self.reply(self.conn.send_err(call.id, refusal("interrupted")))
+            self.reply(self.conn.send_err(call.id, refusal("interrupted")), deadline)
             raise
-        self.reply(frame)
+        self.reply(frame, deadline)
 
-    def reply(self, frame: bytes) -> None:
-        """Send a reply frame (with any pending releases before it)."""
+    def reply(self, frame: bytes, deadline: float | None = None) -> None:
+        """Send a reply frame (with any pending releases before it), by
+        ``deadline`` at the latest (default: ``REPLY_SEND_TIMEOUT`` from now).
+        A peer that does not read it in time breaks the channel."""
         if self.pending_release:
             frame = self._release_frame() + frame
+        if deadline is None:
+            deadline = time.monotonic() + REPLY_SEND_TIMEOUT
         try:
             with self._send_lock:
-                self.transport.send(frame, (), time.monotonic() + REPLY_SEND_TIMEOUT)
+                self.transport.send(frame, (), deadline)
         except TimeoutError:
-            self.fail(ProtocolError(f"channel to {self.peer!r} broken: a reply could not be sent "
-                                    "in time"), reason="reply send timeout")
+            self.fail(ProtocolError(f"channel to {self.peer!r} broken: it does not read (a reply "
+                                    "could not be sent in time)"), reason="reply send timeout")
         except (OSError, ProtocolError) as exc:
             self._fail_from_eof(f"send failed: {exc}")
+
+    def refuse(self, call: Call, message: str) -> None:
+        """Answer a call we will not run, without waiting: a peer that sends
+        calls and does not read the answers is misbehaving."""
+        self.reply(self.conn.send_err(call.id, refusal(message)), time.monotonic())
 
     def _release_frame(self) -> bytes:
         # In place: the Peer that fills the list holds it. Appends from other
         # threads land after the part we take.
         pending = self.pending_release
-        handles = pending[:]
+        handles = pending[:MAX_RELEASES]  # the rest rides with the next frame
         del pending[:len(handles)]
         return Connection.send_release(handles)
 

@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 
 from ..errors import EntrypointError, ProtocolError
+from . import budget
 
 _encoder = msgspec.msgpack.Encoder()
 _EMPTY_MAP = _encoder.encode({})
@@ -118,13 +119,21 @@ class Contract:
             raise TypeError(f"{self.key}(): an argument cannot cross a compartment boundary: "
                             f"{exc}") from None
 
-    def decode_result(self, raw: bytes | msgspec.Raw, where: str) -> Any:
+    def decode_result(self, raw: bytes | msgspec.Raw, where: str,
+                      max_objects: int = budget.DEFAULT_MAX_OBJECTS) -> Any:
+        """The reply, validated against the return annotation; anything
+        else (a value that does not fit, costs too much to build, or breaks
+        the decoder itself) is a ``ProtocolError``."""
+        budget.check(raw, max_objects, f"the reply of {where!r} to {self.key}")
         try:
             return self._result_decoder.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise ProtocolError(
                 f"compartment {where!r} returned a value that does not match the declared "
                 f"return type of {self.key} ({_type_name(self.return_type)}): {exc}") from None
+        except Exception as exc:  # RecursionError from deep nesting, and the like
+            raise ProtocolError(f"compartment {where!r} returned a value that cannot be decoded "
+                                f"for {self.key} ({type(exc).__name__}: {exc})") from None
 
     # -- callee side ----------------------------------------------------------
 

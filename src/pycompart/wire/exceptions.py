@@ -17,9 +17,8 @@ from typing import Any
 
 from .. import errors
 from ..errors import RemoteError, RemoteTraceback
-from .protocol import Blob, ErrorInfo
+from .protocol import MAX_ERROR_TEXT, MAX_ERROR_VALUE, Blob, ErrorInfo
 
-MAX_ERROR_TEXT = 64 * 1024
 
 #: Builtin exceptions that arrive as themselves. BaseExceptions such as
 #: SystemExit/KeyboardInterrupt are deliberately absent: a compartment must not
@@ -57,8 +56,8 @@ _RESERVED = frozenset({"args", "with_traceback", "add_note", "remote_traceback",
 
 def _bounded(value: Any) -> Any:
     if isinstance(value, bytes):
-        return Blob(value[:4096])
-    return value[:4096] if isinstance(value, str) else value
+        return Blob(value[:MAX_ERROR_VALUE])
+    return value[:MAX_ERROR_VALUE] if isinstance(value, str) else value
 
 
 def plain(value: Any) -> Any:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-from typing import Union
+from typing import Annotated, Union
 
 import msgspec
 
@@ -39,32 +39,41 @@ MAX_FDS_PER_FRAME = 64
 # -- messages ---------------------------------------------------------------
 
 
+#: Bounds on what an error description may hold, checked by the decoder
+#: before it allocates (the sender truncates to them: ``wire.exceptions``).
+MAX_ERROR_TEXT = 64 * 1024
+MAX_ERROR_VALUE = 4096
+_Name = Annotated[str, msgspec.Meta(max_length=200)]
+_Text = Annotated[str, msgspec.Meta(max_length=MAX_ERROR_TEXT)]
+
+
 class Blob(msgspec.Struct, array_like=True):
     """A ``bytes`` value among the simple values of an ``ErrorInfo``
     (msgspec unions hold one string-like type; this keeps ``str`` apart)."""
 
-    data: bytes
+    data: Annotated[bytes, msgspec.Meta(max_length=MAX_ERROR_VALUE)]
 
 
 #: An exception argument or attribute as it may cross.
-Simple = Union[str, int, float, bool, None, Blob]
+Simple = Union[Annotated[str, msgspec.Meta(max_length=MAX_ERROR_VALUE)], int, float, bool, None, Blob]
 
 
 class ErrorInfo(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     """An exception raised on the far side, described, never pickled."""
 
-    type_name: str
-    message: str
-    args: list[Simple]
-    traceback: str
+    type_name: _Name
+    message: _Text
+    args: Annotated[list[Simple], msgspec.Meta(max_length=16)]
+    traceback: _Text
     #: Qualified names of the exception's classes, most derived first. The
     #: receiver may build stand-in classes from them (``pycompart.frontend.proxy``),
     #: never import them.
-    mro: list[str] = []
+    mro: Annotated[list[_Name], msgspec.Meta(max_length=32)] = []
     #: Public instance attributes with simple values (``exc.problem``,
     #: ``exc.lineno``; an ``OSError``'s ``errno``, ``strerror``, ``filename``
     #: and ``filename2``), set on the exception the receiver raises.
-    attributes: dict[str, Simple] = {}
+    attributes: Annotated[dict[Annotated[str, msgspec.Meta(max_length=100)], Simple],
+                          msgspec.Meta(max_length=40)] = {}
 
 
 class Hello(msgspec.Struct, array_like=True, tag=0):
@@ -72,8 +81,8 @@ class Hello(msgspec.Struct, array_like=True, tag=0):
 
     version: int
     pid: int
-    compartment: str
-    entrypoints: list[str]
+    compartment: Annotated[str, msgspec.Meta(max_length=64)]
+    entrypoints: Annotated[list[Annotated[str, msgspec.Meta(max_length=1000)]], msgspec.Meta(max_length=100_000)]
 
 
 class Call(msgspec.Struct, array_like=True, tag=1):
@@ -109,12 +118,16 @@ class Abort(msgspec.Struct, array_like=True, tag=5):
     error: ErrorInfo
 
 
+#: Handles one Release frame may name (a sender splits longer lists).
+MAX_RELEASES = 65536
+
+
 class Release(msgspec.Struct, array_like=True, tag=6):
     """The sender dropped its last proxy of each ``(handle, count)``: the
     owner may forget ``count`` exports of ``handle`` (see ``pycompart.wire.refs``).
     Needs no reply."""
 
-    handles: list[tuple[int, int]]
+    handles: Annotated[list[tuple[int, int]], msgspec.Meta(max_length=MAX_RELEASES)]
 
 
 Message = Union[Hello, Call, Ok, Err, Cancel, Abort, Release]
@@ -356,7 +369,7 @@ class Connection:
         n = len(data)
         if n >= 8 and frames._body is None and not frames._data and not frames._fds and frames.broken is None:
             length, nfds, reserved = HEADER.unpack_from(data)
-            if n == 8 + length and nfds == 0 and reserved == 0 and length <= self.max_frame:
+            if n == 8 + length and nfds == 0 and reserved == 0 and length <= frames.max_frame:
                 self.bytes_in += n
                 # A copy: decoded messages hold Raw views of their body, and
                 # the reader reuses its buffer for the next read.
@@ -367,7 +380,7 @@ class Connection:
     def _message(self, body: bytes | bytearray | memoryview, fds: list[int]) -> Message | LateReply | Violation:
         try:
             msg = _decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except Exception as exc:  # malformed, mistyped, too deep (RecursionError): never raised on
             _close_all(fds)
             self.violations += 1
             # The frame boundary is intact, but a peer that sends garbage is

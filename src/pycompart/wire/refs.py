@@ -41,6 +41,7 @@ from typing import Any
 import msgspec
 
 from ..errors import ProtocolError, StaleReference
+from . import budget
 
 Ext = msgspec.msgpack.Ext
 
@@ -61,6 +62,8 @@ EXT_METHOD = 14  # the attribute is a method of the object's type: use @callmeth
 MAX_DEPTH = 100
 #: Objects one side may have exported to one peer at a time.
 MAX_EXPORTS = 1_000_000
+#: Types one side numbers for a peer (type keys).
+MAX_TYPES = 4096
 
 # Protocols a referenced object's type supports; the receiver's proxy class
 # defines exactly these, so hasattr/callable/iter behave as they would locally.
@@ -227,12 +230,18 @@ class Peer:
         self.proxies: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self._proxy_lock = threading.Lock()
         self.methods: dict[str, set[str]] = {}  # type key -> names known to be methods
+        self.answers: dict[Any, bool] = {}  # (type key, class) -> isinstance, asked of the peer
+        # Our types, numbered for the peer: a type key says "same type as
+        # before" without showing an address of ours (bounded: past it, no key).
+        self._type_numbers: dict[type, int] = {}
         self.pending_release: list[tuple[int, int]] | None = None  # set to the channel's list
         self.closed = False
         self._make_proxy = make_proxy
         self._reference = reference
         self._from_path = from_path
         self._decoder = msgspec.msgpack.Decoder(ext_hook=self._ext)
+        #: Objects one decoded value may build (``pycompart.wire.budget``).
+        self.max_objects = budget.DEFAULT_MAX_OBJECTS
 
     # -- encoding -------------------------------------------------------------------
 
@@ -285,12 +294,23 @@ class Peer:
     def export(self, value: Any) -> Ext:
         handle = self.exports.export(value)
         tp = type(value)
-        return Ext(EXT_REF, _encoder.encode([handle, f"{type_name(tp)}@{id(tp):x}",
-                                              type_flags(tp), type_name(tp)]))
+        return Ext(EXT_REF, _encoder.encode([handle, self.type_key(tp), type_flags(tp), type_name(tp)]))
+
+    def type_key(self, tp: type) -> str:
+        """``name#n``: the same for every object of ``tp`` sent to this
+        peer, and no address (``""`` once ``MAX_TYPES`` types were numbered:
+        the peer then learns nothing per type)."""
+        number = self._type_numbers.get(tp)
+        if number is None:
+            if len(self._type_numbers) >= MAX_TYPES:
+                return ""
+            number = self._type_numbers[tp] = len(self._type_numbers) + 1
+        return f"{type_name(tp)}#{number}"
 
     # -- decoding -------------------------------------------------------------------
 
     def decode(self, data: bytes | memoryview | msgspec.Raw) -> Any:
+        budget.check(data, self.max_objects, f"a value from {self.compartment!r}")
         try:
             return self._decoder.decode(data)
         except (ProtocolError, StaleReference):

@@ -1,0 +1,120 @@
+"""What one message may cost the receiver: a bound on objects, not only bytes.
+
+A frame's size bounds bytes on the wire, not what decoding them builds: an
+empty msgpack array is one byte and a Python list of ~60, so a 29 MiB reply
+of empty lists took main from 21 MiB to 2 GiB. ``check`` counts the objects
+a msgpack value would allocate, without building any, and refuses a value
+with more than ``limit`` before the decoder sees it.
+
+Cheap first: every msgpack object takes at least one byte, so a value of at
+most ``limit`` bytes passes at once; a bigger one is counted only if the
+bytes that can start an allocating object (containers, strings, binaries,
+extensions, floats, wide ints) are more than ``limit``. Only then is it
+walked, object by object (binaries and strings skipped by their length), and
+the walk stops as soon as the count passes the limit. Extension payloads are
+msgpack themselves (``pycompart.wire.refs``), except big ints and bytearrays,
+and are walked too.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from ..errors import ProtocolError
+
+#: Objects one message may make the receiver allocate (``[app]
+#: max_message_objects``): ~60-100 bytes each, so ~100 MB at the most.
+DEFAULT_MAX_OBJECTS = 1_000_000
+
+#: Extension codes whose payload is raw bytes, not msgpack (refs.EXT_BIGINT,
+#: refs.EXT_BYTEARRAY).
+RAW_EXTENSIONS = frozenset({4, 6})
+
+# Bytes that may begin an object that allocates: fixmap, fixarray, fixstr
+# (0x80-0xbf), bin/ext/float/uint/int/fixext/str/array/map (0xc4-0xdf).
+_ALLOCATING = bytes(range(0x80, 0xC0)) + bytes(range(0xC4, 0xE0))
+_OTHER = bytes(b for b in range(256) if b not in _ALLOCATING)
+
+#: Objects walked before falling back to the cheap bound.
+_QUICK = 64
+
+_U8 = struct.Struct(">B").unpack_from
+_U16 = struct.Struct(">H").unpack_from
+_U32 = struct.Struct(">I").unpack_from
+
+# Fixed sizes (header included) of scalar types that carry no length.
+_FIXED = {0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}
+_FIXEXT = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+
+
+def check(data: Any, limit: int, what: str = "a value") -> None:
+    """Raise ``ProtocolError`` if decoding ``data`` (bytes, or anything with
+    the buffer protocol, ``msgspec.Raw`` included) would build more than
+    ``limit`` objects."""
+    n = len(data)
+    if n <= limit:
+        return
+    data = memoryview(data).cast("B")
+    try:
+        # A few big objects (a 64 MiB bytes value) are counted at once;
+        # many small ones are bounded by their header bytes first.
+        if count_objects(data, _QUICK) <= _QUICK:
+            return
+        if len(bytes(data).translate(None, _OTHER)) <= limit:
+            return
+        count = count_objects(data, limit)
+    except (struct.error, IndexError):
+        return  # truncated: the decoder refuses it as malformed
+    if count > limit:
+        raise ProtocolError(f"{what} would build more than {limit} objects when decoded "
+                            f"({n} bytes; [app] max_message_objects)")
+
+
+def count_objects(data: bytes | bytearray | memoryview, limit: int) -> int:
+    """Objects that allocate in ``data`` (a msgpack stream), counting up to
+    just past ``limit``. Malformed input is left to the decoder to refuse."""
+    buf = memoryview(data).cast("B")
+    count = 0
+    stack = [(0, len(buf))]
+    while stack:
+        pos, end = stack.pop()
+        while pos < end:
+            b = buf[pos]
+            if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+                pos += 1
+                continue
+            count += 1
+            if count > limit:
+                return count
+            if b <= 0x9F:  # fixmap, fixarray: their items follow inline
+                pos += 1
+            elif b <= 0xBF:  # fixstr
+                pos += 1 + (b & 0x1F)
+            elif b in (0xC4, 0xD9):  # bin8, str8
+                pos += 2 + _U8(buf, pos + 1)[0]
+            elif b in (0xC5, 0xDA):  # bin16, str16
+                pos += 3 + _U16(buf, pos + 1)[0]
+            elif b in (0xC6, 0xDB):  # bin32, str32
+                pos += 5 + _U32(buf, pos + 1)[0]
+            elif b in (0xDC, 0xDE):  # array16, map16
+                pos += 3
+            elif b in (0xDD, 0xDF):  # array32, map32
+                pos += 5
+            elif b in _FIXED:
+                pos += _FIXED[b]
+            elif b in _FIXEXT or b in (0xC7, 0xC8, 0xC9):
+                if b in _FIXEXT:
+                    size, head = _FIXEXT[b], 2
+                else:
+                    width = {0xC7: 1, 0xC8: 2, 0xC9: 4}[b]
+                    size = (_U8, _U16, _U32)[width // 2](buf, pos + 1)[0]
+                    head = 2 + width
+                code = buf[pos + head - 1]
+                start = pos + head
+                pos = start + size
+                if code not in RAW_EXTENSIONS and start < min(pos, end):
+                    stack.append((start, min(pos, end)))
+            else:
+                return count  # 0xc1 (never used): malformed, the decoder says so
+    return count

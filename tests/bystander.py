@@ -1,0 +1,16 @@
+"""An innocent compartment beside a hostile one (tests/test_hardening.py)."""
+
+import os
+import signal
+
+
+def ping() -> str:
+    return "pong"
+
+
+def whoami() -> int:
+    return os.getpid()
+
+
+def crash() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,142 @@
+"""A hostile compartment cannot hurt main through the channel: the monitor
+survives anything an instance sends, main's memory and time stay bounded,
+and only documented exception types come out of the boundary. Each test
+drives a real instance running ``redteam.py``."""
+
+import json
+import os
+import resource
+import time
+
+import pytest
+
+import bystander  # noqa: F401  (so main knows the functions' signatures)
+import pycompart
+import redteam  # noqa: F401
+from pycompart import CallTimeout, CompartmentUnavailable, ProtocolError
+
+FNS = ["redteam:ping", "redteam:whoami", "redteam:deep_reply", "redteam:empty_lists_reply",
+       "redteam:flood_unknown_replies", "redteam:ignore_cancel_and_flood",
+       "redteam:stop_reading_and_call", "redteam:crash"]
+
+
+def app_with(make_app, extra=None, **evil):
+    spec = {"compartments": {
+        "evil": {"functions": FNS, "restart_backoff": "10ms", "call_timeout": "5s", **evil},
+        "good": {"functions": ["bystander:ping", "bystander:crash", "bystander:whoami"],
+                 "restart_backoff": "10ms"}}}
+    spec.update(extra or {})
+    return make_app(spec)
+
+
+def monitor_alive(app):
+    return app._runtime.monitor._thread.is_alive()
+
+
+def test_a_deep_first_frame_before_hello_does_not_kill_the_monitor(make_app):
+    """Finding 2: import-time code of a boxed module sends a reply nested
+    5000 deep before Hello; msgspec raised RecursionError on the monitor
+    thread and every compartment was gone ("the app has stopped")."""
+    app = make_app({"compartments": {
+        "evil": {"modules": ["redteam_import"]},
+        "good": {"functions": ["bystander:ping"]}}})
+    app.start(lazy=True)
+    with pytest.raises((CompartmentUnavailable, pycompart.CompartmentStartError)) as info:
+        app.compartment("evil").module("redteam_import")
+    assert "protocol" in str(info.value).lower() or "bad start" in str(info.value), info.value
+    assert monitor_alive(app)
+    assert app.function("bystander:ping")() == "pong"
+
+
+def test_a_deep_reply_is_a_protocol_error_and_the_instance_is_replaced(make_app):
+    """Findings 2 and 11: a RecursionError must not reach the caller or the
+    monitor; the instance is killed and replaced."""
+    app = app_with(make_app)
+    with app:
+        before = app.function("redteam:whoami")()
+        with pytest.raises(ProtocolError):
+            app.function("redteam:deep_reply")()
+        assert monitor_alive(app)
+        deadline = time.monotonic() + 5
+        while app.function("redteam:whoami")() == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.function("redteam:whoami")() != before
+        assert app.function("redteam:ping")() == "pong"
+
+
+def test_a_reply_of_millions_of_empty_lists_does_not_inflate_main(make_app):
+    """Finding 7: 29 MiB of empty lists took main from 21 to 2,088 MiB.
+    Decoding is refused before it allocates (ProtocolError)."""
+    app = app_with(make_app)
+    with app:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(ProtocolError, match="objects"):
+            app.function("redteam:empty_lists_reply")(29)
+        grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        assert grown_mib < 300, f"main grew by {grown_mib:.0f} MiB"
+        assert app.function("redteam:ping")() == "pong"
+
+
+def test_a_flood_of_unknown_replies_is_bounded_in_the_audit_log_and_killed(make_app, tmp_path):
+    """Finding 10: each reply to an unknown id was an audit line (~100 MiB
+    in 5 s) and the instance was never replaced."""
+    log = tmp_path / "audit.jsonl"
+    app = app_with(make_app, {"app": {"audit_log": str(log)}})
+    with app:
+        pid = app.function("redteam:whoami")()
+        try:
+            app.function("redteam:flood_unknown_replies")(100_000)
+        except pycompart.CompartmentError:
+            pass  # killed while flooding: that is the point
+        deadline = time.monotonic() + 5
+        while pid in app.instances("evil") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid not in app.instances("evil")
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    violations = [r for r in lines if r["event"] == "violation"]
+    assert len(violations) <= 20, len(violations)
+    kills = [r for r in lines if r["event"] == "instance_kill" and r.get("pid") == pid]
+    assert kills and "violations" in kills[0]["reason"], kills
+
+
+def test_the_monitor_is_never_held_by_one_instance(make_app):
+    """Finding 5: after a timeout the monitor drained the instance's pipe
+    with no deadline; an instance that ignored the cancel and streamed
+    replies to unknown ids kept it there: never killed, and another
+    compartment's crash was not seen meanwhile."""
+    app = app_with(make_app, cancel_grace="300ms")
+    with app:
+        evil_pid = app.function("redteam:whoami")()
+        good_pid = app.function("bystander:whoami")()
+        with pytest.raises(pycompart.CompartmentError):
+            app.function("redteam:ignore_cancel_and_flood").options(timeout=0.5)()
+        time.sleep(0.5)  # the monitor is now dealing with the flooder
+        start = time.monotonic()
+        with pytest.raises(pycompart.CompartmentCrashed):
+            app.function("bystander:crash")()
+        assert _wait(lambda: app.function("bystander:whoami")() != good_pid, 5), \
+            "a crashed compartment was not replaced while the monitor drained the flooder"
+        assert _wait(lambda: evil_pid not in app.instances("evil"), 5), "the flooder was never killed"
+        assert time.monotonic() - start < 8
+        assert monitor_alive(app)
+
+
+def _wait(predicate, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+def test_call_timeout_holds_when_the_compartment_stops_reading(make_app):
+    """Finding 8: the compartment stopped reading and sent top-level calls;
+    main's refusals blocked for 60 s, so a 1 s call returned after 60 s."""
+    app = app_with(make_app)
+    with app:
+        start = time.monotonic()
+        with pytest.raises(pycompart.CompartmentError):
+            app.function("redteam:stop_reading_and_call").options(timeout=1.0)(20_000)
+        assert time.monotonic() - start < 5
+        assert monitor_alive(app)
