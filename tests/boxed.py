@@ -50,7 +50,7 @@ def parse(data: bytes, *, strict: bool = True) -> dict[str, int]:
 
 
 def whoami() -> int:
-    return os.getpid()
+    return int(os.readlink("/proc/self"))  # the host's number: instances have a pid namespace
 
 
 def add(a: int, b: int = 10, *rest: int, scale: int = 1, **named: int) -> int:

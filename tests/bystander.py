@@ -9,7 +9,7 @@ def ping() -> str:
 
 
 def whoami() -> int:
-    return os.getpid()
+    return int(os.readlink("/proc/self"))  # the host's number
 
 
 def crash() -> None:

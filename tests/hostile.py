@@ -362,9 +362,10 @@ def secret_address() -> tuple[int, int]:
 
 
 def whoami() -> list[int]:
-    """[pid, secret address, secret length]."""
+    """[pid, secret address, secret length, pid as the host numbers it]:
+    instances live in a pid namespace of their own; /proc is the host's."""
     address, length = secret_address()
-    return [os.getpid(), address, length]
+    return [os.getpid(), address, length, int(os.readlink("/proc/self"))]
 
 
 def secret() -> str:

@@ -55,7 +55,7 @@ def ping() -> str:
 
 
 def whoami() -> int:
-    return os.getpid()
+    return int(os.readlink("/proc/self"))  # the host's number
 
 
 def deep_reply() -> int:

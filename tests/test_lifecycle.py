@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent('''
 
     @app.entrypoint("parser")
     def parse(data: bytes) -> dict[str, int]:
-        return {"pid": os.getpid(), "n": len(data)}
+        return {"pid": int(os.readlink("/proc/self")), "n": len(data)}
 
     @app.entrypoint("parser")
     def busy(seconds: float) -> None:
@@ -107,3 +107,54 @@ def test_sigterm_of_main_is_clean_too(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.wait(10)
     assert _wait_gone([info["zygote"], *info["instances"]]) == []
+
+
+ESCAPEE = textwrap.dedent('''
+    import ctypes, json, os, sys, time
+    import pycompart
+
+    app = pycompart.App({"compartments": {"box": {"privileges": {
+        "syscalls": {"profile": "python", "allow": ["prctl", "fork", "clone", "setsid"]},
+        "processes": 64}}}})
+
+    @app.entrypoint("box")
+    def run_away() -> list[int]:
+        """What a hostile instance does to outlive main: clear its own
+        parent-death signal, and fork a child in a session of its own that
+        never had one."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG, 0
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.setsid()
+            os.write(w, os.readlink("/proc/self").encode())
+            time.sleep(120)
+            os._exit(0)
+        return [int(os.readlink("/proc/self")), int(os.read(r, 32))]
+
+    if __name__ == "__main__":
+        with app:
+            print(json.dumps({"zygote": app.zygote_pid, "escaped": run_away()}), flush=True)
+            time.sleep(60)
+''')
+
+
+def test_nothing_outlives_main_whatever_an_instance_does(tmp_path):
+    """Finding 6: PR_SET_PDEATHSIG could be cleared (and a forked child has
+    none): SIGKILL main and the instance lived on under init with its
+    privileges. The zygote is init of the app's pid namespace now: when it
+    goes, the kernel ends every process in it."""
+    script = tmp_path / "escapee.py"
+    script.write_text(ESCAPEE)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    info = json.loads(proc.stdout.readline())
+    pids = [info["zygote"], *info["escaped"]]
+    assert all(not _gone(p) for p in pids)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    left = _wait_gone(pids)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "an instance or its child outlived a SIGKILLed main"

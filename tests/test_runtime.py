@@ -33,6 +33,11 @@ def box(make_app, extra=None, **compartment):
     return app, eps
 
 
+def _parent(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
 def test_call_runs_in_another_process_and_validates(make_app):
     app, ep = box(make_app)
     assert ep["whoami"]() == os.getpid()  # not started: runs locally
@@ -63,11 +68,14 @@ def test_instance_is_clean(make_app):
             # compartment's uid could not reach by path.
             preopened = len(app._runtime.lockdowns["box"].preopen)
             assert len(fds) <= 7 + preopened, fds
-            # The zygote is the parent, not main.
+            # The zygote is the parent, not main: it runs as pid 1 of the
+            # app's own pid namespace, under the process main started.
             pid = ep["whoami"]()
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            assert ppid == app.zygote_pid
+            zygote = _parent(pid)
+            assert _parent(zygote) == app.zygote_pid
+            with open(f"/proc/{zygote}/status") as f:
+                nspids = next(line for line in f if line.startswith("NSpid:")).split()[1:]
+            assert nspids == [str(zygote), "1"]
     finally:
         del os.environ["PYCOMPART_TEST_SECRET"]
 

@@ -60,6 +60,20 @@ def enter_user_namespace() -> None:
     _write("/proc/self/gid_map", f"{gid} {gid} 1")
 
 
+def enter_pid_namespace() -> None:
+    """Make this process's next child pid 1 of a new pid namespace (as
+    non-root, in a new user namespace mapping only our own uid and gid).
+    When that child dies, the kernel kills every process left in it."""
+    if os.geteuid() == 0:
+        unshare(CLONE_NEWPID)
+        return
+    uid, gid = os.geteuid(), os.getegid()
+    unshare(CLONE_NEWUSER | CLONE_NEWPID)
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{uid} {uid} 1")
+    _write("/proc/self/gid_map", f"{gid} {gid} 1")
+
+
 def _write(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:

@@ -40,6 +40,20 @@ def pidfd_open(pid: int) -> int:
     return os.pidfd_open(pid)
 
 
+def pidfd_pid(pidfd: int) -> int | None:
+    """The pid a pidfd refers to, as this process's pid namespace numbers
+    it (its ``fdinfo``); None if it has exited or the kernel does not say."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pid:"):
+                    pid = int(line.split()[1])
+                    return pid if pid > 0 else None
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def pidfd_kill(pidfd: int, sig: int = signal.SIGKILL) -> bool:
     """Signal through a pidfd (no pid-reuse race). False if already gone."""
     try:

@@ -126,6 +126,8 @@ class InstanceHandle:
         self.on_ready: Callable[[InstanceHandle], None] | None = None
         self.retired = False
         self.violations = 0
+        self.ns_pid: int | None = None  # its pid in the app's pid namespace
+        self.usage: dict[str, Any] = {}
 
     def crash_error(self) -> CompartmentCrashed:
         """Built by a caller that saw the channel close: wait (briefly) for the
@@ -461,7 +463,8 @@ class Monitor:
             elif isinstance(msg, zygote.Exited):
                 inst = self._by_pid.pop(msg.pid, None)
                 if inst is not None:
-                    self._finalize(inst, msg.status)
+                    inst.usage = {"cpu_ms": msg.cpu_ms, "max_rss_kib": msg.max_rss_kib}
+                    self._guarded(lambda: self._finalize(inst, msg.status))
             else:
                 for fd in fds:
                     os.close(fd)
@@ -521,7 +524,11 @@ class Monitor:
             if inst is not None:
                 self._start_failed(inst, msg.error or "zygote sent no pidfd")
             return
-        inst.pid, inst.pidfd = msg.pid, fds[0]
+        # The zygote names the instance by its pid in the app's pid
+        # namespace; main's own view of it (errors, audit, app.instances)
+        # comes from the pidfd.
+        inst.ns_pid, inst.pidfd = msg.pid, fds[0]
+        inst.pid = process.pidfd_pid(inst.pidfd) or msg.pid
         inst.state = "starting"
         self._by_pid[msg.pid] = inst
         self._watch(inst.pidfd, "pidfd", inst)
@@ -542,7 +549,7 @@ class Monitor:
         if event is NEED_DATA:
             return
         self._unwatch(channel.transport.fileno())
-        if isinstance(event, Hello) and event.compartment == inst.pool.spec.name and event.pid == inst.pid:
+        if isinstance(event, Hello) and event.compartment == inst.pool.spec.name and event.pid == inst.ns_pid:
             self._became_ready(inst)
         elif isinstance(event, Abort):
             inst.start_exception = rebuild_exception(event.error, inst.pool.spec.name)
@@ -611,7 +618,7 @@ class Monitor:
         if status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_START_FAILED:
             inst.status_text = "failed to start"
         inst.dead.set()
-        self._by_pid.pop(inst.pid or -1, None)
+        self._by_pid.pop(inst.ns_pid or -1, None)
         self._unwatch(inst.pidfd)
         self._unwatch(inst.channel.transport.fileno())
         if inst.pidfd is not None:
@@ -628,7 +635,7 @@ class Monitor:
             return
         restarting = self._plan_restart(inst, status)
         self._audit("instance_exit", compartment=pool.spec.name, pid=inst.pid, status=detail,
-                    restarting=restarting)
+                    restarting=restarting, **inst.usage)
         Hooks.fire(self.hooks.on_termination, InstanceEvent(pool.spec.name, inst.pid, detail, restarting))
 
     def _plan_restart(self, inst: InstanceHandle, status: int | None) -> bool:
@@ -664,10 +671,9 @@ class Monitor:
         inst.pool.remove(inst)
         inst.kill_reason = inst.kill_reason or reason
         self._audit("instance_kill", compartment=inst.pool.spec.name, pid=inst.pid, reason=reason)
-        try:
-            os.killpg(inst.pid, signal.SIGKILL)  # its process group, children included
-        except (ProcessLookupError, PermissionError):
-            pass
+        # Through the pidfd: never a process that reused the number. What
+        # the instance forked (its process group) is killed by the zygote
+        # when it reaps the instance, while the group's id cannot be reused.
         process.pidfd_kill(inst.pidfd, signal.SIGKILL)
 
     def _cancel(self, inst: InstanceHandle, rid: int) -> None:

@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import gc
 import os
+import select
 import selectors
 import signal
 import socket
+import struct
 import sys
+import threading
 import time
 from typing import Any, Union
 
 import msgspec
 
 from ..compartment import serve as _instance
-from ..kernel import process
+from ..kernel import namespaces, process
 from ..kernel.host import runtime_problems
 from ..transport.streams import SocketTransport
 from ..wire.config import InstanceConfig
@@ -49,8 +52,13 @@ class Spawned(msgspec.Struct, array_like=True, tag=11):
 
 
 class Exited(msgspec.Struct, array_like=True, tag=12):
+    """An instance ended: its raw wait status, and what it used (CPU
+    milliseconds, peak resident KiB), for the audit log."""
+
     pid: int
     status: int
+    cpu_ms: float = 0.0
+    max_rss_kib: int = 0
 
 
 class Shutdown(msgspec.Struct, array_like=True, tag=13):
@@ -84,10 +92,14 @@ def launch(python: str | None = None) -> tuple[Any, socket.socket]:
     # a source checkout or PYTHONPATH install works without importing
     # anything else of main's path.
     runtime = runtime_path()
+    # PDEATHSIG is bound to the thread that starts the zygote: arm it only
+    # from the main thread (another may end before main does). Either way
+    # the zygote ends when main's end of the control socket closes.
+    bound = ["bound"] if threading.current_thread() is threading.main_thread() else []
     code = f"import sys; sys.path[:0] = {runtime!r}; import pycompart.supervisor.zygote as z; z.main()"
     try:
         proc = subprocess.Popen(
-            [python, "-I", "-c", code, str(theirs.fileno()), str(os.getpid())],
+            [python, "-I", "-c", code, str(theirs.fileno()), *bound],
             pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )
@@ -146,17 +158,24 @@ class ControlReader:
 
 
 def main() -> None:
-    control_fd, expected_parent = int(sys.argv[1]), int(sys.argv[2])
-    process.set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != expected_parent:
+    control_fd = int(sys.argv[1])
+    bound = sys.argv[2:3] == ["bound"]
+    if bound:
+        process.set_parent_death_signal(signal.SIGKILL)
+    control = socket.socket(fileno=control_fd)
+    # Who started us is the peer of the control socket: nothing about main
+    # is on our command line, which every instance can read as its own.
+    main_pid = struct.unpack("3i", control.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    if os.getppid() != main_pid:
         os._exit(1)  # main died before we armed PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    isolated = _become_init()
     try:  # load libseccomp once here rather than in every instance
         import pyseccomp  # noqa: F401
     except (ImportError, OSError):
         pass
-    control = socket.socket(fileno=control_fd)
-    zygote = Zygote(control)
+    zygote = Zygote(control, isolated)
     # Everything imported so far is shared by every instance: keep the
     # collector from touching (and so copying) those pages after each fork.
     gc.collect()
@@ -164,9 +183,47 @@ def main() -> None:
     zygote.run()
 
 
+def _become_init() -> bool:
+    """Continue as pid 1 of a new pid namespace (inside a new user namespace
+    as non-root), so that nothing can outlive the zygote: when the init of a
+    pid namespace dies the kernel kills every process in it, whatever they
+    did to their parent-death signal, and whatever they forked.
+
+    The process main started stays outside, waits for the new one and
+    exits with its status; the new one dies with it (PDEATHSIG, checked
+    through a pipe the outer one holds). Returns False where the kernel
+    refuses (no user namespaces for this uid): then the zygote is a child
+    subreaper, and orphans of instances are its children to kill."""
+    try:
+        namespaces.enter_pid_namespace()
+    except OSError:
+        process.set_child_subreaper()
+        return False
+    alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid:
+        os.close(alive_r)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 1)
+    os.close(alive_w)
+    process.set_parent_death_signal(signal.SIGKILL)
+    if select.select([alive_r], [], [], 0)[0]:  # the outer one is already gone
+        os._exit(1)
+    os.close(alive_r)
+    return True
+
+
 class Zygote:
-    def __init__(self, control: socket.socket):
+    def __init__(self, control: socket.socket, isolated: bool = False):
         self.control = control
+        #: pid 1 of its own pid namespace (else a subreaper).
+        self.isolated = isolated
         self.transport = SocketTransport(control)
         self.reader = ControlReader()
         self.children: set[int] = set()
@@ -242,16 +299,33 @@ class Zygote:
             os.close(pidfd)
 
     def reap(self, timeout: float = 5.0) -> None:
-        while self.children:
+        """Collect every child that ended. An instance's process group is
+        killed before it is reaped: until then its pid, and so the group's
+        id, cannot be reused, so the signal reaches exactly its processes
+        (what it forked), never a stranger that took the number. Orphans
+        of instances are reaped here too (we are their init or subreaper)."""
+        while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 self.children.clear()
                 return
-            if pid == 0:
+            if info is None:
                 return
-            self.children.discard(pid)
-            self.send(Exited(pid, status), timeout=timeout)
+            pid = info.si_pid
+            if pid in self.children:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            try:
+                _, status, usage = os.wait4(pid, 0)
+            except ChildProcessError:
+                continue
+            if pid in self.children:
+                self.children.discard(pid)
+                self.send(Exited(pid, status, round((usage.ru_utime + usage.ru_stime) * 1000, 3),
+                                 usage.ru_maxrss), timeout=timeout)
 
     def shutdown(self, grace: float) -> None:
         """End every child (politely if ``grace``), reap them all, exit."""
@@ -263,13 +337,35 @@ class Zygote:
             for kill in (os.killpg, os.kill):
                 try:
                     kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
+                except (ProcessLookupError, PermissionError):
                     pass
-        while self.children:
+        if not self.isolated:
+            # A subreaper's orphans do not die with it: end them first.
+            for pid in _children_of(os.getpid()):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        while True:
             try:
                 pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
                 break
-            self.children.discard(pid)
-            self.send(Exited(pid, status), timeout=0.2)
+            if pid in self.children:
+                self.children.discard(pid)
+                self.send(Exited(pid, status), timeout=0.2)
         os._exit(0)
+
+
+def _children_of(parent: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                out.append(int(name))
+    return out
