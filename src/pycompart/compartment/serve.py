@@ -36,23 +36,29 @@ from ..wire.contract import Contract
 from ..wire.exceptions import describe_exception, rebuild_exception
 from ..wire.protocol import Call, Connection, Err
 from . import lockdown as _lockdown
+from . import output as _output
 from .objects import Callback, ObjectServer, instance_peer
 
 _main_source: bytes | None = None
+
+#: What this instance prints while it serves a call, for the reply.
+CALL_OUTPUT = _output.CallOutput()
 
 #: The configuration of the instance this process is, or None in ``main``.
 CURRENT: InstanceConfig | None = None
 
 
-def run(config: InstanceConfig, read_fd: int, write_fd: int) -> NoReturn:
+def run(config: InstanceConfig, read_fd: int, write_fd: int,
+        output_fds: tuple[int, int] | None = None) -> NoReturn:
     """Become an instance, serving calls read from ``read_fd`` with replies
-    written to ``write_fd``. Never returns."""
+    written to ``write_fd``; ``output_fds`` are the write ends of the pipes
+    main relays its stdout and stderr from. Never returns."""
     global CURRENT
     CURRENT = config
     code = 0
     try:
         try:
-            _prepare_process({read_fd, write_fd})
+            _prepare_process({read_fd, write_fd}, config.output, output_fds)
             apply_privileges(config)
             table = _load(config)
         except BaseException as exc:  # report any start failure, then die
@@ -79,7 +85,8 @@ def run(config: InstanceConfig, read_fd: int, write_fd: int) -> NoReturn:
             os._exit(code)
 
 
-def _prepare_process(keep: set[int]) -> None:
+def _prepare_process(keep: set[int], mode: str = "inherit",
+                     output_fds: tuple[int, int] | None = None) -> None:
     # Die with the zygote (itself bound to the monitor). The zygote is
     # single-threaded, so "parent thread" is the whole zygote.
     parent = os.getppid()
@@ -91,13 +98,28 @@ def _prepare_process(keep: set[int]) -> None:
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a closed channel is EPIPE, handled
     signal.set_wakeup_fd(-1)
-    # Keep stdout/stderr (so prints and tracebacks are visible) and the
-    # channel; everything else inherited is closed. stdin becomes /dev/null.
+    # fds 1 and 2 become the instance's own output pipes (or /dev/null),
+    # never main's (unless the spec says "inherit"); stdin is /dev/null. The
+    # channel is kept; everything else inherited is closed.
+    if mode in ("relay", "prefixed") and output_fds is not None:
+        for fd, target in zip(output_fds, (1, 2)):
+            if fd != target:
+                os.dup2(fd, target)
+        for fd in output_fds:
+            if fd not in (1, 2):
+                os.close(fd)
+    elif mode != "inherit":
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.close(null)
     process.close_fds_except(keep | {1, 2})
     null = os.open(os.devnull, os.O_RDONLY)
     if null != 0:
         os.dup2(null, 0)
         os.close(null)
+    if mode in ("relay", "prefixed"):
+        _output.install(CALL_OUTPUT)
 
 
 def apply_privileges(config: InstanceConfig) -> None:
@@ -237,6 +259,8 @@ class Server(CallServer):
         self.in_user_code = False
         self.depth = 0  # > 0 while the main thread is inside the channel (a callback)
         Callback.call_out = self.call_out
+        CALL_OUTPUT.channel = self.channel
+        CALL_OUTPUT.in_call = lambda: self.current is not None
 
     def serve(self) -> None:
         signal.signal(CANCEL_SIGNAL, self._on_cancel_signal)

@@ -379,6 +379,7 @@ class _Runtime:
             shared=self._shared(comp),
             elsewhere={m: other.name for other in self.spec.compartments.values()
                        if other.name != comp.name for m in other.modules},
+            output=comp.output,
         )
 
     def call(self, ep: Entrypoint[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],

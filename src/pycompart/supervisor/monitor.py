@@ -47,6 +47,7 @@ from ..wire.exceptions import rebuild_exception
 from ..wire.protocol import NEED_DATA, Abort, Connection, Hello, Violation
 from . import zygote
 from .audit import AuditLog
+from .relay import OutputRelay, Sink
 
 
 #: Non-fatal protocol violations (replies to calls never made, refused
@@ -232,6 +233,7 @@ class Monitor:
         self._started = False
         self._control_reader = zygote.ControlReader()
         self._thread = threading.Thread(target=self._run, name="pycompart-monitor", daemon=True)
+        self.relay: OutputRelay | None = None  # started with the monitor thread
 
     # -- public (any thread) ----------------------------------------------------
 
@@ -258,6 +260,8 @@ class Monitor:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 raise
+        self.relay = OutputRelay()
+        self.relay.monitor_thread = self._thread
         self._thread.start()
         if lazy:
             self._started = True
@@ -289,6 +293,13 @@ class Monitor:
         raise error
 
     def stop(self, grace: float = 1.0) -> None:
+        try:
+            self._stop(grace)
+        finally:
+            if self.relay is not None:
+                self.relay.stop()  # the instances are gone: copy what they left, then end
+
+    def _stop(self, grace: float) -> None:
         if not self._thread.is_alive():
             return
         self.stopping = True
@@ -492,6 +503,7 @@ class Monitor:
             self.prepare(inst)
         request = inst.request = next(self._requests)
         self._by_request[request] = inst
+        theirs = [call_r, reply_w]
         try:
             config = self.config_for(pool.spec, index)
         except Exception as exc:  # e.g. shared data missing in main
@@ -503,16 +515,24 @@ class Monitor:
             channel.close()
             self._start_failed(inst, str(exc))
             return inst
+        if pool.spec.output in ("relay", "prefixed"):
+            # Its stdout and stderr: pipes of its own, which main copies out.
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            theirs += [out_w, err_w]
+            sink = Sink(self.relay, pool.spec.name, pool.spec.output == "prefixed")
+            channel.output_sink = sink.write
+            self.relay.add(sink, out_r, err_r)
         try:
-            self._send_control(zygote.Spawn(request, config), [call_r, reply_w])
+            self._send_control(zygote.Spawn(request, config), theirs)
         except (OSError, TimeoutError) as exc:
             self._by_request.pop(request, None)
             self._start_failed(inst, f"cannot reach the zygote: {exc}")
             return inst
         finally:
             # The instance must hold the only copies, or its death is no EOF.
-            os.close(call_r)
-            os.close(reply_w)
+            for fd in theirs:
+                os.close(fd)
         self._after(pool.spec.start_timeout, lambda: self._start_timeout(inst))
         return inst
 

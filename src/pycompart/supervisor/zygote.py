@@ -272,12 +272,15 @@ class Zygote:
             pass
 
     def spawn(self, msg: Spawn, fds: list[int]) -> None:
-        if len(fds) != 2:
+        """Fork an instance. ``fds``: its channel's two ends, then (when its
+        output is relayed) the write ends of its stdout and stderr pipes."""
+        if len(fds) not in (2, 4):
             for fd in fds:
                 os.close(fd)
-            self.send(Spawned(msg.request, 0, f"expected 2 channel descriptors, got {len(fds)}"))
+            self.send(Spawned(msg.request, 0, f"expected 2 or 4 descriptors, got {len(fds)}"))
             return
-        read_fd, write_fd = fds
+        read_fd, write_fd = fds[:2]
+        output = (fds[2], fds[3]) if len(fds) == 4 else None
         pid = os.fork()
         if pid == 0:
             try:
@@ -285,12 +288,12 @@ class Zygote:
                 os.close(self.wake_r)
                 os.close(self.wake_w)
                 self.control.close()
-                _instance.run(msg.config, read_fd, write_fd)
+                _instance.run(msg.config, read_fd, write_fd, output)
             finally:
                 os._exit(1)
         # The child's copies must be the only ones: its death is the caller's EOF.
-        os.close(read_fd)
-        os.close(write_fd)
+        for fd in fds:
+            os.close(fd)
         self.children.add(pid)
         pidfd = process.pidfd_open(pid)
         try:

@@ -35,6 +35,7 @@ from ..wire.protocol import (
     ErrorInfo,
     LateReply,
     Ok,
+    Output,
     Release,
     Violation,
 )
@@ -175,6 +176,12 @@ class Channel:
         self.server = server or _REFUSE
         #: (handle, count) pairs to tell the peer about with the next frame.
         self.pending_release: list[tuple[int, int]] = []
+        #: Sources of Output frames to send before the next frame (what an
+        #: instance printed during a call: ``pycompart.compartment.output``).
+        self.pending_output: list[Any] = []
+        #: Where Output from the peer goes: ``(stream, data)``; None drops it
+        #: (only instances send output).
+        self.output_sink: Callable[[int, bytes], None] | None = None
         self._leader_nested: list[Call] = []
         # The serve loop of an instance waits here for top-level calls.
         self._inbox = _Waiter()
@@ -214,6 +221,8 @@ class Channel:
         rid, frame = conn.send_call(entrypoint, payload, 0, parent)
         if self.pending_release:
             frame = self._release_frame() + frame
+        if self.pending_output:
+            frame = self._output_frames() + frame
         mu = self._mu
         mu.acquire()
         if self.failure is not None:
@@ -525,6 +534,11 @@ class Channel:
         if cls is Release:
             self.server.release(self, event.handles)  # type: ignore[attr-defined]
             return
+        if cls is Output:
+            sink = self.output_sink
+            if sink is not None:
+                sink(event.stream, event.data)  # type: ignore[attr-defined]
+            return
         if cls is Cancel:
             self.server.cancel(self, event.id)  # type: ignore[attr-defined]
             return
@@ -551,6 +565,8 @@ class Channel:
         A peer that does not read it in time breaks the channel."""
         if self.pending_release:
             frame = self._release_frame() + frame
+        if self.pending_output:
+            frame = self._output_frames() + frame
         if deadline is None:
             deadline = time.monotonic() + REPLY_SEND_TIMEOUT
         try:
@@ -574,6 +590,23 @@ class Channel:
         handles = pending[:MAX_RELEASES]  # the rest rides with the next frame
         del pending[:len(handles)]
         return Connection.send_release(handles)
+
+    def _output_frames(self) -> bytes:
+        pending = self.pending_output
+        sources = pending[:]
+        del pending[:len(sources)]
+        return b"".join(source.frames() for source in sources)
+
+    def send_output(self) -> None:
+        """Send pending output now (it grew past what one frame holds, or a
+        thread wrote it while another leads)."""
+        if self.pending_output and self.failure is None:
+            frame = self._output_frames()
+            try:
+                with self._send_lock:
+                    self.transport.send(frame, (), time.monotonic() + REPLY_SEND_TIMEOUT)
+            except (OSError, TimeoutError, ProtocolError) as exc:
+                self._fail_from_eof(f"send failed: {exc}")
 
     def deliver(self, call: Call) -> None:
         """Queue a top-level call for ``next_call`` (an instance's serve loop)."""

@@ -87,3 +87,6 @@ class InstanceConfig(msgspec.Struct, forbid_unknown_fields=True):
     shared: list[tuple[str, str, bytes]] = []
     #: Modules placed in *other* compartments: importing one here fails.
     elsewhere: dict[str, str] = {}
+    #: Where fds 1 and 2 go: "relay"/"prefixed" (pipes main relays), "null",
+    #: or "inherit" (main's own: unsafe, the spec must say so).
+    output: str = "relay"

@@ -130,7 +130,21 @@ class Release(msgspec.Struct, array_like=True, tag=6):
     handles: Annotated[list[tuple[int, int]], msgspec.Meta(max_length=MAX_RELEASES)]
 
 
-Message = Union[Hello, Call, Ok, Err, Cancel, Abort, Release]
+#: Bytes one Output frame may carry (a writer splits longer output).
+MAX_OUTPUT = 64 * 1024
+
+
+class Output(msgspec.Struct, array_like=True, tag=7):
+    """What an instance wrote to its stdout (``stream`` 1) or stderr (2)
+    while serving a call, sent before the reply so that main writes it
+    where and when the program expects (``sys.stdout`` at that moment, in
+    order with its own output). Needs no reply."""
+
+    stream: Annotated[int, msgspec.Meta(ge=1, le=2)]
+    data: Annotated[bytes, msgspec.Meta(max_length=MAX_OUTPUT)]
+
+
+Message = Union[Hello, Call, Ok, Err, Cancel, Abort, Release, Output]
 
 # -- events that are not messages ---------------------------------------------
 
@@ -330,6 +344,11 @@ class Connection:
     @staticmethod
     def send_release(handles: list[tuple[int, int]]) -> bytes:
         return encode_frame(_encoder.encode(Release(handles)))
+
+    @staticmethod
+    def send_output(stream: int, data: bytes) -> bytes:
+        return b"".join(encode_frame(_encoder.encode(Output(stream, data[i:i + MAX_OUTPUT])))
+                        for i in range(0, len(data), MAX_OUTPUT))
 
     @staticmethod
     def send_hello(pid: int, compartment: str, entrypoints: list[str]) -> bytes:

@@ -1,0 +1,97 @@
+"""An instance's stdout and stderr: pipes of its own, never main's.
+
+Descriptors 1 and 2 are the write ends of two pipes main relays
+(``pycompart.supervisor.relay``). On top of them, ``sys.stdout`` and
+``sys.stderr`` are replaced by text streams whose writes, *while a call is
+being served*, are collected and sent to main on the call channel just
+before the reply (``Output`` frames): main then writes them to its own
+``sys.stdout``/``sys.stderr`` in order with its own output. Outside calls
+(import time, threads between calls) and for writes below Python (C code,
+``os.write(1, ...)``) the pipes carry the bytes, copied by main's relay
+thread.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from typing import Any
+
+from ..wire.protocol import MAX_OUTPUT, Connection
+
+
+class CallOutput:
+    """Output written during the current call, waiting for the reply."""
+
+    def __init__(self) -> None:
+        self.channel: Any = None  # the Channel to main, once serving
+        self.in_call: Any = lambda: False  # set by the serve loop
+        self._lock = threading.Lock()
+        self._chunks: list[tuple[int, bytearray]] = []
+        self._size = 0
+
+    def write(self, stream: int, data: bytes) -> bool:
+        """Keep ``data`` for the reply if a call is being served; False
+        (write it to the pipe instead) otherwise."""
+        channel = self.channel
+        if channel is None or channel.failure is not None or not self.in_call():
+            return False
+        with self._lock:
+            if self._chunks and self._chunks[-1][0] == stream:
+                self._chunks[-1][1].extend(data)
+            else:
+                self._chunks.append((stream, bytearray(data)))
+            first = self._size == 0
+            self._size += len(data)
+            full = self._size >= MAX_OUTPUT
+        if first:
+            channel.pending_output.append(self)
+        if full:
+            channel.send_output()  # bounded in our memory too
+        return True
+
+    def frames(self) -> bytes:
+        """The collected output as Output frames (called by the channel when
+        it sends its next frame)."""
+        with self._lock:
+            chunks, self._chunks, self._size = self._chunks, [], 0
+        return b"".join(Connection.send_output(stream, bytes(data)) for stream, data in chunks)
+
+
+class _Stream(io.RawIOBase):
+    """fd 1 or 2, by way of the call channel while a call is served."""
+
+    def __init__(self, fd: int, stream: int, call_output: CallOutput):
+        super().__init__()
+        self.fd = fd
+        self.stream = stream
+        self.call_output = call_output
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, data: Any) -> int:
+        data = bytes(data)
+        if not self.call_output.write(self.stream, data):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        return len(data)
+
+
+def install(call_output: CallOutput) -> None:
+    """Replace ``sys.stdout`` and ``sys.stderr`` (fds 1 and 2 are already
+    this instance's own pipes)."""
+    import sys
+
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(
+        _Stream(1, 1, call_output), encoding="utf-8", errors="strict", write_through=True)  # type: ignore[arg-type]
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+        _Stream(2, 2, call_output), encoding="utf-8", errors="backslashreplace", write_through=True)  # type: ignore[arg-type]
