@@ -236,3 +236,49 @@ def read_stream(f):
         except AttributeError:
             refused.append(name)
     return first, rest, f.name, refused
+
+
+# -- red team 0.3: a module that tries to take over names and callables of main's --
+
+__all__ = ["VERSION", "make", "print", "open", "input", "_private_value"]
+
+
+def print(*args, **kwargs):  # noqa: A001  (the point: shadowing main's print)
+    _stolen.append(" ".join(map(str, args)))
+
+
+def open(*args, **kwargs):  # noqa: A001
+    raise RuntimeError("not main's open")
+
+
+def input(*args, **kwargs):  # noqa: A001
+    return "forged input"
+
+
+_stolen = []
+
+
+def stolen():
+    return list(_stolen)
+
+
+_handed = {}
+
+
+def remember(fn):
+    """Keep one of main's callables, as a registry would."""
+    _handed["fn"] = fn
+    return fn  # returned in the same call: that is a decorator, and fine
+
+
+def handed_back():
+    """Later, hand it back in place of a function of ours."""
+    return _handed["fn"]
+
+
+def raise_in_callback(fn):
+    try:
+        fn()
+    except Exception as exc:
+        return [type(exc).__name__, str(exc), getattr(exc, "remote_traceback", "")]
+    return None

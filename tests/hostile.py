@@ -331,6 +331,13 @@ def thread_bomb(limit: str) -> str:
     return f"started {len(threads)} threads"
 
 
+def cmdline_names(pid: str) -> str:
+    """Whether this process's command line (the zygote's, inherited) names ``pid``."""
+    with open("/proc/self/cmdline", "rb") as f:
+        args = f.read().split(b"\0")
+    return "present" if pid.encode() in args else "absent"
+
+
 def my_uid(_: str) -> str:
     return f"uid {os.getuid()} gid {os.getgid()}"
 
@@ -340,7 +347,8 @@ ATTACKS = {fn.__name__: fn for fn in (
     signal_pid, signal_self, vm_read, proc_mem, ptrace_attach, exec_subprocess, exec_replace, run_program,
     fork_bomb, memory_bomb, cpu_spin, load_module, mount_tmpfs, start_thread,
     chmod_path, fchmod_open, utime_path, setxattr_path, create_and_chmod, flock_file, posix_lock,
-    lease_file, dnotify_dir, shrink_pipe, prctl_option, make_symlink, make_fifo, thread_bomb, my_uid)}
+    lease_file, dnotify_dir, shrink_pipe, prctl_option, make_symlink, make_fifo, thread_bomb, my_uid,
+    cmdline_names)}
 
 
 def attempt(attack: str, arg: str) -> str:

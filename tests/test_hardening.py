@@ -4,7 +4,6 @@ and only documented exception types come out of the boundary. Each test
 drives a real instance running ``redteam.py``."""
 
 import json
-import os
 import resource
 import time
 
@@ -13,7 +12,7 @@ import pytest
 import bystander  # noqa: F401  (so main knows the functions' signatures)
 import pycompart
 import redteam  # noqa: F401
-from pycompart import CallTimeout, CompartmentUnavailable, ProtocolError
+from pycompart import CompartmentUnavailable, ProtocolError
 
 FNS = ["redteam:ping", "redteam:whoami", "redteam:deep_reply", "redteam:empty_lists_reply",
        "redteam:flood_unknown_replies", "redteam:ignore_cancel_and_flood",

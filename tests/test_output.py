@@ -13,7 +13,6 @@ import termios
 import textwrap
 import time
 
-import pytest
 
 import ttyattack  # noqa: F401  (main knows the signatures)
 

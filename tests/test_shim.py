@@ -408,3 +408,61 @@ def test_module_calls_are_audited(make_app, tmp_path):
     assert ("@call", "boxlib:fail", "error:BoxError") in calls
     assert any(r["event"] == "callback" and r["caller"] == "box" and r["outcome"] == "ok"
                for r in records)
+
+
+def test_a_star_import_does_not_rebind_mains_builtins(boxed):
+    """Finding 12: ``from boxed import *`` bound the module's ``print``,
+    ``open`` and ``input`` in main: main's own ``print(token)`` went to the
+    compartment."""
+    namespace = {}
+    with pytest.warns(RuntimeWarning, match="'input', 'open', 'print'"):
+        exec("from boxlib import *", namespace)
+    assert "make" in namespace and "VERSION" in namespace
+    assert not {"print", "open", "input", "_private_value"} & set(namespace)
+    exec("print('secret-token')", namespace)  # main's own builtins
+    assert boxed.stolen() == []
+
+
+def test_main_never_runs_its_own_callable_on_a_compartments_word(boxed):
+    """Finding 13: a callable main had handed over came back later as a
+    module attribute; main called it (its own shutdown_everything)
+    believing it called the box."""
+    ran = []
+
+    def shutdown_everything():
+        ran.append("ran")
+    assert boxed.remember(shutdown_everything) is shutdown_everything  # a decorator: fine
+    back = boxed.handed_back()
+    assert back is not shutdown_everything
+    with pytest.raises(pycompart.EntrypointError, match="allow_returned_callables"):
+        back()
+    assert ran == []
+    # Data main handed over still comes back as itself, later too.
+    token = object()
+    assert boxed.remember(token) is token and boxed.handed_back() is token
+
+
+def test_returned_callables_can_be_allowed(make_app):
+    app = box_app(make_app, allow_returned_callables=True)
+    app.start(import_hook=True)
+    try:
+        import boxlib
+
+        def fn():
+            return "main's"
+        boxlib.remember(fn)
+        assert boxlib.handed_back() is fn
+    finally:
+        del sys.modules["boxlib"]
+        app.stop()
+
+
+def test_a_callbacks_exception_tells_the_compartment_only_type_and_message(boxed):
+    """Finding 14: tracebacks of main's callbacks (paths, source lines, a
+    hard-coded token in one) were sent to the compartment."""
+    def leaky():
+        api_token = "tok-SECRET-123"  # noqa: F841  (would be in a traceback's source line)
+        raise ValueError("lookup failed")
+    name, message, traceback_text = boxed.raise_in_callback(leaky)
+    assert (name, message) == ("ValueError", "lookup failed")
+    assert "tok-SECRET" not in traceback_text and __file__ not in traceback_text

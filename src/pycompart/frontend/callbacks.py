@@ -21,6 +21,7 @@ from ..transport.channel import CallServer, Channel
 from ..wire import refs
 from ..wire.exceptions import describe_exception
 from ..wire.protocol import Call
+from .proxy import ReturnedCallable
 
 class CallbackGate(CallServer):
     """main's server for calls from one instance: callbacks only."""
@@ -39,7 +40,7 @@ class CallbackGate(CallServer):
             reply = conn.send_ok(call.id, self.peer.encode(result))
             outcome = "ok"
         except Exception as exc:
-            info = describe_exception(exc)
+            info = describe_exception(exc, brief=True)
             reply = conn.send_err(call.id, info)
             outcome = f"error:{info.type_name}"
         if self.audit is not None:
@@ -60,6 +61,10 @@ class CallbackGate(CallServer):
             raise TypeError("malformed callback request")
         target, args, kwargs = request
         check_arguments(args, kwargs)
+        if isinstance(target, ReturnedCallable):
+            # The callback the compartment calls: what may_call is for. The
+            # guard is for main's own code, not for the gate.
+            target = target._pc_obj
         if not self.peer.exports.contains(target):
             raise EntrypointError("a compartment can only call objects main passed to it")
         if not callable(target):

@@ -26,12 +26,13 @@ and goes to that instance (see ``pycompart.transport.channel``).
 
 from __future__ import annotations
 
+import builtins
 import threading
 import time
 import types
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CallTimeout, ProtocolError, RemoteError, RemoteTraceback, StaleReference
+from ..errors import CallTimeout, EntrypointError, ProtocolError, RemoteError, RemoteTraceback, StaleReference
 from ..transport.channel import serving, serving_any
 from ..wire import refs
 from ..wire.exceptions import ALLOWED_EXCEPTIONS, plain, rebuild_exception
@@ -134,18 +135,19 @@ class Compartment:
             self.check_alive(inst)
             parent = serving(inst.channel)
         peer: refs.Peer = inst.peer  # type: ignore[attr-defined]
-        payload = peer.encode(args)
-        timeout = self.spec.call_timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            reply = inst.channel.request(op, payload, deadline, parent)
-        except CallTimeout:
-            if self.on_timeout is not None:
-                self.on_timeout(self.name, op, inst.pid, timeout)
-            raise
-        if reply.__class__ is Err:
-            raise self.exception(reply.error)  # type: ignore[union-attr]
-        return peer.decode(reply.value)  # type: ignore[union-attr]
+        with refs.sending():  # what main hands over in this call (see _returned)
+            payload = peer.encode(args)
+            timeout = self.spec.call_timeout
+            deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                reply = inst.channel.request(op, payload, deadline, parent)
+            except CallTimeout:
+                if self.on_timeout is not None:
+                    self.on_timeout(self.name, op, inst.pid, timeout)
+                raise
+            if reply.__class__ is Err:
+                raise self.exception(reply.error)  # type: ignore[union-attr]
+            return peer.decode(reply.value)  # type: ignore[union-attr]
 
     def check_alive(self, inst: InstanceHandle) -> None:
         failure = inst.channel.failure
@@ -237,7 +239,10 @@ class Compartment:
     # -- the peer of one instance ---------------------------------------------------
 
     def make_peer(self) -> refs.Peer:
-        return refs.Peer(self.name, self._make_proxy, self._reference, self.from_path)
+        peer = refs.Peer(self.name, self._make_proxy, self._reference, self.from_path)
+        if not self.spec.allow_returned_callables:
+            peer.returned = _returned
+        return peer
 
     def _make_proxy(self, peer: refs.Peer, handle: int, type_key: str, flags: int, tname: str) -> Any:
         proxy = object.__new__(_proxy_class(flags))
@@ -274,12 +279,49 @@ class Compartment:
         return None  # exported (main's modules never get here: to_wire refuses them)
 
 
+def _returned(peer: refs.Peer, obj: Any, handle: int) -> Any:
+    """One of main's own objects, sent back by the compartment. Data comes
+    back as itself. A callable (function, method, class, object with
+    ``__call__``) comes back as itself only if main handed it over in the
+    call now in progress (a decorator returning the function it was given);
+    otherwise main would run whichever of its own functions the compartment
+    chose, believing it called the compartment. It then arrives as a
+    ``ReturnedCallable`` that refuses to be called."""
+    if not callable(obj) or refs.sent_in_open_requests(handle):
+        return obj
+    return ReturnedCallable(peer.compartment, obj)
+
+
+class ReturnedCallable:
+    """A callable of main's that a compartment sent back on its own: main
+    never runs it on the compartment's word (spec: allow_returned_callables)."""
+
+    __slots__ = ("_pc_compartment", "_pc_name", "_pc_obj")
+
+    def __init__(self, compartment: str, obj: Any):
+        self._pc_compartment = compartment
+        self._pc_name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+        self._pc_obj = obj  # for main's callback gate: what the compartment asks to call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise EntrypointError(
+            f"compartment {self._pc_compartment!r} returned {self._pc_name!r}, a callable of main's "
+            "that main did not pass it in this call; pycompart does not let a compartment choose "
+            "which of main's functions main runs (spec: allow_returned_callables = true)")
+
+    def __repr__(self) -> str:
+        return f"<callable of main {self._pc_name!r}, returned by compartment {self._pc_compartment!r}>"
+
+
 _RESERVED = frozenset({"type_name", "message", "remote_traceback", "remote_compartment", "args",
                        "with_traceback", "add_note"})
 
 
 def _standin_str(self: RemoteError) -> str:
     return self.message
+
+
+_BUILTIN_NAMES = frozenset(vars(builtins))
 
 
 class ModuleProxy(types.ModuleType):
@@ -297,11 +339,40 @@ class ModuleProxy(types.ModuleType):
         if not exposed(name, comp.expose):
             raise AttributeError(f"module {self.__name__!r} (in compartment {comp.name!r}) does "
                                  f"not expose {name!r} (add it to the compartment's expose list)")
+        if name == "__all__":
+            return self._public_names()
         value = comp.call(None, "@getattr", [self, name])
         if isinstance(value, (ModuleProxy, PathFunction, RemoteClassMeta)) or (
                 isinstance(value, type) and "__pycompart_standin__" in value.__dict__):
             self.__dict__[name] = value  # functions, classes, submodules do not change
         return value
+
+    def _public_names(self) -> list[str]:
+        """``__all__`` as ``from module import *`` in main may use it: the
+        module's own ``__all__`` (or, without one, its public names, as
+        Python would take them), never a name that would rebind one of
+        main's builtins (``print``, ``open``, ``input``: a star import
+        would hand the compartment main's own calls), nor a name the
+        exposure policy hides."""
+        comp: Compartment = self.__dict__["__pycompart_comp__"]
+        try:
+            names = comp.call(None, "@getattr", [self, "__all__"])
+        except AttributeError:
+            names = [n for n in comp.call(None, "@op", [self, "dir", []]) if not n.startswith("_")]
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ProtocolError(f"module {self.__name__!r} in compartment {comp.name!r} has an "
+                                "__all__ that is not a list of names")
+        kept = [n for n in names if n.isidentifier() and exposed(n, comp.expose)
+                and n not in _BUILTIN_NAMES]
+        dropped = sorted(set(names) - set(kept))
+        if dropped:
+            import warnings
+
+            warnings.warn(f"module {self.__name__!r} (in compartment {comp.name!r}) lists "
+                          f"{', '.join(map(repr, dropped[:10]))} in __all__: left out, a star import "
+                          "does not rebind main's builtins or reach hidden names", RuntimeWarning,
+                          stacklevel=3)
+        return kept
 
     def __dir__(self) -> list[str]:
         comp: Compartment = self.__dict__["__pycompart_comp__"]

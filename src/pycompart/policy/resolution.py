@@ -32,7 +32,12 @@ from .spec import CompartmentSpec, Privileges
 #: instance's own /proc entry (resolved inside the instance, so it is its own
 #: pid's, never another process's).
 SYSTEM_READ = ("/usr/lib", "/lib", "/lib64", "/usr/lib64", "/usr/local/lib", "/etc/ld.so.cache",
-               "/etc/localtime", "/usr/share/zoneinfo", "/dev/urandom", "/dev/random", "/proc/self")
+               "/etc/localtime", "/usr/share/zoneinfo", "/dev/urandom", "/dev/random",
+               # Of /proc/self, what a process reads about itself; not its
+               # environment, mounts (the host's layout) or cgroup paths.
+               *(f"/proc/self/{entry}" for entry in (
+                   "fd", "fdinfo", "status", "stat", "statm", "maps", "smaps", "limits", "cmdline",
+                   "comm", "task", "auxv")))
 SYSTEM_WRITE = ("/dev/null",)
 
 

@@ -123,6 +123,9 @@ class CompartmentSpec:
     expose: tuple[str, ...] = ()
     #: Whether others may set attributes on the compartment's objects.
     allow_setattr: bool = False
+    #: Whether main may call a callable of its own that the compartment sent
+    #: back unasked (not passed in that same call): by default it may not.
+    allow_returned_callables: bool = False
     #: ``module:name`` values of main copied into each instance at its start.
     shared: tuple[str, ...] = ()
     #: Where the instances' stdout/stderr go: relayed by main ("relay",
@@ -329,6 +332,7 @@ def _compartment(reader: _Reader, name: str, default_mechanism: str, base_dir: s
         mechanism=reader.get("mechanism", _one_of(MECHANISMS), "", default_mechanism),
         expose=reader.get("expose", _str_list(_IDENT_RE, "attribute names"), "", ()),
         allow_setattr=reader.get("allow_setattr", _bool, "true or false", False),
+        allow_returned_callables=reader.get("allow_returned_callables", _bool, "true or false", False),
         shared=reader.get("shared", _str_list(_FUNCTION_RE, '"module:name" names'), "", ()),
         output=reader.get("output", _one_of(OUTPUT_MODES), "", d.output),
     )

@@ -65,7 +65,14 @@ def plain(value: Any) -> Any:
     return value.data if value.__class__ is Blob else value
 
 
-def describe_exception(exc: BaseException) -> ErrorInfo:
+def describe_exception(exc: BaseException, brief: bool = False) -> ErrorInfo:
+    """``exc`` as it crosses. ``brief``: only what a less trusted receiver
+    needs to handle it (type name, message, the builtin classes it derives
+    from, and the arguments of a builtin type): main describes its own
+    exceptions this way to compartments, without its traceback (paths,
+    source lines, values in them) or attributes."""
+    if brief:
+        return _describe_brief(exc)
     cls = type(exc)
     name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     if isinstance(exc, errors.PycompartError) and cls.__module__.startswith("pycompart"):
@@ -90,6 +97,26 @@ def describe_exception(exc: BaseException) -> ErrorInfo:
             attributes[key[:100]] = _bounded(value)
     return ErrorInfo(name[:200], message[:MAX_ERROR_TEXT], args[:16], tb[-MAX_ERROR_TEXT:],
                      [m[:200] for m in mro], attributes)
+
+
+def _describe_brief(exc: BaseException) -> ErrorInfo:
+    cls = type(exc)
+    builtin = cls.__module__ == "builtins"
+    name = cls.__qualname__ if builtin else f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<unprintable>"
+    args = [_bounded(a) for a in exc.args] if builtin and all(isinstance(a, _SIMPLE) for a in exc.args) else []
+    mro = [name] + [c.__qualname__ for c in cls.__mro__[1:32] if c.__module__ == "builtins"]
+    attributes = {}
+    if builtin and isinstance(exc, OSError):
+        for key in _OSERROR_FIELDS:
+            value = getattr(exc, key, None)
+            if value is not None and isinstance(value, _SIMPLE):
+                attributes[key] = _bounded(value)
+    return ErrorInfo(name[:200], message[:MAX_ERROR_TEXT], args[:16], "", [m[:200] for m in mro],
+                     attributes)
 
 
 #: pycompart's own source tree: frames in it are the serving machinery.

@@ -242,6 +242,9 @@ class Peer:
         self._decoder = msgspec.msgpack.Decoder(ext_hook=self._ext)
         #: Objects one decoded value may build (``pycompart.wire.budget``).
         self.max_objects = budget.DEFAULT_MAX_OBJECTS
+        #: ``returned(peer, obj, handle)``: what one of our own objects that
+        #: the peer sends back becomes (None: itself).
+        self.returned: Callable[[Peer, Any, int], Any] | None = None
 
     # -- encoding -------------------------------------------------------------------
 
@@ -293,6 +296,9 @@ class Peer:
 
     def export(self, value: Any) -> Ext:
         handle = self.exports.export(value)
+        open_requests = getattr(_nesting, "sent", None)
+        if open_requests:
+            open_requests[-1].add(handle)
         tp = type(value)
         return Ext(EXT_REF, _encoder.encode([handle, self.type_key(tp), type_flags(tp), type_name(tp)]))
 
@@ -329,7 +335,9 @@ class Peer:
                 raise ProtocolError("malformed reference")
             return self.proxy(handle, type_key[:300], flags, tname[:300])
         if code == EXT_YOURS:
-            return self.exports.get(self._decoder.decode(data))
+            handle = self._decoder.decode(data)
+            obj = self.exports.get(handle)
+            return obj if self.returned is None else self.returned(self, obj, handle)
         if code == EXT_PATH:
             module, qualname, kind, mro = self._decoder.decode(data)
             if not (isinstance(module, str) and isinstance(qualname, str) and isinstance(kind, str)
@@ -398,6 +406,30 @@ class Peer:
         """The channel is gone: drop our exports (the peer cannot use them)."""
         self.closed = True
         self.exports.clear()
+
+
+class sending:
+    """Context manager: the handles this thread exports inside it are "sent
+    in this request" (``sent_in_open_requests``) until it ends. Nested
+    requests stack: a callback's arguments see the enclosing call's too."""
+
+    __slots__ = ("handles",)
+
+    def __enter__(self) -> set[int]:
+        stack = getattr(_nesting, "sent", None)
+        if stack is None:
+            stack = _nesting.sent = []
+        self.handles: set[int] = set()
+        stack.append(self.handles)
+        return self.handles
+
+    def __exit__(self, *exc: object) -> None:
+        _nesting.sent.pop()
+
+
+def sent_in_open_requests(handle: int) -> bool:
+    """Whether this thread sent ``handle`` in a request it is still in."""
+    return any(handle in handles for handles in getattr(_nesting, "sent", ()) or ())
 
 
 class _Marker:
