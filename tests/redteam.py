@@ -128,3 +128,17 @@ def start_spinner() -> str:
             pass
     threading.Thread(target=spin, daemon=True).start()
     return "spinning"
+
+
+def plant(directory: str, target: str) -> None:
+    """Leave traps for main in a directory it will read from."""
+    os.symlink(target, os.path.join(directory, "report.txt"))
+    os.mkfifo(os.path.join(directory, "pipe.txt"))
+    with open(os.path.join(directory, "ok.txt"), "w") as f:
+        f.write("written by the compartment\n")
+
+
+def burn(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass

@@ -3,7 +3,9 @@ survives anything an instance sends, main's memory and time stay bounded,
 and only documented exception types come out of the boundary. Each test
 drives a real instance running ``redteam.py``."""
 
+import errno
 import json
+import os
 import resource
 import time
 
@@ -139,3 +141,69 @@ def test_call_timeout_holds_when_the_compartment_stops_reading(make_app):
             app.function("redteam:stop_reading_and_call").options(timeout=1.0)(20_000)
         assert time.monotonic() - start < 5
         assert monitor_alive(app)
+
+
+def test_main_opens_what_a_compartment_wrote_without_following_its_links(make_app, tmp_path):
+    """Finding 4: a symlink planted in a granted write directory was
+    followed by root main, which overwrote the file the link pointed to.
+    Links are refused at creation by default (the escape battery); where a
+    spec grants them, ``pycompart.open_untrusted`` is how main opens such
+    files: no link followed, no escape, no FIFO to hang on."""
+    import stat
+    import tempfile
+
+    out = tempfile.mkdtemp(dir="/tmp")
+    os.chmod(out, 0o777)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    app = make_app({"compartments": {"w": {
+        "functions": ["redteam:plant"],
+        "privileges": {"filesystem": {"write": [out], "symlinks": True, "fifos": True}}}}})
+    with app:
+        app.function("redteam:plant")(out, str(victim))
+    assert os.path.islink(os.path.join(out, "report.txt"))
+    assert stat.S_ISFIFO(os.stat(os.path.join(out, "pipe.txt")).st_mode)
+    with pytest.raises(OSError) as info:
+        pycompart.open_untrusted(out, "report.txt", "w")
+    assert info.value.errno == errno.ELOOP
+    with pytest.raises(OSError) as info:
+        pycompart.open_untrusted(out, "pipe.txt")  # would block for ever with open()
+    assert info.value.errno == errno.EINVAL
+    with pytest.raises(OSError):
+        pycompart.open_untrusted(out, "../" + os.path.basename(out) + "/ok.txt")
+    with pycompart.open_untrusted(out, "ok.txt") as f:
+        assert f.read() == "written by the compartment\n"
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_thread_left_spinning_after_its_call_is_stopped(make_app, tmp_path):
+    """Finding 15: a thread left spinning after its call returned kept
+    burning CPU. An instance that uses more than ``idle_cpu`` of CPU while
+    no call is in flight is killed and replaced; its use is in the audit."""
+    log = tmp_path / "audit.jsonl"
+    app = make_app({"app": {"audit_log": str(log)}, "compartments": {"spin": {
+        "functions": ["redteam:start_spinner", "redteam:whoami"], "idle_cpu": "1s",
+        "restart_backoff": "10ms", "privileges": {"syscalls": "python-threads"}}}})
+    with app:
+        pid = app.function("redteam:whoami")()
+        assert app.function("redteam:start_spinner")() == "spinning"
+        assert _wait(lambda: pid not in app.instances("spin"), 8), "the spinner was never stopped"
+        assert _wait(lambda: app.instances("spin"), 5)
+        assert app.function("redteam:whoami")() != pid
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    kill = next(r for r in records if r["event"] == "instance_kill" and r["pid"] == pid)
+    assert "while no call was in flight" in kill["reason"]
+    exit_ = next(r for r in records if r["event"] == "instance_exit" and r["pid"] == pid)
+    assert exit_["cpu_ms"] > 900 and exit_["max_rss_kib"] > 0
+
+
+def test_a_busy_compartment_is_not_mistaken_for_an_idle_one(make_app):
+    """Many short calls between two looks are work, not idling."""
+    app = make_app({"compartments": {"busy": {"functions": ["redteam:burn", "redteam:whoami"],
+                                               "idle_cpu": "1s"}}})
+    with app:
+        pid = app.function("redteam:whoami")()
+        end = time.monotonic() + 3.5
+        while time.monotonic() < end:
+            app.function("redteam:burn")(0.05)
+        assert app.function("redteam:whoami")() == pid

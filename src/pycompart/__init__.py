@@ -20,7 +20,7 @@ _EXPORTS = {
     "CompartmentStartError": "errors", "CompartmentUnavailable": "errors",
     "EntrypointError": "errors", "ProtocolError": "errors", "PycompartError": "errors",
     "RemoteError": "errors", "SpecError": "errors", "StaleReference": "errors",
-    "PrivilegeError": "errors",
+    "PrivilegeError": "errors", "open_untrusted": "kernel.files",
     "CommBreakEvent": "supervisor.monitor", "InstanceEvent": "supervisor.monitor",
     "TimeoutEvent": "supervisor.monitor",
 }
@@ -48,4 +48,5 @@ if TYPE_CHECKING:
         CompartmentUnavailable, EntrypointError, ProtocolError, PycompartError, RemoteError,
         SpecError, StaleReference, PrivilegeError,
     )
+    from .kernel.files import open_untrusted
     from .supervisor.monitor import CommBreakEvent, InstanceEvent, TimeoutEvent

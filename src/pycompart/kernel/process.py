@@ -54,6 +54,20 @@ def pidfd_pid(pidfd: int) -> int | None:
     return None
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of ``pid`` (all its threads), from its
+    ``/proc`` stat (readable even for a non-dumpable process)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def pidfd_kill(pidfd: int, sig: int = signal.SIGKILL) -> bool:
     """Signal through a pidfd (no pid-reuse race). False if already gone."""
     try:

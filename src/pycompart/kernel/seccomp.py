@@ -28,7 +28,7 @@ from collections.abc import Iterable
 #: arguments in ``FCNTL_ALLOWED`` and ``PRCTL_ALLOWED``.
 _PYTHON = """
 read readv pread64 preadv preadv2 write writev pwrite64 pwritev pwritev2 close close_range
-lseek fstat newfstatat statx stat lstat fstatfs statfs openat open getdents64 getdents
+lseek fstat newfstatat statx stat lstat fstatfs statfs openat openat2 open getdents64 getdents
 readlink readlinkat access faccessat faccessat2 getcwd ioctl dup dup2 dup3 pipe pipe2
 mmap munmap mprotect mremap brk madvise mlock munlock msync membarrier
 rt_sigaction rt_sigprocmask rt_sigreturn rt_sigpending rt_sigtimedwait rt_sigsuspend sigaltstack

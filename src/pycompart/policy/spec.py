@@ -128,6 +128,10 @@ class CompartmentSpec:
     allow_returned_callables: bool = False
     #: ``module:name`` values of main copied into each instance at its start.
     shared: tuple[str, ...] = ()
+    #: CPU seconds an instance may burn while no call is in flight (a thread
+    #: left spinning after its call returned) before it is killed and
+    #: replaced; None: no bound.
+    idle_cpu: float | None = 10.0
     #: Where the instances' stdout/stderr go: relayed by main ("relay",
     #: "prefixed" with the compartment's name), "null", or "inherit" (main's
     #: own descriptors: unsafe, the compartment can take the terminal over).
@@ -335,6 +339,7 @@ def _compartment(reader: _Reader, name: str, default_mechanism: str, base_dir: s
         allow_returned_callables=reader.get("allow_returned_callables", _bool, "true or false", False),
         shared=reader.get("shared", _str_list(_FUNCTION_RE, '"module:name" names'), "", ()),
         output=reader.get("output", _one_of(OUTPUT_MODES), "", d.output),
+        idle_cpu=reader.get("idle_cpu", _timeout, 'a duration or "none"', d.idle_cpu),
     )
     privileges = reader.sub("privileges")
     if privileges is not None:

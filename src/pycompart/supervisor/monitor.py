@@ -54,6 +54,8 @@ from .relay import OutputRelay, Sink
 #: nested calls, ...) an instance may commit: the first ``AUDITED`` are
 #: audit records, and at ``MAX`` it is killed and replaced.
 AUDITED_VIOLATIONS = 10
+#: How often the monitor looks at idle instances' CPU time (seconds).
+IDLE_CHECK = 1.0
 #: The largest first frame (Hello, or Abort with its traceback) an instance may send.
 HELLO_MAX = 256 * 1024
 MAX_VIOLATIONS = 100
@@ -128,6 +130,8 @@ class InstanceHandle:
         self.retired = False
         self.violations = 0
         self.ns_pid: int | None = None  # its pid in the app's pid namespace
+        self.idle_calls = -1  # calls sent when it was last seen idle
+        self.idle_cpu_base: float | None = None
         self.usage: dict[str, Any] = {}
 
     def crash_error(self) -> CompartmentCrashed:
@@ -263,6 +267,8 @@ class Monitor:
         self.relay = OutputRelay()
         self.relay.monitor_thread = self._thread
         self._thread.start()
+        if any(p.spec.idle_cpu is not None for p in self.pools.values()):
+            self.submit(lambda: self._after(IDLE_CHECK, self._check_idle))
         if lazy:
             self._started = True
             for pool in self.pools.values():
@@ -695,6 +701,29 @@ class Monitor:
         # the instance forked (its process group) is killed by the zygote
         # when it reaps the instance, while the group's id cannot be reused.
         process.pidfd_kill(inst.pidfd, signal.SIGKILL)
+
+    def _check_idle(self) -> None:
+        """Kill an instance that burns CPU while nobody calls it: a thread of
+        the compartment left spinning after its call returned."""
+        self._after(IDLE_CHECK, self._check_idle)
+        for pool in self.pools.values():
+            limit = pool.spec.idle_cpu
+            if limit is None:
+                continue
+            for inst in pool.ready:
+                calls = inst.channel.conn.last_id
+                if inst.channel.pending or calls != inst.idle_calls:
+                    inst.idle_calls, inst.idle_cpu_base = calls, None  # it was working
+                    continue
+                used = process.cpu_seconds(inst.pid) if inst.pid else None
+                if used is None:
+                    continue
+                if inst.idle_cpu_base is None:
+                    inst.idle_cpu_base = used
+                elif used - inst.idle_cpu_base > limit:
+                    inst.kill_reason = (f"used {used - inst.idle_cpu_base:.1f}s of CPU while no call was "
+                                        f"in flight (idle_cpu = {limit:g}s)")
+                    self._kill(inst, inst.kill_reason)
 
     def _cancel(self, inst: InstanceHandle, rid: int) -> None:
         """A call timed out: interrupt it, and kill the instance if it has

@@ -305,12 +305,13 @@ class Connection:
         self.violations = 0
         self.bytes_in = 0
         self._ids = itertools.count(1)
+        self.last_id = 0  # the last call this side sent (how the monitor tells "idle")
         self._fds: list[int] = _NO_FDS
 
     # -- sending --------------------------------------------------------------
 
     def send_call(self, entrypoint: str, args: bytes, nfds: int = 0, parent: int = 0) -> tuple[int, bytes]:
-        rid = next(self._ids)
+        rid = self.last_id = next(self._ids)
         payload = _encoder.encode(Call(rid, entrypoint, msgspec.Raw(args), parent))
         if len(payload) > self.max_frame:
             raise ProtocolError(f"message of {len(payload)} bytes exceeds the maximum message "
