@@ -65,7 +65,7 @@ def test_check_shows_the_resolved_privileges(tmp_path, capsys):
                     'filesystem.read = ["/etc/hostname"]\nmemory = "64MiB"\n')
     assert main(["check", str(spec)]) == 0
     out = capsys.readouterr().out
-    assert "TCP connect [443]" in out and "/etc/hostname" in out and "memory 67108864" in out
+    assert "TCP connect [443]" in out and "/etc/hostname" in out and "memory 64MiB" in out
     assert "added read-only automatically:" in out and sys.prefix.split("/")[1] in out
 
 
@@ -151,3 +151,17 @@ except pycompart.CompartmentStartError as exc:
     assert "CHECK 1" in out and f"the directory {hidden} on its way is not searchable" in out, out
     start = [line for line in out.splitlines() if line.startswith("START")]
     assert start and f"{link}" in start[0] and "cannot be executed by uid 65534" in start[0], out
+
+
+def test_check_shows_the_default_bounds_and_isolation(tmp_path, capsys):
+    spec = tmp_path / "app.toml"
+    spec.write_text(GOOD)
+    assert main(["check", str(spec)]) == 0
+    out = capsys.readouterr().out
+    for words in ("memory 2GiB", "processes 128", "output: relay", "idle CPU before a kill: 10s",
+                  "file modes, owners, times: refused; file locks: refused", "pid namespace",
+                  "no prctl that loosens anything"):
+        assert words in out, words
+    import os
+    if os.geteuid() == 0:
+        assert "a uid and gid of its own" in out

@@ -36,6 +36,12 @@ def describe(spec: AppSpec) -> str:
             f"names: {', '.join(c.expose) or 'none'}; setattr from outside: "
             f"{'allowed' if c.allow_setattr else 'refused'}",
             f"  shared data copied in at start: {', '.join(c.shared) or 'none'}",
+            f"  output: {c.output}" + {"relay": " (own pipes; main copies them to its stdout/stderr)",
+                                       "prefixed": " (relayed, each line prefixed with the name)",
+                                       "null": " (discarded)",
+                                       "inherit": " (main's own descriptors: UNSAFE, it can take the "
+                                                  "terminal over)"}[c.output]
+            + "; idle CPU before a kill: " + ("unbounded" if c.idle_cpu is None else f"{c.idle_cpu:g}s"),
         ]
         lines += describe_privileges(c)
     if spec.main_privileges is not None:
@@ -56,7 +62,13 @@ def describe_privileges(comp: CompartmentSpec, main: bool = False) -> list[str]:
         return [f"  privileges: CANNOT START HERE: {exc}"]
     lock = res.lockdown
     names = {v: k for k, v in credentials.CAPABILITIES.items()}
-    who = "unchanged (main is not root)" if lock.uid is None else f"uid {lock.uid}, gid {lock.gid}"
+    if lock.dynamic_user:
+        who = "a uid and gid of its own (allocated at start)"
+    elif lock.uid is None:
+        who = "main's uid (main is not root), in a user namespace of its own" if lock.user_namespace \
+            else "main's uid (main is not root)"
+    else:
+        who = f"uid {lock.uid}, gid {lock.gid}"
     net = p.network.mode if p.network.mode != "ports" else (
         f"TCP connect {list(p.network.connect)}, bind {list(p.network.bind)}")
     out = [f"  privileges ({p.enforcement}):",
@@ -70,13 +82,20 @@ def describe_privileges(comp: CompartmentSpec, main: bool = False) -> list[str]:
         granted = [x for x in p.read]
         out.append(f"    filesystem read: {granted or 'nothing beyond the automatic set'}")
         out.append(f"    filesystem write: {list(p.write) or 'nothing'}; execute: {list(p.execute) or 'nothing'}")
+        if p.write:
+            made = [k for k, on in (("symlinks", lock.fs_symlinks), ("FIFOs", lock.fs_fifos)) if on]
+            out.append(f"      beneath write: files and directories{', ' + ', '.join(made) if made else ''}"
+                       f"{'' if made else ' (no symlinks, no FIFOs)'}")
         out.append("    added read-only automatically: " + ", ".join(res.auto_read + list(policy.SYSTEM_READ)))
     else:
         out.append("    filesystem: NOT RESTRICTED")
-    limits = ", ".join(f"{k} {v}" for k, v in lock.limits.items()) or "none"
+    limits = ", ".join(f"{k} {_size(v) if k == 'memory' else v}" for k, v in lock.limits.items()) or "none"
     out.append(f"    limits: {limits}")
+    out.append(f"    file modes, owners, times: {'own files (no setuid/setgid bits)' if lock.file_metadata == 'own-files' else 'refused'}"
+               f"; file locks: {'allowed' if lock.file_locks else 'refused'}")
     out.append(f"    environment passed in: {', '.join(p.environment) or 'nothing'}")
-    out.append("    always: NO_NEW_PRIVS, non-dumpable, own process group, inherited fds closed"
+    out.append("    always: NO_NEW_PRIVS, non-dumpable, own process group, the app's own pid namespace, "
+               "inherited fds closed, no prctl that loosens anything"
                + (", Landlock signal/abstract-socket scopes" if lock.scopes else ""))
     for what in res.missing:
         out.append(f"    WARNING: not enforced on this host: {what}")
@@ -85,6 +104,13 @@ def describe_privileges(comp: CompartmentSpec, main: bool = False) -> list[str]:
     for note in res.notes:
         out.append(f"    note: {note}")
     return out
+
+
+def _size(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return f"{n} bytes"
 
 
 def _unenforceable(spec: AppSpec) -> list[str]:
