@@ -277,6 +277,7 @@ class _Runtime:
         self.compartments: dict[str, Any] = {}
         self.finder: Any = None
         self.identities = Identities()
+        self.max_objects = self.spec.max_message_objects
 
     def start(self, lazy: bool = False, confine_main: bool = False) -> None:
         # Instances get main's import path as it is now (main's own lock-down
@@ -343,6 +344,7 @@ class _Runtime:
         """Equip a new instance's channel for remote references and callbacks."""
         comp = self.compartments[inst.pool.spec.name]
         peer = comp.make_peer()
+        peer.max_objects = self.max_objects
         peer.instance = inst
         peer.pending_release = inst.channel.pending_release
         inst.peer = peer
@@ -400,7 +402,7 @@ class _Runtime:
             raise exc from None
         if reply.__class__ is Err:
             raise rebuild_exception(reply.error, ep.compartment)
-        return contract.decode_result(reply.value, ep.compartment)
+        return contract.decode_result(reply.value, ep.compartment, self.max_objects)
 
     def _call_audited(self, ep: Entrypoint[Any, Any], pool: Pool, contract: Contract,
                       payload: bytes, timeout: float | None) -> Any:
@@ -418,7 +420,7 @@ class _Runtime:
                 raise rebuild_exception(reply.error, comp)
             reply_size = len(reply.value)
             try:
-                return contract.decode_result(reply.value, comp)
+                return contract.decode_result(reply.value, comp, self.max_objects)
             except ProtocolError:
                 outcome = "protocol_error"
                 raise

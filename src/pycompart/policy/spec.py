@@ -147,6 +147,9 @@ class AppSpec:
     audit_log: str | None = None
     mechanism: str = "process"
     max_message_size: int = DEFAULT_MAX_MESSAGE
+    #: Objects one message from a compartment may make main build (see
+    #: ``pycompart.wire.budget``).
+    max_message_objects: int = 1_000_000
     compartments: Mapping[str, CompartmentSpec] = dataclasses.field(default_factory=dict)
     #: ``[compartments.main.privileges]``: what main itself may do, enforced
     #: by ``pycompart run`` (None: main is not confined).
@@ -494,6 +497,7 @@ def load_spec(source: Mapping[str, Any], *, origin: str = "<dict>", base_dir: st
     if max_message < 4096 or max_message > 2**32 - 1:
         app.report("max_message_size", "a size from 4KiB to 4GiB-1", max_message)
         max_message = DEFAULT_MAX_MESSAGE
+    max_objects = app.get("max_message_objects", _positive_int(10**9), "", 1_000_000)
     app.finish()
 
     comps_reader = top.sub("compartments") or top.empty("compartments")
@@ -553,7 +557,8 @@ def load_spec(source: Mapping[str, Any], *, origin: str = "<dict>", base_dir: st
     if errors:
         raise SpecError.collect(errors)
     return AppSpec(name=name, source=origin, audit_log=audit_log, mechanism=mechanism,
-                   max_message_size=max_message, compartments=compartments,
+                   max_message_size=max_message, max_message_objects=max_objects,
+                   compartments=compartments,
                    main_privileges=main_privileges)
 
 
