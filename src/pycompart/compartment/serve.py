@@ -44,6 +44,12 @@ _main_source: bytes | None = None
 #: What this instance prints while it serves a call, for the reply.
 CALL_OUTPUT = _output.CallOutput()
 
+
+def preload() -> None:
+    """In the zygote, before it forks: what every instance will need, built
+    once (``pycompart.compartment.output.prepare``)."""
+    _output.prepare(CALL_OUTPUT)
+
 #: The configuration of the instance this process is, or None in ``main``.
 CURRENT: InstanceConfig | None = None
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import resource
 
+from .process import _libc
+
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
@@ -36,9 +38,7 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
     64 MiB of address space each: under RLIMIT_AS that is what runs out
     first. Best effort (other libcs have no such call)."""
     try:
-        import ctypes
-
-        ctypes.CDLL(None).mallopt(ctypes.c_int(_M_ARENA_MAX), ctypes.c_int(arenas))
+        _libc.mallopt(_M_ARENA_MAX, arenas)
     except (OSError, AttributeError):
         pass
 

@@ -36,8 +36,7 @@ SYSTEM_READ = ("/usr/lib", "/lib", "/lib64", "/usr/lib64", "/usr/local/lib", "/e
                # Of /proc/self, what a process reads about itself; not its
                # environment, mounts (the host's layout) or cgroup paths.
                *(f"/proc/self/{entry}" for entry in (
-                   "fd", "fdinfo", "status", "stat", "statm", "maps", "smaps", "limits", "cmdline",
-                   "comm", "task", "auxv")))
+                   "fd", "fdinfo", "status", "stat", "statm", "maps", "task")))
 SYSTEM_WRITE = ("/dev/null",)
 
 

@@ -176,6 +176,7 @@ def main() -> None:
     except (ImportError, OSError):
         pass
     zygote = Zygote(control, isolated)
+    _instance.preload()
     # Everything imported so far is shared by every instance: keep the
     # collector from touching (and so copying) those pages after each fork.
     gc.collect()

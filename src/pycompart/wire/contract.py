@@ -124,7 +124,8 @@ class Contract:
         """The reply, validated against the return annotation; anything
         else (a value that does not fit, costs too much to build, or breaks
         the decoder itself) is a ``ProtocolError``."""
-        budget.check(raw, max_objects, f"the reply of {where!r} to {self.key}")
+        if len(raw) > max_objects:  # smaller cannot hold more objects than bytes
+            budget.check(raw, max_objects, f"the reply of {where!r} to {self.key}")
         try:
             return self._result_decoder.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:

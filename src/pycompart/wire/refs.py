@@ -316,7 +316,8 @@ class Peer:
     # -- decoding -------------------------------------------------------------------
 
     def decode(self, data: bytes | memoryview | msgspec.Raw) -> Any:
-        budget.check(data, self.max_objects, f"a value from {self.compartment!r}")
+        if len(data) > self.max_objects:  # smaller cannot hold more objects than bytes
+            budget.check(data, self.max_objects, f"a value from {self.compartment!r}")
         try:
             return self._decoder.decode(data)
         except (ProtocolError, StaleReference):
