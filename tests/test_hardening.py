@@ -207,3 +207,14 @@ def test_a_busy_compartment_is_not_mistaken_for_an_idle_one(make_app):
         while time.monotonic() < end:
             app.function("redteam:burn")(0.05)
         assert app.function("redteam:whoami")() == pid
+
+
+def test_no_pid_of_mains_on_the_zygotes_command_line(make_app):
+    """Finding 14: instances read main's pid from their command line (the
+    zygote's, inherited). The zygote learns it from its control socket."""
+    app = make_app({"compartments": {"b": {"functions": ["bystander:ping"]}}})
+    with app:
+        with open(f"/proc/{app.zygote_pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+        assert str(os.getpid()).encode() not in args
+        assert app.function("bystander:ping")() == "pong"
