@@ -312,17 +312,12 @@ class Channel:
             if nested:
                 for call in nested:
                     self.serve_nested(call, deadline)
-                if deadline is not None and time.monotonic() >= deadline:
-                    # Checked here too, not only before waiting for data: a
-                    # peer that keeps a buffer of nested calls queued would
-                    # otherwise delay the timeout until that buffer ran out.
-                    # Its later nested calls are refused.
-                    with self._mu:
-                        timed_out = not waiter.done
-                        if timed_out:
-                            self._waiters.pop(rid, None)
-                    if timed_out:
-                        return self._timed_out(rid, entrypoint)
+                # Checked here too, not only before waiting for data: a peer
+                # that keeps a buffer of nested calls queued would otherwise
+                # delay the timeout until that buffer ran out. Its later
+                # nested calls are refused.
+                if deadline is not None and time.monotonic() >= deadline and self._give_up(rid, waiter):
+                    return self._timed_out(rid, entrypoint)
                 continue
             if lead:
                 try:
@@ -339,17 +334,21 @@ class Channel:
                 remaining = deadline - time.monotonic()
                 if remaining > 0:
                     waiter.lock.acquire(timeout=remaining)
-            if deadline is not None and not waiter.done and time.monotonic() >= deadline:
-                with self._mu:
-                    timed_out = not waiter.done
-                    if timed_out:
-                        self._waiters.pop(rid, None)
-                if timed_out:
-                    return self._timed_out(rid, entrypoint)
+            if deadline is not None and not waiter.done and time.monotonic() >= deadline \
+                    and self._give_up(rid, waiter):
+                return self._timed_out(rid, entrypoint)
         if waiter.error is not None:
             raise waiter.error
         assert waiter.message is not None
         return waiter.message
+
+    def _give_up(self, rid: int, waiter: _Waiter) -> bool:
+        """Stop waiting for ``rid`` unless its reply came in the meantime."""
+        with self._mu:
+            timed_out = not waiter.done
+            if timed_out:
+                self._waiters.pop(rid, None)
+        return timed_out
 
     def _timed_out(self, rid: int, entrypoint: str) -> Ok | Err:
         self.cancel(rid)
