@@ -8,7 +8,7 @@ import msgspec
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pycompart.wire import refs
+from pycompart.wire import protocols, refs
 from pycompart.errors import ProtocolError, StaleReference
 from pycompart.frontend.proxy import Compartment, RemoteObject
 from pycompart.policy.spec import load_spec
@@ -76,7 +76,7 @@ def test_export_table_is_bounded():
 
 def test_references_become_one_proxy_each_and_release_their_count():
     comp, peer = main_peer()
-    ref = Ext(refs.EXT_REF, enc.encode([7, "boxlib.Thing@1", refs.F_LEN, "boxlib.Thing"]))
+    ref = Ext(refs.EXT_REF, enc.encode([7, "boxlib.Thing#1", protocols.F_LEN, "boxlib.Thing"]))
     a, b = peer.decode(enc.encode([ref, ref]))
     assert a is b and isinstance(a, RemoteObject) and hasattr(a, "__len__") and not callable(a)
     del a, b

@@ -178,7 +178,10 @@ def test_compartment_cannot_reach_mains_objects(boxed):
     secret = {"key": "main's secret"}
     cb = lambda: secret["key"]  # noqa: E731
     assert boxed.keep(cb) >= 1
-    for op, rest in (("@getattr", ["__globals__"]), ("@op", ["repr", []]),
+    # Main's objects are usable through their protocols (repr, len, +, ...),
+    # never through attributes or anything else.
+    for op, rest in (("@getattr", ["__globals__"]), ("@op", ["dir", []]),
+                     ("@op", ["__getattribute__", ["__globals__"]]), ("@op", ["getattr", ["x"]]),
                      ("@callmethod", ["__call__", [], {}]), ("@import", [])):
         for handle in range(1, 8):
             outcome = boxed.forge(op, handle, *rest)

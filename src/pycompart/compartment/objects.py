@@ -20,8 +20,9 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from ..wire import refs
-from ..wire.exceptions import ALLOWED_EXCEPTIONS
+from ..wire import protocols, refs
+from ..wire.exceptions import ALLOWED_EXCEPTIONS, plain, rebuild_exception
+from ..wire.protocol import ErrorInfo
 from ..wire.refs import exposed
 
 _FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType)
@@ -128,6 +129,39 @@ class ObjectServer:
             return refs.path_ext(module, qualname, "class")
         return refs.path_ext(module, qualname, "function")
 
+    # -- exceptions from main -----------------------------------------------------------
+
+    def rebuild(self, peer: refs.Peer, info: ErrorInfo) -> BaseException:
+        """The exception to raise here for one that main's code raised: main's
+        own class as this compartment's stand-in of it (``info.origin``), one
+        of this compartment's classes as itself (it crossed back through a
+        callback), a builtin as itself (StopIteration included: main is not
+        protected from itself), anything else as ``RemoteError``."""
+        args = tuple(plain(a) for a in info.args)
+        cls: Any = None
+        if info.origin:
+            cls = peer.class_proxy(info.origin, refs.F_CLASS | refs.F_EXCEPTION, info.type_name,
+                                   info.mro or [info.type_name])
+        elif info.type_name in BOX_EXCEPTIONS:
+            cls = BOX_EXCEPTIONS[info.type_name]
+        else:
+            module, _, qualname = info.type_name.rpartition(".")
+            if module and self.placed(module, qualname):
+                try:
+                    found = self.resolve(module, qualname)
+                except Exception:
+                    found = None
+                if isinstance(found, type) and issubclass(found, BaseException):
+                    cls = found
+        if cls is None:
+            return rebuild_exception(info, "main")
+        try:
+            exc = cls(*args) if args else cls(info.message)
+        except Exception:
+            exc = cls.__new__(cls)
+            BaseException.__init__(exc, *(args or (info.message,)))
+        return exc
+
     # -- operations -------------------------------------------------------------------
 
     def op_import(self, module: Any) -> Any:
@@ -192,18 +226,6 @@ def check_arguments(args: Any, kwargs: Any) -> None:
         raise TypeError("malformed call arguments")
 
 
-def _next(obj: Any) -> Any:
-    return next(obj, refs.END)
-
-
-def _exit(obj: Any, name: Any, message: Any) -> bool:
-    if name is None:
-        return bool(type(obj).__exit__(obj, None, None, None))
-    cls = ALLOWED_EXCEPTIONS.get(name, Exception) if type(name) is str else Exception
-    exc = cls(str(message))
-    return bool(type(obj).__exit__(obj, cls, exc, None))
-
-
 def _isinstance(obj: Any, cls: Any) -> bool:
     if not isinstance(cls, type):
         raise TypeError("isinstance() needs a class of this compartment")
@@ -216,29 +238,37 @@ def _issubclass(obj: Any, cls: Any) -> bool:
     return issubclass(obj, cls)
 
 
-_PROTOCOL: dict[str, Callable[..., Any]] = {
-    "len": len, "iter": iter, "next": _next,
-    "getitem": lambda o, k: o[k], "delitem": lambda o, k: o.__delitem__(k),
-    "setitem": lambda o, k, v: o.__setitem__(k, v), "contains": lambda o, k: k in o,
-    "enter": lambda o: type(o).__enter__(o), "exit": _exit,
-    "repr": repr, "str": str, "bool": bool, "hash": hash,
-    "eq": lambda o, x: o == x, "ne": lambda o, x: o != x, "lt": lambda o, x: o < x,
-    "le": lambda o, x: o <= x, "gt": lambda o, x: o > x, "ge": lambda o, x: o >= x,
-    "isinstance": _isinstance, "issubclass": _issubclass, "dir": dir,
-}
+_PROTOCOL: dict[str, Callable[..., Any]] = dict(
+    protocols.OPS, isinstance=_isinstance, issubclass=_issubclass, dir=dir)
 
 
 # -- references to main's objects, inside an instance ---------------------------------
 
 
 class MainRef:
-    """An object of ``main`` held by a compartment: opaque, except that a
-    callable one (a callback) can be called."""
+    """An object of ``main`` held by a compartment. Its proxy class defines
+    the protocols the object's type has (``pycompart.wire.protocols``), each
+    carried out by main, which serves them only if the compartment may call
+    it (``may_call = ["main"]``); never its attributes."""
 
-    __slots__ = ("_pc_peer", "_pc_handle", "_pc_count", "_pc_tname", "__weakref__")
+    __slots__ = ("_pc_peer", "_pc_handle", "_pc_count", "_pc_tname", *protocols.PROXY_SLOTS,
+                 "__weakref__")
+    call_out: Callable[..., Any]  # set by the instance: (request, op="@call")
+
+    def _pc_op(self, op: str, *args: Any) -> Any:
+        return MainRef.call_out([self, op, list(args)], "@op")
 
     def __repr__(self) -> str:
-        return f"<opaque reference to a {self._pc_tname} object of main>"
+        try:
+            return self._pc_op("repr")
+        except Exception:
+            return f"<{self._pc_tname} object of main>"
+
+    def __str__(self) -> str:
+        try:
+            return self._pc_op("str")
+        except Exception:
+            return f"<{self._pc_tname} object of main>"
 
     def __reduce__(self) -> Any:
         raise TypeError("a reference to an object of main cannot be pickled")
@@ -253,14 +283,10 @@ class MainRef:
 class Callback(MainRef):
     """A callable of ``main``: calling it runs it in main (``may_call``)."""
 
-    __slots__ = ()
-    call_out: Callable[..., Any]  # set by the instance: (request, op="@call")
+    __slots__ = ("_pc_signature",)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return Callback.call_out([self, list(args), kwargs])
-
-    def __repr__(self) -> str:
-        return f"<callback into main: {self._pc_tname}>"
+        return MainRef.call_out([self, list(args), kwargs])
 
 
 class MainStream(MainRef):
@@ -272,9 +298,9 @@ class MainStream(MainRef):
 
     def __getattr__(self, name: str) -> Any:
         if name in refs.STREAM_METHODS:
-            return lambda *args: Callback.call_out([self, name, list(args), {}], "@callmethod")
+            return lambda *args: MainRef.call_out([self, name, list(args), {}], "@callmethod")
         if name in refs.STREAM_ATTRS:
-            return Callback.call_out([self, name], "@getattr")
+            return MainRef.call_out([self, name], "@getattr")
         raise AttributeError(f"{name!r}: a file object of main only offers "
                              f"{', '.join(sorted(refs.STREAM_METHODS | refs.STREAM_ATTRS))}")
 
@@ -297,18 +323,106 @@ class MainStream(MainRef):
         return f"<file object of main: {self._pc_tname}>"
 
 
+_proxy_classes: dict[int, type] = {}
+
+
+def _main_proxy_class(flags: int) -> type:
+    flags &= refs.ALL_FLAGS
+    cls = _proxy_classes.get(flags)
+    if cls is None:
+        if flags & refs.F_STREAM:
+            base, ns = MainStream, {}  # a stream is only its I/O
+        else:
+            base = Callback if flags & refs.F_CALL else MainRef
+            ns = protocols.proxy_namespace(flags)
+        ns["__slots__"] = ()
+        cls = type(base.__name__, (base,), ns)
+        if len(_proxy_classes) < 4096:
+            _proxy_classes[flags] = cls
+    return cls
+
+
+class MainClass(type):
+    """Metaclass of the stand-ins of main's classes: ``isinstance`` and
+    ``issubclass`` are answered by main, calling one makes an instance in
+    main (a callback). Exception classes of main's become real exception
+    classes here instead (``_main_exception_class``), so that ``raise``
+    and ``except`` work."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return MainRef.call_out([cls._pc_ref, list(args), kwargs])
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        if not isinstance(obj, MainRef) or obj._pc_peer is not cls._pc_ref._pc_peer:
+            return False
+        return bool(obj._pc_op("isinstance", cls._pc_ref))
+
+    def __subclasscheck__(cls, sub: Any) -> bool:
+        if sub is cls:
+            return True
+        if not isinstance(sub, MainClass) or sub._pc_ref._pc_peer is not cls._pc_ref._pc_peer:
+            return False
+        return bool(sub._pc_ref._pc_op("issubclass", cls._pc_ref))
+
+    def __repr__(cls) -> str:
+        return f"<class {cls._pc_name!r} of main>"
+
+
+#: Builtin exception classes a compartment may see raised from main (main is
+#: not protected from itself: StopIteration and friends arrive as themselves).
+BOX_EXCEPTIONS = dict(ALLOWED_EXCEPTIONS, StopIteration=StopIteration,
+                      StopAsyncIteration=StopAsyncIteration, GeneratorExit=GeneratorExit,
+                      KeyboardInterrupt=KeyboardInterrupt, SystemExit=SystemExit,
+                      BaseException=BaseException, Warning=Warning, UserWarning=UserWarning,
+                      DeprecationWarning=DeprecationWarning, RuntimeWarning=RuntimeWarning,
+                      FutureWarning=FutureWarning, PendingDeprecationWarning=PendingDeprecationWarning)
+
+
+def _main_exception_class(ref: MainRef, name: str, mro: list[str]) -> type:
+    base: type = Exception
+    for ancestor in mro[1:]:
+        builtin = BOX_EXCEPTIONS.get(ancestor)
+        if builtin is not None:
+            base = builtin
+            break
+    module, _, qualname = name.rpartition(".")
+    ns = {"__module__": module or "main", "__qualname__": qualname, "_pc_ref": ref,
+          "_pc_name": name}
+    try:
+        return type(qualname.rpartition(".")[2] or "MainError", (base,), ns)
+    except TypeError:
+        return type(qualname.rpartition(".")[2] or "MainError", (Exception,), ns)
+
+
 def instance_peer(server: ObjectServer) -> refs.Peer:
     """The instance's Peer for its channel to main."""
 
     def make_proxy(peer: refs.Peer, handle: int, type_key: str, flags: int, tname: str) -> MainRef:
-        cls = MainStream if flags & refs.F_STREAM else Callback if flags & refs.F_CALL else MainRef
-        ref = object.__new__(cls)
+        ref = object.__new__(_main_proxy_class(flags))
         ref._pc_peer, ref._pc_handle, ref._pc_count, ref._pc_tname = peer, handle, 1, tname
+        ref._pc_buffer = ref._pc_hash = None
+        ref._pc_batch = 1
         return ref
+
+    def make_class(peer: refs.Peer, handle: int, flags: int, name: str, mro: list[str]) -> type:
+        # The class object itself, as a reference (for calls and questions).
+        ref = make_proxy(peer, handle, "", flags & ~(refs.F_CLASS | refs.F_EXCEPTION), name)
+        if flags & refs.F_EXCEPTION:
+            cls = _main_exception_class(ref, name, mro)
+        else:
+            module, _, qualname = name.rpartition(".")
+            cls = MainClass(qualname.rpartition(".")[2] or "MainClass", (), {
+                "__module__": module or "main", "__qualname__": qualname, "_pc_ref": ref,
+                "_pc_name": name})
+        # Counted on the reference (its __del__ releases); the class holds it.
+        return cls
 
     def reference(peer: refs.Peer, value: Any) -> Any:
         if isinstance(value, MainRef) and value._pc_peer is peer:
             return refs.yours_ext(value._pc_handle)
+        ref = getattr(value, "_pc_ref", None) if isinstance(value, type) else None
+        if isinstance(ref, MainRef) and ref._pc_peer is peer:
+            return refs.yours_ext(ref._pc_handle)  # main's class, going home
         if value is refs.END:
             return refs.END_EXT
         if value is refs.METHOD:
@@ -318,7 +432,7 @@ def instance_peer(server: ObjectServer) -> refs.Peer:
     def from_path(peer: refs.Peer, module: str, qualname: str, kind: str, mro: list[str]) -> Any:
         return server.resolve(module, qualname)
 
-    return refs.Peer(server.compartment, make_proxy, reference, from_path)
+    return refs.Peer(server.compartment, make_proxy, reference, from_path, make_class=make_class)
 
 
-__all__ = ["ObjectServer", "MainRef", "Callback", "MainStream", "instance_peer"]
+__all__ = ["ObjectServer", "MainRef", "Callback", "MainStream", "MainClass", "instance_peer"]

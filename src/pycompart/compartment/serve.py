@@ -33,11 +33,11 @@ from ..transport.streams import PipeTransport
 from ..wire import refs
 from ..wire.config import CANCEL_SIGNAL, EXIT_PROTOCOL, EXIT_START_FAILED, InstanceConfig
 from ..wire.contract import Contract
-from ..wire.exceptions import describe_exception, rebuild_exception
+from ..wire.exceptions import describe_exception
 from ..wire.protocol import Call, Connection, Err
 from . import lockdown as _lockdown
 from . import output as _output
-from .objects import Callback, ObjectServer, instance_peer
+from .objects import MainRef, ObjectServer, instance_peer
 
 _main_source: bytes | None = None
 
@@ -264,7 +264,7 @@ class Server(CallServer):
         self.cancel_current = False
         self.in_user_code = False
         self.depth = 0  # > 0 while the main thread is inside the channel (a callback)
-        Callback.call_out = self.call_out
+        MainRef.call_out = self.call_out
         CALL_OUTPUT.channel = self.channel
         CALL_OUTPUT.in_call = lambda: self.current is not None
 
@@ -359,7 +359,7 @@ class Server(CallServer):
             if on_main:
                 self.depth -= 1
         if reply.__class__ is Err:
-            raise rebuild_exception(reply.error, "main")  # type: ignore[union-attr]
+            raise self.objects.rebuild(self.peer, reply.error)  # type: ignore[union-attr]
         return self.peer.decode(reply.value)  # type: ignore[union-attr]
 
     # -- CallServer: what arrives from main -----------------------------------------

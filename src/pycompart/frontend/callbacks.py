@@ -18,9 +18,9 @@ from typing import Any
 from ..compartment.objects import check_arguments
 from ..errors import EntrypointError
 from ..transport.channel import CallServer, Channel
-from ..wire import refs
+from ..wire import protocols, refs
 from ..wire.exceptions import describe_exception
-from ..wire.protocol import Call
+from ..wire.protocol import Call, ErrorInfo
 from .proxy import ReturnedCallable
 
 class CallbackGate(CallServer):
@@ -40,7 +40,7 @@ class CallbackGate(CallServer):
             reply = conn.send_ok(call.id, self.peer.encode(result))
             outcome = "ok"
         except Exception as exc:
-            info = describe_exception(exc, brief=True)
+            info = self.describe(exc)
             reply = conn.send_err(call.id, info)
             outcome = f"error:{info.type_name}"
         if self.audit is not None:
@@ -53,9 +53,11 @@ class CallbackGate(CallServer):
         if not self.may_call_main:
             raise EntrypointError(f"compartment {self.compartment!r} may not call back into main "
                                   "(its spec's may_call does not list \"main\")")
+        if call.entrypoint == "@op":
+            return self._protocol(call)
         if call.entrypoint != "@call":
-            raise EntrypointError(f"a compartment can only call main's callbacks, not "
-                                  f"{call.entrypoint!r}")
+            raise EntrypointError(f"a compartment can only call main's callbacks and use main's "
+                                  f"objects through their protocols, not {call.entrypoint!r}")
         request = self.peer.decode(call.args)
         if type(request) is not list or len(request) != 3:
             raise TypeError("malformed callback request")
@@ -70,6 +72,44 @@ class CallbackGate(CallServer):
         if not callable(target):
             raise TypeError(f"{type(target).__qualname__!r} object of main is not callable")
         return target(*args, **kwargs)
+
+    def _protocol(self, call: Call) -> Any:
+        """A protocol operation (``len``, ``iter``, ``next_batch``, ``+``,
+        ``==``, ...) on one of main's objects that main passed: what using an
+        object through its protocols means. Never an attribute."""
+        request = self.peer.decode(call.args)
+        if type(request) is not list or len(request) != 3 or type(request[2]) is not list:
+            raise TypeError("malformed request")
+        target, op, args = request
+        if isinstance(target, ReturnedCallable):
+            target = target._pc_obj
+        if not self.peer.exports.contains(target):
+            raise EntrypointError("a compartment can only use objects main passed to it")
+        if op in ("isinstance", "issubclass"):
+            cls = args[0] if len(args) == 1 else None
+            if not isinstance(cls, type) or not self.peer.exports.contains(cls):
+                raise TypeError(f"{op}() needs a class main passed to the compartment")
+            if op == "issubclass":
+                return isinstance(target, type) and issubclass(target, cls)
+            return isinstance(target, cls)
+        fn = protocols.OPS.get(op) if type(op) is str else None
+        if fn is None:
+            raise TypeError(f"unknown operation {op!r}")
+        return fn(target, *args)
+
+    def describe(self, exc: BaseException) -> ErrorInfo:
+        """What the compartment learns of an exception raised by main's
+        code: its type and message (``describe_exception(brief=True)``), and
+        for a class of main's, a reference to it, so that the compartment's
+        stand-in of that class catches it."""
+        info = describe_exception(exc, brief=True)
+        cls = type(exc)
+        if cls.__module__ != "builtins" and "__pycompart_standin__" not in cls.__dict__:
+            try:
+                info.origin = self.peer.exports.export(cls)
+            except Exception:
+                pass
+        return info
 
     def _stream(self, call: Call) -> Any:
         """I/O on a file object main passed to the compartment."""

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CallTimeout, EntrypointError, ProtocolError, RemoteError, RemoteTraceback, StaleReference
 from ..transport.channel import serving, serving_any
-from ..wire import refs
+from ..wire import protocols, refs
 from ..wire.exceptions import ALLOWED_EXCEPTIONS, plain, rebuild_exception
 from ..wire.protocol import Err, ErrorInfo
 from ..wire.refs import exposed
@@ -254,6 +254,9 @@ class Compartment:
         set_(proxy, "_pc_tname", tname)
         set_(proxy, "_pc_comp", self)
         set_(proxy, "_pc_inst", peer.instance)  # type: ignore[attr-defined]
+        set_(proxy, "_pc_buffer", None)
+        set_(proxy, "_pc_batch", 1)
+        set_(proxy, "_pc_hash", None)
         return proxy
 
     def _reference(self, peer: refs.Peer, value: Any) -> Any:
@@ -463,7 +466,7 @@ class RemoteObject:
     """A reference to an object in one instance of a compartment."""
 
     __slots__ = ("_pc_peer", "_pc_handle", "_pc_count", "_pc_type", "_pc_tname", "_pc_comp",
-                 "_pc_inst", "_pc_hash", "__weakref__")
+                 "_pc_inst", *protocols.PROXY_SLOTS, "__weakref__")
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_pc_"):
@@ -547,74 +550,19 @@ def _call(self: RemoteObject, *args: Any, **kwargs: Any) -> Any:
     return self._pc_comp.call(self._pc_inst, "@call", [self, list(args), kwargs])
 
 
-def _next(self: RemoteObject) -> Any:
-    value = self._pc_op("next")
-    if value is refs.END:
-        raise StopIteration
-    return value
-
-
-def _exit(self: RemoteObject, exc_type: Any, exc: Any, tb: Any) -> bool:
-    if exc is None:
-        return bool(self._pc_op("exit", None, None))
-    name = type(exc).__qualname__ if type(exc).__module__ == "builtins" else "Exception"
-    try:
-        message = str(exc)
-    except Exception:
-        message = ""
-    return bool(self._pc_op("exit", name, message))
-
-
-def _hash(self: RemoteObject) -> int:
-    try:
-        return self._pc_hash
-    except AttributeError:
-        value = self._pc_op("hash")
-        if type(value) is not int:
-            raise ProtocolError("a remote __hash__ returned a non-integer")
-        object.__setattr__(self, "_pc_hash", value)
-        return value
-
-
-def _simple(op: str) -> Any:
-    def method(self: RemoteObject, *args: Any) -> Any:
-        return self._pc_op(op, *args)
-    method.__name__ = f"__{op}__"
-    return method
-
-
-_PROTOCOLS: list[tuple[int, dict[str, Any]]] = [
-    (refs.F_CALL, {"__call__": _call}),
-    (refs.F_LEN, {"__len__": _simple("len")}),
-    (refs.F_ITER, {"__iter__": _simple("iter")}),
-    (refs.F_NEXT, {"__next__": _next}),
-    (refs.F_GETITEM, {"__getitem__": _simple("getitem")}),
-    (refs.F_SETITEM, {"__setitem__": _simple("setitem")}),
-    (refs.F_DELITEM, {"__delitem__": _simple("delitem")}),
-    (refs.F_CONTAINS, {"__contains__": _simple("contains")}),
-    (refs.F_CONTEXT, {"__enter__": _simple("enter"), "__exit__": _exit}),
-    (refs.F_BOOL, {"__bool__": _simple("bool")}),
-    (refs.F_EQ, {"__eq__": _simple("eq"), "__ne__": _simple("ne"), "__hash__": None}),
-    (refs.F_HASH, {"__hash__": _hash}),
-    (refs.F_ORDER, {"__lt__": _simple("lt"), "__le__": _simple("le"), "__gt__": _simple("gt"),
-                    "__ge__": _simple("ge")}),
-]
 _classes: dict[int, type] = {}
-_ALL_FLAGS = 0
-for _bit, _ in _PROTOCOLS:
-    _ALL_FLAGS |= _bit
 
 
 def _proxy_class(flags: int) -> type:
     """The proxy class for a protocol set. Flags come from the compartment:
     only known bits count, and the classes kept are bounded."""
-    flags &= _ALL_FLAGS
+    flags &= protocols.ALL_FLAGS
     cls = _classes.get(flags)
     if cls is None:
         ns: dict[str, Any] = {"__slots__": ()}
-        for bit, methods in _PROTOCOLS:
-            if flags & bit:
-                ns.update(methods)
+        ns.update(protocols.proxy_namespace(flags))
+        if flags & protocols.F_CALL:
+            ns["__call__"] = _call
         cls = type("RemoteObject", (RemoteObject,), ns)
         cls.__module__ = "pycompart.frontend.proxy"
         if len(_classes) < MAX_CACHED:

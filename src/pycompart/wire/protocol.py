@@ -74,6 +74,9 @@ class ErrorInfo(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     #: and ``filename2``), set on the exception the receiver raises.
     attributes: Annotated[dict[Annotated[str, msgspec.Meta(max_length=100)], Simple],
                           msgspec.Meta(max_length=40)] = {}
+    #: A handle of the sender's exception class, exported to the receiver
+    #: (0: none): the receiver's stand-in of that class is the one raised.
+    origin: int = 0
 
 
 class Hello(msgspec.Struct, array_like=True, tag=0):

@@ -30,9 +30,13 @@ turning names into objects is the job of the side that owns them
 from __future__ import annotations
 
 import builtins
-import io
+import datetime
+import decimal
+import fractions
 import itertools
+import pathlib
 import threading
+import uuid
 import types
 import weakref
 from collections.abc import Callable
@@ -42,6 +46,9 @@ import msgspec
 
 from ..errors import ProtocolError, StaleReference
 from . import budget
+from .protocols import (  # noqa: F401  (re-exported: the vocabulary of references)
+    ALL_FLAGS, END, F_CALL, F_ITER, F_NEXT, F_STREAM, STREAM_ATTRS, STREAM_METHODS, type_flags,
+)
 
 Ext = msgspec.msgpack.Ext
 
@@ -57,6 +64,15 @@ EXT_YOURS = 11  # handle: an object of the receiver's, coming back
 EXT_PATH = 12  # [module, qualname, kind, mro]: an object of the compartment, by name
 EXT_END = 13  # an iterator is exhausted
 EXT_METHOD = 14  # the attribute is a method of the object's type: use @callmethod
+EXT_SLICE = 15  # [start, stop, step]
+EXT_ELLIPSIS = 16
+EXT_STD = 17  # [kind, fields]: an immutable value of the standard library (STD_VALUES)
+EXT_BUILTIN = 18  # qualname: a class of builtins (str, ValueError, ...): the receiver's own
+
+#: Flags of a reference that is a class (besides its protocols): the
+#: receiver builds a class stand-in, an exception class for F_EXCEPTION.
+F_CLASS = 1 << 28
+F_EXCEPTION = 1 << 29
 
 #: Nesting depth of a value sent by value.
 MAX_DEPTH = 100
@@ -65,37 +81,9 @@ MAX_EXPORTS = 1_000_000
 #: Types one side numbers for a peer (type keys).
 MAX_TYPES = 4096
 
-# Protocols a referenced object's type supports; the receiver's proxy class
-# defines exactly these, so hasattr/callable/iter behave as they would locally.
-F_CALL = 1 << 0
-F_LEN = 1 << 1
-F_ITER = 1 << 2
-F_NEXT = 1 << 3
-F_GETITEM = 1 << 4
-F_SETITEM = 1 << 5
-F_DELITEM = 1 << 6
-F_CONTAINS = 1 << 7
-F_CONTEXT = 1 << 8
-F_BOOL = 1 << 9
-F_EQ = 1 << 10
-F_HASH = 1 << 11
-F_ORDER = 1 << 12
-F_STREAM = 1 << 13  # an io object: the receiver may use STREAM_METHODS/STREAM_ATTRS
-
-#: What a compartment may do with a file object main passed it: I/O on that
-#: stream, nothing else (no ``buffer``, ``raw``, ``detach``, ``fileno``).
-STREAM_METHODS = frozenset({"read", "readline", "readlines", "write", "writelines", "flush",
-                            "seek", "tell", "readable", "writable", "seekable"})
-STREAM_ATTRS = frozenset({"name", "mode", "encoding", "closed", "newlines"})
-
-_FLAG_SLOTS = ((F_CALL, "__call__"), (F_LEN, "__len__"), (F_ITER, "__iter__"),
-               (F_NEXT, "__next__"), (F_GETITEM, "__getitem__"), (F_SETITEM, "__setitem__"),
-               (F_DELITEM, "__delitem__"), (F_CONTAINS, "__contains__"), (F_BOOL, "__bool__"))
-
 _SCALARS = frozenset({str, float, bool, type(None), bytes})
 _KEY_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 _encoder = msgspec.msgpack.Encoder()
-_flag_cache: dict[type, int] = {}
 _nesting = threading.local()
 _BUILTINS_DICT = builtins.__dict__
 
@@ -108,38 +96,6 @@ ALWAYS_EXPOSED = frozenset({"__version__", "__doc__", "__name__", "__qualname__"
 
 def exposed(name: str, expose: frozenset[str] | tuple[str, ...]) -> bool:
     return not name.startswith("_") or name in ALWAYS_EXPOSED or name in expose
-
-
-def type_flags(tp: type) -> int:
-    flags = _flag_cache.get(tp)
-    if flags is not None:
-        return flags
-    flags = 0
-    for bit, name in _FLAG_SLOTS:
-        if _special(tp, name) is not None:
-            flags |= bit
-    if _special(tp, "__enter__") is not None and _special(tp, "__exit__") is not None:
-        flags |= F_CONTEXT
-    if _special(tp, "__eq__") is not object.__dict__["__eq__"]:
-        flags |= F_EQ
-        if _special(tp, "__hash__") is not None:
-            flags |= F_HASH
-    if _special(tp, "__lt__") is not object.__dict__["__lt__"]:
-        flags |= F_ORDER
-    if issubclass(tp, io.IOBase):
-        flags |= F_STREAM
-    if len(_flag_cache) < 4096:
-        _flag_cache[tp] = flags
-    return flags
-
-
-def _special(tp: type, name: str) -> Any:
-    """A special method as the interpreter finds it: on the type's MRO, not
-    on its metaclass (every class has a ``__call__`` through ``type``)."""
-    for klass in tp.__mro__:
-        if name in klass.__dict__:
-            return klass.__dict__[name]
-    return None
 
 
 def type_name(tp: type) -> str:
@@ -217,14 +173,17 @@ class Peer:
     ``reference(peer, obj)`` turns a local non-plain value into an Ext
     (``EXT_PATH``/``EXT_YOURS``) or returns None to export it;
     ``from_path(peer, module, qualname, kind, mro)`` turns an ``EXT_PATH``
-    into an object. These differ between main and an instance.
+    into an object; ``make_class(peer, handle, flags, name, mro)`` builds the
+    stand-in of a class of the peer's. These differ between main and an
+    instance.
     """
 
     def __init__(self, compartment: str,
                  make_proxy: Callable[..., Any],
                  reference: Callable[[Peer, Any], Any],
                  from_path: Callable[..., Any],
-                 exports_limit: int = MAX_EXPORTS):
+                 exports_limit: int = MAX_EXPORTS,
+                 make_class: Callable[..., Any] | None = None):
         self.compartment = compartment
         self.exports = Exports(exports_limit)
         self.proxies: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
@@ -237,6 +196,8 @@ class Peer:
         self.pending_release: list[tuple[int, int]] | None = None  # set to the channel's list
         self.closed = False
         self._make_proxy = make_proxy
+        self._make_class = make_class or (
+            lambda peer, handle, flags, tname, mro: make_proxy(peer, handle, "", flags, tname))
         self._reference = reference
         self._from_path = from_path
         self._decoder = msgspec.msgpack.Decoder(ext_hook=self._ext)
@@ -284,6 +245,19 @@ class Peer:
             return Ext(EXT_COMPLEX, _encoder.encode([value.real, value.imag]))
         if tp is bytearray:
             return Ext(EXT_BYTEARRAY, bytes(value))
+        if tp is slice:
+            return Ext(EXT_SLICE, _encoder.encode([self.to_wire(value.start, depth),
+                                                   self.to_wire(value.stop, depth),
+                                                   self.to_wire(value.step, depth)]))
+        if value is Ellipsis:
+            return ELLIPSIS_EXT
+        std = _STD_ENCODE.get(tp)
+        if std is not None:
+            kind, fields = std(value)
+            if kind:
+                return Ext(EXT_STD, _encoder.encode([kind, fields]))
+        if tp is type and getattr(builtins, value.__name__, None) is value and value.__module__ == "builtins":
+            return Ext(EXT_BUILTIN, value.__name__.encode())
         if isinstance(value, types.ModuleType) and not hasattr(value, "__pycompart_proxy__"):
             ext = self._reference(self, value)
             if ext is None:
@@ -300,7 +274,14 @@ class Peer:
         if open_requests:
             open_requests[-1].add(handle)
         tp = type(value)
-        return Ext(EXT_REF, _encoder.encode([handle, self.type_key(tp), type_flags(tp), type_name(tp)]))
+        flags = type_flags(tp)
+        if isinstance(value, type):
+            # A class: the peer makes a class of its own for it, so that
+            # isinstance, issubclass, except and raise work there.
+            flags |= F_CLASS | (F_EXCEPTION if issubclass(value, BaseException) else 0)
+            return Ext(EXT_REF, _encoder.encode([handle, self.type_key(tp), flags, type_name(value),
+                                                  [type_name(c) for c in value.__mro__[:32]]]))
+        return Ext(EXT_REF, _encoder.encode([handle, self.type_key(tp), flags, type_name(tp)]))
 
     def type_key(self, tp: type) -> str:
         """``name#n``: the same for every object of ``tp`` sent to this
@@ -330,10 +311,17 @@ class Peer:
         if code == EXT_TUPLE:
             return tuple(self._list(data))
         if code == EXT_REF:
-            handle, type_key, flags, tname = self._decoder.decode(data)
-            if type(handle) is not int or type(flags) is not int or not isinstance(type_key, str) \
-                    or not isinstance(tname, str):
+            fields = self._decoder.decode(data)
+            if type(fields) is not list or len(fields) not in (4, 5):
                 raise ProtocolError("malformed reference")
+            handle, type_key, flags, tname = fields[:4]
+            mro = fields[4] if len(fields) == 5 else None
+            if type(handle) is not int or type(flags) is not int or not isinstance(type_key, str) \
+                    or not isinstance(tname, str) or (mro is not None and not (
+                        type(mro) is list and all(isinstance(m, str) for m in mro))):
+                raise ProtocolError("malformed reference")
+            if mro is not None:
+                return self.class_proxy(handle, flags, tname[:300], [m[:300] for m in mro[:32]])
             return self.proxy(handle, type_key[:300], flags, tname[:300])
         if code == EXT_YOURS:
             handle = self._decoder.decode(data)
@@ -368,6 +356,26 @@ class Peer:
             return END
         if code == EXT_METHOD:
             return METHOD
+        if code == EXT_SLICE:
+            start, stop, step = self._list(data)
+            return slice(start, stop, step)
+        if code == EXT_ELLIPSIS:
+            return Ellipsis
+        if code == EXT_STD:
+            kind, fields = self._list(data)
+            decode = _STD_DECODE.get(kind) if isinstance(kind, str) else None
+            if decode is None:
+                raise ProtocolError(f"unknown standard value {kind!r}")
+            try:
+                return decode(fields)
+            except (TypeError, ValueError, OverflowError, ArithmeticError) as exc:
+                raise ProtocolError(f"malformed {kind} value: {exc}") from None
+        if code == EXT_BUILTIN:
+            name = bytes(data).decode("ascii", "replace")
+            value = getattr(builtins, name, None) if name.isidentifier() else None
+            if not isinstance(value, type):
+                raise ProtocolError(f"builtins has no class {name!r}")
+            return value
         raise ProtocolError(f"unknown extension type {code}")
 
     def _list(self, data: memoryview) -> list[Any]:
@@ -386,6 +394,19 @@ class Peer:
         return value
 
     # -- proxies --------------------------------------------------------------------
+
+    def class_proxy(self, handle: int, flags: int, tname: str, mro: list[str]) -> Any:
+        """A class of the peer's (see ``export``): its stand-in, one per handle."""
+        with self._proxy_lock:
+            proxy = self.proxies.get(handle)
+            if proxy is None:
+                proxy = self._make_class(self, handle, flags, tname, mro)
+                self.proxies[handle] = proxy
+            else:
+                # A class stand-in counts on the reference it holds.
+                counted = getattr(proxy, "_pc_ref", proxy) if isinstance(proxy, type) else proxy
+                object.__setattr__(counted, "_pc_count", counted._pc_count + 1)
+            return proxy
 
     def proxy(self, handle: int, type_key: str, flags: int, tname: str) -> Any:
         with self._proxy_lock:
@@ -433,16 +454,82 @@ def sent_in_open_requests(handle: int) -> bool:
     return any(handle in handles for handles in getattr(_nesting, "sent", ()) or ())
 
 
-class _Marker:
-    def __init__(self, name: str):
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
+METHOD = type(END)("METHOD")
+ELLIPSIS_EXT = Ext(EXT_ELLIPSIS, b"")
 
 
-END = _Marker("END")
-METHOD = _Marker("METHOD")
+# -- standard values that cross as values -------------------------------------------------
+# Immutable, of exact standard-library types, rebuilt from plain fields: the
+# receiver constructs its own (never a class the sender names).
+
+def _tz_fields(tz: Any) -> Any:
+    if tz is None:
+        return None
+    if type(tz) is not datetime.timezone:
+        return False  # another tzinfo (zoneinfo, dateutil): not a value we can rebuild
+    offset = tz.utcoffset(None)
+    return [offset.days, offset.seconds, offset.microseconds, tz.tzname(None)]
+
+
+def _tz(fields: Any) -> Any:
+    if fields is None:
+        return None
+    days, seconds, micro, name = fields
+    delta = datetime.timedelta(days=days, seconds=seconds, microseconds=micro)
+    return datetime.timezone.utc if delta == datetime.timedelta(0) and name == "UTC" else \
+        datetime.timezone(delta, name)
+
+
+def _datetime(v: datetime.datetime) -> tuple[str, Any]:
+    tz = _tz_fields(v.tzinfo)
+    return ("datetime", [v.year, v.month, v.day, v.hour, v.minute, v.second, v.microsecond,
+                         tz, v.fold]) if tz is not False else ("", None)
+
+
+def _time(v: datetime.time) -> tuple[str, Any]:
+    tz = _tz_fields(v.tzinfo)
+    return ("time", [v.hour, v.minute, v.second, v.microsecond, tz, v.fold]) if tz is not False \
+        else ("", None)
+
+
+_STD_ENCODE: dict[type, Callable[[Any], tuple[str, Any]]] = {
+    decimal.Decimal: lambda v: ("decimal", str(v)),
+    fractions.Fraction: lambda v: ("fraction", [str(v.numerator), str(v.denominator)]),
+    datetime.datetime: _datetime,
+    datetime.date: lambda v: ("date", [v.year, v.month, v.day]),
+    datetime.time: _time,
+    datetime.timedelta: lambda v: ("timedelta", [v.days, v.seconds, v.microseconds]),
+    datetime.timezone: lambda v: ("timezone", _tz_fields(v)),
+    uuid.UUID: lambda v: ("uuid", v.bytes),
+    range: lambda v: ("range", [str(v.start), str(v.stop), str(v.step)]),
+    pathlib.PurePosixPath: lambda v: ("purepath", str(v)),
+    pathlib.PosixPath: lambda v: ("path", str(v)),
+}
+
+
+def _bounded_int(text: Any) -> int:
+    if not isinstance(text, str) or len(text) > 5000:
+        raise ValueError("an integer")
+    return int(text)
+
+
+_STD_DECODE: dict[str, Callable[[Any], Any]] = {
+    "decimal": lambda f: decimal.Decimal(f) if isinstance(f, str) and len(f) < 5000 else _bad(),
+    "fraction": lambda f: fractions.Fraction(_bounded_int(f[0]), _bounded_int(f[1])),
+    "datetime": lambda f: datetime.datetime(*f[:7], tzinfo=_tz(f[7]), fold=f[8]),
+    "date": lambda f: datetime.date(*f),
+    "time": lambda f: datetime.time(*f[:4], tzinfo=_tz(f[4]), fold=f[5]),
+    "timedelta": lambda f: datetime.timedelta(days=f[0], seconds=f[1], microseconds=f[2]),
+    "timezone": _tz,
+    "uuid": lambda f: uuid.UUID(bytes=f),
+    "range": lambda f: range(_bounded_int(f[0]), _bounded_int(f[1]), _bounded_int(f[2])),
+    "purepath": lambda f: pathlib.PurePosixPath(f) if isinstance(f, str) else _bad(),
+    "path": lambda f: pathlib.PosixPath(f) if isinstance(f, str) else _bad(),
+}
+
+
+def _bad() -> Any:
+    raise ValueError("malformed")
 
 END_EXT = Ext(EXT_END, b"")
 METHOD_EXT = Ext(EXT_METHOD, b"")

@@ -1,0 +1,341 @@
+"""The protocols an object offers across a boundary, both ways.
+
+An object that crosses by handle (``pycompart.wire.refs``) is used on the
+other side through a proxy whose class defines exactly the special methods
+the object's type has (``type_flags``), so ``len(x)``, ``x[1:2]``, ``a + b``,
+``iter(x)``, ``hasattr(x, "__iter__")`` and ``callable(x)`` behave as they
+would locally. Each special method becomes an operation (``@op`` with a
+name from ``OPS``) that the object's owner carries out at home.
+
+Both directions use this: main's proxies of a compartment's objects
+(``pycompart.frontend.proxy``) and a compartment's proxies of main's
+(``pycompart.compartment.objects``). What each owner *serves* is its own
+decision: a compartment serves every operation on its objects; main serves
+them only to compartments it lets call it (``may_call = ["main"]``), and
+never attributes (``pycompart.frontend.callbacks``).
+
+Iteration is batched: ``next`` on a proxy asks for a batch of items at
+once, growing from one to ``MAX_BATCH`` while the consumer keeps pulling, so
+a long iteration costs a round trip per batch, and a consumer that stops
+early has taken at most one batch more from a generator than it used.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import operator
+from collections.abc import Callable
+from typing import Any
+
+from .exceptions import ALLOWED_EXCEPTIONS
+
+# -- which protocols a type has --------------------------------------------------
+
+F_CALL = 1 << 0
+F_LEN = 1 << 1
+F_ITER = 1 << 2
+F_NEXT = 1 << 3
+F_GETITEM = 1 << 4
+F_SETITEM = 1 << 5
+F_DELITEM = 1 << 6
+F_CONTAINS = 1 << 7
+F_CONTEXT = 1 << 8
+F_BOOL = 1 << 9
+F_EQ = 1 << 10
+F_HASH = 1 << 11
+F_ORDER = 1 << 12
+F_STREAM = 1 << 13  # an io object: STREAM_METHODS/STREAM_ATTRS
+F_ARITH = 1 << 14  # + - * / // % ** divmod, reflected and in place
+F_BITS = 1 << 15  # & | ^ << >>, reflected and in place
+F_UNARY = 1 << 16  # - + abs ~
+F_MATMUL = 1 << 17  # @
+F_NUMBER = 1 << 18  # int() float() complex() operator.index() round()
+F_FORMAT = 1 << 19  # format() (only when the type overrides it)
+F_BYTES = 1 << 20
+F_REVERSED = 1 << 21
+F_FSPATH = 1 << 22
+ALL_FLAGS = (1 << 23) - 1
+
+#: What a compartment may do with a file object main passed it: I/O on that
+#: stream, nothing else (no ``buffer``, ``raw``, ``detach``, ``fileno``).
+STREAM_METHODS = frozenset({"read", "readline", "readlines", "write", "writelines", "flush",
+                            "seek", "tell", "readable", "writable", "seekable"})
+STREAM_ATTRS = frozenset({"name", "mode", "encoding", "closed", "newlines"})
+
+_ARITH = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "divmod")
+_BITS = ("and", "or", "xor", "lshift", "rshift")
+_ONE_SLOT = ((F_CALL, "__call__"), (F_LEN, "__len__"), (F_ITER, "__iter__"),
+             (F_NEXT, "__next__"), (F_GETITEM, "__getitem__"), (F_SETITEM, "__setitem__"),
+             (F_DELITEM, "__delitem__"), (F_CONTAINS, "__contains__"), (F_BOOL, "__bool__"),
+             (F_MATMUL, "__matmul__"), (F_BYTES, "__bytes__"), (F_REVERSED, "__reversed__"),
+             (F_FSPATH, "__fspath__"))
+_GROUPS = ((F_ARITH, [f"__{n}__" for n in _ARITH] + [f"__r{n}__" for n in _ARITH]),
+           (F_BITS, [f"__{n}__" for n in _BITS] + [f"__r{n}__" for n in _BITS]),
+           (F_UNARY, ["__neg__", "__pos__", "__abs__", "__invert__"]),
+           (F_NUMBER, ["__int__", "__float__", "__complex__", "__index__", "__round__"]))
+_flag_cache: dict[type, int] = {}
+
+
+def special(tp: type, name: str) -> Any:
+    """A special method as the interpreter finds it: on the type's MRO, not
+    on its metaclass (every class has a ``__call__`` through ``type``)."""
+    for klass in tp.__mro__:
+        if name in klass.__dict__:
+            return klass.__dict__[name]
+    return None
+
+
+def type_flags(tp: type) -> int:
+    """The protocols objects of ``tp`` support."""
+    flags = _flag_cache.get(tp)
+    if flags is not None:
+        return flags
+    flags = 0
+    for bit, name in _ONE_SLOT:
+        if special(tp, name) is not None:
+            flags |= bit
+    for bit, names in _GROUPS:
+        if any(special(tp, name) is not None for name in names):
+            flags |= bit
+    if special(tp, "__enter__") is not None and special(tp, "__exit__") is not None:
+        flags |= F_CONTEXT
+    if special(tp, "__eq__") is not object.__dict__["__eq__"]:
+        flags |= F_EQ
+        if special(tp, "__hash__") is not None:
+            flags |= F_HASH
+    if special(tp, "__lt__") is not object.__dict__["__lt__"]:
+        flags |= F_ORDER
+    if special(tp, "__format__") is not object.__dict__["__format__"]:
+        flags |= F_FORMAT
+    if issubclass(tp, io.IOBase):
+        flags |= F_STREAM
+    if len(_flag_cache) < 4096:
+        _flag_cache[tp] = flags
+    return flags
+
+
+# -- at home: carrying an operation out ------------------------------------------
+
+class _Marker:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: The end of an iteration (``next`` found nothing more).
+END = _Marker("END")
+#: Items one ``next`` asks for at the most.
+MAX_BATCH = 256
+
+
+def _next_batch(obj: Any, n: Any) -> list[Any]:
+    """Up to ``n`` items of an iterator; ``END`` last if it is exhausted."""
+    if type(n) is not int or n < 1:
+        raise TypeError("a batch size")
+    out = []
+    for _ in range(min(n, MAX_BATCH)):
+        try:
+            out.append(next(obj))
+        except StopIteration:
+            out.append(END)
+            break
+    return out
+
+
+def _round(obj: Any, *ndigits: Any) -> Any:
+    return round(obj, *ndigits)
+
+
+def _pow(obj: Any, other: Any, *mod: Any) -> Any:
+    return pow(obj, other, *mod)
+
+
+def _binary(name: str) -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any],
+                                Callable[[Any, Any], Any]]:
+    if name == "divmod":
+        return divmod, (lambda o, x: divmod(x, o)), divmod
+    fn = getattr(operator, name if name not in ("and", "or") else name + "_")
+    inplace = getattr(operator, "i" + name)
+    return fn, (lambda o, x: fn(x, o)), inplace
+
+
+OPS: dict[str, Callable[..., Any]] = {
+    "len": len, "iter": iter, "next_batch": _next_batch, "reversed": reversed,
+    "getitem": lambda o, k: o[k], "setitem": lambda o, k, v: o.__setitem__(k, v),
+    "delitem": lambda o, k: o.__delitem__(k), "contains": lambda o, k: k in o,
+    "repr": repr, "str": str, "bool": bool, "hash": hash,
+    "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
+    "gt": operator.gt, "ge": operator.ge,
+    "neg": operator.neg, "pos": operator.pos, "abs": abs, "invert": operator.invert,
+    "int": int, "float": float, "complex": complex, "index": operator.index, "round": _round,
+    "format": format, "bytes": bytes, "fspath": lambda o: o.__fspath__(),
+    "matmul": operator.matmul, "rmatmul": lambda o, x: x @ o, "imatmul": operator.imatmul,
+    "pow": _pow, "rpow": lambda o, x: x ** o,
+    "enter": lambda o: type(o).__enter__(o),
+}
+
+
+def _exit_op(obj: Any, name: Any, message: Any) -> bool:
+    """``__exit__`` at home, with an exception rebuilt from its builtin name
+    (never a class named by the far side)."""
+    if name is None:
+        return bool(type(obj).__exit__(obj, None, None, None))
+    cls = ALLOWED_EXCEPTIONS.get(name, Exception) if type(name) is str else Exception
+    exc = cls(str(message))
+    return bool(type(obj).__exit__(obj, cls, exc, None))
+
+
+OPS["exit"] = _exit_op
+for _name in _ARITH + _BITS:
+    if _name == "pow":
+        _, OPS["rpow"], OPS["ipow"] = _binary("pow")
+        continue
+    OPS[_name], OPS["r" + _name], OPS["i" + _name] = _binary(_name)
+
+
+# -- away: the proxy's special methods ----------------------------------------------
+
+def _op(op: str) -> Callable[..., Any]:
+    def method(self: Any, *args: Any) -> Any:
+        return self._pc_op(op, *args)
+    method.__name__ = f"__{op}__"
+    return method
+
+
+def _binop(op: str) -> Callable[..., Any]:
+    def method(self: Any, other: Any) -> Any:
+        return self._pc_op(op, other)
+    method.__name__ = f"__{op}__"
+    return method
+
+
+_set = object.__setattr__  # proxies may forward plain setattr to the owner
+
+
+def _next(self: Any) -> Any:
+    buffer = self._pc_buffer
+    if buffer is None:
+        buffer = collections.deque()
+        _set(self, "_pc_buffer", buffer)
+    if not buffer:
+        n = self._pc_batch
+        items = self._pc_op("next_batch", n)
+        if type(items) is not list or not items:
+            raise TypeError("a malformed batch of items")
+        buffer.extend(items)
+        _set(self, "_pc_batch", min(n * 2, MAX_BATCH))
+    item = buffer.popleft()
+    if item is END:
+        buffer.appendleft(END)  # exhausted for good
+        raise StopIteration
+    return item
+
+
+def _iter_self(self: Any) -> Any:
+    return self
+
+
+def _hash(self: Any) -> int:
+    cached = self._pc_hash
+    if cached is None:
+        value = self._pc_op("hash")
+        if type(value) is not int:
+            raise TypeError("__hash__ returned a non-integer")
+        cached = value
+        _set(self, "_pc_hash", value)
+    return cached
+
+
+def _checked(op: str, kind: Any) -> Callable[..., Any]:
+    what = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+
+    def method(self: Any, *args: Any) -> Any:
+        value = self._pc_op(op, *args)
+        if not isinstance(value, kind):
+            raise TypeError(f"__{op}__ returned {type(value).__name__}, not {what}")
+        return value
+    method.__name__ = f"__{op}__"
+    return method
+
+
+def _exit(self: Any, exc_type: Any, exc: Any, tb: Any) -> bool:
+    if exc is None:
+        return bool(self._pc_op("exit", None, None))
+    name = type(exc).__qualname__ if type(exc).__module__ == "builtins" else "Exception"
+    try:
+        message = str(exc)
+    except Exception:
+        message = ""
+    return bool(self._pc_op("exit", name, message))
+
+
+def proxy_namespace(flags: int) -> dict[str, Any]:
+    """The special methods of a proxy class for objects with ``flags``.
+    The class provides ``_pc_op(op, *args)`` and the slots ``_pc_buffer``,
+    ``_pc_batch`` and ``_pc_hash``."""
+    ns: dict[str, Any] = {}
+    if flags & F_LEN:
+        ns["__len__"] = _checked("len", int)
+    if flags & F_ITER:
+        ns["__iter__"] = _iter_self if flags & F_NEXT else _op("iter")
+    if flags & F_NEXT:
+        ns["__next__"] = _next
+    if flags & F_GETITEM:
+        ns["__getitem__"] = _op("getitem")
+    if flags & F_SETITEM:
+        ns["__setitem__"] = _op("setitem")
+    if flags & F_DELITEM:
+        ns["__delitem__"] = _op("delitem")
+    if flags & F_CONTAINS:
+        ns["__contains__"] = _checked("contains", bool)
+    if flags & F_CONTEXT:
+        ns["__enter__"] = _op("enter")
+        ns["__exit__"] = _exit
+    if flags & F_BOOL:
+        ns["__bool__"] = _checked("bool", bool)
+    if flags & F_EQ:
+        ns["__eq__"] = _binop("eq")
+        ns["__ne__"] = _binop("ne")
+        ns["__hash__"] = _hash if flags & F_HASH else None
+    if flags & F_ORDER:
+        for op in ("lt", "le", "gt", "ge"):
+            ns[f"__{op}__"] = _binop(op)
+    if flags & F_ARITH:
+        for name in _ARITH:
+            ns[f"__{name}__"] = _binop(name) if name != "pow" else _op("pow")
+            ns[f"__r{name}__"] = _binop("r" + name)
+            if name != "divmod":
+                ns[f"__i{name}__"] = _binop("i" + name)
+    if flags & F_BITS:
+        for name in _BITS:
+            ns[f"__{name}__"] = _binop(name)
+            ns[f"__r{name}__"] = _binop("r" + name)
+            ns[f"__i{name}__"] = _binop("i" + name)
+    if flags & F_UNARY:
+        for name in ("neg", "pos", "abs", "invert"):
+            ns[f"__{name}__"] = _op(name)
+    if flags & F_MATMUL:
+        for name in ("matmul", "rmatmul", "imatmul"):
+            ns[f"__{name}__"] = _binop(name)
+    if flags & F_NUMBER:
+        ns["__int__"] = _checked("int", int)
+        ns["__float__"] = _checked("float", float)
+        ns["__complex__"] = _checked("complex", complex)
+        ns["__index__"] = _checked("index", int)
+        ns["__round__"] = _op("round")
+    if flags & F_FORMAT:
+        ns["__format__"] = _checked("format", str)
+    if flags & F_BYTES:
+        ns["__bytes__"] = _checked("bytes", bytes)
+    if flags & F_REVERSED:
+        ns["__reversed__"] = _op("reversed")
+    if flags & F_FSPATH:
+        ns["__fspath__"] = _checked("fspath", (str, bytes))  # type: ignore[arg-type]
+    return ns
+
+
+#: Slots every proxy class has for the protocols above.
+PROXY_SLOTS = ("_pc_buffer", "_pc_batch", "_pc_hash")
