@@ -46,6 +46,7 @@ class ObjectServer:
         self._ops: dict[str, Callable[..., Any]] = {
             "@import": self.op_import, "@getattr": self.op_getattr, "@setattr": self.op_setattr,
             "@call": self.op_call, "@callmethod": self.op_callmethod, "@op": self.op_protocol,
+            "@delattr": self.op_delattr,
         }
 
     def handles(self, entrypoint: str) -> bool:
@@ -186,6 +187,13 @@ class ObjectServer:
             raise PermissionError(f"setting attributes in compartment {self.compartment!r} is not "
                                   "allowed (spec: allow_setattr)")
         setattr(target, self.check_name(name, _describe(target)), value)
+
+    def op_delattr(self, target: Any, name: Any) -> None:
+        self._check_target(target)
+        if not self.allow_setattr:
+            raise PermissionError(f"deleting attributes in compartment {self.compartment!r} is not "
+                                  "allowed (spec: allow_setattr)")
+        delattr(target, self.check_name(name, _describe(target)))
 
     def op_call(self, target: Any, args: Any, kwargs: Any) -> Any:
         self._check_target(target)
@@ -423,10 +431,6 @@ def instance_peer(server: ObjectServer) -> refs.Peer:
         ref = getattr(value, "_pc_ref", None) if isinstance(value, type) else None
         if isinstance(ref, MainRef) and ref._pc_peer is peer:
             return refs.yours_ext(ref._pc_handle)  # main's class, going home
-        if value is refs.END:
-            return refs.END_EXT
-        if value is refs.METHOD:
-            return refs.METHOD_EXT
         return server.path_of(value)
 
     def from_path(peer: refs.Peer, module: str, qualname: str, kind: str, mro: list[str]) -> Any:

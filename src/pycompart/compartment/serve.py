@@ -254,6 +254,8 @@ class Server(CallServer):
                                server=self)
         os.set_blocking(read_fd, True)  # see Channel.blocking_reads
         self.channel.blocking_reads = True
+        # Module compartments pass references: releases wait for decodes.
+        self.channel.track_arrivals = bool(config.modules or config.functions)
         self.objects = ObjectServer(config.compartment, config.modules, config.functions,
                                     config.expose, config.allow_setattr)
         self.peer = instance_peer(self.objects)
@@ -292,6 +294,8 @@ class Server(CallServer):
             finally:
                 stack.pop()
                 self.current = None
+                if channel.track_arrivals:
+                    self.peer.decoded(("c", call.id))
             reply(frame)
             if channel.failure is not None and not isinstance(channel.failure, ProtocolError):
                 os._exit(0)  # the caller is gone; nothing left to serve
@@ -358,9 +362,12 @@ class Server(CallServer):
         finally:
             if on_main:
                 self.depth -= 1
-        if reply.__class__ is Err:
-            raise self.objects.rebuild(self.peer, reply.error)  # type: ignore[union-attr]
-        return self.peer.decode(reply.value)  # type: ignore[union-attr]
+        try:
+            if reply.__class__ is Err:
+                raise self.objects.rebuild(self.peer, reply.error)  # type: ignore[union-attr]
+            return self.peer.decode(reply.value)  # type: ignore[union-attr]
+        finally:
+            self.peer.decoded(("r", reply.id))
 
     # -- CallServer: what arrives from main -----------------------------------------
 
@@ -368,8 +375,13 @@ class Server(CallServer):
         channel.deliver(call)
 
     def release(self, channel: Channel, handles: list[tuple[int, int]]) -> None:
-        for handle, count in handles:
-            self.peer.exports.release(handle, count)
+        self.peer.release_later(handles)
+
+    def arrived(self, channel: Channel, key: tuple[str, int]) -> None:
+        self.peer.arrived(key)
+
+    def decoded(self, channel: Channel, key: tuple[str, int]) -> None:
+        self.peer.decoded(key)
 
     def cancel(self, channel: Channel, rid: int) -> None:
         if rid == self.current:

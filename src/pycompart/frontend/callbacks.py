@@ -131,9 +131,13 @@ class CallbackGate(CallServer):
         return getattr(target, name)(*args, **kwargs)
 
     def release(self, channel: Channel, handles: list[tuple[int, int]]) -> None:
-        for handle, count in handles:
-            if not self.peer.exports.release(handle, count):
-                channel.conn.violations += 1
+        channel.conn.violations += self.peer.release_later(handles)
+
+    def arrived(self, channel: Channel, key: tuple[str, int]) -> None:
+        self.peer.arrived(key)
+
+    def decoded(self, channel: Channel, key: tuple[str, int]) -> None:
+        self.peer.decoded(key)
 
     def closed(self, channel: Channel) -> None:
         self.peer.close()

@@ -145,9 +145,12 @@ class Compartment:
                 if self.on_timeout is not None:
                     self.on_timeout(self.name, op, inst.pid, timeout)
                 raise
-            if reply.__class__ is Err:
-                raise self.exception(reply.error)  # type: ignore[union-attr]
-            return peer.decode(reply.value)  # type: ignore[union-attr]
+            try:
+                if reply.__class__ is Err:
+                    raise self.exception(reply.error)  # type: ignore[union-attr]
+                return peer.decode(reply.value)  # type: ignore[union-attr]
+            finally:
+                peer.decoded(("r", reply.id))
 
     def check_alive(self, inst: InstanceHandle) -> None:
         failure = inst.channel.failure
@@ -333,11 +336,13 @@ class ModuleProxy(types.ModuleType):
     __pycompart_proxy__ = True
 
     def __init__(self, comp: Compartment, name: str):
-        super().__init__(name)
+        types.ModuleType.__init__(self, name)
         self.__dict__["__pycompart_comp__"] = comp
         self.__dict__["__pycompart_path__"] = (comp.name, name, "", "module")
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__pycompart"):
+            raise AttributeError(name)
         comp: Compartment = self.__dict__["__pycompart_comp__"]
         if not exposed(name, comp.expose):
             raise AttributeError(f"module {self.__name__!r} (in compartment {comp.name!r}) does "
@@ -381,6 +386,31 @@ class ModuleProxy(types.ModuleType):
         comp: Compartment = self.__dict__["__pycompart_comp__"]
         return list(comp.call(None, "@op", [self, "dir", []]))
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``mod.FLAG = True``, ``mock.patch.object(mod, "f", ...)``: the
+        module in the compartment changes (where its code looks), or the
+        assignment fails loudly. Import machinery (dunders) stays local."""
+        if name.startswith("__") and name.endswith("__"):
+            super().__setattr__(name, value)
+            return
+        comp: Compartment = self.__dict__["__pycompart_comp__"]
+        if not comp.spec.allow_setattr:
+            raise AttributeError(f"cannot set {name!r} on module {self.__name__!r}: it lives in "
+                                 f"compartment {comp.name!r}, whose spec does not allow_setattr")
+        self.__dict__.pop(name, None)
+        comp.call(None, "@setattr", [self, name, value])
+
+    def __delattr__(self, name: str) -> None:
+        if name.startswith("__") and name.endswith("__"):
+            super().__delattr__(name)
+            return
+        comp: Compartment = self.__dict__["__pycompart_comp__"]
+        if not comp.spec.allow_setattr:
+            raise AttributeError(f"cannot delete {name!r} from module {self.__name__!r} in "
+                                 f"compartment {comp.name!r} (spec: allow_setattr)")
+        self.__dict__.pop(name, None)
+        comp.call(None, "@delattr", [self, name])
+
     def __repr__(self) -> str:
         comp: Compartment = self.__dict__["__pycompart_comp__"]
         return f"<module {self.__name__!r} in compartment {comp.name!r}>"
@@ -400,7 +430,7 @@ class PathFunction:
         return self._pc_comp.call(None, "@call", [self, list(args), kwargs])
 
     def __getattr__(self, name: str) -> Any:
-        if not exposed(name, self._pc_comp.expose):
+        if name.startswith(("_pc_", "__pycompart")) or not exposed(name, self._pc_comp.expose):
             raise AttributeError(name)
         return self._pc_comp.call(None, "@getattr", [self, name])
 
@@ -422,6 +452,8 @@ class RemoteClassMeta(type):
         return cls._pc_comp.call(None, "@call", [cls, list(args), kwargs])
 
     def __getattr__(cls, name: str) -> Any:
+        if name.startswith(("_pc_", "__pycompart")):
+            raise AttributeError(name)
         comp: Compartment = type.__getattribute__(cls, "_pc_comp")
         if not exposed(name, comp.expose):
             raise AttributeError(f"{cls.__qualname__} (in compartment {comp.name!r}) does not "
@@ -469,8 +501,8 @@ class RemoteObject:
                  "_pc_inst", *protocols.PROXY_SLOTS, "__weakref__")
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_pc_"):
-            raise AttributeError(name)
+        if name.startswith(("_pc_", "__pycompart")):
+            raise AttributeError(name)  # ours, never the compartment's
         comp = self._pc_comp
         if not exposed(name, comp.expose):
             raise AttributeError(f"{self._pc_tname} object (in compartment {comp.name!r}) does "

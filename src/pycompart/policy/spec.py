@@ -119,10 +119,13 @@ class CompartmentSpec:
     may_call: tuple[str, ...] = ()
     mechanism: str = "process"
     privileges: Privileges = Privileges()
-    #: Private/dunder names of the compartment's objects that others may reach.
-    expose: tuple[str, ...] = ()
-    #: Whether others may set attributes on the compartment's objects.
-    allow_setattr: bool = False
+    #: Private/dunder names of the compartment's objects that others may
+    #: reach; ``("*",)`` for all (the default of a ``sandbox``, whose
+    #: internals are main's to see: main is the trusted side).
+    expose: tuple[str, ...] = ("*",)
+    #: Whether others may set attributes on the compartment's objects and
+    #: modules (default: yes for a ``sandbox``, no for ``safebox``/``mutual``).
+    allow_setattr: bool = True
     #: Whether main may call a callable of its own that the compartment sent
     #: back unasked (not passed in that same call): by default it may not.
     allow_returned_callables: bool = False
@@ -307,6 +310,14 @@ def _timeout(value: Any) -> float | None:
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
+def _expose(value: Any) -> tuple[str, ...]:
+    if value == "all":
+        return ("*",)
+    if value == "none":
+        return ()
+    return _str_list(_IDENT_RE, 'attribute names, or "all" or "none"')(value)
+
+
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError("true or false")
@@ -337,13 +348,21 @@ def _compartment(reader: _Reader, name: str, default_mechanism: str, base_dir: s
         start_timeout=reader.get("start_timeout", parse_duration, "", d.start_timeout),
         may_call=reader.get("may_call", _str_list(_NAME_RE, "compartment names"), "", ()),
         mechanism=reader.get("mechanism", _one_of(MECHANISMS), "", default_mechanism),
-        expose=reader.get("expose", _str_list(_IDENT_RE, "attribute names"), "", ()),
-        allow_setattr=reader.get("allow_setattr", _bool, "true or false", False),
+        expose=reader.get("expose", _expose, "", None),
+        allow_setattr=reader.get("allow_setattr", _bool, "true or false", None),
         allow_returned_callables=reader.get("allow_returned_callables", _bool, "true or false", False),
         shared=reader.get("shared", _str_list(_FUNCTION_RE, '"module:name" names'), "", ()),
         output=reader.get("output", _one_of(OUTPUT_MODES), "", d.output),
         idle_cpu=reader.get("idle_cpu", _timeout, 'a duration or "none"', d.idle_cpu),
     )
+    # A sandbox protects main from the compartment, not the compartment from
+    # main: main may reach its internals (private names, attributes) as it
+    # could unboxed. A safebox or mutual compartment is protected from main.
+    sandbox = spec.trust == "sandbox"
+    if spec.expose is None:
+        spec = dataclasses.replace(spec, expose=("*",) if sandbox else ())
+    if spec.allow_setattr is None:
+        spec = dataclasses.replace(spec, allow_setattr=sandbox)
     privileges = reader.sub("privileges")
     if privileges is not None:
         spec = dataclasses.replace(spec, privileges=_privileges(privileges, base_dir, default_enforcement))

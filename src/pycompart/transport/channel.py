@@ -123,6 +123,15 @@ class CallServer:
     def release(self, channel: Channel, handles: list[tuple[int, int]]) -> None:
         """The peer dropped references to our objects."""
 
+    def arrived(self, channel: Channel, key: tuple[str, int]) -> None:
+        """A message that may name our objects arrived: a reply (``("r",
+        id)``) or a call (``("c", id)``); only with the channel's
+        ``track_arrivals``. Releases wait until it is ``decoded``
+        (``pycompart.wire.refs.Peer.arrived``)."""
+
+    def decoded(self, channel: Channel, key: tuple[str, int]) -> None:
+        """The message ``key`` was decoded, or never will be."""
+
     def closed(self, channel: Channel) -> None:
         """The channel is closed: drop what the peer held."""
 
@@ -179,6 +188,9 @@ class Channel:
         #: Sources of Output frames to send before the next frame (what an
         #: instance printed during a call: ``pycompart.compartment.output``).
         self.pending_output: list[Any] = []
+        #: Tell the server of each reply's and call's arrival (releases wait
+        #: for decodes; module compartments, both ends).
+        self.track_arrivals = False
         #: Where Output from the peer goes: ``(stream, data)``; None drops it
         #: (only instances send output).
         self.output_sink: Callable[[int, bytes], None] | None = None
@@ -220,7 +232,7 @@ class Channel:
         conn = self.conn
         rid, frame = conn.send_call(entrypoint, payload, 0, parent)
         if self.pending_release:
-            frame = self._release_frame() + frame
+            frame = frame + self._release_frame()  # after: the frame may name those handles
         if self.pending_output:
             frame = self._output_frames() + frame
         mu = self._mu
@@ -480,6 +492,8 @@ class Channel:
             msg: Any = event
             for fd in self.conn.take_fds():  # descriptors as values come in a later version
                 os.close(fd)
+            if self.track_arrivals:
+                self.server.arrived(self, ("r", msg.id))
             if msg.id == self._leader_rid:
                 self._leader_reply = msg
                 return
@@ -507,6 +521,8 @@ class Channel:
             call: Any = event
             for fd in self.conn.take_fds():
                 os.close(fd)
+            if self.track_arrivals:
+                self.server.arrived(self, ("c", call.id))
             parent = call.parent
             if parent:
                 with self._mu:
@@ -556,6 +572,9 @@ class Channel:
             # KeyboardInterrupt and the like: the peer still gets an answer.
             self.reply(self.conn.send_err(call.id, refusal("interrupted")), deadline)
             raise
+        finally:
+            if self.track_arrivals:
+                self.server.decoded(self, ("c", call.id))
         self.reply(frame, deadline)
 
     def reply(self, frame: bytes, deadline: float | None = None) -> None:
@@ -563,7 +582,7 @@ class Channel:
         ``deadline`` at the latest (default: ``REPLY_SEND_TIMEOUT`` from now).
         A peer that does not read it in time breaks the channel."""
         if self.pending_release:
-            frame = self._release_frame() + frame
+            frame = frame + self._release_frame()  # after: the frame may name those handles
         if self.pending_output:
             frame = self._output_frames() + frame
         if deadline is None:
@@ -580,6 +599,8 @@ class Channel:
     def refuse(self, call: Call, message: str) -> None:
         """Answer a call we will not run, without waiting: a peer that sends
         calls and does not read the answers is misbehaving."""
+        if self.track_arrivals:
+            self.server.decoded(self, ("c", call.id))
         self.reply(self.conn.send_err(call.id, refusal(message)), time.monotonic())
 
     def _release_frame(self) -> bytes:
@@ -624,8 +645,12 @@ class Channel:
             for call in self._inbox.nested:
                 if call.id == rid:
                     self._inbox.nested.remove(call)
-                    return True
-        return False
+                    break
+            else:
+                return False
+        if self.track_arrivals:
+            self.server.decoded(self, ("c", rid))
+        return True
 
     def next_call(self) -> Call | None:
         """For an instance's serve loop: the next top-level call, reading the
@@ -703,6 +728,8 @@ class Channel:
             if event.__class__ is Call and not event.parent:  # type: ignore[attr-defined]
                 for fd in conn.take_fds():
                     os.close(fd)
+                if self.track_arrivals:
+                    self.server.arrived(self, ("c", event.id))  # type: ignore[attr-defined]
                 return event  # type: ignore[return-value]
             if event is _NEED_DATA:
                 return None  # a large frame: the general loop reads the rest

@@ -14,10 +14,13 @@ decision: a compartment serves every operation on its objects; main serves
 them only to compartments it lets call it (``may_call = ["main"]``), and
 never attributes (``pycompart.frontend.callbacks``).
 
-Iteration is batched: ``next`` on a proxy asks for a batch of items at
-once, growing from one to ``MAX_BATCH`` while the consumer keeps pulling, so
-a long iteration costs a round trip per batch, and a consumer that stops
-early has taken at most one batch more from a generator than it used.
+Iteration is batched where that cannot be seen: ``next`` on a proxy asks
+for a batch of items, growing from one to ``MAX_BATCH`` while the consumer
+keeps pulling, but the owner hands out more than one item only from an
+iterator it made itself to answer ``iter()`` (``Private``): nobody else can
+observe that it ran ahead. An iterator that crossed as a value (an argument,
+a return value) is consumed exactly as the far side consumes it, one item
+per ``next``, because its owner may use it again afterwards.
 """
 
 from __future__ import annotations
@@ -131,18 +134,48 @@ END = _Marker("END")
 MAX_BATCH = 256
 
 
+class Private:
+    """An iterator made at home to answer ``iter()`` from the far side, held
+    by nothing but the far side's proxy: it may run ahead (batches)."""
+
+    __slots__ = ("it",)
+
+    def __init__(self, it: Any):
+        self.it = it
+
+    def __iter__(self) -> Private:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self.it)
+
+
+def _iter(obj: Any) -> Any:
+    it = iter(obj)
+    return it if it is obj else Private(it)
+
+
 def _next_batch(obj: Any, n: Any) -> list[Any]:
-    """Up to ``n`` items of an iterator; ``END`` last if it is exhausted."""
+    """Up to ``n`` items of an iterator (one, unless it is ``Private``);
+    ``END`` last if it is exhausted."""
     if type(n) is not int or n < 1:
         raise TypeError("a batch size")
+    if type(obj) is Private:
+        n, obj = min(n, MAX_BATCH), obj.it
+    else:
+        n = 1
     out = []
-    for _ in range(min(n, MAX_BATCH)):
+    for _ in range(n):
         try:
             out.append(next(obj))
         except StopIteration:
             out.append(END)
             break
     return out
+
+
+def _iter_reversed(obj: Any) -> Any:
+    return Private(reversed(obj))
 
 
 def _round(obj: Any, *ndigits: Any) -> Any:
@@ -163,7 +196,7 @@ def _binary(name: str) -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], 
 
 
 OPS: dict[str, Callable[..., Any]] = {
-    "len": len, "iter": iter, "next_batch": _next_batch, "reversed": reversed,
+    "len": len, "iter": _iter, "next_batch": _next_batch, "reversed": _iter_reversed,
     "getitem": lambda o, k: o[k], "setitem": lambda o, k, v: o.__setitem__(k, v),
     "delitem": lambda o, k: o.__delitem__(k), "contains": lambda o, k: k in o,
     "repr": repr, "str": str, "bool": bool, "hash": hash,

@@ -80,6 +80,8 @@ MAX_DEPTH = 100
 MAX_EXPORTS = 1_000_000
 #: Types one side numbers for a peer (type keys).
 MAX_TYPES = 4096
+#: Releases held back while replies wait to be decoded.
+MAX_DEFERRED = 100_000
 
 _SCALARS = frozenset({str, float, bool, type(None), bytes})
 _KEY_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
@@ -94,8 +96,13 @@ ALWAYS_EXPOSED = frozenset({"__version__", "__doc__", "__name__", "__qualname__"
                             "__module__"})
 
 
+#: In an ``expose`` set: every name (a ``sandbox`` compartment's default).
+EXPOSE_ALL = "*"
+
+
 def exposed(name: str, expose: frozenset[str] | tuple[str, ...]) -> bool:
-    return not name.startswith("_") or name in ALWAYS_EXPOSED or name in expose
+    return not name.startswith("_") or name in ALWAYS_EXPOSED or name in expose \
+        or EXPOSE_ALL in expose
 
 
 def type_name(tp: type) -> str:
@@ -194,6 +201,9 @@ class Peer:
         # before" without showing an address of ours (bounded: past it, no key).
         self._type_numbers: dict[type, int] = {}
         self.pending_release: list[tuple[int, int]] | None = None  # set to the channel's list
+        self._arrivals = 0
+        self._undecoded: dict[int, int] = {}
+        self._deferred: list[tuple[int, int, int]] = []
         self.closed = False
         self._make_proxy = make_proxy
         self._make_class = make_class or (
@@ -251,6 +261,10 @@ class Peer:
                                                    self.to_wire(value.step, depth)]))
         if value is Ellipsis:
             return ELLIPSIS_EXT
+        if value is END:
+            return END_EXT
+        if value is METHOD:
+            return METHOD_EXT
         std = _STD_ENCODE.get(tp)
         if std is not None:
             kind, fields = std(value)
@@ -417,6 +431,58 @@ class Peer:
             else:
                 object.__setattr__(proxy, "_pc_count", proxy._pc_count + 1)
             return proxy
+
+    # -- releases that must wait for decodes ---------------------------------------
+    # The peer may drop its last proxy of one of our objects right after it
+    # sent that object back to us in a reply (a callback returned it): its
+    # Release then arrives before we have decoded the reply, which names
+    # the handle. A release waits until every reply that arrived before it
+    # has been decoded.
+
+    def arrived(self, key: Any) -> None:
+        """A message that may name our objects arrived (a reply or a call,
+        ``key``), its value not decoded yet."""
+        with self._proxy_lock:
+            self._arrivals += 1
+            self._undecoded[key] = self._arrivals
+            if len(self._undecoded) > MAX_DEFERRED:  # a leak must not hold releases for ever
+                self._undecoded.pop(next(iter(self._undecoded)))
+
+    def decoded(self, key: Any) -> None:
+        """The message ``key`` was decoded (or will never be)."""
+        with self._proxy_lock:
+            if self._undecoded.pop(key, None) is None or not self._deferred:
+                return
+            ready = self._ready_releases()
+        self._release_all(ready)
+
+    def release_later(self, handles: list[tuple[int, int]]) -> int:
+        """Apply a Release from the peer now or once the replies before it
+        are decoded. Returns how many were made up (unknown handles)."""
+        with self._proxy_lock:
+            if self._undecoded:
+                ticket = self._arrivals
+                self._deferred.extend((ticket, h, c) for h, c in handles)
+                if len(self._deferred) > MAX_DEFERRED:  # bounded, whatever the peer does
+                    self._deferred = self._deferred[-MAX_DEFERRED:]
+                return 0
+        return self._release_all(handles)
+
+    def _ready_releases(self) -> list[tuple[int, int]]:
+        oldest = min(self._undecoded.values(), default=None)
+        if oldest is None:
+            ready, self._deferred = self._deferred, []
+        else:
+            ready = [d for d in self._deferred if d[0] < oldest]
+            self._deferred = [d for d in self._deferred if d[0] >= oldest]
+        return [(h, c) for _, h, c in ready]
+
+    def _release_all(self, handles: list[Any]) -> int:
+        bad = 0
+        for handle, count in handles:
+            if not self.exports.release(handle, count):
+                bad += 1
+        return bad
 
     def released(self, handle: int, count: int) -> None:
         """A proxy died (called from ``__del__``: no locks, no I/O)."""
