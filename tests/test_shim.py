@@ -91,9 +91,6 @@ def test_isinstance_against_proxied_classes(boxed):
     assert not isinstance(c, boxed.Opaque) and not isinstance(3, boxed.Counter)
     assert isinstance(boxed.Counter("x"), boxed.Counter)
     assert issubclass(boxed.Counter, boxed.Counter)
-    with pytest.raises(TypeError, match="cannot be subclassed"):
-        class Mine(boxed.Counter):  # noqa: F841
-            pass
 
 
 def test_exceptions_become_catchable_stand_ins(boxed):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +47,10 @@ class ObjectServer:
         self._ops: dict[str, Callable[..., Any]] = {
             "@import": self.op_import, "@getattr": self.op_getattr, "@setattr": self.op_setattr,
             "@call": self.op_call, "@callmethod": self.op_callmethod, "@op": self.op_protocol,
-            "@delattr": self.op_delattr,
+            "@delattr": self.op_delattr, "@classinfo": self.op_classinfo,
+            "@twinclass": self.op_twinclass, "@twin": self.op_twin,
+            "@callsuper": self.op_callsuper, "@getsuper": self.op_getsuper,
+            "@twinset": self.op_twinset,
         }
 
     def handles(self, entrypoint: str) -> bool:
@@ -188,6 +192,99 @@ class ObjectServer:
                                   "allowed (spec: allow_setattr)")
         setattr(target, self.check_name(name, _describe(target)), value)
 
+    # -- main's subclasses of our classes (pycompart.frontend.subclass) ---------------------
+
+    def op_classinfo(self, cls: Any) -> dict[str, Any]:
+        """What main needs to subclass ``cls``: the attributes our classes in
+        its ancestry define (name -> kind), and the standard-library classes
+        of its ancestry (module, qualname), which main supplies itself."""
+        self._check_target(cls)
+        if not isinstance(cls, type):
+            raise TypeError(f"{_describe(cls)} is not a class")
+        attrs: dict[str, str] = {}
+        stdlib: list[list[str]] = []
+        for klass in cls.__mro__:
+            if klass is object:
+                continue
+            module = getattr(klass, "__module__", "") or ""
+            if module == "builtins" or module.partition(".")[0] in sys.stdlib_module_names:
+                stdlib.append([module, klass.__qualname__])
+                continue
+            for name, value in klass.__dict__.items():
+                if name in attrs or not exposed(name, self.expose):
+                    continue
+                attrs[name] = _kind(value, name)
+        return {"attrs": attrs, "stdlib": stdlib}
+
+    def op_twinclass(self, name: Any, qualname: Any, bases: Any, handed: Any, data: Any,
+                     main_class: Any) -> type:
+        """The class of the twins of main's subclass ``name``: a subclass of
+        ``bases`` (ours) in which each method main defines calls back into
+        main, and main's plain class attributes are copied."""
+        if not (isinstance(name, str) and isinstance(qualname, str) and type(bases) is list
+                and type(handed) is dict and type(data) is dict):
+            raise TypeError("malformed twin class request")
+        for base in bases:
+            self._check_target(base)
+            if not isinstance(base, type):
+                raise TypeError("twin bases must be classes of this compartment")
+        if not isinstance(main_class, MainClass):
+            raise TypeError("malformed twin class request")
+        ns: dict[str, Any] = {k: v for k, v in data.items() if isinstance(k, str)}
+        ns["_pc_main_class"] = main_class
+        for attr, kind in handed.items():
+            if isinstance(attr, str) and isinstance(kind, str):
+                ns[attr] = _stub(attr, kind)
+        ns["__getattr__"] = _twin_getattr
+        ns["__setattr__"] = _twin_setattr
+        ns["__module__"] = "main"
+        ns["__qualname__"] = qualname
+        ns["__pycompart_twin__"] = True
+        return type(name, tuple(bases), ns)
+
+    def op_twin(self, twinclass: Any, main: Any) -> Any:
+        """A twin of main's instance ``main`` (not initialised: main's
+        ``__init__`` chain runs ours when it gets there)."""
+        if not isinstance(twinclass, type) or "__pycompart_twin__" not in twinclass.__dict__ \
+                or not isinstance(main, MainRef):
+            raise TypeError("malformed twin request")
+        twin = twinclass.__new__(twinclass)
+        object.__setattr__(twin, "_pc_main", main)
+        return twin
+
+    def op_twinset(self, twin: Any, name: Any, value: Any) -> bool:
+        """Main writes a name new to its instance: set it here if the twin
+        has it (True), else record that it is main's (False)."""
+        self._check_target(twin)
+        if "__pycompart_twin__" not in type(twin).__dict__ or type(name) is not str:
+            raise TypeError("malformed twin request")
+        d = object.__getattribute__(twin, "__dict__")
+        if name in d:
+            setattr(twin, name, value)
+            return True
+        d.setdefault("_pc_main_names", set()).add(name)
+        return False
+
+    def op_callsuper(self, twin: Any, cls: Any, name: Any, args: Any, kwargs: Any) -> Any:
+        """``cls.name(twin, ...)``: the implementation of ``name`` in ``cls``'s
+        ancestry (ours), not the twin's stub of main's override."""
+        check_arguments(args, kwargs)
+        return self._super(twin, cls, name)(*args, **kwargs)
+
+    def op_getsuper(self, twin: Any, cls: Any, name: Any) -> Any:
+        return self._super(twin, cls, name)
+
+    def _super(self, twin: Any, cls: Any, name: Any) -> Any:
+        self._check_target(twin)
+        if not isinstance(cls, type) or not isinstance(twin, cls):
+            raise TypeError("not a twin of that class")
+        self.check_name(name, _describe(cls))
+        for klass in cls.__mro__:
+            if name in klass.__dict__:
+                raw = klass.__dict__[name]
+                return raw.__get__(twin, type(twin)) if hasattr(raw, "__get__") else raw
+        raise AttributeError(f"{cls.__qualname__!r} has no attribute {name!r}")
+
     def op_delattr(self, target: Any, name: Any) -> None:
         self._check_target(target)
         if not self.allow_setattr:
@@ -219,6 +316,55 @@ class ObjectServer:
     def _check_target(self, target: Any) -> None:
         if isinstance(target, MainRef):
             raise TypeError("the target of an operation must be an object of this compartment")
+
+
+def _kind(value: Any, name: str) -> str:
+    if isinstance(value, staticmethod):
+        return "staticmethod"
+    if isinstance(value, classmethod):
+        return "classmethod"
+    if isinstance(value, property):
+        return "property"
+    if inspect.isfunction(value) or inspect.ismethoddescriptor(value):
+        return "special" if name.startswith("__") and name.endswith("__") else "method"
+    return "data"
+
+
+def _stub(name: str, kind: str) -> Any:
+    """A method of main's subclass, in the twin's class: a call into main."""
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return MainRef.call_out([self._pc_main, name, list(args), kwargs], "@callmethod")
+    method.__name__ = name
+    if kind == "property":
+        return property(lambda self: MainRef.call_out([self._pc_main, name], "@getattr"))
+    if kind in ("staticmethod", "classmethod"):
+        # Main's class runs them (as main's class: ``cls`` is main's).
+        def on_class(cls: Any, *args: Any, **kwargs: Any) -> Any:
+            return MainRef.call_out([cls._pc_main_class, name, list(args), kwargs], "@callmethod")
+        on_class.__name__ = name
+        return classmethod(on_class)
+    return method
+
+
+def _twin_getattr(self: Any, name: str) -> Any:
+    """An attribute the twin lacks: main's instance may have it."""
+    if name.startswith(("_pc_", "__pycompart")) or name.startswith("__") and name.endswith("__"):
+        raise AttributeError(name)
+    try:
+        main = object.__getattribute__(self, "_pc_main")
+    except AttributeError:
+        raise AttributeError(name) from None
+    value = MainRef.call_out([main, name], "@getattr")
+    names = self.__dict__.setdefault("_pc_main_names", set())
+    names.add(name)
+    return value
+
+
+def _twin_setattr(self: Any, name: str, value: Any) -> None:
+    if name in self.__dict__.get("_pc_main_names", ()):
+        MainRef.call_out([object.__getattribute__(self, "_pc_main"), name, value], "@setattr")
+    else:
+        object.__setattr__(self, name, value)
 
 
 def _describe(obj: Any) -> str:
@@ -409,7 +555,7 @@ def instance_peer(server: ObjectServer) -> refs.Peer:
         ref = object.__new__(_main_proxy_class(flags))
         ref._pc_peer, ref._pc_handle, ref._pc_count, ref._pc_tname = peer, handle, 1, tname
         ref._pc_buffer = ref._pc_hash = None
-        ref._pc_batch = 1
+        ref._pc_batch = protocols.initial_batch(flags)
         return ref
 
     def make_class(peer: refs.Peer, handle: int, flags: int, name: str, mro: list[str]) -> type:

@@ -21,6 +21,7 @@ from ..transport.channel import CallServer, Channel
 from ..wire import protocols, refs
 from ..wire.exceptions import describe_exception
 from ..wire.protocol import Call, ErrorInfo
+from . import subclass
 from .proxy import ReturnedCallable
 
 class CallbackGate(CallServer):
@@ -48,8 +49,15 @@ class CallbackGate(CallServer):
         return reply
 
     def _run(self, call: Call) -> Any:
-        if call.entrypoint in ("@callmethod", "@getattr"):
-            return self._stream(call)
+        if call.entrypoint in ("@callmethod", "@getattr", "@setattr"):
+            request = self.peer.decode(call.args)
+            if type(request) is list and request:
+                if type(request[0]) is ReturnedCallable:
+                    request[0] = request[0]._pc_obj
+                if subclass.is_subclass_instance(request[0], self.compartment) \
+                        or subclass.is_main_subclass(request[0], self.compartment):
+                    return self._override(call.entrypoint, request)
+            return self._stream(call.entrypoint, request)
         if not self.may_call_main:
             raise EntrypointError(f"compartment {self.compartment!r} may not call back into main "
                                   "(its spec's may_call does not list \"main\")")
@@ -63,12 +71,18 @@ class CallbackGate(CallServer):
             raise TypeError("malformed callback request")
         target, args, kwargs = request
         check_arguments(args, kwargs)
-        if isinstance(target, ReturnedCallable):
+        if type(target) is ReturnedCallable:
             # The callback the compartment calls: what may_call is for. The
             # guard is for main's own code, not for the gate.
             target = target._pc_obj
         if not self.peer.exports.contains(target):
             raise EntrypointError("a compartment can only call objects main passed to it")
+        if subclass.is_subclass_instance(target, self.compartment) \
+                or subclass.is_main_subclass(target, self.compartment):
+            # Lent with a twin, not handed over as a callback: the twin
+            # reaches main's overrides by name (``_override``).
+            raise EntrypointError("main's subclasses of the compartment's classes, and their "
+                                  "instances, are not callbacks")
         if not callable(target):
             raise TypeError(f"{type(target).__qualname__!r} object of main is not callable")
         return target(*args, **kwargs)
@@ -81,7 +95,7 @@ class CallbackGate(CallServer):
         if type(request) is not list or len(request) != 3 or type(request[2]) is not list:
             raise TypeError("malformed request")
         target, op, args = request
-        if isinstance(target, ReturnedCallable):
+        if type(target) is ReturnedCallable:
             target = target._pc_obj
         if not self.peer.exports.contains(target):
             raise EntrypointError("a compartment can only use objects main passed to it")
@@ -111,16 +125,54 @@ class CallbackGate(CallServer):
                 pass
         return info
 
-    def _stream(self, call: Call) -> Any:
+    def _override(self, op: str, request: list[Any]) -> Any:
+        """The compartment's twin of one of main's instances (a subclass of
+        the compartment's class, ``pycompart.frontend.subclass``) asks main:
+        to run a method main's classes define (an override main handed
+        over), or to read or write an attribute of the instance."""
+        if not self.may_call_main:
+            raise EntrypointError(f"compartment {self.compartment!r} may not call back into main "
+                                  "(its spec's may_call does not list \"main\")")
+        target, name = request[0], request[1] if len(request) > 1 else None
+        if not self.peer.exports.contains(target) or type(name) is not str:
+            raise EntrypointError("a compartment can only use objects main passed to it")
+        if isinstance(target, type):  # the class itself: its static and class methods
+            handed = target.__pycompart_handed__
+            if op != "@callmethod" or len(request) != 4 \
+                    or handed.get(name) not in ("staticmethod", "classmethod"):
+                raise AttributeError(f"class {target.__qualname__!r} hands over no static or "
+                                     f"class method {name!r}")
+            check_arguments(request[2], request[3])
+            return getattr(target, name)(*request[2], **request[3])
+        handed = type(target).__pycompart_handed__
+        if op == "@callmethod":
+            if len(request) != 4 or name not in handed:
+                raise AttributeError(f"{type(target).__qualname__!r} hands over no method {name!r}")
+            args, kwargs = request[2], request[3]
+            check_arguments(args, kwargs)
+            return getattr(target, name)(*args, **kwargs)
+        if name in target.__dict__ and not name.startswith("__pycompart"):
+            if op == "@getattr" and len(request) == 2:
+                return target.__dict__[name]
+            if op == "@setattr" and len(request) == 3:
+                object.__setattr__(target, name, request[2])
+                return None
+        if op == "@getattr" and len(request) == 2 and name in handed:
+            return getattr(target, name)  # a property main defines
+        raise AttributeError(f"{type(target).__qualname__!r} object (of main) has no attribute {name!r} "
+                             "for the compartment")
+
+    def _stream(self, op: str, request: Any) -> Any:
         """I/O on a file object main passed to the compartment."""
-        request = self.peer.decode(call.args)
         if type(request) is not list or len(request) not in (2, 4):
             raise TypeError("malformed request")
         target, name = request[0], request[1]
         if not isinstance(target, io.IOBase) or not self.peer.exports.contains(target):
             raise EntrypointError("a compartment can only use attributes of file objects main "
                                   "passed to it")
-        if call.entrypoint == "@getattr":
+        if op == "@setattr":
+            raise AttributeError("file objects of main take no attribute writes from compartments")
+        if op == "@getattr":
             if name not in refs.STREAM_ATTRS or len(request) != 2:
                 raise AttributeError(f"file objects of main do not offer {name!r} to compartments")
             return getattr(target, name)

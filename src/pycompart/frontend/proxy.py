@@ -38,6 +38,8 @@ from ..wire import protocols, refs
 from ..wire.exceptions import ALLOWED_EXCEPTIONS, plain, rebuild_exception
 from ..wire.protocol import Err, ErrorInfo
 from ..wire.refs import exposed
+from . import subclass
+from .subclass import glue_class, make_subclass
 
 if TYPE_CHECKING:
     from ..policy.spec import CompartmentSpec
@@ -77,6 +79,7 @@ class Compartment:
         self._paths: dict[tuple[str, str], Any] = {}
         self._standins: dict[str, type] = {}
         self._path_exts: dict[tuple[str, ...], refs.Ext] = {}
+        self._glue: dict[tuple[str, ...], tuple[type, list[type]]] = {}
         self._lock = threading.RLock()
 
     def module(self, name: str) -> ModuleProxy:
@@ -113,7 +116,7 @@ class Compartment:
             target = args[0] if args else None
             path = getattr(target, "__pycompart_path__", None)
             what = f"{path[1]}:{path[2]}" if path else (
-                f"<{target._pc_tname} object>" if isinstance(target, RemoteObject) else "")
+                f"<{target._pc_tname} object>" if _is(target, RemoteObject) else "")
             if op in ("@getattr", "@callmethod") and len(args) > 1 and isinstance(args[1], str):
                 what += f".{args[1]}"
             self.audit.record("call", caller="main", callee=self.name, entrypoint=op, target=what,
@@ -239,6 +242,23 @@ class Compartment:
                 self._paths[key] = obj
             return obj
 
+    # -- subclasses in main of the compartment's classes -----------------------------
+
+    def glue(self, box_class: type) -> tuple[type, list[type]]:
+        """Main's class standing for ``box_class`` in the bases of a subclass
+        main defines (``pycompart.frontend.subclass``), made once."""
+        key = box_class.__pycompart_path__
+        with self._lock:
+            found = self._glue.get(key)
+        if found is None:
+            info = self.call(None, "@classinfo", [box_class])
+            if type(info) is not dict or type(info.get("attrs")) is not dict:
+                raise ProtocolError(f"compartment {self.name!r} described a class badly")
+            found = glue_class(self, box_class, info)
+            with self._lock:
+                self._glue.setdefault(key, found)
+        return found
+
     # -- the peer of one instance ---------------------------------------------------
 
     def make_peer(self) -> refs.Peer:
@@ -258,16 +278,16 @@ class Compartment:
         set_(proxy, "_pc_comp", self)
         set_(proxy, "_pc_inst", peer.instance)  # type: ignore[attr-defined]
         set_(proxy, "_pc_buffer", None)
-        set_(proxy, "_pc_batch", 1)
+        set_(proxy, "_pc_batch", protocols.initial_batch(flags))
         set_(proxy, "_pc_hash", None)
         return proxy
 
     def _reference(self, peer: refs.Peer, value: Any) -> Any:
-        if isinstance(value, RemoteObject):
+        if _is(value, RemoteObject):
             if value._pc_peer is peer:
                 return refs.yours_ext(value._pc_handle)
             return None  # another instance's object: passed on as one of main's
-        if isinstance(value, (ModuleProxy, PathFunction, RemoteClassMeta)):
+        if _is(value, (ModuleProxy, PathFunction)) or _is(value, RemoteClassMeta):
             path = value.__pycompart_path__
             if path[0] != self.name:
                 return None  # another compartment's stand-in: passed on as one of main's
@@ -277,7 +297,14 @@ class Compartment:
                 if len(self._path_exts) < MAX_CACHED:
                     self._path_exts[path] = ext
             return ext
-        if isinstance(value, type) and "__pycompart_standin__" in value.__dict__:
+        if subclass.is_subclass_instance(value, self.name):
+            # Main's instance of a subclass of one of our classes: the
+            # compartment gets its twin, which is an instance of that class.
+            twin = subclass.twin_of(value, peer.instance)  # type: ignore[attr-defined]
+            if twin._pc_peer is peer:
+                return refs.yours_ext(twin._pc_handle)
+            return None
+        if _is(value, type) and "__pycompart_standin__" in value.__dict__:
             comp, name = value.__pycompart_standin__
             if comp == self.name:
                 module, _, qualname = name.rpartition(".")
@@ -293,7 +320,10 @@ def _returned(peer: refs.Peer, obj: Any, handle: int) -> Any:
     otherwise main would run whichever of its own functions the compartment
     chose, believing it called the compartment. It then arrives as a
     ``ReturnedCallable`` that refuses to be called."""
-    if not callable(obj) or refs.sent_in_open_requests(handle):
+    if not callable(obj) or refs.sent_in_open_requests(handle) \
+            or subclass.is_subclass_instance(obj, peer.compartment):
+        # (An instance of main's subclass of the compartment's class is
+        # one main lent it with its overrides: it comes back as itself.)
         return obj
     return ReturnedCallable(peer.compartment, obj)
 
@@ -444,9 +474,10 @@ class PathFunction:
 class RemoteClassMeta(type):
     """Metaclass of the classes of a compartment, as seen from main."""
 
-    def __new__(mcls, *args: Any, **kwargs: Any) -> Any:  # noqa: N804
-        raise TypeError("a class that lives in another compartment cannot be subclassed here "
-                        "(its instances exist only in that compartment's process)")
+    def __new__(mcls, name: str, bases: tuple[type, ...], ns: dict[str, Any], **kwargs: Any) -> Any:  # noqa: N804
+        # Only a class statement gets here (stand-ins are made with
+        # type.__new__): main subclasses a class of the compartment.
+        return make_subclass(RemoteClassMeta, name, bases, ns, kwargs)
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         return cls._pc_comp.call(None, "@call", [cls, list(args), kwargs])
@@ -461,7 +492,10 @@ class RemoteClassMeta(type):
         return comp.call(None, "@getattr", [cls, name])
 
     def __instancecheck__(cls, obj: Any) -> bool:
-        if not isinstance(obj, RemoteObject) or obj._pc_comp is not cls._pc_comp:
+        remote_bases = getattr(type(obj), "__pycompart_remote_bases__", None)
+        if remote_bases:  # an instance of main's subclass of one of its classes
+            return any(base is cls or issubclass(base, cls) for base in remote_bases)
+        if not _is(obj, RemoteObject) or obj._pc_comp is not cls._pc_comp:
             return False
         # Cached per type and per instance (type keys are the instance's own
         # numbering), on the instance's Peer: it goes with the instance.
@@ -477,6 +511,9 @@ class RemoteClassMeta(type):
     def __subclasscheck__(cls, sub: Any) -> bool:
         if sub is cls:
             return True
+        remote_bases = getattr(sub, "__pycompart_remote_bases__", None) if isinstance(sub, type) else None
+        if remote_bases:
+            return any(base is cls or issubclass(base, cls) for base in remote_bases)
         if not isinstance(sub, RemoteClassMeta) or sub._pc_comp is not cls._pc_comp:
             return False
         return bool(cls._pc_comp.call(None, "@op", [sub, "issubclass", [cls]]))
@@ -600,6 +637,12 @@ def _proxy_class(flags: int) -> type:
         if len(_classes) < MAX_CACHED:
             _classes[flags] = cls
     return cls
+
+
+def _is(value: Any, kinds: Any) -> bool:
+    """``isinstance`` by the real type: ``mock.Mock(spec=...)`` and friends
+    fake ``__class__``, and must never pass for one of our stand-ins."""
+    return issubclass(type(value), kinds)
 
 
 def is_remote(value: Any) -> bool:

@@ -14,13 +14,16 @@ decision: a compartment serves every operation on its objects; main serves
 them only to compartments it lets call it (``may_call = ["main"]``), and
 never attributes (``pycompart.frontend.callbacks``).
 
-Iteration is batched where that cannot be seen: ``next`` on a proxy asks
-for a batch of items, growing from one to ``MAX_BATCH`` while the consumer
-keeps pulling, but the owner hands out more than one item only from an
-iterator it made itself to answer ``iter()`` (``Private``): nobody else can
-observe that it ran ahead. An iterator that crossed as a value (an argument,
-a return value) is consumed exactly as the far side consumes it, one item
-per ``next``, because its owner may use it again afterwards.
+Iteration is batched, carefully. An iterator the owner made itself to
+answer ``iter()`` (``Private``: nobody else can see it run ahead) is pulled
+in batches from the start, doubling up to ``MAX_BATCH`` items. Any other
+iterator (an argument, a return value, which its owner may use again) is
+pulled exactly one item per ``next`` for its first ``EXACT_PULLS`` items,
+and only then in doubling batches: a consumer that takes a few items and
+hands the iterator back sees exactly what it would unboxed, and a long
+iteration costs a round trip per batch. The cost of the rule: a consumer
+that stops after more than ``EXACT_PULLS`` items may have taken up to
+``MAX_BATCH - 1`` items more from a generator than it used.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ F_FORMAT = 1 << 19  # format() (only when the type overrides it)
 F_BYTES = 1 << 20
 F_REVERSED = 1 << 21
 F_FSPATH = 1 << 22
-ALL_FLAGS = (1 << 23) - 1
+F_PRIVATE = 1 << 23  # an iterator made to answer iter(): batches from the start
+ALL_FLAGS = (1 << 24) - 1
 
 #: What a compartment may do with a file object main passed it: I/O on that
 #: stream, nothing else (no ``buffer``, ``raw``, ``detach``, ``fileno``).
@@ -113,6 +117,8 @@ def type_flags(tp: type) -> int:
         flags |= F_FORMAT
     if issubclass(tp, io.IOBase):
         flags |= F_STREAM
+    if tp is Private:
+        flags |= F_PRIVATE
     if len(_flag_cache) < 4096:
         _flag_cache[tp] = flags
     return flags
@@ -132,6 +138,8 @@ class _Marker:
 END = _Marker("END")
 #: Items one ``next`` asks for at the most.
 MAX_BATCH = 256
+#: Items of a non-private iterator pulled one at a time before batching.
+EXACT_PULLS = 64
 
 
 class Private:
@@ -160,10 +168,9 @@ def _next_batch(obj: Any, n: Any) -> list[Any]:
     ``END`` last if it is exhausted."""
     if type(n) is not int or n < 1:
         raise TypeError("a batch size")
+    n = min(n, MAX_BATCH)
     if type(obj) is Private:
-        n, obj = min(n, MAX_BATCH), obj.it
-    else:
-        n = 1
+        obj = obj.it
     out = []
     for _ in range(n):
         try:
@@ -254,12 +261,12 @@ def _next(self: Any) -> Any:
         buffer = collections.deque()
         _set(self, "_pc_buffer", buffer)
     if not buffer:
-        n = self._pc_batch
-        items = self._pc_op("next_batch", n)
+        n = self._pc_batch  # < 1: exact pulls still to make, counting up to 0
+        items = self._pc_op("next_batch", max(n, 1))
         if type(items) is not list or not items:
             raise TypeError("a malformed batch of items")
         buffer.extend(items)
-        _set(self, "_pc_batch", min(n * 2, MAX_BATCH))
+        _set(self, "_pc_batch", n + 1 if n < 0 else 2 if n == 0 else min(n * 2, MAX_BATCH))
     item = buffer.popleft()
     if item is END:
         buffer.appendleft(END)  # exhausted for good
@@ -368,6 +375,11 @@ def proxy_namespace(flags: int) -> dict[str, Any]:
     if flags & F_FSPATH:
         ns["__fspath__"] = _checked("fspath", (str, bytes))  # type: ignore[arg-type]
     return ns
+
+
+def initial_batch(flags: int) -> int:
+    """A new proxy's ``_pc_batch``: a private iterator batches at once."""
+    return 1 if flags & F_PRIVATE else 1 - EXACT_PULLS
 
 
 #: Slots every proxy class has for the protocols above.

@@ -111,6 +111,17 @@ def type_name(tp: type) -> str:
     return qualname if module in (None, "builtins") else f"{module}.{qualname}"
 
 
+class Lent:
+    """An object lent to the peer *weakly* (``Lent(weakref.ref(obj))``):
+    the export table does not keep it alive. Once it is gone, the peer's
+    references to it are stale."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: Any):
+        self.ref = ref
+
+
 class Exports:
     """Our objects the peer holds references to."""
 
@@ -137,17 +148,38 @@ class Exports:
             self._by_handle[handle][1] += 1
             return handle
 
+    def export_weak(self, obj: Any) -> int:
+        with self._lock:
+            handle = self._by_id.get(id(obj))
+            if handle is not None and self._get(self._by_handle[handle]) is not obj:
+                handle = None  # a dead lent object's id, reused
+            if handle is None:
+                if len(self._by_handle) >= self.limit:
+                    raise ProtocolError(f"more than {self.limit} objects are referenced from the "
+                                        "other side; it is not releasing them")
+                handle = next(self._ids)
+                self._by_handle[handle] = [Lent(weakref.ref(obj)), 0]
+                self._by_id[id(obj)] = handle
+            self._by_handle[handle][1] += 1
+            return handle
+
+    @staticmethod
+    def _get(entry: list[Any]) -> Any:
+        obj = entry[0]
+        return obj.ref() if type(obj) is Lent else obj
+
     def contains(self, obj: Any) -> bool:
         handle = self._by_id.get(id(obj))
         entry = self._by_handle.get(handle) if handle is not None else None
-        return entry is not None and entry[0] is obj
+        return entry is not None and self._get(entry) is obj
 
     def get(self, handle: Any) -> Any:
         entry = self._by_handle.get(handle) if type(handle) is int else None
-        if entry is None:
+        obj = self._get(entry) if entry is not None else None
+        if obj is None:
             raise StaleReference(f"no object with handle {handle!r} was exported to this peer "
-                                 "(released, or from an earlier instance)")
-        return entry[0]
+                                 "(released, or from an earlier instance, or gone)")
+        return obj
 
     def release(self, handle: Any, count: Any) -> bool:
         """Forget ``count`` sends of ``handle``; False if the peer made that up."""
@@ -161,7 +193,9 @@ class Exports:
             entry[1] -= count
             if entry[1] <= 0:
                 del self._by_handle[handle]
-                del self._by_id[id(entry[0])]
+                obj = self._get(entry)
+                if obj is not None and self._by_id.get(id(obj)) == handle:
+                    del self._by_id[id(obj)]
                 dropped = entry  # freed outside the lock: __del__ may run
         del dropped
         return True
@@ -283,7 +317,13 @@ class Peer:
         return self.export(value)
 
     def export(self, value: Any) -> Ext:
-        handle = self.exports.export(value)
+        if type(value) is Lent:
+            value = value.ref()
+            if value is None:
+                raise TypeError("a lent object that is gone")
+            handle = self.exports.export_weak(value)
+        else:
+            handle = self.exports.export(value)
         open_requests = getattr(_nesting, "sent", None)
         if open_requests:
             open_requests[-1].add(handle)
@@ -616,6 +656,15 @@ def _no_references(*args: Any) -> Any:
 
 _plain = Peer("shared data", _no_references, lambda peer, value: None, _no_references)
 _plain.export = _no_references  # type: ignore[method-assign]
+
+
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` crosses by value (a copy) with no reference in it."""
+    try:
+        _plain.encode(value)
+        return True
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def encode_plain(value: Any) -> bytes:

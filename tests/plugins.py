@@ -1,0 +1,101 @@
+"""A plugin API the tests place in a compartment and subclass from main:
+base classes whose code calls methods main's subclasses override."""
+
+import os
+import unittest
+
+
+class Extension:
+    priority = 5
+    tags = ("base",)
+
+    def __init__(self, name="ext", **config):
+        self.name = name
+        self.config = dict(config)
+        self.calls = []
+
+    def run(self, text):
+        # The compartment's code calls an overridable hook on self.
+        return self.prefix() + self.transform(text) + self.suffix()
+
+    def prefix(self):
+        return "["
+
+    def suffix(self):
+        return "]"
+
+    def transform(self, text):
+        return text
+
+    def record(self, what):
+        self.calls.append(what)
+        return len(self.calls)
+
+    def where(self):
+        return os.getpid()
+
+    @property
+    def label(self):
+        return f"{self.name}:{self.priority}"
+
+    @classmethod
+    def kind(cls):
+        return cls.__name__
+
+    @staticmethod
+    def helper(x):
+        return x * 2
+
+    def __len__(self):
+        return len(self.calls)
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class Loud(Extension):
+    def transform(self, text):
+        return super().transform(text).upper()
+
+
+def drive(ext, text):
+    """The package's own code, handed main's subclass instance."""
+    return ext.run(text)
+
+
+def is_extension(obj):
+    return isinstance(obj, Extension), type(obj).__name__
+
+
+def read_attr(obj, name):
+    return getattr(obj, name)
+
+
+def registry_names(exts):
+    return [e.name for e in exts]
+
+
+class Case(unittest.TestCase):
+    """A package's TestCase helper: suites subclass these."""
+
+    def assertShout(self, text):
+        self.assertEqual(text, text.upper())
+
+    def where(self):
+        return os.getpid()
+
+
+def forge_on(obj, op, *rest, on_class=False):
+    """From inside the compartment: a hand-made request to main naming the
+    handle of main's instance behind the twin ``obj`` (or of main's class)."""
+    from pycompart.compartment.objects import Callback
+    from pycompart.transport.channel import serving
+    from pycompart.wire import refs
+
+    ref = type(obj)._pc_main_class._pc_ref if on_class else obj._pc_main
+    server = Callback.call_out.__self__
+    payload = refs._encoder.encode([refs.yours_ext(ref._pc_handle), *rest])
+    reply = server.channel.request(op, payload, None, serving(server.channel) or server.active[-1])
+    if reply.__class__.__name__ == "Err":
+        return ("error", reply.error.type_name, reply.error.message)
+    return ("ok", server.peer.decode(reply.value))

@@ -1,0 +1,242 @@
+"""Main subclasses a compartment's classes (pycompart.frontend.subclass):
+overrides are called by the compartment's code, inherited code runs in the
+compartment, super() works both ways, isinstance holds on both sides."""
+
+import os
+import sys
+import unittest
+
+import pytest
+
+import pycompart
+
+
+@pytest.fixture
+def plugins(make_app):
+    app = make_app({"compartments": {"box": {
+        "modules": ["plugins"], "may_call": ["main"], "privileges": {"syscalls": "python-threads"}}}})
+    app.start(import_hook=True)
+    import plugins
+
+    yield plugins
+    del sys.modules["plugins"]
+    app.stop()
+
+
+def test_overrides_are_called_by_the_compartments_code(plugins):
+    class Upper(plugins.Extension):
+        def transform(self, text):
+            return text.upper()
+
+    ext = Upper("u", level=3)
+    assert ext.name == "u" and ext.config == {"level": 3}  # __init__ ran in the box
+    assert ext.run("abc") == "[ABC]"  # box code -> main override
+    assert plugins.drive(ext, "xy") == "[XY]"  # passed to the box's own function
+    assert ext.where() != os.getpid()  # inherited methods run in the compartment
+    assert ext.transform("q") == "Q"  # main's override, called directly
+
+
+def test_super_goes_up_the_other_sides_chain(plugins):
+    class Wrapped(plugins.Loud):
+        def transform(self, text):
+            return "<" + super().transform(text) + ">"
+
+        def prefix(self):
+            return super().prefix() * 2
+
+    ext = Wrapped()
+    assert ext.run("ab") == "[[<AB>]"
+
+
+def test_mixins_class_attributes_and_init_chain(plugins):
+    class Mixin:
+        greeting = "hi"
+
+        def suffix(self):
+            return "!" + self.greeting
+
+    class WithInit(Mixin, plugins.Extension):
+        priority = 9
+        tags = ("main", "x")
+
+        def __init__(self, extra):
+            super().__init__("custom", extra=extra)
+            self.extra = extra
+
+    ext = WithInit(4)
+    assert ext.extra == 4 and ext.name == "custom" and ext.config == {"extra": 4}
+    assert ext.run("z") == "[z!hi"  # the mixin's method, main's, called from the box
+    assert ext.label == "custom:9"  # the box's property reads main's class attribute
+    assert WithInit.priority == 9 and plugins.Extension.priority == 5
+    assert ext.kind() == "WithInit" or ext.kind() == "Extension"
+    assert ext.helper(21) == 42
+    assert ext.record("a") == 1 and len(ext) == 1 and ext.calls == ["a"]
+
+
+def test_isinstance_holds_on_both_sides(plugins):
+    class Sub(plugins.Extension):
+        pass
+
+    class SubSub(Sub):
+        pass
+
+    ext = SubSub("s")
+    assert isinstance(ext, SubSub) and isinstance(ext, Sub)
+    assert isinstance(ext, plugins.Extension) and not isinstance(ext, plugins.Loud)
+    assert issubclass(SubSub, plugins.Extension) and not issubclass(SubSub, plugins.Loud)
+    assert plugins.is_extension(ext) == [True, "SubSub"] or plugins.is_extension(ext) == (True, "SubSub")
+    assert plugins.registry_names([ext, Sub("t")]) == ["s", "t"]
+
+
+def test_state_lives_where_it_is_set(plugins):
+    class Stateful(plugins.Extension):
+        def transform(self, text):
+            self.seen = text  # main's code sets it: main's instance
+            return text
+
+    ext = Stateful("n")
+    ext.run("hello")
+    assert ext.seen == "hello"
+    assert plugins.read_attr(ext, "seen") == "hello"  # the box reads main's attribute
+    ext.name = "renamed"  # set by the box's __init__: it lives in the twin
+    assert ext.label == "renamed:5"
+
+
+def test_unittest_helpers_run_under_mains_unittest(plugins):
+    class MyCase(plugins.Case):
+        def test_shout(self):
+            self.assertShout("LOUD")
+
+        def test_fails(self):
+            self.assertShout("quiet")
+
+        def test_where(self):
+            assert self.where() != os.getpid()
+
+    assert issubclass(MyCase, unittest.TestCase)  # main's unittest drives it
+    result = unittest.TestResult()
+    unittest.defaultTestLoader.loadTestsFromTestCase(MyCase).run(result)
+    assert result.testsRun == 3
+    assert len(result.failures) == 1 and "test_fails" in str(result.failures[0][0])
+    assert not result.errors, result.errors
+
+
+def test_two_compartments_cannot_be_mixed(make_app):
+    app = make_app({"compartments": {
+        "a": {"modules": ["plugins"], "may_call": ["main"]},
+        "b": {"modules": ["boxlib"]}}})
+    app.start(import_hook=True)
+    try:
+        import boxlib
+        import plugins
+
+        with pytest.raises(TypeError, match="more than one compartment"):
+            class Both(plugins.Extension, boxlib.Counter):  # noqa: F841
+                pass
+    finally:
+        sys.modules.pop("plugins", None)
+        sys.modules.pop("boxlib", None)
+
+
+def test_a_twin_does_not_keep_mains_instance_alive(plugins):
+    import gc
+    import weakref
+
+    class Sub(plugins.Extension):
+        def transform(self, text):
+            return text * 2
+
+    ext = Sub()
+    assert ext.run("a") == "[aa]"
+    ref = weakref.ref(ext)
+    del ext
+    gc.collect()
+    assert ref() is None
+
+
+def test_static_and_class_methods_main_overrides(plugins):
+    class Sub(plugins.Extension):
+        @staticmethod
+        def helper(x):
+            return x * 3
+
+        @classmethod
+        def kind(cls):
+            return "main:" + cls.__name__
+
+        def transform(self, text):
+            return f"{self.helper(2)}{self.kind()}"
+
+    ext = Sub()
+    assert ext.helper(2) == 6 and Sub.kind() == "main:Sub"
+    assert ext.run("") == "[6main:Sub]"  # the box's code calls main's overrides
+
+
+def test_special_methods_overridden_in_main(plugins):
+    class Sized(plugins.Extension):
+        def __len__(self):
+            return 42
+
+        def __repr__(self):
+            return "<sized>"
+
+    ext = Sized()
+    assert len(ext) == 42 and repr(ext) == "<sized>"
+    assert plugins.read_attr(ext, "__len__")() == 42  # box: len(self) reaches main
+
+
+def test_forged_requests_reach_only_what_main_handed_over(plugins):
+    """The twin's link to main's instance is a way into main: the compartment
+    may call the methods main's classes define and read or write the
+    instance's own attributes, nothing else of main's."""
+    ran = []
+
+    class Sub(plugins.Extension):
+        secret = "class data"
+
+        def __init__(self):
+            super().__init__("sub")
+            self.mine = "main's"
+
+        def transform(self, text):
+            return text
+
+        def _private_helper(self):
+            ran.append("private")
+            return "ok"
+
+        def __call__(self):
+            ran.append("called")
+
+    ext = Sub()
+    ext.run("x")  # makes the twin
+    allowed = plugins.forge_on(ext, "@callmethod", "transform", ["t"], {})
+    assert allowed == ("ok", "t")
+    assert plugins.forge_on(ext, "@getattr", "mine") == ("ok", "main's")
+    refused = [
+        ("@callmethod", "__init__", [], {}),  # machinery, not an override
+        ("@callmethod", "__reduce_ex__", [2], {}),
+        ("@callmethod", "__class__", [], {}),
+        ("@callmethod", "run", ["x"], {}),  # the box's own method, not main's
+        ("@callmethod", "mine", [], {}),  # data, not a method
+        ("@getattr", "__dict__"),
+        ("@getattr", "__class__"),
+        ("@getattr", "__pycompart_twin__"),
+        ("@getattr", "__init__"),
+        ("@setattr", "__pycompart_twin_names__", {"x"}),
+        ("@setattr", "__class__", None),
+        ("@setattr", "new_name", 1),  # only names the instance has
+        ("@op", "getattr", ["mine"]),
+        ("@call", [], {}),  # __call__ exists, but calling main's instance is not handed over
+    ]
+    for op, *rest in refused:
+        outcome = plugins.forge_on(ext, op, *rest)
+        assert outcome[0] == "error", (op, rest, outcome)
+    assert ran == []  # (_private_helper is handed over: a method main's class defines)
+    # Main's class: only its static and class methods.
+    for op, *rest in [("@call", [], {}), ("@callmethod", "transform", [None, "x"], {}),
+                      ("@callmethod", "__init__", [], {}), ("@getattr", "secret"),
+                      ("@callmethod", "mro", [], {})]:
+        outcome = plugins.forge_on(ext, op, *rest, on_class=True)
+        assert outcome[0] == "error", (op, rest, outcome)
+    assert ext.mine == "main's" and "new_name" not in vars(ext)
