@@ -282,3 +282,67 @@ def raise_in_callback(fn):
     except Exception as exc:
         return [type(exc).__name__, str(exc), getattr(exc, "remote_traceback", "")]
     return None
+
+
+def exit_with(code):
+    """A package's CLI entry point: ends with sys.exit()."""
+    import sys
+
+    sys.exit(code)
+
+
+def interrupt():
+    raise KeyboardInterrupt
+
+
+def stdlib_errors(which):
+    import dataclasses
+    import json
+
+    if which == "json":
+        return json.loads("{not json")
+    if which == "frozen":
+        @dataclasses.dataclass(frozen=True)
+        class P:
+            x: int = 0
+        P().x = 1
+    if which == "from-none":
+        try:
+            {}["k"]
+        except KeyError:
+            raise LookupError("empty") from None
+    if which == "stop":
+        return next(iter(()))
+
+
+def through_callback(fn):
+    """main's fn calls back into this compartment, which raises there."""
+    return fn()
+
+
+def catch_in_box(fn):
+    """Call main's fn; catch the box's own BoxError coming back through it."""
+    try:
+        fn()
+    except BoxError as exc:
+        return ["caught", type(exc).__name__, str(exc)]
+    return ["not raised"]
+
+
+class BoxWarning(UserWarning):
+    pass
+
+
+def warn(kind="user", n=1):
+    import warnings
+
+    for i in range(n):
+        if kind == "user":
+            warnings.warn("careful", UserWarning)
+        elif kind == "deprecated":
+            warnings.warn("old api", DeprecationWarning, stacklevel=2)
+        elif kind == "own":
+            warnings.warn("own kind", BoxWarning)
+        elif kind == "varying":
+            warnings.warn(f"number {i}", RuntimeWarning)
+    return "done"

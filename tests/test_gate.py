@@ -1,11 +1,13 @@
 """The typed call gate, in-process."""
 
+import sys
 from typing import Any
 
 import msgspec
 import pytest
 
 import boxed
+import pycompart
 from pycompart import EntrypointError, ProtocolError, RemoteError
 from pycompart.wire.contract import Contract
 from pycompart.wire.exceptions import ALLOWED_EXCEPTIONS, describe_exception, rebuild_exception
@@ -77,12 +79,65 @@ def test_other_exceptions_become_remote_error_without_import():
     assert isinstance(back, RemoteError) and back.type_name == "boxed.CustomError" and back.message == "boom"
 
 
-def test_dangerous_base_exceptions_are_not_rebuilt():
+def test_control_exceptions_are_rebuilt_only_where_allowed():
     assert "SystemExit" not in ALLOWED_EXCEPTIONS and "KeyboardInterrupt" not in ALLOWED_EXCEPTIONS
     from pycompart.wire.protocol import ErrorInfo
-    for name in ("SystemExit", "KeyboardInterrupt", "GeneratorExit", "StopIteration", "os.system"):
+    for name in ("SystemExit", "KeyboardInterrupt", "GeneratorExit", "os.system", "BaseException"):
         back = rebuild_exception(ErrorInfo(name, "x", [], ""), "box")
-        assert isinstance(back, RemoteError)
+        assert isinstance(back, RemoteError), name
+    for name in ("GeneratorExit", "os.system", "BaseException"):  # never, even allowed
+        assert isinstance(rebuild_exception(ErrorInfo(name, "x", [], ""), "box", allow_exit=True),
+                          RemoteError)
+    back = rebuild_exception(ErrorInfo("SystemExit", "2", [2], ""), "box", allow_exit=True)
+    assert type(back) is SystemExit and back.code == 2
+    back = rebuild_exception(ErrorInfo("KeyboardInterrupt", "", [], ""), "box", allow_exit=True)
+    assert type(back) is KeyboardInterrupt
+    # StopIteration arrives as itself (a hand-written __next__ stops as unboxed).
+    assert type(rebuild_exception(ErrorInfo("StopIteration", "", [], ""), "box")) is StopIteration
+
+
+def test_a_resolver_finds_only_real_exception_classes():
+    """The resolver (main's: classes of modules it imported) is consulted
+    for names that are not builtins; what it returns is built without
+    running the class's code."""
+    import json
+
+    from pycompart.frontend.exceptions import imported_exception_class
+    from pycompart.wire.protocol import ErrorInfo
+
+    info = ErrorInfo("json.decoder.JSONDecodeError", "Expecting value: line 1 column 1 (char 0)",
+                     ["Expecting value: line 1 column 1 (char 0)"], "",
+                     attributes={"msg": "Expecting value", "pos": 0, "lineno": 1, "colno": 1})
+    back = rebuild_exception(info, "box", resolve=imported_exception_class)
+    assert type(back) is json.JSONDecodeError and back.pos == 0 and back.lineno == 1
+    assert isinstance(back.__cause__, pycompart.RemoteTraceback)
+    for name in ("os.system", "json.loads", "json.JSONDecodeError",  # an alias, not its own name
+                 "subprocess.Popen", "builtins.SystemExit", "sys.modules", "no.such.Error",
+                 "pycompart.frontend.exceptions.x", "json.decoder." + "A" * 300):
+        assert imported_exception_class(name) is None, name
+    assert imported_exception_class("json.decoder.JSONDecodeError") is json.JSONDecodeError
+    # A module main has not imported is never imported for it.
+    before = set(sys.modules)
+    assert "wsgiref.simple_server" not in before
+    assert imported_exception_class("wsgiref.simple_server.ServerError") is None
+    assert set(sys.modules) == before
+
+
+def test_raised_from_none_has_no_cause_on_this_side_either():
+    from pycompart.wire.protocol import ErrorInfo
+
+    try:
+        try:
+            raise KeyError("a")
+        except KeyError:
+            raise ValueError("b") from None
+    except ValueError as exc:
+        info = describe_exception(exc)
+    assert info.suppress
+    back = rebuild_exception(info, "box")
+    assert back.__cause__ is None and back.__suppress_context__ and "ValueError" in back.remote_traceback
+    assert isinstance(rebuild_exception(ErrorInfo("ValueError", "x", [], ""), "box").__cause__,
+                      pycompart.RemoteTraceback)
 
 
 def test_unprintable_exception_is_described():

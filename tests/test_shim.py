@@ -185,9 +185,13 @@ def test_compartment_cannot_reach_mains_objects(boxed):
             assert outcome[0] == "error", (op, handle, outcome)
     # Forged handles that main never exported are refused.
     assert boxed.forge("@call", 10_000, [], {})[0] == "error"
-    # A callback cannot hand over main's modules or globals.
+    # A callback cannot hand over main's modules or globals (a module of the
+    # standard library goes by name: the box gets its own copy).
     with pytest.raises(TypeError, match="module"):
-        boxed.apply(lambda: os)
+        boxed.apply(lambda: sys.modules[__name__])
+    with pytest.raises(TypeError, match="module"):
+        boxed.apply(lambda: pycompart)
+    assert boxed.apply(lambda: os).getpid() != os.getpid()
     with pytest.raises(TypeError, match="globals"):
         boxed.apply(lambda: globals())
     with pytest.raises(TypeError, match="globals"):
@@ -500,3 +504,116 @@ def test_an_object_main_handed_back_through_a_callback_is_not_stale(boxed):
     for _ in range(200):
         token = object()
         assert boxed.apply(lambda x: x, token) is token
+
+
+def test_standard_library_modules_cross_by_name(boxed):
+    import builtins
+    import operator
+    import os.path
+
+    # Main's module goes by name; the box uses its own copy of it.
+    assert boxed.apply(getattr, builtins, "len")([1, 2]) == 2
+    assert boxed.apply(getattr, os.path, "join")("a", "b") == "a/b"
+    # The box's copy comes back by reference: calls on it run in the box.
+    theirs = boxed.apply(lambda m: m, operator)
+    assert theirs is not operator and theirs.add(2, 3) == 5
+    assert boxed.apply(lambda m: m.getpid(), os) != os.getpid()
+    fake = types.ModuleType("json")  # named like a stdlib module, but not main's json
+    with pytest.raises(TypeError, match="cannot be passed"):
+        boxed.apply(lambda m: m, fake)
+
+
+def test_system_exit_is_the_callers_and_the_instance_survives(boxed):
+    pid = boxed.pid()
+    with pytest.raises(SystemExit) as info:
+        boxed.exit_with(3)
+    assert info.value.code == 3
+    with pytest.raises(SystemExit) as info:
+        boxed.exit_with(0)
+    assert info.value.code == 0
+    with pytest.raises(KeyboardInterrupt):
+        boxed.interrupt()
+    assert boxed.pid() == pid  # the same instance serves on
+
+
+def test_system_exit_can_be_kept_in_the_box(make_app):
+    app = box_app(make_app, allow_exit=False)
+    app.start(import_hook=True)
+    try:
+        import boxlib
+
+        with pytest.raises(pycompart.RemoteError) as info:
+            boxlib.exit_with(3)
+        assert not isinstance(info.value, SystemExit) and info.value.type_name == "SystemExit"
+        assert boxlib.VERSION == "1.2"
+    finally:
+        del sys.modules["boxlib"]
+
+
+def test_standard_library_exceptions_arrive_as_themselves(boxed):
+    import dataclasses
+    import json
+
+    with pytest.raises(json.JSONDecodeError) as info:
+        boxed.stdlib_errors("json")
+    assert info.value.pos == 1 and info.value.lineno == 1 and "Traceback" in info.value.remote_traceback
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        boxed.stdlib_errors("frozen")
+    with pytest.raises(LookupError) as info:
+        boxed.stdlib_errors("from-none")
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    with pytest.raises(StopIteration):
+        boxed.stdlib_errors("stop")
+
+
+def test_stand_in_exceptions_are_ordinary_exceptions_in_main(boxed):
+    import pickle
+
+    exc = boxed.BoxError("made in main", 2)
+    assert exc.args == ("made in main", 2) and isinstance(exc, ValueError)
+    with pytest.raises(boxed.BoxError):
+        raise boxed.DeepError("deep")
+    assert str(boxed.BoxError("one")) == "one"
+    again = pickle.loads(pickle.dumps(exc))
+    assert type(again) is boxed.BoxError and again.args == exc.args
+    with pytest.raises(boxed.BoxError) as info:
+        boxed.fail()
+    back = pickle.loads(pickle.dumps(info.value))
+    assert type(back) is boxed.BoxError and back.args == ("it failed", 7)
+
+
+def test_the_boxs_exceptions_cross_back_through_callbacks(boxed):
+    # box -> main's callback -> box raises -> out of the callback -> box catches it
+    assert boxed.catch_in_box(lambda: boxed.fail()) == ["caught", "BoxError", "('it failed', 7)"]
+    # ... and if the box does not catch it, main gets the stand-in again
+    with pytest.raises(boxed.DeepError):
+        boxed.through_callback(lambda: boxed.fail(deep=True))
+
+    def stop():
+        raise StopIteration
+    with pytest.raises(StopIteration):
+        boxed.through_callback(stop)
+
+
+def test_warnings_are_reissued_in_main(boxed):
+    import warnings
+
+    with pytest.warns(UserWarning, match="careful") as record:
+        assert boxed.warn("user") == "done"
+    assert record[0].filename.endswith("boxlib.py")  # where the box's code warned
+    with pytest.warns(DeprecationWarning, match="old api") as record:
+        boxed.warn("deprecated")
+    assert record[0].filename == __file__  # stacklevel=2: main's call site
+    with pytest.warns(boxed.BoxWarning):
+        boxed.warn("own")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning):
+            boxed.warn("user")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        boxed.warn("varying", n=500)
+    assert len(caught) == 100  # bounded per call
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert boxed.warn("user") == "done"

@@ -19,7 +19,7 @@ _EXPORTS = {
     "CallTimeout": "errors", "CompartmentCrashed": "errors", "CompartmentError": "errors",
     "CompartmentStartError": "errors", "CompartmentUnavailable": "errors",
     "EntrypointError": "errors", "ProtocolError": "errors", "PycompartError": "errors",
-    "RemoteError": "errors", "SpecError": "errors", "StaleReference": "errors",
+    "RemoteError": "errors", "RemoteTraceback": "errors", "SpecError": "errors", "StaleReference": "errors",
     "PrivilegeError": "errors", "open_untrusted": "kernel.files",
     "CommBreakEvent": "supervisor.monitor", "InstanceEvent": "supervisor.monitor",
     "TimeoutEvent": "supervisor.monitor",
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from .errors import (
         CallTimeout, CompartmentCrashed, CompartmentError, CompartmentStartError,
         CompartmentUnavailable, EntrypointError, ProtocolError, PycompartError, RemoteError,
-        SpecError, StaleReference, PrivilegeError,
+        RemoteTraceback, SpecError, StaleReference, PrivilegeError,
     )
     from .kernel.files import open_untrusted
     from .supervisor.monitor import CommBreakEvent, InstanceEvent, TimeoutEvent

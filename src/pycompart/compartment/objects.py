@@ -14,6 +14,7 @@ operations on the compartment's objects, and references to main's.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import sys
@@ -132,7 +133,8 @@ class ObjectServer:
             if issubclass(obj, BaseException):
                 return refs.path_ext(module, qualname, "exception", [qualified(c) for c in obj.__mro__[:32]])
             return refs.path_ext(module, qualname, "class")
-        return refs.path_ext(module, qualname, "function")
+        return refs.path_ext(module, qualname, "function" if isinstance(obj, types.FunctionType)
+                             else "builtin")
 
     # -- exceptions from main -----------------------------------------------------------
 
@@ -250,7 +252,7 @@ class ObjectServer:
             raise TypeError("malformed twin request")
         twin = twinclass.__new__(twinclass)
         object.__setattr__(twin, "_pc_main", main)
-        return twin
+        return _AsReference(twin)
 
     def op_twinset(self, twin: Any, name: Any, value: Any) -> bool:
         """Main writes a name new to its instance: set it here if the twin
@@ -311,11 +313,22 @@ class ObjectServer:
             raise TypeError(f"unknown operation {op!r}")
         if op == "dir":
             return sorted(n for n in dir(target) if exposed(n, self.expose))
+        if op == "type":
+            self.check_name("__class__", _describe(target))
         return fn(target, *args)
 
     def _check_target(self, target: Any) -> None:
         if isinstance(target, MainRef):
             raise TypeError("the target of an operation must be an object of this compartment")
+
+
+class _AsReference:
+    """A twin sent to main as itself (a reference), not as main's instance."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
 
 
 def _kind(value: Any, name: str) -> str:
@@ -393,7 +406,8 @@ def _issubclass(obj: Any, cls: Any) -> bool:
 
 
 _PROTOCOL: dict[str, Callable[..., Any]] = dict(
-    protocols.OPS, isinstance=_isinstance, issubclass=_issubclass, dir=dir)
+    protocols.OPS, isinstance=_isinstance, issubclass=_issubclass, dir=dir, type=type,
+    copy=copy.copy, deepcopy=copy.deepcopy)
 
 
 # -- references to main's objects, inside an instance ---------------------------------
@@ -574,12 +588,26 @@ def instance_peer(server: ObjectServer) -> refs.Peer:
     def reference(peer: refs.Peer, value: Any) -> Any:
         if isinstance(value, MainRef) and value._pc_peer is peer:
             return refs.yours_ext(value._pc_handle)
+        if type(value) is _AsReference:
+            return peer.export(value.obj)
+        if "__pycompart_twin__" in type(value).__dict__:
+            main = value.__dict__.get("_pc_main")
+            if isinstance(main, MainRef) and main._pc_peer is peer:
+                return refs.yours_ext(main._pc_handle)  # a twin goes home as main's instance
         ref = getattr(value, "_pc_ref", None) if isinstance(value, type) else None
         if isinstance(ref, MainRef) and ref._pc_peer is peer:
             return refs.yours_ext(ref._pc_handle)  # main's class, going home
-        return server.path_of(value)
+        ext = server.path_of(value)
+        if ext is None and isinstance(value, types.ModuleType) \
+                and value.__name__.partition(".")[0] in sys.stdlib_module_names:
+            return peer.export(value)  # our own copy of a stdlib module, by reference
+        return ext
 
     def from_path(peer: refs.Peer, module: str, qualname: str, kind: str, mro: list[str]) -> Any:
+        if kind == "stdlib":  # a module of the standard library main passed: ours
+            if qualname or module.partition(".")[0] not in sys.stdlib_module_names:
+                raise LookupError(f"{module!r} is not a module of the standard library")
+            return importlib.import_module(module)
         return server.resolve(module, qualname)
 
     return refs.Peer(server.compartment, make_proxy, reference, from_path, make_class=make_class)

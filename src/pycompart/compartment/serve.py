@@ -37,12 +37,15 @@ from ..wire.exceptions import describe_exception
 from ..wire.protocol import Call, Connection, Err
 from . import lockdown as _lockdown
 from . import output as _output
+from . import warn as _warn
 from .objects import MainRef, ObjectServer, instance_peer
 
 _main_source: bytes | None = None
 
 #: What this instance prints while it serves a call, for the reply.
 CALL_OUTPUT = _output.CallOutput()
+#: The warnings its code issues while it serves a call, for the caller.
+CALL_WARNINGS = _warn.CallWarnings()
 
 
 def preload() -> None:
@@ -269,6 +272,10 @@ class Server(CallServer):
         MainRef.call_out = self.call_out
         CALL_OUTPUT.channel = self.channel
         CALL_OUTPUT.in_call = lambda: self.current is not None
+        if self.channel.track_arrivals:  # module compartments: main re-issues warnings
+            CALL_WARNINGS.channel = self.channel
+            CALL_WARNINGS.current_call = lambda: self.active[-1] if self.active else 0
+            CALL_WARNINGS.install()
 
     def serve(self) -> None:
         signal.signal(CANCEL_SIGNAL, self._on_cancel_signal)
@@ -296,6 +303,7 @@ class Server(CallServer):
                 self.current = None
                 if channel.track_arrivals:
                     self.peer.decoded(("c", call.id))
+                    CALL_WARNINGS.finished(call.id)
             reply(frame)
             if channel.failure is not None and not isinstance(channel.failure, ProtocolError):
                 os._exit(0)  # the caller is gone; nothing left to serve
@@ -334,6 +342,12 @@ class Server(CallServer):
         except CallCancelled as exc:
             return conn.send_err(call.id, describe_exception(exc))
         except Exception as exc:
+            return conn.send_err(call.id, describe_exception(exc))
+        except (SystemExit, KeyboardInterrupt) as exc:
+            if contract is not None:
+                raise  # a typed entrypoint's process ends with it (restart policy)
+            # A boxed module's code (a package's CLI entry point ending with
+            # sys.exit()): the caller's to handle, as unboxed; we serve on.
             return conn.send_err(call.id, describe_exception(exc))
         finally:
             if on_serve_thread:

@@ -350,6 +350,7 @@ class _Runtime:
         inst.peer = peer
         inst.channel.server = CallbackGate(comp.name, "main" in comp.spec.may_call, peer, self.audit)
         inst.channel.track_arrivals = True
+        inst.channel.call_warnings = {}  # re-issued by the caller (pycompart.frontend.warn)
 
     def _timed_out(self, compartment: str, op: str, pid: int | None, timeout: float | None) -> None:
         Hooks.fire(self.app.hooks.on_call_timeout, TimeoutEvent(compartment, op, pid, timeout))

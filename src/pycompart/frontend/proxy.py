@@ -27,15 +27,18 @@ and goes to that instance (see ``pycompart.transport.channel``).
 from __future__ import annotations
 
 import builtins
+import sys
 import threading
 import time
 import types
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CallTimeout, EntrypointError, ProtocolError, RemoteError, RemoteTraceback, StaleReference
+from ..errors import CallTimeout, EntrypointError, ProtocolError, RemoteError, StaleReference
 from ..transport.channel import serving, serving_any
 from ..wire import protocols, refs
-from ..wire.exceptions import ALLOWED_EXCEPTIONS, plain, rebuild_exception
+from ..wire.exceptions import ALLOWED_EXCEPTIONS, attach_traceback, plain, rebuild_exception
+from .exceptions import imported_exception_class, standin_init, standin_reduce, standin_str
+from .warn import reissue
 from ..wire.protocol import Err, ErrorInfo
 from ..wire.refs import exposed
 from . import subclass
@@ -80,6 +83,8 @@ class Compartment:
         self._standins: dict[str, type] = {}
         self._path_exts: dict[tuple[str, ...], refs.Ext] = {}
         self._glue: dict[tuple[str, ...], tuple[type, list[type]]] = {}
+        #: Per module of the compartment's: warnings already shown (warn.py).
+        self.warning_registry: dict[str, dict[Any, Any]] = {}
         self._lock = threading.RLock()
 
     def module(self, name: str) -> ModuleProxy:
@@ -149,6 +154,11 @@ class Compartment:
                     self.on_timeout(self.name, op, inst.pid, timeout)
                 raise
             try:
+                warned = inst.channel.call_warnings
+                if warned:
+                    found = warned.pop(reply.id, None)
+                    if found:
+                        reissue(self, found)  # may raise (a filter says "error")
                 if reply.__class__ is Err:
                     raise self.exception(reply.error)  # type: ignore[union-attr]
                 return peer.decode(reply.value)  # type: ignore[union-attr]
@@ -170,20 +180,23 @@ class Compartment:
     def exception(self, info: ErrorInfo) -> Exception:
         if info.mro and info.mro[0] == info.type_name and dotted_in(self.spec, info.type_name):
             cls = self.standin(info.mro)
-            exc = cls(info.type_name, info.message, info.traceback)
-            if info.args:
-                exc.args = tuple(plain(a) for a in info.args)
+            exc = cls.__new__(cls)
+            BaseException.__init__(exc, *(plain(a) for a in info.args))
+            exc.type_name, exc.message, exc.remote_traceback = (
+                info.type_name, info.message, info.traceback)
             for key, value in info.attributes.items():
                 if key.isidentifier() and not key.startswith("_") and key not in _RESERVED:
                     try:
                         setattr(exc, key, plain(value))
                     except Exception:  # a typed slot of the builtin base: the far side lied
                         pass
-            exc.__cause__ = RemoteTraceback(
-                f'"""\nTraceback from compartment {self.name!r}:\n{info.traceback}"""')
-            exc.remote_compartment = self.name  # type: ignore[attr-defined]
+            attach_traceback(exc, info, self.name)
             return exc
-        return rebuild_exception(info, self.name)
+        return rebuild_exception(info, self.name, self.spec.allow_exit, imported_exception_class)
+
+    def places_name(self, dotted: str) -> bool:
+        """Whether ``module.Name`` is in a module placed in this compartment."""
+        return dotted_in(self.spec, dotted)
 
     def standin(self, mro: list[str]) -> type:
         """The stand-in class for the compartment's exception class ``mro[0]``."""
@@ -203,7 +216,8 @@ class Compartment:
                         bases = (RemoteError, builtin)
                     break
             module, _, qualname = name.rpartition(".")
-            ns = {"__module__": module, "__qualname__": qualname, "__str__": _standin_str,
+            ns = {"__module__": module, "__qualname__": qualname, "__str__": standin_str,
+                  "__init__": standin_init, "__reduce__": standin_reduce,
                   "__pycompart_standin__": (self.name, name)}
             try:
                 cls = type(qualname.rpartition(".")[2], bases, ns)
@@ -228,8 +242,6 @@ class Compartment:
             if obj is not None:
                 return obj
             if kind == "module":
-                import sys
-
                 existing = sys.modules.get(module)
                 obj = existing if isinstance(existing, ModuleProxy) else ModuleProxy(self, module)
             elif kind == "exception" and mro:
@@ -237,7 +249,7 @@ class Compartment:
             elif kind == "class":
                 obj = _remote_class(self, module, qualname)
             else:
-                obj = PathFunction(self, module, qualname)
+                obj = PathFunction(self, module, qualname, binds=kind == "function")
             if len(self._paths) < MAX_CACHED:
                 self._paths[key] = obj
             return obj
@@ -297,6 +309,10 @@ class Compartment:
                 if len(self._path_exts) < MAX_CACHED:
                     self._path_exts[path] = ext
             return ext
+        if _is(value, types.ModuleType) and _stdlib_module(value):
+            # A module of the standard library crosses by name: the
+            # compartment uses its own copy (it reads the same stdlib).
+            return refs.path_ext(value.__name__, "", "stdlib")
         if subclass.is_subclass_instance(value, self.name):
             # Main's instance of a subclass of one of our classes: the
             # compartment gets its twin, which is an instance of that class.
@@ -348,13 +364,19 @@ class ReturnedCallable:
     def __repr__(self) -> str:
         return f"<callable of main {self._pc_name!r}, returned by compartment {self._pc_compartment!r}>"
 
+    # Comparing it with main's own callable is safe (nothing of main's runs
+    # but its __eq__) and what code that stored the callable expects.
+    def __eq__(self, other: Any) -> bool:
+        if type(other) is ReturnedCallable:
+            other = other._pc_obj
+        return bool(self._pc_obj == other)
+
+    def __hash__(self) -> int:
+        return hash(self._pc_obj)
+
 
 _RESERVED = frozenset({"type_name", "message", "remote_traceback", "remote_compartment", "args",
                        "with_traceback", "add_note"})
-
-
-def _standin_str(self: RemoteError) -> str:
-    return self.message
 
 
 _BUILTIN_NAMES = frozenset(vars(builtins))
@@ -380,8 +402,8 @@ class ModuleProxy(types.ModuleType):
         if name == "__all__":
             return self._public_names()
         value = comp.call(None, "@getattr", [self, name])
-        if isinstance(value, (ModuleProxy, PathFunction, RemoteClassMeta)) or (
-                isinstance(value, type) and "__pycompart_standin__" in value.__dict__):
+        if _is(value, (ModuleProxy, PathFunction, RemoteClassMeta)) or (
+                _is(value, type) and "__pycompart_standin__" in value.__dict__):
             self.__dict__[name] = value  # functions, classes, submodules do not change
         return value
 
@@ -449,8 +471,9 @@ class ModuleProxy(types.ModuleType):
 class PathFunction:
     """A function of a module compartment, called by name."""
 
-    def __init__(self, comp: Compartment, module: str, qualname: str):
+    def __init__(self, comp: Compartment, module: str, qualname: str, binds: bool = False):
         self._pc_comp = comp
+        self._pc_binds = binds  # a Python function (not a builtin): binds as a method
         self.__pycompart_path__ = (comp.name, module, qualname, "function")
         self.__module__ = module
         self.__qualname__ = qualname
@@ -458,6 +481,11 @@ class PathFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._pc_comp.call(None, "@call", [self, list(args), kwargs])
+
+    def __get__(self, inst: Any, owner: Any = None) -> Any:
+        if inst is None or not self._pc_binds:
+            return self
+        return types.MethodType(self, inst)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith(("_pc_", "__pycompart")) or not exposed(name, self._pc_comp.expose):
@@ -511,10 +539,10 @@ class RemoteClassMeta(type):
     def __subclasscheck__(cls, sub: Any) -> bool:
         if sub is cls:
             return True
-        remote_bases = getattr(sub, "__pycompart_remote_bases__", None) if isinstance(sub, type) else None
+        remote_bases = getattr(sub, "__pycompart_remote_bases__", None) if _is(sub, type) else None
         if remote_bases:
             return any(base is cls or issubclass(base, cls) for base in remote_bases)
-        if not isinstance(sub, RemoteClassMeta) or sub._pc_comp is not cls._pc_comp:
+        if not _is(sub, RemoteClassMeta) or sub._pc_comp is not cls._pc_comp:
             return False
         return bool(cls._pc_comp.call(None, "@op", [sub, "issubclass", [cls]]))
 
@@ -523,12 +551,19 @@ class RemoteClassMeta(type):
 
 
 def _remote_class(comp: Compartment, module: str, qualname: str) -> type:
+    specials, cell = subclass.unbound_specials(comp)
     ns = {"__module__": module, "__qualname__": qualname, "_pc_comp": comp,
-          "__pycompart_path__": (comp.name, module, qualname, "class"), "__slots__": ()}
-    return type.__new__(RemoteClassMeta, qualname.rpartition(".")[2], (), ns)
+          "__pycompart_path__": (comp.name, module, qualname, "class"), "__slots__": (),
+          **specials}
+    cls = type.__new__(RemoteClassMeta, qualname.rpartition(".")[2], (), ns)
+    cell.append(cls)
+    return cls
 
 
 # -- remote objects -----------------------------------------------------------------
+
+
+_asking = threading.local()
 
 
 class RemoteObject:
@@ -587,9 +622,37 @@ class RemoteObject:
     def __dir__(self) -> list[str]:
         return list(self._pc_op("dir"))
 
+    @property  # type: ignore[misc]
+    def __class__(self) -> Any:
+        """The object's class in the compartment (its stand-in), as
+        ``obj.__class__`` would be unboxed; ``type(obj)`` stays the proxy."""
+        peer, key = self._pc_peer, self._pc_type
+        cls = peer.classes.get(key) if key else None
+        if cls is None:
+            if not exposed("__class__", self._pc_comp.expose):
+                return type(self)  # a safebox keeps its classes to itself
+            if getattr(_asking, "now", False):
+                return type(self)  # (isinstance() inside the round trip below)
+            _asking.now = True
+            try:
+                cls = self._pc_op("type")
+            except Exception:  # isinstance() asks too: it must not fail on a dead instance
+                return type(self)
+            finally:
+                _asking.now = False
+            if key and len(peer.classes) < MAX_CACHED:
+                peer.classes[key] = cls
+        return cls
+
+    def __copy__(self) -> Any:
+        return self._pc_op("copy")  # a copy made in the compartment
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return self._pc_op("deepcopy")
+
     def __reduce__(self) -> Any:
         raise TypeError(f"a reference to a {self._pc_tname} object of compartment "
-                        f"{self._pc_comp.name!r} cannot be pickled or copied")
+                        f"{self._pc_comp.name!r} cannot be pickled")
 
     def __del__(self) -> None:
         try:
@@ -639,6 +702,12 @@ def _proxy_class(flags: int) -> type:
     return cls
 
 
+def _stdlib_module(module: types.ModuleType) -> bool:
+    name = getattr(module, "__name__", None)
+    return type(name) is str and name.partition(".")[0] in sys.stdlib_module_names \
+        and sys.modules.get(name) is module
+
+
 def _is(value: Any, kinds: Any) -> bool:
     """``isinstance`` by the real type: ``mock.Mock(spec=...)`` and friends
     fake ``__class__``, and must never pass for one of our stand-ins."""
@@ -647,7 +716,7 @@ def _is(value: Any, kinds: Any) -> bool:
 
 def is_remote(value: Any) -> bool:
     """Whether ``value`` is a stand-in for something in a compartment."""
-    return isinstance(value, (RemoteObject, RemoteMethod, ModuleProxy, PathFunction, RemoteClassMeta))
+    return _is(value, (RemoteObject, RemoteMethod, ModuleProxy, PathFunction, RemoteClassMeta))
 
 
 __all__ = ["Compartment", "ModuleProxy", "PathFunction", "RemoteClassMeta", "RemoteObject",

@@ -61,7 +61,7 @@ def is_subclass_instance(obj: Any, compartment: str) -> bool:
 
 def is_main_subclass(obj: Any, compartment: str) -> bool:
     """Whether ``obj`` is main's subclass of a class of ``compartment``."""
-    return isinstance(obj, type) and "__pycompart_handed__" in obj.__dict__ \
+    return issubclass(type(obj), type) and "__pycompart_handed__" in obj.__dict__ \
         and obj.__dict__.get("__pycompart_compartment__") == compartment
 
 
@@ -167,6 +167,39 @@ def class_data(cls: type) -> dict[str, Any]:
             if refs.is_plain(value):
                 out[name] = value
     return out
+
+
+# -- unbound special methods of a stand-in class ----------------------------------------
+
+#: Special methods ``object`` defines: on a stand-in class, ``Base.__init__``
+#: would find ``object``'s, never ask the compartment.
+OBJECT_SPECIALS = ("__init__", "__repr__", "__str__", "__eq__", "__ne__", "__lt__", "__le__",
+                   "__gt__", "__ge__", "__hash__", "__format__", "__setattr__", "__delattr__",
+                   "__getattribute__", "__dir__", "__sizeof__")
+
+
+def unbound_specials(comp: Compartment) -> tuple[dict[str, Any], list[type]]:
+    """Functions for a stand-in class's namespace so that ``Base.__init__(self,
+    ...)`` in main's subclass (the explicit form of ``super().__init__``)
+    runs the compartment's ``Base.__init__`` on the instance's twin; and the
+    cell to put the stand-in class into once it exists."""
+    cell: list[type] = []
+
+    def make(name: str) -> Any:
+        def special(self: Any, *args: Any, **kwargs: Any) -> Any:
+            standin = cell[0]
+            if is_subclass_instance(self, comp.name):
+                twin = twin_of(self)
+                return comp.call(twin._pc_inst, "@callsuper", [twin, standin, name, list(args),
+                                                                kwargs])
+            remote = getattr(self, "_pc_comp", None) is comp and not issubclass(type(self), type)
+            if remote:  # an instance of the class in the compartment (a proxy)
+                return comp.call(None, "@getattr", [standin, name])(self, *args, **kwargs)
+            return getattr(object, name)(self, *args, **kwargs)
+        special.__name__ = name
+        return special
+
+    return {name: make(name) for name in OBJECT_SPECIALS}, cell
 
 
 # -- glue: main's class for one of the compartment's classes --------------------------

@@ -129,6 +129,11 @@ class CompartmentSpec:
     #: Whether main may call a callable of its own that the compartment sent
     #: back unasked (not passed in that same call): by default it may not.
     allow_returned_callables: bool = False
+    #: Whether a ``SystemExit`` or ``KeyboardInterrupt`` the compartment's
+    #: code raises through a call is raised as itself in the caller (as it
+    #: would be unboxed: a CLI entry point's ``sys.exit(2)``), or arrives as
+    #: ``RemoteError``. The instance survives either way.
+    allow_exit: bool = True
     #: ``module:name`` values of main copied into each instance at its start.
     shared: tuple[str, ...] = ()
     #: CPU seconds an instance may burn while no call is in flight (a thread
@@ -351,6 +356,7 @@ def _compartment(reader: _Reader, name: str, default_mechanism: str, base_dir: s
         expose=reader.get("expose", _expose, "", None),
         allow_setattr=reader.get("allow_setattr", _bool, "true or false", None),
         allow_returned_callables=reader.get("allow_returned_callables", _bool, "true or false", False),
+        allow_exit=reader.get("allow_exit", _bool, "true or false", True),
         shared=reader.get("shared", _str_list(_FUNCTION_RE, '"module:name" names'), "", ()),
         output=reader.get("output", _one_of(OUTPUT_MODES), "", d.output),
         idle_cpu=reader.get("idle_cpu", _timeout, 'a duration or "none"', d.idle_cpu),

@@ -27,6 +27,7 @@ from typing import Any
 from ..errors import CallTimeout, CompartmentCrashed, CompartmentError, ProtocolError
 from ..wire.protocol import (
     MAX_RELEASES,
+    MAX_WARNINGS,
     NEED_DATA as _NEED_DATA,
     Call,
     Cancel,
@@ -38,6 +39,7 @@ from ..wire.protocol import (
     Output,
     Release,
     Violation,
+    Warn,
 )
 from .streams import Transport
 
@@ -57,6 +59,8 @@ REPLY_SEND_TIMEOUT = 60.0
 #: Bytes one ``drain`` may read: the monitor thread drains, and no single
 #: instance may hold it.
 DRAIN_BUDGET = 256 * 1024
+#: Calls whose warnings are kept waiting for their callers at once.
+MAX_WARNED_CALLS = 256
 
 _context = threading.local()
 
@@ -194,6 +198,10 @@ class Channel:
         #: Where Output from the peer goes: ``(stream, data)``; None drops it
         #: (only instances send output).
         self.output_sink: Callable[[int, bytes], None] | None = None
+        #: Warnings the peer's code issued, by the id of the call they came
+        #: with, for the caller to re-issue (``pycompart.frontend.warn``);
+        #: None drops them (only module compartments' warnings are kept).
+        self.call_warnings: dict[int, list[Any]] | None = None
         self._leader_nested: list[Call] = []
         # The serve loop of an instance waits here for top-level calls.
         self._inbox = _Waiter()
@@ -553,6 +561,17 @@ class Channel:
             sink = self.output_sink
             if sink is not None:
                 sink(event.stream, event.data)  # type: ignore[attr-defined]
+            return
+        if cls is Warn:
+            kept = self.call_warnings
+            if kept is not None:
+                found = kept.get(event.call)  # type: ignore[attr-defined]
+                if found is None:
+                    if len(kept) >= MAX_WARNED_CALLS:  # ids of calls that never claimed theirs
+                        del kept[next(iter(kept))]
+                    found = kept[event.call] = []  # type: ignore[attr-defined]
+                if len(found) < MAX_WARNINGS:
+                    found.append(event)
             return
         if cls is Cancel:
             self.server.cancel(self, event.id)  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import builtins
 import os
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from .. import errors
@@ -21,13 +22,17 @@ from .protocol import MAX_ERROR_TEXT, MAX_ERROR_VALUE, Blob, ErrorInfo
 
 
 #: Builtin exceptions that arrive as themselves. BaseExceptions such as
-#: SystemExit/KeyboardInterrupt are deliberately absent: a compartment must not
-#: be able to make ``main`` exit. StopIteration is absent because raising it
-#: into a caller's generator changes control flow.
+#: SystemExit/KeyboardInterrupt are not among them: they arrive as
+#: themselves only where the spec says so (``CONTROL_EXCEPTIONS``).
+#: StopIteration arrives as itself: a caller iterating by hand stops where it
+#: would have unboxed (generators turn it into RuntimeError, PEP 479).
 ALLOWED_EXCEPTIONS: dict[str, type[Exception]] = {
     name: getattr(builtins, name)
     for name in (
         "Exception ArithmeticError AssertionError AttributeError BufferError EOFError "
+        "StopIteration StopAsyncIteration Warning UserWarning DeprecationWarning "
+        "PendingDeprecationWarning SyntaxWarning RuntimeWarning FutureWarning ImportWarning "
+        "UnicodeWarning BytesWarning ResourceWarning EncodingWarning "
         "FloatingPointError ImportError ModuleNotFoundError IndexError KeyError LookupError "
         "MemoryError NameError NotImplementedError OSError BlockingIOError ChildProcessError "
         "ConnectionError BrokenPipeError ConnectionAbortedError ConnectionRefusedError "
@@ -37,6 +42,13 @@ ALLOWED_EXCEPTIONS: dict[str, type[Exception]] = {
         "UnicodeError UnicodeDecodeError UnicodeEncodeError ValueError ZeroDivisionError"
     ).split()
 }
+
+#: Control-flow exceptions a compartment's code may raise through a call (a
+#: package's CLI entry point ending with ``sys.exit(status)``): raised as
+#: themselves in the caller when the spec allows it (``allow_exit``), as
+#: unboxed; the instance lives on either way.
+CONTROL_EXCEPTIONS: dict[str, type[BaseException]] = {
+    "SystemExit": SystemExit, "KeyboardInterrupt": KeyboardInterrupt}
 
 #: pycompart's own errors that an instance may report (for example a reply
 #: that was too large to send).
@@ -95,8 +107,9 @@ def describe_exception(exc: BaseException, brief: bool = False) -> ErrorInfo:
         if isinstance(key, str) and key.isidentifier() and not key.startswith("_") \
                 and isinstance(value, _SIMPLE) and len(attributes) < 36:
             attributes[key[:100]] = _bounded(value)
+    suppress = bool(exc.__suppress_context__) and exc.__cause__ is None
     return ErrorInfo(name[:200], message[:MAX_ERROR_TEXT], args[:16], tb[-MAX_ERROR_TEXT:],
-                     [m[:200] for m in mro], attributes)
+                     [m[:200] for m in mro], attributes, suppress=suppress)
 
 
 def _describe_brief(exc: BaseException) -> ErrorInfo:
@@ -132,13 +145,23 @@ def _user_frames(tb: Any) -> Any:
     return tb if tb is not None else start
 
 
-def rebuild_exception(info: ErrorInfo, where: str) -> Exception:
+def rebuild_exception(info: ErrorInfo, where: str, allow_exit: bool = False,
+                      resolve: Callable[[str], type[BaseException] | None] | None = None,
+                      ) -> BaseException:
     """Turn an ``ErrorInfo`` from ``where`` (a compartment name) into the
     exception to raise in the caller. Never raises: whatever the far side
-    sent, the result is an allowed builtin, one of pycompart's own errors, or
+    sent, the result is an allowed builtin, a control exception if
+    ``allow_exit``, a class ``resolve`` finds among the receiver's own
+    (never importing anything), one of pycompart's own errors, or
     ``RemoteError``."""
-    cls = ALLOWED_EXCEPTIONS.get(info.type_name) or _OWN_EXCEPTIONS.get(info.type_name)
-    exc: Exception | None = None
+    cls: Any = ALLOWED_EXCEPTIONS.get(info.type_name) or _OWN_EXCEPTIONS.get(info.type_name)
+    if cls is None and allow_exit:
+        cls = CONTROL_EXCEPTIONS.get(info.type_name)
+    exc: BaseException | None = None
+    if cls is None and resolve is not None:
+        found = resolve(info.type_name)
+        if found is not None:
+            exc = build_without_init(found, info)
     if cls is not None:
         attrs = {k: plain(v) for k, v in info.attributes.items()}
         candidates: list[tuple[Any, ...]] = []
@@ -172,8 +195,44 @@ def rebuild_exception(info: ErrorInfo, where: str) -> Exception:
                         pass
     if exc is None:
         exc = RemoteError(info.type_name, info.message, info.traceback)
+    attach_traceback(exc, info, where)
+    return exc
+
+
+def attach_traceback(exc: BaseException, info: ErrorInfo, where: str) -> None:
+    """The far side's traceback, as the ``__cause__`` of the exception
+    raised here (so both sides show), unless it was raised ``from None``
+    there; always as ``exc.remote_traceback``."""
     tb = info.traceback or f"{info.type_name}: {info.message}\n"
-    exc.__cause__ = RemoteTraceback(f'"""\nTraceback from compartment {where!r}:\n{tb}"""')
-    exc.remote_traceback = tb  # type: ignore[attr-defined]
-    exc.remote_compartment = where  # type: ignore[attr-defined]
+    if info.suppress:
+        exc.__cause__ = None
+        exc.__suppress_context__ = True
+    else:
+        exc.__cause__ = RemoteTraceback(f'"""\nTraceback from compartment {where!r}:\n{tb}"""')
+    try:
+        exc.remote_traceback = tb  # type: ignore[attr-defined]
+        exc.remote_compartment = where  # type: ignore[attr-defined]
+    except AttributeError:  # a class with __slots__
+        pass
+
+
+def build_without_init(cls: type[BaseException], info: ErrorInfo) -> BaseException | None:
+    """An instance of ``cls`` (a class of the receiver's own) for ``info``
+    without running any of the class's own code: the ``__new__`` and
+    ``__init__`` of its builtin base, then the simple attributes the far
+    side reported. None if that is not possible."""
+    base = next((c for c in cls.__mro__ if c.__module__ == "builtins"), None)
+    if base is None or not issubclass(base, BaseException):
+        return None
+    args = tuple(plain(a) for a in info.args) if info.args else (info.message,)
+    try:
+        exc = base.__new__(cls, *args)  # type: ignore[call-overload]
+        base.__init__(exc, *args)
+    except Exception:
+        return None
+    state = getattr(exc, "__dict__", None)
+    for key, value in info.attributes.items():
+        if key.isidentifier() and not key.startswith("_") and key not in _RESERVED \
+                and state is not None and not any(key in c.__dict__ for c in cls.__mro__):
+            state[key] = plain(value)  # into the instance: no setter of the class runs
     return exc

@@ -77,6 +77,8 @@ class ErrorInfo(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     #: A handle of the sender's exception class, exported to the receiver
     #: (0: none): the receiver's stand-in of that class is the one raised.
     origin: int = 0
+    #: It was raised ``from None``: the receiver's copy shows no cause either.
+    suppress: bool = False
 
 
 class Hello(msgspec.Struct, array_like=True, tag=0):
@@ -147,7 +149,29 @@ class Output(msgspec.Struct, array_like=True, tag=7):
     data: Annotated[bytes, msgspec.Meta(max_length=MAX_OUTPUT)]
 
 
-Message = Union[Hello, Call, Ok, Err, Cancel, Abort, Release, Output]
+#: Warnings one call may report (the sender drops the rest, and repeats).
+MAX_WARNINGS = 100
+
+
+class Warn(msgspec.Struct, array_like=True, tag=8):
+    """A warning an instance's code issued while serving call ``call``,
+    sent before the reply so that the caller re-issues it, through its own
+    warning filters, as the call returns. ``mro``: the category's classes
+    (qualified names, most derived first), for the receiver to pick a
+    category it knows; ``at_caller``: the warning points at the caller of
+    the compartment's code (``stacklevel`` reached the call gate), so the
+    receiver puts its own call site there. Needs no reply."""
+
+    call: int
+    mro: Annotated[list[_Name], msgspec.Meta(min_length=1, max_length=32)]
+    message: Annotated[str, msgspec.Meta(max_length=MAX_ERROR_VALUE)]
+    filename: Annotated[str, msgspec.Meta(max_length=1000)]
+    lineno: Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
+    module: _Name
+    at_caller: bool
+
+
+Message = Union[Hello, Call, Ok, Err, Cancel, Abort, Release, Output, Warn]
 
 # -- events that are not messages ---------------------------------------------
 
@@ -353,6 +377,10 @@ class Connection:
     def send_output(stream: int, data: bytes) -> bytes:
         return b"".join(encode_frame(_encoder.encode(Output(stream, data[i:i + MAX_OUTPUT])))
                         for i in range(0, len(data), MAX_OUTPUT))
+
+    @staticmethod
+    def send_warn(warn: Warn) -> bytes:
+        return encode_frame(_encoder.encode(warn))
 
     @staticmethod
     def send_hello(pid: int, compartment: str, entrypoints: list[str]) -> bytes:

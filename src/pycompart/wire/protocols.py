@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import io
 import operator
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -62,7 +63,8 @@ F_BYTES = 1 << 20
 F_REVERSED = 1 << 21
 F_FSPATH = 1 << 22
 F_PRIVATE = 1 << 23  # an iterator made to answer iter(): batches from the start
-ALL_FLAGS = (1 << 24) - 1
+F_BINDS = 1 << 24  # a Python function: a class attribute binds it as a method
+ALL_FLAGS = (1 << 25) - 1
 
 #: What a compartment may do with a file object main passed it: I/O on that
 #: stream, nothing else (no ``buffer``, ``raw``, ``detach``, ``fileno``).
@@ -119,6 +121,8 @@ def type_flags(tp: type) -> int:
         flags |= F_STREAM
     if tp is Private:
         flags |= F_PRIVATE
+    if tp is types.FunctionType:
+        flags |= F_BINDS
     if len(_flag_cache) < 4096:
         _flag_cache[tp] = flags
     return flags
@@ -294,7 +298,7 @@ def _checked(op: str, kind: Any) -> Callable[..., Any]:
 
     def method(self: Any, *args: Any) -> Any:
         value = self._pc_op(op, *args)
-        if not isinstance(value, kind):
+        if not issubclass(type(value), kind):  # (a proxy's __class__ would ask the far side)
             raise TypeError(f"__{op}__ returned {type(value).__name__}, not {what}")
         return value
     method.__name__ = f"__{op}__"
@@ -372,9 +376,17 @@ def proxy_namespace(flags: int) -> dict[str, Any]:
         ns["__bytes__"] = _checked("bytes", bytes)
     if flags & F_REVERSED:
         ns["__reversed__"] = _op("reversed")
+    if flags & F_BINDS:
+        ns["__get__"] = _bind
     if flags & F_FSPATH:
         ns["__fspath__"] = _checked("fspath", (str, bytes))  # type: ignore[arg-type]
     return ns
+
+
+def _bind(self: Any, inst: Any, owner: Any = None) -> Any:
+    """A function of the other side stored on a class: ``obj.f`` is a
+    bound method, as it would be for a local function."""
+    return self if inst is None else types.MethodType(self, inst)
 
 
 def initial_batch(flags: int) -> int:

@@ -230,6 +230,7 @@ class Peer:
         self.proxies: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self._proxy_lock = threading.Lock()
         self.methods: dict[str, set[str]] = {}  # type key -> names known to be methods
+        self.classes: dict[str, Any] = {}  # type key -> the class (``obj.__class__``)
         self.answers: dict[Any, bool] = {}  # (type key, class) -> isinstance, asked of the peer
         # Our types, numbered for the peer: a type key says "same type as
         # before" without showing an address of ours (bounded: past it, no key).
@@ -306,7 +307,7 @@ class Peer:
                 return Ext(EXT_STD, _encoder.encode([kind, fields]))
         if tp is type and getattr(builtins, value.__name__, None) is value and value.__module__ == "builtins":
             return Ext(EXT_BUILTIN, value.__name__.encode())
-        if isinstance(value, types.ModuleType) and not hasattr(value, "__pycompart_proxy__"):
+        if issubclass(tp, types.ModuleType) and not hasattr(value, "__pycompart_proxy__"):
             ext = self._reference(self, value)
             if ext is None:
                 raise TypeError(f"module {value.__name__!r} cannot be passed to another compartment")
@@ -329,7 +330,7 @@ class Peer:
             open_requests[-1].add(handle)
         tp = type(value)
         flags = type_flags(tp)
-        if isinstance(value, type):
+        if issubclass(tp, type):
             # A class: the peer makes a class of its own for it, so that
             # isinstance, issubclass, except and raise work there.
             flags |= F_CLASS | (F_EXCEPTION if issubclass(value, BaseException) else 0)
@@ -427,7 +428,7 @@ class Peer:
         if code == EXT_BUILTIN:
             name = bytes(data).decode("ascii", "replace")
             value = getattr(builtins, name, None) if name.isidentifier() else None
-            if not isinstance(value, type):
+            if not issubclass(type(value), type):
                 raise ProtocolError(f"builtins has no class {name!r}")
             return value
         raise ProtocolError(f"unknown extension type {code}")
@@ -458,7 +459,7 @@ class Peer:
                 self.proxies[handle] = proxy
             else:
                 # A class stand-in counts on the reference it holds.
-                counted = getattr(proxy, "_pc_ref", proxy) if isinstance(proxy, type) else proxy
+                counted = getattr(proxy, "_pc_ref", proxy) if issubclass(type(proxy), type) else proxy
                 object.__setattr__(counted, "_pc_count", counted._pc_count + 1)
             return proxy
 

@@ -1,0 +1,70 @@
+"""Warnings from compartments, re-issued in main as the call returns.
+
+The instance side (``pycompart.compartment.warn``) sends each warning its
+code issued during a call; here the caller re-issues it through main's own
+filters, so ``-W error``, ``warnings.catch_warnings(record=True)``,
+``pytest.warns`` and ``filterwarnings`` see it as they would unboxed. Its
+category is the one main knows: a builtin warning class, the stand-in of a
+class placed in that compartment, or a warning class of a module main has
+imported itself (``pycompart.frontend.exceptions``); else the nearest
+builtin base. A warning that pointed at the compartment's caller
+(``stacklevel=2`` in a library function) points at main's call site.
+
+What differs from unboxed: the warning is raised (under an ``error``
+filter) when the call returns, not where it was issued, so the call's
+effects in the compartment have happened.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from ..wire.exceptions import ALLOWED_EXCEPTIONS
+from .exceptions import imported_exception_class
+
+if TYPE_CHECKING:
+    from .proxy import Compartment
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+#: Registries of warnings already shown, per compartment and module (the
+#: "default" action shows a warning once per location), bounded.
+_MAX_REGISTRY = 4096
+
+
+def reissue(comp: Compartment, found: list[Any]) -> None:
+    for warn in found:
+        category = _category(comp, warn.mro)
+        if warn.at_caller:
+            warnings.warn(warn.message, category, stacklevel=_caller_level())
+            continue
+        registry = comp.warning_registry.setdefault(warn.module, {})
+        if len(registry) > _MAX_REGISTRY:
+            registry.clear()
+        warnings.warn_explicit(warn.message, category, warn.filename, warn.lineno,
+                               module=warn.module or None, registry=registry)
+
+
+def _category(comp: Compartment, mro: list[str]) -> type[Warning]:
+    for i, name in enumerate(mro):
+        cls: Any = ALLOWED_EXCEPTIONS.get(name)
+        if cls is None and comp.places_name(name):
+            cls = comp.standin(mro[i:])
+        if cls is None:
+            cls = imported_exception_class(name)
+        if isinstance(cls, type) and issubclass(cls, Warning):
+            return cls
+    return UserWarning
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside pycompart: main's code
+    that called into the compartment."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
