@@ -346,3 +346,27 @@ def warn(kind="user", n=1):
         elif kind == "varying":
             warnings.warn(f"number {i}", RuntimeWarning)
     return "done"
+
+
+class LibError(Exception):
+    pass
+
+
+class ParseError(ValueError, LibError):
+    """Two bases: callers catch either."""
+
+
+def parse_fail():
+    raise ParseError("bad input")
+
+
+def describe_callable(fn):
+    """What code inspecting main's callable sees here."""
+    import functools
+    import inspect
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return [str(inspect.signature(fn)), fn.__name__, fn.__qualname__, fn.__doc__, fn.__module__,
+            wrapper.__name__, str(inspect.signature(wrapper))]

@@ -179,3 +179,32 @@ def test_type_keys_carry_no_addresses():
     key = peer.type_key(Thing)
     assert key.endswith("#1") and f"{id(Thing):x}" not in key
     assert peer.type_key(Thing) == key and peer.type_key(dict).endswith("#2")
+
+
+def test_standard_containers_cross_by_value_with_their_types():
+    import collections
+
+    _, peer = main_peer()
+    dd = collections.defaultdict(int, {"a": 1, (1, 2): [3]})
+    od = collections.OrderedDict([("z", 1), ("a", 2)])
+    counter = collections.Counter("abca")
+    dq = collections.deque([1, (2, 3)], maxlen=5)
+    for value in (dd, od, counter, dq, [dd, {"x": od}]):
+        back = peer.decode(peer.encode(value))
+        assert back == value and type(back) is type(value)
+    back = peer.decode(peer.encode(dd))
+    assert back.default_factory is int and back["missing"] == 0
+    assert list(peer.decode(peer.encode(od))) == ["z", "a"]
+    assert peer.decode(peer.encode(dq)).maxlen == 5
+    assert len(peer.exports) == 0
+
+
+def test_malformed_containers_are_protocol_errors():
+    from pycompart.wire import refs
+
+    _, peer = main_peer()
+    for fields in (["deque", [1], -1], ["deque", "x", None], ["defaultdict", [1], None],
+                   ["defaultdict", [1, 2], 5], ["counter"], ["nope", []], [], ["ordereddict", [1, 2], 3]):
+        data = refs._encoder.encode(refs.Ext(refs.EXT_CONTAINER, refs._encoder.encode(fields)))
+        with pytest.raises(ProtocolError):
+            peer.decode(data)

@@ -617,3 +617,31 @@ def test_warnings_are_reissued_in_main(boxed):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert boxed.warn("user") == "done"
+
+
+def test_stand_ins_keep_every_base(boxed):
+    for base in (boxed.LibError, ValueError, boxed.ParseError, pycompart.RemoteError):
+        with pytest.raises(base):
+            boxed.parse_fail()
+    assert issubclass(boxed.ParseError, boxed.LibError) and issubclass(boxed.ParseError, ValueError)
+
+
+def test_callbacks_have_their_real_signature_in_the_box(boxed):
+    sentinel = object()
+
+    def handler(a, b=2, *rest, key=None, flag=sentinel, **extra):
+        """Handle things."""
+    sig, name, qualname, doc, module, wrapped_name, wrapped_sig = boxed.describe_callable(handler)
+    assert sig == "(a, b=2, *rest, key=None, flag=<object of the other side>, **extra)"
+    assert name == "handler" and qualname.endswith("handler") and doc == "Handle things."
+    assert module == __name__ and wrapped_name == "handler" and wrapped_sig == sig
+    assert boxed.describe_callable(len)[0] == "(obj, /)"
+
+
+def test_the_boxs_functions_have_their_signature_in_main(boxed):
+    import inspect
+
+    sig = inspect.signature(boxed.sort_with)
+    assert str(sig) == "(items, key)"
+    assert boxed.describe_callable.__doc__ == "What code inspecting main's callable sees here."
+    assert str(inspect.signature(boxed.make("c").add)) == "(value)"

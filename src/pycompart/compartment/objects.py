@@ -315,6 +315,13 @@ class ObjectServer:
             return sorted(n for n in dir(target) if exposed(n, self.expose))
         if op == "type":
             self.check_name("__class__", _describe(target))
+        if op in ("describe", "describe_method"):
+            self.check_name("__signature__", _describe(target))  # a safebox keeps them
+        if op == "describe_method":
+            if len(args) != 1:
+                raise TypeError("describe_method takes a name")
+            return protocols.describe_callable(
+                getattr(target, self.check_name(args[0], _describe(target))))
         return fn(target, *args)
 
     def _check_target(self, target: Any) -> None:
@@ -407,7 +414,8 @@ def _issubclass(obj: Any, cls: Any) -> bool:
 
 _PROTOCOL: dict[str, Callable[..., Any]] = dict(
     protocols.OPS, isinstance=_isinstance, issubclass=_issubclass, dir=dir, type=type,
-    copy=copy.copy, deepcopy=copy.deepcopy)
+    copy=copy.copy, deepcopy=copy.deepcopy, describe=protocols.describe_callable,
+    describe_method=lambda obj, name: None)  # (op_protocol checks the name first)
 
 
 # -- references to main's objects, inside an instance ---------------------------------
@@ -441,6 +449,13 @@ class MainRef:
     def __reduce__(self) -> Any:
         raise TypeError("a reference to an object of main cannot be pickled")
 
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_pc_"):
+            raise AttributeError(name)
+        raise AttributeError(f"{self._pc_tname!r} object of main has no attribute {name!r} for "
+                             "compartments: main's objects are used through their protocols "
+                             "(operators, iteration, len, calls), not their attributes")
+
     def __del__(self) -> None:
         try:
             self._pc_peer.released(self._pc_handle, self._pc_count)
@@ -449,12 +464,50 @@ class MainRef:
 
 
 class Callback(MainRef):
-    """A callable of ``main``: calling it runs it in main (``may_call``)."""
+    """A callable of ``main``: calling it runs it in main (``may_call``).
+    It has the callable's name, docstring and signature (asked of main
+    once, when first needed), for code that inspects callables."""
 
     __slots__ = ("_pc_signature",)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return MainRef.call_out([self, list(args), kwargs])
+
+    def _pc_described(self) -> dict[str, Any]:
+        try:
+            found = object.__getattribute__(self, "_pc_signature")
+        except AttributeError:
+            found = None
+        if found is None:
+            try:
+                found = MainRef.call_out([self, "describe", []], "@op")
+            except Exception:
+                found = {}
+            if type(found) is not dict:
+                found = {}
+            object.__setattr__(self, "_pc_signature", found)
+        return found
+
+    @property
+    def __signature__(self) -> inspect.Signature | None:
+        return protocols.signature_from(self._pc_described())
+
+    def __getattr__(self, name: str) -> Any:
+        # (__name__ and __qualname__ are not in any class dictionary of an
+        # instance's: they get here.)
+        if name == "__name__":
+            return self._pc_described().get("name") or "callback"
+        if name == "__qualname__":
+            return self._pc_described().get("qualname") or self.__name__
+        return MainRef.__getattr__(self, name)
+
+
+#: On the classes of callbacks (each proxy class's own dictionary has these
+#: names, so they are set there): the callable's docstring and module.
+_CALLBACK_INFO = {
+    "__doc__": property(lambda self: self._pc_described().get("doc")),
+    "__module__": property(lambda self: self._pc_described().get("module") or "main"),
+}
 
 
 class MainStream(MainRef):
@@ -505,6 +558,9 @@ def _main_proxy_class(flags: int) -> type:
             ns = protocols.proxy_namespace(flags)
         ns["__slots__"] = ()
         cls = type(base.__name__, (base,), ns)
+        if base is Callback:
+            for key, value in _CALLBACK_INFO.items():
+                setattr(cls, key, value)
         if len(_proxy_classes) < 4096:
             _proxy_classes[flags] = cls
     return cls

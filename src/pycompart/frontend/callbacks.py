@@ -12,6 +12,7 @@ before they could cross at all (``pycompart.wire.refs``).
 
 from __future__ import annotations
 
+import inspect
 import io
 from typing import Any
 
@@ -106,6 +107,8 @@ class CallbackGate(CallServer):
             if op == "issubclass":
                 return isinstance(target, type) and issubclass(target, cls)
             return isinstance(target, cls)
+        if op == "describe" and not args:
+            return protocols.describe_callable(target)
         fn = protocols.OPS.get(op) if type(op) is str else None
         if fn is None:
             raise TypeError(f"unknown operation {op!r}")
@@ -193,3 +196,4 @@ class CallbackGate(CallServer):
 
     def closed(self, channel: Channel) -> None:
         self.peer.close()
+

@@ -205,24 +205,40 @@ class Compartment:
             cls = self._standins.get(name)
             if cls is not None:
                 return cls
-            bases: tuple[type, ...] = (RemoteError,)
+            # Every base the class has that main can stand for: the
+            # compartment's own (stand-ins) and builtins, in MRO order, each
+            # once (an ancestor already in an earlier base's MRO is skipped).
+            # Multiple inheritance (``class ParseError(ValueError,
+            # TOMLKitError)``) keeps both sides: ``except TOMLKitError``.
+            bases: list[type] = []
+            covered: set[str] = set()
             for i, ancestor in enumerate(mro[1:], 1):
+                if ancestor in covered:
+                    continue
+                base: type | None = None
                 if dotted_in(self.spec, ancestor):
-                    bases = (self.standin(mro[i:]),)
-                    break
-                builtin = ALLOWED_EXCEPTIONS.get(ancestor)
-                if builtin is not None:
-                    if builtin is not Exception:
-                        bases = (RemoteError, builtin)
-                    break
+                    base = self.standin(mro[i:])
+                else:
+                    builtin = ALLOWED_EXCEPTIONS.get(ancestor)
+                    if builtin is not None and builtin is not Exception:
+                        base = builtin
+                if base is not None:
+                    bases.append(base)
+                    covered.update(_names(base))
+            if not any(issubclass(b, RemoteError) for b in bases):
+                bases.insert(0, RemoteError)
             module, _, qualname = name.rpartition(".")
             ns = {"__module__": module, "__qualname__": qualname, "__str__": standin_str,
                   "__init__": standin_init, "__reduce__": standin_reduce,
                   "__pycompart_standin__": (self.name, name)}
-            try:
-                cls = type(qualname.rpartition(".")[2], bases, ns)
-            except TypeError:  # an incompatible builtin layout: RemoteError alone
-                cls = type(qualname.rpartition(".")[2], (RemoteError,), ns)
+            cls = None
+            for candidate in (tuple(bases), tuple(bases[:2]), (RemoteError,)):
+                try:
+                    cls = type(qualname.rpartition(".")[2], candidate, ns)
+                    break
+                except TypeError:  # no consistent MRO, or incompatible builtin layouts
+                    continue
+            assert cls is not None
             if len(self._standins) < MAX_CACHED:
                 self._standins[name] = cls
             return cls
@@ -487,6 +503,21 @@ class PathFunction:
             return self
         return types.MethodType(self, inst)
 
+    def _pc_described(self) -> dict[str, Any]:
+        found = self.__dict__.get("_pc_description")
+        if found is None:
+            found = _describe_remote(self)
+            self.__dict__["_pc_description"] = found
+        return found
+
+    @property
+    def __signature__(self) -> Any:
+        return protocols.signature_from(self._pc_described())
+
+    @property
+    def __doc__(self) -> Any:  # type: ignore[override]
+        return self._pc_described().get("doc")
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith(("_pc_", "__pycompart")) or not exposed(name, self._pc_comp.expose):
             raise AttributeError(name)
@@ -677,6 +708,25 @@ class RemoteMethod:
     def __repr__(self) -> str:
         return f"<remote method {self.obj._pc_tname}.{self.name} in compartment {self.obj._pc_comp.name!r}>"
 
+    def _pc_describe(self) -> dict[str, Any]:
+        try:
+            found = self.obj._pc_op("describe_method", self.name)
+        except Exception:
+            return {}
+        return found if type(found) is dict else {}
+
+    @property
+    def __signature__(self) -> Any:
+        return protocols.signature_from(self._pc_describe())
+
+    @property
+    def __doc__(self) -> Any:  # type: ignore[override]
+        return self._pc_describe().get("doc")
+
+    @property
+    def __name__(self) -> str:
+        return self.name
+
 
 def _call(self: RemoteObject, *args: Any, **kwargs: Any) -> Any:
     return self._pc_comp.call(self._pc_inst, "@call", [self, list(args), kwargs])
@@ -695,11 +745,39 @@ def _proxy_class(flags: int) -> type:
         ns.update(protocols.proxy_namespace(flags))
         if flags & protocols.F_CALL:
             ns["__call__"] = _call
+            ns["__signature__"] = property(lambda self: protocols.signature_from(
+                _describe_remote(self)))
         cls = type("RemoteObject", (RemoteObject,), ns)
         cls.__module__ = "pycompart.frontend.proxy"
+        if flags & protocols.F_CALL:
+            cls.__doc__ = property(lambda self: _describe_remote(self).get("doc"))  # type: ignore[assignment]
         if len(_classes) < MAX_CACHED:
             _classes[flags] = cls
     return cls
+
+
+def _describe_remote(fn: Any) -> dict[str, Any]:
+    """Names, docstring and parameters of a callable of a compartment's
+    (``protocols.describe_callable``, answered there); {} if it cannot say."""
+    try:
+        if _is(fn, PathFunction):
+            found = fn._pc_comp.call(None, "@op", [fn, "describe", []])
+        else:
+            found = fn._pc_op("describe")
+    except Exception:
+        return {}
+    return found if type(found) is dict else {}
+
+
+def _names(cls: type) -> set[str]:
+    """The qualified names (as an ``ErrorInfo``'s ``mro`` has them) of the
+    classes a stand-in or builtin class derives from."""
+    out = set()
+    for c in cls.__mro__:
+        standin = c.__dict__.get("__pycompart_standin__")
+        out.add(standin[1] if standin else c.__qualname__ if c.__module__ == "builtins"
+                else f"{c.__module__}.{c.__qualname__}")
+    return out
 
 
 def _stdlib_module(module: types.ModuleType) -> bool:

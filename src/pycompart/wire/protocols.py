@@ -29,6 +29,7 @@ that stops after more than ``EXACT_PULLS`` items may have taken up to
 from __future__ import annotations
 
 import collections
+import inspect
 import io
 import operator
 import types
@@ -387,6 +388,88 @@ def _bind(self: Any, inst: Any, owner: Any = None) -> Any:
     """A function of the other side stored on a class: ``obj.f`` is a
     bound method, as it would be for a local function."""
     return self if inst is None else types.MethodType(self, inst)
+
+
+def describe_callable(fn: Any) -> dict[str, Any]:
+    """What the other side may know of a callable it was handed, so that
+    its stand-in looks like the callable to code that inspects it
+    (``inspect.signature``, ``functools.wraps``): names, docstring and
+    parameters. Defaults that are plain data are sent as values, others
+    only by their type's name: never a reference to one of main's objects."""
+    if not callable(fn):
+        raise TypeError(f"{type(fn).__qualname__!r} object of main is not callable")
+
+    def text(value: Any, limit: int) -> str | None:
+        return value[:limit] if isinstance(value, str) else None
+
+    out: dict[str, Any] = {
+        "name": text(getattr(fn, "__name__", None), 200),
+        "qualname": text(getattr(fn, "__qualname__", None), 400),
+        "module": text(getattr(fn, "__module__", None), 200),
+        "doc": text(getattr(fn, "__doc__", None), 8192),
+        "params": None,
+    }
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return out
+    params = []
+    for p in list(signature.parameters.values())[:256]:
+        if p.default is p.empty:
+            default: list[Any] = []
+        elif _simple_default(p.default):
+            default = [True, p.default]
+        else:
+            default = [False, type(p.default).__qualname__[:200]]
+        params.append([p.name, int(p.kind), default])
+    out["params"] = params
+    return out
+
+
+_SIMPLE_DEFAULTS = (int, float, complex, str, bytes, bool, type(None))
+
+
+def _simple_default(value: Any, depth: int = 0) -> bool:
+    """Whether a parameter default may cross as a value (small plain data)."""
+    tp = type(value)
+    if tp in _SIMPLE_DEFAULTS:
+        return not isinstance(value, (str, bytes)) or len(value) <= 1024
+    if tp in (tuple, frozenset) and depth < 3 and len(value) <= 32:
+        return all(_simple_default(v, depth + 1) for v in value)
+    return False
+
+
+class _OpaqueDefault:
+    """A parameter default of the other side's that is not plain data:
+    shown by its type's name."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name} of the other side>"
+
+
+def signature_from(description: Any) -> inspect.Signature | None:
+    """The ``inspect.Signature`` a ``describe_callable`` answer describes."""
+    params = description.get("params") if type(description) is dict else None
+    if type(params) is not list:
+        return None
+    out = []
+    try:
+        for name, kind, default in params:
+            if default and default[0]:
+                value = default[1]
+            elif default:
+                value = _OpaqueDefault(str(default[1]))
+            else:
+                value = inspect.Parameter.empty
+            out.append(inspect.Parameter(name, inspect._ParameterKind(kind), default=value))
+        return inspect.Signature(out)
+    except (TypeError, ValueError):
+        return None
 
 
 def initial_batch(flags: int) -> int:

@@ -30,14 +30,15 @@ turning names into objects is the job of the side that owns them
 from __future__ import annotations
 
 import builtins
+import collections
 import datetime
 import decimal
 import fractions
 import itertools
 import pathlib
 import threading
-import uuid
 import types
+import uuid
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -68,6 +69,7 @@ EXT_SLICE = 15  # [start, stop, step]
 EXT_ELLIPSIS = 16
 EXT_STD = 17  # [kind, fields]: an immutable value of the standard library (STD_VALUES)
 EXT_BUILTIN = 18  # qualname: a class of builtins (str, ValueError, ...): the receiver's own
+EXT_CONTAINER = 19  # [kind, ...]: a container of the standard library (CONTAINERS), by value
 
 #: Flags of a reference that is a class (besides its protocols): the
 #: receiver builds a class stand-in, an exception class for F_EXCEPTION.
@@ -300,6 +302,8 @@ class Peer:
             return END_EXT
         if value is METHOD:
             return METHOD_EXT
+        if tp in _CONTAINER_KINDS:
+            return self._container(value, tp, depth)
         std = _STD_ENCODE.get(tp)
         if std is not None:
             kind, fields = std(value)
@@ -316,6 +320,19 @@ class Peer:
         if ext is not None:
             return ext
         return self.export(value)
+
+    def _container(self, value: Any, tp: type, depth: int) -> Ext:
+        kind = _CONTAINER_KINDS[tp]
+        if kind == "deque":
+            fields = [[self.to_wire(v, depth) for v in value], value.maxlen]
+        else:
+            flat: list[Any] = []
+            for k, v in value.items():
+                flat.append(self.to_wire(k, depth))
+                flat.append(self.to_wire(v, depth))
+            fields = [flat, self.to_wire(value.default_factory, depth)] if kind == "defaultdict" \
+                else [flat]
+        return Ext(EXT_CONTAINER, _encoder.encode([kind, *fields]))
 
     def export(self, value: Any) -> Ext:
         if type(value) is Lent:
@@ -393,6 +410,8 @@ class Peer:
             if len(flat) % 2:
                 raise ProtocolError("malformed dict")
             return dict(zip(flat[::2], flat[1::2]))
+        if code == EXT_CONTAINER:
+            return _decode_container(self._list(data))
         if code == EXT_SET:
             return set(self._list(data))
         if code == EXT_FROZENSET:
@@ -657,6 +676,40 @@ def _no_references(*args: Any) -> Any:
 
 _plain = Peer("shared data", _no_references, lambda peer, value: None, _no_references)
 _plain.export = _no_references  # type: ignore[method-assign]
+
+
+#: Containers of the standard library that cross by value, like dict and
+#: list (a copy, of the same type, each item crossing as it would alone).
+_CONTAINER_KINDS: dict[type, str] = {
+    collections.defaultdict: "defaultdict", collections.OrderedDict: "ordereddict",
+    collections.Counter: "counter", collections.deque: "deque"}
+
+
+def _decode_container(fields: list[Any]) -> Any:
+    kind = fields[0] if fields else None
+    try:
+        if kind == "deque" and len(fields) == 3 and type(fields[1]) is list:
+            maxlen = fields[2]
+            if maxlen is not None and (type(maxlen) is not int or maxlen < 0):
+                raise ValueError("maxlen")
+            return collections.deque(fields[1], maxlen)
+        if len(fields) >= 2 and type(fields[1]) is list and len(fields[1]) % 2 == 0:
+            flat = fields[1]
+            pairs = zip(flat[::2], flat[1::2])
+            if kind == "defaultdict" and len(fields) == 3:
+                factory = fields[2]
+                if factory is not None and not callable(factory):
+                    raise ValueError("default_factory")
+                return collections.defaultdict(factory, pairs)
+            if kind == "ordereddict" and len(fields) == 2:
+                return collections.OrderedDict(pairs)
+            if kind == "counter" and len(fields) == 2:
+                out: collections.Counter[Any] = collections.Counter()
+                dict.update(out, pairs)  # as sent: Counter.update would add counts
+                return out
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed {kind} value: {exc}") from None
+    raise ProtocolError(f"malformed container {kind!r}")
 
 
 def is_plain(value: Any) -> bool:
