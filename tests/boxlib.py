@@ -370,3 +370,15 @@ def describe_callable(fn):
         return fn(*args, **kwargs)
     return [str(inspect.signature(fn)), fn.__name__, fn.__qualname__, fn.__doc__, fn.__module__,
             wrapper.__name__, str(inspect.signature(wrapper))]
+
+
+def merge_into(target, *dicts):
+    """toolz.merge style: the box calls the collection methods of main's mapping."""
+    for d in dicts:
+        target.update(d)
+    return sorted(target.items()), target.get("missing", "none"), list(target.keys())
+
+
+def use_sequence(seq):
+    seq.append(4)
+    return seq.index(4), seq.count(1)

@@ -645,3 +645,57 @@ def test_the_boxs_functions_have_their_signature_in_main(boxed):
     assert str(sig) == "(items, key)"
     assert boxed.describe_callable.__doc__ == "What code inspecting main's callable sees here."
     assert str(inspect.signature(boxed.make("c").add)) == "(value)"
+
+
+def test_a_sandboxs_objects_pickle_and_copy(boxed):
+    import copy
+    import pickle
+
+    c = boxed.make("c", 1, 2)
+    again = pickle.loads(pickle.dumps(c))
+    assert again == c and again is not c and again.total() == 3
+    assert copy.deepcopy(c) == c and copy.copy(c).total() == 3
+    assert again.__class__ is boxed.Counter and isinstance(again, boxed.Counter)
+
+
+def test_only_a_sandbox_unpickles(make_app):
+    import pickle
+
+    app = box_app(make_app, trust="safebox")
+    app.start(import_hook=True)
+    try:
+        import boxlib
+
+        with pytest.raises(TypeError, match="sandbox"):
+            pickle.dumps(boxlib.make("c"))
+        # Forged from main's side: the box refuses both ways.
+        comp = app._runtime.compartments["box"]
+        with pytest.raises(pycompart.EntrypointError, match="sandbox"):
+            comp.call(None, "@unpickle", [pickle.dumps(1)])
+    finally:
+        del sys.modules["boxlib"]
+
+
+def test_collection_methods_of_mains_objects_are_protocol(boxed):
+    import collections
+
+    class MyMapping(collections.UserDict):
+        secret = "not reachable"
+
+    target = MyMapping(a=1)
+    items, missing, keys = boxed.merge_into(target, {"b": 2}, {"a": 3})
+    assert items == [("a", 3), ("b", 2)] and missing == "none" and sorted(keys) == ["a", "b"]
+    assert target == {"a": 3, "b": 2}  # main's object, changed through its protocol
+    seq = collections.UserList([1, 2])
+    assert boxed.use_sequence(seq) == (2, 1) and seq == [1, 2, 4]
+
+    class NotAMapping:
+        def update(self, other):
+            raise AssertionError("reached")
+    with pytest.raises(AttributeError):
+        boxed.merge_into(NotAMapping(), {})
+    # Forged: ABC names only, and only on objects that have the ABC.
+    boxed.keep(target)
+    for handle in range(1, 6):
+        for name in ("__init__", "data", "secret", "__class__", "copy"):
+            assert boxed.forge("@op", handle, "abc", [name, [], {}])[0] == "error"

@@ -17,11 +17,13 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import pickle
 import sys
 import types
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import EntrypointError
 from ..wire import protocols, refs
 from ..wire.exceptions import ALLOWED_EXCEPTIONS, plain, rebuild_exception
 from ..wire.protocol import ErrorInfo
@@ -38,8 +40,9 @@ class ObjectServer:
     """Operations on a compartment's objects, inside one of its instances."""
 
     def __init__(self, compartment: str, modules: list[str], functions: list[str],
-                 expose: list[str], allow_setattr: bool):
+                 expose: list[str], allow_setattr: bool, trusts_main: bool = False):
         self.compartment = compartment
+        self.trusts_main = trusts_main
         self.modules = tuple(modules)
         self.functions = frozenset(functions)
         self.expose = frozenset(expose)
@@ -51,7 +54,7 @@ class ObjectServer:
             "@delattr": self.op_delattr, "@classinfo": self.op_classinfo,
             "@twinclass": self.op_twinclass, "@twin": self.op_twin,
             "@callsuper": self.op_callsuper, "@getsuper": self.op_getsuper,
-            "@twinset": self.op_twinset,
+            "@twinset": self.op_twinset, "@unpickle": self.op_unpickle,
         }
 
     def handles(self, entrypoint: str) -> bool:
@@ -254,6 +257,16 @@ class ObjectServer:
         object.__setattr__(twin, "_pc_main", main)
         return _AsReference(twin)
 
+    def op_unpickle(self, data: Any) -> Any:
+        """Objects main pickled here before (``pickle`` of a reference): only
+        in a sandbox, whose main is trusted; pickle runs what the bytes say."""
+        if not self.trusts_main:
+            raise EntrypointError(f"compartment {self.compartment!r} is not a sandbox: it does "
+                                  "not unpickle what main sends")
+        if type(data) is not bytes:
+            raise TypeError("pickled bytes")
+        return pickle.loads(data)
+
     def op_twinset(self, twin: Any, name: Any, value: Any) -> bool:
         """Main writes a name new to its instance: set it here if the twin
         has it (True), else record that it is main's (False)."""
@@ -315,6 +328,9 @@ class ObjectServer:
             return sorted(n for n in dir(target) if exposed(n, self.expose))
         if op == "type":
             self.check_name("__class__", _describe(target))
+        if op == "pickle" and not self.trusts_main:
+            raise EntrypointError(f"compartment {self.compartment!r} is not a sandbox: its objects "
+                                  "are not pickled for main")
         if op in ("describe", "describe_method"):
             self.check_name("__signature__", _describe(target))  # a safebox keeps them
         if op == "describe_method":
@@ -415,7 +431,7 @@ def _issubclass(obj: Any, cls: Any) -> bool:
 _PROTOCOL: dict[str, Callable[..., Any]] = dict(
     protocols.OPS, isinstance=_isinstance, issubclass=_issubclass, dir=dir, type=type,
     copy=copy.copy, deepcopy=copy.deepcopy, describe=protocols.describe_callable,
-    describe_method=lambda obj, name: None)  # (op_protocol checks the name first)
+    describe_method=lambda obj, name: None, pickle=lambda obj: pickle.dumps(obj, 4))  # (op_protocol checks the name first)
 
 
 # -- references to main's objects, inside an instance ---------------------------------
@@ -556,6 +572,7 @@ def _main_proxy_class(flags: int) -> type:
         else:
             base = Callback if flags & refs.F_CALL else MainRef
             ns = protocols.proxy_namespace(flags)
+            ns.update(protocols.abc_namespace(flags))  # d.items(), d.update(x), ...
         ns["__slots__"] = ()
         cls = type(base.__name__, (base,), ns)
         if base is Callback:

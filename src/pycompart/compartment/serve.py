@@ -260,7 +260,7 @@ class Server(CallServer):
         # Module compartments pass references: releases wait for decodes.
         self.channel.track_arrivals = bool(config.modules or config.functions)
         self.objects = ObjectServer(config.compartment, config.modules, config.functions,
-                                    config.expose, config.allow_setattr)
+                                    config.expose, config.allow_setattr, config.trusts_main)
         self.peer = instance_peer(self.objects)
         self.peer.pending_release = self.channel.pending_release
         self.current: int | None = None

@@ -380,6 +380,7 @@ class _Runtime:
             lockdown=self.lockdowns[comp.name],
             functions=list(comp.functions), expose=list(comp.expose),
             allow_setattr=comp.allow_setattr, may_call_main="main" in comp.may_call,
+            trusts_main=comp.trust == "sandbox",
             shared=self._shared(comp),
             elsewhere={m: other.name for other in self.spec.compartments.values()
                        if other.name != comp.name for m in other.modules},

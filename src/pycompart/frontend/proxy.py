@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CallTimeout, EntrypointError, ProtocolError, RemoteError, StaleReference
@@ -85,6 +86,7 @@ class Compartment:
         self._glue: dict[tuple[str, ...], tuple[type, list[type]]] = {}
         #: Per module of the compartment's: warnings already shown (warn.py).
         self.warning_registry: dict[str, dict[Any, Any]] = {}
+        _live[self.name] = self
         self._lock = threading.RLock()
 
     def module(self, name: str) -> ModuleProxy:
@@ -682,8 +684,13 @@ class RemoteObject:
         return self._pc_op("deepcopy")
 
     def __reduce__(self) -> Any:
-        raise TypeError(f"a reference to a {self._pc_tname} object of compartment "
-                        f"{self._pc_comp.name!r} cannot be pickled")
+        comp = self._pc_comp
+        if comp.spec.trust != "sandbox":
+            raise TypeError(f"a reference to a {self._pc_tname} object of compartment "
+                            f"{comp.name!r} cannot be pickled (only a sandbox's objects can)")
+        # Pickled *there*: main keeps the bytes without reading them, and
+        # unpickling asks that compartment to load them (a new object).
+        return (_unpickle, (comp.name, self._pc_op("pickle")))
 
     def __del__(self) -> None:
         try:
@@ -754,6 +761,18 @@ def _proxy_class(flags: int) -> type:
         if len(_classes) < MAX_CACHED:
             _classes[flags] = cls
     return cls
+
+
+#: Compartments of the running App(s) by name, for unpickling references.
+_live: weakref.WeakValueDictionary[str, Compartment] = weakref.WeakValueDictionary()
+
+
+def _unpickle(compartment: str, data: bytes) -> Any:
+    comp = _live.get(compartment)
+    if comp is None:
+        raise RuntimeError(f"cannot unpickle an object of compartment {compartment!r}: no "
+                           "running App has a compartment of that name")
+    return comp.call(None, "@unpickle", [data])
 
 
 def _describe_remote(fn: Any) -> dict[str, Any]:

@@ -83,6 +83,9 @@ class InstanceConfig(msgspec.Struct, forbid_unknown_fields=True):
     expose: list[str] = []
     allow_setattr: bool = False
     may_call_main: bool = False
+    #: A sandbox: main is trusted (it may have the compartment's objects
+    #: pickled and unpickled there, ``copy``/``pickle`` of a reference).
+    trusts_main: bool = False
     #: Shared data: (module, name, value encoded by ``refs.encode_plain``).
     shared: list[tuple[str, str, bytes]] = []
     #: Modules placed in *other* compartments: importing one here fails.

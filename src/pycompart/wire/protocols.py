@@ -29,6 +29,7 @@ that stops after more than ``EXACT_PULLS`` items may have taken up to
 from __future__ import annotations
 
 import collections
+import collections.abc
 import inspect
 import io
 import operator
@@ -65,7 +66,48 @@ F_REVERSED = 1 << 21
 F_FSPATH = 1 << 22
 F_PRIVATE = 1 << 23  # an iterator made to answer iter(): batches from the start
 F_BINDS = 1 << 24  # a Python function: a class attribute binds it as a method
-ALL_FLAGS = (1 << 25) - 1
+F_MAPPING = 1 << 25  # a collections.abc Mapping: its methods are protocol (ABC_METHODS)
+F_SEQUENCE = 1 << 26  # ... Sequence
+F_SETLIKE = 1 << 27  # ... Set
+ALL_FLAGS = (1 << 28) - 1
+
+#: The methods the collection ABCs define, which are as much a protocol as
+#: the special methods: ``d.items()``, ``d.update(x)``, ``s.index(v)``. A
+#: side that may use the other's objects through their protocols may call
+#: these (the owner checks the object's type really has that ABC).
+ABC_METHODS: tuple[tuple[type, int, frozenset[str]], ...] = (
+    (collections.abc.MutableMapping, F_MAPPING,
+     frozenset({"pop", "popitem", "clear", "update", "setdefault"})),
+    (collections.abc.Mapping, F_MAPPING, frozenset({"keys", "items", "values", "get"})),
+    (collections.abc.MutableSequence, F_SEQUENCE,
+     frozenset({"append", "extend", "insert", "remove", "pop", "reverse", "clear"})),
+    (collections.abc.Sequence, F_SEQUENCE, frozenset({"index", "count"})),
+    (collections.abc.MutableSet, F_SETLIKE, frozenset({"add", "discard", "remove", "pop", "clear"})),
+    (collections.abc.Set, F_SETLIKE, frozenset({"isdisjoint"})),
+)
+_abc_cache: dict[type, frozenset[str]] = {}
+
+
+def abc_methods(tp: type) -> frozenset[str]:
+    """The ABC methods objects of ``tp`` have (``ABC_METHODS``)."""
+    found = _abc_cache.get(tp)
+    if found is None:
+        names: set[str] = set()
+        for abc_class, _, methods in ABC_METHODS:
+            if issubclass(tp, abc_class):
+                names |= methods
+        found = frozenset(names)
+        if len(_abc_cache) < 4096:
+            _abc_cache[tp] = found
+    return found
+
+
+def abc_call(obj: Any, name: Any, args: Any, kwargs: Any) -> Any:
+    """``obj.name(*args, **kwargs)`` for an ABC method of ``obj``'s type."""
+    if type(name) is not str or name not in abc_methods(type(obj)) \
+            or type(args) is not list or type(kwargs) is not dict:
+        raise AttributeError(f"{type(obj).__qualname__!r} object has no collection method {name!r}")
+    return getattr(obj, name)(*args, **kwargs)
 
 #: What a compartment may do with a file object main passed it: I/O on that
 #: stream, nothing else (no ``buffer``, ``raw``, ``detach``, ``fileno``).
@@ -124,6 +166,9 @@ def type_flags(tp: type) -> int:
         flags |= F_PRIVATE
     if tp is types.FunctionType:
         flags |= F_BINDS
+    for abc_class, bit, _ in ABC_METHODS:
+        if issubclass(tp, abc_class):
+            flags |= bit
     if len(_flag_cache) < 4096:
         _flag_cache[tp] = flags
     return flags
@@ -219,7 +264,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "format": format, "bytes": bytes, "fspath": lambda o: o.__fspath__(),
     "matmul": operator.matmul, "rmatmul": lambda o, x: x @ o, "imatmul": operator.imatmul,
     "pow": _pow, "rpow": lambda o, x: x ** o,
-    "enter": lambda o: type(o).__enter__(o),
+    "enter": lambda o: type(o).__enter__(o), "abc": abc_call,
 }
 
 
@@ -470,6 +515,24 @@ def signature_from(description: Any) -> inspect.Signature | None:
         return inspect.Signature(out)
     except (TypeError, ValueError):
         return None
+
+
+def abc_namespace(flags: int) -> dict[str, Any]:
+    """Methods of a proxy for the ABC methods its object's type may have
+    (``ABC_METHODS``), each carried out by the owner."""
+    ns: dict[str, Any] = {}
+    for _, bit, names in ABC_METHODS:
+        if flags & bit:
+            for name in names:
+                ns[name] = _abc_method(name)
+    return ns
+
+
+def _abc_method(name: str) -> Callable[..., Any]:
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._pc_op("abc", name, list(args), kwargs)
+    method.__name__ = name
+    return method
 
 
 def initial_batch(flags: int) -> int:
