@@ -382,3 +382,7 @@ def merge_into(target, *dicts):
 def use_sequence(seq):
     seq.append(4)
     return seq.index(4), seq.count(1)
+
+
+def has(obj, name):
+    return hasattr(obj, name)

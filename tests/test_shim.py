@@ -690,12 +690,34 @@ def test_collection_methods_of_mains_objects_are_protocol(boxed):
     assert boxed.use_sequence(seq) == (2, 1) and seq == [1, 2, 4]
 
     class NotAMapping:
-        def update(self, other):
+        def merge(self, other):
             raise AssertionError("reached")
     with pytest.raises(AttributeError):
         boxed.merge_into(NotAMapping(), {})
     # Forged: ABC names only, and only on objects that have the ABC.
     boxed.keep(target)
     for handle in range(1, 6):
-        for name in ("__init__", "data", "secret", "__class__", "copy"):
+        for name in ("__init__", "data", "secret", "__class__", "__reduce__"):
             assert boxed.forge("@op", handle, "abc", [name, [], {}])[0] == "error"
+
+
+def test_duck_typed_collections_of_main_work_in_the_box(boxed):
+    class Duck:  # defines the methods of the mapping protocol, no ABC
+        def __init__(self):
+            self.d = {}
+
+        def update(self, other):
+            self.d.update(other)
+
+        def items(self):
+            return list(self.d.items())
+
+        def get(self, key, default=None):
+            return self.d.get(key, default)
+
+        def keys(self):
+            return list(self.d)
+
+    duck = Duck()
+    assert boxed.merge_into(duck, {"x": 1}) == ([("x", 1)], "none", ["x"])
+    assert boxed.has(duck, "keys") and not boxed.has(duck, "append") and not boxed.has(duck, "d")

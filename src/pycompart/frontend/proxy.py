@@ -745,7 +745,9 @@ _classes: dict[int, type] = {}
 def _proxy_class(flags: int) -> type:
     """The proxy class for a protocol set. Flags come from the compartment:
     only known bits count, and the classes kept are bounded."""
-    flags &= protocols.ALL_FLAGS
+    # (Collection-method bits are for compartments' proxies of main's
+    # objects; main reaches a compartment's methods by name anyway.)
+    flags &= protocols.ALL_FLAGS & ~protocols.ALL_METHOD_FLAGS
     cls = _classes.get(flags)
     if cls is None:
         ns: dict[str, Any] = {"__slots__": ()}

@@ -29,7 +29,6 @@ that stops after more than ``EXACT_PULLS`` items may have taken up to
 from __future__ import annotations
 
 import collections
-import collections.abc
 import inspect
 import io
 import operator
@@ -66,45 +65,34 @@ F_REVERSED = 1 << 21
 F_FSPATH = 1 << 22
 F_PRIVATE = 1 << 23  # an iterator made to answer iter(): batches from the start
 F_BINDS = 1 << 24  # a Python function: a class attribute binds it as a method
-F_MAPPING = 1 << 25  # a collections.abc Mapping: its methods are protocol (ABC_METHODS)
-F_SEQUENCE = 1 << 26  # ... Sequence
-F_SETLIKE = 1 << 27  # ... Set
-ALL_FLAGS = (1 << 28) - 1
 
-#: The methods the collection ABCs define, which are as much a protocol as
-#: the special methods: ``d.items()``, ``d.update(x)``, ``s.index(v)``. A
-#: side that may use the other's objects through their protocols may call
-#: these (the owner checks the object's type really has that ABC).
-ABC_METHODS: tuple[tuple[type, int, frozenset[str]], ...] = (
-    (collections.abc.MutableMapping, F_MAPPING,
-     frozenset({"pop", "popitem", "clear", "update", "setdefault"})),
-    (collections.abc.Mapping, F_MAPPING, frozenset({"keys", "items", "values", "get"})),
-    (collections.abc.MutableSequence, F_SEQUENCE,
-     frozenset({"append", "extend", "insert", "remove", "pop", "reverse", "clear"})),
-    (collections.abc.Sequence, F_SEQUENCE, frozenset({"index", "count"})),
-    (collections.abc.MutableSet, F_SETLIKE, frozenset({"add", "discard", "remove", "pop", "clear"})),
-    (collections.abc.Set, F_SETLIKE, frozenset({"isdisjoint"})),
-)
-_abc_cache: dict[type, frozenset[str]] = {}
+#: The methods of the collection protocols (what ``collections.abc``'s
+#: Mapping, Sequence and Set families define, duck-typed: a class that
+#: defines ``items`` and ``update`` is used as a mapping): as much a
+#: protocol as the special methods, ``d.items()``, ``d.update(x)``,
+#: ``s.index(v)``. Each has a flag bit (from bit 32) set for a type that
+#: defines a method of that name, so that the far side's proxy has exactly
+#: those (``hasattr(x, "keys")`` must not lie).
+COLLECTION_METHODS = ("keys", "items", "values", "get", "pop", "popitem", "clear", "update",
+                      "setdefault", "append", "extend", "insert", "remove", "reverse", "index",
+                      "count", "add", "discard", "isdisjoint", "copy")
+_METHOD_BITS = {name: 1 << (32 + i) for i, name in enumerate(COLLECTION_METHODS)}
+ALL_METHOD_FLAGS = sum(_METHOD_BITS.values())
+ALL_FLAGS = (1 << 25) - 1 | ALL_METHOD_FLAGS
 
 
-def abc_methods(tp: type) -> frozenset[str]:
-    """The ABC methods objects of ``tp`` have (``ABC_METHODS``)."""
-    found = _abc_cache.get(tp)
-    if found is None:
-        names: set[str] = set()
-        for abc_class, _, methods in ABC_METHODS:
-            if issubclass(tp, abc_class):
-                names |= methods
-        found = frozenset(names)
-        if len(_abc_cache) < 4096:
-            _abc_cache[tp] = found
-    return found
+def collection_flags(tp: type) -> int:
+    flags = 0
+    for name, bit in _METHOD_BITS.items():
+        if callable(special(tp, name)):
+            flags |= bit
+    return flags
 
 
 def abc_call(obj: Any, name: Any, args: Any, kwargs: Any) -> Any:
-    """``obj.name(*args, **kwargs)`` for an ABC method of ``obj``'s type."""
-    if type(name) is not str or name not in abc_methods(type(obj)) \
+    """``obj.name(*args, **kwargs)`` for a collection method ``obj``'s type
+    defines (``COLLECTION_METHODS``)."""
+    if type(name) is not str or name not in _METHOD_BITS or not callable(special(type(obj), name)) \
             or type(args) is not list or type(kwargs) is not dict:
         raise AttributeError(f"{type(obj).__qualname__!r} object has no collection method {name!r}")
     return getattr(obj, name)(*args, **kwargs)
@@ -166,9 +154,7 @@ def type_flags(tp: type) -> int:
         flags |= F_PRIVATE
     if tp is types.FunctionType:
         flags |= F_BINDS
-    for abc_class, bit, _ in ABC_METHODS:
-        if issubclass(tp, abc_class):
-            flags |= bit
+    flags |= collection_flags(tp)
     if len(_flag_cache) < 4096:
         _flag_cache[tp] = flags
     return flags
@@ -518,14 +504,9 @@ def signature_from(description: Any) -> inspect.Signature | None:
 
 
 def abc_namespace(flags: int) -> dict[str, Any]:
-    """Methods of a proxy for the ABC methods its object's type may have
-    (``ABC_METHODS``), each carried out by the owner."""
-    ns: dict[str, Any] = {}
-    for _, bit, names in ABC_METHODS:
-        if flags & bit:
-            for name in names:
-                ns[name] = _abc_method(name)
-    return ns
+    """Methods of a proxy for the collection methods its object's type
+    defines (``COLLECTION_METHODS``), each carried out by the owner."""
+    return {name: _abc_method(name) for name, bit in _METHOD_BITS.items() if flags & bit}
 
 
 def _abc_method(name: str) -> Callable[..., Any]:
