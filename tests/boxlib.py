@@ -386,3 +386,21 @@ def use_sequence(seq):
 
 def has(obj, name):
     return hasattr(obj, name)
+
+
+def gen(n):
+    yield from range(n)
+
+
+def take(it, n):
+    import itertools
+
+    return list(itertools.islice(it, n))
+
+
+def take_and_return(it, n):
+    """Take n items of main's iterator, then hand it back to main."""
+    import itertools
+
+    got = list(itertools.islice(it, n))
+    return got, it

@@ -721,3 +721,27 @@ def test_duck_typed_collections_of_main_work_in_the_box(boxed):
     duck = Duck()
     assert boxed.merge_into(duck, {"x": 1}) == ([("x", 1)], "none", ["x"])
     assert boxed.has(duck, "keys") and not boxed.has(duck, "append") and not boxed.has(duck, "d")
+
+
+def test_generators_are_pulled_in_batches_and_nothing_is_lost(boxed):
+    import itertools
+
+    g = boxed.gen(1000)
+    assert next(g) == 0 and next(g) == 1  # batches grow: 8, 16, ...
+    rest = list(itertools.islice(g, 10))
+    assert rest == list(range(2, 12))
+    # Handed back with items read ahead: the box sees them first.
+    assert boxed.apply(lambda it: it, g) is not None
+    assert boxed.take(g, 5) == [12, 13, 14, 15, 16]
+    assert list(boxed.gen(3)) == [0, 1, 2] and list(boxed.gen(0)) == []
+
+
+def test_mains_generators_are_pulled_exactly(boxed):
+    def numbers():
+        yield from range(100)
+    g = numbers()
+    # Main's code usually keeps its generator: the box takes exactly what it
+    # uses, and main continues where the box stopped.
+    got, back = boxed.take_and_return(g, 3)
+    assert got == [0, 1, 2] and back is g  # main's generators are pulled exactly
+    assert next(g) == 3 and list(g)[:2] == [4, 5]

@@ -660,7 +660,7 @@ def instance_peer(server: ObjectServer) -> refs.Peer:
 
     def reference(peer: refs.Peer, value: Any) -> Any:
         if isinstance(value, MainRef) and value._pc_peer is peer:
-            return refs.yours_ext(value._pc_handle)
+            return refs.going_home(peer, value)
         if type(value) is _AsReference:
             return peer.export(value.obj)
         if "__pycompart_twin__" in type(value).__dict__:

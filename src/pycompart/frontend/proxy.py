@@ -315,7 +315,7 @@ class Compartment:
     def _reference(self, peer: refs.Peer, value: Any) -> Any:
         if _is(value, RemoteObject):
             if value._pc_peer is peer:
-                return refs.yours_ext(value._pc_handle)
+                return refs.going_home(peer, value)
             return None  # another instance's object: passed on as one of main's
         if _is(value, (ModuleProxy, PathFunction)) or _is(value, RemoteClassMeta):
             path = value.__pycompart_path__

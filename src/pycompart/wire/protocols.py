@@ -14,16 +14,24 @@ decision: a compartment serves every operation on its objects; main serves
 them only to compartments it lets call it (``may_call = ["main"]``), and
 never attributes (``pycompart.frontend.callbacks``).
 
-Iteration is batched, carefully. An iterator the owner made itself to
-answer ``iter()`` (``Private``: nobody else can see it run ahead) is pulled
-in batches from the start, doubling up to ``MAX_BATCH`` items. Any other
-iterator (an argument, a return value, which its owner may use again) is
-pulled exactly one item per ``next`` for its first ``EXACT_PULLS`` items,
-and only then in doubling batches: a consumer that takes a few items and
-hands the iterator back sees exactly what it would unboxed, and a long
-iteration costs a round trip per batch. The cost of the rule: a consumer
-that stops after more than ``EXACT_PULLS`` items may have taken up to
-``MAX_BATCH - 1`` items more from a generator than it used.
+Iteration is batched, carefully. An iterator the owner made to answer
+``iter()`` (``Private``: nobody else can see it run ahead) is pulled in
+batches from the start, doubling from one item up to ``MAX_BATCH``. So is
+any iterator once its consumer announces that it takes everything: the
+consumers that do (``list()``, ``tuple()``, ``sorted()``, ``str.join``,
+``list.extend``) ask ``__length_hint__`` first, and the proxy answers
+"unknown" and switches to full batches. Any other iterator (an argument or
+a return value, which its owner may use again: a generator main's code
+keeps, a ``peekable``, a ``groupby`` whose groups share it) is pulled
+exactly one item per ``next`` for its first ``EXACT_PULLS`` items, and
+only then in doubling batches: a consumer that takes a few items and hands
+it back, or calls its methods, sees exactly what it would unboxed. Handing
+a proxy back with items read ahead sends those items along
+(``EXT_PUSHBACK``): the owner's uses of it yield them first
+(``Pushback``). The cost of the rule: a ``for`` loop over a generator
+returned by a call costs a round trip per item for its first
+``EXACT_PULLS`` items; past them, a consumer that stops early may have
+taken up to ``MAX_BATCH - 1`` items more from a generator than it used.
 """
 
 from __future__ import annotations
@@ -194,6 +202,29 @@ class Private:
         return next(self.it)
 
 
+class Pushback:
+    """An iterator handed back by the far side with items it had read
+    ahead: yields those first, then the iterator's own. Other attributes
+    (``send``, ``close``, ``gi_frame``) are the iterator's."""
+
+    __slots__ = ("items", "it")
+
+    def __init__(self, items: list[Any], it: Any):
+        self.items = collections.deque(items)
+        self.it = it
+
+    def __iter__(self) -> Pushback:
+        return self
+
+    def __next__(self) -> Any:
+        if self.items:
+            return self.items.popleft()
+        return next(self.it)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.it, name)
+
+
 def _iter(obj: Any) -> Any:
     it = iter(obj)
     return it if it is obj else Private(it)
@@ -310,6 +341,13 @@ def _next(self: Any) -> Any:
     return item
 
 
+def _length_hint(self: Any) -> Any:
+    """Asked by consumers that take everything (``list()``, ``tuple()``,
+    ``sorted()``, ``str.join``): from now on, pull full batches."""
+    _set(self, "_pc_batch", MAX_BATCH)
+    return NotImplemented
+
+
 def _iter_self(self: Any) -> Any:
     return self
 
@@ -359,6 +397,7 @@ def proxy_namespace(flags: int) -> dict[str, Any]:
         ns["__iter__"] = _iter_self if flags & F_NEXT else _op("iter")
     if flags & F_NEXT:
         ns["__next__"] = _next
+        ns["__length_hint__"] = _length_hint
     if flags & F_GETITEM:
         ns["__getitem__"] = _op("getitem")
     if flags & F_SETITEM:

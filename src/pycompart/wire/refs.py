@@ -48,7 +48,8 @@ import msgspec
 from ..errors import ProtocolError, StaleReference
 from . import budget
 from .protocols import (  # noqa: F401  (re-exported: the vocabulary of references)
-    ALL_FLAGS, END, F_CALL, F_ITER, F_NEXT, F_STREAM, STREAM_ATTRS, STREAM_METHODS, type_flags,
+    ALL_FLAGS, END, F_CALL, F_ITER, F_NEXT, F_STREAM, MAX_BATCH, STREAM_ATTRS, STREAM_METHODS,
+    Pushback, type_flags,
 )
 
 Ext = msgspec.msgpack.Ext
@@ -70,6 +71,7 @@ EXT_ELLIPSIS = 16
 EXT_STD = 17  # [kind, fields]: an immutable value of the standard library (STD_VALUES)
 EXT_BUILTIN = 18  # qualname: a class of builtins (str, ValueError, ...): the receiver's own
 EXT_CONTAINER = 19  # [kind, ...]: a container of the standard library (CONTAINERS), by value
+EXT_PUSHBACK = 20  # [handle, items]: the receiver's iterator, with items read ahead of it
 
 #: Flags of a reference that is a class (besides its protocols): the
 #: receiver builds a class stand-in, an exception class for F_EXCEPTION.
@@ -170,7 +172,33 @@ class Exports:
         obj = entry[0]
         return obj.ref() if type(obj) is Lent else obj
 
+    def push_back(self, handle: Any, items: list[Any]) -> Any:
+        """The peer hands our iterator ``handle`` back with ``items`` it had
+        read ahead: from now on, what decodes that handle gets a
+        ``Pushback`` yielding them first (one per export, so identity holds
+        on our side), and the peer's later pulls take them first too."""
+        obj = self.get(handle)
+        with self._lock:
+            entry = self._by_handle[handle]
+            if len(entry) < 3:
+                entry.append(Pushback([], obj))
+            wrapper: Pushback = entry[2]
+            if len(wrapper.items) + len(items) > 4 * MAX_BATCH:
+                raise ProtocolError("more items pushed back than were ever read ahead")
+            wrapper.items.extendleft(reversed(items))
+        return wrapper
+
+    def get_for_use(self, handle: Any) -> Any:
+        """``get``, but an iterator with items pushed back is its ``Pushback``."""
+        obj = self.get(handle)
+        entry = self._by_handle.get(handle)
+        if entry is not None and len(entry) > 2 and entry[2].items:
+            return entry[2]
+        return obj
+
     def contains(self, obj: Any) -> bool:
+        if type(obj) is Pushback:
+            obj = obj.it
         handle = self._by_id.get(id(obj))
         entry = self._by_handle.get(handle) if handle is not None else None
         return entry is not None and self._get(entry) is obj
@@ -335,6 +363,8 @@ class Peer:
         return Ext(EXT_CONTAINER, _encoder.encode([kind, *fields]))
 
     def export(self, value: Any) -> Ext:
+        if type(value) is Pushback:
+            value = value.it  # the same object, for the peer
         if type(value) is Lent:
             value = value.ref()
             if value is None:
@@ -395,9 +425,14 @@ class Peer:
             if mro is not None:
                 return self.class_proxy(handle, flags, tname[:300], [m[:300] for m in mro[:32]])
             return self.proxy(handle, type_key[:300], flags, tname[:300])
+        if code == EXT_PUSHBACK:
+            fields = self._list(data)
+            if len(fields) != 2 or type(fields[1]) is not list or len(fields[1]) > MAX_BATCH:
+                raise ProtocolError("malformed pushback")
+            return self.exports.push_back(fields[0], fields[1])
         if code == EXT_YOURS:
             handle = self._decoder.decode(data)
-            obj = self.exports.get(handle)
+            obj = self.exports.get_for_use(handle)
             return obj if self.returned is None else self.returned(self, obj, handle)
         if code == EXT_PATH:
             module, qualname, kind, mro = self._decoder.decode(data)
@@ -667,6 +702,23 @@ def path_ext(module: str, qualname: str, kind: str, mro: list[str] | None = None
 
 def yours_ext(handle: int) -> Ext:
     return Ext(EXT_YOURS, _encoder.encode(handle))
+
+
+def going_home(peer: Peer, proxy: Any, depth: int = 0) -> Ext:
+    """The ext for one of the peer's objects (our proxy of it) going back:
+    with the items our proxy had read ahead of it, if any (they are the
+    peer's now: the proxy's buffer is emptied)."""
+    buffer = proxy._pc_buffer
+    if buffer:
+        items = [v for v in buffer if v is not END]
+        if items:
+            exhausted = len(items) < len(buffer)
+            buffer.clear()
+            if exhausted:
+                buffer.append(END)
+            return Ext(EXT_PUSHBACK, _encoder.encode([proxy._pc_handle,
+                                                     [peer.to_wire(v, depth) for v in items]]))
+    return yours_ext(proxy._pc_handle)
 
 
 def _no_references(*args: Any) -> Any:
