@@ -2,6 +2,7 @@
 test process itself: it reaches the tests through the import hook."""
 
 import os
+import sys
 import threading
 
 VERSION = "1.2"
@@ -404,3 +405,61 @@ def take_and_return(it, n):
 
     got = list(itertools.islice(it, n))
     return got, it
+
+
+_workers = []
+
+
+def start_worker(fn, then_wait=False):
+    """A worker thread calls main's fn while main's call is still in flight
+    (fn may wait for what main does once this call returns)."""
+    import time
+
+    def work():
+        try:
+            _workers.append(("ok", fn()))
+        except Exception as exc:
+            _workers.append(("error", type(exc).__name__, str(exc)))
+    t = threading.Thread(target=work)
+    t.start()
+    if then_wait:
+        t.join()
+    else:
+        time.sleep(0.2)  # the callback is in main before our reply is
+    return "started"
+
+
+def worker_results(timeout=10):
+    import time
+
+    end = time.monotonic() + timeout
+    while not _workers and time.monotonic() < end:
+        time.sleep(0.01)
+    return list(_workers)
+
+
+def ask(prompt):
+    import builtins
+
+    return builtins.input(prompt)
+
+
+def read_stdin(how):
+    if how == "all":
+        return sys.stdin.read()
+    if how == "lines":
+        return list(sys.stdin)
+    return sys.stdin.read(how)
+
+
+def forge_stdin(*request):
+    """Ask main for its stdin by hand, whatever the spec says."""
+    from pycompart.wire import refs
+    from pycompart.compartment.objects import Callback
+
+    server = Callback.call_out.__self__
+    reply = server.channel.request("@stdin", refs._encoder.encode(list(request)), None,
+                                   server.active[-1])
+    if reply.__class__.__name__ == "Err":
+        return ("error", reply.error.type_name, reply.error.message)
+    return ("ok", server.peer.decode(reply.value))

@@ -318,11 +318,23 @@ def test_large_arguments_and_limits(make_app):
 
 
 def test_start_failure_names_compartment_and_cause(make_app):
-    app = make_app({"compartments": {"box": {"modules": ["no_such_module_xyz"]}}})
+    app = make_app({"compartments": {"box": {"modules": ["broken_on_import"]}}})
     with pytest.raises(CompartmentStartError, match="'box' failed to start.*ModuleNotFoundError") as info:
         app.start()
     assert "no_such_module_xyz" in str(info.value.__cause__)
     assert not app.running
+
+
+def test_a_placed_module_not_found_fails_at_mains_import(make_app):
+    """Not (yet) on the import path: main may add its directory later, so the
+    start goes on; importing it fails as it would unboxed."""
+    app = make_app({"compartments": {"box": {"modules": ["no_such_module_xyz"]}}})
+    app.start(import_hook=True)
+    with pytest.raises(ModuleNotFoundError, match="no_such_module_xyz"):
+        import no_such_module_xyz  # noqa: F401
+    import sys
+
+    assert "no_such_module_xyz" not in sys.modules
 
 
 def test_a_memory_limit_too_small_to_start_names_the_cause(make_app):

@@ -745,3 +745,125 @@ def test_mains_generators_are_pulled_exactly(boxed):
     got, back = boxed.take_and_return(g, 3)
     assert got == [0, 1, 2] and back is g  # main's generators are pulled exactly
     assert next(g) == 3 and list(g)[:2] == [4, 5]
+
+
+def test_a_worker_threads_callback_runs_beside_mains_call(boxed):
+    """Unboxed, a library's worker thread calling main's function runs beside
+    main's thread; boxed, main runs it on a thread of its own, so it may wait
+    for what main does after the call that started the worker."""
+    go = threading.Event()
+    threads = set()
+
+    def wait_for_main():
+        threads.add(threading.get_ident())
+        return go.wait(10)
+
+    t0 = time.monotonic()
+    assert boxed.start_worker(wait_for_main) == "started"
+    assert time.monotonic() - t0 < 5, "main's call waited for the worker's callback"
+    go.set()
+    assert boxed.worker_results() == [("ok", True)]
+    assert threading.get_ident() not in threads
+
+
+def test_call_timeout_fires_while_a_workers_callback_blocks(make_app):
+    app = box_app(make_app, call_timeout="1s")
+    app.start(import_hook=True)
+    import boxlib
+
+    release = threading.Event()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(pycompart.CallTimeout):
+            boxlib.start_worker(lambda: release.wait(30), then_wait=True)
+        assert time.monotonic() - t0 < 10
+    finally:
+        release.set()
+        del sys.modules["boxlib"]
+
+
+def test_callbacks_from_worker_threads_are_bounded_in_main(boxed):
+    """A compartment's threads cannot make main start threads without end:
+    beyond MAX_CONCURRENT_CALLBACKS at once, its callbacks are refused."""
+    from pycompart.frontend.callbacks import MAX_CONCURRENT_CALLBACKS
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.5)
+        with lock:
+            running[0] -= 1
+        return i
+    with pytest.raises(RuntimeError, match=f"more than {MAX_CONCURRENT_CALLBACKS}"):
+        boxed.threaded(slow, MAX_CONCURRENT_CALLBACKS + 24)
+    assert most[0] <= MAX_CONCURRENT_CALLBACKS
+    assert boxed.threaded(slow, 2) == [0, 1]  # and main serves on
+
+
+def test_the_boxs_stdin_is_mains_as_it_is_at_the_call(boxed, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("alpha\nbeta\n"))
+    assert boxed.ask("name? ") == "alpha"
+    assert capsys.readouterr().out == "name? "  # the prompt went to main's stdout
+    assert boxed.read_stdin("lines") == ["beta\n"]
+    assert boxed.read_stdin("all") == ""
+    big = "x" * 200_000 + "\nend\n"  # more than one request carries
+    monkeypatch.setattr(sys, "stdin", io.StringIO(big))
+    assert boxed.read_stdin(150_000) == big[:150_000]
+    assert boxed.read_stdin("all") == big[150_000:]
+    # Forged requests get bounded, checked answers.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y" * 100_000))
+    outcome = boxed.forge_stdin("read", 10**9)
+    assert outcome[0] == "ok" and len(outcome[1]) == 64 * 1024
+    for bad in (("write", 1), ("read", "1"), ("read",), ("__class__", 1)):
+        assert boxed.forge_stdin(*bad)[0] == "error", bad
+
+
+def test_stdin_null_is_end_of_file_and_main_refuses_reads(make_app, monkeypatch):
+    import io
+
+    app = box_app(make_app, stdin="null")
+    app.start(import_hook=True)
+    import boxlib
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("secret\n"))
+    try:
+        with pytest.raises(EOFError):
+            boxlib.ask("")
+        outcome = boxlib.forge_stdin("readline", -1)
+        assert outcome[0] == "error" and "stdin" in outcome[2]
+        assert sys.stdin.read() == "secret\n"  # nothing of it was read
+    finally:
+        del sys.modules["boxlib"]
+
+
+def test_a_directory_main_adds_to_sys_path_is_searched_by_the_box(make_app, monkeypatch):
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    # Readable by the compartment's own user (pytest's tmp_path is not).
+    top = Path(tempfile.mkdtemp(prefix="pycompart-path-"))
+    lib = top / "lib"
+    lib.mkdir()
+    (lib / "latecomer.py").write_text("def where():\n    import os\n    return os.getpid()\n")
+    for path in (top, lib, lib / "latecomer.py"):
+        path.chmod(0o755)
+    app = make_app({"compartments": {"box": {
+        "modules": ["latecomer"], "privileges": {"filesystem": {"read": [str(top)]}}}}})
+    app.start(import_hook=True)  # the instance starts before main's path has lib
+    monkeypatch.chdir(top)
+    monkeypatch.syspath_prepend("lib")  # relative, as a program would
+    try:
+        import latecomer
+
+        assert latecomer.where() != os.getpid()
+    finally:
+        sys.modules.pop("latecomer", None)
+        app.stop()
+        shutil.rmtree(top)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import os
 import pickle
 import sys
 import types
@@ -34,6 +35,28 @@ _FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType)
 
 def qualified(cls: type) -> str:
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+#: Entries of main's ``sys.path`` an import request may carry.
+MAX_SEARCH_PATH = 1000
+
+
+def _follow_search_path(search_path: list[str]) -> None:
+    """Add the entries of main's ``search_path`` that ``sys.path`` lacks,
+    each after the nearest entry before it in main's that we have."""
+    added = False
+    for i, entry in enumerate(search_path):
+        if entry in sys.path:
+            continue
+        at = 0
+        for before in reversed(search_path[:i]):
+            if before in sys.path:
+                at = sys.path.index(before) + 1
+                break
+        sys.path.insert(at, entry)
+        added = True
+    if added:
+        importlib.invalidate_caches()
 
 
 class ObjectServer:
@@ -174,10 +197,17 @@ class ObjectServer:
 
     # -- operations -------------------------------------------------------------------
 
-    def op_import(self, module: Any) -> Any:
+    def op_import(self, module: Any, search_path: Any = None) -> Any:
+        """Import a placed module. ``search_path``: main's ``sys.path`` as it
+        is now (absolute); entries main added since this instance started
+        are added here too, where main has them, so the module is found as
+        main would find it (within what this compartment may read)."""
         if type(module) is not str or not self.placed(module):
             raise ModuleNotFoundError(f"module {module!r} is not placed in compartment "
                                       f"{self.compartment!r}")
+        if type(search_path) is list and len(search_path) <= MAX_SEARCH_PATH \
+                and all(type(p) is str and os.path.isabs(p) and len(p) < 4096 for p in search_path):
+            _follow_search_path(search_path)
         mod = importlib.import_module(module)
         return [mod, hasattr(mod, "__path__")]
 

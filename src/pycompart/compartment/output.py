@@ -86,6 +86,67 @@ class _Stream(io.RawIOBase):
         return len(data)
 
 
+class Stdin(io.TextIOBase):
+    """``sys.stdin`` of an instance whose spec says ``stdin = "main"``: reads
+    main's ``sys.stdin`` (as it is at that moment) while main is calling in;
+    end of file otherwise, as ``/dev/null`` (descriptor 0) is."""
+
+    def __init__(self, call_out: Any, in_call: Any):
+        super().__init__()
+        self._call_out = call_out
+        self._in_call = in_call
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 0
+
+    def isatty(self) -> bool:
+        return False
+
+    def _ask(self, method: str, size: int) -> str:
+        if not self._in_call():
+            return ""
+        data = self._call_out([method, size], "@stdin")
+        if type(data) is not str:
+            raise OSError("main sent no text for stdin")
+        return data
+
+    def read(self, size: int | None = -1) -> str:
+        if size is not None and size >= 0:
+            parts, left = [], size
+            while left:  # main sends at most a chunk at a time
+                data = self._ask("read", left)
+                if not data:
+                    break
+                parts.append(data)
+                left -= len(data)
+            return "".join(parts)
+        parts = []
+        while data := self._ask("read", -1):
+            parts.append(data)
+        return "".join(parts)
+
+    def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
+        limit = -1 if size is None else size
+        parts: list[str] = []
+        got = 0
+        while True:
+            data = self._ask("readline", limit - got if limit >= 0 else -1)
+            if not data:
+                break
+            parts.append(data)
+            got += len(data)
+            if data.endswith("\n") or (limit >= 0 and got >= limit):
+                break
+        return "".join(parts)
+
+
 _prepared: list[Any] = []
 
 

@@ -161,7 +161,14 @@ def _load(config: InstanceConfig) -> dict[str, _LazyContract]:
     if any(key.startswith("__main__:") for key in config.entrypoints):
         _load_main(config)
     for name in config.modules:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if not exc.name or not (name == exc.name or name.startswith(exc.name + ".")):
+                raise  # found, but something it imports is missing: a real error
+            # Not on the import path yet: main may add its directory later
+            # (``sys.path.insert(0, "lib")``); main's import of it brings its
+            # path (``ObjectServer.op_import``) and fails there as unboxed.
     table: dict[str, _LazyContract] = {}
     for key in config.entrypoints:
         module_name, _, qualname = key.partition(":")
@@ -272,6 +279,8 @@ class Server(CallServer):
         MainRef.call_out = self.call_out
         CALL_OUTPUT.channel = self.channel
         CALL_OUTPUT.in_call = lambda: self.current is not None
+        if config.stdin == "main":
+            sys.stdin = sys.__stdin__ = _output.Stdin(self.call_out, CALL_OUTPUT.in_call)
         if self.channel.track_arrivals:  # module compartments: main re-issues warnings
             CALL_WARNINGS.channel = self.channel
             CALL_WARNINGS.current_call = lambda: self.active[-1] if self.active else 0
@@ -361,7 +370,11 @@ class Server(CallServer):
                                   "main (its spec's may_call does not list \"main\")")
         channel = self.channel
         parent = serving(channel)
-        if not parent:
+        concurrent = not parent
+        if concurrent:
+            # Another thread than the one serving main's call (a worker
+            # thread of the module): main runs it on a thread of its own, so
+            # it may wait for what main's caller does next.
             active = self.active
             parent = active[-1] if active else 0
         if not parent:
@@ -372,7 +385,7 @@ class Server(CallServer):
         if on_main:
             self.depth += 1
         try:
-            reply = channel.request(op, payload, None, parent)
+            reply = channel.request(op, payload, None, parent, concurrent)
         finally:
             if on_main:
                 self.depth -= 1

@@ -348,7 +348,8 @@ class _Runtime:
         peer.instance = inst
         peer.pending_release = inst.channel.pending_release
         inst.peer = peer
-        inst.channel.server = CallbackGate(comp.name, "main" in comp.spec.may_call, peer, self.audit)
+        inst.channel.server = CallbackGate(comp.name, "main" in comp.spec.may_call, peer, self.audit,
+                                            stdin=comp.spec.stdin == "main")
         inst.channel.track_arrivals = True
         inst.channel.call_warnings = {}  # re-issued by the caller (pycompart.frontend.warn)
 
@@ -384,7 +385,7 @@ class _Runtime:
             shared=self._shared(comp),
             elsewhere={m: other.name for other in self.spec.compartments.values()
                        if other.name != comp.name for m in other.modules},
-            output=comp.output,
+            output=comp.output, stdin=comp.stdin,
         )
 
     def call(self, ep: Entrypoint[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import inspect
 import io
+import sys
+import threading
 from typing import Any
 
 from ..compartment.objects import check_arguments
@@ -25,15 +27,27 @@ from ..wire.protocol import Call, ErrorInfo
 from . import subclass
 from .proxy import ReturnedCallable
 
+#: Callbacks from a compartment's worker threads (``Call.concurrent``) that
+#: main runs at once, each on a thread of its own; beyond, they are refused.
+MAX_CONCURRENT_CALLBACKS = 16
+
+
+#: Characters of main's stdin one request from a compartment may read.
+STDIN_CHUNK = 64 * 1024
+
+
 class CallbackGate(CallServer):
     """main's server for calls from one instance: callbacks only."""
 
     def __init__(self, compartment: str, may_call_main: bool, peer: refs.Peer,
-                 audit: Any = None):
+                 audit: Any = None, stdin: bool = False):
         self.compartment = compartment
         self.may_call_main = may_call_main
+        self.stdin = stdin
         self.peer = peer
         self.audit = audit
+        self._lock = threading.Lock()
+        self._concurrent = 0
 
     def execute(self, channel: Channel, call: Call) -> bytes:
         conn = channel.conn
@@ -49,6 +63,36 @@ class CallbackGate(CallServer):
             self.audit.record("callback", caller=self.compartment, callee="main", outcome=outcome)
         return reply
 
+    def concurrent(self, channel: Channel, call: Call) -> None:
+        """A callback from a worker thread of the compartment, made while
+        main's call is in flight: run on a thread of main's own, as it would
+        run unboxed, not on the thread waiting for that call (which may be
+        needed for what comes next, and whose ``call_timeout`` still runs)."""
+        with self._lock:
+            busy = self._concurrent >= MAX_CONCURRENT_CALLBACKS
+            if not busy:
+                self._concurrent += 1
+        if busy:
+            channel.refuse(call, f"more than {MAX_CONCURRENT_CALLBACKS} callbacks from worker "
+                           "threads are already running")
+            return
+        try:
+            threading.Thread(target=self._serve_concurrent, args=(channel, call), daemon=True,
+                             name=f"pycompart-callback-{self.compartment}").start()
+        except RuntimeError:
+            with self._lock:
+                self._concurrent -= 1
+            channel.refuse(call, "main could not start a thread for it")
+
+    def _serve_concurrent(self, channel: Channel, call: Call) -> None:
+        try:
+            channel.serve_nested(call)
+        except BaseException:
+            pass  # the compartment got its answer (serve_nested replies first)
+        finally:
+            with self._lock:
+                self._concurrent -= 1
+
     def _run(self, call: Call) -> Any:
         if call.entrypoint in ("@callmethod", "@getattr", "@setattr"):
             request = self.peer.decode(call.args)
@@ -59,6 +103,8 @@ class CallbackGate(CallServer):
                         or subclass.is_main_subclass(request[0], self.compartment):
                     return self._override(call.entrypoint, request)
             return self._stream(call.entrypoint, request)
+        if call.entrypoint == "@stdin":
+            return self._read_stdin(self.peer.decode(call.args))
         if not self.may_call_main:
             raise EntrypointError(f"compartment {self.compartment!r} may not call back into main "
                                   "(its spec's may_call does not list \"main\")")
@@ -164,6 +210,25 @@ class CallbackGate(CallServer):
             return getattr(target, name)  # a property main defines
         raise AttributeError(f"{type(target).__qualname__!r} object (of main) has no attribute {name!r} "
                              "for the compartment")
+
+    def _read_stdin(self, request: Any) -> str:
+        """The compartment's ``sys.stdin`` reads main's, as it is now (a
+        test's patched ``sys.stdin`` included), in bounded pieces."""
+        if not self.stdin:
+            raise EntrypointError(f"compartment {self.compartment!r} may not read main's stdin "
+                                  "(its spec's stdin is \"null\")")
+        if type(request) is not list or len(request) != 2 or request[0] not in ("read", "readline") \
+                or type(request[1]) is not int:
+            raise TypeError("malformed stdin request")
+        method, size = request
+        size = STDIN_CHUNK if size < 0 or size > STDIN_CHUNK else size
+        stream = sys.stdin
+        if stream is None:
+            return ""
+        data = getattr(stream, method)(size)
+        if type(data) is not str:
+            raise TypeError(f"main's sys.stdin gave {type(data).__name__}, not str")
+        return data
 
     def _stream(self, op: str, request: Any) -> Any:
         """I/O on a file object main passed to the compartment."""

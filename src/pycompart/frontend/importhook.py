@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import os
 import sys
 import types
 from typing import Any
@@ -84,13 +85,19 @@ class _ProxyLoader(importlib.abc.Loader):
         self.comp = comp
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
-        return self.comp.path_object(spec.name, "", "module")
+        # Ask the compartment first: the module must exist there
+        # (ImportError otherwise), before the import system reads attributes
+        # of the proxy.
+        return self.comp.module(spec.name)
 
     def exec_module(self, module: types.ModuleType) -> None:
-        # Ask the compartment: the module must exist there (ImportError otherwise).
-        _, is_package = self.comp.call(None, "@import", [module.__name__])
-        if is_package:
-            module.__path__ = []
+        pass  # it ran in the compartment
+
+
+def search_path() -> list[str]:
+    """main's ``sys.path`` now, absolute: where an instance looks for a
+    module main imports from it (``ObjectServer.op_import``)."""
+    return [os.path.abspath(entry or os.curdir) for entry in sys.path if type(entry) is str][:1000]
 
 
 class _PlacingLoader(importlib.abc.Loader):

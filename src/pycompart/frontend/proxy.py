@@ -39,6 +39,7 @@ from ..transport.channel import serving, serving_any
 from ..wire import protocols, refs
 from ..wire.exceptions import ALLOWED_EXCEPTIONS, attach_traceback, plain, rebuild_exception
 from .exceptions import imported_exception_class, standin_init, standin_reduce, standin_str
+from .importhook import search_path
 from .warn import reissue
 from ..wire.protocol import Err, ErrorInfo
 from ..wire.refs import exposed
@@ -94,7 +95,7 @@ class Compartment:
         if not places(self.spec, name):
             raise ModuleNotFoundError(f"module {name!r} is not placed in compartment {self.name!r}")
         module = self.path_object(name, "", "module")
-        _, is_package = self.call(None, "@import", [name])
+        _, is_package = self.call(None, "@import", [name, search_path()])
         if is_package:
             module.__path__ = []
         return module

@@ -42,6 +42,7 @@ DEFAULT_MAX_MESSAGE = 128 * 1024**2  # room for a 64 MiB argument plus envelope
 NETWORK_MODES = ("none", "loopback", "host")
 FILE_METADATA = ("none", "own-files")
 OUTPUT_MODES = ("relay", "prefixed", "null", "inherit")
+STDIN_MODES = ("main", "null")
 #: Default bounds on what one compartment may take from the host, so that a
 #: thread or memory bomb cannot take it down; ``"unlimited"`` lifts them.
 DEFAULT_MEMORY = 2 * 1024**3  # address space
@@ -144,6 +145,11 @@ class CompartmentSpec:
     #: "prefixed" with the compartment's name), "null", or "inherit" (main's
     #: own descriptors: unsafe, the compartment can take the terminal over).
     output: str = "relay"
+    #: What the instances' ``sys.stdin`` reads: "main" (main's ``sys.stdin``
+    #: as it is at the time, only while main is calling in: ``input()`` in a
+    #: boxed module), or "null" (end of file). Default: "main" for a
+    #: compartment of modules, "null" otherwise.
+    stdin: str = "null"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,12 +365,15 @@ def _compartment(reader: _Reader, name: str, default_mechanism: str, base_dir: s
         allow_exit=reader.get("allow_exit", _bool, "true or false", True),
         shared=reader.get("shared", _str_list(_FUNCTION_RE, '"module:name" names'), "", ()),
         output=reader.get("output", _one_of(OUTPUT_MODES), "", d.output),
+        stdin=reader.get("stdin", _one_of(STDIN_MODES), "", None),
         idle_cpu=reader.get("idle_cpu", _timeout, 'a duration or "none"', d.idle_cpu),
     )
     # A sandbox protects main from the compartment, not the compartment from
     # main: main may reach its internals (private names, attributes) as it
     # could unboxed. A safebox or mutual compartment is protected from main.
     sandbox = spec.trust == "sandbox"
+    if spec.stdin is None:
+        spec = dataclasses.replace(spec, stdin="main" if spec.modules else "null")
     if spec.expose is None:
         spec = dataclasses.replace(spec, expose=("*",) if sandbox else ())
     if spec.allow_setattr is None:

@@ -141,6 +141,14 @@ class CallServer:
         channel.refuse(call, f"compartment {channel.peer!r} may only call back while it is being "
                        "called")
 
+    def concurrent(self, channel: Channel, call: Call) -> None:
+        """A call made during one of ours by another thread of the peer than
+        the one running ours (``Call.concurrent``; ``call.parent`` is still
+        waiting). By default it runs as a nested call, on the thread waiting
+        for ``call.parent``; ``main``'s callback gate runs it on a thread of
+        its own."""
+        channel.queue_nested(call)
+
     def cancel(self, channel: Channel, rid: int) -> None:
         """The peer gave up on a call we are running (we cannot stop a thread;
         the reply it eventually gets is a late one)."""
@@ -169,7 +177,7 @@ class _Waiter:
     """A thread waiting for its reply while another thread leads. Calls
     nested in its call are queued on ``nested`` for it to run."""
 
-    __slots__ = ("lock", "done", "message", "error", "nested")
+    __slots__ = ("lock", "done", "message", "error", "nested", "busy")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -178,6 +186,8 @@ class _Waiter:
         self.message: Ok | Err | None = None
         self.error: BaseException | None = None
         self.nested: list[Call] = []
+        #: Running nested calls: not waiting, so it cannot take over reading.
+        self.busy = False
 
     def wake(self) -> None:
         try:
@@ -260,9 +270,9 @@ class Channel:
     # -- calling ----------------------------------------------------------------
 
     def request(self, entrypoint: str, payload: bytes, deadline: float | None,
-                parent: int = 0) -> Ok | Err:
+                parent: int = 0, concurrent: bool = False) -> Ok | Err:
         conn = self.conn
-        rid, frame = conn.send_call(entrypoint, payload, 0, parent)
+        rid, frame = conn.send_call(entrypoint, payload, 0, parent, concurrent)
         if self.pending_release:
             frame = frame + self._release_frame()  # after: the frame may name those handles
         if self.pending_output:
@@ -349,13 +359,17 @@ class Channel:
                 nested = waiter.nested
                 if nested:
                     waiter.nested = []
+                    waiter.busy = True
                 lead = not nested and not self._leader
                 if lead:
                     self._leader = True
                     self._leader_rid = 0
             if nested:
-                for call in nested:
-                    self.serve_nested(call, deadline)
+                try:
+                    for call in nested:
+                        self.serve_nested(call, deadline)
+                finally:
+                    waiter.busy = False  # back in the loop, it leads if nobody does
                 # Checked here too, not only before waiting for data: a peer
                 # that keeps a buffer of nested calls queued would otherwise
                 # delay the timeout until that buffer ran out. Its later
@@ -417,7 +431,8 @@ class Channel:
             self._leader = False
             self._leader_rid = 0
             for other in self._waiters.values():
-                if not other.done and other is not waiter and other is not own:
+                if not other.done and not other.busy and not other.nested \
+                        and other is not waiter and other is not own:
                     # It takes over reading (we may be about to run a nested
                     # call for a long time).
                     other.wake()
@@ -557,28 +572,12 @@ class Channel:
                 os.close(fd)
             if self.track_arrivals:
                 self.server.arrived(self, ("c", call.id))
-            parent = call.parent
-            if parent:
-                with self._mu:
-                    if self._leader and parent == self._leader_rid:
-                        self._leader_nested.append(call)
-                        return
-                    waiter = self._waiters.get(parent)
-                    full = waiter is not None and len(waiter.nested) >= MAX_QUEUED_NESTED
-                    if waiter is not None and not waiter.done and not full:
-                        waiter.nested.append(call)
-                        waiter.wake()
-                        return
-                if full:
-                    self.conn.violations += 1
-                    self.on_event("violation", f"more than {MAX_QUEUED_NESTED} nested calls queued")
-                    self.refuse(call, f"more than {MAX_QUEUED_NESTED} calls are already queued for "
-                                "the call this one is nested in")
-                    return
-                self.refuse(call, "the call this one is nested in is no longer waiting (it timed "
-                            "out or ended)")
-                return
-            self.server.top_level(self, call)
+            if not call.parent:
+                self.server.top_level(self, call)
+            elif call.concurrent and self.waiting_on(call.parent):
+                self.server.concurrent(self, call)
+            else:
+                self.queue_nested(call)
             return
         if cls is Release:
             self.server.release(self, event.handles)  # type: ignore[attr-defined]
@@ -606,6 +605,37 @@ class Channel:
                                 f"{cls.__name__} message"), reason="unexpected message")
 
     # -- serving calls from the peer ---------------------------------------------
+
+    def waiting_on(self, rid: int) -> bool:
+        """Whether a thread of ours still waits for the reply to ``rid``."""
+        with self._mu:
+            if self._leader and rid == self._leader_rid:
+                return True
+            waiter = self._waiters.get(rid)
+            return waiter is not None and not waiter.done
+
+    def queue_nested(self, call: Call) -> None:
+        """Hand a call nested in one of ours to the thread waiting on its
+        parent, or refuse it."""
+        parent = call.parent
+        with self._mu:
+            if self._leader and parent == self._leader_rid:
+                self._leader_nested.append(call)
+                return
+            waiter = self._waiters.get(parent)
+            full = waiter is not None and len(waiter.nested) >= MAX_QUEUED_NESTED
+            if waiter is not None and not waiter.done and not full:
+                waiter.nested.append(call)
+                waiter.wake()
+                return
+        if full:
+            self.conn.violations += 1
+            self.on_event("violation", f"more than {MAX_QUEUED_NESTED} nested calls queued")
+            self.refuse(call, f"more than {MAX_QUEUED_NESTED} calls are already queued for "
+                        "the call this one is nested in")
+            return
+        self.refuse(call, "the call this one is nested in is no longer waiting (it timed "
+                    "out or ended)")
 
     def serve_nested(self, call: Call, deadline: float | None = None) -> None:
         """Run a call nested in one of ours, in this thread, and reply

@@ -93,3 +93,5 @@ class InstanceConfig(msgspec.Struct, forbid_unknown_fields=True):
     #: Where fds 1 and 2 go: "relay"/"prefixed" (pipes main relays), "null",
     #: or "inherit" (main's own: unsafe, the spec must say so).
     output: str = "relay"
+    #: "main": ``sys.stdin`` reads main's, during main's calls; "null": EOF.
+    stdin: str = "null"

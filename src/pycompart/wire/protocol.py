@@ -101,6 +101,11 @@ class Call(msgspec.Struct, array_like=True, tag=1):
     entrypoint: str
     args: msgspec.Raw
     parent: int = 0
+    #: Made by another thread of the sender than the one running ``parent``
+    #: (a worker thread of a compartment, during main's call): the receiver
+    #: runs it on a thread of its own (``CallServer.concurrent``), since the
+    #: thread waiting on ``parent`` may be needed for what comes next.
+    concurrent: bool = False
 
 
 class Ok(msgspec.Struct, array_like=True, tag=2):
@@ -337,9 +342,10 @@ class Connection:
 
     # -- sending --------------------------------------------------------------
 
-    def send_call(self, entrypoint: str, args: bytes, nfds: int = 0, parent: int = 0) -> tuple[int, bytes]:
+    def send_call(self, entrypoint: str, args: bytes, nfds: int = 0, parent: int = 0,
+                  concurrent: bool = False) -> tuple[int, bytes]:
         rid = self.last_id = next(self._ids)
-        payload = _encoder.encode(Call(rid, entrypoint, msgspec.Raw(args), parent))
+        payload = _encoder.encode(Call(rid, entrypoint, msgspec.Raw(args), parent, concurrent))
         if len(payload) > self.max_frame:
             raise ProtocolError(f"message of {len(payload)} bytes exceeds the maximum message "
                                 f"size of {self.max_frame} (set [app] max_message_size)")

@@ -1,0 +1,3 @@
+"""A module whose import fails: it needs a module nowhere installed."""
+
+import no_such_module_xyz  # noqa: F401
