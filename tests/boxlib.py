@@ -463,3 +463,41 @@ def forge_stdin(*request):
     if reply.__class__.__name__ == "Err":
         return ("error", reply.error.type_name, reply.error.message)
     return ("ok", server.peer.decode(reply.value))
+
+
+def annotate(fn, name, value):
+    """What decorators do: set an attribute on the function they get."""
+    if not hasattr(fn, name):
+        setattr(fn, name, [])
+    getattr(fn, name).append(value)
+    return fn
+
+
+def annotations_of(fn, name):
+    return list(getattr(fn, name, ["missing"])), fn.__doc__
+
+
+def set_doc(fn, doc):
+    fn.__doc__ = doc
+    return fn.__doc__
+
+
+def catch_interrupt(fn):
+    """A CLI framework's main loop: it catches Ctrl-C in the command."""
+    try:
+        fn()
+    except KeyboardInterrupt as exc:
+        return ["aborted", exc.args]
+    return ["finished"]
+
+
+REGISTRY = ["builtin"]
+OPTIONS = {"strict": False}
+
+
+def registry_state():
+    return list(REGISTRY), dict(OPTIONS)
+
+
+def fresh_list():
+    return [1, 2]

@@ -99,3 +99,9 @@ def forge_on(obj, op, *rest, on_class=False):
     if reply.__class__.__name__ == "Err":
         return ("error", reply.error.type_name, reply.error.message)
     return ("ok", server.peer.decode(reply.value))
+
+
+def build(factory, *args, **kwargs):
+    """Make an instance of whatever class the caller hands over."""
+    obj = factory(*args, **kwargs)
+    return obj, isinstance(obj, Extension), obj.run("in box")

@@ -867,3 +867,46 @@ def test_a_directory_main_adds_to_sys_path_is_searched_by_the_box(make_app, monk
         sys.modules.pop("latecomer", None)
         app.stop()
         shutil.rmtree(top)
+
+
+def test_attributes_set_on_a_callback_stay_in_the_box(boxed):
+    """Decorators set attributes on the functions they wrap (click's
+    ``__click_params__``): on main's function they live in the compartment,
+    for as long as it holds the function; main's function is untouched."""
+    def command():
+        """Main's docstring."""
+    assert boxed.annotate(command, "__params__", 1) is command
+    assert boxed.annotate(command, "__params__", 2) is command
+    assert boxed.annotations_of(command, "__params__") == ([1, 2], "Main's docstring.")
+    assert not hasattr(command, "__params__") and command.__doc__ == "Main's docstring."
+    assert boxed.set_doc(command, "the box's") == "the box's"
+    assert command.__doc__ == "Main's docstring."
+
+
+def test_a_callbacks_keyboard_interrupt_goes_through_the_box(boxed):
+    def command(exc):
+        def run():
+            raise exc("catch me!")
+        return run
+    assert boxed.catch_interrupt(command(KeyboardInterrupt)) == ["aborted", ("catch me!",)]
+    # Not caught there: it reaches main's caller as itself.
+    with pytest.raises(SystemExit) as info:
+        boxed.catch_interrupt(command(SystemExit))
+    assert info.value.args == ("catch me!",)
+    assert boxed.apply(lambda: 5) == 5  # and the instance serves on
+
+
+def test_mutable_attributes_are_shared_state_and_results_are_copies(boxed):
+    """The rule: a list/dict/set read from an attribute is the compartment's
+    object itself (a registry main extends), one proxy per object; a value a
+    call returns, or main passes in, is a copy."""
+    registry = boxed.REGISTRY
+    registry.append("mine")
+    boxed.OPTIONS["strict"] = True
+    boxed.OPTIONS.update(extra=1)
+    assert boxed.registry_state() == (["builtin", "mine"], {"strict": True, "extra": 1})
+    assert boxed.REGISTRY is registry and registry == ["builtin", "mine"]
+    assert list(registry) == ["builtin", "mine"] and len(registry) == 2 and "mine" in registry
+    assert dict(boxed.OPTIONS) == {"strict": True, "extra": 1}
+    copied = boxed.fresh_list()
+    assert type(copied) is list and copied == [1, 2]

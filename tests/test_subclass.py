@@ -233,10 +233,22 @@ def test_forged_requests_reach_only_what_main_handed_over(plugins):
         outcome = plugins.forge_on(ext, op, *rest)
         assert outcome[0] == "error", (op, rest, outcome)
     assert ran == []  # (_private_helper is handed over: a method main's class defines)
-    # Main's class: only its static and class methods.
-    for op, *rest in [("@call", [], {}), ("@callmethod", "transform", [None, "x"], {}),
+    # Main's class: only its static and class methods, and calling it (a
+    # factory: main makes an instance, running main's __init__).
+    assert plugins.forge_on(ext, "@call", [], {}, on_class=True)[0] == "ok"
+    for op, *rest in [("@callmethod", "transform", [None, "x"], {}),
                       ("@callmethod", "__init__", [], {}), ("@getattr", "secret"),
                       ("@callmethod", "mro", [], {})]:
         outcome = plugins.forge_on(ext, op, *rest, on_class=True)
         assert outcome[0] == "error", (op, rest, outcome)
     assert ext.mine == "main's" and "new_name" not in vars(ext)
+
+
+def test_the_compartment_calls_mains_subclass_as_a_factory(plugins):
+    class Quiet(plugins.Extension):
+        def transform(self, text):
+            return text.lower()
+
+    obj, is_ext, ran = plugins.build(Quiet, "q", level=1)
+    assert type(obj) is Quiet and obj.config == {"level": 1}  # main's own instance
+    assert is_ext and ran == "[in box]"

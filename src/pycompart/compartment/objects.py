@@ -14,6 +14,7 @@ operations on the compartment's objects, and references to main's.
 
 from __future__ import annotations
 
+import collections
 import copy
 import importlib
 import inspect
@@ -218,7 +219,14 @@ class ObjectServer:
             static = inspect.getattr_static(target, name, None)
             if isinstance(static, types.FunctionType):
                 return refs.METHOD  # called later with @callmethod: one round trip
-        return getattr(target, name)
+        value = getattr(target, name)
+        if type(value) in SHARED_MUTABLE and not name.startswith("__"):
+            # A registry, a table, an options dict (``md.block_level_elements``,
+            # ``env.filters``): read from an attribute, it is shared state,
+            # so main gets the object itself, and its changes are made here.
+            # Values a call returns or main passes in are copies.
+            return _AsReference(value)
+        return value
 
     def op_setattr(self, target: Any, name: Any, value: Any) -> None:
         self._check_target(target)
@@ -375,6 +383,11 @@ class ObjectServer:
             raise TypeError("the target of an operation must be an object of this compartment")
 
 
+#: Mutable containers an attribute read hands over by reference.
+SHARED_MUTABLE = frozenset({list, dict, set, bytearray, collections.defaultdict,
+                            collections.OrderedDict, collections.Counter, collections.deque})
+
+
 class _AsReference:
     """A twin sent to main as itself (a reference), not as main's instance."""
 
@@ -514,10 +527,27 @@ class Callback(MainRef):
     It has the callable's name, docstring and signature (asked of main
     once, when first needed), for code that inspects callables."""
 
-    __slots__ = ("_pc_signature",)
+    #: ``__dict__``: attributes the compartment's code sets on it
+    #: (``f.__click_params__ = []``, ``f.__doc__ = ...``) live here, in the
+    #: compartment, never on main's object (``__setattr__``).
+    __slots__ = ("_pc_signature", "__dict__")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return MainRef.call_out([self, list(args), kwargs])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Kept alive while it has attributes of ours (so main's next hand-over
+        # of the same callable arrives as this proxy, with them), up to a
+        # bound; main's object is not touched.
+        if name.startswith("_pc_"):
+            object.__setattr__(self, name, value)  # the proxy's own slots
+            return
+        if not self.__dict__:
+            if len(_NOTED) >= MAX_NOTED_CALLBACKS:
+                raise AttributeError(f"cannot set {name!r}: more than {MAX_NOTED_CALLBACKS} "
+                                     "callbacks of main already carry attributes set here")
+            _NOTED.append(self)
+        self.__dict__[name] = value
 
     def _pc_described(self) -> dict[str, Any]:
         try:
@@ -545,14 +575,33 @@ class Callback(MainRef):
             return self._pc_described().get("name") or "callback"
         if name == "__qualname__":
             return self._pc_described().get("qualname") or self.__name__
+        if name == "__dict__" or name.startswith("_pc_"):
+            raise AttributeError(name)
         return MainRef.__getattr__(self, name)
 
 
+#: Callbacks of main that carry attributes set in the compartment.
+MAX_NOTED_CALLBACKS = 4096
+_NOTED: list[Callback] = []
+
+
+def _described(key: str, default: str | None) -> property:
+    def get(self: Any) -> Any:
+        if key in self.__dict__:
+            return self.__dict__[key]
+        return self._pc_described().get(key[2:-2]) or default
+
+    def set_(self: Any, value: Any) -> None:
+        Callback.__setattr__(self, key, value)
+    return property(get, set_)
+
+
 #: On the classes of callbacks (each proxy class's own dictionary has these
-#: names, so they are set there): the callable's docstring and module.
+#: names, so they are set there): the callable's docstring and module, as
+#: main describes them unless the compartment's code set them.
 _CALLBACK_INFO = {
-    "__doc__": property(lambda self: self._pc_described().get("doc")),
-    "__module__": property(lambda self: self._pc_described().get("module") or "main"),
+    "__doc__": _described("__doc__", None),
+    "__module__": _described("__module__", "main"),
 }
 
 

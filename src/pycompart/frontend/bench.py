@@ -199,6 +199,17 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
                                                     _time_loop(obj.ping, n), base)
             results[f"callback_{label}"] = row("call that makes one callback into main",
                                                _time_loop(lambda: mod.call(cb), n // 2), base)
+            results[f"module_attr_{label}"] = row("read a module's 100-int list (a copy)",
+                                                  _time_loop(lambda: mod.TABLE, n // 2), base)
+            if label == "unpinned":
+                few = max(n // 100, 20)
+                results["generator_1000"] = row("list() of a returned 1000-item generator",
+                                                _time_loop(lambda: list(mod.count_up(1000)), few), base)
+                results["iterator_made"] = row("returned generator, 10 items, dropped",
+                                               _time_loop(lambda: list(mod.count_up(10)), few * 5), base)
+                data = list(range(1000))
+                results["main_iterable_1000"] = row("box iterates main's 1000-item iterator",
+                                                    _time_loop(lambda: mod.consume(iter(data)), few), base)
     os.sched_setaffinity(0, set(cpus))
     out("\ninstance start: (ratio to python -c pass)")
     base = row("python -c pass", python_startup(5 if quick else 20), None)

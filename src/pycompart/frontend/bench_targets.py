@@ -21,3 +21,20 @@ def call(callback):  # type: ignore[no-untyped-def]
 class Obj:
     def ping(self) -> None:
         return None
+
+
+#: A module constant main reads: plain data, copied on each read.
+TABLE = list(range(100))
+
+
+def count_up(n: int):  # type: ignore[no-untyped-def]
+    """A generator a call returns (plain arguments: batched from the start)."""
+    yield from range(n)
+
+
+def consume(items) -> int:  # type: ignore[no-untyped-def]
+    """Iterate an iterable of main's (pulled from main in batches)."""
+    total = 0
+    for _ in items:
+        total += 1
+    return total

@@ -12,6 +12,7 @@ before they could cross at all (``pycompart.wire.refs``).
 
 from __future__ import annotations
 
+import collections
 import inspect
 import io
 import sys
@@ -30,6 +31,9 @@ from .proxy import ReturnedCallable
 #: Callbacks from a compartment's worker threads (``Call.concurrent``) that
 #: main runs at once, each on a thread of its own; beyond, they are refused.
 MAX_CONCURRENT_CALLBACKS = 16
+#: Instances of main's subclasses a compartment made by calling the class,
+#: kept alive by main for it (see ``CallbackGate._run``).
+MAX_MADE_INSTANCES = 4096
 
 
 #: Characters of main's stdin one request from a compartment may read.
@@ -48,6 +52,7 @@ class CallbackGate(CallServer):
         self.audit = audit
         self._lock = threading.Lock()
         self._concurrent = 0
+        self.made: collections.deque[Any] = collections.deque(maxlen=MAX_MADE_INSTANCES)
 
     def execute(self, channel: Channel, call: Call) -> bytes:
         conn = channel.conn
@@ -55,7 +60,11 @@ class CallbackGate(CallServer):
             result = self._run(call)
             reply = conn.send_ok(call.id, self.peer.encode(result))
             outcome = "ok"
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # A callback's KeyboardInterrupt or SystemExit (Ctrl-C while it
+            # runs, or its own ``raise``) goes through the compartment's code
+            # as it would unboxed (a CLI framework catches it); if nothing
+            # there catches it, it comes back to main's caller as itself.
             info = self.describe(exc)
             reply = conn.send_err(call.id, info)
             outcome = f"error:{info.type_name}"
@@ -124,12 +133,22 @@ class CallbackGate(CallServer):
             target = target._pc_obj
         if not self.peer.exports.contains(target):
             raise EntrypointError("a compartment can only call objects main passed to it")
-        if subclass.is_subclass_instance(target, self.compartment) \
-                or subclass.is_main_subclass(target, self.compartment):
+        if subclass.is_subclass_instance(target, self.compartment):
             # Lent with a twin, not handed over as a callback: the twin
             # reaches main's overrides by name (``_override``).
-            raise EntrypointError("main's subclasses of the compartment's classes, and their "
-                                  "instances, are not callbacks")
+            raise EntrypointError("main's instances of subclasses of the compartment's classes "
+                                  "are not callbacks")
+        if subclass.is_main_subclass(target, self.compartment):
+            # main's subclass itself may be called (``self.signer(key)``, a
+            # class main handed over as a factory): main makes the instance,
+            # as it would unboxed, and the compartment gets its twin. Only
+            # the twin holds it, and a twin lends main's instance weakly: main
+            # keeps the instances the compartment made (the latest
+            # MAX_MADE_INSTANCES, for the instance's life).
+            made = target(*args, **kwargs)
+            if subclass.is_subclass_instance(made, self.compartment):
+                self.made.append(made)
+            return made
         if not callable(target):
             raise TypeError(f"{type(target).__qualname__!r} object of main is not callable")
         return target(*args, **kwargs)
@@ -260,5 +279,6 @@ class CallbackGate(CallServer):
         self.peer.decoded(key)
 
     def closed(self, channel: Channel) -> None:
+        self.made.clear()
         self.peer.close()
 

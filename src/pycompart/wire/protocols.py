@@ -15,8 +15,10 @@ them only to compartments it lets call it (``may_call = ["main"]``), and
 never attributes (``pycompart.frontend.callbacks``).
 
 Iteration is batched, carefully. An iterator the owner made to answer
-``iter()`` (``Private``: nobody else can see it run ahead) is pulled in
-batches from the start, doubling from one item up to ``MAX_BATCH``. So is
+``iter()`` (``Private``: nobody else can see it run ahead), or a generator
+not started yet that takes only plain values (``runs_alone``: ``sieve(n)``,
+``count_up(start, stop)``), is pulled in batches from the start, doubling
+from one item up to ``MAX_BATCH``. So is
 any iterator once its consumer announces that it takes everything: the
 consumers that do (``list()``, ``tuple()``, ``sorted()``, ``str.join``,
 ``list.extend``) ask ``__length_hint__`` first, and the proxy answers
@@ -223,6 +225,32 @@ class Pushback:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.it, name)
+
+
+_PLAIN_ARGS = (int, float, complex, str, bytes, bool, type(None))
+
+
+def runs_alone(gen: Any) -> bool:
+    """A generator not started yet whose arguments are plain immutable
+    values and that closes over nothing: running it ahead computes only its
+    own items, which nobody else can see (it may batch from the start, like
+    ``Private``). Its code may still print or read globals: the rule's cost,
+    written in the README."""
+    try:
+        frame = gen.gi_frame
+        if frame is None or gen.gi_running or gen.gi_suspended or gen.gi_code.co_freevars:
+            return False
+        values = frame.f_locals.values()
+    except AttributeError:
+        return False
+    for value in values:
+        tp = type(value)
+        if tp is tuple or tp is frozenset:
+            if len(value) > 64 or any(type(v) not in _PLAIN_ARGS for v in value):
+                return False
+        elif tp not in _PLAIN_ARGS:
+            return False
+    return True
 
 
 def _iter(obj: Any) -> Any:

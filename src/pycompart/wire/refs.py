@@ -49,7 +49,7 @@ from ..errors import ProtocolError, StaleReference
 from . import budget
 from .protocols import (  # noqa: F401  (re-exported: the vocabulary of references)
     ALL_FLAGS, END, F_CALL, F_ITER, F_NEXT, F_STREAM, MAX_BATCH, STREAM_ATTRS, STREAM_METHODS,
-    Pushback, type_flags,
+    F_PRIVATE, Pushback, runs_alone, type_flags,
 )
 
 Ext = msgspec.msgpack.Ext
@@ -377,6 +377,8 @@ class Peer:
             open_requests[-1].add(handle)
         tp = type(value)
         flags = type_flags(tp)
+        if tp is types.GeneratorType and runs_alone(value):
+            flags |= F_PRIVATE
         if issubclass(tp, type):
             # A class: the peer makes a class of its own for it, so that
             # isinstance, issubclass, except and raise work there.
