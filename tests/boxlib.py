@@ -501,3 +501,60 @@ def registry_state():
 
 def fresh_list():
     return [1, 2]
+
+
+def double(x):
+    return x * 2
+
+
+class WithHook:
+    """A function stored on an instance is an attribute, not a method."""
+
+    def __init__(self, hook=double):
+        self.hook = hook
+
+
+def gen_then_fail():
+    yield 1
+    yield 2
+    raise ValueError("third")
+
+
+def collect_until_error(items):
+    got = []
+    try:
+        for item in items:
+            got.append(item)
+    except Exception as exc:
+        return got, type(exc).__name__
+    return got, None
+
+
+class Abort(BaseException):
+    """A library's own control exception, not an Exception."""
+
+
+def abort():
+    raise Abort("stop")
+
+
+PRODUCED = []
+_KEPT_GENERATORS = []
+
+
+def counted(n):
+    for i in range(n):
+        PRODUCED.append(i)
+        yield i
+
+
+def counted_and_kept(n):
+    g = counted(n)
+    _KEPT_GENERATORS.append(g)  # the box uses it again later
+    return g
+
+
+def produced():
+    out = len(PRODUCED)
+    PRODUCED.clear()
+    return out

@@ -221,3 +221,36 @@ def test_own_files_metadata_never_sets_special_bits(tmp_path):
     assert in_child(locked()(chmod(0o640))) == ("errno", str(errno.EPERM))
     assert in_child(locked(metadata="own-files")(chmod(0o640))) == ("ok", "0o640")
     assert in_child(locked(metadata="own-files")(chmod(0o4755))) == ("errno", str(errno.EPERM))
+
+
+def test_a_unix_stream_pair_is_allowed_and_reaches_only_itself():
+    """An event loop's self-pipe (asyncio) needs a socketpair: a connected
+    AF_UNIX stream pair is allowed in every profile; datagram pairs (which
+    could name another socket) and socket() itself are not."""
+    def stream_pair():
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.send(b"ping")
+        got = b.recv(4)
+        try:
+            a.sendto(b"x", "/dev/log")  # a stream socket takes no address
+            named = "sent"
+        except OSError as exc:
+            named = errno.errorcode[exc.errno]
+        return f"{got.decode()} {named}"
+
+    def dgram_pair():
+        socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        return "pair"
+
+    def event_loop():
+        import asyncio
+
+        async def main():
+            await asyncio.sleep(0)
+            return "loop"
+        return asyncio.run(main())
+    assert in_child(locked()(stream_pair)) == ("ok", "ping EISCONN")
+    assert in_child(locked()(event_loop)) == ("ok", "loop")
+    assert in_child(locked()(dgram_pair)) == ("errno", str(errno.EPERM))
+    assert in_child(dgram_pair) == ("ok", "pair")
+    assert in_child(locked()(UNIX)) == ("errno", str(errno.EPERM))

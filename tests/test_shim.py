@@ -910,3 +910,40 @@ def test_mutable_attributes_are_shared_state_and_results_are_copies(boxed):
     assert dict(boxed.OPTIONS) == {"strict": True, "extra": 1}
     copied = boxed.fresh_list()
     assert type(copied) is list and copied == [1, 2]
+
+
+def test_a_function_stored_on_an_instance_is_the_function(boxed):
+    obj = boxed.WithHook()
+    assert obj.hook == boxed.double and obj.hook is boxed.double
+    assert obj.hook(4) == 8  # not bound: no self
+
+
+def test_items_before_an_iterators_exception_arrive_first(boxed):
+    """A batch that ends in an exception delivers its items, then raises."""
+    got = []
+    with pytest.raises(ValueError, match="third"):
+        for item in boxed.gen_then_fail():
+            got.append(item)
+    assert got == [1, 2]
+
+    def mine():
+        yield "a"
+        yield "b"
+        raise RuntimeError("kaboom")
+    assert boxed.collect_until_error(mine()) == (["a", "b"], "RuntimeError")
+
+
+def test_a_base_exception_of_the_library_reaches_the_caller(boxed):
+    pid = boxed.pid()
+    with pytest.raises(boxed.Abort, match="stop"):
+        boxed.abort()
+    assert boxed.pid() == pid  # the instance did not die of it
+
+
+def test_a_fresh_generator_of_plain_values_batches_a_kept_one_does_not(boxed):
+    g = boxed.counted(1000)
+    assert next(g) == 0
+    assert 1 < boxed.produced() <= 256  # run ahead: nobody else can see it
+    kept = boxed.counted_and_kept(1000)
+    assert next(kept) == 0 and next(kept) == 1
+    assert boxed.produced() == 2  # the box holds it too: exactly what main took

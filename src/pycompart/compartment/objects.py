@@ -95,6 +95,14 @@ class ObjectServer:
                     and exc.__traceback__.tb_next is None:
                 raise TypeError(f"{entrypoint}: malformed request") from None
             raise
+        # The request's values are ours alone once the call is done: a
+        # generator holding one of them may then batch (``runs_alone``), if
+        # nothing but this reply holds the generator itself (the two
+        # references: ``result`` and getrefcount's argument).
+        del args
+        if type(result) is types.GeneratorType and sys.getrefcount(result) <= 2 \
+                and protocols.runs_alone(result):
+            result = refs.Alone(result)
         return peer.encode(result)
 
     # -- names ------------------------------------------------------------------------
@@ -217,7 +225,7 @@ class ObjectServer:
         self.check_name(name, _describe(target))
         if not isinstance(target, (type, types.ModuleType)):
             static = inspect.getattr_static(target, name, None)
-            if isinstance(static, types.FunctionType):
+            if isinstance(static, types.FunctionType) and name not in _instance_dict(target):
                 return refs.METHOD  # called later with @callmethod: one round trip
         value = getattr(target, name)
         if type(value) in SHARED_MUTABLE and not name.startswith("__"):
@@ -381,6 +389,16 @@ class ObjectServer:
     def _check_target(self, target: Any) -> None:
         if isinstance(target, MainRef):
             raise TypeError("the target of an operation must be an object of this compartment")
+
+
+def _instance_dict(obj: Any) -> Any:
+    """The instance's own attributes (a function stored there is not a
+    method: it does not bind)."""
+    try:
+        d = object.__getattribute__(obj, "__dict__")
+    except AttributeError:
+        return ()
+    return d if type(d) is dict else ()
 
 
 #: Mutable containers an attribute read hands over by reference.

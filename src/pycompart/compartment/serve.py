@@ -358,6 +358,13 @@ class Server(CallServer):
             # A boxed module's code (a package's CLI entry point ending with
             # sys.exit()): the caller's to handle, as unboxed; we serve on.
             return conn.send_err(call.id, describe_exception(exc))
+        except BaseException as exc:
+            # A library's own BaseException subclass (more_itertools'
+            # AbortThread): the caller's, like any exception; uncaught here
+            # it would end the serve loop and the instance.
+            if type(exc) is GeneratorExit:
+                raise
+            return conn.send_err(call.id, describe_exception(exc))
         finally:
             if on_serve_thread:
                 self.active.pop()

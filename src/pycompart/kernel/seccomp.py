@@ -87,6 +87,16 @@ connect getsockname getpeername getsockopt setsockopt sendto recvfrom sendmsg re
 sendmmsg recvmmsg shutdown socketpair bind listen accept accept4
 """.split())
 
+#: Every profile may make a connected pair of AF_UNIX *stream* sockets (an
+#: event loop's self-pipe: ``asyncio`` needs one) and use sockets it has:
+#: with no ``socket()`` and nothing inherited, those reach only each other
+#: (a stream socket takes no destination address; a datagram pair could
+#: name another socket, so it is refused).
+UNIX_PAIR_CALLS = frozenset("""
+getsockname getpeername getsockopt setsockopt sendto recvfrom sendmsg recvmsg shutdown
+""".split())
+_AF_UNIX = 1
+
 #: What ``socket()`` may create, by (domain, type) argument checks:
 #:   none         no socket() at all
 #:   inet-stream  AF_INET/AF_INET6 SOCK_STREAM only (TCP: what Landlock's port
@@ -162,7 +172,7 @@ def build(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (),
         raise SeccompError(0, f"unknown syscall profile {profile!r} (known: {', '.join(PROFILES)})")
     if sockets not in SOCKET_RULES:
         raise SeccompError(0, f"unknown socket rule {sockets!r}")
-    allowed = set(PROFILES[profile]) | set(allow)
+    allowed = set(PROFILES[profile]) | set(allow) | UNIX_PAIR_CALLS
     if sockets != "none":
         allowed |= SOCKET_CALLS
     denied = set(deny)
@@ -188,6 +198,9 @@ def build(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (),
         _rule(sc, f, sc.ERRNO(errno.ENOSYS), "clone3")
     if sockets != "none":
         _socket_rules(sc, f, sockets, guarded)
+    elif "socketpair" not in allowed | killed | denied:
+        f.add_rule(sc.ALLOW, "socketpair", sc.Arg(0, sc.EQ, _AF_UNIX),
+                   sc.Arg(1, sc.MASKED_EQ, _SOCK_TYPE_MASK, _SOCK_STREAM))
     blocked = killed | denied | allowed
     if "fcntl" not in blocked:
         commands = dict(FCNTL_ALLOWED, **(FCNTL_LOCKS if locks else {}))

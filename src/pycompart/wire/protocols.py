@@ -16,9 +16,11 @@ never attributes (``pycompart.frontend.callbacks``).
 
 Iteration is batched, carefully. An iterator the owner made to answer
 ``iter()`` (``Private``: nobody else can see it run ahead), or a generator
-not started yet that takes only plain values (``runs_alone``: ``sieve(n)``,
-``count_up(start, stop)``), is pulled in batches from the start, doubling
-from one item up to ``MAX_BATCH``. So is
+not started yet that takes only plain values nobody else holds
+(``runs_alone``: ``sieve(n)``, ``dft(a_list_main_passed)``), is pulled in
+batches from the start, ``FIRST_BATCH`` items then doubling up to
+``MAX_BATCH``; the owner stops filling a batch ``BATCH_SECONDS`` after its
+first item, so a producer slow per item is not run far ahead. So is
 any iterator once its consumer announces that it takes everything: the
 consumers that do (``list()``, ``tuple()``, ``sorted()``, ``str.join``,
 ``list.extend``) ask ``__length_hint__`` first, and the proxy answers
@@ -42,7 +44,10 @@ import collections
 import inspect
 import io
 import operator
+import sys
+import time
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -186,6 +191,10 @@ END = _Marker("END")
 MAX_BATCH = 256
 #: Items of a non-private iterator pulled one at a time before batching.
 EXACT_PULLS = 64
+#: The first batch of a private iterator.
+FIRST_BATCH = 32
+#: How long the owner keeps filling a batch after its first item.
+BATCH_SECONDS = 0.002
 
 
 class Private:
@@ -227,29 +236,57 @@ class Pushback:
         return getattr(self.it, name)
 
 
-_PLAIN_ARGS = (int, float, complex, str, bytes, bool, type(None))
+_PLAIN_ARGS = (int, float, complex, str, bytes, bool, type(None), range)
+_PLAIN_COLLECTIONS = (tuple, frozenset, list, set, dict)
+#: Items of a collection argument ``runs_alone`` looks through at most.
+_MAX_SCANNED = 4096
+
+
+def _refcounts(frame: Any) -> list[tuple[Any, int]]:
+    out = []
+    for value in frame.f_locals.values():
+        out.append((value, sys.getrefcount(value)))
+    return out
+
+
+def _probe(arg: Any) -> Any:
+    yield arg
+
+
+#: References to a list held by nothing but a new generator's frame, as
+#: ``_refcounts`` counts them (measured, not assumed).
+_OWNED_REFS = _refcounts(_probe([]).gi_frame)[0][1]
 
 
 def runs_alone(gen: Any) -> bool:
-    """A generator not started yet whose arguments are plain immutable
-    values and that closes over nothing: running it ahead computes only its
-    own items, which nobody else can see (it may batch from the start, like
-    ``Private``). Its code may still print or read globals: the rule's cost,
-    written in the README."""
+    """A generator not started yet whose arguments are plain values (a
+    list, dict or set only if nothing but the generator holds it: a copy
+    main passed in) and that closes over nothing: running it ahead
+    computes only its own items, which nobody else can see (it may batch
+    from the start, like ``Private``). Its code may still print or read
+    globals: the rule's cost, written in the README."""
     try:
         frame = gen.gi_frame
         if frame is None or gen.gi_running or gen.gi_suspended or gen.gi_code.co_freevars:
             return False
-        values = frame.f_locals.values()
+        counted = _refcounts(frame)
     except AttributeError:
         return False
-    for value in values:
+    for value, refs in counted:
         tp = type(value)
-        if tp is tuple or tp is frozenset:
-            if len(value) > 64 or any(type(v) not in _PLAIN_ARGS for v in value):
-                return False
-        elif tp not in _PLAIN_ARGS:
+        if tp in _PLAIN_ARGS:
+            continue
+        if tp not in _PLAIN_COLLECTIONS or len(value) > _MAX_SCANNED:
             return False
+        if tp is not tuple and tp is not frozenset and refs > _OWNED_REFS:
+            return False  # someone else holds it and may change it
+        items = value.items() if tp is dict else value
+        for item in items:
+            if tp is dict:
+                if type(item[0]) not in _PLAIN_ARGS or type(item[1]) not in _PLAIN_ARGS:
+                    return False
+            elif type(item) not in _PLAIN_ARGS:
+                return False
     return True
 
 
@@ -258,20 +295,42 @@ def _iter(obj: Any) -> Any:
     return it if it is obj else Private(it)
 
 
+#: An exception an iterator raised after items of a batch: raised at the
+#: next pull, after the consumer had those items (weak: dies with it).
+_RAISED: weakref.WeakKeyDictionary[Any, BaseException] = weakref.WeakKeyDictionary()
+
+
 def _next_batch(obj: Any, n: Any) -> list[Any]:
-    """Up to ``n`` items of an iterator (one, unless it is ``Private``);
-    ``END`` last if it is exhausted."""
+    """Up to ``n`` items of an iterator; ``END`` last if it is exhausted.
+    Past the first item it stops early once ``BATCH_SECONDS`` have gone:
+    a producer slow per item is not run far ahead of its consumer."""
     if type(n) is not int or n < 1:
         raise TypeError("a batch size")
     n = min(n, MAX_BATCH)
     if type(obj) is Private:
         obj = obj.it
+    if _RAISED and obj in _RAISED:
+        raise _RAISED.pop(obj)
     out = []
-    for _ in range(n):
+    clock = time.perf_counter
+    until = 0.0
+    for i in range(n):
         try:
             out.append(next(obj))
         except StopIteration:
             out.append(END)
+            break
+        except Exception as exc:
+            if not out:
+                raise
+            try:  # the items before it first, then the exception, as unboxed
+                _RAISED[obj] = exc
+            except TypeError:
+                raise exc from None  # cannot be kept for later: at once
+            break
+        if i == 0:
+            until = clock() + BATCH_SECONDS
+        elif clock() > until:
             break
     return out
 
@@ -584,8 +643,9 @@ def _abc_method(name: str) -> Callable[..., Any]:
 
 
 def initial_batch(flags: int) -> int:
-    """A new proxy's ``_pc_batch``: a private iterator batches at once."""
-    return 1 if flags & F_PRIVATE else 1 - EXACT_PULLS
+    """A new proxy's ``_pc_batch``: a private iterator batches at once
+    (``FIRST_BATCH`` items, bounded in time by the owner)."""
+    return FIRST_BATCH if flags & F_PRIVATE else 1 - EXACT_PULLS
 
 
 #: Slots every proxy class has for the protocols above.

@@ -126,6 +126,16 @@ class Lent:
         self.ref = ref
 
 
+class Alone:
+    """A generator a call returns that nobody but the reply holds and that
+    ``runs_alone``: sent so that the peer batches it from the start."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+
 class Exports:
     """Our objects the peer holds references to."""
 
@@ -363,6 +373,9 @@ class Peer:
         return Ext(EXT_CONTAINER, _encoder.encode([kind, *fields]))
 
     def export(self, value: Any) -> Ext:
+        alone = type(value) is Alone
+        if alone:
+            value = value.obj
         if type(value) is Pushback:
             value = value.it  # the same object, for the peer
         if type(value) is Lent:
@@ -377,7 +390,7 @@ class Peer:
             open_requests[-1].add(handle)
         tp = type(value)
         flags = type_flags(tp)
-        if tp is types.GeneratorType and runs_alone(value):
+        if alone:
             flags |= F_PRIVATE
         if issubclass(tp, type):
             # A class: the peer makes a class of its own for it, so that
