@@ -105,3 +105,20 @@ def build(factory, *args, **kwargs):
     """Make an instance of whatever class the caller hands over."""
     obj = factory(*args, **kwargs)
     return obj, isinstance(obj, Extension), obj.run("in box")
+
+
+_registry = []
+
+
+def register(ext):
+    """A plugin registry: the package keeps what main hands it."""
+    _registry.append(ext)
+    return len(_registry)
+
+
+def run_registered(text):
+    return [ext.run(text) for ext in _registry]
+
+
+def unregister_all():
+    _registry.clear()

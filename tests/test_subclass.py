@@ -252,3 +252,26 @@ def test_the_compartment_calls_mains_subclass_as_a_factory(plugins):
     obj, is_ext, ran = plugins.build(Quiet, "q", level=1)
     assert type(obj) is Quiet and obj.config == {"level": 1}  # main's own instance
     assert is_ext and ran == "[in box]"
+
+
+def test_an_instance_the_compartment_keeps_stays_alive(plugins):
+    """``registry.register(Mine())``: main drops its instance, the package
+    keeps it, and it still works (main keeps it alive while the package
+    holds it); once the package lets go, main's instance can go too."""
+    import gc
+    import weakref
+
+    class Loud(plugins.Extension):
+        def transform(self, text):
+            return text.upper()
+
+    kept = Loud("kept")
+    ref = weakref.ref(kept)
+    plugins.register(kept)
+    del kept
+    gc.collect()
+    assert ref() is not None
+    assert plugins.run_registered("x") == ["[X]"]
+    plugins.unregister_all()  # after an operation the compartment says what it holds
+    gc.collect()
+    assert ref() is None

@@ -165,11 +165,11 @@ def causes(xml: Path, n: int = 5) -> list[tuple[int, str]]:
     return [(k, m) for m, k in found.most_common(n)]
 
 
-def leftovers() -> list[str]:
-    """pycompart processes still running (zygotes, instances)."""
+def leftovers(python: Path) -> list[str]:
+    """Processes of this package's venv still running once its suites ended
+    (a zygote or instance left behind)."""
     out = subprocess.run(["ps", "-eo", "pid,args"], text=True, capture_output=True).stdout
-    return [line.strip() for line in out.splitlines()
-            if "pycompart" in line and "zygote" in line and str(os.getpid()) not in line]
+    return [line.strip() for line in out.splitlines() if str(python) in line]
 
 
 def run_suite(pkg: Package, python: Path, src: Path, work: Path, boxed: bool) -> dict[str, object]:
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         python, src = prepare(pkg, work)
         plain = run_suite(pkg, python, src, work, boxed=False)
         boxed = run_suite(pkg, python, src, work, boxed=True)
-        left = leftovers()
+        left = leftovers(python)
         results[pkg.name] = {"version": pkg.version, "plain": plain, "boxed": boxed,
                              "left_behind": left}
         ratio = boxed["passed"] / plain["passed"] if plain["passed"] else 0.0  # type: ignore[operator]

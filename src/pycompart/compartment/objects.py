@@ -22,6 +22,7 @@ import os
 import pickle
 import sys
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -72,6 +73,7 @@ class ObjectServer:
         self.expose = frozenset(expose)
         self.allow_setattr = allow_setattr
         self._resolved: dict[tuple[str, str], Any] = {}
+        self._twins: dict[int, Any] = {}  # id -> weakref of a twin (watch_twins)
         self._ops: dict[str, Callable[..., Any]] = {
             "@import": self.op_import, "@getattr": self.op_getattr, "@setattr": self.op_setattr,
             "@call": self.op_call, "@callmethod": self.op_callmethod, "@op": self.op_protocol,
@@ -100,6 +102,8 @@ class ObjectServer:
         # nothing but this reply holds the generator itself (the two
         # references: ``result`` and getrefcount's argument).
         del args
+        if self._twins:
+            self.watch_twins(peer, result)
         if type(result) is types.GeneratorType and sys.getrefcount(result) <= 2 \
                 and protocols.runs_alone(result):
             result = refs.Alone(result)
@@ -301,7 +305,39 @@ class ObjectServer:
             raise TypeError("malformed twin request")
         twin = twinclass.__new__(twinclass)
         object.__setattr__(twin, "_pc_main", main)
+        if len(self._twins) < MAX_WATCHED_TWINS:
+            try:
+                self._twins[id(twin)] = weakref.ref(twin)
+            except TypeError:
+                pass  # no weak references (__slots__): lent weakly, as before
         return _AsReference(twin)
+
+    def watch_twins(self, peer: refs.Peer, result: Any) -> None:
+        """After an operation main asked for: main lends its instances
+        weakly (its instance keeps its twin, not the other way round), so
+        the instance of a twin our code now holds (a registry it was added
+        to) is pinned in main for as long as we hold it, and unpinned when
+        we no longer do. ``result`` is the reply's value, not a holder."""
+        for key, ref in list(self._twins.items()):
+            twin = ref()
+            if twin is None:
+                del self._twins[key]
+                continue
+            main = twin.__dict__.get("_pc_main")
+            if not isinstance(main, MainRef) or main._pc_peer is not peer:
+                continue
+            # Ours when nobody holds it: this frame's ``twin`` and
+            # getrefcount's argument, and the export to main.
+            base = 2 + peer.exports.contains(twin) \
+                + (result is twin or (type(result) is _AsReference and result.obj is twin))
+            held = sys.getrefcount(twin) > base
+            if held != twin.__dict__.get("_pc_pinned", False):
+                try:
+                    MainRef.call_out([main, held], "@pin")
+                except Exception:
+                    continue  # main refused (bounded there); try again later
+                object.__setattr__(twin, "_pc_pinned", held)
+            del twin
 
     def op_unpickle(self, data: Any) -> Any:
         """Objects main pickled here before (``pickle`` of a reference): only
@@ -399,6 +435,10 @@ def _instance_dict(obj: Any) -> Any:
     except AttributeError:
         return ()
     return d if type(d) is dict else ()
+
+
+#: Twins whose holders ``watch_twins`` follows.
+MAX_WATCHED_TWINS = 4096
 
 
 #: Mutable containers an attribute read hands over by reference.

@@ -34,6 +34,9 @@ MAX_CONCURRENT_CALLBACKS = 16
 #: Instances of main's subclasses a compartment made by calling the class,
 #: kept alive by main for it (see ``CallbackGate._run``).
 MAX_MADE_INSTANCES = 4096
+#: main's instances kept alive at once because the compartment's code holds
+#: their twins (``CallbackGate._pin``).
+MAX_PINNED = 4096
 
 
 #: Characters of main's stdin one request from a compartment may read.
@@ -53,6 +56,7 @@ class CallbackGate(CallServer):
         self._lock = threading.Lock()
         self._concurrent = 0
         self.made: collections.deque[Any] = collections.deque(maxlen=MAX_MADE_INSTANCES)
+        self._pinned: set[int] = set()
 
     def execute(self, channel: Channel, call: Call) -> bytes:
         conn = channel.conn
@@ -119,6 +123,8 @@ class CallbackGate(CallServer):
                                   "(its spec's may_call does not list \"main\")")
         if call.entrypoint == "@op":
             return self._protocol(call)
+        if call.entrypoint == "@pin":
+            return self._pin(self.peer.decode(call.args))
         if call.entrypoint != "@call":
             raise EntrypointError(f"a compartment can only call main's callbacks and use main's "
                                   f"objects through their protocols, not {call.entrypoint!r}")
@@ -229,6 +235,30 @@ class CallbackGate(CallServer):
             return getattr(target, name)  # a property main defines
         raise AttributeError(f"{type(target).__qualname__!r} object (of main) has no attribute {name!r} "
                              "for the compartment")
+
+    def _pin(self, request: Any) -> bool:
+        """The compartment's code holds (or no longer holds) the twin of one
+        of main's instances: keep that instance alive for it (or not). Only
+        instances of main's subclasses of this compartment's classes, which
+        main lends weakly; at most ``MAX_PINNED`` at once."""
+        if type(request) is not list or len(request) != 2 or type(request[1]) is not bool:
+            raise TypeError("malformed pin request")
+        target, strong = request
+        if not subclass.is_subclass_instance(target, self.compartment):
+            raise EntrypointError("only main's instances of subclasses of the compartment's "
+                                  "classes can be kept alive for it")
+        key = id(target)
+        with self._lock:
+            if strong and key not in self._pinned and len(self._pinned) >= MAX_PINNED:
+                raise EntrypointError(f"more than {MAX_PINNED} of main's instances are kept "
+                                      "alive for the compartment")
+            if not self.peer.exports.pin(target, strong):
+                raise EntrypointError("that instance was not lent to the compartment")
+            if strong:
+                self._pinned.add(key)
+            else:
+                self._pinned.discard(key)
+        return strong
 
     def _read_stdin(self, request: Any) -> str:
         """The compartment's ``sys.stdin`` reads main's, as it is now (a

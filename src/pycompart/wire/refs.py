@@ -136,6 +136,17 @@ class Alone:
         self.obj = obj
 
 
+class Pinned:
+    """A lent object the peer asked us to keep alive for now (its twin is
+    held by the peer's code: ``Exports.pin``)."""
+
+    __slots__ = ("obj", "lent")
+
+    def __init__(self, obj: Any, lent: Lent):
+        self.obj = obj
+        self.lent = lent
+
+
 class Exports:
     """Our objects the peer holds references to."""
 
@@ -180,7 +191,10 @@ class Exports:
     @staticmethod
     def _get(entry: list[Any]) -> Any:
         obj = entry[0]
-        return obj.ref() if type(obj) is Lent else obj
+        tp = type(obj)
+        if tp is Lent:
+            return obj.ref()
+        return obj.obj if tp is Pinned else obj
 
     def push_back(self, handle: Any, items: list[Any]) -> Any:
         """The peer hands our iterator ``handle`` back with ``items`` it had
@@ -212,6 +226,20 @@ class Exports:
         handle = self._by_id.get(id(obj))
         entry = self._by_handle.get(handle) if handle is not None else None
         return entry is not None and self._get(entry) is obj
+
+    def pin(self, obj: Any, strong: bool) -> bool:
+        """Make the export of a *lent* object strong (the peer keeps it
+        alive) or weak again. False if ``obj`` was not lent."""
+        with self._lock:
+            handle = self._by_id.get(id(obj))
+            entry = self._by_handle.get(handle) if handle is not None else None
+            if entry is None or self._get(entry) is not obj:
+                return False
+            if strong and type(entry[0]) is Lent:
+                entry[0] = Pinned(obj, entry[0])
+            elif not strong and type(entry[0]) is Pinned:
+                entry[0] = entry[0].lent
+            return type(entry[0]) in (Lent, Pinned)
 
     def get(self, handle: Any) -> Any:
         entry = self._by_handle.get(handle) if type(handle) is int else None
