@@ -558,3 +558,55 @@ def produced():
     out = len(PRODUCED)
     PRODUCED.clear()
     return out
+
+
+def stall_with_echoed_errors(waves=4, per=8, size=65000, sleep=30):
+    """Red team 0.4: forge calls from "worker threads" whose error replies
+    echo ~64 KiB each, then stop reading: main's reply sender blocks on a
+    full pipe."""
+    import time
+
+    from pycompart.compartment.objects import Callback
+    from pycompart.wire import refs
+
+    server = Callback.call_out.__self__
+    channel = server.channel
+    parent = server.active[-1]
+    for _ in range(waves):
+        for _ in range(per):
+            _, frame = channel.conn.send_call("@" + "A" * size, refs._encoder.encode([]), 0,
+                                              parent, True)
+            with channel._send_lock:
+                channel.transport.send(frame, (), None)
+        time.sleep(0.3)
+    time.sleep(sleep)
+
+
+class Stream:
+    """Has __next__ (one token ahead) but iterates with another object,
+    like jinja2's TokenStream."""
+
+    def __init__(self, items):
+        self._items = list(items)
+        self.current = self._items.pop(0) if self._items else None
+
+    def __next__(self):
+        value = self.current
+        self.current = self._items.pop(0) if self._items else None
+        return value
+
+    def __iter__(self):
+        return _StreamIterator(self)
+
+
+class _StreamIterator:
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.stream.current is None:
+            raise StopIteration
+        return next(self.stream)

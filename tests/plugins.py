@@ -122,3 +122,19 @@ def run_registered(text):
 
 def unregister_all():
     _registry.clear()
+
+
+_made = []
+
+
+def build_many(factory, n, keep=False):
+    """Make n instances of the class main hands over; keep them or not."""
+    for i in range(n):
+        obj = factory(str(i))
+        if keep:
+            _made.append(obj)
+    return len(_made)
+
+
+def use_made(text):
+    return [obj.run(text) for obj in _made]

@@ -208,3 +208,31 @@ def test_malformed_containers_are_protocol_errors():
         data = refs._encoder.encode(refs.Ext(refs.EXT_CONTAINER, refs._encoder.encode(fields)))
         with pytest.raises(ProtocolError):
             peer.decode(data)
+
+
+def test_an_export_survives_the_id_of_a_dead_lent_object_being_reused():
+    """A lent object dies before the peer releases it; a new object then
+    gets its id(): exporting that one must work, and nothing of the dead
+    one stays behind once released."""
+    from pycompart.wire.refs import Exports
+
+    class Thing:
+        pass
+
+    exports = Exports()
+    first = Thing()
+    old_id = id(first)
+    handle = exports.export_weak(first)
+    del first
+    for _ in range(10_000):
+        candidate = Thing()
+        if id(candidate) == old_id:
+            break
+        del candidate
+    else:
+        pytest.skip("the allocator did not reuse the id")
+    new_handle = exports.export(candidate)  # 0.4 before the fix: KeyError
+    assert new_handle != handle and exports.get(new_handle) is candidate
+    assert exports.release(handle, 1)
+    assert exports.get(new_handle) is candidate
+    assert exports.release(new_handle, 1) and len(exports) == 0 and not exports._by_id

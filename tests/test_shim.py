@@ -947,3 +947,28 @@ def test_a_fresh_generator_of_plain_values_batches_a_kept_one_does_not(boxed):
     kept = boxed.counted_and_kept(1000)
     assert next(kept) == 0 and next(kept) == 1
     assert boxed.produced() == 2  # the box holds it too: exactly what main took
+
+
+def test_call_timeout_holds_when_a_stuck_reply_holds_the_channel(make_app):
+    """A compartment that makes main's reply sender block (forged calls
+    whose errors echo 64 KiB, then no reads) cannot hold main's call past
+    its timeout: other senders wait for the channel only until their own
+    deadlines."""
+    app = box_app(make_app, call_timeout="2s")
+    app.start(import_hook=True)
+    import boxlib
+
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(pycompart.CallTimeout):
+            boxlib.stall_with_echoed_errors()
+        assert time.monotonic() - t0 < 10
+    finally:
+        del sys.modules["boxlib"]
+
+
+def test_iter_asks_the_owner_unless_the_iterator_returns_itself(boxed):
+    assert list(boxed.Stream([1, 2, 3])) == [1, 2, 3]  # 0.4 before: endless
+    assert [x for x in boxed.Stream("ab")] == ["a", "b"]
+    gen = boxed.counted(3)
+    assert iter(gen) is gen  # a generator is its own iterator: no round trip

@@ -275,3 +275,25 @@ def test_an_instance_the_compartment_keeps_stays_alive(plugins):
     plugins.unregister_all()  # after an operation the compartment says what it holds
     gc.collect()
     assert ref() is None
+
+
+def test_instances_the_compartment_makes_live_as_long_as_it_keeps_them(plugins):
+    import gc
+    import weakref
+
+    alive = weakref.WeakSet()
+
+    class Counted(plugins.Extension):
+        def __init__(self, name):
+            super().__init__(name)
+            alive.add(self)
+
+        def transform(self, text):
+            return text + "!"
+
+    plugins.build_many(Counted, 50)  # made and dropped in the compartment
+    gc.collect()
+    assert len(alive) == 0  # main keeps nothing the compartment let go
+    plugins.build_many(Counted, 3, keep=True)
+    gc.collect()
+    assert len(alive) == 3 and plugins.use_made("x") == ["[x!]"] * 3

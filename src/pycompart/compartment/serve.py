@@ -399,7 +399,12 @@ class Server(CallServer):
         try:
             if reply.__class__ is Err:
                 raise self.objects.rebuild(self.peer, reply.error)  # type: ignore[union-attr]
-            return self.peer.decode(reply.value)  # type: ignore[union-attr]
+            value = self.peer.decode(reply.value)  # type: ignore[union-attr]
+            if "__pycompart_twin__" in type(value).__dict__:
+                # main pins an instance of its subclass that a callback
+                # returns; watch_twins unpins it unless our code keeps it.
+                object.__setattr__(value, "_pc_pinned", True)
+            return value
         finally:
             self.peer.decoded(("r", reply.id))
 

@@ -12,7 +12,6 @@ before they could cross at all (``pycompart.wire.refs``).
 
 from __future__ import annotations
 
-import collections
 import inspect
 import io
 import sys
@@ -31,9 +30,6 @@ from .proxy import ReturnedCallable
 #: Callbacks from a compartment's worker threads (``Call.concurrent``) that
 #: main runs at once, each on a thread of its own; beyond, they are refused.
 MAX_CONCURRENT_CALLBACKS = 16
-#: Instances of main's subclasses a compartment made by calling the class,
-#: kept alive by main for it (see ``CallbackGate._run``).
-MAX_MADE_INSTANCES = 4096
 #: main's instances kept alive at once because the compartment's code holds
 #: their twins (``CallbackGate._pin``).
 MAX_PINNED = 4096
@@ -55,7 +51,6 @@ class CallbackGate(CallServer):
         self.audit = audit
         self._lock = threading.Lock()
         self._concurrent = 0
-        self.made: collections.deque[Any] = collections.deque(maxlen=MAX_MADE_INSTANCES)
         self._pinned: set[int] = set()
 
     def execute(self, channel: Channel, call: Call) -> bytes:
@@ -144,20 +139,28 @@ class CallbackGate(CallServer):
             # reaches main's overrides by name (``_override``).
             raise EntrypointError("main's instances of subclasses of the compartment's classes "
                                   "are not callbacks")
-        if subclass.is_main_subclass(target, self.compartment):
-            # main's subclass itself may be called (``self.signer(key)``, a
-            # class main handed over as a factory): main makes the instance,
-            # as it would unboxed, and the compartment gets its twin. Only
-            # the twin holds it, and a twin lends main's instance weakly: main
-            # keeps the instances the compartment made (the latest
-            # MAX_MADE_INSTANCES, for the instance's life).
-            made = target(*args, **kwargs)
-            if subclass.is_subclass_instance(made, self.compartment):
-                self.made.append(made)
-            return made
+        # main's subclass itself may be called too (``self.signer(key)``, a
+        # class main handed over as a factory): main makes the instance, as
+        # it would unboxed, and the compartment gets its twin (``_pin_result``).
         if not callable(target):
             raise TypeError(f"{type(target).__qualname__!r} object of main is not callable")
-        return target(*args, **kwargs)
+        result = target(*args, **kwargs)
+        self._pin_result(result)
+        return result
+
+    def _pin_result(self, result: Any) -> None:
+        """An instance of main's subclass that a callback returns (made by a
+        factory main handed over, typically) may be held by nothing of
+        main's: main lends it pinned, and the compartment unpins it after
+        the operation it came in unless its code keeps the twin
+        (``ObjectServer.watch_twins``)."""
+        if not subclass.is_subclass_instance(result, self.compartment):
+            return
+        subclass.twin_of(result, self.peer.instance)  # type: ignore[attr-defined]
+        with self._lock:
+            if len(self._pinned) >= MAX_PINNED or not self.peer.exports.pin(result, True):
+                return  # lent weakly, as before
+            self._pinned.add(id(result))
 
     def _protocol(self, call: Call) -> Any:
         """A protocol operation (``len``, ``iter``, ``next_batch``, ``+``,
@@ -309,6 +312,6 @@ class CallbackGate(CallServer):
         self.peer.decoded(key)
 
     def closed(self, channel: Channel) -> None:
-        self.made.clear()
+        self._pinned.clear()
         self.peer.close()
 

@@ -173,6 +173,10 @@ def refusal(message: str) -> ErrorInfo:
     return ErrorInfo("pycompart.EntrypointError", message, [message], "")
 
 
+class _LockBusy(Exception):
+    """The send lock stayed held past a sender's deadline."""
+
+
 class _Waiter:
     """A thread waiting for its reply while another thread leads. Calls
     nested in its call are queued on ``nested`` for it to run."""
@@ -313,8 +317,13 @@ class Channel:
             self._waiters[rid] = waiter
             mu.release()
         try:
-            with self._send_lock:
-                self.transport.send(frame, (), deadline)
+            self._send(frame, deadline)
+        except _LockBusy:
+            # Another thread is stuck sending (to a peer that does not
+            # read): nothing of ours is on the wire; give up by our deadline.
+            self._abandon(rid, waiter)
+            raise CallTimeout(f"call {entrypoint} to {self.peer!r} could not be sent in time "
+                              "(the channel is busy)") from None
         except TimeoutError:
             # Part of a frame may be on the wire: the stream is unusable.
             self._abandon(rid, waiter)
@@ -448,9 +457,8 @@ class Channel:
         """Tell the far side to abandon ``rid`` (best effort, bounded)."""
         frame = self.conn.send_cancel(rid)
         try:
-            with self._send_lock:
-                self.transport.send(frame, (), time.monotonic() + 0.5)
-        except (OSError, TimeoutError, ProtocolError):
+            self._send(frame, time.monotonic() + 0.5)
+        except (OSError, TimeoutError, ProtocolError, _LockBusy):
             pass
 
     def _abandon(self, rid: int, waiter: _Waiter | None) -> None:
@@ -663,13 +671,28 @@ class Channel:
         if deadline is None:
             deadline = time.monotonic() + REPLY_SEND_TIMEOUT
         try:
-            with self._send_lock:
-                self.transport.send(frame, (), deadline)
+            self._send(frame, deadline)
+        except _LockBusy:
+            return  # a sender is stuck on a peer that does not read: it fails the channel
         except TimeoutError:
             self.fail(ProtocolError(f"channel to {self.peer!r} broken: it does not read (a reply "
                                     "could not be sent in time)"), reason="reply send timeout")
         except (OSError, ProtocolError) as exc:
             self._fail_from_eof(f"send failed: {exc}")
+
+    def _send(self, frame: bytes, deadline: float | None) -> None:
+        """Send a whole frame, waiting for the send lock no longer than
+        ``deadline`` (``_LockBusy``): a thread stuck writing to a peer that
+        does not read must not hold the others past their deadlines."""
+        lock = self._send_lock
+        if deadline is None:
+            lock.acquire()
+        elif not lock.acquire(timeout=max(deadline - time.monotonic(), 0.05)):
+            raise _LockBusy
+        try:
+            self.transport.send(frame, (), deadline)
+        finally:
+            lock.release()
 
     def refuse(self, call: Call, message: str) -> None:
         """Answer a call we will not run, without waiting: a peer that sends
@@ -698,8 +721,9 @@ class Channel:
         if self.pending_output and self.failure is None:
             frame = self._output_frames()
             try:
-                with self._send_lock:
-                    self.transport.send(frame, (), time.monotonic() + REPLY_SEND_TIMEOUT)
+                self._send(frame, time.monotonic() + REPLY_SEND_TIMEOUT)
+            except _LockBusy:
+                return
             except (OSError, TimeoutError, ProtocolError) as exc:
                 self._fail_from_eof(f"send failed: {exc}")
 

@@ -80,6 +80,11 @@ F_REVERSED = 1 << 21
 F_FSPATH = 1 << 22
 F_PRIVATE = 1 << 23  # an iterator made to answer iter(): batches from the start
 F_BINDS = 1 << 24  # a Python function: a class attribute binds it as a method
+#: An iterator whose ``__iter__`` returns itself (a generator, ``return
+#: self``): ``iter(proxy)`` is the proxy. Without it, ``iter()`` asks the
+#: owner (jinja2's TokenStream has ``__next__`` but iterates with another
+#: object).
+F_ITER_SELF = 1 << 25
 
 #: The methods of the collection protocols (what ``collections.abc``'s
 #: Mapping, Sequence and Set families define, duck-typed: a class that
@@ -93,7 +98,7 @@ COLLECTION_METHODS = ("keys", "items", "values", "get", "pop", "popitem", "clear
                       "count", "add", "discard", "isdisjoint", "copy")
 _METHOD_BITS = {name: 1 << (32 + i) for i, name in enumerate(COLLECTION_METHODS)}
 ALL_METHOD_FLAGS = sum(_METHOD_BITS.values())
-ALL_FLAGS = (1 << 25) - 1 | ALL_METHOD_FLAGS
+ALL_FLAGS = (1 << 26) - 1 | ALL_METHOD_FLAGS
 
 
 def collection_flags(tp: type) -> int:
@@ -167,12 +172,30 @@ def type_flags(tp: type) -> int:
         flags |= F_STREAM
     if tp is Private:
         flags |= F_PRIVATE
+    if flags & F_NEXT and _iterates_itself(special(tp, "__iter__")):
+        flags |= F_ITER_SELF
     if tp is types.FunctionType:
         flags |= F_BINDS
     flags |= collection_flags(tp)
     if len(_flag_cache) < 4096:
         _flag_cache[tp] = flags
     return flags
+
+
+def _returns_self(self: Any) -> Any:
+    return self
+
+
+def _iterates_itself(method: Any) -> bool:
+    """Whether an iterator type's ``__iter__`` returns the iterator: a C
+    slot (generators, ``itertools``, ``map``) or a Python ``return self``."""
+    if method is None:
+        return False
+    code = getattr(method, "__code__", None)
+    if code is None:
+        return True  # C: the iterator types' slot is PyObject_SelfIter
+    reference = _returns_self.__code__
+    return code.co_code == reference.co_code and code.co_argcount == 1
 
 
 # -- at home: carrying an operation out ------------------------------------------
@@ -211,6 +234,9 @@ class Private:
 
     def __next__(self) -> Any:
         return next(self.it)
+
+    def __repr__(self) -> str:
+        return repr(self.it)
 
 
 class Pushback:
@@ -481,7 +507,7 @@ def proxy_namespace(flags: int) -> dict[str, Any]:
     if flags & F_LEN:
         ns["__len__"] = _checked("len", int)
     if flags & F_ITER:
-        ns["__iter__"] = _iter_self if flags & F_NEXT else _op("iter")
+        ns["__iter__"] = _iter_self if flags & F_NEXT and flags & F_ITER_SELF else _op("iter")
     if flags & F_NEXT:
         ns["__next__"] = _next
         ns["__length_hint__"] = _length_hint

@@ -120,10 +120,11 @@ class Lent:
     the export table does not keep it alive. Once it is gone, the peer's
     references to it are stale."""
 
-    __slots__ = ("ref",)
+    __slots__ = ("ref", "key")
 
-    def __init__(self, ref: Any):
+    def __init__(self, ref: Any, key: int | None = None):
         self.ref = ref
+        self.key = key  # id() of the object, once exported: forgotten with it
 
 
 class Alone:
@@ -163,6 +164,10 @@ class Exports:
     def export(self, obj: Any) -> int:
         with self._lock:
             handle = self._by_id.get(id(obj))
+            if handle is not None:
+                entry = self._by_handle.get(handle)
+                if entry is None or self._get(entry) is not obj:
+                    handle = None  # a dead lent object's id, reused
             if handle is None:
                 if len(self._by_handle) >= self.limit:
                     raise ProtocolError(f"more than {self.limit} objects are referenced from the "
@@ -176,14 +181,15 @@ class Exports:
     def export_weak(self, obj: Any) -> int:
         with self._lock:
             handle = self._by_id.get(id(obj))
-            if handle is not None and self._get(self._by_handle[handle]) is not obj:
+            entry = self._by_handle.get(handle) if handle is not None else None
+            if handle is not None and (entry is None or self._get(entry) is not obj):
                 handle = None  # a dead lent object's id, reused
             if handle is None:
                 if len(self._by_handle) >= self.limit:
                     raise ProtocolError(f"more than {self.limit} objects are referenced from the "
                                         "other side; it is not releasing them")
                 handle = next(self._ids)
-                self._by_handle[handle] = [Lent(weakref.ref(obj)), 0]
+                self._by_handle[handle] = [Lent(weakref.ref(obj), id(obj)), 0]
                 self._by_id[id(obj)] = handle
             self._by_handle[handle][1] += 1
             return handle
@@ -261,9 +267,12 @@ class Exports:
             entry[1] -= count
             if entry[1] <= 0:
                 del self._by_handle[handle]
-                obj = self._get(entry)
-                if obj is not None and self._by_id.get(id(obj)) == handle:
-                    del self._by_id[id(obj)]
+                held = entry[0]
+                if type(held) is Pinned:
+                    held = held.lent
+                key = held.key if type(held) is Lent else id(held)
+                if key is not None and self._by_id.get(key) == handle:
+                    del self._by_id[key]
                 dropped = entry  # freed outside the lock: __del__ may run
         del dropped
         return True
