@@ -961,8 +961,8 @@ def test_call_timeout_holds_when_a_stuck_reply_holds_the_channel(make_app):
     try:
         t0 = time.monotonic()
         with pytest.raises(pycompart.CallTimeout):
-            boxlib.stall_with_echoed_errors()
-        assert time.monotonic() - t0 < 10
+            boxlib.stall_with_echoed_errors(sleep=8)  # reads again after ~9 s
+        assert time.monotonic() - t0 < 6
     finally:
         del sys.modules["boxlib"]
 

@@ -494,6 +494,11 @@ class Channel:
                 event = conn.next_event()
                 if event is not _NEED_DATA:
                     self._dispatch(event)
+                    if event.__class__ is Call and deadline is not None and waiter is not _DRAIN \
+                            and time.monotonic() >= deadline:
+                        # A peer that keeps calls coming (from its worker
+                        # threads) must not keep us reading past our deadline.
+                        raise TimeoutError
                     continue
             if self.failure is not None:
                 return
@@ -538,6 +543,9 @@ class Channel:
             event = conn.parse_one(view[:n]) if not fds else self._feed(view[:n], fds)
             if event is not _NEED_DATA:
                 self._dispatch(event)
+                if event.__class__ is Call and deadline is not None and waiter is not _DRAIN \
+                        and time.monotonic() >= deadline:
+                    raise TimeoutError
 
     def _feed(self, data: memoryview, fds: list[int]) -> object:
         self.conn.receive_data(data, fds)
