@@ -199,8 +199,10 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
                                                     _time_loop(obj.ping, n), base)
             results[f"callback_{label}"] = row("call that makes one callback into main",
                                                _time_loop(lambda: mod.call(cb), n // 2), base)
-            results[f"module_attr_{label}"] = row("read a module's 100-int list (a copy)",
+            results[f"module_attr_{label}"] = row("read a module's 100-int list (shared)",
                                                   _time_loop(lambda: mod.TABLE, n // 2), base)
+            results[f"copied_list_{label}"] = row("call returning a 100-int list (a copy)",
+                                                  _time_loop(mod.table, n // 2), base)
             if label == "unpinned":
                 few = max(n // 100, 20)
                 results["generator_1000"] = row("list() of a returned 1000-item generator",
