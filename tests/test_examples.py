@@ -188,3 +188,41 @@ def test_malicious_dependency_contained_when_main_is_not_root(tmp_path):
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         shutil.rmtree(outside, ignore_errors=True)
+
+
+FIB = [sys.executable, os.path.join(ROOT, "examples", "fib", "fib.py")]
+
+
+@pytest.mark.parametrize("n, expected", [("0", "0"), ("1", "1"), ("2", "1"), ("10", "55"),
+                                         ("90", "2880067194370816120")])
+def test_fib_prints_the_nth_fibonacci_number(n, expected):
+    proc = subprocess.run([*FIB, n], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, expected + "\n", "")
+
+
+def test_fib_of_a_large_n_is_exact():
+    proc = subprocess.run([*FIB, "10000"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    digits = proc.stdout.strip()
+    a, b = 0, 1
+    for _ in range(10000):
+        a, b = b, a + b
+    assert len(digits) == 2090 and digits == str(a)
+
+
+@pytest.mark.parametrize("argv", [["-1"], ["x"], ["1.5"], [""], ["+3"], [], ["3", "4"], ["٣"]])
+def test_fib_with_a_bad_n_exits_2_with_usage(argv):
+    proc = subprocess.run([*FIB, *argv], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("usage: fib.py N")
+
+
+def test_fibs_compartment_is_allowed_nothing_but_computing():
+    from pycompart.policy.spec import load_spec_file
+
+    comp = load_spec_file(os.path.join(ROOT, "examples", "fib", "app.toml")).compartments["compute"]
+    p = comp.privileges
+    assert comp.may_call == () and comp.functions == ("fibcore:fib",)
+    assert p.syscalls == "python" and not p.syscalls_allow and not p.capabilities
+    assert not p.read and not p.write and not p.execute
+    assert p.network == type(p.network)()  # none
