@@ -610,3 +610,7 @@ class _StreamIterator:
         if self.stream.current is None:
             raise StopIteration
         return next(self.stream)
+
+
+def read_stdin_bytes():
+    return sys.stdin.buffer.read()

@@ -972,3 +972,13 @@ def test_iter_asks_the_owner_unless_the_iterator_returns_itself(boxed):
     assert [x for x in boxed.Stream("ab")] == ["a", "b"]
     gen = boxed.counted(3)
     assert iter(gen) is gen  # a generator is its own iterator: no round trip
+
+
+def test_the_boxs_stdin_has_a_buffer_of_mains_bytes(boxed, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("é\x00\xff".encode("latin-1"))))
+    assert boxed.read_stdin_bytes() == "é\x00\xff".encode("latin-1")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("text é"))  # no buffer: its text as UTF-8
+    assert boxed.read_stdin_bytes() == "text é".encode()
+    assert boxed.forge_stdin("readbytes", 10**9)[0] == "ok"

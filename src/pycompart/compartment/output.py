@@ -132,6 +132,15 @@ class Stdin(io.TextIOBase):
             parts.append(data)
         return "".join(parts)
 
+    @property
+    def buffer(self) -> io.BufferedReader:
+        """The bytes beneath: main's ``sys.stdin.buffer`` (or its text,
+        UTF-8 encoded, if main's stdin has no buffer)."""
+        found = self.__dict__.get("_buffer")
+        if found is None:
+            found = self.__dict__["_buffer"] = io.BufferedReader(_StdinBytes(self))
+        return found
+
     def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
         limit = -1 if size is None else size
         parts: list[str] = []
@@ -145,6 +154,25 @@ class Stdin(io.TextIOBase):
             if data.endswith("\n") or (limit >= 0 and got >= limit):
                 break
         return "".join(parts)
+
+
+class _StdinBytes(io.RawIOBase):
+    def __init__(self, stdin: Stdin):
+        super().__init__()
+        self._stdin = stdin
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        stdin = self._stdin
+        if not stdin._in_call():
+            return 0
+        data = stdin._call_out(["readbytes", len(buffer)], "@stdin")
+        if type(data) is not bytes or len(data) > len(buffer):
+            raise OSError("main sent no bytes for stdin")
+        buffer[:len(data)] = data
+        return len(data)
 
 
 _prepared: list[Any] = []

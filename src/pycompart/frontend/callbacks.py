@@ -269,12 +269,20 @@ class CallbackGate(CallServer):
         if not self.stdin:
             raise EntrypointError(f"compartment {self.compartment!r} may not read main's stdin "
                                   "(its spec's stdin is \"null\")")
-        if type(request) is not list or len(request) != 2 or request[0] not in ("read", "readline") \
-                or type(request[1]) is not int:
+        if type(request) is not list or len(request) != 2 \
+                or request[0] not in ("read", "readline", "readbytes") or type(request[1]) is not int:
             raise TypeError("malformed stdin request")
         method, size = request
         size = STDIN_CHUNK if size < 0 or size > STDIN_CHUNK else size
         stream = sys.stdin
+        if method == "readbytes":
+            binary = getattr(stream, "buffer", None)
+            if binary is None:  # a StringIO: its text, as UTF-8
+                return (stream.read(size // 4 or 1) if stream is not None else "").encode()
+            data = binary.read1(size) if hasattr(binary, "read1") else binary.read(size)
+            if type(data) is not bytes:
+                raise TypeError(f"main's sys.stdin.buffer gave {type(data).__name__}, not bytes")
+            return data
         if stream is None:
             return ""
         data = getattr(stream, method)(size)
