@@ -33,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "supervisor": {"policy", "kernel", "wire", "transport", "compartment", "errors"},
     "frontend": {"policy", "kernel", "wire", "transport", "compartment", "supervisor", "errors",
                  "_version"},
-    "__init__": {"frontend", "supervisor", "kernel", "errors", "_version"},
+    "__init__": {"frontend", "supervisor", "kernel", "wire", "errors", "_version"},
     "__main__": {"frontend"},
 }
 

@@ -22,7 +22,7 @@ _EXPORTS = {
     "RemoteError": "errors", "RemoteTraceback": "errors", "SpecError": "errors", "StaleReference": "errors",
     "PrivilegeError": "errors", "open_untrusted": "kernel.files",
     "CommBreakEvent": "supervisor.monitor", "InstanceEvent": "supervisor.monitor",
-    "TimeoutEvent": "supervisor.monitor",
+    "TimeoutEvent": "supervisor.monitor", "Fd": "wire.refs",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -49,4 +49,5 @@ if TYPE_CHECKING:
         RemoteTraceback, SpecError, StaleReference, PrivilegeError,
     )
     from .kernel.files import open_untrusted
+    from .wire.refs import Fd
     from .supervisor.monitor import CommBreakEvent, InstanceEvent, TimeoutEvent

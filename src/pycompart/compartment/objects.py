@@ -86,8 +86,8 @@ class ObjectServer:
     def handles(self, entrypoint: str) -> bool:
         return entrypoint in self._ops
 
-    def execute(self, peer: refs.Peer, entrypoint: str, raw: Any) -> bytes:
-        args = peer.decode(raw)
+    def execute(self, peer: refs.Peer, entrypoint: str, raw: Any, fds: list[int] | None = None) -> bytes:
+        args = peer.decode(raw, fds)
         if type(args) is not list:
             raise TypeError(f"{entrypoint}: malformed request")
         try:

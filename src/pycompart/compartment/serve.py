@@ -21,6 +21,8 @@ import importlib
 import os
 import runpy
 import signal
+import socket
+import stat
 import sys
 import threading
 import types
@@ -29,7 +31,7 @@ from typing import NoReturn
 from ..errors import CallCancelled, EntrypointError, ProtocolError
 from ..kernel import process
 from ..transport.channel import CallServer, Channel, serving, serving_stack
-from ..transport.streams import PipeTransport
+from ..transport.streams import PipeTransport, SocketTransport
 from ..wire import refs
 from ..wire.config import CANCEL_SIGNAL, EXIT_PROTOCOL, EXIT_START_FAILED, InstanceConfig
 from ..wire.contract import Contract
@@ -129,6 +131,11 @@ def _prepare_process(keep: set[int], mode: str = "inherit",
         os.close(null)
     if mode in ("relay", "prefixed"):
         _output.install(CALL_OUTPUT)
+
+
+def _same_socket(a: int, b: int) -> bool:
+    sa, sb = os.fstat(a), os.fstat(b)
+    return stat.S_ISSOCK(sa.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def apply_privileges(config: InstanceConfig) -> None:
@@ -260,15 +267,23 @@ class Server(CallServer):
     def __init__(self, config: InstanceConfig, read_fd: int, write_fd: int, table: dict[str, _LazyContract]):
         self.config = config
         self.table = table
-        self.channel = Channel(PipeTransport(read_fd, write_fd), Connection(config.max_frame), "main",
-                               server=self)
-        os.set_blocking(read_fd, True)  # see Channel.blocking_reads
+        transport: PipeTransport | SocketTransport
+        if _same_socket(read_fd, write_fd):
+            # descriptors = true: one unix socket, which carries descriptors.
+            os.close(write_fd)
+            transport = SocketTransport(socket.socket(fileno=read_fd))
+            transport.sock.setblocking(True)
+        else:
+            transport = PipeTransport(read_fd, write_fd)
+            os.set_blocking(read_fd, True)  # see Channel.blocking_reads
+        self.channel = Channel(transport, Connection(config.max_frame), "main", server=self)
         self.channel.blocking_reads = True
         # Module compartments pass references: releases wait for decodes.
         self.channel.track_arrivals = bool(config.modules or config.functions)
         self.objects = ObjectServer(config.compartment, config.modules, config.functions,
                                     config.expose, config.allow_setattr, config.trusts_main)
         self.peer = instance_peer(self.objects)
+        self.peer.can_pass_fds = transport.can_pass_fds
         self.peer.pending_release = self.channel.pending_release
         self.current: int | None = None
         self.active: list[int] = []  # calls the serve thread runs, innermost last
@@ -343,11 +358,14 @@ class Server(CallServer):
                 if contract is not None:
                     result = contract.invoke(call.args)
                 else:
-                    result = self.objects.execute(self.peer, name, call.args)
+                    result = self.objects.execute(self.peer, name, call.args,
+                                                  channel.take_message_fds(("c", call.id)))
             finally:
                 if top:
                     self.in_user_code = False
-            return conn.send_ok(call.id, result)
+            fds = refs.take_outgoing_fds() if contract is None else []
+            channel.set_reply_fds(fds)
+            return conn.send_ok(call.id, result, len(fds))
         except CallCancelled as exc:
             return conn.send_err(call.id, describe_exception(exc))
         except Exception as exc:
@@ -388,18 +406,22 @@ class Server(CallServer):
             raise EntrypointError("a callback into main can only be made while main is calling "
                                   f"into compartment {self.config.compartment!r}")
         payload = self.peer.encode(request)
+        fds = refs.take_outgoing_fds()
         on_main = threading.current_thread() is threading.main_thread()
         if on_main:
             self.depth += 1
         try:
-            reply = channel.request(op, payload, None, parent, concurrent)
+            reply = channel.request(op, payload, None, parent, concurrent, fds)
         finally:
             if on_main:
                 self.depth -= 1
         try:
+            got = channel.take_message_fds(("r", reply.id))
             if reply.__class__ is Err:
+                for fd in got:
+                    os.close(fd)
                 raise self.objects.rebuild(self.peer, reply.error)  # type: ignore[union-attr]
-            value = self.peer.decode(reply.value)  # type: ignore[union-attr]
+            value = self.peer.decode(reply.value, got)  # type: ignore[union-attr]
             if "__pycompart_twin__" in type(value).__dict__:
                 # main pins an instance of its subclass that a callback
                 # returns; watch_twins unpins it unless our code keeps it.

@@ -347,6 +347,7 @@ class _Runtime:
         peer.max_objects = self.max_objects
         peer.instance = inst
         peer.pending_release = inst.channel.pending_release
+        peer.can_pass_fds = inst.channel.transport.can_pass_fds
         inst.peer = peer
         inst.channel.server = CallbackGate(comp.name, "main" in comp.spec.may_call, peer, self.audit,
                                             stdin=comp.spec.stdin == "main")

@@ -56,8 +56,11 @@ class CallbackGate(CallServer):
     def execute(self, channel: Channel, call: Call) -> bytes:
         conn = channel.conn
         try:
-            result = self._run(call)
-            reply = conn.send_ok(call.id, self.peer.encode(result))
+            result = self._run(call, channel.take_message_fds(("c", call.id)))
+            value = self.peer.encode(result)
+            fds = refs.take_outgoing_fds()
+            channel.set_reply_fds(fds)
+            reply = conn.send_ok(call.id, value, len(fds))
             outcome = "ok"
         except (Exception, SystemExit, KeyboardInterrupt) as exc:
             # A callback's KeyboardInterrupt or SystemExit (Ctrl-C while it
@@ -101,7 +104,13 @@ class CallbackGate(CallServer):
             with self._lock:
                 self._concurrent -= 1
 
-    def _run(self, call: Call) -> Any:
+    def _run(self, call: Call, fds: list[int]) -> Any:
+        if not fds:
+            return self._serve(call)
+        with refs.receiving(fds):
+            return self._serve(call)
+
+    def _serve(self, call: Call) -> Any:
         if call.entrypoint in ("@callmethod", "@getattr", "@setattr"):
             request = self.peer.decode(call.args)
             if type(request) is list and request:

@@ -27,6 +27,7 @@ and goes to that instance (see ``pycompart.transport.channel``).
 from __future__ import annotations
 
 import builtins
+import os
 import sys
 import threading
 import time
@@ -148,10 +149,11 @@ class Compartment:
         peer: refs.Peer = inst.peer  # type: ignore[attr-defined]
         with refs.sending():  # what main hands over in this call (see _returned)
             payload = peer.encode(args)
+            fds = refs.take_outgoing_fds()
             timeout = self.spec.call_timeout
             deadline = None if timeout is None else time.monotonic() + timeout
             try:
-                reply = inst.channel.request(op, payload, deadline, parent)
+                reply = inst.channel.request(op, payload, deadline, parent, fds=fds)
             except CallTimeout:
                 if self.on_timeout is not None:
                     self.on_timeout(self.name, op, inst.pid, timeout)
@@ -162,9 +164,12 @@ class Compartment:
                     found = warned.pop(reply.id, None)
                     if found:
                         reissue(self, found)  # may raise (a filter says "error")
+                got = inst.channel.take_message_fds(("r", reply.id))
                 if reply.__class__ is Err:
+                    for fd in got:
+                        os.close(fd)
                     raise self.exception(reply.error)  # type: ignore[union-attr]
-                return peer.decode(reply.value)  # type: ignore[union-attr]
+                return peer.decode(reply.value, got)  # type: ignore[union-attr]
             finally:
                 peer.decoded(("r", reply.id))
 

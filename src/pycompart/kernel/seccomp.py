@@ -91,9 +91,13 @@ sendmmsg recvmmsg shutdown socketpair bind listen accept accept4
 #: event loop's self-pipe: ``asyncio`` needs one) and use sockets it has:
 #: with no ``socket()`` and nothing inherited, those reach only each other
 #: (a stream socket takes no destination address; a datagram pair could
-#: name another socket, so it is refused).
+#: name another socket, so it is refused), or what main handed over as a
+#: value (``descriptors = true``): a connected socket to serve, or a
+#: listening one to ``accept`` on. Not ``connect``, ``bind`` or ``listen``:
+#: where a socket goes is main's to decide.
 UNIX_PAIR_CALLS = frozenset("""
 getsockname getpeername getsockopt setsockopt sendto recvfrom sendmsg recvmsg shutdown
+accept accept4
 """.split())
 _AF_UNIX = 1
 

@@ -150,6 +150,10 @@ class CompartmentSpec:
     #: boxed module), or "null" (end of file). Default: "main" for a
     #: compartment of modules, "null" otherwise.
     stdin: str = "null"
+    #: Its channel to main is a unix socket that carries descriptors as
+    #: values (files, sockets, ``pycompart.Fd``) instead of a pair of pipes
+    #: (faster, but refusing them).
+    descriptors: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,6 +370,7 @@ def _compartment(reader: _Reader, name: str, default_mechanism: str, base_dir: s
         shared=reader.get("shared", _str_list(_FUNCTION_RE, '"module:name" names'), "", ()),
         output=reader.get("output", _one_of(OUTPUT_MODES), "", d.output),
         stdin=reader.get("stdin", _one_of(STDIN_MODES), "", None),
+        descriptors=reader.get("descriptors", _bool, "true or false", False),
         idle_cpu=reader.get("idle_cpu", _timeout, 'a duration or "none"', d.idle_cpu),
     )
     # A sandbox protects main from the compartment, not the compartment from

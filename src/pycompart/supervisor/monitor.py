@@ -23,6 +23,7 @@ import dataclasses
 import heapq
 import itertools
 import os
+import socket
 import select
 import signal
 import sys
@@ -493,13 +494,24 @@ class Monitor:
                on_ready: Callable[[InstanceHandle], None] | None = None) -> InstanceHandle | None:
         if self.stopping:
             return None
-        call_r, call_w = make_pipe()
-        reply_r, reply_w = make_pipe()
         conn = Connection(self.spec.max_message_size)
         # Until its Hello, an instance has nothing big to say: the first
         # frame is read on this thread and must cost it next to nothing.
         conn.frames.max_frame = min(HELLO_MAX, self.spec.max_message_size)
-        channel = Channel(PipeTransport(reply_r, call_w), conn, pool.spec.name)
+        transport: PipeTransport | SocketTransport
+        if pool.spec.descriptors:
+            # One unix socket (both of the instance's ends are it): slower
+            # than pipes, but it carries descriptors as values.
+            ours, theirs_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            call_r = theirs_sock.detach()
+            reply_w = os.dup(call_r)
+            os.set_inheritable(reply_w, False)
+            transport = SocketTransport(ours)
+        else:
+            call_r, call_w = make_pipe()
+            reply_r, reply_w = make_pipe()
+            transport = PipeTransport(reply_r, call_w)
+        channel = Channel(transport, conn, pool.spec.name)
         inst = InstanceHandle(pool, index, channel, next(self._generation))
         inst.on_ready = on_ready
         channel.on_event = lambda kind, detail: self.channel_event(inst, kind, detail)

@@ -61,6 +61,8 @@ REPLY_SEND_TIMEOUT = 60.0
 DRAIN_BUDGET = 256 * 1024
 #: Calls whose warnings are kept waiting for their callers at once.
 MAX_WARNED_CALLS = 256
+#: Messages whose descriptors wait for their decoder at once.
+MAX_KEPT_FDS = 256
 
 _context = threading.local()
 
@@ -264,6 +266,8 @@ class Channel:
         self.failure: CompartmentError | None = None
         self.failure_factory: Callable[[], CompartmentError] | None = None
         self._users = 0  # threads inside request()/drain(); close waits for 0
+        #: Descriptors that came with messages, until decoded (``_keep_fds``).
+        self.message_fds: dict[tuple[str, int], list[int]] = {}
         self._close_requested = False
         self.closed = False
 
@@ -274,9 +278,14 @@ class Channel:
     # -- calling ----------------------------------------------------------------
 
     def request(self, entrypoint: str, payload: bytes, deadline: float | None,
-                parent: int = 0, concurrent: bool = False) -> Ok | Err:
+                parent: int = 0, concurrent: bool = False, fds: list[int] | tuple[int, ...] = ()) -> Ok | Err:
         conn = self.conn
-        rid, frame = conn.send_call(entrypoint, payload, 0, parent, concurrent)
+        if fds and not self.transport.can_pass_fds:
+            for fd in fds:
+                os.close(fd)
+            raise TypeError(f"the channel to {self.peer!r} cannot carry descriptors (its spec "
+                            "needs descriptors = true)")
+        rid, frame = conn.send_call(entrypoint, payload, len(fds), parent, concurrent)
         if self.pending_release:
             frame = frame + self._release_frame()  # after: the frame may name those handles
         if self.pending_output:
@@ -286,10 +295,12 @@ class Channel:
         if self.failure is not None:
             mu.release()
             conn.forget(rid)
+            for fd in fds:
+                os.close(fd)
             raise self.failure
         self._users += 1
         try:
-            return self._request(rid, entrypoint, frame, deadline)
+            return self._request(rid, entrypoint, frame, deadline, fds)
         finally:
             self._leave()
 
@@ -302,7 +313,8 @@ class Channel:
         if close:
             self._close_now()
 
-    def _request(self, rid: int, entrypoint: str, frame: bytes, deadline: float | None) -> Ok | Err:
+    def _request(self, rid: int, entrypoint: str, frame: bytes, deadline: float | None,
+                 fds: list[int] | tuple[int, ...] = ()) -> Ok | Err:
         """Called with ``_mu`` held; releases it."""
         mu = self._mu
         if not self._leader:
@@ -317,7 +329,7 @@ class Channel:
             self._waiters[rid] = waiter
             mu.release()
         try:
-            self._send(frame, deadline)
+            self._send(frame, deadline, fds)
         except _LockBusy:
             # Another thread is stuck sending (to a peer that does not
             # read): nothing of ours is on the wire; give up by our deadline.
@@ -555,8 +567,7 @@ class Channel:
         cls = event.__class__
         if cls is Ok or cls is Err:
             msg: Any = event
-            for fd in self.conn.take_fds():  # descriptors as values come in a later version
-                os.close(fd)
+            self._keep_fds(("r", msg.id))
             if self.track_arrivals:
                 self.server.arrived(self, ("r", msg.id))
             if msg.id == self._leader_rid:
@@ -584,8 +595,7 @@ class Channel:
             return
         if cls is Call:
             call: Any = event
-            for fd in self.conn.take_fds():
-                os.close(fd)
+            self._keep_fds(("c", call.id))
             if self.track_arrivals:
                 self.server.arrived(self, ("c", call.id))
             if not call.parent:
@@ -619,6 +629,49 @@ class Channel:
             return
         self.fail(ProtocolError(f"compartment {self.peer!r} sent an unexpected "
                                 f"{cls.__name__} message"), reason="unexpected message")
+
+    # -- descriptors that came with a message -------------------------------------
+
+    def _keep_fds(self, key: tuple[str, int]) -> None:
+        """Keep the descriptors of the message just parsed for whoever
+        decodes it (``take_message_fds``); bounded: beyond
+        ``MAX_KEPT_FDS`` messages' worth, the oldest are closed."""
+        fds = self.conn.take_fds()
+        if not fds:
+            return
+        if not self.transport.can_pass_fds:
+            for fd in fds:
+                os.close(fd)
+            return
+        with self._mu:
+            kept = self.message_fds
+            kept[key] = fds
+            stale = []
+            while len(kept) > MAX_KEPT_FDS:
+                stale.extend(kept.pop(next(iter(kept))))
+        for fd in stale:
+            os.close(fd)
+
+    def set_reply_fds(self, fds: list[int]) -> None:
+        """Descriptors for the reply this thread sends next (the frame's
+        header already counts them)."""
+        _context.reply_fds = fds
+
+    @staticmethod
+    def take_reply_fds() -> list[int]:
+        fds = getattr(_context, "reply_fds", None)
+        if fds:
+            _context.reply_fds = None
+            return fds
+        return []
+
+    def take_message_fds(self, key: tuple[str, int]) -> list[int]:
+        """The descriptors that came with message ``key`` (``("r", id)`` a
+        reply, ``("c", id)`` a call); the caller owns them now."""
+        if not self.message_fds:
+            return []
+        with self._mu:
+            return self.message_fds.pop(key, [])
 
     # -- serving calls from the peer ---------------------------------------------
 
@@ -668,7 +721,8 @@ class Channel:
                 self.server.decoded(self, ("c", call.id))
         self.reply(frame, deadline)
 
-    def reply(self, frame: bytes, deadline: float | None = None) -> None:
+    def reply(self, frame: bytes, deadline: float | None = None,
+              fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send a reply frame (with any pending releases before it), by
         ``deadline`` at the latest (default: ``REPLY_SEND_TIMEOUT`` from now).
         A peer that does not read it in time breaks the channel."""
@@ -676,10 +730,12 @@ class Channel:
             frame = frame + self._release_frame()  # after: the frame may name those handles
         if self.pending_output:
             frame = self._output_frames() + frame
+        if not fds:
+            fds = self.take_reply_fds()
         if deadline is None:
             deadline = time.monotonic() + REPLY_SEND_TIMEOUT
         try:
-            self._send(frame, deadline)
+            self._send(frame, deadline, fds)
         except _LockBusy:
             return  # a sender is stuck on a peer that does not read: it fails the channel
         except TimeoutError:
@@ -688,19 +744,27 @@ class Channel:
         except (OSError, ProtocolError) as exc:
             self._fail_from_eof(f"send failed: {exc}")
 
-    def _send(self, frame: bytes, deadline: float | None) -> None:
+    def _send(self, frame: bytes, deadline: float | None, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send a whole frame, waiting for the send lock no longer than
         ``deadline`` (``_LockBusy``): a thread stuck writing to a peer that
-        does not read must not hold the others past their deadlines."""
+        does not read must not hold the others past their deadlines.
+        ``fds`` are the channel's from now on: closed once sent (or not)."""
         lock = self._send_lock
-        if deadline is None:
-            lock.acquire()
-        elif not lock.acquire(timeout=max(deadline - time.monotonic(), 0.05)):
-            raise _LockBusy
         try:
-            self.transport.send(frame, (), deadline)
+            if deadline is None:
+                lock.acquire()
+            elif not lock.acquire(timeout=max(deadline - time.monotonic(), 0.05)):
+                raise _LockBusy
+            try:
+                self.transport.send(frame, fds, deadline)
+            finally:
+                lock.release()
         finally:
-            lock.release()
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def refuse(self, call: Call, message: str) -> None:
         """Answer a call we will not run, without waiting: a peer that sends
@@ -835,8 +899,7 @@ class Channel:
             else:
                 event = conn.parse_one(view[:n])
             if event.__class__ is Call and not event.parent:  # type: ignore[attr-defined]
-                for fd in conn.take_fds():
-                    os.close(fd)
+                self._keep_fds(("c", event.id))  # type: ignore[attr-defined]
                 if self.track_arrivals:
                     self.server.arrived(self, ("c", event.id))  # type: ignore[attr-defined]
                 return event  # type: ignore[return-value]
@@ -940,6 +1003,14 @@ class Channel:
             pass
         self.transport.close()
         self.conn.close()
+        with self._mu:
+            kept, self.message_fds = self.message_fds, {}
+        for fds in kept.values():
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         try:
             os.close(self._wake)
         except OSError:

@@ -34,8 +34,11 @@ import collections
 import datetime
 import decimal
 import fractions
+import io
 import itertools
+import os
 import pathlib
+import socket
 import threading
 import types
 import uuid
@@ -72,6 +75,7 @@ EXT_STD = 17  # [kind, fields]: an immutable value of the standard library (STD_
 EXT_BUILTIN = 18  # qualname: a class of builtins (str, ValueError, ...): the receiver's own
 EXT_CONTAINER = 19  # [kind, ...]: a container of the standard library (CONTAINERS), by value
 EXT_PUSHBACK = 20  # [handle, items]: the receiver's iterator, with items read ahead of it
+EXT_FD = 21  # [index, kind, fields]: a descriptor that came with the frame (SCM_RIGHTS)
 
 #: Flags of a reference that is a class (besides its protocols): the
 #: receiver builds a class stand-in, an exception class for F_EXCEPTION.
@@ -125,6 +129,117 @@ class Lent:
     def __init__(self, ref: Any, key: int | None = None):
         self.ref = ref
         self.key = key  # id() of the object, once exported: forgotten with it
+
+
+#: Descriptors one message may carry (the frame layer's bound).
+MAX_FDS = 16
+
+_fd_context = threading.local()
+
+
+class Fd:
+    """A bare file descriptor as a value: ``pycompart.Fd(os.open(...))``.
+    Passed to or returned from a compartment over a channel that carries
+    descriptors (``descriptors = true``), the receiver gets a descriptor of
+    its own for the same open file (SCM_RIGHTS); the receiver's is
+    close-on-exec. An ``Fd`` owns its descriptor, as a socket or file
+    object does: it is closed with ``close()``, at the end of a ``with``, or
+    when the ``Fd`` is garbage-collected; ``detach()`` takes it back."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int):
+        if type(fd) is not int or fd < 0:
+            raise ValueError("a file descriptor (a non-negative int)")
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def detach(self) -> int:
+        """The descriptor, which the caller now owns."""
+        fd, self.fd = self.fd, -1
+        return fd
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> Fd:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Fd({self.fd})"
+
+
+class receiving:
+    """Decodes on this thread may use ``fds`` (the descriptors that came
+    with the message); those no value named are closed at the end."""
+
+    def __init__(self, fds: list[int]):
+        self.fds = list(fds)
+
+    def __enter__(self) -> receiving:
+        self.previous = getattr(_fd_context, "incoming", None)
+        _fd_context.incoming = self.fds
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _fd_context.incoming = self.previous
+        for fd in self.fds:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def take_outgoing_fds() -> list[int]:
+    """The descriptors the last ``Peer.encode`` on this thread collected."""
+    out = getattr(_fd_context, "out", None)
+    _fd_context.out = None
+    return out or []
+
+
+_FILE_MODES = frozenset({"r", "rb", "w", "wb", "a", "ab", "r+", "rb+", "r+b", "w+", "wb+", "w+b",
+                         "a+", "ab+", "a+b", "x", "xb", "x+", "xb+"})
+
+
+def _descriptor_from(fields: Any) -> Any:
+    incoming = getattr(_fd_context, "incoming", None)
+    if type(fields) is not list or len(fields) != 3 or type(fields[0]) is not int \
+            or type(fields[2]) is not list:
+        raise ProtocolError("malformed descriptor")
+    index, kind, args = fields
+    if incoming is None or not 0 <= index < len(incoming) or incoming[index] is None:
+        raise ProtocolError("a value names a descriptor that did not come with it")
+    fd, incoming[index] = incoming[index], None
+    try:
+        if kind == "fd" and not args:
+            return Fd(fd)
+        if kind == "socket" and len(args) == 3 and all(type(a) is int for a in args):
+            return socket.socket(args[0], args[1], args[2], fileno=fd)
+        if kind == "file" and len(args) == 3 and args[0] in _FILE_MODES and type(args[1]) is bool:
+            mode = args[0].replace("b", "")
+            if args[1]:
+                encoding = args[2] if type(args[2]) is str and len(args[2]) < 64 else None
+                return open(fd, mode, encoding=encoding)  # noqa: SIM115 (the receiver's to close)
+            return open(fd, mode + "b")  # noqa: SIM115
+    except (OSError, ValueError, LookupError) as exc:
+        os.close(fd)
+        raise ProtocolError(f"a descriptor that cannot be what it claims: {exc}") from None
+    os.close(fd)
+    raise ProtocolError("malformed descriptor")
 
 
 class Alone:
@@ -328,11 +443,59 @@ class Peer:
         #: ``returned(peer, obj, handle)``: what one of our own objects that
         #: the peer sends back becomes (None: itself).
         self.returned: Callable[[Peer, Any, int], Any] | None = None
+        #: The channel carries descriptors: encode them as values.
+        self.can_pass_fds = False
 
     # -- encoding -------------------------------------------------------------------
 
     def encode(self, value: Any) -> bytes:
-        return _encoder.encode(self.to_wire(value, 0))
+        """``value`` for the wire. Descriptors in it (``Fd``, sockets, files)
+        are collected for the frame (``take_outgoing_fds``) when the channel
+        carries descriptors."""
+        if not self.can_pass_fds:
+            return _encoder.encode(self.to_wire(value, 0))
+        _fd_context.out = []
+        try:
+            return _encoder.encode(self.to_wire(value, 0))
+        except BaseException:
+            for fd in _fd_context.out or ():
+                os.close(fd)
+            _fd_context.out = None
+            raise
+
+    def _descriptor(self, value: Any, tp: type) -> Ext | None:
+        """A descriptor as a value, if the channel carries them; None for a
+        file object otherwise (it crosses as a stream); an error for a bare
+        descriptor or a socket, which cannot cross any other way."""
+        out = getattr(_fd_context, "out", None)
+        if out is None or not self.can_pass_fds:
+            if tp is Fd or issubclass(tp, socket.socket):
+                raise TypeError(f"a {tp.__name__} cannot cross to {self.compartment!r}: its channel "
+                                "does not carry descriptors (spec: descriptors = true)")
+            return None
+        if len(out) >= MAX_FDS:
+            raise TypeError(f"more than {MAX_FDS} descriptors in one message")
+        if tp is Fd:
+            kind, fields, fd = "fd", [], value.fileno()
+        elif issubclass(tp, socket.socket):
+            kind, fields, fd = "socket", [int(value.family), int(value.type), value.proto], value.fileno()
+        else:
+            try:
+                fd = value.fileno()
+            except (OSError, ValueError, AttributeError):
+                return None  # no descriptor beneath (StringIO): a stream handle
+            text = issubclass(tp, io.TextIOBase)
+            kind = "file"
+            fields = [str(getattr(value, "mode", "rb"))[:8], text,
+                      getattr(value, "encoding", None) if text else None]
+            if hasattr(value, "flush"):
+                value.flush()  # what the sender wrote reaches the file first
+        if fd < 0:
+            raise TypeError("a closed descriptor cannot cross")
+        # A copy of our own rides with the frame (the channel closes it once
+        # sent): the value may be gone, and its descriptor closed, first.
+        out.append(os.dup(fd))
+        return Ext(EXT_FD, _encoder.encode([len(out) - 1, kind, fields]))
 
     def to_wire(self, value: Any, depth: int) -> Any:
         tp = type(value)
@@ -391,6 +554,11 @@ class Peer:
             if ext is None:
                 raise TypeError(f"module {value.__name__!r} cannot be passed to another compartment")
             return ext
+        # The real type, never isinstance (a proxy answers __class__ itself).
+        if tp is Fd or issubclass(tp, socket.socket) or issubclass(tp, io.IOBase):
+            ext = self._descriptor(value, tp)
+            if ext is not None:
+                return ext
         ext = self._reference(self, value)
         if ext is not None:
             return ext
@@ -450,7 +618,15 @@ class Peer:
 
     # -- decoding -------------------------------------------------------------------
 
-    def decode(self, data: bytes | memoryview | msgspec.Raw) -> Any:
+    def decode(self, data: bytes | memoryview | msgspec.Raw, fds: list[int] | None = None) -> Any:
+        """``data`` as values; ``fds``: the descriptors that came with it
+        (each used at most once; those it does not name are closed)."""
+        if fds:
+            with receiving(fds):
+                return self._decode(data)
+        return self._decode(data)
+
+    def _decode(self, data: bytes | memoryview | msgspec.Raw) -> Any:
         if len(data) > self.max_objects:  # smaller cannot hold more objects than bytes
             budget.check(data, self.max_objects, f"a value from {self.compartment!r}")
         try:
@@ -464,6 +640,8 @@ class Peer:
     def _ext(self, code: int, data: memoryview) -> Any:
         if code == EXT_TUPLE:
             return tuple(self._list(data))
+        if code == EXT_FD:
+            return _descriptor_from(self._decoder.decode(data))
         if code == EXT_REF:
             fields = self._decoder.decode(data)
             if type(fields) is not list or len(fields) not in (4, 5):

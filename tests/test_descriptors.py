@@ -1,0 +1,111 @@
+"""Descriptors as values (``descriptors = true``): files, sockets, pipe ends
+and ``pycompart.Fd`` cross with SCM_RIGHTS. A compartment with no filesystem
+and no network privilege uses exactly what it was handed, and nothing more."""
+
+import os
+import socket
+import sys
+import threading
+
+import pytest
+
+import pycompart
+
+
+@pytest.fixture
+def fdbox(make_app, tmp_path):
+    app = make_app({"compartments": {"box": {"modules": ["fdbox"], "descriptors": True,
+                                             "may_call": ["main"]}}})
+    app.start(import_hook=True)
+    import fdbox
+
+    yield fdbox
+    del sys.modules["fdbox"]
+
+
+@pytest.fixture
+def secret(tmp_path):
+    path = tmp_path / "secret.txt"
+    path.write_text("the secret")
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_a_compartment_reads_the_file_it_was_handed_but_cannot_open_it(fdbox, secret):
+    assert fdbox.open_itself(secret).startswith("refused: PermissionError")
+    with pycompart.Fd(os.open(secret, os.O_RDONLY)) as fd:  # an Fd owns its descriptor
+        assert fdbox.read_fd(fd) == b"the secret"
+    with open(secret) as f:
+        assert fdbox.read_file(f) == ("the secret", "TextIOWrapper")  # the same kind of object
+
+
+def test_a_compartment_serves_the_socket_it_was_handed_but_cannot_connect(fdbox):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    got = []
+
+    def client():
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.sendall(b"hello")
+            got.append(c.recv(100))
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        assert fdbox.serve_one(server) == "served"  # accept() on what it was given
+    finally:
+        t.join(10)
+        server.close()
+    assert got == [b"HELLO"]
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(b"abc")
+        assert fdbox.echo_socket(a) == 3 and b.recv(10) == b"cba"
+
+
+def test_a_returned_descriptor_is_mains_own(fdbox):
+    fd = fdbox.make_pipe()
+    assert isinstance(fd, pycompart.Fd)
+    with fd:
+        assert os.read(fd.fileno(), 100) == b"from the box"
+
+
+def test_no_descriptor_leaks_on_either_side(fdbox, secret):
+    def count():
+        return len(os.listdir("/proc/self/fd"))
+    with open(secret) as f:
+        fdbox.read_file(f)
+    before, box_before = count(), fdbox.leak_check(0)
+    for _ in range(50):
+        with open(secret) as f:
+            fdbox.read_file(f)
+        fdbox.make_pipe().close()
+    assert count() == before
+    assert fdbox.leak_check(0) == box_before
+
+
+def test_descriptors_a_value_does_not_name_are_closed_and_forged_names_refused(fdbox):
+    before = len(os.listdir("/proc/self/fd"))
+    assert fdbox.unnamed_fds(lambda: None) == "Ok"
+    assert len(os.listdir("/proc/self/fd")) == before  # main closed what nothing named
+    # A value naming a descriptor that never came: refused, main unharmed.
+    kind, error = fdbox.forge_descriptor(lambda fd: None)
+    assert kind == "Err" and error.endswith("ProtocolError")
+    assert fdbox.leak_check(0) > 0
+
+
+def test_a_pipe_channel_refuses_descriptors_clearly(make_app):
+    app = make_app({"compartments": {"box": {"modules": ["fdbox"]}}})
+    app.start(import_hook=True)
+    import fdbox
+
+    try:
+        r, w = os.pipe()
+        os.close(w)
+        with pytest.raises(TypeError, match="descriptors = true"):
+            fdbox.read_fd(pycompart.Fd(r))
+        with pytest.raises(TypeError, match="descriptors = true"):
+            fdbox.make_pipe()  # the box's Fd cannot come back either
+    finally:
+        del sys.modules["fdbox"]
