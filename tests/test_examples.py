@@ -226,3 +226,57 @@ def test_fibs_compartment_is_allowed_nothing_but_computing():
     assert p.syscalls == "python" and not p.syscalls_allow and not p.capabilities
     assert not p.read and not p.write and not p.execute
     assert p.network == type(p.network)()  # none
+
+
+CP = [sys.executable, os.path.join(ROOT, "examples", "cp", "cp.py")]
+
+
+def test_cp_copies_contents_and_permission_bits(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3 << 20) + b"end")
+    src.chmod(0o751)
+    proc = subprocess.run([*CP, str(src), str(tmp_path / "dst.bin")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "dst.bin").read_bytes() == src.read_bytes()
+    assert (tmp_path / "dst.bin").stat().st_mode & 0o7777 == 0o751
+    (tmp_path / "d").mkdir()
+    proc = subprocess.run([*CP, str(src), str(tmp_path / "d")], capture_output=True, text=True,
+                          timeout=60)  # DST a directory: the file goes in it
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "d" / "src.bin").read_bytes() == src.read_bytes()
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert subprocess.run([*CP, str(empty), str(tmp_path / "e2")], timeout=60).returncode == 0
+    assert (tmp_path / "e2").read_bytes() == b""
+
+
+def test_cp_errors_name_the_path_and_exit_1(tmp_path):
+    missing = tmp_path / "missing.txt"
+    proc = subprocess.run([*CP, str(missing), str(tmp_path / "x")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and str(missing) in proc.stderr and not (tmp_path / "x").exists()
+    src = tmp_path / "a.txt"
+    src.write_text("a")
+    bad = tmp_path / "no" / "such" / "dir" / "b.txt"
+    proc = subprocess.run([*CP, str(src), str(bad)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and str(bad) in proc.stderr
+    proc = subprocess.run([*CP, str(tmp_path), str(tmp_path / "c")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "not a regular file" in proc.stderr
+    for argv in ([], [str(src)], [str(src), "b", "c"]):
+        proc = subprocess.run([*CP, *argv], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and "usage" in proc.stderr
+
+
+def test_cps_compartments_can_open_nothing():
+    """Parsing and copying compartments: no filesystem grant, no network;
+    the copier gets descriptors (and can do nothing else with files)."""
+    from pycompart.policy.spec import load_spec_file
+
+    spec = load_spec_file(os.path.join(ROOT, "examples", "cp", "app.toml"))
+    for name in ("args", "copier"):
+        p = spec.compartments[name].privileges
+        assert not p.read and not p.write and not p.execute and p.network == type(p.network)()
+        assert p.syscalls == "python" and not p.syscalls_allow
+    assert spec.compartments["copier"].descriptors and not spec.compartments["args"].descriptors
