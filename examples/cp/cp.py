@@ -17,13 +17,11 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-try:
-    import pycompart
-except ImportError:  # run with a Python that lacks it: use the checkout's venv
-    venv = os.path.join(HERE, "..", "..", ".venv", "bin", "python")
-    if os.path.exists(venv) and os.path.realpath(venv) != os.path.realpath(sys.executable):
-        os.execv(venv, [venv, *sys.argv])
-    raise
+sys.path.insert(0, os.path.dirname(HERE))
+from _venv import ensure_pycompart  # noqa: E402
+
+ensure_pycompart()
+import pycompart  # noqa: E402
 
 sys.path.insert(0, HERE)
 
