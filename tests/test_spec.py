@@ -40,7 +40,7 @@ call_timeout = "none"
 @pytest.mark.parametrize("spec, key, expected", [
     ({"compartments": {"a": {"instances": 0}}}, "compartments.a.instances", "integer from 1"),
     ({"compartments": {"a": {"instances": "two"}}}, "compartments.a.instances", "integer"),
-    ({"compartments": {"a": {"instances": "per-call"}}}, "compartments.a.instances", "not supported"),
+    ({"compartments": {"a": {"instances": "per-thread"}}}, "compartments.a.instances", "per-connection"),
     ({"compartments": {"a": {"trust": "trusting"}}}, "compartments.a.trust", "'sandbox'"),
     ({"compartments": {"a": {"restart": "sometimes"}}}, "compartments.a.restart", "'on-failure'"),
     ({"compartments": {"a": {"call_timeout": "soon"}}}, "compartments.a.call_timeout", "duration"),

@@ -22,7 +22,8 @@ _EXPORTS = {
     "RemoteError": "errors", "RemoteTraceback": "errors", "SpecError": "errors", "StaleReference": "errors",
     "PrivilegeError": "errors", "open_untrusted": "kernel.files",
     "CommBreakEvent": "supervisor.monitor", "InstanceEvent": "supervisor.monitor",
-    "TimeoutEvent": "supervisor.monitor", "Fd": "wire.refs",
+    "TimeoutEvent": "supervisor.monitor", "Fd": "wire.refs", "handover": "wire.refs",
+    "Broker": "frontend.broker",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -49,5 +50,6 @@ if TYPE_CHECKING:
         RemoteTraceback, SpecError, StaleReference, PrivilegeError,
     )
     from .kernel.files import open_untrusted
-    from .wire.refs import Fd
+    from .frontend.broker import Broker
+    from .wire.refs import Fd, handover
     from .supervisor.monitor import CommBreakEvent, InstanceEvent, TimeoutEvent

@@ -310,7 +310,7 @@ class _Runtime:
             self.monitor = Monitor(self.spec, self._config_for, self.app.hooks, self.audit,
                                    prepare=self._prepare)
             self.compartments = {name: Compartment(self.spec.compartments[name], pool, self._timed_out,
-                                                   self.audit)
+                                                   self.audit, self.monitor)
                                  for name, pool in self.monitor.pools.items()}
             try:
                 self.monitor.start(lazy, before_threads)

@@ -26,7 +26,9 @@ def describe(spec: AppSpec) -> str:
         timeout = "none" if c.call_timeout is None else f"{c.call_timeout:g}s"
         lines += [
             f"\ncompartment {c.name!r}  [trust: {c.trust}, mechanism: {c.mechanism}]",
-            f"  instances: {c.instances}; restart: {c.restart} (at most {c.max_restarts} in "
+            f"  instances: {c.instances if c.on_demand is None else f'{c.on_demand}, at most {c.max_instances} at once'}"
+            + (f"; descriptors as values: yes" if c.descriptors else "")
+            + f"; restart: {c.restart} (at most {c.max_restarts} in "
             f"{c.restart_window:g}s, backoff from {c.restart_backoff * 1000:g}ms)",
             f"  call timeout: {timeout}; cancel grace: {c.cancel_grace:g}s; start timeout: "
             f"{c.start_timeout:g}s",

@@ -73,8 +73,10 @@ MAX_CACHED = 4096
 class Compartment:
     """``main``'s view of one module compartment: its pool and stand-ins."""
 
-    def __init__(self, spec: CompartmentSpec, pool: Pool, on_timeout: Any = None, audit: Any = None):
+    def __init__(self, spec: CompartmentSpec, pool: Pool, on_timeout: Any = None, audit: Any = None,
+                 monitor: Any = None):
         self.name = spec.name
+        self.monitor = monitor
         self.audit = audit
         self.spec = spec
         self.pool = pool
@@ -90,6 +92,17 @@ class Compartment:
         self.warning_registry: dict[str, dict[Any, Any]] = {}
         _live[self.name] = self
         self._lock = threading.RLock()
+
+    def _call_on_demand(self, op: str, args: list[Any]) -> Any:
+        """``instances = "per-call"``: a fresh instance for this call, retired
+        after it (what it returned by reference dies with it: such
+        compartments should return plain data)."""
+        if self.spec.on_demand != "per-call":
+            raise EntrypointError(f"compartment {self.name!r} serves the connections a Broker hands "
+                                  "it (instances = \"per-connection\"); it takes no calls of its own")
+        timeout = self.spec.call_timeout
+        with self.monitor.lease(self.name, None if timeout is None else time.monotonic() + timeout) as inst:
+            return self._call(inst, op, args)
 
     def module(self, name: str) -> ModuleProxy:
         """A placed module as a proxy, without the import hook."""
@@ -134,6 +147,8 @@ class Compartment:
 
     def _call(self, inst: InstanceHandle | None, op: str, args: list[Any]) -> Any:
         parent = 0
+        if inst is None and self.spec.on_demand is not None and not serving_any():
+            return self._call_on_demand(op, args)
         if inst is None:
             for channel, rid in reversed(serving_any()):
                 owner = getattr(channel, "instance", None)

@@ -109,7 +109,15 @@ class CompartmentSpec:
     trust: str = "sandbox"
     functions: tuple[str, ...] = ()
     modules: tuple[str, ...] = ()
+    #: Instances started with the app (0 for the on-demand kinds).
     instances: int = 1
+    #: "per-call" (a fresh instance for each call, discarded after) or
+    #: "per-connection" (one per connection a ``Broker`` hands over), or None:
+    #: a fixed pool of ``instances``.
+    on_demand: str | None = None
+    #: On-demand instances that may exist at once; beyond, a call or a
+    #: connection waits (up to its timeout) for one to end.
+    max_instances: int = 16
     restart: str = "on-failure"
     max_restarts: int = 5
     restart_window: float = 60.0
@@ -310,10 +318,15 @@ def _count(value: Any) -> int:
     return value
 
 
-def _instances(value: Any) -> int:
-    if value in ("per-call", "per-connection"):
-        raise ValueError(f"an integer from 1 to 256 ({value!r} instances are not supported by this version)")
+def _instances(value: Any) -> int | str:
+    if value in ON_DEMAND:
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, str):
+        raise ValueError('an integer from 1 to 256, "per-call" or "per-connection"')
     return _positive_int(256)(value)
+
+
+ON_DEMAND = ("per-call", "per-connection")
 
 
 def _timeout(value: Any) -> float | None:
@@ -353,7 +366,9 @@ def _compartment(reader: _Reader, name: str, default_mechanism: str, base_dir: s
         trust=reader.get("trust", _one_of(TRUST_MODELS), "", d.trust),
         functions=reader.get("functions", _str_list(_FUNCTION_RE, '"module:function" names'), "", ()),
         modules=reader.get("modules", _str_list(_DOTTED_RE, "dotted module names"), "", ()),
-        instances=reader.get("instances", _instances, "", d.instances),
+        instances=reader.get("instances", _instances, 'an integer from 1 to 256, "per-call" or '
+                             '"per-connection"', d.instances),
+        max_instances=reader.get("max_instances", _positive_int(4096), "", d.max_instances),
         restart=reader.get("restart", _one_of(RESTART_POLICIES), "", d.restart),
         max_restarts=reader.get("max_restarts", _count, "", d.max_restarts),
         restart_window=reader.get("restart_window", parse_duration, "", d.restart_window),
@@ -377,6 +392,8 @@ def _compartment(reader: _Reader, name: str, default_mechanism: str, base_dir: s
     # main: main may reach its internals (private names, attributes) as it
     # could unboxed. A safebox or mutual compartment is protected from main.
     sandbox = spec.trust == "sandbox"
+    if isinstance(spec.instances, str):
+        spec = dataclasses.replace(spec, on_demand=spec.instances, instances=0)
     if spec.stdin is None:
         spec = dataclasses.replace(spec, stdin="main" if spec.modules else "null")
     if spec.expose is None:

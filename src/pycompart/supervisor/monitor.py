@@ -145,12 +145,28 @@ class InstanceHandle:
         return CompartmentCrashed(self.pool.spec.name, self.pid, status)
 
 
+class _Lease:
+    def __init__(self, monitor: Monitor, pool: Pool, inst: InstanceHandle):
+        self.monitor, self.pool, self.inst = monitor, pool, inst
+
+    def __enter__(self) -> InstanceHandle:
+        return self.inst
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.monitor.retire(self.inst)
+        finally:
+            self.pool.on_demand.release()  # type: ignore[union-attr]
+
+
 class Pool:
     """The live instances of one compartment, and its restart accounting."""
 
     def __init__(self, spec: CompartmentSpec):
         self.spec = spec
         self.ready: tuple[InstanceHandle, ...] = ()
+        #: On-demand compartments: how many more instances may exist.
+        self.on_demand: threading.BoundedSemaphore | None = None
         self.cond = threading.Condition()
         self.unavailable: str | None = None
         self.unavailable_cause: BaseException | None = None
@@ -359,6 +375,26 @@ class Monitor:
             raise CompartmentStartError(f"an on-demand instance of {compartment!r} did not become "
                                         f"ready within {timeout:g}s")
         return ready[0]
+
+    def lease(self, compartment: str, deadline: float | None) -> _Lease:
+        """A fresh instance of an on-demand compartment for one call or one
+        connection, retired when the ``with`` ends. At most
+        ``max_instances`` exist at once; beyond, waits until ``deadline``,
+        then ``CompartmentUnavailable`` naming the compartment and the cap."""
+        pool = self.pools[compartment]
+        if pool.on_demand is None:
+            pool.on_demand = threading.BoundedSemaphore(pool.spec.max_instances)
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not pool.on_demand.acquire(timeout=timeout):
+            raise CompartmentUnavailable(
+                f"compartment {compartment!r}: all {pool.spec.max_instances} instances "
+                f"(max_instances) stayed busy for {timeout:g}s")
+        try:
+            inst = self.spawn_on_demand(compartment, pool.spec.start_timeout)
+        except BaseException:
+            pool.on_demand.release()
+            raise
+        return _Lease(self, pool, inst)
 
     def retire(self, inst: InstanceHandle) -> None:
         """End an instance: calls pending on it fail, it is not restarted."""

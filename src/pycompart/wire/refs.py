@@ -204,6 +204,22 @@ class receiving:
                     pass
 
 
+class Handover:
+    """``handover(sock)``: the socket (or ``Fd``) is given away: it crosses
+    as a value and the sender's own is closed once the message is sent (a
+    broker hands a connection to a handler: when the handler closes it, the
+    peer sees the end)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+
+def handover(obj: Any) -> Handover:
+    return Handover(obj)
+
+
 def take_outgoing_fds() -> list[int]:
     """The descriptors the last ``Peer.encode`` on this thread collected."""
     out = getattr(_fd_context, "out", None)
@@ -475,6 +491,12 @@ class Peer:
             return None
         if len(out) >= MAX_FDS:
             raise TypeError(f"more than {MAX_FDS} descriptors in one message")
+        transfer = tp is Handover
+        if transfer:
+            value = value.obj
+            tp = type(value)
+            if tp is not Fd and not issubclass(tp, socket.socket):
+                raise TypeError("handover() takes a socket or a pycompart.Fd")
         if tp is Fd:
             kind, fields, fd = "fd", [], value.fileno()
         elif issubclass(tp, socket.socket):
@@ -492,9 +514,12 @@ class Peer:
                 value.flush()  # what the sender wrote reaches the file first
         if fd < 0:
             raise TypeError("a closed descriptor cannot cross")
-        # A copy of our own rides with the frame (the channel closes it once
-        # sent): the value may be gone, and its descriptor closed, first.
-        out.append(os.dup(fd))
+        if transfer:
+            out.append(value.detach())  # ours no more: the frame's, closed once sent
+        else:
+            # A copy of our own rides with the frame (the channel closes it
+            # once sent): the value may be gone, and its descriptor closed, first.
+            out.append(os.dup(fd))
         return Ext(EXT_FD, _encoder.encode([len(out) - 1, kind, fields]))
 
     def to_wire(self, value: Any, depth: int) -> Any:
@@ -555,7 +580,7 @@ class Peer:
                 raise TypeError(f"module {value.__name__!r} cannot be passed to another compartment")
             return ext
         # The real type, never isinstance (a proxy answers __class__ itself).
-        if tp is Fd or issubclass(tp, socket.socket) or issubclass(tp, io.IOBase):
+        if tp is Fd or tp is Handover or issubclass(tp, socket.socket) or issubclass(tp, io.IOBase):
             ext = self._descriptor(value, tp)
             if ext is not None:
                 return ext

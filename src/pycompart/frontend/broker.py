@@ -1,0 +1,124 @@
+"""``Broker``: main (the privileged side, the only one that may bind a port
+or open certain files) accepts connections, or opens resources, and hands
+each to a fresh, unprivileged instance of a compartment whose spec says
+``instances = "per-connection"`` and ``descriptors = true``.
+
+pycompart does the spawning, the supervision and the clean-up; the broker
+never runs the handler's code. Each connection gets an instance of its own,
+retired when its handler returns: an instance that crashes while serving
+one connection affects only that connection. At most ``max_instances``
+exist at once; a connection beyond waits for one to end (up to the
+compartment's ``call_timeout``, or 60 s), then is closed.
+
+The broker talks to instances only through the monitor's leases and the
+handler's name (``"module:function"``), so that it can later run on
+another host than the handlers.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import CompartmentError, EntrypointError
+from ..wire import refs
+from .proxy import places
+
+#: How long ``serve`` waits in ``poll`` before it looks at its stop flag.
+_POLL_MS = 200
+
+
+class Broker:
+    """Hand connections (or other descriptors) to fresh instances of a
+    per-connection compartment: ``Broker(app, "handler", "echo:serve")``."""
+
+    def __init__(self, app: Any, compartment: str, handler: str,
+                 on_error: Callable[[BaseException], None] | None = None):
+        runtime = getattr(app, "_runtime", None)
+        if runtime is None:
+            raise EntrypointError("a Broker needs a started App")
+        comp = runtime.compartments.get(compartment) if runtime.compartments else None
+        if comp is None:
+            raise EntrypointError(f"no compartment {compartment!r} in the app")
+        spec = comp.spec
+        if spec.on_demand != "per-connection":
+            raise EntrypointError(f"compartment {compartment!r} needs instances = \"per-connection\" "
+                                  "for a Broker")
+        if not spec.descriptors:
+            raise EntrypointError(f"compartment {compartment!r} needs descriptors = true: a Broker "
+                                  "hands it connections as descriptors")
+        module, _, qualname = handler.partition(":")
+        if not qualname or not places(spec, module, qualname):
+            raise EntrypointError(f"{handler!r} is not placed in compartment {compartment!r} "
+                                  "(its modules or functions)")
+        self.compartment = compartment
+        self._comp = comp
+        self._handler = comp.path_object(module, qualname, "function")
+        self._on_error = on_error
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.served = 0
+        self.failed = 0
+
+    def handle(self, resource: Any, *args: Any) -> threading.Thread:
+        """Serve one connection (a socket, or a ``pycompart.Fd``) in a fresh
+        instance, on a thread of its own; the broker's copy is given away."""
+        thread = threading.Thread(target=self._serve, args=(resource, args), daemon=True,
+                                  name=f"pycompart-broker-{self.compartment}")
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+        return thread
+
+    def _serve(self, resource: Any, args: tuple[Any, ...]) -> None:
+        comp = self._comp
+        timeout = comp.spec.call_timeout
+        wait = 60.0 if timeout is None else timeout
+        try:
+            with comp.monitor.lease(self.compartment, time.monotonic() + wait) as inst:
+                comp.call(inst, "@call", [self._handler, [refs.handover(resource), *args], {}])
+            self.served += 1
+        except (CompartmentError, OSError, TypeError) as exc:
+            self.failed += 1
+            if self._on_error is not None:
+                self._on_error(exc)
+        finally:
+            close = getattr(resource, "close", None)
+            if close is not None:
+                try:
+                    close()  # (already given away, unless the call never went out)
+                except OSError:
+                    pass
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def serve(self, listener: socket.socket) -> None:
+        """Accept connections on ``listener`` and hand each over, until
+        ``stop()``; then wait for the connections in flight."""
+        poller = select.poll()
+        poller.register(listener.fileno(), select.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(_POLL_MS):
+                continue
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    break
+                raise
+            self.handle(conn)
+
+    def stop(self, wait: float = 5.0) -> None:
+        """Stop accepting; wait up to ``wait`` seconds for connections in
+        flight (the app's stop ends whatever is left)."""
+        self._stop.set()
+        deadline = time.monotonic() + wait
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))

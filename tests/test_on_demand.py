@@ -1,0 +1,94 @@
+"""Instances on demand: ``instances = "per-call"`` (a fresh instance per
+call), ``"per-connection"`` with a ``Broker``, and ``max_instances``."""
+
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+import pycompart
+
+
+def _app(make_app, **spec):
+    spec.setdefault("modules", ["demandbox"])
+    app = make_app({"compartments": {"box": spec}})
+    app.start(import_hook=True)
+    if spec.get("instances") == "per-connection":
+        return app, None  # nothing to import: it serves connections only
+    import demandbox
+
+    return app, demandbox
+
+
+@pytest.fixture(autouse=True)
+def _forget_module():
+    yield
+    sys.modules.pop("demandbox", None)
+
+
+def test_each_call_gets_a_fresh_instance(make_app):
+    app, box = _app(make_app, instances="per-call")
+    pids = {box.pid() for _ in range(3)}
+    assert len(pids) == 3
+    assert [box.calls() for _ in range(3)] == [1, 1, 1]  # no state survives a call
+    assert app.instances("box") == []  # none left running
+
+
+def test_max_instances_bounds_them_with_a_clear_error(make_app):
+    app, box = _app(make_app, instances="per-call", max_instances=1, call_timeout="1s")
+    monitor = app._runtime.monitor
+    with monitor.lease("box", None):  # the only instance there may be, taken
+        started = time.monotonic()
+        with pytest.raises(pycompart.CompartmentUnavailable,
+                           match=r"'box'.*1 instances \(max_instances\)"):
+            box.pid()
+        assert 0.5 < time.monotonic() - started < 5  # it waited, up to the call's timeout
+    assert box.pid() > 0  # and serves again once one is free
+
+
+def _echo(port, data):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(data)
+        return c.recv(100)
+
+
+def test_a_broker_hands_each_connection_to_its_own_instance(make_app):
+    app, _ = _app(make_app, instances="per-connection", descriptors=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    errors = []
+    broker = pycompart.Broker(app, "box", "demandbox:serve", on_error=errors.append)
+    serving = threading.Thread(target=broker.serve, args=(listener,), daemon=True)
+    serving.start()
+    try:
+        assert _echo(port, b"one") == b"ONE"
+        assert _echo(port, b"crash") == b""  # this connection's instance died ...
+        assert _echo(port, b"two") == b"TWO"  # ... and only it
+        assert len(errors) == 1 and isinstance(errors[0], pycompart.CompartmentCrashed)
+    finally:
+        broker.stop()
+        serving.join(5)
+        listener.close()
+    assert broker.served == 2 and broker.failed == 1
+
+
+def test_a_broker_needs_a_per_connection_compartment_that_takes_descriptors(make_app):
+    app, _ = _app(make_app, instances="per-connection")
+    with pytest.raises(pycompart.EntrypointError, match="descriptors = true"):
+        pycompart.Broker(app, "box", "demandbox:serve")
+    with pytest.raises(pycompart.EntrypointError, match="per-connection"):
+        import demandbox
+
+        demandbox.pid()  # no instance to call: connections only
+
+
+def test_on_demand_specs_are_checked():
+    from pycompart.policy.spec import SpecError, load_spec
+
+    with pytest.raises(SpecError, match="per-call"):
+        load_spec({"compartments": {"box": {"instances": "per-thread"}}})
+    spec = load_spec({"compartments": {"box": {"instances": "per-call", "max_instances": 3}}})
+    box = spec.compartments["box"]
+    assert (box.instances, box.on_demand, box.max_instances) == (0, "per-call", 3)
