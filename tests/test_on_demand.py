@@ -92,3 +92,13 @@ def test_on_demand_specs_are_checked():
     spec = load_spec({"compartments": {"box": {"instances": "per-call", "max_instances": 3}}})
     box = spec.compartments["box"]
     assert (box.instances, box.on_demand, box.max_instances) == (0, "per-call", 3)
+
+
+def test_typed_entrypoints_of_a_per_call_compartment(make_app):
+    import bench_like
+
+    app = make_app({"compartments": {"fresh": {"instances": "per-call"}}})
+    whoami = app.entrypoint("fresh")(bench_like.whoami)
+    with app:
+        assert len({whoami() for _ in range(3)}) == 3
+        assert app.instances("fresh") == []

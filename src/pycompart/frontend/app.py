@@ -397,6 +397,8 @@ class _Runtime:
         payload = contract.encode_args(args, kwargs)
         if pool is None:
             return self._call_inline(ep, contract, payload)
+        if pool.spec.on_demand is not None:
+            return self._call_on_demand(ep, pool, contract, payload, timeout)
         if self.audit is not None:
             return self._call_audited(ep, pool, contract, payload, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -408,6 +410,19 @@ class _Runtime:
         if reply.__class__ is Err:
             raise rebuild_exception(reply.error, ep.compartment)
         return contract.decode_result(reply.value, ep.compartment, self.max_objects)
+
+    def _call_on_demand(self, ep: Entrypoint[Any, Any], pool: Pool, contract: Contract,
+                        payload: bytes, timeout: float | None) -> Any:
+        """A typed call to a per-call compartment: a fresh instance for it."""
+        if pool.spec.on_demand != "per-call":
+            raise EntrypointError(f"compartment {ep.compartment!r} serves the connections a Broker "
+                                  "hands it (instances = \"per-connection\"); it takes no calls")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.monitor.lease(ep.compartment, deadline) as inst:
+            reply = inst.channel.request(ep.key, payload, deadline)
+            if reply.__class__ is Err:
+                raise rebuild_exception(reply.error, ep.compartment)
+            return contract.decode_result(reply.value, ep.compartment, self.max_objects)
 
     def _call_audited(self, ep: Entrypoint[Any, Any], pool: Pool, contract: Contract,
                       payload: bytes, timeout: float | None) -> Any:

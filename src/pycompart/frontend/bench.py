@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -132,6 +133,80 @@ def _module_app() -> App:
                                                "may_call": ["main"], "call_timeout": "60s"}}})
 
 
+def per_call_instance(n: int) -> list[float]:
+    """A typed call to an ``instances = "per-call"`` compartment: a fresh
+    instance from the zygote, the call, its retirement."""
+    app = App({"compartments": {"fresh": {"instances": "per-call", "call_timeout": "60s"}}})
+    null = app.entrypoint("fresh")(_bench_targets.null)
+    with app:
+        null()
+        return _time_loop(null, n)
+
+
+def _echo_clients(port: int, connections: int, at_once: int = 8) -> float:
+    """Connections per second: each sends 1 KiB and reads it back."""
+    import concurrent.futures
+    import socket as _socket
+
+    payload = b"x" * 1024
+
+    def one(_: int) -> None:
+        with _socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+            c.sendall(payload)
+            c.shutdown(_socket.SHUT_WR)
+            got = b""
+            while chunk := c.recv(65536):
+                got += chunk
+            assert got == payload
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
+        list(pool.map(one, range(connections)))
+    return connections / (time.perf_counter() - start)
+
+
+def connections_per_second(n: int) -> tuple[float, float]:
+    """The echo server of examples/echo, one fresh instance per connection
+    (a Broker), vs the same handler on a thread per connection in main."""
+    import socket as _socket
+
+    from .broker import Broker
+
+    listener = _socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def threads() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            conn.settimeout(None)
+            threading.Thread(target=_bench_targets.echo_conn, args=(conn,), daemon=True).start()
+    server = threading.Thread(target=threads, daemon=True)
+    server.start()
+    try:
+        plain = _echo_clients(port, n)
+    finally:
+        stop.set()
+        server.join()
+        listener.close()
+    app = App({"compartments": {"echo": {
+        "modules": ["pycompart.frontend.bench_targets"], "instances": "per-connection",
+        "descriptors": True, "call_timeout": "60s", "max_instances": 16}}})
+    with app, _socket.create_server(("127.0.0.1", 0)) as listener:
+        broker = Broker(app, "echo", "pycompart.frontend.bench_targets:echo_conn")
+        serving = threading.Thread(target=broker.serve, args=(listener,), daemon=True)
+        serving.start()
+        try:
+            boxed = _echo_clients(listener.getsockname()[1], n)
+        finally:
+            broker.stop()
+            serving.join(5)
+    return plain, boxed
+
+
 def whole_program(n: int) -> tuple[list[float], list[float]] | None:
     """Wall time of ``examples/yaml_box`` (PyYAML on six hostile and benign
     files), plain ``python`` vs ``pycompart run``, each a fresh process."""
@@ -221,6 +296,17 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
         10 if quick else 50, {"network": "host"}), base)
     out("  (default lock-down: own network and IPC namespaces, uid nobody when root, capabilities\n"
         "   dropped, NO_NEW_PRIVS, non-dumpable, Landlock files+TCP+scopes, seccomp 'python')")
+    results["per_call_instance"] = row("typed call, fresh instance per call", per_call_instance(
+        10 if quick else 50), base)
+    out(f"  (per-call vs a null call to a pool: "
+        f"{results['per_call_instance'] / results['null_call_unpinned']:.0f}x)")
+    plain_cps, boxed_cps = connections_per_second(100 if quick else 1000)
+    results["connections_threads"] = plain_cps
+    results["connections_per_instance"] = boxed_cps
+    out(f"\nconnections per second (1 KiB echo, 8 clients at once):\n"
+        f"  {'threads in one process':44s} {plain_cps:10.0f}/s\n"
+        f"  {'a fresh instance per connection (Broker)':44s} {boxed_cps:10.0f}/s  "
+        f"{boxed_cps / plain_cps:6.3f}x")
     programs = whole_program(2 if quick else 10)
     if programs is not None:
         out("\nwhole program: examples/yaml_box, PyYAML on 6 files (ratio to plain python)")

@@ -43,3 +43,13 @@ def consume(items) -> int:  # type: ignore[no-untyped-def]
     for _ in items:
         total += 1
     return total
+
+
+def echo_conn(conn) -> None:  # type: ignore[no-untyped-def]
+    """One echo connection (a Broker's handler): echo until EOF."""
+    with conn:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            conn.sendall(data)
