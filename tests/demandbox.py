@@ -28,3 +28,9 @@ def serve(conn):
             os.kill(os.getpid(), 9)
         conn.sendall(data.upper())
         conn.shutdown(socket.SHUT_WR)
+
+
+def serve_and_fail(conn):
+    with conn:
+        conn.sendall(b"bye")
+    raise ValueError("the handler's own error")

@@ -102,3 +102,15 @@ def test_typed_entrypoints_of_a_per_call_compartment(make_app):
     with app:
         assert len({whoami() for _ in range(3)}) == 3
         assert app.instances("fresh") == []
+
+
+def test_a_handlers_own_exception_is_reported_not_lost(make_app):
+    app, _ = _app(make_app, instances="per-connection", descriptors=True)
+    errors = []
+    broker = pycompart.Broker(app, "box", "demandbox:serve_and_fail", on_error=errors.append)
+    a, b = socket.socketpair()
+    broker.handle(a).join(10)
+    assert b.recv(10) == b"bye"
+    assert len(errors) == 1 and "the handler's own error" in str(errors[0])
+    assert broker.failed == 1
+    b.close()

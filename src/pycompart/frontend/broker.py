@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import CompartmentError, EntrypointError
+from ..errors import EntrypointError
 from ..wire import refs
 from .proxy import places
 
@@ -83,7 +83,7 @@ class Broker:
             with comp.monitor.lease(self.compartment, time.monotonic() + wait) as inst:
                 comp.call(inst, "@call", [self._handler, [refs.handover(resource), *args], {}])
             self.served += 1
-        except (CompartmentError, OSError, TypeError) as exc:
+        except Exception as exc:  # the handler's own exception, a crash, a timeout, the cap
             self.failed += 1
             if self._on_error is not None:
                 self._on_error(exc)
