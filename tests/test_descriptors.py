@@ -109,3 +109,29 @@ def test_a_pipe_channel_refuses_descriptors_clearly(make_app):
             fdbox.make_pipe()  # the box's Fd cannot come back either
     finally:
         del sys.modules["fdbox"]
+
+
+def test_typed_entrypoints_take_and_return_descriptors(make_app, secret):
+    import fdtyped
+
+    app = make_app({"compartments": {"typed": {"descriptors": True}}})
+    read_all = app.entrypoint("typed")(fdtyped.read_all)
+    pair_end = app.entrypoint("typed")(fdtyped.pair_end)
+    with app:
+        assert read_all(pycompart.Fd(os.open(secret, os.O_RDONLY))) == b"the secret"
+        sock = pair_end()
+        assert isinstance(sock, socket.socket)
+        with sock:
+            assert sock.recv(100) == b"from a typed entrypoint"
+        with pytest.raises(TypeError, match="arguments do not match"):
+            read_all(b"not an fd")
+
+
+def test_typed_entrypoints_without_descriptors_refuse_them(make_app, secret):
+    import fdtyped
+
+    app = make_app({"compartments": {"typed": {}}})
+    read_all = app.entrypoint("typed")(fdtyped.read_all)
+    with app, pycompart.Fd(os.open(secret, os.O_RDONLY)) as fd:
+        with pytest.raises(TypeError, match="descriptors = true"):
+            read_all(fd)

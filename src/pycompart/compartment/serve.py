@@ -133,6 +133,15 @@ def _prepare_process(keep: set[int], mode: str = "inherit",
         _output.install(CALL_OUTPUT)
 
 
+def _drop_outgoing_fds() -> None:
+    """A call that failed after its result collected descriptors: close them."""
+    for fd in refs.take_outgoing_fds():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def _same_socket(a: int, b: int) -> bool:
     sa, sb = os.fstat(a), os.fstat(b)
     return stat.S_ISSOCK(sa.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
@@ -356,25 +365,31 @@ class Server(CallServer):
                 self.in_user_code = True
             try:
                 if contract is not None:
-                    result = contract.invoke(call.args)
+                    got = channel.take_message_fds(("c", call.id))
+                    refs.start_collecting_fds(self.peer.can_pass_fds)
+                    with refs.receiving(got):
+                        result = contract.invoke(call.args)
                 else:
                     result = self.objects.execute(self.peer, name, call.args,
                                                   channel.take_message_fds(("c", call.id)))
             finally:
                 if top:
                     self.in_user_code = False
-            fds = refs.take_outgoing_fds() if contract is None else []
+            fds = refs.take_outgoing_fds()
             channel.set_reply_fds(fds)
             return conn.send_ok(call.id, result, len(fds))
         except CallCancelled as exc:
+            _drop_outgoing_fds()
             return conn.send_err(call.id, describe_exception(exc))
         except Exception as exc:
+            _drop_outgoing_fds()
             return conn.send_err(call.id, describe_exception(exc))
         except (SystemExit, KeyboardInterrupt) as exc:
             if contract is not None:
                 raise  # a typed entrypoint's process ends with it (restart policy)
             # A boxed module's code (a package's CLI entry point ending with
             # sys.exit()): the caller's to handle, as unboxed; we serve on.
+            _drop_outgoing_fds()
             return conn.send_err(call.id, describe_exception(exc))
         except BaseException as exc:
             # A library's own BaseException subclass (more_itertools'
@@ -382,6 +397,7 @@ class Server(CallServer):
             # it would end the serve loop and the instance.
             if type(exc) is GeneratorExit:
                 raise
+            _drop_outgoing_fds()
             return conn.send_err(call.id, describe_exception(exc))
         finally:
             if on_serve_thread:

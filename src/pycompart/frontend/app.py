@@ -394,6 +394,8 @@ class _Runtime:
         pool, contract, default_timeout = self.plans[ep.key]
         if timeout is _UNSET:
             timeout = default_timeout
+        if pool is not None and pool.spec.descriptors:
+            return self._call_with_descriptors(ep, pool, contract, args, kwargs, timeout)
         payload = contract.encode_args(args, kwargs)
         if pool is None:
             return self._call_inline(ep, contract, payload)
@@ -410,6 +412,33 @@ class _Runtime:
         if reply.__class__ is Err:
             raise rebuild_exception(reply.error, ep.compartment)
         return contract.decode_result(reply.value, ep.compartment, self.max_objects)
+
+    def _call_with_descriptors(self, ep: Entrypoint[Any, Any], pool: Pool, contract: Contract,
+                               args: tuple[Any, ...], kwargs: dict[str, Any],
+                               timeout: float | None) -> Any:
+        """A typed call over a channel that carries descriptors: those in
+        the arguments go with the frame, those in the result come back."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        lease = self.monitor.lease(ep.compartment, deadline) if pool.spec.on_demand else None
+        inst = lease.inst if lease is not None else pool.pick(deadline)
+        try:
+            refs.start_collecting_fds(True)
+            try:
+                payload = contract.encode_args(args, kwargs)
+            finally:
+                fds = refs.take_outgoing_fds()
+            reply = inst.channel.request(ep.key, payload, deadline, fds=fds)
+            got = inst.channel.take_message_fds(("r", reply.id))
+            with refs.receiving(got):
+                if reply.__class__ is Err:
+                    raise rebuild_exception(reply.error, ep.compartment)
+                return contract.decode_result(reply.value, ep.compartment, self.max_objects)
+        except CallTimeout as exc:
+            Hooks.fire(self.app.hooks.on_call_timeout, TimeoutEvent(ep.compartment, ep.key, None, timeout))
+            raise exc from None
+        finally:
+            if lease is not None:
+                lease.__exit__(None, None, None)
 
     def _call_on_demand(self, ep: Entrypoint[Any, Any], pool: Pool, contract: Contract,
                         payload: bytes, timeout: float | None) -> Any:

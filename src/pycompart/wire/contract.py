@@ -16,6 +16,8 @@ Exceptions cross as descriptions (``pycompart.wire.exceptions``).
 from __future__ import annotations
 
 import inspect
+import io
+import socket
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -23,9 +25,34 @@ from typing import Any
 import msgspec
 
 from ..errors import EntrypointError, ProtocolError
-from . import budget
+from . import budget, refs
 
-_encoder = msgspec.msgpack.Encoder()
+
+def _enc_hook(obj: Any) -> Any:
+    """Descriptors (``pycompart.Fd``, sockets, files) as values, when the
+    channel carries them (``refs.descriptor_ext``)."""
+    tp = type(obj)
+    if tp is refs.Fd or tp is refs.Handover or issubclass(tp, (socket.socket, io.IOBase)):
+        ext = refs.descriptor_ext(obj, tp)
+        if ext is not None:
+            return ext
+    raise TypeError(f"Encoding objects of type {tp.__name__} is unsupported")
+
+
+def _ext_hook(code: int, data: memoryview) -> Any:
+    if code == refs.EXT_FD:
+        return refs.descriptor_from(msgspec.msgpack.decode(data))
+    raise TypeError(f"unexpected extension type {code}")
+
+
+def _dec_hook(tp: Any, obj: Any) -> Any:
+    if isinstance(tp, type) and isinstance(obj, tp) and (
+            tp is refs.Fd or issubclass(tp, (socket.socket, io.IOBase))):
+        return obj
+    raise TypeError(f"expected {getattr(tp, '__name__', tp)}, got {type(obj).__name__}")
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _EMPTY_MAP = _encoder.encode({})
 
 
@@ -75,8 +102,10 @@ class Contract:
         try:
             args_struct = msgspec.defstruct(
                 "Args", fields, forbid_unknown_fields=True, module=__name__)
-            self._args_decoder = msgspec.msgpack.Decoder(args_struct)
-            self._result_decoder = msgspec.msgpack.Decoder(self.return_type)
+            self._args_decoder = msgspec.msgpack.Decoder(args_struct, ext_hook=_ext_hook,
+                                                         dec_hook=_dec_hook)
+            self._result_decoder = msgspec.msgpack.Decoder(self.return_type, ext_hook=_ext_hook,
+                                                           dec_hook=_dec_hook)
         except (TypeError, ValueError) as exc:
             raise EntrypointError(
                 f"{self.key}: its annotations cannot be carried across a compartment "

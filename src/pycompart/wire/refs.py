@@ -231,7 +231,7 @@ _FILE_MODES = frozenset({"r", "rb", "w", "wb", "a", "ab", "r+", "rb+", "r+b", "w
                          "a+", "ab+", "a+b", "x", "xb", "x+", "xb+"})
 
 
-def _descriptor_from(fields: Any) -> Any:
+def descriptor_from(fields: Any) -> Any:
     incoming = getattr(_fd_context, "incoming", None)
     if type(fields) is not list or len(fields) != 3 or type(fields[0]) is not int \
             or type(fields[2]) is not list:
@@ -414,6 +414,57 @@ class Exports:
         entries.clear()
 
 
+def start_collecting_fds(on: bool) -> None:
+    """Encodes on this thread collect descriptors (``take_outgoing_fds``)
+    if ``on``; otherwise they refuse them."""
+    _fd_context.out = [] if on else None
+
+
+def descriptor_ext(value: Any, tp: type) -> Ext | None:
+    """A descriptor as a value, if this thread's encode collects them (the
+    channel carries them); None for a file object otherwise (it crosses as
+    a stream); an error for a bare descriptor or a socket, which cannot
+    cross any other way."""
+    out = getattr(_fd_context, "out", None)
+    if out is None:
+        if tp is Fd or tp is Handover or issubclass(tp, socket.socket):
+            raise TypeError(f"a {tp.__name__} cannot cross: the channel does not carry "
+                            "descriptors (spec: descriptors = true)")
+        return None
+    if len(out) >= MAX_FDS:
+        raise TypeError(f"more than {MAX_FDS} descriptors in one message")
+    transfer = tp is Handover
+    if transfer:
+        value = value.obj
+        tp = type(value)
+        if tp is not Fd and not issubclass(tp, socket.socket):
+            raise TypeError("handover() takes a socket or a pycompart.Fd")
+    if tp is Fd:
+        kind, fields, fd = "fd", [], value.fileno()
+    elif issubclass(tp, socket.socket):
+        kind, fields, fd = "socket", [int(value.family), int(value.type), value.proto], value.fileno()
+    else:
+        try:
+            fd = value.fileno()
+        except (OSError, ValueError, AttributeError):
+            return None  # no descriptor beneath (StringIO): a stream handle
+        text = issubclass(tp, io.TextIOBase)
+        kind = "file"
+        fields = [str(getattr(value, "mode", "rb"))[:8], text,
+                  getattr(value, "encoding", None) if text else None]
+        if hasattr(value, "flush"):
+            value.flush()  # what the sender wrote reaches the file first
+    if fd < 0:
+        raise TypeError("a closed descriptor cannot cross")
+    if transfer:
+        out.append(value.detach())  # ours no more: the frame's, closed once sent
+    else:
+        # A copy of our own rides with the frame (the channel closes it
+        # once sent): the value may be gone, and its descriptor closed, first.
+        out.append(os.dup(fd))
+    return Ext(EXT_FD, _encoder.encode([len(out) - 1, kind, fields]))
+
+
 class Peer:
     """One side's state for one channel: its exports to the peer, and its
     proxies of the peer's objects.
@@ -480,47 +531,13 @@ class Peer:
             raise
 
     def _descriptor(self, value: Any, tp: type) -> Ext | None:
-        """A descriptor as a value, if the channel carries them; None for a
-        file object otherwise (it crosses as a stream); an error for a bare
-        descriptor or a socket, which cannot cross any other way."""
-        out = getattr(_fd_context, "out", None)
-        if out is None or not self.can_pass_fds:
-            if tp is Fd or issubclass(tp, socket.socket):
+        if not self.can_pass_fds:
+            if tp is Fd or tp is Handover or issubclass(tp, socket.socket):
                 raise TypeError(f"a {tp.__name__} cannot cross to {self.compartment!r}: its channel "
                                 "does not carry descriptors (spec: descriptors = true)")
             return None
-        if len(out) >= MAX_FDS:
-            raise TypeError(f"more than {MAX_FDS} descriptors in one message")
-        transfer = tp is Handover
-        if transfer:
-            value = value.obj
-            tp = type(value)
-            if tp is not Fd and not issubclass(tp, socket.socket):
-                raise TypeError("handover() takes a socket or a pycompart.Fd")
-        if tp is Fd:
-            kind, fields, fd = "fd", [], value.fileno()
-        elif issubclass(tp, socket.socket):
-            kind, fields, fd = "socket", [int(value.family), int(value.type), value.proto], value.fileno()
-        else:
-            try:
-                fd = value.fileno()
-            except (OSError, ValueError, AttributeError):
-                return None  # no descriptor beneath (StringIO): a stream handle
-            text = issubclass(tp, io.TextIOBase)
-            kind = "file"
-            fields = [str(getattr(value, "mode", "rb"))[:8], text,
-                      getattr(value, "encoding", None) if text else None]
-            if hasattr(value, "flush"):
-                value.flush()  # what the sender wrote reaches the file first
-        if fd < 0:
-            raise TypeError("a closed descriptor cannot cross")
-        if transfer:
-            out.append(value.detach())  # ours no more: the frame's, closed once sent
-        else:
-            # A copy of our own rides with the frame (the channel closes it
-            # once sent): the value may be gone, and its descriptor closed, first.
-            out.append(os.dup(fd))
-        return Ext(EXT_FD, _encoder.encode([len(out) - 1, kind, fields]))
+        return descriptor_ext(value, tp)
+
 
     def to_wire(self, value: Any, depth: int) -> Any:
         tp = type(value)
@@ -666,7 +683,7 @@ class Peer:
         if code == EXT_TUPLE:
             return tuple(self._list(data))
         if code == EXT_FD:
-            return _descriptor_from(self._decoder.decode(data))
+            return descriptor_from(self._decoder.decode(data))
         if code == EXT_REF:
             fields = self._decoder.decode(data)
             if type(fields) is not list or len(fields) not in (4, 5):
