@@ -34,3 +34,7 @@ def serve_and_fail(conn):
     with conn:
         conn.sendall(b"bye")
     raise ValueError("the handler's own error")
+
+
+def hang(conn):
+    time.sleep(30)

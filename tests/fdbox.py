@@ -55,3 +55,87 @@ def unnamed_fds(fn):
     payload = refs._encoder.encode([refs.yours_ext(fn._pc_handle), [], {}])
     reply = server.channel.request("@call", payload, None, server.active[-1], False, [r, w])
     return reply.__class__.__name__  # (the channel closed r and w once sent)
+
+
+# -- red team 0.5: descriptor floods, forged kinds ------------------------------------
+
+def _raw(frames):
+    """Write frames (bytes, fds) on our channel to main by hand."""
+    import array
+    import socket as _socket
+
+    from pycompart.compartment.objects import Callback
+
+    channel = Callback.call_out.__self__.channel
+    sock = channel.transport.sock
+    with channel._send_lock:
+        for data, fds in frames:
+            anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            sock.sendmsg([data], anc)
+
+
+def flood(kind, n, per=16):
+    """Frames main must not keep descriptors for: Releases that claim them,
+    frames that claim none, top-level calls main refuses."""
+    from pycompart.wire.protocol import HEADER, Connection
+
+    r, w = os.pipe()
+    frames = []
+    if kind == "release_claiming":
+        frame = Connection.send_release([])
+        frame = HEADER.pack(len(frame) - 8, per, 0) + frame[8:]
+        frames = [(frame, [r] * per) for _ in range(n)]
+    elif kind == "unclaimed":
+        frames = [(Connection.send_release([]), [r] * per) for _ in range(n)]
+    elif kind == "toplevel":
+        conn = Connection(1 << 20)
+        conn._ids = iter(range(10**6, 10**6 + n))
+        frames = [(conn.send_call("@call", b"\x90", per, 0)[1], [r] * per) for _ in range(n)]
+    _raw(frames)
+    os.close(r)
+    os.close(w)
+    return n * per
+
+
+def forged_socket_kind(fn):
+    """A value claiming a socket of an impossible family, with a descriptor."""
+    import socket as _socket
+
+    from pycompart.compartment.objects import Callback
+    from pycompart.transport.channel import serving
+    from pycompart.wire import refs
+
+    server = Callback.call_out.__self__
+    a, b = _socket.socketpair()
+    ext = refs.Ext(refs.EXT_FD, refs._encoder.encode([0, "socket", [2**40, 1, 0]]))
+    payload = refs._encoder.encode([refs.yours_ext(fn._pc_handle), [ext], {}])
+    errors = set()
+    for _ in range(50):
+        reply = server.channel.request("@call", payload, None,
+                                       serving(server.channel) or server.active[-1], False,
+                                       [os.dup(a.fileno())])
+        errors.add(getattr(getattr(reply, "error", None), "type_name", "ok"))
+    return sorted(errors)
+
+
+def fast_open_through(listener, port):
+    """Turn a handed listener into an unconnected socket and try a TCP Fast
+    Open send (a connect without connect())."""
+    import socket as _socket
+
+    out = []
+    for step in (lambda: listener.connect(("127.0.0.1", port)),
+                 lambda: listener.shutdown(_socket.SHUT_RD),
+                 lambda: listener.sendto(b"x", _socket.MSG_FASTOPEN, ("127.0.0.1", port))):
+        try:
+            step()
+            out.append("ok")
+        except OSError as exc:
+            out.append(errno_name(exc))
+    return out
+
+
+def errno_name(exc):
+    import errno
+
+    return errno.errorcode.get(exc.errno, str(exc.errno))

@@ -114,3 +114,21 @@ def test_a_handlers_own_exception_is_reported_not_lost(make_app):
     assert len(errors) == 1 and "the handler's own error" in str(errors[0])
     assert broker.failed == 1
     b.close()
+
+
+def test_a_broker_accepts_no_more_connections_than_instances_may_exist(make_app):
+    """0.5 before the fix: a thread per accepted connection, without bound,
+    each waiting for an instance; now connections wait in the backlog."""
+    app, _ = _app(make_app, instances="per-connection", descriptors=True, max_instances=2)
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    broker = pycompart.Broker(app, "box", "demandbox:hang")
+    serving = threading.Thread(target=broker.serve, args=(listener,), daemon=True)
+    serving.start()
+    base = threading.active_count()
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(20)]
+    time.sleep(1.5)
+    assert threading.active_count() <= base + 2
+    for c in clients:
+        c.close()
+    broker.stop(wait=0.5)
+    listener.close()

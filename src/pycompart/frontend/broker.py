@@ -62,12 +62,18 @@ class Broker:
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        #: One per instance there may be: a connection waits for a slot
+        #: before it is accepted, so a flood of clients makes no threads.
+        self._slots = threading.BoundedSemaphore(spec.max_instances)
         self.served = 0
         self.failed = 0
 
-    def handle(self, resource: Any, *args: Any) -> threading.Thread:
+    def handle(self, resource: Any, *args: Any, _slot: bool = False) -> threading.Thread:
         """Serve one connection (a socket, or a ``pycompart.Fd``) in a fresh
-        instance, on a thread of its own; the broker's copy is given away."""
+        instance, on a thread of its own; the broker's copy is given away.
+        Waits for a free slot (``max_instances``) first."""
+        if not _slot:
+            self._slots.acquire()
         thread = threading.Thread(target=self._serve, args=(resource, args), daemon=True,
                                   name=f"pycompart-broker-{self.compartment}")
         with self._lock:
@@ -96,6 +102,7 @@ class Broker:
                     pass
             with self._lock:
                 self._threads.discard(threading.current_thread())
+            self._slots.release()
 
     def serve(self, listener: socket.socket) -> None:
         """Accept connections on ``listener`` and hand each over, until
@@ -103,17 +110,22 @@ class Broker:
         poller = select.poll()
         poller.register(listener.fileno(), select.POLLIN)
         while not self._stop.is_set():
-            if not poller.poll(_POLL_MS):
-                continue
+            if not self._slots.acquire(timeout=_POLL_MS / 1000):
+                continue  # every instance busy: clients wait in the listen backlog
             try:
+                if not poller.poll(_POLL_MS):
+                    self._slots.release()
+                    continue
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
+                self._slots.release()
                 continue
             except OSError:
+                self._slots.release()
                 if self._stop.is_set():
                     break
                 raise
-            self.handle(conn)
+            self.handle(conn, _slot=True)
 
     def stop(self, wait: float = 5.0) -> None:
         """Stop accepting; wait up to ``wait`` seconds for connections in

@@ -185,6 +185,11 @@ def build(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (),
     guarded = {"socket", "sendto", "sendmsg", "sendmmsg"} - set(allow) - denied - killed
     if sockets != "none":
         allowed -= guarded
+    handed_sends: set[str] = set()
+    if sockets == "none":
+        # Sockets it was handed: sends are checked for TCP Fast Open below.
+        handed_sends = allowed & (guarded - {"socket"})
+        allowed -= handed_sends
     f = sc.SyscallFilter(defaction=sc.ERRNO(errno.EPERM))
     # Foreign architectures (x32, i386 via int 0x80) are never legitimate here.
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
@@ -202,9 +207,13 @@ def build(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (),
         _rule(sc, f, sc.ERRNO(errno.ENOSYS), "clone3")
     if sockets != "none":
         _socket_rules(sc, f, sockets, guarded)
-    elif "socketpair" not in allowed | killed | denied:
-        f.add_rule(sc.ALLOW, "socketpair", sc.Arg(0, sc.EQ, _AF_UNIX),
-                   sc.Arg(1, sc.MASKED_EQ, _SOCK_TYPE_MASK, _SOCK_STREAM))
+    else:
+        if "socketpair" not in allowed | killed | denied:
+            f.add_rule(sc.ALLOW, "socketpair", sc.Arg(0, sc.EQ, _AF_UNIX),
+                       sc.Arg(1, sc.MASKED_EQ, _SOCK_TYPE_MASK, _SOCK_STREAM))
+        # Never a TCP Fast Open send, which connects an unconnected socket (a
+        # handed listener, shut down) without connect().
+        _socket_rules(sc, f, sockets, handed_sends)
     blocked = killed | denied | allowed
     if "fcntl" not in blocked:
         commands = dict(FCNTL_ALLOWED, **(FCNTL_LOCKS if locks else {}))

@@ -61,8 +61,8 @@ REPLY_SEND_TIMEOUT = 60.0
 DRAIN_BUDGET = 256 * 1024
 #: Calls whose warnings are kept waiting for their callers at once.
 MAX_WARNED_CALLS = 256
-#: Messages whose descriptors wait for their decoder at once.
-MAX_KEPT_FDS = 256
+#: Descriptors that wait for their messages' decoders at once, per channel.
+MAX_KEPT_FDS = 64
 
 _context = threading.local()
 
@@ -268,6 +268,7 @@ class Channel:
         self._users = 0  # threads inside request()/drain(); close waits for 0
         #: Descriptors that came with messages, until decoded (``_keep_fds``).
         self.message_fds: dict[tuple[str, int], list[int]] = {}
+        self._kept_count = 0
         self._close_requested = False
         self.closed = False
 
@@ -580,6 +581,7 @@ class Channel:
                     waiter.done = True
                     waiter.wake()
             if waiter is None:
+                self._drop_fds(("r", msg.id))
                 self.on_event("late_reply", msg.id)  # it timed out just before
             return
         if cls is LateReply:
@@ -634,8 +636,8 @@ class Channel:
 
     def _keep_fds(self, key: tuple[str, int]) -> None:
         """Keep the descriptors of the message just parsed for whoever
-        decodes it (``take_message_fds``); bounded: beyond
-        ``MAX_KEPT_FDS`` messages' worth, the oldest are closed."""
+        decodes it (``take_message_fds``); bounded: beyond ``MAX_KEPT_FDS``
+        descriptors kept, the oldest messages' are closed."""
         fds = self.conn.take_fds()
         if not fds:
             return
@@ -643,14 +645,24 @@ class Channel:
             for fd in fds:
                 os.close(fd)
             return
+        stale: list[int] = []
         with self._mu:
             kept = self.message_fds
             kept[key] = fds
-            stale = []
-            while len(kept) > MAX_KEPT_FDS:
-                stale.extend(kept.pop(next(iter(kept))))
+            self._kept_count += len(fds)
+            while self._kept_count > MAX_KEPT_FDS and kept:
+                dropped = kept.pop(next(iter(kept)))
+                self._kept_count -= len(dropped)
+                stale.extend(dropped)
         for fd in stale:
             os.close(fd)
+
+    def _drop_fds(self, key: tuple[str, int]) -> None:
+        for fd in self.take_message_fds(key):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def set_reply_fds(self, fds: list[int]) -> None:
         """Descriptors for the reply this thread sends next (the frame's
@@ -671,7 +683,9 @@ class Channel:
         if not self.message_fds:
             return []
         with self._mu:
-            return self.message_fds.pop(key, [])
+            fds = self.message_fds.pop(key, [])
+            self._kept_count -= len(fds)
+            return fds
 
     # -- serving calls from the peer ---------------------------------------------
 
@@ -769,6 +783,7 @@ class Channel:
     def refuse(self, call: Call, message: str) -> None:
         """Answer a call we will not run, without waiting: a peer that sends
         calls and does not read the answers is misbehaving."""
+        self._drop_fds(("c", call.id))
         if self.track_arrivals:
             self.server.decoded(self, ("c", call.id))
         self.reply(self.conn.send_err(call.id, refusal(message)), time.monotonic())

@@ -34,7 +34,7 @@ from ..errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<IHH")
-MAX_FDS_PER_FRAME = 64
+MAX_FDS_PER_FRAME = 16
 
 # -- messages ---------------------------------------------------------------
 
@@ -241,6 +241,12 @@ class FrameDecoder:
             return
         if fds:
             self._fds.extend(fds)
+            if len(self._fds) > MAX_FDS_PER_FRAME:
+                # More waiting than any one frame may claim: a peer piling up
+                # descriptors no frame asks for (ours arrive with their frame).
+                self._break(f"more than {MAX_FDS_PER_FRAME} descriptors arrived that no frame "
+                            "claims")
+                return
         if self._body is not None and data:
             n = min(len(data), len(self._body) - self._body_filled)
             self._body[self._body_filled:self._body_filled + n] = data[:n]
@@ -463,7 +469,11 @@ class Connection:
                 return self.frames._break(f"duplicate call id {msg.id}")
             self.owed.add(msg.id)
         if fds:
-            self._fds = fds
+            if cls is not Ok and cls is not Err and cls is not Call:
+                _close_all(fds)  # only calls and replies carry values, hence descriptors
+            else:
+                _close_all(self._fds)  # never taken: not ours to keep
+                self._fds = fds
         return msg
 
     def take_fds(self) -> list[int]:

@@ -244,16 +244,21 @@ def descriptor_from(fields: Any) -> Any:
         if kind == "fd" and not args:
             return Fd(fd)
         if kind == "socket" and len(args) == 3 and all(type(a) is int for a in args):
-            return socket.socket(args[0], args[1], args[2], fileno=fd)
+            sock = socket.socket(fileno=fd)  # the kernel's word on what it is, not the sender's
+            if sock.type != socket.SOCK_STREAM:
+                sock.detach()
+                raise ValueError("only stream sockets cross as values")
+            return sock
         if kind == "file" and len(args) == 3 and args[0] in _FILE_MODES and type(args[1]) is bool:
             mode = args[0].replace("b", "")
             if args[1]:
                 encoding = args[2] if type(args[2]) is str and len(args[2]) < 64 else None
                 return open(fd, mode, encoding=encoding)  # noqa: SIM115 (the receiver's to close)
             return open(fd, mode + "b")  # noqa: SIM115
-    except (OSError, ValueError, LookupError) as exc:
+    except Exception as exc:  # OverflowError, TypeError: whatever the claim breaks
         os.close(fd)
-        raise ProtocolError(f"a descriptor that cannot be what it claims: {exc}") from None
+        raise ProtocolError(f"a descriptor that cannot be what it claims: "
+                            f"{type(exc).__name__}: {exc}") from None
     os.close(fd)
     raise ProtocolError("malformed descriptor")
 
@@ -442,6 +447,10 @@ def descriptor_ext(value: Any, tp: type) -> Ext | None:
     if tp is Fd:
         kind, fields, fd = "fd", [], value.fileno()
     elif issubclass(tp, socket.socket):
+        if value.type != socket.SOCK_STREAM:
+            # A datagram socket takes a destination with every send: it
+            # would reach any address, whatever the receiver may do.
+            raise TypeError(f"only stream sockets (TCP, unix) cross as values, not {value.type!r}")
         kind, fields, fd = "socket", [int(value.family), int(value.type), value.proto], value.fileno()
     else:
         try:
