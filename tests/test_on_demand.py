@@ -132,3 +132,14 @@ def test_a_broker_accepts_no_more_connections_than_instances_may_exist(make_app)
         c.close()
     broker.stop(wait=0.5)
     listener.close()
+
+
+def test_an_instance_whose_caller_gave_up_waiting_is_retired(make_app):
+    app, box = _app(make_app, instances="per-call")
+    monitor = app._runtime.monitor
+    with pytest.raises(pycompart.CompartmentStartError):
+        monitor.spawn_on_demand("box", timeout=0)  # gives up before the zygote even forks
+    deadline = time.monotonic() + 10
+    while monitor._by_pid and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not monitor._by_pid  # it came up later, and was retired, not left running

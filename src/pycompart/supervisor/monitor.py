@@ -363,17 +363,37 @@ class Monitor:
         pool = self.pools[compartment]
         ready: list[InstanceHandle] = []
         done = threading.Event()
+        lock = threading.Lock()
+        abandoned = [False]
 
         def on_ready(inst: InstanceHandle) -> None:
-            ready.append(inst)
-            done.set()
+            with lock:
+                late = abandoned[0]
+                if not late:
+                    ready.append(inst)
+                    done.set()
+            if late:
+                self.retire(inst)  # the caller gave up waiting: nobody will use it
+
+        def spawn() -> None:
+            inst = self._spawn(pool, -1, on_ready)
+            with lock:
+                late = abandoned[0]
+                if not late:
+                    spawned.append(inst)
+            if late and inst is not None:
+                self.retire(inst)  # spawned after the caller gave up
         spawned: list[InstanceHandle] = []
-        self.submit(lambda: spawned.append(self._spawn(pool, -1, on_ready)))
+        self.submit(spawn)
         if not done.wait(timeout):
-            for inst in spawned:
-                self.retire(inst)
-            raise CompartmentStartError(f"an on-demand instance of {compartment!r} did not become "
-                                        f"ready within {timeout:g}s")
+            with lock:
+                abandoned[0] = True
+                gone = list(spawned)
+            if not ready:
+                for inst in gone:
+                    self.retire(inst)
+                raise CompartmentStartError(f"an on-demand instance of {compartment!r} did not "
+                                            f"become ready within {timeout:g}s")
         return ready[0]
 
     def lease(self, compartment: str, deadline: float | None) -> _Lease:
