@@ -139,3 +139,13 @@ def errno_name(exc):
     import errno
 
     return errno.errorcode.get(exc.errno, str(exc.errno))
+
+
+def too_big_with_fd(size):
+    """A reply too big to send, holding a descriptor: it becomes an error."""
+    from pycompart import Fd
+
+    r, w = os.pipe()
+    os.write(w, b"stale")
+    os.close(w)
+    return Fd(r), b"x" * size

@@ -183,3 +183,21 @@ def test_datagram_sockets_do_not_cross(fdbox):
         u.connect(("127.0.0.1", 9))
         with pytest.raises(TypeError, match="only stream sockets"):
             fdbox.echo_socket(u)  # sendto/sendmsg on it could name any address
+
+
+def test_a_reply_that_became_an_error_sends_no_descriptor(make_app):
+    """A reply too big to send turns into an error that names no descriptor:
+    the ones its value held must not ride along (the next reply's
+    descriptor would be taken for them)."""
+    app = make_app({"app": {"max_message_size": "256KiB"},
+                    "compartments": {"box": {"modules": ["fdbox"], "descriptors": True}}})
+    app.start(import_hook=True)
+    import fdbox
+
+    try:
+        with pytest.raises(pycompart.ProtocolError, match="exceeds"):
+            fdbox.too_big_with_fd(400_000)
+        with fdbox.make_pipe() as fd:
+            assert os.read(fd.fileno(), 100) == b"from the box"
+    finally:
+        del sys.modules["fdbox"]

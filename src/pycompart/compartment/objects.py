@@ -73,7 +73,10 @@ class ObjectServer:
         self.expose = frozenset(expose)
         self.allow_setattr = allow_setattr
         self._resolved: dict[tuple[str, str], Any] = {}
-        self._twins: dict[int, Any] = {}  # id -> weakref of a twin (watch_twins)
+        # Twins ``watch_twins`` looks at (id -> weakref): those an operation
+        # touched (made, or handed to our code) and those pinned in main.
+        self._touched: dict[int, Any] = {}
+        self._pinned: dict[int, Any] = {}
         self._ops: dict[str, Callable[..., Any]] = {
             "@import": self.op_import, "@getattr": self.op_getattr, "@setattr": self.op_setattr,
             "@call": self.op_call, "@callmethod": self.op_callmethod, "@op": self.op_protocol,
@@ -102,7 +105,7 @@ class ObjectServer:
         # nothing but this reply holds the generator itself (the two
         # references: ``result`` and getrefcount's argument).
         del args
-        if self._twins:
+        if self._touched or self._pinned:
             self.watch_twins(peer, result)
         if type(result) is types.GeneratorType and sys.getrefcount(result) <= 2 \
                 and protocols.runs_alone(result):
@@ -305,12 +308,23 @@ class ObjectServer:
             raise TypeError("malformed twin request")
         twin = twinclass.__new__(twinclass)
         object.__setattr__(twin, "_pc_main", main)
-        if len(self._twins) < MAX_WATCHED_TWINS:
+        self.touched(twin)
+        return _AsReference(twin)
+
+    def touched(self, obj: Any, pinned: bool = False) -> None:
+        """``obj`` reached our code in this operation (or main pinned it): if
+        it is a twin, ``watch_twins`` looks at it afterwards. Only twins our
+        code could have just taken hold of are looked at, not all of them."""
+        if "__pycompart_twin__" not in type(obj).__dict__:
+            return
+        if pinned:
+            object.__setattr__(obj, "_pc_pinned", True)
+        where = self._pinned if pinned else self._touched
+        if len(where) < MAX_WATCHED_TWINS:
             try:
-                self._twins[id(twin)] = weakref.ref(twin)
+                where[id(obj)] = weakref.ref(obj)
             except TypeError:
                 pass  # no weak references (__slots__): lent weakly, as before
-        return _AsReference(twin)
 
     def watch_twins(self, peer: refs.Peer, result: Any) -> None:
         """After an operation main asked for: main lends its instances
@@ -318,10 +332,11 @@ class ObjectServer:
         the instance of a twin our code now holds (a registry it was added
         to) is pinned in main for as long as we hold it, and unpinned when
         we no longer do. ``result`` is the reply's value, not a holder."""
-        for key, ref in list(self._twins.items()):
+        touched, self._touched = self._touched, {}
+        for key, ref in [*touched.items(), *list(self._pinned.items())]:
             twin = ref()
             if twin is None:
-                del self._twins[key]
+                self._pinned.pop(key, None)
                 continue
             main = twin.__dict__.get("_pc_main")
             if not isinstance(main, MainRef) or main._pc_peer is not peer:
@@ -337,6 +352,10 @@ class ObjectServer:
                 except Exception:
                     continue  # main refused (bounded there); try again later
                 object.__setattr__(twin, "_pc_pinned", held)
+            if held and len(self._pinned) < MAX_WATCHED_TWINS:
+                self._pinned[key] = ref
+            elif not held:
+                self._pinned.pop(key, None)
             del twin
 
     def op_unpickle(self, data: Any) -> Any:
@@ -580,7 +599,7 @@ class MainRef:
             pass
 
 
-class Callback(MainRef):
+class Callback(MainRef, protocols.Described):
     """A callable of ``main``: calling it runs it in main (``may_call``).
     It has the callable's name, docstring and signature (asked of main
     once, when first needed), for code that inspects callables."""
@@ -622,9 +641,6 @@ class Callback(MainRef):
             object.__setattr__(self, "_pc_signature", found)
         return found
 
-    @property
-    def __signature__(self) -> inspect.Signature | None:
-        return protocols.signature_from(self._pc_described())
 
     def __getattr__(self, name: str) -> Any:
         # (__name__ and __qualname__ are not in any class dictionary of an
@@ -820,7 +836,9 @@ def instance_peer(server: ObjectServer) -> refs.Peer:
             return importlib.import_module(module)
         return server.resolve(module, qualname)
 
-    return refs.Peer(server.compartment, make_proxy, reference, from_path, make_class=make_class)
+    peer = refs.Peer(server.compartment, make_proxy, reference, from_path, make_class=make_class)
+    peer.on_yours = server.touched  # a twin handed to our code: watch_twins looks at it
+    return peer
 
 
 __all__ = ["ObjectServer", "MainRef", "Callback", "MainStream", "MainClass", "instance_peer"]

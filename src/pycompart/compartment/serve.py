@@ -36,7 +36,7 @@ from ..wire import refs
 from ..wire.config import CANCEL_SIGNAL, EXIT_PROTOCOL, EXIT_START_FAILED, InstanceConfig
 from ..wire.contract import Contract
 from ..wire.exceptions import describe_exception
-from ..wire.protocol import Call, Connection, Err
+from ..wire.protocol import Call, Connection, Err, close_fds
 from . import lockdown as _lockdown
 from . import output as _output
 from . import warn as _warn
@@ -135,11 +135,7 @@ def _prepare_process(keep: set[int], mode: str = "inherit",
 
 def _drop_outgoing_fds() -> None:
     """A call that failed after its result collected descriptors: close them."""
-    for fd in refs.take_outgoing_fds():
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    close_fds(refs.take_outgoing_fds())
 
 
 def _same_socket(a: int, b: int) -> bool:
@@ -434,14 +430,12 @@ class Server(CallServer):
         try:
             got = channel.take_message_fds(("r", reply.id))
             if reply.__class__ is Err:
-                for fd in got:
-                    os.close(fd)
+                close_fds(got)
                 raise self.objects.rebuild(self.peer, reply.error)  # type: ignore[union-attr]
             value = self.peer.decode(reply.value, got)  # type: ignore[union-attr]
-            if "__pycompart_twin__" in type(value).__dict__:
-                # main pins an instance of its subclass that a callback
-                # returns; watch_twins unpins it unless our code keeps it.
-                object.__setattr__(value, "_pc_pinned", True)
+            # main pins an instance of its subclass that a callback returns;
+            # watch_twins unpins it unless our code keeps it.
+            self.objects.touched(value, pinned=True)
             return value
         finally:
             self.peer.decoded(("r", reply.id))

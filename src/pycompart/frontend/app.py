@@ -422,12 +422,8 @@ class _Runtime:
         lease = self.monitor.lease(ep.compartment, deadline) if pool.spec.on_demand else None
         inst = lease.inst if lease is not None else pool.pick(deadline)
         try:
-            refs.start_collecting_fds(True)
-            try:
-                payload = contract.encode_args(args, kwargs)
-            finally:
-                fds = refs.take_outgoing_fds()
-            reply = inst.channel.request(ep.key, payload, deadline, fds=fds)
+            payload = refs.encode_collecting(lambda: contract.encode_args(args, kwargs), True)
+            reply = inst.channel.request(ep.key, payload, deadline, fds=refs.take_outgoing_fds())
             got = inst.channel.take_message_fds(("r", reply.id))
             with refs.receiving(got):
                 if reply.__class__ is Err:

@@ -51,7 +51,6 @@ class CallbackGate(CallServer):
         self.audit = audit
         self._lock = threading.Lock()
         self._concurrent = 0
-        self._pinned: set[int] = set()
 
     def execute(self, channel: Channel, call: Call) -> bytes:
         conn = channel.conn
@@ -166,10 +165,8 @@ class CallbackGate(CallServer):
         if not subclass.is_subclass_instance(result, self.compartment):
             return
         subclass.twin_of(result, self.peer.instance)  # type: ignore[attr-defined]
-        with self._lock:
-            if len(self._pinned) >= MAX_PINNED or not self.peer.exports.pin(result, True):
-                return  # lent weakly, as before
-            self._pinned.add(id(result))
+        if self.peer.exports.pinned < MAX_PINNED:
+            self.peer.exports.pin(result, True)  # (else lent weakly, as before)
 
     def _protocol(self, call: Call) -> Any:
         """A protocol operation (``len``, ``iter``, ``next_batch``, ``+``,
@@ -259,17 +256,13 @@ class CallbackGate(CallServer):
         if not subclass.is_subclass_instance(target, self.compartment):
             raise EntrypointError("only main's instances of subclasses of the compartment's "
                                   "classes can be kept alive for it")
-        key = id(target)
-        with self._lock:
-            if strong and key not in self._pinned and len(self._pinned) >= MAX_PINNED:
-                raise EntrypointError(f"more than {MAX_PINNED} of main's instances are kept "
-                                      "alive for the compartment")
-            if not self.peer.exports.pin(target, strong):
-                raise EntrypointError("that instance was not lent to the compartment")
-            if strong:
-                self._pinned.add(key)
-            else:
-                self._pinned.discard(key)
+        # (The count lives with the exports: a pinned export released by the
+        # compartment stops counting.)
+        if strong and self.peer.exports.pinned >= MAX_PINNED:
+            raise EntrypointError(f"more than {MAX_PINNED} of main's instances are kept "
+                                  "alive for the compartment")
+        if not self.peer.exports.pin(target, strong):
+            raise EntrypointError("that instance was not lent to the compartment")
         return strong
 
     def _read_stdin(self, request: Any) -> str:
@@ -329,6 +322,5 @@ class CallbackGate(CallServer):
         self.peer.decoded(key)
 
     def closed(self, channel: Channel) -> None:
-        self._pinned.clear()
         self.peer.close()
 

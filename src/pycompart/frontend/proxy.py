@@ -27,7 +27,6 @@ and goes to that instance (see ``pycompart.transport.channel``).
 from __future__ import annotations
 
 import builtins
-import os
 import sys
 import threading
 import time
@@ -42,7 +41,7 @@ from ..wire.exceptions import ALLOWED_EXCEPTIONS, attach_traceback, plain, rebui
 from .exceptions import imported_exception_class, standin_init, standin_reduce, standin_str
 from .importhook import search_path
 from .warn import reissue
-from ..wire.protocol import Err, ErrorInfo
+from ..wire.protocol import Err, ErrorInfo, close_fds
 from ..wire.refs import exposed
 from . import subclass
 from .subclass import glue_class, make_subclass
@@ -181,8 +180,7 @@ class Compartment:
                         reissue(self, found)  # may raise (a filter says "error")
                 got = inst.channel.take_message_fds(("r", reply.id))
                 if reply.__class__ is Err:
-                    for fd in got:
-                        os.close(fd)
+                    close_fds(got)
                     raise self.exception(reply.error)  # type: ignore[union-attr]
                 return peer.decode(reply.value, got)  # type: ignore[union-attr]
             finally:
@@ -507,7 +505,7 @@ class ModuleProxy(types.ModuleType):
         return f"<module {self.__name__!r} in compartment {comp.name!r}>"
 
 
-class PathFunction:
+class PathFunction(protocols.Described):
     """A function of a module compartment, called by name."""
 
     def __init__(self, comp: Compartment, module: str, qualname: str, binds: bool = False):
@@ -532,14 +530,6 @@ class PathFunction:
             found = _describe_remote(self)
             self.__dict__["_pc_description"] = found
         return found
-
-    @property
-    def __signature__(self) -> Any:
-        return protocols.signature_from(self._pc_described())
-
-    @property
-    def __doc__(self) -> Any:  # type: ignore[override]
-        return self._pc_described().get("doc")
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith(("_pc_", "__pycompart")) or not exposed(name, self._pc_comp.expose):
@@ -720,7 +710,7 @@ class RemoteObject:
             pass
 
 
-class RemoteMethod:
+class RemoteMethod(protocols.Described):
     """``obj.method`` of a remote object: calling it is one round trip."""
 
     __slots__ = ("obj", "name")
@@ -736,20 +726,12 @@ class RemoteMethod:
     def __repr__(self) -> str:
         return f"<remote method {self.obj._pc_tname}.{self.name} in compartment {self.obj._pc_comp.name!r}>"
 
-    def _pc_describe(self) -> dict[str, Any]:
+    def _pc_described(self) -> dict[str, Any]:
         try:
             found = self.obj._pc_op("describe_method", self.name)
         except Exception:
             return {}
         return found if type(found) is dict else {}
-
-    @property
-    def __signature__(self) -> Any:
-        return protocols.signature_from(self._pc_describe())
-
-    @property
-    def __doc__(self) -> Any:  # type: ignore[override]
-        return self._pc_describe().get("doc")
 
     @property
     def __name__(self) -> str:

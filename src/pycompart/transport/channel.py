@@ -39,7 +39,9 @@ from ..wire.protocol import (
     Output,
     Release,
     Violation,
+    HEADER,
     Warn,
+    close_fds,
 )
 from .streams import Transport
 
@@ -282,8 +284,7 @@ class Channel:
                 parent: int = 0, concurrent: bool = False, fds: list[int] | tuple[int, ...] = ()) -> Ok | Err:
         conn = self.conn
         if fds and not self.transport.can_pass_fds:
-            for fd in fds:
-                os.close(fd)
+            close_fds(fds)
             raise TypeError(f"the channel to {self.peer!r} cannot carry descriptors (its spec "
                             "needs descriptors = true)")
         rid, frame = conn.send_call(entrypoint, payload, len(fds), parent, concurrent)
@@ -296,8 +297,7 @@ class Channel:
         if self.failure is not None:
             mu.release()
             conn.forget(rid)
-            for fd in fds:
-                os.close(fd)
+            close_fds(fds)
             raise self.failure
         self._users += 1
         try:
@@ -506,12 +506,7 @@ class Channel:
             if frames.buffered:
                 event = conn.next_event()
                 if event is not _NEED_DATA:
-                    self._dispatch(event)
-                    if event.__class__ is Call and deadline is not None and waiter is not _DRAIN \
-                            and time.monotonic() >= deadline:
-                        # A peer that keeps calls coming (from its worker
-                        # threads) must not keep us reading past our deadline.
-                        raise TimeoutError
+                    self._dispatch_by(event, deadline, waiter)
                     continue
             if self.failure is not None:
                 return
@@ -555,10 +550,16 @@ class Channel:
                 continue
             event = conn.parse_one(view[:n]) if not fds else self._feed(view[:n], fds)
             if event is not _NEED_DATA:
-                self._dispatch(event)
-                if event.__class__ is Call and deadline is not None and waiter is not _DRAIN \
-                        and time.monotonic() >= deadline:
-                    raise TimeoutError
+                self._dispatch_by(event, deadline, waiter)
+
+    def _dispatch_by(self, event: object, deadline: float | None, waiter: Any) -> None:
+        """``_dispatch``, then ``TimeoutError`` if a call made us pass our
+        deadline: a peer that keeps calls coming (from its worker threads)
+        must not keep us reading past it."""
+        self._dispatch(event)
+        if event.__class__ is Call and deadline is not None and waiter is not _DRAIN \
+                and time.monotonic() >= deadline:
+            raise TimeoutError
 
     def _feed(self, data: memoryview, fds: list[int]) -> object:
         self.conn.receive_data(data, fds)
@@ -642,8 +643,7 @@ class Channel:
         if not fds:
             return
         if not self.transport.can_pass_fds:
-            for fd in fds:
-                os.close(fd)
+            close_fds(fds)
             return
         stale: list[int] = []
         with self._mu:
@@ -654,15 +654,10 @@ class Channel:
                 dropped = kept.pop(next(iter(kept)))
                 self._kept_count -= len(dropped)
                 stale.extend(dropped)
-        for fd in stale:
-            os.close(fd)
+        close_fds(stale)
 
     def _drop_fds(self, key: tuple[str, int]) -> None:
-        for fd in self.take_message_fds(key):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self.take_message_fds(key))
 
     def set_reply_fds(self, fds: list[int]) -> None:
         """Descriptors for the reply this thread sends next (the frame's
@@ -740,12 +735,16 @@ class Channel:
         """Send a reply frame (with any pending releases before it), by
         ``deadline`` at the latest (default: ``REPLY_SEND_TIMEOUT`` from now).
         A peer that does not read it in time breaks the channel."""
+        if not fds:
+            fds = self.take_reply_fds()
+            if fds and HEADER.unpack_from(frame)[1] != len(fds):
+                # The reply became an error (too big to send): it names none.
+                close_fds(fds)
+                fds = []
         if self.pending_release:
             frame = frame + self._release_frame()  # after: the frame may name those handles
         if self.pending_output:
             frame = self._output_frames() + frame
-        if not fds:
-            fds = self.take_reply_fds()
         if deadline is None:
             deadline = time.monotonic() + REPLY_SEND_TIMEOUT
         try:
@@ -774,11 +773,7 @@ class Channel:
             finally:
                 lock.release()
         finally:
-            for fd in fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            close_fds(fds)
 
     def refuse(self, call: Call, message: str) -> None:
         """Answer a call we will not run, without waiting: a peer that sends
@@ -1021,11 +1016,7 @@ class Channel:
         with self._mu:
             kept, self.message_fds = self.message_fds, {}
         for fds in kept.values():
-            for fd in fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            close_fds(fds)
         try:
             os.close(self._wake)
         except OSError:

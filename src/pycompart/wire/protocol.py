@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 import struct
+from collections.abc import Iterable
 from typing import Annotated, Union
 
 import msgspec
@@ -237,7 +238,7 @@ class FrameDecoder:
 
     def receive_data(self, data: bytes | bytearray | memoryview, fds: list[int] | tuple[int, ...] = ()) -> None:
         if self.broken is not None:
-            _close_all(list(fds))  # framing is lost: nothing after it is trusted
+            close_fds(list(fds))  # framing is lost: nothing after it is trusted
             return
         if fds:
             self._fds.extend(fds)
@@ -320,7 +321,7 @@ class FrameDecoder:
     def close_fds(self) -> None:
         """Close descriptors that arrived but were never claimed by a frame."""
         fds, self._fds = self._fds, []
-        _close_all(fds)
+        close_fds(fds)
 
 
 _NO_FDS: list[int] = []
@@ -444,7 +445,7 @@ class Connection:
         try:
             msg = _decoder.decode(body)
         except Exception as exc:  # malformed, mistyped, too deep (RecursionError): never raised on
-            _close_all(fds)
+            close_fds(fds)
             self.violations += 1
             # The frame boundary is intact, but a peer that sends garbage is
             # not following the protocol: nothing after it is trusted either.
@@ -454,25 +455,25 @@ class Connection:
             rid = msg.id
             if rid not in self.awaiting:
                 self.violations += 1
-                _close_all(fds)
+                close_fds(fds)
                 return Violation(f"reply for unknown call id {rid}", fatal=False)
             self.awaiting.discard(rid)
             if self.cancelled and rid in self.cancelled:
                 # A late reply to a call we gave up on: the far side did yield.
                 self.cancelled.discard(rid)
-                _close_all(fds)
+                close_fds(fds)
                 return LateReply(rid)
         elif cls is Call:
             if msg.id in self.owed:
                 self.violations += 1
-                _close_all(fds)
+                close_fds(fds)
                 return self.frames._break(f"duplicate call id {msg.id}")
             self.owed.add(msg.id)
         if fds:
             if cls is not Ok and cls is not Err and cls is not Call:
-                _close_all(fds)  # only calls and replies carry values, hence descriptors
+                close_fds(fds)  # only calls and replies carry values, hence descriptors
             else:
-                _close_all(self._fds)  # never taken: not ours to keep
+                close_fds(self._fds)  # never taken: not ours to keep
                 self._fds = fds
         return msg
 
@@ -484,10 +485,11 @@ class Connection:
 
     def close(self) -> None:
         self.frames.close_fds()
-        _close_all(self.take_fds())
+        close_fds(self.take_fds())
 
 
-def _close_all(fds: list[int]) -> None:
+def close_fds(fds: Iterable[int]) -> None:
+    """Close descriptors we own, whatever state each is in."""
     for fd in fds:
         try:
             os.close(fd)

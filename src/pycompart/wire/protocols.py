@@ -573,6 +573,30 @@ def _bind(self: Any, inst: Any, owner: Any = None) -> Any:
     return self if inst is None else types.MethodType(self, inst)
 
 
+class Described:
+    """A stand-in of a callable of the other side, which describes it
+    (``describe_callable``) when asked: ``_pc_described()`` gives the
+    description, and code that inspects callables gets the real signature
+    and docstring."""
+
+    __slots__ = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # In each subclass's own dictionary: its docstring would hide ours.
+        cls.__doc__ = _described_doc  # type: ignore[assignment]
+
+    def _pc_described(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def __signature__(self) -> Any:
+        return signature_from(self._pc_described())
+
+
+_described_doc = property(lambda self: self._pc_described().get("doc"))
+
+
 def describe_callable(fn: Any) -> dict[str, Any]:
     """What the other side may know of a callable it was handed, so that
     its stand-in looks like the callable to code that inspects it

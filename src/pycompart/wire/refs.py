@@ -50,6 +50,7 @@ import msgspec
 
 from ..errors import ProtocolError, StaleReference
 from . import budget
+from .protocol import close_fds
 from .protocols import (  # noqa: F401  (re-exported: the vocabulary of references)
     ALL_FLAGS, END, F_CALL, F_ITER, F_NEXT, F_STREAM, MAX_BATCH, STREAM_ATTRS, STREAM_METHODS,
     F_PRIVATE, Pushback, runs_alone, type_flags,
@@ -196,12 +197,7 @@ class receiving:
 
     def __exit__(self, *exc: Any) -> None:
         _fd_context.incoming = self.previous
-        for fd in self.fds:
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        close_fds(fd for fd in self.fds if fd is not None)
 
 
 class Handover:
@@ -293,42 +289,39 @@ class Exports:
         self._by_id: dict[int, int] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self.pinned = 0  # lent objects the peer keeps alive for now (``pin``)
 
     def __len__(self) -> int:
         return len(self._by_handle)
 
     def export(self, obj: Any) -> int:
+        return self._export(obj, None)
+
+    def export_weak(self, obj: Any) -> int:
+        """Export ``obj`` lent weakly (``Lent``): the table does not keep it alive."""
+        return self._export(obj, lambda: Lent(weakref.ref(obj), id(obj)))
+
+    def _export(self, obj: Any, lent: Callable[[], Lent] | None) -> int:
         with self._lock:
-            handle = self._by_id.get(id(obj))
-            if handle is not None:
-                entry = self._by_handle.get(handle)
-                if entry is None or self._get(entry) is not obj:
-                    handle = None  # a dead lent object's id, reused
+            handle = self._live_handle(obj)
             if handle is None:
                 if len(self._by_handle) >= self.limit:
                     raise ProtocolError(f"more than {self.limit} objects are referenced from the "
                                         "other side; it is not releasing them")
                 handle = next(self._ids)
-                self._by_handle[handle] = [obj, 0]
+                self._by_handle[handle] = [obj if lent is None else lent(), 0]
                 self._by_id[id(obj)] = handle
             self._by_handle[handle][1] += 1
             return handle
 
-    def export_weak(self, obj: Any) -> int:
-        with self._lock:
-            handle = self._by_id.get(id(obj))
-            entry = self._by_handle.get(handle) if handle is not None else None
-            if handle is not None and (entry is None or self._get(entry) is not obj):
-                handle = None  # a dead lent object's id, reused
-            if handle is None:
-                if len(self._by_handle) >= self.limit:
-                    raise ProtocolError(f"more than {self.limit} objects are referenced from the "
-                                        "other side; it is not releasing them")
-                handle = next(self._ids)
-                self._by_handle[handle] = [Lent(weakref.ref(obj), id(obj)), 0]
-                self._by_id[id(obj)] = handle
-            self._by_handle[handle][1] += 1
-            return handle
+    def _live_handle(self, obj: Any) -> int | None:
+        """``obj``'s handle if it is exported now (not a dead lent object
+        whose id ``obj`` reuses). Called with the lock held."""
+        handle = self._by_id.get(id(obj))
+        if handle is None:
+            return None
+        entry = self._by_handle.get(handle)
+        return handle if entry is not None and self._get(entry) is obj else None
 
     @staticmethod
     def _get(entry: list[Any]) -> Any:
@@ -365,22 +358,23 @@ class Exports:
     def contains(self, obj: Any) -> bool:
         if type(obj) is Pushback:
             obj = obj.it
-        handle = self._by_id.get(id(obj))
-        entry = self._by_handle.get(handle) if handle is not None else None
-        return entry is not None and self._get(entry) is obj
+        return self._live_handle(obj) is not None
 
     def pin(self, obj: Any, strong: bool) -> bool:
         """Make the export of a *lent* object strong (the peer keeps it
-        alive) or weak again. False if ``obj`` was not lent."""
+        alive) or weak again. False if ``obj`` was not lent. ``pinned``
+        counts the strong ones."""
         with self._lock:
-            handle = self._by_id.get(id(obj))
-            entry = self._by_handle.get(handle) if handle is not None else None
-            if entry is None or self._get(entry) is not obj:
+            handle = self._live_handle(obj)
+            if handle is None:
                 return False
+            entry = self._by_handle[handle]
             if strong and type(entry[0]) is Lent:
                 entry[0] = Pinned(obj, entry[0])
+                self.pinned += 1
             elif not strong and type(entry[0]) is Pinned:
                 entry[0] = entry[0].lent
+                self.pinned -= 1
             return type(entry[0]) in (Lent, Pinned)
 
     def get(self, handle: Any) -> Any:
@@ -406,6 +400,7 @@ class Exports:
                 held = entry[0]
                 if type(held) is Pinned:
                     held = held.lent
+                    self.pinned -= 1
                 key = held.key if type(held) is Lent else id(held)
                 if key is not None and self._by_id.get(key) == handle:
                     del self._by_id[key]
@@ -416,6 +411,7 @@ class Exports:
     def clear(self) -> None:
         with self._lock:
             entries, self._by_handle, self._by_id = self._by_handle, {}, {}
+            self.pinned = 0
         entries.clear()
 
 
@@ -423,6 +419,18 @@ def start_collecting_fds(on: bool) -> None:
     """Encodes on this thread collect descriptors (``take_outgoing_fds``)
     if ``on``; otherwise they refuse them."""
     _fd_context.out = [] if on else None
+
+
+def encode_collecting(encode: Callable[[], bytes], on: bool) -> bytes:
+    """``encode()``, collecting the descriptors it meets if ``on`` (the
+    channel carries them) for ``take_outgoing_fds``; on failure, the copies
+    it made are closed."""
+    _fd_context.out = [] if on else None
+    try:
+        return encode()
+    except BaseException:
+        close_fds(take_outgoing_fds())
+        raise
 
 
 def descriptor_ext(value: Any, tp: type) -> Ext | None:
@@ -521,6 +529,8 @@ class Peer:
         self.returned: Callable[[Peer, Any, int], Any] | None = None
         #: The channel carries descriptors: encode them as values.
         self.can_pass_fds = False
+        #: Called with each of our objects a message hands back to us.
+        self.on_yours: Callable[[Any], None] | None = None
 
     # -- encoding -------------------------------------------------------------------
 
@@ -528,24 +538,7 @@ class Peer:
         """``value`` for the wire. Descriptors in it (``Fd``, sockets, files)
         are collected for the frame (``take_outgoing_fds``) when the channel
         carries descriptors."""
-        if not self.can_pass_fds:
-            return _encoder.encode(self.to_wire(value, 0))
-        _fd_context.out = []
-        try:
-            return _encoder.encode(self.to_wire(value, 0))
-        except BaseException:
-            for fd in _fd_context.out or ():
-                os.close(fd)
-            _fd_context.out = None
-            raise
-
-    def _descriptor(self, value: Any, tp: type) -> Ext | None:
-        if not self.can_pass_fds:
-            if tp is Fd or tp is Handover or issubclass(tp, socket.socket):
-                raise TypeError(f"a {tp.__name__} cannot cross to {self.compartment!r}: its channel "
-                                "does not carry descriptors (spec: descriptors = true)")
-            return None
-        return descriptor_ext(value, tp)
+        return encode_collecting(lambda: _encoder.encode(self.to_wire(value, 0)), self.can_pass_fds)
 
 
     def to_wire(self, value: Any, depth: int) -> Any:
@@ -607,7 +600,7 @@ class Peer:
             return ext
         # The real type, never isinstance (a proxy answers __class__ itself).
         if tp is Fd or tp is Handover or issubclass(tp, socket.socket) or issubclass(tp, io.IOBase):
-            ext = self._descriptor(value, tp)
+            ext = descriptor_ext(value, tp)
             if ext is not None:
                 return ext
         ext = self._reference(self, value)
@@ -714,6 +707,8 @@ class Peer:
         if code == EXT_YOURS:
             handle = self._decoder.decode(data)
             obj = self.exports.get_for_use(handle)
+            if self.on_yours is not None:
+                self.on_yours(obj)
             return obj if self.returned is None else self.returned(self, obj, handle)
         if code == EXT_PATH:
             module, qualname, kind, mro = self._decoder.decode(data)
