@@ -5,3 +5,7 @@ import os
 
 def whoami() -> int:
     return int(os.readlink("/proc/self"))
+
+
+def whoami_too() -> int:
+    return int(os.readlink("/proc/self"))

@@ -143,3 +143,20 @@ def test_an_instance_whose_caller_gave_up_waiting_is_retired(make_app):
     while monitor._by_pid and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not monitor._by_pid  # it came up later, and was retired, not left running
+
+
+def test_per_call_and_descriptor_calls_are_audited_like_any_other(make_app, tmp_path):
+    import json
+
+    import bench_like
+
+    log = tmp_path / "audit.jsonl"
+    app = make_app({"app": {"audit_log": str(log)}, "compartments": {
+        "fresh": {"instances": "per-call"}, "fds": {"descriptors": True}}})
+    fresh = app.entrypoint("fresh")(bench_like.whoami)
+    with_fds = app.entrypoint("fds")(bench_like.whoami_too)
+    with app:
+        fresh()
+        with_fds()
+    calls = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("event") == "call"]
+    assert {(r["callee"], r["outcome"]) for r in calls} == {("fresh", "ok"), ("fds", "ok")}

@@ -368,6 +368,9 @@ class Server(CallServer):
                 else:
                     result = self.objects.execute(self.peer, name, call.args,
                                                   channel.take_message_fds(("c", call.id)))
+            except BaseException:
+                _drop_outgoing_fds()  # what its result had collected before it failed
+                raise
             finally:
                 if top:
                     self.in_user_code = False
@@ -375,17 +378,14 @@ class Server(CallServer):
             channel.set_reply_fds(fds)
             return conn.send_ok(call.id, result, len(fds))
         except CallCancelled as exc:
-            _drop_outgoing_fds()
             return conn.send_err(call.id, describe_exception(exc))
         except Exception as exc:
-            _drop_outgoing_fds()
             return conn.send_err(call.id, describe_exception(exc))
         except (SystemExit, KeyboardInterrupt) as exc:
             if contract is not None:
                 raise  # a typed entrypoint's process ends with it (restart policy)
             # A boxed module's code (a package's CLI entry point ending with
             # sys.exit()): the caller's to handle, as unboxed; we serve on.
-            _drop_outgoing_fds()
             return conn.send_err(call.id, describe_exception(exc))
         except BaseException as exc:
             # A library's own BaseException subclass (more_itertools'
@@ -393,7 +393,6 @@ class Server(CallServer):
             # it would end the serve loop and the instance.
             if type(exc) is GeneratorExit:
                 raise
-            _drop_outgoing_fds()
             return conn.send_err(call.id, describe_exception(exc))
         finally:
             if on_serve_thread:

@@ -36,7 +36,7 @@ from ..supervisor.monitor import CommBreakEvent, Hooks, InstanceEvent, Monitor, 
 from ..wire import refs
 from ..wire.contract import Contract, function_key
 from ..wire.exceptions import describe_exception, rebuild_exception
-from ..wire.protocol import Err
+from ..wire.protocol import Err, close_fds
 from .callbacks import CallbackGate
 from .importhook import CompartmentFinder
 from .proxy import Compartment
@@ -394,15 +394,12 @@ class _Runtime:
         pool, contract, default_timeout = self.plans[ep.key]
         if timeout is _UNSET:
             timeout = default_timeout
-        if pool is not None and pool.spec.descriptors:
-            return self._call_with_descriptors(ep, pool, contract, args, kwargs, timeout)
-        payload = contract.encode_args(args, kwargs)
         if pool is None:
-            return self._call_inline(ep, contract, payload)
-        if pool.spec.on_demand is not None:
-            return self._call_on_demand(ep, pool, contract, payload, timeout)
-        if self.audit is not None:
-            return self._call_audited(ep, pool, contract, payload, timeout)
+            return self._call_inline(ep, contract, contract.encode_args(args, kwargs))
+        spec = pool.spec
+        if self.audit is not None or spec.descriptors or spec.on_demand is not None:
+            return self._call_general(ep, pool, contract, args, kwargs, timeout)
+        payload = contract.encode_args(args, kwargs)  # the hot path: none of that
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             reply = pool.pick(deadline).channel.request(ep.key, payload, deadline)
@@ -413,62 +410,42 @@ class _Runtime:
             raise rebuild_exception(reply.error, ep.compartment)
         return contract.decode_result(reply.value, ep.compartment, self.max_objects)
 
-    def _call_with_descriptors(self, ep: Entrypoint[Any, Any], pool: Pool, contract: Contract,
-                               args: tuple[Any, ...], kwargs: dict[str, Any],
-                               timeout: float | None) -> Any:
-        """A typed call over a channel that carries descriptors: those in
-        the arguments go with the frame, those in the result come back."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        lease = self.monitor.lease(ep.compartment, deadline) if pool.spec.on_demand else None
-        inst = lease.inst if lease is not None else pool.pick(deadline)
-        try:
-            payload = refs.encode_collecting(lambda: contract.encode_args(args, kwargs), True)
-            reply = inst.channel.request(ep.key, payload, deadline, fds=refs.take_outgoing_fds())
-            got = inst.channel.take_message_fds(("r", reply.id))
-            with refs.receiving(got):
-                if reply.__class__ is Err:
-                    raise rebuild_exception(reply.error, ep.compartment)
-                return contract.decode_result(reply.value, ep.compartment, self.max_objects)
-        except CallTimeout as exc:
-            Hooks.fire(self.app.hooks.on_call_timeout, TimeoutEvent(ep.compartment, ep.key, None, timeout))
-            raise exc from None
-        finally:
-            if lease is not None:
-                lease.__exit__(None, None, None)
-
-    def _call_on_demand(self, ep: Entrypoint[Any, Any], pool: Pool, contract: Contract,
-                        payload: bytes, timeout: float | None) -> Any:
-        """A typed call to a per-call compartment: a fresh instance for it."""
-        if pool.spec.on_demand != "per-call":
-            raise EntrypointError(f"compartment {ep.compartment!r} serves the connections a Broker "
-                                  "hands it (instances = \"per-connection\"); it takes no calls")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self.monitor.lease(ep.compartment, deadline) as inst:
-            reply = inst.channel.request(ep.key, payload, deadline)
-            if reply.__class__ is Err:
-                raise rebuild_exception(reply.error, ep.compartment)
-            return contract.decode_result(reply.value, ep.compartment, self.max_objects)
-
-    def _call_audited(self, ep: Entrypoint[Any, Any], pool: Pool, contract: Contract,
-                      payload: bytes, timeout: float | None) -> Any:
+    def _call_general(self, ep: Entrypoint[Any, Any], pool: Pool, contract: Contract,
+                      args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        """A typed call with the audit log, descriptors as values (those in
+        the arguments go with the frame, those in the result come back) or a
+        fresh instance per call (``instances = "per-call"``)."""
         comp = ep.compartment
+        spec = pool.spec
+        if spec.on_demand == "per-connection":
+            raise EntrypointError(f"compartment {comp!r} serves the connections a Broker hands it "
+                                  "(instances = \"per-connection\"); it takes no calls")
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
+        payload = refs.encode_collecting(lambda: contract.encode_args(args, kwargs), spec.descriptors)
+        fds = refs.take_outgoing_fds()
+        lease = None
         inst = None
         outcome = "ok"
         reply_size = 0
         try:
-            inst = pool.pick(deadline)
-            reply = inst.channel.request(ep.key, payload, deadline)
-            if isinstance(reply, Err):
-                outcome = f"error:{reply.error.type_name}"
-                raise rebuild_exception(reply.error, comp)
-            reply_size = len(reply.value)
-            try:
-                return contract.decode_result(reply.value, comp, self.max_objects)
-            except ProtocolError:
-                outcome = "protocol_error"
-                raise
+            if spec.on_demand is not None:
+                lease = self.monitor.lease(comp, deadline)
+                inst = lease.inst
+            else:
+                inst = pool.pick(deadline)
+            sent, fds = fds, []  # the channel's from here on, sent or not
+            reply = inst.channel.request(ep.key, payload, deadline, fds=sent)
+            with refs.receiving(inst.channel.take_message_fds(("r", reply.id))):
+                if isinstance(reply, Err):
+                    outcome = f"error:{reply.error.type_name}"
+                    raise rebuild_exception(reply.error, comp)
+                reply_size = len(reply.value)
+                try:
+                    return contract.decode_result(reply.value, comp, self.max_objects)
+                except ProtocolError:
+                    outcome = "protocol_error"
+                    raise
         except CallTimeout:
             outcome = "timeout"
             Hooks.fire(self.app.hooks.on_call_timeout,
@@ -482,11 +459,14 @@ class _Runtime:
                 outcome = f"failed:{type(exc).__name__}"
             raise
         finally:
-            assert self.audit is not None
-            self.audit.record("call", caller="main", callee=comp, entrypoint=ep.key,
-                              pid=inst.pid if inst else None,
-                              duration_ms=round((time.monotonic() - started) * 1000, 3),
-                              outcome=outcome, bytes_out=len(payload), bytes_in=reply_size)
+            close_fds(fds)  # not handed to the channel (no instance to call)
+            if lease is not None:
+                lease.__exit__(None, None, None)
+            if self.audit is not None:
+                self.audit.record("call", caller="main", callee=comp, entrypoint=ep.key,
+                                  pid=inst.pid if inst else None,
+                                  duration_ms=round((time.monotonic() - started) * 1000, 3),
+                                  outcome=outcome, bytes_out=len(payload), bytes_in=reply_size)
 
     def _call_inline(self, ep: Entrypoint[Any, Any], contract: Contract, payload: bytes) -> Any:
         """No isolation, but the same encoding, validation and error mapping."""

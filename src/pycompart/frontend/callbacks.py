@@ -49,8 +49,7 @@ class CallbackGate(CallServer):
         self.stdin = stdin
         self.peer = peer
         self.audit = audit
-        self._lock = threading.Lock()
-        self._concurrent = 0
+        self._concurrent = threading.BoundedSemaphore(MAX_CONCURRENT_CALLBACKS)
 
     def execute(self, channel: Channel, call: Call) -> bytes:
         conn = channel.conn
@@ -78,11 +77,7 @@ class CallbackGate(CallServer):
         main's call is in flight: run on a thread of main's own, as it would
         run unboxed, not on the thread waiting for that call (which may be
         needed for what comes next, and whose ``call_timeout`` still runs)."""
-        with self._lock:
-            busy = self._concurrent >= MAX_CONCURRENT_CALLBACKS
-            if not busy:
-                self._concurrent += 1
-        if busy:
+        if not self._concurrent.acquire(blocking=False):
             channel.refuse(call, f"more than {MAX_CONCURRENT_CALLBACKS} callbacks from worker "
                            "threads are already running")
             return
@@ -90,8 +85,7 @@ class CallbackGate(CallServer):
             threading.Thread(target=self._serve_concurrent, args=(channel, call), daemon=True,
                              name=f"pycompart-callback-{self.compartment}").start()
         except RuntimeError:
-            with self._lock:
-                self._concurrent -= 1
+            self._concurrent.release()
             channel.refuse(call, "main could not start a thread for it")
 
     def _serve_concurrent(self, channel: Channel, call: Call) -> None:
@@ -100,8 +94,7 @@ class CallbackGate(CallServer):
         except BaseException:
             pass  # the compartment got its answer (serve_nested replies first)
         finally:
-            with self._lock:
-                self._concurrent -= 1
+            self._concurrent.release()
 
     def _run(self, call: Call, fds: list[int]) -> Any:
         if not fds:
