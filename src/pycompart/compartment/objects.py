@@ -109,7 +109,7 @@ class ObjectServer:
             self.watch_twins(peer, result)
         if type(result) is types.GeneratorType and sys.getrefcount(result) <= 2 \
                 and protocols.runs_alone(result):
-            result = refs.Alone(result)
+            result = refs.AsReference(result, private=True)
         return peer.encode(result)
 
     # -- names ------------------------------------------------------------------------
@@ -240,7 +240,7 @@ class ObjectServer:
             # ``env.filters``): read from an attribute, it is shared state,
             # so main gets the object itself, and its changes are made here.
             # Values a call returns or main passes in are copies.
-            return _AsReference(value)
+            return refs.AsReference(value)
         return value
 
     def op_setattr(self, target: Any, name: Any, value: Any) -> None:
@@ -309,7 +309,7 @@ class ObjectServer:
         twin = twinclass.__new__(twinclass)
         object.__setattr__(twin, "_pc_main", main)
         self.touched(twin)
-        return _AsReference(twin)
+        return refs.AsReference(twin)
 
     def touched(self, obj: Any, pinned: bool = False) -> None:
         """``obj`` reached our code in this operation (or main pinned it): if
@@ -344,7 +344,7 @@ class ObjectServer:
             # Ours when nobody holds it: this frame's ``twin`` and
             # getrefcount's argument, and the export to main.
             base = 2 + peer.exports.contains(twin) \
-                + (result is twin or (type(result) is _AsReference and result.obj is twin))
+                + (result is twin or (type(result) is refs.AsReference and result.obj is twin))
             held = sys.getrefcount(twin) > base
             if held != twin.__dict__.get("_pc_pinned", False):
                 try:
@@ -463,15 +463,6 @@ MAX_WATCHED_TWINS = 4096
 #: Mutable containers an attribute read hands over by reference.
 SHARED_MUTABLE = frozenset({list, dict, set, bytearray, collections.defaultdict,
                             collections.OrderedDict, collections.Counter, collections.deque})
-
-
-class _AsReference:
-    """A twin sent to main as itself (a reference), not as main's instance."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any):
-        self.obj = obj
 
 
 def _kind(value: Any, name: str) -> str:
@@ -814,8 +805,8 @@ def instance_peer(server: ObjectServer) -> refs.Peer:
     def reference(peer: refs.Peer, value: Any) -> Any:
         if isinstance(value, MainRef) and value._pc_peer is peer:
             return refs.going_home(peer, value)
-        if type(value) is _AsReference:
-            return peer.export(value.obj)
+        if type(value) is refs.AsReference:
+            return peer.export(value)
         if "__pycompart_twin__" in type(value).__dict__:
             main = value.__dict__.get("_pc_main")
             if isinstance(main, MainRef) and main._pc_peer is peer:

@@ -112,19 +112,19 @@ class Broker:
         while not self._stop.is_set():
             if not self._slots.acquire(timeout=_POLL_MS / 1000):
                 continue  # every instance busy: clients wait in the listen backlog
+            conn = None
             try:
-                if not poller.poll(_POLL_MS):
-                    self._slots.release()
-                    continue
-                conn, _ = listener.accept()
+                if poller.poll(_POLL_MS):
+                    conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                if not self._stop.is_set():
+                    self._slots.release()
+                    raise
+            if conn is None:
                 self._slots.release()
                 continue
-            except OSError:
-                self._slots.release()
-                if self._stop.is_set():
-                    break
-                raise
             self.handle(conn, _slot=True)
 
     def stop(self, wait: float = 5.0) -> None:

@@ -166,7 +166,8 @@ class Pool:
         self.spec = spec
         self.ready: tuple[InstanceHandle, ...] = ()
         #: On-demand compartments: how many more instances may exist.
-        self.on_demand: threading.BoundedSemaphore | None = None
+        self.on_demand = threading.BoundedSemaphore(spec.max_instances) \
+            if spec.on_demand is not None else None
         self.cond = threading.Condition()
         self.unavailable: str | None = None
         self.unavailable_cause: BaseException | None = None
@@ -403,7 +404,8 @@ class Monitor:
         then ``CompartmentUnavailable`` naming the compartment and the cap."""
         pool = self.pools[compartment]
         if pool.on_demand is None:
-            pool.on_demand = threading.BoundedSemaphore(pool.spec.max_instances)
+            raise CompartmentUnavailable(f"compartment {compartment!r} has a fixed pool of "
+                                         "instances, not instances on demand")
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         if not pool.on_demand.acquire(timeout=timeout):
             raise CompartmentUnavailable(

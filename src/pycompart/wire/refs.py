@@ -259,14 +259,17 @@ def descriptor_from(fields: Any) -> Any:
     raise ProtocolError("malformed descriptor")
 
 
-class Alone:
-    """A generator a call returns that nobody but the reply holds and that
-    ``runs_alone``: sent so that the peer batches it from the start."""
+class AsReference:
+    """``obj`` sent as a reference whatever its type would say: a list read
+    from an attribute (shared state), a twin (itself, not main's instance).
+    ``private``: a generator a call returns that nobody but the reply holds
+    and that ``runs_alone``, which the peer batches from the start."""
 
-    __slots__ = ("obj",)
+    __slots__ = ("obj", "private")
 
-    def __init__(self, obj: Any):
+    def __init__(self, obj: Any, private: bool = False):
         self.obj = obj
+        self.private = private
 
 
 class Pinned:
@@ -622,8 +625,9 @@ class Peer:
         return Ext(EXT_CONTAINER, _encoder.encode([kind, *fields]))
 
     def export(self, value: Any) -> Ext:
-        alone = type(value) is Alone
-        if alone:
+        private = False
+        if type(value) is AsReference:
+            private = value.private
             value = value.obj
         if type(value) is Pushback:
             value = value.it  # the same object, for the peer
@@ -639,7 +643,7 @@ class Peer:
             open_requests[-1].add(handle)
         tp = type(value)
         flags = type_flags(tp)
-        if alone:
+        if private:
             flags |= F_PRIVATE
         if issubclass(tp, type):
             # A class: the peer makes a class of its own for it, so that
