@@ -26,6 +26,7 @@ import stat
 import sys
 import threading
 import types
+from collections.abc import Callable
 from typing import NoReturn
 
 from ..errors import CallCancelled, EntrypointError, ProtocolError
@@ -37,6 +38,7 @@ from ..wire.config import CANCEL_SIGNAL, EXIT_PROTOCOL, EXIT_START_FAILED, Insta
 from ..wire.contract import Contract
 from ..wire.exceptions import describe_exception
 from ..wire.protocol import Call, Connection, Err, close_fds
+from . import edges as _edges
 from . import lockdown as _lockdown
 from . import output as _output
 from . import warn as _warn
@@ -60,16 +62,22 @@ CURRENT: InstanceConfig | None = None
 
 
 def run(config: InstanceConfig, read_fd: int, write_fd: int,
-        output_fds: tuple[int, int] | None = None) -> NoReturn:
+        output_fds: tuple[int, int] | None = None, control_fd: int | None = None) -> NoReturn:
     """Become an instance, serving calls read from ``read_fd`` with replies
     written to ``write_fd``; ``output_fds`` are the write ends of the pipes
-    main relays its stdout and stderr from. Never returns."""
+    main relays its stdout and stderr from; ``control_fd`` its edge control
+    socket to the monitor (``pycompart.compartment.edges``). Never returns."""
     global CURRENT
     CURRENT = config
     code = 0
     try:
         try:
-            _prepare_process({read_fd, write_fd}, config.output, output_fds)
+            keep = {read_fd, write_fd} | ({control_fd} if control_fd is not None else set())
+            _prepare_process(keep, config.output, output_fds)
+            if control_fd is not None:
+                # Before any of the compartment's code: its only way to
+                # other compartments is what the monitor hands out here.
+                _edges.install(config, control_fd)
             apply_privileges(config)
             table = _load(config)
         except BaseException as exc:  # report any start failure, then die
@@ -168,8 +176,9 @@ def apply_privileges(config: InstanceConfig) -> None:
 def _load(config: InstanceConfig) -> dict[str, _LazyContract]:
     sys.path[:] = config.sys_path
     if config.elsewhere:
-        sys.meta_path.insert(0, _PlacedElsewhere(config.compartment, config.elsewhere))
+        sys.meta_path.insert(0, _PlacedElsewhere(config.compartment, config.elsewhere, config.edges))
     _install_shared(config.shared)
+    _edges.bind_functions(config)
     if any(key.startswith("__main__:") for key in config.entrypoints):
         _load_main(config)
     for name in config.modules:
@@ -197,18 +206,23 @@ def _load(config: InstanceConfig) -> dict[str, _LazyContract]:
 class _PlacedElsewhere:
     """Refuses to import, here, a module the spec placed in another
     compartment: it must run only there, under that compartment's
-    privileges (and calls between compartments do not exist yet)."""
+    privileges. Over an edge, only that compartment's entrypoints can be
+    called; its modules cannot be imported as proxies (yet)."""
 
-    def __init__(self, here: str, elsewhere: dict[str, str]):
+    def __init__(self, here: str, elsewhere: dict[str, str], edges: object = ()):
         self.here = here
         self.elsewhere = elsewhere
+        self.edges = edges
 
     def find_spec(self, fullname: str, path: object, target: object = None) -> None:
         for module, owner in self.elsewhere.items():
             if fullname == module or fullname.startswith(module + "."):
+                why = (f"it may call {owner!r}'s entrypoints (functions, @entrypoint), but modules "
+                       "placed in another compartment cannot be imported across an edge in this "
+                       "version") if owner in self.edges else \
+                    f"its spec's may_call does not list {owner!r}"
                 raise ImportError(f"module {fullname!r} is placed in compartment {owner!r}; "
-                                  f"compartment {self.here!r} cannot import it (calls between "
-                                  "compartments are not supported in this version)", name=fullname)
+                                  f"compartment {self.here!r} cannot import it: {why}", name=fullname)
         return None
 
 
@@ -276,12 +290,14 @@ class Server(CallServer):
         if _same_socket(read_fd, write_fd):
             # descriptors = true: one unix socket, which carries descriptors.
             os.close(write_fd)
-            transport = SocketTransport(socket.socket(fileno=read_fd))
+            # An edge is a socket whatever the spec: whether it carries
+            # descriptors as values is the spec's.
+            transport = SocketTransport(socket.socket(fileno=read_fd), carry_fds=config.descriptors)
             transport.sock.setblocking(True)
         else:
             transport = PipeTransport(read_fd, write_fd)
             os.set_blocking(read_fd, True)  # see Channel.blocking_reads
-        self.channel = Channel(transport, Connection(config.max_frame), "main", server=self)
+        self.channel = Channel(transport, Connection(config.max_frame), config.caller, server=self)
         self.channel.blocking_reads = True
         # Module compartments pass references: releases wait for decodes.
         self.channel.track_arrivals = bool(config.modules or config.functions)
@@ -295,7 +311,10 @@ class Server(CallServer):
         self.serve_ident = threading.get_ident()
         self.cancel_current = False
         self.in_user_code = False
-        self.depth = 0  # > 0 while the main thread is inside the channel (a callback)
+        self.depth = 0  # > 0 while the main thread is inside a channel (a callback, an edge call)
+        self.cancel_signalled = False  # the cancel signal came while depth > 0
+        if _edges.CLIENT is not None:
+            _edges.CLIENT.around = self._around_edge_call
         MainRef.call_out = self.call_out
         CALL_OUTPUT.channel = self.channel
         CALL_OUTPUT.in_call = lambda: self.current is not None
@@ -463,7 +482,28 @@ class Server(CallServer):
             channel.reply(channel.conn.send_err(rid, describe_exception(
                 CallCancelled("cancelled by the caller before it started"))))
 
+    def _around_edge_call(self, call: Callable[[], object]) -> object:
+        """A call the compartment's code makes over an edge: while the serve
+        thread is inside the edge's channel, a cancel of *our* call must not
+        raise there (it would tear a frame in half); it is acted on when the
+        edge call returns."""
+        if threading.get_ident() != self.serve_ident:
+            return call()
+        self.depth += 1
+        try:
+            return call()
+        finally:
+            self.depth -= 1
+            if self.cancel_signalled and not self.depth:
+                self.cancel_signalled = False
+                if not self.cancel_current:
+                    self.channel.try_drain()
+                if self.cancel_current and self.in_user_code:
+                    raise CallCancelled("the caller timed out and cancelled this call")
+
     def _on_cancel_signal(self, signum: int, frame: object) -> None:
+        if self.depth:
+            self.cancel_signalled = True
         if not self.in_user_code or self.depth:
             return  # the serve loop, or the thread leading the channel, reads the Cancel
         # We interrupted user code, not channel code: it is safe to read what

@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, ParamSpec, TypeVar
 
+from ..compartment import edges as _edges
 from ..compartment import serve as _instance
 from ..errors import (
     CallTimeout,
@@ -34,6 +35,7 @@ from ..supervisor.audit import AuditLog
 from ..supervisor.identities import Identities
 from ..supervisor.monitor import CommBreakEvent, Hooks, InstanceEvent, Monitor, Pool, TimeoutEvent
 from ..wire import refs
+from ..wire.config import EdgePlan
 from ..wire.contract import Contract, function_key
 from ..wire.exceptions import describe_exception, rebuild_exception
 from ..wire.protocol import Err, close_fds
@@ -67,8 +69,18 @@ class Entrypoint(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         runtime = self.app._runtime
         if runtime is None:
-            return self.__pycompart_function__(*args, **kwargs)
+            return self._without_runtime(args, kwargs, ...)
         return runtime.call(self, args, kwargs, _UNSET)
+
+    def _without_runtime(self, args: Any, kwargs: Any, timeout: Any) -> R:
+        """Not in a running app's main: in its own compartment's instance
+        (or with no app running) the function itself; in an instance of
+        another compartment, a call over the edge to this one
+        (``pycompart.compartment.edges``), refused if there is none."""
+        here = _instance.CURRENT
+        if here is None or here.compartment == self.compartment:
+            return self.__pycompart_function__(*args, **kwargs)
+        return _edges.call(here, self.compartment, self.key, self.contract, args, kwargs, timeout)
 
     def options(self, *, timeout: float | None = _UNSET) -> Callable[P, R]:
         """This entrypoint with per-call options, e.g.
@@ -77,7 +89,7 @@ class Entrypoint(Generic[P, R]):
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
             runtime = self.app._runtime
             if runtime is None:
-                return self.__pycompart_function__(*args, **kwargs)
+                return self._without_runtime(args, kwargs, ... if timeout is _UNSET else timeout)
             return runtime.call(self, args, kwargs, timeout)
         return call
 
@@ -386,7 +398,17 @@ class _Runtime:
             shared=self._shared(comp),
             elsewhere={m: other.name for other in self.spec.compartments.values()
                        if other.name != comp.name for m in other.modules},
-            output=comp.output, stdin=comp.stdin,
+            output=comp.output, stdin=comp.stdin, descriptors=comp.descriptors,
+            edges={name: EdgePlan(
+                call_timeout=callee.call_timeout, cancel_grace=callee.cancel_grace,
+                start_timeout=callee.start_timeout, descriptors=callee.descriptors,
+                per_call=callee.on_demand == "per-call", functions=list(callee.functions))
+                for name in comp.may_call if name != "main"
+                for callee in (self.spec.compartments[name],)},
+            foreign={key: other.name for other in self.spec.compartments.values()
+                     if other.name != comp.name and other.name not in comp.may_call
+                     for key in other.functions},
+            audit_edges=self.audit is not None,
         )
 
     def call(self, ep: Entrypoint[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -113,6 +113,19 @@ def _app(privileges: dict | None = None) -> tuple[App, Callable[[], None], Calla
     return app, null, size
 
 
+def edge_calls(n: int) -> list[float]:
+    """Null calls from one compartment to another over their edge, timed
+    inside the caller."""
+    targets = "pycompart.frontend.bench_targets"
+    app = App({"compartments": {
+        "bench": {"functions": [f"{targets}:null"], "call_timeout": "60s"},
+        "caller": {"functions": [f"{targets}:edge_loop"], "may_call": ["bench"], "call_timeout": "600s"}}})
+    with app:
+        loop = app.function(f"{targets}:edge_loop")
+        loop(500)  # warm up: the edge is made on the first call
+        return loop(n)
+
+
 def instance_ready(n: int, privileges: dict | None = None) -> list[float]:  # type: ignore[type-arg]
     """From asking the monitor for a new instance to that instance having
     locked itself down, imported its module and said Hello, ready for calls."""
@@ -261,6 +274,11 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
                 big = b"x" * (64 << 20)
                 results["arg_64mib"] = row("pycompart call, 64 MiB bytes argument",
                                            _time_loop(lambda: size(big), 3 if quick else 10), base)
+        edge_samples = edge_calls(n)
+        edge = results[f"edge_call_{label}"] = row("null call between two compartments (edge)",
+                                            edge_samples, base)
+        out(f"  {'':44s} (edge call / main->compartment call: "
+            f"{edge / results[f'null_call_{label}']:.2f}x)")
         mapp = _module_app()
         with mapp:
             mod = mapp.compartment("bench_mod").module("pycompart.frontend.bench_targets")

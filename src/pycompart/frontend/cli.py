@@ -34,7 +34,7 @@ def describe(spec: AppSpec) -> str:
             f"{c.start_timeout:g}s",
             f"  functions: {', '.join(c.functions) or 'none in the spec (entrypoints may be declared in code)'}",
             f"  modules imported only here: {', '.join(c.modules) or 'none'}",
-            f"  may call: {', '.join(c.may_call) or 'nothing (no callbacks)'}; exposes private "
+            f"  may call: {', '.join(c.may_call) or 'nothing (no callbacks, no edges)'}; exposes private "
             f"names: {', '.join(c.expose) or 'none'}; setattr from outside: "
             f"{'allowed' if c.allow_setattr else 'refused'}",
             f"  shared data copied in at start: {', '.join(c.shared) or 'none'}",
@@ -49,9 +49,56 @@ def describe(spec: AppSpec) -> str:
     if spec.main_privileges is not None:
         lines.append("\nmain (the program, under pycompart run)")
         lines += describe_privileges(CompartmentSpec(name="main", privileges=spec.main_privileges), main=True)
-    lines.append("\nedges (caller -> callee; no other channel exists):")
-    lines += [f"  {a} -> {b}" for a, b in spec.edges()]
+    lines.append("")
+    lines += describe_call_graph(spec)
     return "\n".join(lines)
+
+
+def describe_call_graph(spec: AppSpec) -> list[str]:
+    """Who may call whom: every channel the app can ever have."""
+    lines = ["call graph (caller -> callee; no other channel exists):"]
+    for a, b in spec.edges():
+        if a == "main":
+            lines.append(f"  main -> {b}")
+        elif b == "main":
+            lines.append(f"  {a} -> main  (callbacks, during main's calls)")
+        else:
+            callee = spec.compartments[b]
+            how = "a fresh instance per call" if callee.on_demand == "per-call" else \
+                f"one {b} instance for each {a} instance"
+            lines.append(f"  {a} -> {b}  (edge: {how})")
+    calls = {c.name: [b for b in c.may_call if b != "main"] for c in spec.compartments.values()}
+    cycle = _find_cycle(calls)
+    if cycle:
+        lines.append(f"  cycle: {' -> '.join(cycle)} (each level of a recursion gets fresh "
+                     "instances, at most 8 deep)")
+    return lines
+
+
+def _find_cycle(calls: dict[str, list[str]]) -> list[str]:
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in calls.get(node, ()):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in calls:
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return []
 
 
 def describe_privileges(comp: CompartmentSpec, main: bool = False) -> list[str]:

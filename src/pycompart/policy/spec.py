@@ -587,6 +587,7 @@ def load_spec(source: Mapping[str, Any], *, origin: str = "<dict>", base_dir: st
     top.finish()
 
     placed: dict[str, str] = {}
+    declared: dict[str, str] = {}
     for comp in compartments.values():
         where = f"compartments.{comp.name}"
         for callee in comp.may_call:
@@ -596,16 +597,23 @@ def load_spec(source: Mapping[str, Any], *, origin: str = "<dict>", base_dir: st
             elif callee == comp.name:
                 errors.append(SpecError(origin, f"{where}.may_call", "other compartments (a "
                                         "compartment calls itself directly)", repr(callee)))
-            elif callee != "main":
-                errors.append(SpecError(origin, f"{where}.may_call", "'main' only: calls between "
-                                        "compartments are not supported by this version", repr(callee)))
-        for module in comp.modules:
-            other = placed.get(module)
-            if other is not None:
-                errors.append(SpecError(origin, f"{where}.modules", f"modules placed in one "
-                                        f"compartment only; {module!r} is also in compartment "
-                                        f"{other!r}", repr(module)))
-            placed[module] = comp.name
+            elif callee != "main" and compartments[callee].mechanism == "inline":
+                errors.append(SpecError(origin, f"{where}.may_call", "compartments that run as "
+                                        f"processes ({callee!r} is inline: it runs in main, and "
+                                        "only main calls it)", repr(callee)))
+            elif callee != "main" and compartments[callee].on_demand == "per-connection":
+                errors.append(SpecError(origin, f"{where}.may_call", "compartments that take calls "
+                                        f"({callee!r} is per-connection: it serves only what a "
+                                        "Broker hands it)", repr(callee)))
+        for field, names, owners, what in (("modules", comp.modules, placed, "modules placed"),
+                                           ("functions", comp.functions, declared, "functions declared")):
+            for item in names:
+                other = owners.get(item)
+                if other is not None:
+                    errors.append(SpecError(origin, f"{where}.{field}", f"{what} in one compartment "
+                                            f"only; {item!r} is also in compartment {other!r}",
+                                            repr(item)))
+                owners[item] = comp.name
         for key in comp.shared:
             if key.split(":", 1)[0] in comp.modules:
                 errors.append(SpecError(origin, f"{where}.shared", "data from main, not from a "

@@ -48,6 +48,7 @@ from ..wire.exceptions import rebuild_exception
 from ..wire.protocol import NEED_DATA, Abort, Connection, Hello, Violation
 from . import zygote
 from .audit import AuditLog
+from .edges import EdgeBook
 from .relay import OutputRelay, Sink
 
 
@@ -134,6 +135,13 @@ class InstanceHandle:
         self.idle_calls = -1  # calls sent when it was last seen idle
         self.idle_cpu_base: float | None = None
         self.usage: dict[str, Any] = {}
+        #: Edges (``pycompart.supervisor.edges``): its control socket, if its
+        #: compartment may call others; the edge it serves, if it is the
+        #: instance started for one caller; how deep in a chain of edges.
+        self.control: Any = None
+        self.edge_link: Any = None
+        self.edge_depth = 0
+        self.handed_over = False  # its channel's far end is its caller's now
 
     def crash_error(self) -> CompartmentCrashed:
         """Built by a caller that saw the channel close: wait (briefly) for the
@@ -253,9 +261,10 @@ class Monitor:
         self._control: SocketTransport | None = None
         self._control_buf = memoryview(bytearray(65536))
         self._started = False
-        self._control_reader = zygote.ControlReader()
+        self._control_reader = zygote.control_reader()
         self._thread = threading.Thread(target=self._run, name="pycompart-monitor", daemon=True)
         self.relay: OutputRelay | None = None  # started with the monitor thread
+        self.edges = EdgeBook(self)
 
     # -- public (any thread) ----------------------------------------------------
 
@@ -483,6 +492,8 @@ class Monitor:
                 self._guarded(self._on_pidfd, obj)
             elif kind == "hello":
                 self._guarded(self._on_hello, obj)
+            elif kind == "edges":
+                self._guarded(self.edges.on_readable, obj)
         while self._commands:
             self._guarded(self._commands.popleft())
         now = time.monotonic()
@@ -549,7 +560,11 @@ class Monitor:
     # -- spawning ---------------------------------------------------------------
 
     def _spawn(self, pool: Pool, index: int,
-               on_ready: Callable[[InstanceHandle], None] | None = None) -> InstanceHandle | None:
+               on_ready: Callable[[InstanceHandle], None] | None = None,
+               caller: InstanceHandle | None = None) -> InstanceHandle | None:
+        """Start an instance of ``pool``'s compartment. ``on_ready``: an
+        instance outside the pool (on demand), given to it once ready.
+        ``caller``: an edge instance, serving that instance only."""
         if self.stopping:
             return None
         conn = Connection(self.spec.max_message_size)
@@ -557,9 +572,10 @@ class Monitor:
         # frame is read on this thread and must cost it next to nothing.
         conn.frames.max_frame = min(HELLO_MAX, self.spec.max_message_size)
         transport: PipeTransport | SocketTransport
-        if pool.spec.descriptors:
+        if pool.spec.descriptors or caller is not None:
             # One unix socket (both of the instance's ends are it): slower
-            # than pipes, but it carries descriptors as values.
+            # than pipes, but it carries descriptors as values, and an
+            # edge's end can be handed to its caller.
             ours, theirs_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             call_r = theirs_sock.detach()
             reply_w = os.dup(call_r)
@@ -572,6 +588,8 @@ class Monitor:
         channel = Channel(transport, conn, pool.spec.name)
         inst = InstanceHandle(pool, index, channel, next(self._generation))
         inst.on_ready = on_ready
+        if caller is not None:
+            inst.edge_depth = caller.edge_depth + 1
         channel.on_event = lambda kind, detail: self.channel_event(inst, kind, detail)
         channel.failure_factory = inst.crash_error
         channel.instance = inst  # type: ignore[attr-defined]
@@ -582,6 +600,8 @@ class Monitor:
         theirs = [call_r, reply_w]
         try:
             config = self.config_for(pool.spec, index)
+            if caller is not None:
+                config = self.edges.edge_config(config, caller)
         except Exception as exc:  # e.g. shared data missing in main
             self._by_request.pop(request, None)
             os.close(call_r)
@@ -599,8 +619,13 @@ class Monitor:
             sink = Sink(self.relay, pool.spec.name, pool.spec.output == "prefixed")
             channel.output_sink = sink.write
             self.relay.add(sink, out_r, err_r)
+        if config.edges:
+            # Its way to the compartments it may call: a socket to us.
+            control_ours, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            theirs.append(control_theirs.detach())
+            self.edges.attach(inst, SocketTransport(control_ours))
         try:
-            self._send_control(zygote.Spawn(request, config), theirs)
+            self._send_control(zygote.Spawn(request, config, bool(config.edges)), theirs)
         except (OSError, TimeoutError) as exc:
             self._by_request.pop(request, None)
             self._start_failed(inst, f"cannot reach the zygote: {exc}")
@@ -679,6 +704,8 @@ class Monitor:
     def _start_failed(self, inst: InstanceHandle, reason: str) -> None:
         inst.state = "dead"
         inst.dead.set()
+        self.edges.caller_ended(inst)
+        self.edges.callee_ended(inst, inst.start_error or reason, failed=True)
         if self._started and not inst.pool.ever_ready and inst.on_ready is None:
             # Lazy start, first launch: retrying a module that cannot import
             # would only fail again. Fail the callers with the reason.
@@ -716,7 +743,8 @@ class Monitor:
         inst.dead.set()
         self._by_pid.pop(inst.ns_pid or -1, None)
         self._unwatch(inst.pidfd)
-        self._unwatch(inst.channel.transport.fileno())
+        if not inst.handed_over:  # else that number is no longer ours
+            self._unwatch(inst.channel.transport.fileno())
         if inst.pidfd is not None:
             os.close(inst.pidfd)
             inst.pidfd = None
@@ -725,6 +753,10 @@ class Monitor:
         detail = inst.status_text + (f" ({inst.kill_reason})" if inst.kill_reason else "")
         inst.channel.fail(CompartmentCrashed(pool.spec.name, inst.pid, detail), reason=detail)
         inst.channel.close()  # now, or when the last thread inside it leaves
+        self.edges.caller_ended(inst)
+        failed = not inst.retired and (status is None or process.is_failure(status)
+                                       or inst.kill_reason is not None)
+        self.edges.callee_ended(inst, detail, failed)
         if not was_ready and not self.stopping and (not self._started or not pool.ever_ready):
             self._audit("instance_exit", compartment=pool.spec.name, pid=inst.pid, status=detail)
             self._start_failed(inst, inst.start_error or detail)

@@ -37,12 +37,14 @@ from ..kernel import namespaces, process
 from ..kernel.host import runtime_problems
 from ..transport.streams import SocketTransport
 from ..wire.config import InstanceConfig
-from ..wire.protocol import FrameDecoder, NeedData, Violation, encode_frame
+from ..wire.protocol import MessageReader, encode_frame
 
 
 class Spawn(msgspec.Struct, array_like=True, tag=10):
     request: int
     config: InstanceConfig
+    #: The last descriptor is the instance's edge control socket.
+    control: bool = False
 
 
 class Spawned(msgspec.Struct, array_like=True, tag=11):
@@ -133,25 +135,9 @@ def encode_control(msg: object, nfds: int = 0) -> bytes:
     return encode_frame(_encoder.encode(msg), nfds)
 
 
-class ControlReader:
-    """Sans-IO reader of control frames for the monitor."""
-
-    def __init__(self) -> None:
-        self.frames = FrameDecoder(_MAX_CONTROL)
-
-    def feed(self, data: bytes, fds: list[int]) -> None:
-        self.frames.receive_data(data, fds)
-
-    def messages(self) -> list[tuple[object, list[int]]]:
-        out: list[tuple[object, list[int]]] = []
-        while True:
-            frame = self.frames.next_frame()
-            if isinstance(frame, NeedData):
-                return out
-            if isinstance(frame, Violation):
-                raise RuntimeError(f"zygote control stream broken: {frame.reason}")
-            body, fds = frame
-            out.append((_decoder.decode(body), fds))
+def control_reader() -> MessageReader:
+    """The monitor's reader of what the zygote sends."""
+    return MessageReader(_decoder, _MAX_CONTROL)
 
 
 # -- zygote side ----------------------------------------------------------------
@@ -226,7 +212,7 @@ class Zygote:
         #: pid 1 of its own pid namespace (else a subreaper).
         self.isolated = isolated
         self.transport = SocketTransport(control)
-        self.reader = ControlReader()
+        self.reader = control_reader()
         self.children: set[int] = set()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
@@ -274,14 +260,17 @@ class Zygote:
 
     def spawn(self, msg: Spawn, fds: list[int]) -> None:
         """Fork an instance. ``fds``: its channel's two ends, then (when its
-        output is relayed) the write ends of its stdout and stderr pipes."""
-        if len(fds) not in (2, 4):
+        output is relayed) the write ends of its stdout and stderr pipes,
+        then (``msg.control``) its edge control socket."""
+        channel_fds = fds[:-1] if msg.control else fds
+        if len(channel_fds) not in (2, 4):
             for fd in fds:
                 os.close(fd)
             self.send(Spawned(msg.request, 0, f"expected 2 or 4 descriptors, got {len(fds)}"))
             return
         read_fd, write_fd = fds[:2]
-        output = (fds[2], fds[3]) if len(fds) == 4 else None
+        output = (fds[2], fds[3]) if len(channel_fds) == 4 else None
+        control = fds[-1] if msg.control else None
         pid = os.fork()
         if pid == 0:
             try:
@@ -289,7 +278,7 @@ class Zygote:
                 os.close(self.wake_r)
                 os.close(self.wake_w)
                 self.control.close()
-                _instance.run(msg.config, read_fd, write_fd, output)
+                _instance.run(msg.config, read_fd, write_fd, output, control)
             finally:
                 os._exit(1)
         # The child's copies must be the only ones: its death is the caller's EOF.

@@ -998,6 +998,19 @@ class Channel:
         (now, or when the last caller inside it leaves). Fails it first."""
         if self.failure is None:
             self.fail(CompartmentCrashed(self.peer, None, "channel closed"), reason="closed")
+        self._close_when_unused()
+
+    def hand_over(self) -> None:
+        """The far end's peer is someone else from now on (the monitor read an
+        edge instance's Hello and handed this end to its caller, which holds
+        a copy): close our descriptors *without* shutting the stream down,
+        which would end it for the new holder too."""
+        with self._mu:
+            if self.failure is None:
+                self.failure = CompartmentCrashed(self.peer, None, "handed over to its caller")
+        self._close_when_unused()
+
+    def _close_when_unused(self) -> None:
         with self._mu:
             self._close_requested = True
             close = self._users == 0 and not self.closed

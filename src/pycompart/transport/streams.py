@@ -139,10 +139,13 @@ class SocketTransport(Transport):
 
     can_pass_fds = True
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, carry_fds: bool = True):
         sock.setblocking(False)
         self.sock = sock
         self._fd = sock.fileno()
+        #: False: a socket for speed of set-up only (an edge to a
+        #: compartment without ``descriptors = true``): it refuses them.
+        self.can_pass_fds = carry_fds
 
     def fileno(self) -> int:
         return self._fd
@@ -153,10 +156,12 @@ class SocketTransport(Transport):
         except ConnectionResetError:
             return 0, []
         fds = fds_from_ancillary(anc)
-        if flags & socket.MSG_CTRUNC:
+        if flags & socket.MSG_CTRUNC or (fds and not self.can_pass_fds):
             for fd in fds:
                 os.close(fd)
-            raise ProtocolError("peer sent more file descriptors than a frame may carry")
+            raise ProtocolError("peer sent more file descriptors than a frame may carry"
+                                if self.can_pass_fds else
+                                "peer sent file descriptors over a channel that carries none")
         return n, fds
 
     def recv_into(self, buf: memoryview, deadline: float | None) -> tuple[int, list[int]]:

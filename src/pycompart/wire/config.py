@@ -63,6 +63,22 @@ CANCEL_SIGNAL = signal.SIGRTMIN + 1
 EXIT_START_FAILED = 70
 EXIT_PROTOCOL = 71
 
+class EdgePlan(msgspec.Struct, forbid_unknown_fields=True):
+    """What an instance knows of a compartment its ``may_call`` names: how
+    to call it (``pycompart.compartment.edges``)."""
+
+    call_timeout: float | None = 60.0
+    cancel_grace: float = 0.5
+    start_timeout: float = 10.0
+    #: The edge carries descriptors as values (the callee's ``descriptors``).
+    descriptors: bool = False
+    #: A fresh callee instance for each call (``instances = "per-call"``).
+    per_call: bool = False
+    #: Its spec-declared functions (``module:qualname``): where the caller's
+    #: code imports one, the name is bound to a call over the edge.
+    functions: list[str] = []
+
+
 class InstanceConfig(msgspec.Struct, forbid_unknown_fields=True):
     """Everything an instance needs, sent by the monitor through the zygote.
     Holds names and paths, never code or objects."""
@@ -95,3 +111,17 @@ class InstanceConfig(msgspec.Struct, forbid_unknown_fields=True):
     output: str = "relay"
     #: "main": ``sys.stdin`` reads main's, during main's calls; "null": EOF.
     stdin: str = "null"
+    #: Whether its channel carries descriptors as values.
+    descriptors: bool = False
+    #: Who calls it over its channel: "main", or (an edge instance) the
+    #: compartment whose instance is its only caller.
+    caller: str = "main"
+    #: How many edges lie between main and it (0: main calls it).
+    edge_depth: int = 0
+    #: The compartments it may call (its ``may_call`` less "main").
+    edges: dict[str, EdgePlan] = {}
+    #: Spec-declared functions of the compartments it may *not* call (key ->
+    #: compartment): bound, where its code imports them, to a refusal.
+    foreign: dict[str, str] = {}
+    #: Report each call it makes over an edge for the audit log.
+    audit_edges: bool = False

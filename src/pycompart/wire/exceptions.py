@@ -56,6 +56,11 @@ _OWN_EXCEPTIONS: dict[str, type[Exception]] = {
     "pycompart.ProtocolError": errors.ProtocolError,
     "pycompart.EntrypointError": errors.EntrypointError,
     "pycompart.PrivilegeError": errors.PrivilegeError,
+    # What a call the compartment made to another compartment ended with
+    # (``pycompart.compartment.edges``), raised on through its own call.
+    "pycompart.CompartmentCrashed": errors.CompartmentCrashed,
+    "pycompart.CompartmentUnavailable": errors.CompartmentUnavailable,
+    "pycompart.CallTimeout": errors.CallTimeout,
 }
 
 _SIMPLE = (str, bytes, int, float, bool, type(None))
@@ -186,6 +191,8 @@ def rebuild_exception(info: ErrorInfo, where: str, allow_exit: bool = False,
                 exc = None
                 continue
             break
+        if exc is None and info.type_name in _OWN_EXCEPTIONS:
+            exc = build_without_init(cls, info)  # CompartmentCrashed(compartment, pid, status)
         if exc is not None:
             for key, value in attrs.items():
                 if key not in _RESERVED and key.isidentifier() and not key.startswith("_"):

@@ -327,6 +327,44 @@ class FrameDecoder:
 _NO_FDS: list[int] = []
 
 
+class MessageReader:
+    """Frames of msgspec messages with their descriptors, for the small
+    control streams (the zygote's, the edges'): sans-IO, bounded by
+    ``max_frame``."""
+
+    def __init__(self, decoder: msgspec.msgpack.Decoder, max_frame: int):  # type: ignore[type-arg]
+        self.frames = FrameDecoder(max_frame)
+        self._decoder = decoder
+
+    def feed(self, data: bytes, fds: list[int]) -> None:
+        self.frames.receive_data(data, fds)
+
+    def messages(self) -> list[tuple[object, list[int]]]:
+        """The complete messages so far. Raises ``ValueError`` naming what
+        is wrong with a malformed one (the stream is then unusable; the
+        descriptors that came with it are closed)."""
+        out: list[tuple[object, list[int]]] = []
+        while True:
+            frame = self.frames.next_frame()
+            if isinstance(frame, NeedData):
+                return out
+            if isinstance(frame, Violation):
+                for _, got in out:
+                    close_fds(got)
+                raise ValueError(frame.reason)
+            body, fds = frame
+            try:
+                out.append((self._decoder.decode(body), fds))
+            except msgspec.DecodeError as exc:
+                for _, got in out:
+                    close_fds(got)
+                close_fds(fds)
+                raise ValueError(f"malformed control message: {exc}") from None
+
+    def close(self) -> None:
+        self.frames.close_fds()
+
+
 class Connection:
     """One end of a channel: framing plus request/reply bookkeeping.
 

@@ -1,0 +1,270 @@
+"""Calls between compartments: ``may_call = ["signer"]`` gives ``web`` an
+edge to ``signer`` that the monitor makes and hands over; an edge the spec
+does not declare does not exist. Crash, restart, timeout and audit work per
+edge as they do for main's calls."""
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+
+import pytest
+
+import pycompart
+import edgebox
+
+
+@pytest.fixture
+def key(monkeypatch):
+    # Outside pytest's 0700 tmp_path: each compartment has a uid of its own.
+    d = pathlib.Path(tempfile.mkdtemp(prefix="pycompart-edges-"))
+    d.chmod(0o755)
+    path = d / "key"
+    path.write_bytes(b"k3y")
+    path.chmod(0o644)  # the signer's uid may read it; web's Landlock rules do not let it
+    monkeypatch.setenv("EDGEBOX_KEY", str(path))
+    monkeypatch.setattr(edgebox, "KEY_PATH", str(path))
+    yield str(path)
+    shutil.rmtree(d)
+
+
+@pytest.fixture
+def public(key):
+    """A file web may be allowed to read."""
+    path = pathlib.Path(key).parent / "data.txt"
+    path.write_text("handed over")
+    path.chmod(0o644)
+    return path
+
+
+SIGNER = ["edgebox:sign", "edgebox:whoami", "edgebox:crash", "edgebox:sleep", "edgebox:handed_fd"]
+WEB = ["edgebox:handle", "edgebox:relay", "edgebox:try_call", "edgebox:forge_edge",
+       "edgebox:flood_control", "edgebox:pass_fd"]
+
+
+def spec(key, signer=None, web=None, app=None):
+    return {"app": app or {}, "compartments": {
+        "signer": {"functions": SIGNER, "restart_backoff": "10ms",
+                   "privileges": {"filesystem": {"read": [key]}, "environment": ["EDGEBOX_KEY"]},
+                   **(signer or {})},
+        "web": {"functions": WEB, "may_call": ["signer"], "call_timeout": "20s",
+                "privileges": {"environment": ["EDGEBOX_KEY"]}, **(web or {})},
+        "other": {"functions": ["edgebox:children"]}}}
+
+
+def test_web_calls_signer_over_its_edge_and_cannot_read_the_key(make_app, key):
+    import hashlib
+
+    app = make_app(spec(key))
+    with app:
+        result = app.function("edgebox:handle")(b"hello")
+        assert result == {"signature": hashlib.sha256(b"k3yhello").hexdigest(), "web_reads_key": False}
+        # The edge's callee is an instance of its own, not main's signer.
+        relay = app.function("edgebox:relay")
+        edge_pid = relay("whoami")
+        assert relay("whoami") == edge_pid  # one edge per caller instance, reused
+        assert app.function("edgebox:whoami")() != edge_pid
+
+
+def test_an_undeclared_edge_is_refused_by_name_on_both_ends(make_app, key, tmp_path):
+    log = tmp_path / "audit.jsonl"
+    app = make_app(spec(key, app={"audit_log": str(log)}))
+    with app:
+        try_call = app.function("edgebox:try_call")
+        # In web's own process: it may not call "other".
+        app_other = app.function("edgebox:children")  # an entrypoint of "other"
+        assert app_other() >= 1
+        out = app.function("edgebox:relay")
+        with pytest.raises(pycompart.EntrypointError, match="'web' may not call compartment 'other'"):
+            out("children")  # edgebox.children is other's: web has no edge to it
+        # At the monitor: hostile code asking for the edge itself.
+        forged = app.function("edgebox:forge_edge")("other")
+        assert forged.startswith("CompartmentUnavailable") and \
+            "'web' may not call compartment 'other'" in forged, forged
+        assert app.function("edgebox:forge_edge")("main").startswith("CompartmentUnavailable")
+        assert try_call("whoami")  # web goes on working
+        # A compartment with no may_call has no way to ask at all.
+        other_pids = app.instances("other")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    refused = [r for r in records if r["event"] == "edge_refused"]
+    assert {r["callee"] for r in refused} == {"other", "main"}
+    assert other_pids
+
+
+def test_garbage_on_the_control_socket_kills_only_the_sender(make_app, key):
+    app = make_app(spec(key))
+    with app:
+        with pytest.raises(pycompart.CompartmentCrashed):
+            app.function("edgebox:flood_control")()
+        assert app.function("edgebox:relay")("whoami")  # a fresh web, a fresh edge
+        assert app.function("edgebox:whoami")()
+
+
+def test_a_crashed_callee_fails_its_call_and_the_next_call_gets_a_new_one(make_app, key):
+    app = make_app(spec(key))
+    with app:
+        relay = app.function("edgebox:relay")
+        first = relay("whoami")
+        with pytest.raises(pycompart.CompartmentCrashed, match="signer"):
+            relay("crash")
+        second = relay("whoami")
+        assert second != first
+
+
+def test_restart_never_keeps_the_edge_down(make_app, key):
+    app = make_app(spec(key, signer={"restart": "never"}))
+    with app:
+        relay = app.function("edgebox:relay")
+        relay("whoami")
+        with pytest.raises(pycompart.CompartmentCrashed):
+            relay("crash")
+        with pytest.raises(pycompart.CompartmentUnavailable, match="restart is 'never'"):
+            relay("whoami")
+        assert app.function("edgebox:whoami")()  # main's own signer is another matter
+
+
+def test_max_restarts_bounds_an_edge(make_app, key):
+    app = make_app(spec(key, signer={"max_restarts": 2}))
+    with app:
+        relay = app.function("edgebox:relay")
+        for _ in range(3):
+            with pytest.raises(pycompart.CompartmentCrashed):
+                relay("crash")
+        with pytest.raises(pycompart.CompartmentUnavailable, match="gave up after 2 restarts"):
+            relay("whoami")
+
+
+def test_an_edge_call_times_out_and_a_stuck_callee_is_killed(make_app, key):
+    app = make_app(spec(key, signer={"call_timeout": "300ms", "cancel_grace": "200ms"}))
+    with app:
+        relay = app.function("edgebox:relay")
+        first = relay("whoami")
+        started = time.monotonic()
+        with pytest.raises(pycompart.CallTimeout, match="signer"):
+            relay("sleep", 30)
+        assert time.monotonic() - started < 5
+        # time.sleep yields to the cancel: the same instance serves on.
+        assert relay("whoami") == first
+
+
+def test_audit_records_edge_calls(make_app, key, tmp_path):
+    log = tmp_path / "audit.jsonl"
+    app = make_app(spec(key, app={"audit_log": str(log)}))
+    with app:
+        relay = app.function("edgebox:relay")
+        relay("whoami")
+        with pytest.raises(pycompart.CompartmentCrashed):
+            relay("crash")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    calls = [r for r in records if r["event"] == "call" and r.get("caller") == "web"]
+    assert [(r["callee"], r["entrypoint"], r["outcome"]) for r in calls] == [
+        ("signer", "edgebox:whoami", "ok"), ("signer", "edgebox:crash", "crashed")]
+    assert all(r["reported_by"] == "web" for r in calls)
+    assert sum(r["event"] == "edge_open" for r in records) == 1
+
+
+def test_descriptors_cross_an_edge_to_a_callee_that_takes_them(make_app, key, public):
+    data = public
+    app = make_app(spec(key, signer={"descriptors": True},
+                        web={"privileges": {"filesystem": {"read": [str(data)]},
+                                            "environment": ["EDGEBOX_KEY"]}}))
+    with app:
+        assert app.function("edgebox:pass_fd")(str(data)) == b"handed over"
+
+
+def test_an_edge_refuses_descriptors_when_the_callee_takes_none(make_app, key, public):
+    data = public
+    app = make_app(spec(key, web={"privileges": {"filesystem": {"read": [str(data)]},
+                                                 "environment": ["EDGEBOX_KEY"]}}))
+    with app:
+        with pytest.raises(TypeError, match="descriptors"):
+            app.function("edgebox:pass_fd")(str(data))
+
+
+def test_a_per_call_callee_gets_a_fresh_instance_each_call(make_app, key):
+    app = make_app(spec(key, signer={"instances": "per-call", "max_instances": 2}))
+    with app:
+        relay = app.function("edgebox:relay")
+        pids = {relay("whoami") for _ in range(3)}
+        assert len(pids) == 3
+
+
+def test_the_callees_instances_end_with_their_caller_and_the_app(make_app, key, tmp_path):
+    log = tmp_path / "audit.jsonl"
+    app = make_app(spec(key, app={"audit_log": str(log)}))
+
+    def edge_pids():
+        return [json.loads(line)["pid"] for line in log.read_text().splitlines()
+                if json.loads(line)["event"] == "edge_open"]
+
+    with app:
+        relay = app.function("edgebox:relay")
+        relay("whoami")
+        first, = edge_pids()
+        with pytest.raises(pycompart.CompartmentCrashed):
+            app.function("edgebox:flood_control")()  # web dies: its signer goes with it
+        _gone(first)
+        relay("whoami")
+        second = edge_pids()[-1]
+        assert second != first and os.path.exists(f"/proc/{second}")
+    _gone(second)
+
+
+def _gone(pid):
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.02)
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_spec_rules_for_may_call():
+    with pytest.raises(pycompart.SpecError, match="inline"):
+        pycompart.App({"compartments": {"a": {"may_call": ["b"]}, "b": {"mechanism": "inline"}}})
+    with pytest.raises(pycompart.SpecError, match="per-connection"):
+        pycompart.App({"compartments": {"a": {"may_call": ["b"]},
+                                        "b": {"instances": "per-connection", "descriptors": True}}})
+
+
+def test_the_control_reader_survives_any_bytes():
+    """Sans-IO: whatever an instance writes on its control socket, the
+    monitor's reader yields messages or raises ValueError, nothing else."""
+    import random
+
+    from pycompart.wire import edges as wire
+
+    rng = random.Random(12)
+    good = wire.encode(wire.Open(1, "signer")) + wire.encode(wire.Cancel(3))
+    for _ in range(3000):
+        reader = wire.reader(for_monitor=True)
+        data = bytearray(good)
+        for _ in range(rng.randrange(1, 6)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            data = bytearray(rng.randbytes(rng.randrange(1, 64)))
+        try:
+            reader.feed(bytes(data), [])
+            for msg, fds in reader.messages():
+                assert type(msg) in (wire.Open, wire.Cancel, wire.Kill, wire.Report) and fds == []
+        except ValueError:
+            pass
+    reader = wire.reader(for_monitor=True)
+    reader.feed(wire.encode(wire.Opened(1, 2, 3)), [])  # the monitor's own message is not one it takes
+    with pytest.raises(ValueError):
+        reader.messages()
+
+
+def test_check_prints_the_call_graph(tmp_path, capsys):
+    from pycompart.frontend import cli
+
+    path = tmp_path / "app.toml"
+    path.write_text('[compartments.web]\nmay_call = ["signer", "main"]\n'
+                    '[compartments.signer]\nmay_call = ["hsm"]\n'
+                    '[compartments.hsm]\ninstances = "per-call"\nmay_call = ["signer"]\n')
+    assert cli.main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "web -> signer  (edge: one signer instance for each web instance)" in out
+    assert "signer -> hsm  (edge: a fresh instance per call)" in out
+    assert "web -> main  (callbacks" in out
+    assert "cycle: signer -> hsm -> signer" in out
