@@ -90,3 +90,14 @@ def pass_fd(path: str) -> bytes:
 
 def children() -> int:
     return len(os.listdir("/proc/self/task"))
+
+
+def open_flood(n: int) -> str:
+    """Ask the monitor for the same edge ``n`` times without reading."""
+    from pycompart.compartment import edges
+    from pycompart.wire import edges as wire
+
+    for seq in range(10_000, 10_000 + n):
+        edges.CLIENT._tell(wire.Open(seq, "signer"))
+    time.sleep(1.0)
+    return "sent"

@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 
@@ -41,7 +42,7 @@ def public(key):
 
 SIGNER = ["edgebox:sign", "edgebox:whoami", "edgebox:crash", "edgebox:sleep", "edgebox:handed_fd"]
 WEB = ["edgebox:handle", "edgebox:relay", "edgebox:try_call", "edgebox:forge_edge",
-       "edgebox:flood_control", "edgebox:pass_fd"]
+       "edgebox:flood_control", "edgebox:pass_fd", "edgebox:open_flood"]
 
 
 def spec(key, signer=None, web=None, app=None):
@@ -100,6 +101,22 @@ def test_garbage_on_the_control_socket_kills_only_the_sender(make_app, key):
             app.function("edgebox:flood_control")()
         assert app.function("edgebox:relay")("whoami")  # a fresh web, a fresh edge
         assert app.function("edgebox:whoami")()
+
+
+def test_asking_for_an_edge_over_and_over_is_bounded(make_app, key, tmp_path):
+    log = tmp_path / "audit.jsonl"
+    app = make_app(spec(key, app={"audit_log": str(log)}, signer={"max_restarts": 3}))
+    with app:
+        try:
+            app.function("edgebox:open_flood")(300)
+        except pycompart.CompartmentCrashed as exc:  # or it is killed for not reading its answers
+            assert "did not read its control socket" in str(exc)
+        monitor = app._runtime.monitor
+        assert monitor.edges.live <= 1
+        assert app.function("edgebox:whoami")()  # main's signer is untouched
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    started = [r for r in records if r["event"] == "instance_start" and r["compartment"] == "signer"]
+    assert len(started) <= 1 + 3 + 1  # main's, then at most max_restarts + 1 for web
 
 
 def test_a_crashed_callee_fails_its_call_and_the_next_call_gets_a_new_one(make_app, key):
@@ -268,3 +285,116 @@ def test_check_prints_the_call_graph(tmp_path, capsys):
     assert "signer -> hsm  (edge: a fresh instance per call)" in out
     assert "web -> main  (callbacks" in out
     assert "cycle: signer -> hsm -> signer" in out
+
+
+def test_edges_work_for_a_user_who_is_not_root():
+    import subprocess
+    import sys
+
+    from test_escape import SYSTEM_PYTHON, _stage
+
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs root, setpriv and a world-readable system python to become uid 65534")
+    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        pytest.skip(f"{SYSTEM_PYTHON} is {version}, the compiled dependencies are for {sys.version_info[:2]}")
+    stage, path = _stage(("edgebox.py", "edge_runner.py"))
+    try:
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               SYSTEM_PYTHON, "-I", os.path.join(stage, "edge_runner.py"), *path],
+                              capture_output=True, text=True, timeout=120, cwd="/tmp")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["uid"] == 65534
+    assert report["handle"] == {"signature": report["expected"], "web_reads_key": False}
+    assert report["crash"] == "CompartmentCrashed" and report["restarted"]
+    assert "'web' may not call compartment 'other'" in report["forged"]
+
+
+# -- modules of another compartment, imported over an edge ----------------------------
+
+EDGEMODS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "edgemods")
+
+
+@pytest.fixture
+def data_file(monkeypatch):
+    d = pathlib.Path(tempfile.mkdtemp(prefix="pycompart-edgemod-"))
+    d.chmod(0o755)
+    path = d / "data.txt"
+    path.write_text("the data")
+    path.chmod(0o644)
+    monkeypatch.setenv("EDGEMOD_DATA", str(path))
+    monkeypatch.syspath_prepend(EDGEMODS)
+    yield str(path)
+    shutil.rmtree(d)
+    for name in ("edgemod_a", "edgemod_b"):
+        sys.modules.pop(name, None)
+
+
+def module_spec(data, may_call=("reader",)):
+    return {"compartments": {
+        "app": {"modules": ["edgemod_a"], "may_call": list(may_call),
+                "privileges": {"environment": ["EDGEMOD_DATA"]}},
+        "reader": {"modules": ["edgemod_b"], "restart_backoff": "10ms",
+                   "privileges": {"filesystem": {"read": [data]}, "environment": ["EDGEMOD_DATA"]}}}}
+
+
+def test_a_module_of_a_compartment_it_may_call_comes_as_proxies(make_app, data_file):
+    app = make_app(module_spec(data_file))
+    app.start(import_hook=True)
+    import edgemod_a
+
+    assert edgemod_a.through_b() == "the data"
+    assert edgemod_a.reads_itself() == "refused: PermissionError"  # app's own lock-down
+    # b's class, its exception class and isinstance, in app, as proxies
+    assert edgemod_a.store_roundtrip() == ("> the data", "NotFound: other", 2, True)
+    # b's object, returned through app to main: main's calls reach it via app
+    store = edgemod_a.give_store()
+    assert store.get("data") == "given the data"
+    app_pid, b_pid = edgemod_a.pids()
+    assert b_pid != app_pid
+
+
+def test_a_crash_and_a_stale_reference_over_a_module_edge(make_app, data_file):
+    app = make_app(module_spec(data_file))
+    app.start(import_hook=True)
+    import edgemod_a
+
+    assert edgemod_a.crash_b() == "CompartmentCrashed"
+    assert edgemod_a.through_b() == "the data"  # a new instance of reader for app
+    assert edgemod_a.stale() == "StaleReference"
+
+
+def test_a_module_of_a_compartment_it_may_not_call_is_refused_by_name(make_app, data_file):
+    app = make_app(module_spec(data_file, may_call=()))
+    with pytest.raises(pycompart.CompartmentStartError,
+                       match="'edgemod_b' is placed in compartment 'reader'; compartment 'app' "
+                             "cannot import it: its spec's may_call does not list 'reader'"):
+        app.start(import_hook=True)  # app imports edgemod_a, which imports edgemod_b, at its start
+
+
+def test_pycompart_run_boxes_two_dependencies_that_use_each_other(data_file, tmp_path):
+    import subprocess
+
+    spec = tmp_path / "app.toml"
+    spec.write_text(f"""
+[compartments.app]
+modules = ["edgemod_a"]
+may_call = ["reader"]
+privileges.environment = ["EDGEMOD_DATA"]
+
+[compartments.reader]
+modules = ["edgemod_b"]
+privileges.environment = ["EDGEMOD_DATA"]
+privileges.filesystem.read = ["{data_file}"]
+""")
+    prog = tmp_path / "prog.py"
+    prog.write_text("import edgemod_a\nprint(edgemod_a.through_b(), edgemod_a.reads_itself())\n")
+    env = dict(os.environ, PYTHONPATH=EDGEMODS)
+    proc = subprocess.run([sys.executable, "-m", "pycompart", "run", str(spec), "--", str(prog)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "the data refused: PermissionError"

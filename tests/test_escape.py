@@ -51,7 +51,7 @@ def test_unconfined_twin_as_root(root_results, name):
     assert root_results[name].startswith(escape.UNCONFINED[name]), root_results[name]
 
 
-def _stage() -> tuple[str, list[str]]:
+def _stage(extra=()) -> tuple[str, list[str]]:
     """A world-readable copy of pycompart, msgspec, pyseccomp and the
     battery: the checkout may sit under a 0700 directory (as /root does)."""
     stage = tempfile.mkdtemp(prefix="pycompart-stage-", dir="/tmp")
@@ -63,7 +63,7 @@ def _stage() -> tuple[str, list[str]]:
                             ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(spec.origin, stage)
-    for name in ("escape.py", "hostile.py", "escape_runner.py"):
+    for name in ("escape.py", "hostile.py", "escape_runner.py", *extra):
         shutil.copy(os.path.join(HERE, name), stage)
     for root, dirs, files in os.walk(stage):
         for d in dirs:

@@ -148,6 +148,19 @@ class EdgeClient:
                                        round((time.monotonic() - started) * 1000, 3),
                                        len(payload), reply_size))
 
+    def edge(self, callee: str, deadline: float | None) -> _Edge:
+        """The open edge to ``callee`` (made now if there is none)."""
+        return self._edge(callee, self.config.edges[callee], deadline)
+
+    def module_loader(self, callee: str) -> Any:
+        """The import loader of a module placed in ``callee``: a proxy over
+        the edge. The proxies are the caller's side of module compartments,
+        main's and ours alike (``pycompart.frontend.edgeproxy``): imported
+        only when this instance imports such a module."""
+        from ..frontend import edgeproxy
+
+        return edgeproxy.loader(self, callee)
+
     def _edge(self, callee: str, plan: EdgePlan, deadline: float | None) -> _Edge:
         if not plan.per_call:
             edge = self._edges.get(callee)

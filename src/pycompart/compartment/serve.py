@@ -18,6 +18,7 @@ grace period instead; a process can always be stopped, a thread cannot.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import os
 import runpy
 import signal
@@ -204,25 +205,24 @@ def _load(config: InstanceConfig) -> dict[str, _LazyContract]:
 
 
 class _PlacedElsewhere:
-    """Refuses to import, here, a module the spec placed in another
-    compartment: it must run only there, under that compartment's
-    privileges. Over an edge, only that compartment's entrypoints can be
-    called; its modules cannot be imported as proxies (yet)."""
+    """A module the spec placed in another compartment never runs here,
+    under this compartment's privileges: importing it gives a proxy over
+    the edge to that compartment if ``may_call`` declares one, and fails
+    otherwise."""
 
     def __init__(self, here: str, elsewhere: dict[str, str], edges: object = ()):
         self.here = here
         self.elsewhere = elsewhere
         self.edges = edges
 
-    def find_spec(self, fullname: str, path: object, target: object = None) -> None:
+    def find_spec(self, fullname: str, path: object, target: object = None) -> object:
         for module, owner in self.elsewhere.items():
             if fullname == module or fullname.startswith(module + "."):
-                why = (f"it may call {owner!r}'s entrypoints (functions, @entrypoint), but modules "
-                       "placed in another compartment cannot be imported across an edge in this "
-                       "version") if owner in self.edges else \
-                    f"its spec's may_call does not list {owner!r}"
+                if owner in self.edges and _edges.CLIENT is not None:
+                    return importlib.machinery.ModuleSpec(fullname, _edges.CLIENT.module_loader(owner))
                 raise ImportError(f"module {fullname!r} is placed in compartment {owner!r}; "
-                                  f"compartment {self.here!r} cannot import it: {why}", name=fullname)
+                                  f"compartment {self.here!r} cannot import it: its spec's "
+                                  f"may_call does not list {owner!r}", name=fullname)
         return None
 
 

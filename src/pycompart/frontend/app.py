@@ -402,7 +402,9 @@ class _Runtime:
             edges={name: EdgePlan(
                 call_timeout=callee.call_timeout, cancel_grace=callee.cancel_grace,
                 start_timeout=callee.start_timeout, descriptors=callee.descriptors,
-                per_call=callee.on_demand == "per-call", functions=list(callee.functions))
+                per_call=callee.on_demand == "per-call", functions=list(callee.functions),
+                modules=list(callee.modules), expose=list(callee.expose),
+                allow_exit=callee.allow_exit, allow_returned_callables=callee.allow_returned_callables)
                 for name in comp.may_call if name != "main"
                 for callee in (self.spec.compartments[name],)},
             foreign={key: other.name for other in self.spec.compartments.values()

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 #: Audit records of edge calls one caller instance may have written per
 #: second (they are what the caller reports, so a flood is bounded).
 REPORTS_PER_SECOND = 10_000
+#: Edge instances (of all compartments) that may exist at once: with the
+#: depth bound, what a recursion across a cycle of compartments may spawn.
+MAX_EDGE_INSTANCES = 256
 MAX_NAMED = 256
 
 
@@ -82,6 +85,7 @@ class EdgeBook:
         self.monitor = monitor
         self._ids = itertools.count(1)
         self._buf = memoryview(bytearray(2 * wire.MAX_CONTROL_FRAME))
+        self.live = 0  # links starting or open, app-wide
 
     # -- configuration of new instances ---------------------------------------------
 
@@ -170,8 +174,24 @@ class EdgeBook:
             self._answer(inst, wire.Refused(msg.seq, f"compartment {here!r} has {wire.MAX_EDGES} "
                                                      "edges open already"))
             return
+        if self.live >= MAX_EDGE_INSTANCES:
+            self._answer(inst, wire.Refused(msg.seq, f"compartment {callee!r}: {MAX_EDGE_INSTANCES} "
+                                                     "instances serving edges exist already",
+                                            busy=True))
+            return
         per_call = spec.on_demand == "per-call"
         delay = 0.0
+        if not per_call:
+            # One edge to a pooled compartment per caller instance: asking
+            # again (its edge broke, or a hostile caller asks over and over)
+            # ends the one it had, and that counts against the restarts.
+            for old in list(ctl.links.values()):
+                if old.callee_name == callee:
+                    if old.callee is not None and old.callee.state != "dead":
+                        old.callee.kill_reason = old.callee.kill_reason or "replaced by a new edge"
+                        monitor._kill(old.callee, old.callee.kill_reason)
+                    if old.state == "starting":
+                        self._ended(old, "replaced by a new edge", failed=True)
         if per_call:
             assert pool.on_demand is not None
             if not pool.on_demand.acquire(blocking=False):
@@ -190,6 +210,7 @@ class EdgeBook:
                 delay = min(5.0, spec.restart_backoff * (2 ** (len(failures) - 1)))
         link = Link(next(self._ids), inst, callee, msg.seq, per_call)
         ctl.links[link.id] = link
+        self.live += 1
 
         def spawn() -> None:
             if link.state != "starting":
@@ -240,6 +261,7 @@ class EdgeBook:
             return
         was = link.state
         link.state = "dead"
+        self.live -= 1
         caller = link.caller
         ctl: CallerControl | None = getattr(caller, "control", None)
         if ctl is not None:

@@ -77,6 +77,12 @@ class EdgePlan(msgspec.Struct, forbid_unknown_fields=True):
     #: Its spec-declared functions (``module:qualname``): where the caller's
     #: code imports one, the name is bound to a call over the edge.
     functions: list[str] = []
+    #: Its modules: the caller's code imports them as proxies over the edge
+    #: (``pycompart.frontend.edgeproxy``), with these settings of the callee's.
+    modules: list[str] = []
+    expose: list[str] = []
+    allow_exit: bool = True
+    allow_returned_callables: bool = False
 
 
 class InstanceConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -1,0 +1,54 @@
+"""Placed in compartment ``app`` (tests/test_edges.py), which may call
+``reader``: it imports ``edgemod_b`` and gets proxies over its edge."""
+
+import os
+
+import edgemod_b
+
+
+def through_b() -> str:
+    return edgemod_b.read()
+
+
+def reads_itself() -> str:
+    try:
+        with open(edgemod_b.PATH) as f:
+            return "read " + f.read()
+    except OSError as exc:
+        return f"refused: {type(exc).__name__}"
+
+
+def store_roundtrip() -> tuple:
+    store = edgemod_b.Store("> ")
+    got = store.get("data")
+    try:
+        store.get("other")
+    except edgemod_b.NotFound as exc:  # the stand-in of b's class
+        missing = f"NotFound: {exc}"
+    return got, missing, store.calls, isinstance(store, edgemod_b.Store)
+
+
+def give_store():
+    return edgemod_b.Store("given ")
+
+
+def pids() -> tuple:
+    return os.getpid(), edgemod_b.pid()
+
+
+def crash_b() -> str:
+    try:
+        edgemod_b.crash()
+    except Exception as exc:
+        return type(exc).__name__
+    return "no crash"
+
+
+def stale() -> str:
+    store = edgemod_b.Store("")
+    crash_b()
+    try:
+        store.get("data")
+    except Exception as exc:
+        return type(exc).__name__
+    return "no error"

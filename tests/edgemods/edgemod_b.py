@@ -1,0 +1,36 @@
+"""Placed in compartment ``reader`` (tests/test_edges.py): the only one that
+may read the data file."""
+
+import os
+
+PATH = os.environ.get("EDGEMOD_DATA", "/nonexistent")
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Store:
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.calls = 0
+
+    def get(self, name: str) -> str:
+        self.calls += 1
+        if name != "data":
+            raise NotFound(name)
+        with open(PATH) as f:
+            return self.prefix + f.read()
+
+
+def read() -> str:
+    with open(PATH) as f:
+        return f.read()
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def crash() -> None:
+    os._exit(3)
