@@ -101,3 +101,76 @@ def open_flood(n: int) -> str:
         edges.CLIENT._tell(wire.Open(seq, "signer"))
     time.sleep(1.0)
     return "sent"
+
+
+def chatty(seconds: float) -> str:
+    """A hostile callee: streams Output frames on its channel, never replies."""
+    from pycompart.compartment import serve
+    from pycompart.wire.protocol import Connection
+
+    transport = serve.CALL_OUTPUT.channel.transport
+    fd = getattr(transport, "write_fd", None) or transport.fileno()
+    frame = Connection.send_output(1, b"x") * 64
+    os.set_blocking(fd, True)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        os.write(fd, frame)
+    return "done chatting"
+
+
+def trickle(seconds: float) -> str:
+    """A hostile callee: sends the start of a reply frame a byte at a time."""
+    from pycompart.compartment import serve
+
+    transport = serve.CALL_OUTPUT.channel.transport
+    fd = getattr(transport, "write_fd", None) or transport.fileno()
+    os.set_blocking(fd, True)
+    from pycompart.wire.protocol import HEADER
+
+    os.write(fd, HEADER.pack(1 << 20, 0, 0))  # a 1 MiB frame, then its body a byte every 0.5 ms
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        os.write(fd, b"x")
+        time.sleep(0.0005)
+    return "done"
+
+
+def fds_on_control(count: int) -> str:
+    """Send descriptors on the control socket (a frame that claims none)."""
+    import array
+    import socket
+
+    from pycompart.compartment import edges
+    from pycompart.wire import edges as wire
+
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(count)]
+    frame = wire.encode(wire.Cancel(1))
+    edges.CLIENT.control.sock.sendmsg(
+        [frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    time.sleep(5)
+    return "still alive"
+
+
+_held: list = []
+
+
+def hold_per_call(n: int) -> str:
+    """Ask for ``n`` per-call edges to signer and keep them, unused."""
+    from pycompart.compartment import edges
+
+    plan = edges.CLIENT.config.edges["signer"]
+    for i in range(n):
+        try:
+            _held.append(edges.CLIENT._ask_for("signer", plan, time.monotonic() + 1))
+        except Exception as exc:
+            return f"{i} held, then {type(exc).__name__}: {exc}"
+    return f"{n} held"
+
+
+def ping_a(n: int) -> int:
+    """In compartment a: calls b's ping_b until n is 0; the depth reached."""
+    return 0 if n == 0 else 1 + ping_b(n - 1)
+
+
+def ping_b(n: int) -> int:
+    return 0 if n == 0 else 1 + ping_a(n - 1)

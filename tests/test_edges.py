@@ -40,9 +40,11 @@ def public(key):
     return path
 
 
-SIGNER = ["edgebox:sign", "edgebox:whoami", "edgebox:crash", "edgebox:sleep", "edgebox:handed_fd"]
+SIGNER = ["edgebox:sign", "edgebox:whoami", "edgebox:crash", "edgebox:sleep", "edgebox:handed_fd",
+          "edgebox:chatty", "edgebox:trickle"]
 WEB = ["edgebox:handle", "edgebox:relay", "edgebox:try_call", "edgebox:forge_edge",
-       "edgebox:flood_control", "edgebox:pass_fd", "edgebox:open_flood"]
+       "edgebox:flood_control", "edgebox:pass_fd", "edgebox:open_flood", "edgebox:fds_on_control",
+       "edgebox:hold_per_call"]
 
 
 def spec(key, signer=None, web=None, app=None):
@@ -119,6 +121,22 @@ def test_asking_for_an_edge_over_and_over_is_bounded(make_app, key, tmp_path):
     assert len(started) <= 1 + 3 + 1  # main's, then at most max_restarts + 1 for web
 
 
+@pytest.mark.parametrize("count", [1, 17])
+def test_descriptors_on_the_control_socket_kill_the_sender(make_app, key, tmp_path, count):
+    log = tmp_path / "audit.jsonl"
+    app = make_app(spec(key, app={"audit_log": str(log)}))
+    with app:
+        app.function("edgebox:relay")("whoami")  # the steady state: web with its edge
+        fds_before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(pycompart.CompartmentCrashed, match="control socket"):
+            app.function("edgebox:fds_on_control")(count)
+        assert app.function("edgebox:relay")("whoami")  # a new web works
+        assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
+    breaks = [json.loads(line) for line in log.read_text().splitlines()
+              if json.loads(line)["event"] == "comm_break"]
+    assert breaks and "control socket" in breaks[0]["reason"]
+
+
 def test_a_crashed_callee_fails_its_call_and_the_next_call_gets_a_new_one(make_app, key):
     app = make_app(spec(key))
     with app:
@@ -166,6 +184,24 @@ def test_an_edge_call_times_out_and_a_stuck_callee_is_killed(make_app, key):
         assert relay("whoami") == first
 
 
+@pytest.mark.parametrize("attack", ["chatty", "trickle"])
+def test_a_callee_that_streams_frames_instead_of_replying_still_times_out(make_app, key, attack):
+    """Output frames (or a reply trickled byte by byte) in place of the
+    reply must not hold the caller past its deadline: not web over its
+    edge, not main over its channel."""
+    app = make_app(spec(key, signer={"call_timeout": "500ms", "cancel_grace": "200ms"}))
+    with app:
+        relay = app.function("edgebox:relay")
+        started = time.monotonic()
+        with pytest.raises(pycompart.CallTimeout):
+            relay(attack, 20)
+        assert time.monotonic() - started < 5
+        started = time.monotonic()
+        with pytest.raises(pycompart.CallTimeout):
+            app.function(f"edgebox:{attack}")(20)
+        assert time.monotonic() - started < 5
+
+
 def test_audit_records_edge_calls(make_app, key, tmp_path):
     log = tmp_path / "audit.jsonl"
     app = make_app(spec(key, app={"audit_log": str(log)}))
@@ -206,6 +242,23 @@ def test_a_per_call_callee_gets_a_fresh_instance_each_call(make_app, key):
         relay = app.function("edgebox:relay")
         pids = {relay("whoami") for _ in range(3)}
         assert len(pids) == 3
+
+
+def test_one_caller_cannot_hold_all_of_a_per_call_compartments_instances(make_app, key):
+    app = make_app(spec(key, signer={"instances": "per-call", "max_instances": 4}))
+    with app:
+        held = app.function("edgebox:hold_per_call")(4)
+        assert held.startswith("2 held, then CompartmentUnavailable") and "'web' holds 2" in held
+        assert app.function("edgebox:whoami")()  # main still gets one
+
+
+def test_an_unused_per_call_instance_is_taken_back_after_its_timeout(make_app, key):
+    app = make_app(spec(key, signer={"instances": "per-call", "max_instances": 2,
+                                     "call_timeout": "300ms", "cancel_grace": "100ms"}))
+    with app:
+        assert app.function("edgebox:hold_per_call")(1) == "1 held"
+        time.sleep(2.5)  # call_timeout + cancel_grace + 1s, then it is killed
+        assert app._runtime.monitor.edges.per_call_held == {}
 
 
 def test_the_callees_instances_end_with_their_caller_and_the_app(make_app, key, tmp_path):
@@ -398,3 +451,30 @@ privileges.filesystem.read = ["{data_file}"]
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "the data refused: PermissionError"
+
+
+def test_decorated_entrypoints_call_each_other_over_the_edge():
+    import edgeapp
+
+    with edgeapp.app:
+        assert edgeapp.quad(3) == 12
+        web, signer, again = edgeapp.pids()
+        assert web != signer == again
+        assert signer != edgeapp.where()  # main's signer is another instance
+    with edgeapp.closed:
+        with pytest.raises(pycompart.EntrypointError,
+                           match="'web' may not call compartment 'signer'"):
+            edgeapp.nine(1)
+
+
+def test_a_recursion_across_a_cycle_of_compartments_is_bounded(make_app):
+    app = make_app({"compartments": {
+        "a": {"functions": ["edgebox:ping_a"], "may_call": ["b"]},
+        "b": {"functions": ["edgebox:ping_b"], "may_call": ["a"]}}})
+    with app:
+        ping = app.function("edgebox:ping_a")
+        assert ping(5) == 5  # a -> b -> a -> b -> a -> b: fresh instances at each level
+        with pytest.raises(pycompart.CompartmentUnavailable, match="at most 8 deep"):
+            ping(20)
+        assert app._runtime.monitor.edges.live <= 8
+        assert ping(3) == 3

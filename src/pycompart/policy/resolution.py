@@ -140,8 +140,9 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
                      "every instance of this compartment (its own uid)" if lock.dynamic_user else
                      f"every process and thread of uid {target_uid}, including other instances "
                      "running as that user")
-            notes.append(f"processes = {p.processes}{' (default)' if defaulted else ''}: processes "
-                         f"and threads, counted for {whose}")
+            notes.append(f"processes = {p.processes}{' (default)' if defaulted else ''}: the processes "
+                         f"and threads its code may start, counted for {whose} (the instances "
+                         "themselves are the monitor's to bound: instances, max_instances, edges)")
     if p.memory is not None and "memory" in p.defaulted:
         notes.append(f"memory = {p.memory // 2**20} MiB of address space (default; "
                      '"unlimited" lifts it)')

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import collections
 import itertools
+import resource
 import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ..errors import ProtocolError
 from ..kernel import process
 from ..transport.streams import SocketTransport
 from ..wire import edges as wire
@@ -39,17 +41,22 @@ if TYPE_CHECKING:
 
 #: Audit records of edge calls one caller instance may have written per
 #: second (they are what the caller reports, so a flood is bounded).
-REPORTS_PER_SECOND = 10_000
-#: Edge instances (of all compartments) that may exist at once: with the
-#: depth bound, what a recursion across a cycle of compartments may spawn.
-MAX_EDGE_INSTANCES = 256
+REPORTS_PER_SECOND = 1_000
+#: Edge instances one instance main calls may cause, through all the
+#: edges below it (its tree): with the depth bound, what a recursion across
+#: a cycle of compartments may spawn, and a hostile tree's share.
+MAX_EDGE_INSTANCES_PER_TREE = 32
+#: Edge instances that may exist at once app-wide, as a fraction of main's
+#: descriptor limit (each costs main a pidfd, relay pipes and perhaps a
+#: control socket).
+EDGE_INSTANCES_PER_FD = 1 / 4
 MAX_NAMED = 256
 
 
 class Link:
     """One edge: a caller instance and the callee instance started for it."""
 
-    __slots__ = ("id", "caller", "callee_name", "seq", "callee", "state", "per_call")
+    __slots__ = ("id", "caller", "callee_name", "seq", "callee", "state", "per_call", "root")
 
     def __init__(self, edge_id: int, caller: InstanceHandle, callee_name: str, seq: int, per_call: bool):
         self.id = edge_id
@@ -59,6 +66,7 @@ class Link:
         self.callee: InstanceHandle | None = None
         self.state = "starting"  # -> open -> dead
         self.per_call = per_call
+        self.root: InstanceHandle = caller
 
 
 class CallerControl:
@@ -86,6 +94,12 @@ class EdgeBook:
         self._ids = itertools.count(1)
         self._buf = memoryview(bytearray(2 * wire.MAX_CONTROL_FRAME))
         self.live = 0  # links starting or open, app-wide
+        self.per_tree: collections.Counter[int] = collections.Counter()  # by the tree's root's id
+        #: Per (caller compartment, per-call callee): links it holds.
+        self.per_call_held: collections.Counter[tuple[str, str]] = collections.Counter()
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_live = max(16, int((soft if soft != resource.RLIM_INFINITY else 65536)
+                                    * EDGE_INSTANCES_PER_FD))
 
     # -- configuration of new instances ---------------------------------------------
 
@@ -106,10 +120,13 @@ class EdgeBook:
     def on_readable(self, inst: InstanceHandle) -> None:
         ctl: CallerControl = inst.control
         try:
-            n, fds = ctl.transport.read_into(self._buf)
+            n, fds = ctl.transport.read_into(self._buf)  # closes any descriptors, and raises
         except BlockingIOError:
             return
-        except Exception:  # ProtocolError (descriptors sent to us), OSError
+        except ProtocolError as exc:
+            self._violation(inst, f"control socket: {exc}", fatal=True)
+            return
+        except OSError:
             n, fds = 0, []
         if n == 0:
             close_fds(fds)
@@ -174,12 +191,29 @@ class EdgeBook:
             self._answer(inst, wire.Refused(msg.seq, f"compartment {here!r} has {wire.MAX_EDGES} "
                                                      "edges open already"))
             return
-        if self.live >= MAX_EDGE_INSTANCES:
-            self._answer(inst, wire.Refused(msg.seq, f"compartment {callee!r}: {MAX_EDGE_INSTANCES} "
-                                                     "instances serving edges exist already",
+        root = inst.edge_root or inst
+        if self.per_tree[id(root)] >= MAX_EDGE_INSTANCES_PER_TREE:
+            self._answer(inst, wire.Refused(msg.seq, f"compartment {callee!r}: the calls below one "
+                                                     f"of main's calls into {root.pool.spec.name!r} "
+                                                     f"already have {MAX_EDGE_INSTANCES_PER_TREE} "
+                                                     "instances serving edges", busy=True))
+            return
+        if self.live >= self.max_live:
+            self._answer(inst, wire.Refused(msg.seq, f"compartment {callee!r}: {self.max_live} "
+                                                     "instances serving edges exist already (a "
+                                                     "quarter of main's descriptor limit)",
                                             busy=True))
             return
         per_call = spec.on_demand == "per-call"
+        share = (here, callee)
+        if per_call and self.per_call_held[share] >= max(1, spec.max_instances // 2):
+            # Main's own calls keep the other half: one caller cannot
+            # starve them by holding edges it does not use.
+            self._answer(inst, wire.Refused(msg.seq, f"compartment {callee!r}: {here!r} holds "
+                                                     f"{self.per_call_held[share]} of its "
+                                                     f"{spec.max_instances} instances (max_instances)"
+                                                     ", the most one caller may", busy=True))
+            return
         delay = 0.0
         if not per_call:
             # One edge to a pooled compartment per caller instance: asking
@@ -209,8 +243,12 @@ class EdgeBook:
             if failures:
                 delay = min(5.0, spec.restart_backoff * (2 ** (len(failures) - 1)))
         link = Link(next(self._ids), inst, callee, msg.seq, per_call)
+        link.root = root
         ctl.links[link.id] = link
         self.live += 1
+        self.per_tree[id(root)] += 1
+        if per_call:
+            self.per_call_held[share] += 1
 
         def spawn() -> None:
             if link.state != "starting":
@@ -241,6 +279,16 @@ class EdgeBook:
         callee.channel.hand_over()
         callee.handed_over = True
         link.state = "open"
+        spec = callee.pool.spec
+        if link.per_call and spec.call_timeout is not None:
+            # Its one call must end within its timeout: a caller holding a
+            # per-call instance it does not use gives it back then.
+            def expire() -> None:
+                if link.state == "open" and callee.state != "dead":
+                    callee.kill_reason = callee.kill_reason or "its one call did not end within " \
+                        "call_timeout + cancel_grace of its start"
+                    monitor._kill(callee, callee.kill_reason)
+            monitor._after(spec.call_timeout + spec.cancel_grace + 1.0, expire)
         named = caller.control.named
         named[link.id] = (link.callee_name, callee.pid)
         if len(named) > MAX_NAMED:
@@ -262,6 +310,15 @@ class EdgeBook:
         was = link.state
         link.state = "dead"
         self.live -= 1
+        key = id(link.root)
+        self.per_tree[key] -= 1
+        if self.per_tree[key] <= 0:
+            del self.per_tree[key]
+        if link.per_call:
+            share = (link.caller.pool.spec.name, link.callee_name)
+            self.per_call_held[share] -= 1
+            if self.per_call_held[share] <= 0:
+                del self.per_call_held[share]
         caller = link.caller
         ctl: CallerControl | None = getattr(caller, "control", None)
         if ctl is not None:

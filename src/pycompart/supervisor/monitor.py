@@ -141,6 +141,7 @@ class InstanceHandle:
         self.control: Any = None
         self.edge_link: Any = None
         self.edge_depth = 0
+        self.edge_root: Any = None  # the instance main calls whose edges led to this one
         self.handed_over = False  # its channel's far end is its caller's now
 
     def crash_error(self) -> CompartmentCrashed:
@@ -590,6 +591,7 @@ class Monitor:
         inst.on_ready = on_ready
         if caller is not None:
             inst.edge_depth = caller.edge_depth + 1
+            inst.edge_root = caller.edge_root or caller
         channel.on_event = lambda kind, detail: self.channel_event(inst, kind, detail)
         channel.failure_factory = inst.crash_error
         channel.instance = inst  # type: ignore[attr-defined]
@@ -623,7 +625,7 @@ class Monitor:
             # Its way to the compartments it may call: a socket to us.
             control_ours, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             theirs.append(control_theirs.detach())
-            self.edges.attach(inst, SocketTransport(control_ours))
+            self.edges.attach(inst, SocketTransport(control_ours, carry_fds=False))
         try:
             self._send_control(zygote.Spawn(request, config, bool(config.edges)), theirs)
         except (OSError, TimeoutError) as exc:

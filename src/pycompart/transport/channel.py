@@ -547,18 +547,23 @@ class Channel:
                 conn.bytes_in += n
                 if fds:
                     frames.receive_data(b"", fds)
-                continue
-            event = conn.parse_one(view[:n]) if not fds else self._feed(view[:n], fds)
-            if event is not _NEED_DATA:
-                self._dispatch_by(event, deadline, waiter)
+            else:
+                event = conn.parse_one(view[:n]) if not fds else self._feed(view[:n], fds)
+                if event is not _NEED_DATA:
+                    self._dispatch_by(event, deadline, waiter)
+                    continue
+            # Part of a frame: a peer trickling bytes (found by the spin,
+            # which does not look at the clock) must not outlast the deadline.
+            if deadline is not None and waiter is not _DRAIN and time.monotonic() >= deadline:
+                raise TimeoutError
 
     def _dispatch_by(self, event: object, deadline: float | None, waiter: Any) -> None:
-        """``_dispatch``, then ``TimeoutError`` if a call made us pass our
-        deadline: a peer that keeps calls coming (from its worker threads)
-        must not keep us reading past it."""
+        """``_dispatch``, then ``TimeoutError`` if we are past our deadline:
+        a peer that keeps frames coming (calls from its worker threads, or
+        output, cancels, releases instead of the reply) must not keep us
+        reading past it."""
         self._dispatch(event)
-        if event.__class__ is Call and deadline is not None and waiter is not _DRAIN \
-                and time.monotonic() >= deadline:
+        if deadline is not None and waiter is not _DRAIN and time.monotonic() >= deadline:
             raise TimeoutError
 
     def _feed(self, data: memoryview, fds: list[int]) -> object:
