@@ -411,6 +411,21 @@ def test_a_module_of_a_compartment_it_may_call_comes_as_proxies(make_app, data_f
     assert b_pid != app_pid
 
 
+def test_an_edge_caller_gets_no_private_names_and_sets_no_attributes(make_app, data_file):
+    """A sandbox's internals are main's to see (main is the trusted side),
+    not another compartment's: app cannot rewire reader's module to use
+    reader's privileges for it, nor walk to its globals."""
+    app = make_app(module_spec(data_file))
+    app.start(import_hook=True)
+    import edgemod_a
+
+    assert edgemod_a.rewire_b() == ["AttributeError", "AttributeError", "AttributeError"]
+    assert edgemod_a.through_b() == "the data"  # PATH is untouched
+    import edgemod_b  # main itself, the trusted side, sees the sandbox's privates
+
+    assert edgemod_b._private == "reader's own"
+
+
 def test_a_crash_and_a_stale_reference_over_a_module_edge(make_app, data_file):
     app = make_app(module_spec(data_file))
     app.start(import_hook=True)

@@ -52,3 +52,22 @@ def stale() -> str:
     except Exception as exc:
         return type(exc).__name__
     return "no error"
+
+
+def rewire_b() -> list:
+    """Hostile: rewire reader's module to read another file for us."""
+    out = []
+    try:
+        edgemod_b.PATH = "/etc/hostname"
+        out.append("set")
+    except Exception as exc:
+        out.append(type(exc).__name__)
+    try:
+        out.append(repr(edgemod_b.read.__globals__))
+    except Exception as exc:
+        out.append(type(exc).__name__)
+    try:
+        out.append(repr(edgemod_b._private))
+    except Exception as exc:
+        out.append(type(exc).__name__)
+    return out

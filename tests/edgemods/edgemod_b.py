@@ -34,3 +34,6 @@ def pid() -> int:
 
 def crash() -> None:
     os._exit(3)
+
+
+_private = "reader's own"

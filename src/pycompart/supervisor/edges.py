@@ -106,10 +106,16 @@ class EdgeBook:
     @staticmethod
     def edge_config(config: InstanceConfig, caller: InstanceHandle) -> InstanceConfig:
         """``config`` for an instance serving ``caller`` only: it calls no
-        one back, reads no stdin, and trusts its caller in nothing."""
+        one back, reads no stdin, and trusts its caller in nothing. A
+        sandbox shows main its internals because main is the trusted side;
+        another compartment is not: it reaches only public names (and those
+        the spec's ``expose`` lists by name) and sets no attributes, which
+        would let it rewire the callee's code to use the callee's
+        privileges for it."""
         return msgspec.structs.replace(
             config, caller=caller.pool.spec.name, edge_depth=caller.edge_depth + 1,
-            may_call_main=False, stdin="null", trusts_main=False)
+            may_call_main=False, stdin="null", trusts_main=False,
+            expose=[name for name in config.expose if name != "*"], allow_setattr=False)
 
     def attach(self, inst: InstanceHandle, transport: SocketTransport) -> None:
         inst.control = CallerControl(transport)
