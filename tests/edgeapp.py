@@ -39,3 +39,19 @@ def triple(x: int) -> int:
 @closed.entrypoint("web")
 def nine(x: int) -> int:
     return triple(triple(x))
+
+
+class BadToken(Exception):
+    pass
+
+
+@app.entrypoint("signer")
+def check(token: str) -> str:
+    if token != "good":
+        raise BadToken(f"bad token {token!r}")
+    return "ok"
+
+
+@app.entrypoint("web")
+def check_through(token: str) -> str:
+    return check(token)  # signer's BadToken goes on through web

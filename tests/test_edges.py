@@ -292,9 +292,6 @@ def _gone(pid):
 def test_spec_rules_for_may_call():
     with pytest.raises(pycompart.SpecError, match="inline"):
         pycompart.App({"compartments": {"a": {"may_call": ["b"]}, "b": {"mechanism": "inline"}}})
-    with pytest.raises(pycompart.SpecError, match="per-connection"):
-        pycompart.App({"compartments": {"a": {"may_call": ["b"]},
-                                        "b": {"instances": "per-connection", "descriptors": True}}})
 
 
 def test_the_control_reader_survives_any_bytes():
@@ -426,6 +423,17 @@ def test_an_edge_caller_gets_no_private_names_and_sets_no_attributes(make_app, d
     assert edgemod_b._private == "reader's own"
 
 
+def test_an_exception_of_the_callee_reaches_main_through_the_caller_as_itself(make_app, data_file):
+    app = make_app(module_spec(data_file))
+    app.start(import_hook=True)
+    import edgemod_a
+    import edgemod_b
+
+    with pytest.raises(edgemod_b.NotFound) as info:  # b's class, raised by b, through a
+        edgemod_a.get_through("other")
+    assert isinstance(info.value, LookupError) and "other" in str(info.value)
+
+
 def test_a_crash_and_a_stale_reference_over_a_module_edge(make_app, data_file):
     app = make_app(module_spec(data_file))
     app.start(import_hook=True)
@@ -476,6 +484,10 @@ def test_decorated_entrypoints_call_each_other_over_the_edge():
         web, signer, again = edgeapp.pids()
         assert web != signer == again
         assert signer != edgeapp.where()  # main's signer is another instance
+        with pytest.raises(pycompart.RemoteError) as info:
+            edgeapp.check_through("evil")  # signer's exception, on through web
+        assert info.value.type_name == "edgeapp.BadToken"
+        assert info.value.message == "bad token 'evil'"
     with edgeapp.closed:
         with pytest.raises(pycompart.EntrypointError,
                            match="'web' may not call compartment 'signer'"):
@@ -493,3 +505,80 @@ def test_a_recursion_across_a_cycle_of_compartments_is_bounded(make_app):
             ping(20)
         assert app._runtime.monitor.edges.live <= 8
         assert ping(3) == 3
+
+
+def test_a_privileged_compartment_brokers_connections_to_fresh_instances(make_app, monkeypatch):
+    """The seeds' broker, inside a compartment: only ``listener`` may bind
+    the port; it hands each connection to a fresh ``handler`` over its edge;
+    main does nothing but start it."""
+    import socket
+    import threading
+
+    import brokerbox  # noqa: F401  (main knows the entrypoints' annotations)
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(EDGEMODS), "..", "examples", "echo"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = make_app({"compartments": {
+        "listener": {"functions": ["brokerbox:listen"], "may_call": ["handler"], "call_timeout": "60s",
+                     "privileges": {"network": {"bind": [port]}, "syscalls": "python-threads"}},
+        "handler": {"modules": ["echohandler"], "functions": ["brokerbox:try_connect"],
+                    "instances": "per-connection", "descriptors": True, "max_instances": 4,
+                    "call_timeout": "20s"}}})
+    with app:
+        result = []
+        server = threading.Thread(target=lambda: result.append(app.function("brokerbox:listen")(port, 6)))
+        server.start()
+        deadline = time.monotonic() + 10
+        payloads = [os.urandom(1000 * (i + 1)) for i in range(6)]
+
+        def client(data):
+            while True:
+                try:
+                    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+                    break
+                except ConnectionRefusedError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            with conn:
+                conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+                got = b""
+                while chunk := conn.recv(65536):
+                    got += chunk
+            assert got == data
+        clients = [threading.Thread(target=client, args=(p,)) for p in payloads]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(30)
+        server.join(30)
+        assert result == [[6, 0]]
+
+
+def test_entrypoints_in_the_main_script_call_each_other_over_the_edge(tmp_path):
+    """The quick start's layout: ``@app.entrypoint`` functions in the script
+    itself (an instance imports it as ``__mp_main__``)."""
+    import subprocess
+
+    script = tmp_path / "tokens.py"
+    script.write_text("""
+import pycompart
+app = pycompart.App({"compartments": {"web": {"may_call": ["signer"]}, "signer": {}}})
+
+@app.entrypoint("signer")
+def sign(data: bytes) -> str:
+    return data.hex()
+
+@app.entrypoint("web")
+def handle(data: bytes) -> str:
+    return "signed " + sign(data)
+
+if __name__ == "__main__":
+    with app:
+        print(handle(b"ab"))
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "signed 6162"

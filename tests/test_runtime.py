@@ -2,6 +2,7 @@
 concurrency, hostile replies."""
 
 import json
+import sys
 import os
 import threading
 import time
@@ -505,3 +506,33 @@ def test_restarts_do_not_leak_descriptors(make_app):
             ep["null"]()
         after = fds()
     assert after - before <= 2, (before, after)
+
+
+def test_a_declared_function_whose_module_main_never_imports(make_app, monkeypatch):
+    """main calls ``functions = ["mod:fn"]`` without importing ``mod`` (its
+    import-time code never runs in main): the callee binds the arguments by
+    its own signature and validates them by its annotations."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="pycompart-declared-")
+    os.chmod(d, 0o755)
+    with open(os.path.join(d, "never_in_main.py"), "w") as f:
+        f.write("import dataclasses\n"
+                "@dataclasses.dataclass\nclass P:\n    x: int\n"
+                "def scale(p: P, *rest: int, by: int = 2) -> dict:\n"
+                "    return {'x': p.x * by, 'rest': list(rest)}\n")
+    os.chmod(os.path.join(d, "never_in_main.py"), 0o644)
+    monkeypatch.syspath_prepend(d)
+    try:
+        app = make_app({"compartments": {"box": {"functions": ["never_in_main:scale"]}}})
+        with app:
+            scale = app.function("never_in_main:scale")
+            assert scale({"x": 3}, 7, 8, by=5) == {"x": 15, "rest": [7, 8]}
+            with pytest.raises(TypeError, match="arguments do not match its annotations"):
+                scale({"x": "three"})
+            with pytest.raises(TypeError):
+                scale({"x": 1}, nope=1)
+        assert "never_in_main" not in sys.modules
+    finally:
+        shutil.rmtree(d)

@@ -92,7 +92,7 @@ class EdgeClient:
         self.control = SocketTransport(sock)
         self.reader = wire.reader(for_monitor=False)
         self._buf = memoryview(bytearray(wire.MAX_CONTROL_FRAME * 2))
-        self._ask = threading.Lock()  # one Open conversation at a time
+        self._ask = threading.RLock()  # one Open conversation at a time
         self._send_lock = threading.Lock()
         self._seq = itertools.count(1)
         self._edges: dict[str, _Edge] = {}  # pooled callees: the one edge to each
@@ -106,6 +106,9 @@ class EdgeClient:
     def call(self, callee: str, key: str, contract: Any, args: tuple[Any, ...],
              kwargs: dict[str, Any], timeout: Any) -> Any:
         plan = self.config.edges[callee]
+        if plan.per_connection:
+            raise EntrypointError(f"compartment {callee!r} serves the connections a Broker hands it "
+                                  "(instances = \"per-connection\"); it takes no calls")
         if timeout is ...:
             timeout = plan.call_timeout
         started = time.monotonic()
@@ -191,6 +194,10 @@ class EdgeClient:
     def _ask_for(self, callee: str, plan: EdgePlan, deadline: float | None) -> _Edge:
         """Ask the monitor for an edge to ``callee``; wait for it as long as
         the callee may take to start (and no longer than ``deadline``)."""
+        with self._ask:  # the answers come on one socket, in order
+            return self._ask_for_locked(callee, plan, deadline)
+
+    def _ask_for_locked(self, callee: str, plan: EdgePlan, deadline: float | None) -> _Edge:
         if self._open >= wire.MAX_EDGES:
             raise CompartmentUnavailable(f"compartment {self.config.compartment!r} has "
                                          f"{wire.MAX_EDGES} edges open already")

@@ -268,7 +268,9 @@ def _declared(app: App, compartment: str, key: str) -> Entrypoint[..., Any]:
     for part in qualname.split("."):
         fn = getattr(fn, part, None) if fn is not None else None
     if fn is None or not callable(fn):
-        def fn(*args: Any, **kwargs: Any) -> Any:
+        # Its signature is unknown here: the arguments go as they are given
+        # and the callee binds them (``Contract._generic``).
+        def fn(*__pycompart_args__: Any, **__pycompart_kwargs__: Any) -> Any:
             raise EntrypointError(f"{key} runs only inside compartment {compartment!r}; start the app")
         fn.__module__, fn.__qualname__, fn.__name__ = module_name, qualname, qualname.rsplit(".", 1)[-1]
     fn = getattr(fn, "__pycompart_function__", fn)
@@ -402,7 +404,9 @@ class _Runtime:
             edges={name: EdgePlan(
                 call_timeout=callee.call_timeout, cancel_grace=callee.cancel_grace,
                 start_timeout=callee.start_timeout, descriptors=callee.descriptors,
-                per_call=callee.on_demand == "per-call", functions=list(callee.functions),
+                per_call=callee.on_demand is not None,
+                per_connection=callee.on_demand == "per-connection",
+                max_instances=callee.max_instances, functions=list(callee.functions),
                 modules=list(callee.modules), expose=list(callee.expose),
                 allow_exit=callee.allow_exit, allow_returned_callables=callee.allow_returned_callables)
                 for name in comp.may_call if name != "main"

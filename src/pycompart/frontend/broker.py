@@ -1,7 +1,9 @@
-"""``Broker``: main (the privileged side, the only one that may bind a port
-or open certain files) accepts connections, or opens resources, and hands
-each to a fresh, unprivileged instance of a compartment whose spec says
-``instances = "per-connection"`` and ``descriptors = true``.
+"""``Broker``: main, or a privileged compartment (the only one that may
+bind a port or open certain files), accepts connections, or opens
+resources, and hands each to a fresh, unprivileged instance of a compartment
+whose spec says ``instances = "per-connection"`` and ``descriptors = true``.
+In a compartment, ``Broker(None, ...)`` works over the edges its
+``may_call`` declares (``pycompart.compartment.edges``).
 
 pycompart does the spawning, the supervision and the clean-up; the broker
 never runs the handler's code. Each connection gets an instance of its own,
@@ -24,6 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..compartment import edges as _edges
+from ..compartment import serve as _instance
 from ..errors import EntrypointError
 from ..wire import refs
 from .proxy import places
@@ -38,13 +42,18 @@ class Broker:
 
     def __init__(self, app: Any, compartment: str, handler: str,
                  on_error: Callable[[BaseException], None] | None = None):
-        runtime = getattr(app, "_runtime", None)
-        if runtime is None:
-            raise EntrypointError("a Broker needs a started App")
-        comp = runtime.compartments.get(compartment) if runtime.compartments else None
-        if comp is None:
-            raise EntrypointError(f"no compartment {compartment!r} in the app")
-        spec = comp.spec
+        here = _instance.CURRENT
+        if app is None and here is not None:
+            spec: Any = self._over_an_edge(here, compartment)
+            comp = None
+        else:
+            runtime = getattr(app, "_runtime", None)
+            if runtime is None:
+                raise EntrypointError("a Broker needs a started App (or, in a compartment, None)")
+            comp = runtime.compartments.get(compartment) if runtime.compartments else None
+            if comp is None:
+                raise EntrypointError(f"no compartment {compartment!r} in the app")
+            spec = comp.spec
         if spec.on_demand != "per-connection":
             raise EntrypointError(f"compartment {compartment!r} needs instances = \"per-connection\" "
                                   "for a Broker")
@@ -57,8 +66,10 @@ class Broker:
                                   "(its modules or functions)")
         self.compartment = compartment
         self._comp = comp
-        self._handler = comp.path_object(module, qualname, "function")
+        self._handler_key = handler
+        self._handler = comp.path_object(module, qualname, "function") if comp is not None else None
         self._on_error = on_error
+        self._spec = spec
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -67,6 +78,22 @@ class Broker:
         self._slots = threading.BoundedSemaphore(spec.max_instances)
         self.served = 0
         self.failed = 0
+
+    @staticmethod
+    def _over_an_edge(here: Any, compartment: str) -> Any:
+        """The callee's settings a Broker checks, as this instance knows them."""
+        plan = here.edges.get(compartment)
+        if plan is None or _edges.CLIENT is None:
+            raise _edges.refuse(here.compartment, compartment)
+
+        class Spec:
+            modules = tuple(plan.modules)
+            functions = tuple(plan.functions)
+            on_demand = "per-connection" if plan.per_connection else ("per-call" if plan.per_call else None)
+            descriptors = plan.descriptors
+            max_instances = plan.max_instances
+            call_timeout = plan.call_timeout
+        return Spec
 
     def handle(self, resource: Any, *args: Any, _slot: bool = False) -> threading.Thread:
         """Serve one connection (a socket, or a ``pycompart.Fd``) in a fresh
@@ -83,11 +110,17 @@ class Broker:
 
     def _serve(self, resource: Any, args: tuple[Any, ...]) -> None:
         comp = self._comp
-        timeout = comp.spec.call_timeout
+        timeout = self._spec.call_timeout
         wait = 60.0 if timeout is None else timeout
         try:
-            with comp.monitor.lease(self.compartment, time.monotonic() + wait) as inst:
-                comp.call(inst, "@call", [self._handler, [refs.handover(resource), *args], {}])
+            if comp is None:
+                from . import edgeproxy
+
+                edgeproxy.serve_connection(_edges.CLIENT, self.compartment, self._handler_key,  # type: ignore[arg-type]
+                                           resource, args, wait)
+            else:
+                with comp.monitor.lease(self.compartment, time.monotonic() + wait) as inst:
+                    comp.call(inst, "@call", [self._handler, [refs.handover(resource), *args], {}])
             self.served += 1
         except Exception as exc:  # the handler's own exception, a crash, a timeout, the cap
             self.failed += 1

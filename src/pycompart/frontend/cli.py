@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .._version import __version__
@@ -19,7 +20,8 @@ def describe(spec: AppSpec) -> str:
     """A readable summary of compartments, edges and policy."""
     lines = [f"app {spec.name!r} ({spec.source})",
              f"  mechanism: {spec.mechanism}; max message size: {spec.max_message_size} bytes",
-             f"  audit log: {spec.audit_log or 'off'}"]
+             f"  audit log: {spec.audit_log or 'off'}", ""]
+    lines += describe_call_graph(spec)
     if not spec.compartments:
         lines.append("  no compartments")
     for c in spec.compartments.values():
@@ -49,8 +51,6 @@ def describe(spec: AppSpec) -> str:
     if spec.main_privileges is not None:
         lines.append("\nmain (the program, under pycompart run)")
         lines += describe_privileges(CompartmentSpec(name="main", privileges=spec.main_privileges), main=True)
-    lines.append("")
-    lines += describe_call_graph(spec)
     return "\n".join(lines)
 
 
@@ -249,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
         return run_command(argv[1:])
+    try:
+        return _command(argv)
+    except BrokenPipeError:  # `pycompart check app.toml | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="pycompart", description="Compartmentalize Python programs: run parts of them as "
         "separate least-privilege processes, enforced by the Linux kernel.",

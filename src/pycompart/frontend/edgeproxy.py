@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CompartmentUnavailable, StaleReference
 from ..wire import edges as wire
+from ..wire import refs
 from ..wire.config import EdgePlan
 from .callbacks import CallbackGate
 from .proxy import Compartment
@@ -57,6 +58,10 @@ class _Spec:
         self.allow_returned_callables = plan.allow_returned_callables
         self.call_timeout = plan.call_timeout
         self.on_demand = None
+        # The callee refuses attribute writes from an edge, and pickles
+        # nothing for it (``supervisor.edges.EdgeBook.edge_config``): say so here.
+        self.allow_setattr = False
+        self.trust = "mutual"
 
 
 class _EdgeInstance:
@@ -129,23 +134,41 @@ class EdgeCompartment(Compartment):
             raise
         finally:
             if self.client.config.audit_edges:
-                edge = self.pool.ready[0].edge if self.pool.ready else None
+                edge = inst.edge if inst is not None else \
+                    self.pool.ready[0].edge if self.pool.ready else None
                 if edge is not None:
                     self.client._tell(wire.Report(edge.id, op, outcome,
                                                   round((time.monotonic() - started) * 1000, 3), 0, 0))
 
 
-def compartment(client: EdgeClient, callee: str) -> EdgeCompartment:
+def compartment(client: EdgeClient, callee: str, broker: bool = False) -> EdgeCompartment:
     with _lock:
         comp = _compartments.get(callee)
         if comp is None:
             plan = client.config.edges[callee]
-            if plan.per_call:
+            if plan.per_call and not broker:
                 raise ImportError(f"compartment {callee!r} makes a fresh instance per call: its "
                                   "modules cannot be imported across an edge (call its "
                                   "entrypoints instead)")
             comp = _compartments[callee] = EdgeCompartment(client, callee, plan)
         return comp
+
+
+def serve_connection(client: EdgeClient, callee: str, handler: str, resource: Any,
+                     args: tuple[Any, ...], wait: float) -> None:
+    """A ``Broker`` in this instance: hand ``resource`` (given away) to
+    ``handler`` in a fresh instance of ``callee``, over an edge of its own
+    that ends with the call."""
+    comp = compartment(client, callee, broker=True)
+    module, _, qualname = handler.partition(":")
+    target = comp.path_object(module, qualname, "function")
+    plan = client.config.edges[callee]
+    edge = client._ask_for(callee, plan, time.monotonic() + wait)
+    try:
+        inst = _EdgeInstance(comp.pool, edge, 0)
+        comp.call(inst, "@call", [target, [refs.handover(resource), *args], {}])
+    finally:
+        client._discard(edge)
 
 
 class _EdgeModuleLoader(importlib.abc.Loader):

@@ -199,8 +199,13 @@ class Compartment:
     # -- exceptions -----------------------------------------------------------
 
     def exception(self, info: ErrorInfo) -> Exception:
-        if info.mro and info.mro[0] == info.type_name and dotted_in(self.spec, info.type_name):
-            cls = self.standin(info.mro)
+        owner: Compartment | None = None
+        if info.mro and info.mro[0] == info.type_name:
+            # One of its classes, or (raised on through it from a compartment
+            # it calls) a class of another compartment's: that one's stand-in.
+            owner = self if dotted_in(self.spec, info.type_name) else _placing(info.type_name)
+        if owner is not None:
+            cls = owner.standin(info.mro)
             exc = cls.__new__(cls)
             BaseException.__init__(exc, *(plain(a) for a in info.args))
             exc.type_name, exc.message, exc.remote_traceback = (
@@ -363,6 +368,14 @@ class Compartment:
                 module, _, qualname = name.rpartition(".")
                 return refs.path_ext(module, qualname, "exception")
         return None  # exported (main's modules never get here: to_wire refuses them)
+
+
+def _placing(dotted: str) -> Compartment | None:
+    """The compartment (known here) whose modules hold ``dotted``."""
+    for comp in list(_live.values()):
+        if dotted_in(comp.spec, dotted):
+            return comp
+    return None
 
 
 def _returned(peer: refs.Peer, obj: Any, handle: int) -> Any:

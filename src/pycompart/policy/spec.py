@@ -601,10 +601,6 @@ def load_spec(source: Mapping[str, Any], *, origin: str = "<dict>", base_dir: st
                 errors.append(SpecError(origin, f"{where}.may_call", "compartments that run as "
                                         f"processes ({callee!r} is inline: it runs in main, and "
                                         "only main calls it)", repr(callee)))
-            elif callee != "main" and compartments[callee].on_demand == "per-connection":
-                errors.append(SpecError(origin, f"{where}.may_call", "compartments that take calls "
-                                        f"({callee!r} is per-connection: it serves only what a "
-                                        "Broker hands it)", repr(callee)))
         for field, names, owners, what in (("modules", comp.modules, placed, "modules placed"),
                                            ("functions", comp.functions, declared, "functions declared")):
             for item in names:

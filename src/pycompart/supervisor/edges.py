@@ -210,9 +210,12 @@ class EdgeBook:
                                                      "quarter of main's descriptor limit)",
                                             busy=True))
             return
-        per_call = spec.on_demand == "per-call"
+        per_call = spec.on_demand is not None
         share = (here, callee)
-        if per_call and self.per_call_held[share] >= max(1, spec.max_instances // 2):
+        # A per-connection compartment is only ever a Broker's: its caller
+        # may use them all.
+        most = spec.max_instances if spec.on_demand == "per-connection" else max(1, spec.max_instances // 2)
+        if per_call and self.per_call_held[share] >= most:
             # Main's own calls keep the other half: one caller cannot
             # starve them by holding edges it does not use.
             self._answer(inst, wire.Refused(msg.seq, f"compartment {callee!r}: {here!r} holds "

@@ -72,8 +72,12 @@ class EdgePlan(msgspec.Struct, forbid_unknown_fields=True):
     start_timeout: float = 10.0
     #: The edge carries descriptors as values (the callee's ``descriptors``).
     descriptors: bool = False
-    #: A fresh callee instance for each call (``instances = "per-call"``).
+    #: A fresh callee instance for each call (``instances = "per-call"``,
+    #: and ``"per-connection"``: one per connection a ``Broker`` hands it).
     per_call: bool = False
+    #: ``"per-connection"``: only a ``Broker`` in the caller hands it work.
+    per_connection: bool = False
+    max_instances: int = 16
     #: Its spec-declared functions (``module:qualname``): where the caller's
     #: code imports one, the name is bound to a call over the edge.
     functions: list[str] = []

@@ -54,11 +54,15 @@ def _dec_hook(tp: Any, obj: Any) -> Any:
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _EMPTY_MAP = _encoder.encode({})
+_plain_args = msgspec.msgpack.Decoder(dict[str, Any], ext_hook=_ext_hook)
 
 
 def function_key(fn: Callable[..., Any]) -> str:
-    """``module:qualname``, the name an entrypoint is known by on the wire."""
-    return f"{fn.__module__}:{fn.__qualname__}"
+    """``module:qualname``, the name an entrypoint is known by on the wire.
+    An instance runs main's script as ``__mp_main__`` (as multiprocessing
+    does): its functions keep their ``__main__`` name."""
+    module = fn.__module__
+    return f"{'__main__' if module == '__mp_main__' else module}:{fn.__qualname__}"
 
 
 class Contract:
@@ -175,7 +179,9 @@ class Contract:
         try:
             decoded = self._args_decoder.decode(raw_args)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise TypeError(f"{self.key}(): arguments do not match its annotations: {exc}") from None
+            decoded = self._generic(raw_args)
+            if decoded is None:
+                raise TypeError(f"{self.key}(): arguments do not match its annotations: {exc}") from None
         args: list[Any] = []
         kwargs: dict[str, Any] = {}
         # Parameters before *args must go positionally when *args is non-empty.
@@ -196,12 +202,38 @@ class Contract:
         result = self.fn(*args, **kwargs)
         return self.encode_result(result)
 
+    def _generic(self, raw_args: bytes | msgspec.Raw) -> Any:
+        """Arguments from a caller that does not know this function's
+        signature (``GENERIC_ARGS``/``GENERIC_KWARGS``: main calling a
+        spec-declared function whose module it has not imported): bound here
+        by the signature, then validated by the annotations like any others.
+        None if they are not that."""
+        try:
+            data = _plain_args.decode(raw_args)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+        if not data or not set(data) <= {GENERIC_ARGS, GENERIC_KWARGS}:
+            return None
+        args, kwargs = data.get(GENERIC_ARGS, []), data.get(GENERIC_KWARGS, {})
+        if type(args) is not list or type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
+            return None
+        try:
+            return self._args_decoder.decode(self.encode_args(tuple(args), kwargs))
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise TypeError(f"{self.key}(): arguments do not match its annotations: {exc}") from None
+
     def encode_result(self, result: Any) -> bytes:
         try:
             return _encoder.encode(result)
         except (TypeError, ValueError, OverflowError) as exc:
             raise TypeError(f"{self.key}: its return value cannot cross a compartment boundary: "
                             f"{exc}") from None
+
+
+#: The parameters of a stand-in for a function whose signature the caller
+#: does not know (``Contract._generic``).
+GENERIC_ARGS = "__pycompart_args__"
+GENERIC_KWARGS = "__pycompart_kwargs__"
 
 
 def _type_name(tp: Any) -> str:

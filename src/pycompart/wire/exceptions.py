@@ -99,6 +99,10 @@ def describe_exception(exc: BaseException, brief: bool = False) -> ErrorInfo:
         message = str(exc)
     except Exception:  # a hostile __str__ must not break error reporting
         message = "<unprintable>"
+    if cls is errors.RemoteError:
+        # Another compartment's exception, raised on through this one's
+        # code (a call over an edge): it goes on as what it was.
+        name, message, args = str(exc.type_name), str(exc.message), []
     tb = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
     mro = [c.__qualname__ if c.__module__ == "builtins" else f"{c.__module__}.{c.__qualname__}"
            for c in cls.__mro__[:32]]
