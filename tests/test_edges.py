@@ -434,6 +434,78 @@ def test_an_exception_of_the_callee_reaches_main_through_the_caller_as_itself(ma
     assert isinstance(info.value, LookupError) and "other" in str(info.value)
 
 
+def test_an_edge_caller_cannot_reach_the_callees_standard_library(make_app, data_file):
+    """``mod.os.sys.modules["builtins"].eval`` would run anything in the
+    callee, with its privileges: a standard-library module crosses by name
+    (the caller's own copy), and no object that is not the callee's own is
+    served to a caller it does not trust."""
+    app = make_app(module_spec(data_file))
+    app.start(import_hook=True)
+    import edgemod_a
+
+    assert edgemod_a.reach_stdlib() == [True, "PermissionError"]
+
+
+@pytest.mark.parametrize("trust, reached", [("sandbox", True), ("safebox", False)])
+def test_main_reaches_a_safeboxs_standard_library_only_as_its_own(make_app, data_file, trust, reached):
+    spec = module_spec(data_file)
+    spec["compartments"]["reader"]["trust"] = trust
+    app = make_app(spec)
+    app.start(import_hook=True)
+    import edgemod_b
+
+    assert (edgemod_b.os is os) is (not reached)  # a safebox's os is main's own
+    if reached:
+        assert edgemod_b.whose() != os.getuid()  # main trusts... and is trusted by a sandbox
+    else:
+        with pytest.raises(PermissionError, match="serves its callers only its own objects"):
+            edgemod_b.whose()
+
+
+def test_a_guarded_compartment_takes_no_import_path_from_its_caller(tmp_path):
+    from pycompart.compartment.objects import ObjectServer
+
+    extra = str(tmp_path / "planted")
+    ObjectServer("x", ["json"], [], [], False, trusts_main=False).op_import("json", [extra])
+    assert extra not in sys.path
+    ObjectServer("x", ["json"], [], [], False, trusts_main=True).op_import("json", [extra])
+    assert extra in sys.path  # main, for a sandbox: its import path is followed
+    sys.path.remove(extra)
+
+
+def test_a_warning_cannot_make_main_read_a_file_it_names(make_app, data_file, tmp_path):
+    """Showing a warning reads its file (linecache), in main: a compartment
+    naming a FIFO (or /dev/zero, or main's stdin) must not block main or
+    fill its memory."""
+    import threading
+    import warnings
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    app = make_app(module_spec(data_file))
+    app.start(import_hook=True)
+    import edgemod_b
+
+    done = []
+    shown = []
+
+    def warn():
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            # Formatting is what reads the file (as the default showwarning does).
+            warnings.showwarning = lambda *a, **k: shown.append(warnings.formatwarning(*a[:4]))
+            done.append(edgemod_b.warn_at(str(fifo)))
+            done.append(edgemod_b.warn_at("/dev/zero"))
+    t = threading.Thread(target=warn, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():
+        with open(fifo, "w"):
+            pass  # unblock it
+    assert done == ["warned", "warned"]
+    assert shown == [f"<reader: {fifo}>:1: UserWarning: boom\n", "<reader: /dev/zero>:1: UserWarning: boom\n"]
+
+
 def test_a_crash_and_a_stale_reference_over_a_module_edge(make_app, data_file):
     app = make_app(module_spec(data_file))
     app.start(import_hook=True)

@@ -75,3 +75,13 @@ def rewire_b() -> list:
 
 def get_through(name: str) -> str:
     return edgemod_b.Store("").get(name)  # b's NotFound goes on through a
+
+
+def reach_stdlib() -> list:
+    """Hostile: reach reader's standard library through its module."""
+    out = [edgemod_b.os.getpid() == os.getpid()]  # b's os is ours: it crossed by name
+    try:
+        out.append(edgemod_b.whose())  # a builtin function b imported: not b's own
+    except Exception as exc:
+        out.append(type(exc).__name__)
+    return out

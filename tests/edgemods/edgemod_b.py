@@ -37,3 +37,13 @@ def crash() -> None:
 
 
 _private = "reader's own"
+
+
+from os import getuid as whose  # noqa: E402  (a builtin function of the standard library)
+
+
+def warn_at(filename: str) -> str:
+    import warnings
+
+    warnings.warn_explicit("boom", UserWarning, filename, 1)
+    return "warned"

@@ -62,12 +62,23 @@ def _follow_search_path(search_path: list[str]) -> None:
 
 
 class ObjectServer:
-    """Operations on a compartment's objects, inside one of its instances."""
+    """Operations on a compartment's objects, inside one of its instances.
+
+    For a caller it does not trust (``trusts_main`` false: main, for a
+    safebox or mutual compartment; any other compartment, over an edge) it
+    is *guarded*: it serves only the compartment's own objects (its placed
+    modules, their classes and functions, instances of those classes, and
+    the containers and generators they hand out), never an object of the
+    standard library or of a module it merely imports (``mod.os.system``
+    would otherwise run anything here with this compartment's privileges),
+    and it takes no import path from the caller. A module of the standard
+    library crosses by name: the caller uses its own copy."""
 
     def __init__(self, compartment: str, modules: list[str], functions: list[str],
                  expose: list[str], allow_setattr: bool, trusts_main: bool = False):
         self.compartment = compartment
         self.trusts_main = trusts_main
+        self.guarded = not trusts_main
         self.modules = tuple(modules)
         self.functions = frozenset(functions)
         self.expose = frozenset(expose)
@@ -221,7 +232,7 @@ class ObjectServer:
         if type(module) is not str or not self.placed(module):
             raise ModuleNotFoundError(f"module {module!r} is not placed in compartment "
                                       f"{self.compartment!r}")
-        if type(search_path) is list and len(search_path) <= MAX_SEARCH_PATH \
+        if not self.guarded and type(search_path) is list and len(search_path) <= MAX_SEARCH_PATH \
                 and all(type(p) is str and os.path.isabs(p) and len(p) < 4096 for p in search_path):
             _follow_search_path(search_path)
         mod = importlib.import_module(module)
@@ -444,6 +455,26 @@ class ObjectServer:
     def _check_target(self, target: Any) -> None:
         if isinstance(target, MainRef):
             raise TypeError("the target of an operation must be an object of this compartment")
+        if self.guarded and not self.owns(target):
+            raise PermissionError(f"compartment {self.compartment!r} serves its callers only its own "
+                                  f"objects (of its modules {', '.join(self.modules) or '(none)'}); "
+                                  f"{_describe(target)} is not one")
+
+    def owns(self, obj: Any) -> bool:
+        """Whether ``obj`` is the compartment's own: what a guarded server
+        lets a caller use."""
+        if isinstance(obj, types.ModuleType):
+            return self.placed(obj.__name__)
+        if isinstance(obj, (type, types.FunctionType)):
+            module = obj.__dict__.get("__module__") if isinstance(obj, type) else obj.__module__
+            return isinstance(module, str) and self.placed(module, getattr(obj, "__qualname__", ""))
+        cls = type(obj)
+        if cls in SHARED_MUTABLE or cls in _OWN_KINDS or "__pycompart_twin__" in cls.__dict__:
+            return True  # what its code handed out: the values inside are checked when used
+        if cls is types.MethodType:
+            return self.owns(obj.__func__)
+        module = cls.__dict__.get("__module__")
+        return isinstance(module, str) and self.placed(module, cls.__qualname__)
 
 
 def _instance_dict(obj: Any) -> Any:
@@ -459,6 +490,12 @@ def _instance_dict(obj: Any) -> Any:
 #: Twins whose holders ``watch_twins`` follows.
 MAX_WATCHED_TWINS = 4096
 
+
+#: Objects of builtin types a guarded server still serves (they are what
+#: the compartment's own code returned or made: its generators, iterators).
+_OWN_KINDS = frozenset({types.GeneratorType, types.AsyncGeneratorType, types.CoroutineType,
+                        tuple, frozenset, type(iter([])), type(iter(())), type(iter({})),
+                        type(iter(range(0))), type({}.items()), type({}.keys()), type({}.values())})
 
 #: Mutable containers an attribute read hands over by reference.
 SHARED_MUTABLE = frozenset({list, dict, set, bytearray, collections.defaultdict,
@@ -817,6 +854,8 @@ def instance_peer(server: ObjectServer) -> refs.Peer:
         ext = server.path_of(value)
         if ext is None and isinstance(value, types.ModuleType) \
                 and value.__name__.partition(".")[0] in sys.stdlib_module_names:
+            if server.guarded:
+                return refs.path_ext(value.__name__, "", "stdlib")  # the caller's own copy
             return peer.export(value)  # our own copy of a stdlib module, by reference
         return ext
 

@@ -272,6 +272,14 @@ class Compartment:
     # -- stand-ins by name ----------------------------------------------------------
 
     def from_path(self, peer: refs.Peer, module: str, qualname: str, kind: str, mro: list[str]) -> Any:
+        if kind == "stdlib" and not qualname:
+            # A module of the standard library a guarded compartment names:
+            # ours, if we have imported it (nothing is imported on its word).
+            found = sys.modules.get(module)
+            if module.partition(".")[0] in sys.stdlib_module_names and isinstance(found, types.ModuleType):
+                return found
+            raise ProtocolError(f"compartment {self.name!r} named the module {module!r}, which is "
+                                "not a module of the standard library imported here")
         if not places(self.spec, module, qualname):
             raise ProtocolError(f"compartment {self.name!r} named {module}:{qualname}, which is not "
                                 "placed in it")

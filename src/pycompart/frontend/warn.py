@@ -17,7 +17,9 @@ effects in the compartment have happened.
 
 from __future__ import annotations
 
+import linecache
 import os
+import stat
 import sys
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -43,8 +45,43 @@ def reissue(comp: Compartment, found: list[Any]) -> None:
         registry = comp.warning_registry.setdefault(warn.module, {})
         if len(registry) > _MAX_REGISTRY:
             registry.clear()
-        warnings.warn_explicit(warn.message, category, warn.filename, warn.lineno,
+        warnings.warn_explicit(warn.message, category, _where(comp, warn.filename), warn.lineno,
                                module=warn.module or None, registry=registry)
+
+
+#: The largest source file main reads to show the line a warning points at.
+MAX_SOURCE = 1 << 20
+
+
+def _where(comp: Compartment, filename: Any) -> str:
+    """The file name to show a compartment's warning under. Showing it reads
+    the file (``linecache``), here in main: only a Python source file that
+    is a regular file of bounded size is read (and cached), so that a
+    compartment cannot make main read ``/dev/zero`` or block on a FIFO or
+    its own stdin; any other name is shown as ``<compartment: name>``,
+    which ``linecache`` leaves alone."""
+    name = str(filename)[:4096]
+    if name in linecache.cache:
+        return name
+    if name.endswith(".py") and os.path.isabs(name):
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_size <= MAX_SOURCE:
+                    data = os.read(fd, MAX_SOURCE + 1)
+                    if len(data) <= MAX_SOURCE:
+                        lines = data.decode("utf-8", "replace").splitlines(keepends=True)
+                        linecache.cache[name] = (len(data), st.st_mtime, lines, name)
+                        return name
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return f"<{comp.name}: {name}>"
 
 
 def _category(comp: Compartment, mro: list[str]) -> type[Warning]:
