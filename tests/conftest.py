@@ -6,6 +6,18 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+def _runtime_dir() -> bytes:
+    """Where the pycompart under test lives: its zygotes name it on their
+    command line (``zygote.runtime_path``), another checkout's do not."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pycompart")
+    return repr(os.path.dirname(os.path.dirname(spec.origin))).encode()
+
+
+_SRC = _runtime_dir()
+
+
 def _pycompart_processes() -> set[int]:
     found = set()
     for name in os.listdir("/proc"):
@@ -16,7 +28,7 @@ def _pycompart_processes() -> set[int]:
                 cmd = f.read()
         except OSError:
             continue
-        if b"pycompart.supervisor.zygote" in cmd:
+        if b"pycompart.supervisor.zygote" in cmd and _SRC in cmd:
             found.add(int(name))
     return found
 

@@ -104,7 +104,23 @@ def preopen(paths: list[str]) -> dict[str, str]:
         except OSError:
             continue
         out[path] = f"/proc/self/fd/{fd}"
+        _REACHED_AS[out[path]] = path
     return out
+
+
+#: ``/proc/self/fd/N`` -> the directory it stands for (``preopen``).
+_REACHED_AS: dict[str, str] = {}
+
+
+def original_path(path: str) -> str:
+    """A path under a pre-opened directory as the directory's own path: what
+    a file name means to any other process (a warning's, shown by main)."""
+    if path.startswith("/proc/self/fd/"):
+        head, sep, rest = path[len("/proc/self/fd/"):].partition("/")
+        found = _REACHED_AS.get("/proc/self/fd/" + head)
+        if found is not None:
+            return found + sep + rest
+    return path
 
 
 def apply(lock: Lockdown) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..transport.channel import serving
 from ..wire.protocol import MAX_ERROR_VALUE, MAX_WARNINGS, Connection, Warn
+from .lockdown import original_path
 
 #: pycompart's own source tree: a warning whose stacklevel reaches it points
 #: at the compartment's caller.
@@ -71,7 +72,8 @@ class CallWarnings:
                 for old in list(self._seen)[:32]:
                     del self._seen[old]
             mro = [_qualified(c) for c in category.__mro__[:32]]
-            self._pending.append(Warn(call, mro, text, str(filename)[:1000], max(0, int(lineno)),
+            shown = original_path(str(filename))[:1000]
+            self._pending.append(Warn(call, mro, text, shown, max(0, int(lineno)),
                                       self._module(filename), filename.startswith(_PACKAGE_DIR)))
             first = len(self._pending) == 1
         if first:
