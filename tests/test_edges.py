@@ -458,7 +458,7 @@ def test_main_reaches_a_safeboxs_standard_library_only_as_its_own(make_app, data
     if reached:
         assert edgemod_b.whose() != os.getuid()  # main trusts... and is trusted by a sandbox
     else:
-        with pytest.raises(PermissionError, match="serves its callers only its own objects"):
+        with pytest.raises(PermissionError, match="its callers only its own objects"):
             edgemod_b.whose()
 
 
@@ -654,3 +654,65 @@ if __name__ == "__main__":
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "signed 6162"
+
+
+# -- a guarded compartment: only its own objects, by identity -------------------------
+
+
+@pytest.fixture
+def vault(make_app):
+    app = make_app({"compartments": {"vault": {"trust": "safebox", "modules": ["vaultmod"]}}})
+    app.start(import_hook=True)
+    import vaultmod
+
+    yield app, vaultmod
+    sys.modules.pop("vaultmod", None)
+
+
+def _raw(app, target):
+    comp = app.compartment("vault")
+    return comp, object.__getattribute__(target, "_pc_inst")
+
+
+def test_a_path_that_walks_out_of_the_compartment_is_refused_anywhere_in_a_request(vault):
+    """``vaultmod:json.codecs.builtins.exec`` as an argument to an owned
+    list's ``sort(key=...)`` ran anything in the vault."""
+    app, vaultmod = vault
+    comp, inst = _raw(app, vaultmod.RECENT)
+    for path in ("json.codecs.builtins.exec", "os.system", "Store.helper", "logger.manager"):
+        forged = comp.path_object("vaultmod", path, "function")
+        with pytest.raises(PermissionError, match="not a module, class or function of compartment"):
+            comp.call(inst, "@callmethod", [vaultmod.RECENT, "sort", [], {"key": forged}])
+    own = comp.path_object("vaultmod", "pid", "function")
+    assert comp.call(inst, "@call", [own, [], {}]) == vaultmod.pid()  # its own function, by path
+
+
+def test_a_handle_to_what_is_not_its_own_is_for_looking_at_not_for_use(vault):
+    app, vaultmod = vault
+    comp, inst = _raw(app, vaultmod.RECENT)
+    gen = vaultmod.count_up(3)
+    code = gen.gi_code  # a public attribute of its generator: handed out, not its own
+    with pytest.raises(PermissionError, match="its own objects"):
+        comp.call(inst, "@callmethod", [vaultmod.RECENT, "append", [code], {}])
+    with pytest.raises(PermissionError):
+        vaultmod.Store().helper()  # staticmethod(os.getuid) on its class: not its code
+    assert list(gen) == [0, 1, 2]
+
+
+def test_a_guarded_compartment_takes_no_subclass_machinery(vault):
+    app, vaultmod = vault
+    comp, inst = _raw(app, vaultmod.RECENT)
+    with pytest.raises(PermissionError, match="subclass its classes"):
+        comp.call(inst, "@twinclass", ["X", "X", [vaultmod.Store], {}, {"T": type}, None])
+    with pytest.raises(PermissionError, match="subclass its classes"):
+        comp.call(inst, "@classinfo", [vaultmod.Store])
+
+
+def test_a_guarded_compartments_own_code_works_as_usual(vault):
+    app, vaultmod = vault
+    store = vaultmod.Store("v")
+    assert store.cached_len("abc") == 3  # an lru_cache method: its own code, decorated
+    assert store.summary() == '{"label": "v"}'
+    vaultmod.RECENT.append("x")  # a container its module hands out
+    assert "x" in vaultmod.RECENT and vaultmod.STATS["reads"] == 0
+    assert vaultmod.json is json  # the standard library crosses by name

@@ -29,7 +29,7 @@ from typing import Any
 from ..errors import EntrypointError
 from ..wire import protocols, refs
 from ..wire.exceptions import ALLOWED_EXCEPTIONS, plain, rebuild_exception
-from ..wire.protocol import ErrorInfo
+from ..wire.protocol import ErrorInfo, close_fds
 from ..wire.refs import exposed
 
 _FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType)
@@ -79,6 +79,7 @@ class ObjectServer:
         self.compartment = compartment
         self.trusts_main = trusts_main
         self.guarded = not trusts_main
+        self._own_classes: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
         self.modules = tuple(modules)
         self.functions = frozenset(functions)
         self.expose = frozenset(expose)
@@ -100,7 +101,17 @@ class ObjectServer:
     def handles(self, entrypoint: str) -> bool:
         return entrypoint in self._ops
 
+    #: Subclasses in main of its classes (``pycompart.frontend.subclass``):
+    #: the twin machinery puts what the caller sends into classes of its
+    #: own, so only a trusted caller (main, for a sandbox) may use it.
+    TRUSTED_OPS = frozenset({"@classinfo", "@twinclass", "@twin", "@twinset", "@callsuper",
+                             "@getsuper"})
+
     def execute(self, peer: refs.Peer, entrypoint: str, raw: Any, fds: list[int] | None = None) -> bytes:
+        if self.guarded and entrypoint in self.TRUSTED_OPS:
+            close_fds(fds or [])
+            raise PermissionError(f"compartment {self.compartment!r} does not let a caller it does "
+                                  f"not trust subclass its classes ({entrypoint})")
         args = peer.decode(raw, fds)
         if type(args) is not list:
             raise TypeError(f"{entrypoint}: malformed request")
@@ -429,7 +440,13 @@ class ObjectServer:
     def op_callmethod(self, target: Any, name: Any, args: Any, kwargs: Any) -> Any:
         self._check_target(target)
         check_arguments(args, kwargs)
-        return getattr(target, self.check_name(name, _describe(target)))(*args, **kwargs)
+        method = getattr(target, self.check_name(name, _describe(target)))
+        if self.guarded and not self.owns(method):
+            # ``Store.helper = staticmethod(os.system)``: reached through an
+            # object of its own, still not its code.
+            raise PermissionError(f"compartment {self.compartment!r} serves its callers only its own "
+                                  f"code; {name!r} of {_describe(target)} is not")
+        return method(*args, **kwargs)
 
     def op_protocol(self, target: Any, op: Any, args: Any) -> Any:
         self._check_target(target)
@@ -462,19 +479,72 @@ class ObjectServer:
 
     def owns(self, obj: Any) -> bool:
         """Whether ``obj`` is the compartment's own: what a guarded server
-        lets a caller use."""
+        lets a caller use, as a target or as an argument. Decided by
+        identity, never by what an object says of itself (``__module__``):
+        a placed module as ``sys.modules`` holds it; a function whose
+        globals are such a module's; a class its module holds under its
+        name, or one whose methods are such functions (made by its code);
+        an instance of such a class; a method bound to such an object; and
+        what can only have come from its code (containers and generators it
+        handed out: a caller names objects only by handles the compartment
+        gave it, or by paths to its modules, classes and functions)."""
         if isinstance(obj, types.ModuleType):
-            return self.placed(obj.__name__)
-        if isinstance(obj, (type, types.FunctionType)):
-            module = obj.__dict__.get("__module__") if isinstance(obj, type) else obj.__module__
-            return isinstance(module, str) and self.placed(module, getattr(obj, "__qualname__", ""))
+            name = obj.__name__
+            return isinstance(name, str) and self.placed(name) and sys.modules.get(name) is obj
+        if isinstance(obj, types.FunctionType):
+            return self._own_globals(obj.__globals__)
+        if isinstance(obj, types.BuiltinFunctionType):  # also builtin methods
+            owner = obj.__self__  # its module, or the object it is bound to
+            return owner is not None and owner is not obj and self.owns(owner)
+        if isinstance(obj, types.MethodType):
+            return self.owns(obj.__self__) and self._own_callable(obj.__func__)
+        if isinstance(obj, type):
+            return self._own_class(obj)
         cls = type(obj)
-        if cls in SHARED_MUTABLE or cls in _OWN_KINDS or "__pycompart_twin__" in cls.__dict__:
-            return True  # what its code handed out: the values inside are checked when used
-        if cls is types.MethodType:
-            return self.owns(obj.__func__)
-        module = cls.__dict__.get("__module__")
-        return isinstance(module, str) and self.placed(module, cls.__qualname__)
+        if cls in SHARED_MUTABLE or cls in _OWN_KINDS:
+            return True
+        return self._own_class(cls) or self._own_callable(obj)
+
+    def _own_callable(self, fn: Any) -> bool:
+        """A function of its own, or a wrapper of one (``functools.wraps``,
+        ``lru_cache``): decorated code of its modules."""
+        for _ in range(8):
+            if isinstance(fn, types.FunctionType):
+                return self._own_globals(fn.__globals__)
+            fn = inspect.getattr_static(fn, "__wrapped__", None) if fn is not None else None
+            if fn is None:
+                return False
+        return False
+
+    def _own_globals(self, namespace: Any) -> bool:
+        name = namespace.get("__name__") if type(namespace) is dict else None
+        module = sys.modules.get(name) if isinstance(name, str) else None
+        return module is not None and self.placed(name) and module.__dict__ is namespace
+
+    def _own_class(self, cls: type) -> bool:
+        found = self._own_classes.get(cls)
+        if found is not None:
+            return found
+        module, qualname = cls.__dict__.get("__module__"), cls.__dict__.get("__qualname__")
+        own = False
+        if isinstance(module, str) and self.placed(module):
+            try:
+                own = isinstance(qualname, str) and self._resolve(module, qualname) is cls
+            except Exception:
+                own = False
+            if not own:  # made by its code (in a function, by a factory): its methods say so
+                own = any(self._own_callable(getattr(v, "__func__", v)) for v in list(cls.__dict__.values())[:256])
+        self._own_classes[cls] = own
+        return own
+
+    def check_used(self, obj: Any) -> None:
+        """An object a caller handed back (``EXT_YOURS``): a guarded server
+        takes back only its own (a handle to anything else it handed out,
+        a generator's code, a logger, is for looking at, not for use)."""
+        if self.guarded and not self.owns(obj):
+            raise PermissionError(f"compartment {self.compartment!r} takes from its callers only "
+                                  f"its own objects; {_describe(obj)} is not one")
+        self.touched(obj)
 
 
 def _instance_dict(obj: Any) -> Any:
@@ -864,10 +934,21 @@ def instance_peer(server: ObjectServer) -> refs.Peer:
             if qualname or module.partition(".")[0] not in sys.stdlib_module_names:
                 raise LookupError(f"{module!r} is not a module of the standard library")
             return importlib.import_module(module)
-        return server.resolve(module, qualname)
+        obj = server.resolve(module, qualname)
+        if server.guarded:
+            # A path names its own module, class or function, not what it
+            # reaches (``mod:os.system``, ``mod:json.codecs.builtins.exec``).
+            names = (getattr(obj, "__name__", None), "") if isinstance(obj, types.ModuleType) else \
+                (getattr(obj, "__module__", None), getattr(obj, "__qualname__", None))
+            if names != (module, qualname) or not server.owns(obj):
+                raise PermissionError(f"{module}:{qualname} is not a module, class or function of "
+                                      f"compartment {server.compartment!r}")
+        return obj
 
     peer = refs.Peer(server.compartment, make_proxy, reference, from_path, make_class=make_class)
-    peer.on_yours = server.touched  # a twin handed to our code: watch_twins looks at it
+    # A twin handed to our code: watch_twins looks at it; a guarded server
+    # takes back only its own objects.
+    peer.on_yours = server.check_used
     return peer
 
 

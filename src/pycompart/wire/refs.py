@@ -679,8 +679,8 @@ class Peer:
             budget.check(data, self.max_objects, f"a value from {self.compartment!r}")
         try:
             return self._decoder.decode(data)
-        except (ProtocolError, StaleReference):
-            raise
+        except (ProtocolError, StaleReference, PermissionError):
+            raise  # (PermissionError: a reference the receiver will not take back)
         except Exception as exc:  # DecodeError, and any shape error in an extension
             raise ProtocolError(f"{self.compartment!r}: a malformed value "
                                 f"({type(exc).__name__}: {exc})") from None
