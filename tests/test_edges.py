@@ -716,3 +716,34 @@ def test_a_guarded_compartments_own_code_works_as_usual(vault):
     vaultmod.RECENT.append("x")  # a container its module hands out
     assert "x" in vaultmod.RECENT and vaultmod.STATS["reads"] == 0
     assert vaultmod.json is json  # the standard library crosses by name
+
+
+def test_protocol_operations_take_only_what_the_proxies_send(vault):
+    """``deepcopy(obj, memo)`` with a dict of the caller's as the memo read
+    private state into it; ``type(obj, bases, ns)`` would make a class."""
+    app, vaultmod = vault
+    store = vaultmod.Store("mine")
+    comp, inst = _raw(app, store)
+    with pytest.raises(TypeError):
+        comp.call(inst, "@op", [store, "deepcopy", [vaultmod.STATS]])
+    assert set(vaultmod.STATS) == {"reads"}
+    with pytest.raises(TypeError):
+        comp.call(inst, "@op", [store, "copy", [1]])
+    import copy
+
+    assert copy.deepcopy(store).summary() == '{"label": "mine"}'  # what the proxy sends still works
+
+
+def test_a_guarded_compartment_imports_nothing_on_a_callers_word(vault, monkeypatch):
+    """A standard-library path to a module it has not imported (``this``,
+    ``antigravity``, ``unittest.__main__``) ran its import there."""
+    app, vaultmod = vault
+    import types as _types
+
+    comp, inst = _raw(app, vaultmod.RECENT)
+    for name in ("this", "antigravity"):
+        # (in main's sys.modules, so main's proxy sends it by name)
+        monkeypatch.setitem(sys.modules, name, _types.ModuleType(name))
+        with pytest.raises(PermissionError, match="not imported in compartment 'vault'"):
+            comp.call(inst, "@callmethod", [vaultmod.RECENT, "append", [sys.modules[name]], {}])
+    assert list(vaultmod.RECENT) == []

@@ -501,8 +501,10 @@ class ObjectServer:
         if isinstance(obj, type):
             return self._own_class(obj)
         cls = type(obj)
-        if cls in SHARED_MUTABLE or cls in _OWN_KINDS:
-            return True
+        if cls in SHARED_MUTABLE or cls in _OWN_KINDS or cls is protocols.Private:
+            return True  # (a Private: the iterator made here for iter() of an object of its own)
+        if cls is protocols.Pushback:
+            return self.owns(obj.it)
         return self._own_class(cls) or self._own_callable(obj)
 
     def _own_callable(self, fn: Any) -> bool:
@@ -646,9 +648,13 @@ def _issubclass(obj: Any, cls: Any) -> bool:
     return issubclass(obj, cls)
 
 
+# Each takes exactly what main's proxies send: ``type(obj, bases, ns)`` would
+# make a class, ``deepcopy(obj, memo)`` would write into a dict the caller
+# chose (and read private state into it).
 _PROTOCOL: dict[str, Callable[..., Any]] = dict(
-    protocols.OPS, isinstance=_isinstance, issubclass=_issubclass, dir=dir, type=type,
-    copy=copy.copy, deepcopy=copy.deepcopy, describe=protocols.describe_callable,
+    protocols.OPS, isinstance=_isinstance, issubclass=_issubclass, dir=lambda obj: dir(obj),
+    type=lambda obj: type(obj), copy=lambda obj: copy.copy(obj), deepcopy=lambda obj: copy.deepcopy(obj),
+    describe=lambda obj: protocols.describe_callable(obj),
     describe_method=lambda obj, name: None, pickle=lambda obj: pickle.dumps(obj, 4))  # (op_protocol checks the name first)
 
 
@@ -933,7 +939,15 @@ def instance_peer(server: ObjectServer) -> refs.Peer:
         if kind == "stdlib":  # a module of the standard library main passed: ours
             if qualname or module.partition(".")[0] not in sys.stdlib_module_names:
                 raise LookupError(f"{module!r} is not a module of the standard library")
-            return importlib.import_module(module)
+            found = sys.modules.get(module)
+            if server.guarded:
+                # Never imported on an untrusted caller's word (``antigravity``,
+                # ``unittest.__main__``, or a file planted on the import path).
+                if not isinstance(found, types.ModuleType):
+                    raise PermissionError(f"module {module!r} is not imported in compartment "
+                                          f"{server.compartment!r}")
+                return found
+            return found if isinstance(found, types.ModuleType) else importlib.import_module(module)
         obj = server.resolve(module, qualname)
         if server.guarded:
             # A path names its own module, class or function, not what it

@@ -761,7 +761,8 @@ class Peer:
                 raise ProtocolError(f"malformed {kind} value: {exc}") from None
         if code == EXT_BUILTIN:
             name = bytes(data).decode("ascii", "replace")
-            value = getattr(builtins, name, None) if name.isidentifier() else None
+            # The classes the encoder sends: public ones (never ``__loader__``).
+            value = getattr(builtins, name, None) if name.isidentifier() and name[0] != "_" else None
             if not issubclass(type(value), type):
                 raise ProtocolError(f"builtins has no class {name!r}")
             return value
