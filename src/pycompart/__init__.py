@@ -23,7 +23,7 @@ _EXPORTS = {
     "PrivilegeError": "errors", "open_untrusted": "kernel.files",
     "CommBreakEvent": "supervisor.monitor", "InstanceEvent": "supervisor.monitor",
     "TimeoutEvent": "supervisor.monitor", "Fd": "wire.refs", "handover": "wire.refs",
-    "Broker": "frontend.broker",
+    "Broker": "frontend.broker", "segment": "frontend.segments", "entrypoint": "frontend.segments",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -51,5 +51,6 @@ if TYPE_CHECKING:
     )
     from .kernel.files import open_untrusted
     from .frontend.broker import Broker
+    from .frontend.segments import entrypoint, segment
     from .wire.refs import Fd, handover
     from .supervisor.monitor import CommBreakEvent, InstanceEvent, TimeoutEvent

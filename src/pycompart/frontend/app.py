@@ -190,7 +190,8 @@ class App:
     def running(self) -> bool:
         return self._runtime is not None
 
-    def start(self, *, lazy: bool = False, import_hook: bool = False, confine_main: bool = False) -> None:
+    def start(self, *, lazy: bool = False, import_hook: bool = False, confine_main: bool = False,
+              main_path: str | None = None) -> None:
         """Start the monitor and the instances.
 
         ``lazy``: start each compartment's instances on its first use instead
@@ -198,13 +199,17 @@ class App:
         ``import_hook``: from now on, importing a module placed in a
         compartment gives a proxy module (what ``pycompart run`` does).
         ``confine_main``: lock this process down with the spec's
-        ``[compartments.main.privileges]`` (it must have one thread)."""
+        ``[compartments.main.privileges]`` (it must have one thread).
+        ``main_path``: the file instances load ``__main__`` entrypoints from,
+        if not ``__main__``'s own (``pycompart run`` of a rewritten program)."""
         if _instance.CURRENT is not None:
             raise PycompartError("an App cannot be started inside a compartment instance")
         with self._lock:
             if self._runtime is not None:
                 raise PycompartError("the app is already running")
             runtime = _Runtime(self)
+            if main_path is not None:
+                runtime._main_path, runtime._main_module = os.path.abspath(main_path), None
             runtime.start(lazy, confine_main)
             self._runtime = runtime
             if import_hook:

@@ -270,7 +270,19 @@ def _command(argv: list[str]) -> int:
     sub.add_parser("doctor", help="say what this host can enforce")
     bench = sub.add_parser("bench", help="measure call and start-up costs against raw baselines")
     bench.add_argument("--quick", action="store_true", help="fewer iterations")
+    rewrite = sub.add_parser("rewrite", help="hoist pycompart.segment blocks into entrypoints "
+                             "(Pitchfork for Python)")
+    rewrite.add_argument("sources", nargs="+", metavar="SRC.py")
+    rewrite.add_argument("--out", metavar="DIR", help="where to write the rewritten programs")
+    rewrite.add_argument("--spec-out", metavar="FILE",
+                         help="the spec skeleton (default: beside each rewritten program, NAME.toml)")
+    rewrite.add_argument("--check", action="store_true",
+                         help="report what would change, and every problem, without writing")
     args = parser.parse_args(argv)
+    if args.command == "rewrite":
+        from .rewrite import rewrite_command
+
+        return rewrite_command(args.sources, args.out, args.spec_out, args.check)
     if args.command == "check":
         try:
             spec = load_spec_file(args.spec)

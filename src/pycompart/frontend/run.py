@@ -30,11 +30,23 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
     ``python target ARGV...``, with the spec's modules boxed. Returns the
     exit status; a KeyboardInterrupt ends the process by SIGINT, as Python's
     own does."""
-    app = App(load_spec_file(spec_path))
+    spec = load_spec_file(spec_path)
     script = os.path.abspath(target)
     if not as_module and not os.path.isfile(script):
         print(f"pycompart run: can't open file {target!r}: no such file", file=sys.stderr)
         return 2
+    rewritten = None
+    if not as_module:
+        # An annotated program (pycompart.segment, pycompart.entrypoint) is
+        # rewritten first (cached): no build step.
+        from . import segments
+
+        try:
+            rewritten, spec = segments.prepare_run(script, spec)
+        except segments.RewriteFailed as exc:
+            print(exc, file=sys.stderr)
+            return 1
+    app = App(spec)
     # The program's sys.path[0], as python would set it: its directory (or
     # the working directory for -m), in place of the entry python made for
     # pycompart's own entry point (none under -I/-P: then it is added).
@@ -49,7 +61,14 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
         # Read now: under its own lock-down main may not reach the file.
         with open(script, "rb") as f:
             source = f.read()
-    app.start(lazy=True, import_hook=True, confine_main=app.spec.main_privileges is not None)
+    app.start(lazy=True, import_hook=True, confine_main=app.spec.main_privileges is not None,
+              main_path=rewritten)
+    if rewritten is not None:
+        from . import segments
+
+        segments.RUN_APP = app
+        with open(rewritten, "rb") as f:
+            script, source = rewritten, f.read()
     interrupted = False
     code: int = 0
     try:

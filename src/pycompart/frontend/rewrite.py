@@ -1,0 +1,670 @@
+"""``pycompart rewrite``: Pitchfork for Python, a source-to-source rewriter.
+
+A program marks what must run elsewhere::
+
+    with pycompart.segment("Privileged"):      # a block
+        fd = os.open(device, os.O_WRONLY)
+
+    @pycompart.entrypoint("Privileged")       # a whole module-level function
+    def write_tone(fd, hz): ...
+
+Unrewritten, both are no-ops: the program runs in one process as before.
+The rewriter hoists every segment into a generated module-level function of
+its compartment, ``_segment_<Compartment>_<line>``: the local variables the
+block reads become its parameters, those it assigns and the rest of the
+scope uses become its return values, and the block is replaced by a call::
+
+    (fd,) = _segment_Privileged_12(device)
+
+Analysis and generation are pure (source text in, source text out, no
+imports, no execution), so ``rewrite --check`` can run on any file. What
+cannot be hoisted faithfully (``Problem``) is reported with ``file:line`` and
+a suggested change, never miscompiled (the README's table lists each rule).
+
+The generated program keeps the original text around the segments, so it
+can be reviewed; each hoisted body is the block's own lines, and its code is
+relocated to the original file and lines (``segments.origin``), so an
+exception inside a segment shows where it was written.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+
+#: Methods that change their object in place: called in a segment on a
+#: variable the segment receives, the change happens to a copy, and is lost.
+MUTATING_METHODS = frozenset({
+    "append", "extend", "insert", "remove", "pop", "popitem", "clear", "update", "setdefault",
+    "add", "discard", "sort", "reverse", "appendleft", "extendleft", "rotate", "intersection_update",
+    "difference_update", "symmetric_difference_update",
+})
+#: Calls whose meaning depends on the frame they run in.
+FRAME_CALLS = frozenset({"locals", "vars", "globals", "exec", "eval", "dir", "super"})
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+#: Bumped when the generated code changes (``pycompart run`` caches by it).
+FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A construct the rewriter will not hoist, where, and what to do."""
+
+    filename: str
+    line: int
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.filename}:{self.line}: {self.message} (fix: {self.fix})"
+
+
+@dataclasses.dataclass
+class Segment:
+    compartment: str
+    line: int  # the ``with`` statement
+    end_line: int
+    body_line: int  # the block's first line
+    name: str  # the generated function
+    params: list[str]
+    outputs: list[str]
+    indent: str  # of the ``with`` statement
+
+
+@dataclasses.dataclass
+class Result:
+    filename: str
+    source: str  # the rewritten program ("" when there are problems)
+    segments: list[Segment]
+    #: ``@pycompart.entrypoint`` functions: (compartment, function name, line).
+    entrypoints: list[tuple[str, str, int]]
+    problems: list[Problem]
+
+    @property
+    def compartments(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for s in self.segments:
+            seen.setdefault(s.compartment)
+        for comp, _, _ in self.entrypoints:
+            seen.setdefault(comp)
+        return list(seen)
+
+    def functions(self, module: str) -> dict[str, list[str]]:
+        """Compartment -> its entrypoints' keys, with the program as ``module``."""
+        out: dict[str, list[str]] = {c: [] for c in self.compartments}
+        for s in self.segments:
+            out[s.compartment].append(f"{module}:{s.name}")
+        for comp, name, _ in self.entrypoints:
+            out[comp].append(f"{module}:{name}")
+        return out
+
+
+def uses_segments(source: str) -> bool:
+    """A cheap test: might this program be annotated?"""
+    return "segment" in source or "entrypoint" in source and "pycompart" in source
+
+
+# -- analysis -------------------------------------------------------------------------------------
+
+
+class _Aliases:
+    """How the module names ``pycompart.segment`` and ``pycompart.entrypoint``."""
+
+    def __init__(self, tree: ast.Module):
+        self.modules = {"pycompart"}
+        self.segment: set[str] = set()
+        self.entrypoint: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name == "pycompart":
+                        self.modules.add(a.asname or "pycompart")
+            elif isinstance(node, ast.ImportFrom) and node.module == "pycompart":
+                for a in node.names:
+                    if a.name == "segment":
+                        self.segment.add(a.asname or "segment")
+                    elif a.name == "entrypoint":
+                        self.entrypoint.add(a.asname or "entrypoint")
+
+    def _is(self, func: ast.expr, attr: str, names: set[str]) -> bool:
+        if isinstance(func, ast.Attribute) and func.attr == attr and isinstance(func.value, ast.Name):
+            return func.value.id in self.modules
+        return isinstance(func, ast.Name) and func.id in names
+
+    def segment_call(self, node: ast.expr) -> ast.Call | None:
+        if isinstance(node, ast.Call) and self._is(node.func, "segment", self.segment):
+            return node
+        return None
+
+    def entrypoint_call(self, node: ast.expr) -> ast.Call | None:
+        if isinstance(node, ast.Call) and self._is(node.func, "entrypoint", self.entrypoint):
+            return node
+        return None
+
+
+def _names(nodes: list[ast.stmt] | list[ast.AST], ctx: type) -> list[tuple[str, ast.Name]]:
+    """Names used with ``ctx`` (Load or Store) in ``nodes``, not counting
+    names a nested function, lambda, class or comprehension binds itself."""
+    out: list[tuple[str, ast.Name]] = []
+
+    def visit(node: ast.AST, bound: frozenset[str]) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            inner = set(_arg_names(node.args))
+            if not isinstance(node, ast.Lambda):
+                if ctx is ast.Store:
+                    out.append((node.name, node))  # type: ignore[arg-type]
+                for d in node.decorator_list:
+                    visit(d, bound)
+                body: list[ast.AST] = list(node.body)
+            else:
+                body = [node.body]
+            for d in node.args.defaults + [d for d in node.args.kw_defaults if d is not None]:
+                visit(d, bound)
+            inner |= {n for b in body for n, _ in _names([b], ast.Store)}
+            for b in body:
+                visit(b, bound | inner)
+            return
+        if isinstance(node, ast.ClassDef):
+            if ctx is ast.Store:
+                out.append((node.name, node))  # type: ignore[arg-type]
+            for child in node.bases + node.keywords + node.decorator_list:  # type: ignore[operator]
+                visit(child, bound)
+            return
+        if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            inner = {n for g in node.generators for n, _ in _names([g.target], ast.Store)}
+            for g in node.generators:
+                visit(g.iter, bound)
+                for cond in g.ifs:
+                    visit(cond, bound | inner)
+            for part in ([node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt]):
+                visit(part, bound | inner)
+            return
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ctx) and node.id not in bound:
+            out.append((node.id, node))
+        elif ctx is ast.Store and isinstance(node, (ast.Import, ast.ImportFrom)):
+            for a in node.names:
+                if a.name != "*":
+                    out.append(((a.asname or a.name).split(".")[0], node))  # type: ignore[arg-type]
+        elif ctx is ast.Store and isinstance(node, ast.ExceptHandler) and node.name:
+            out.append((node.name, node))  # type: ignore[arg-type]
+        for child in ast.iter_child_nodes(node):
+            visit(child, bound)
+
+    for n in nodes:
+        visit(n, frozenset())
+    return out
+
+
+def _arg_names(args: ast.arguments) -> list[str]:
+    names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+    if args.vararg:
+        names.append(args.vararg.arg)
+    if args.kwarg:
+        names.append(args.kwarg.arg)
+    return names
+
+
+class _Scope:
+    """A function (or the module) holding segments: what is local to it."""
+
+    def __init__(self, node: ast.AST, module_globals: set[str]):
+        self.node = node
+        body = node.body if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef)) else []
+        self.is_module = isinstance(node, ast.Module)
+        self.declared_global: set[str] = set()
+        for sub in _walk_scope(body):
+            if isinstance(sub, (ast.Global, ast.Nonlocal)):
+                self.declared_global.update(sub.names)
+        if self.is_module:
+            # Module-level values a segment reads are passed, except what
+            # the module's top-level statements bind: the compartment,
+            # which imports the module too, has those.
+            self.locals = {n for n, _ in _names(body, ast.Store)} - module_globals
+        else:
+            self.locals = set(_arg_names(node.args)) | {n for n, _ in _names(body, ast.Store)}  # type: ignore[attr-defined]
+            self.locals -= self.declared_global
+
+
+def _walk_scope(body: list[ast.stmt]):  # type: ignore[no-untyped-def]
+    """Statements and expressions of one scope (not of nested functions or classes)."""
+    stack: list[ast.AST] = list(body)
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                stack.append(child)
+
+
+def _module_globals(tree: ast.Module) -> set[str]:
+    """Names the module's own top-level statements bind: the compartment
+    has them too (it imports the program, as ``__mp_main__``, whose
+    top-level code runs there; what is under ``if __name__ == "__main__":``
+    or another compound statement does not count)."""
+    simple = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom,
+              ast.Assign, ast.AnnAssign, ast.AugAssign)
+    return {n for node in tree.body if isinstance(node, simple) for n, _ in _names([node], ast.Store)}
+
+
+class _Finder:
+    """Finds the segments and entrypoints of one module and checks them."""
+
+    def __init__(self, tree: ast.Module, lines: list[str], filename: str):
+        self.tree = tree
+        self.lines = lines
+        self.filename = filename
+        self.aliases = _Aliases(tree)
+        self.module_globals = _module_globals(tree)
+        self.segments: list[tuple[ast.With, _Scope, str]] = []
+        self.entrypoints: list[tuple[str, str, int]] = []
+        self.problems: list[Problem] = []
+
+    def problem(self, node: ast.AST, message: str, fix: str) -> None:
+        self.problems.append(Problem(self.filename, getattr(node, "lineno", 0), message, fix))
+
+    def run(self) -> None:
+        self._visit(self.tree, _Scope(self.tree, self.module_globals), in_class=False, in_segment=None)
+
+    def _visit(self, node: ast.AST, scope: _Scope, in_class: bool, in_segment: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                self._function(child, node, in_class)
+                self._visit(child, _Scope(child, self.module_globals), False, None)
+            elif isinstance(child, ast.ClassDef):
+                self._visit(child, scope, True, None)
+            elif isinstance(child, (ast.With, ast.AsyncWith)) and self._segment_of(child) is not None:
+                comp = self._segment_of(child)
+                if in_segment is not None:
+                    self.problem(child, f"a segment of {comp!r} inside a segment of {in_segment!r}",
+                                 "segments do not nest: end the outer one first")
+                elif isinstance(child, ast.AsyncWith):
+                    self.problem(child, "'async with' a segment", "use a plain 'with'")
+                elif in_class:
+                    self.problem(child, "a segment in a class body",
+                                 "move the block into a method or a function")
+                elif self._check_with(child, comp):  # type: ignore[arg-type]
+                    self.segments.append((child, scope, comp))  # type: ignore[arg-type]
+                self._visit(child, scope, in_class, comp)
+            else:
+                self._visit(child, scope, in_class, in_segment)
+
+    def _segment_of(self, node: ast.With | ast.AsyncWith) -> str | None:
+        for item in node.items:
+            call = self.aliases.segment_call(item.context_expr)
+            if call is not None:
+                return self._compartment(call, node) or "?"
+        return None
+
+    def _compartment(self, call: ast.Call, where: ast.AST) -> str | None:
+        if len(call.args) != 1 or call.keywords or not isinstance(call.args[0], ast.Constant) \
+                or not isinstance(call.args[0].value, str) or not _NAME_RE.match(call.args[0].value):
+            self.problem(where, "the compartment of a segment or entrypoint must be one string literal "
+                         "naming it", 'write segment("Name") with a literal compartment name')
+            return None
+        return call.args[0].value
+
+    def _function(self, fn: ast.FunctionDef | ast.AsyncFunctionDef, parent: ast.AST, in_class: bool) -> None:
+        for dec in fn.decorator_list:
+            call = self.aliases.entrypoint_call(dec)
+            if call is None:
+                continue
+            comp = self._compartment(call, dec)
+            if comp is None:
+                continue
+            if not isinstance(parent, ast.Module) or in_class:
+                self.problem(fn, f"@entrypoint on {fn.name!r}, which is not a module-level function",
+                             "only module-level functions can be entrypoints; move it to the top level")
+            elif isinstance(fn, ast.AsyncFunctionDef):
+                self.problem(fn, f"@entrypoint on the coroutine function {fn.name!r}",
+                             "make it a plain function (calls between compartments are synchronous)")
+            elif len(fn.decorator_list) > 1:
+                self.problem(fn, f"@entrypoint on {fn.name!r} with other decorators",
+                             "keep @pycompart.entrypoint the only decorator (wrap the function instead)")
+            else:
+                self.entrypoints.append((comp, fn.name, fn.lineno))
+
+    def _check_with(self, node: ast.With, comp: str) -> bool:
+        ok = True
+        if len(node.items) != 1:
+            self.problem(node, "a segment 'with' with other context managers",
+                         "give the segment a 'with' statement of its own")
+            ok = False
+        elif node.items[0].optional_vars is not None:
+            self.problem(node, "'with segment(...) as name'", "drop 'as': a segment has no value")
+            ok = False
+        before = len(self.problems)
+        self._check_body(node.body, comp)
+        return ok and len(self.problems) == before
+
+    def _check_body(self, body: list[ast.stmt], comp: str) -> None:
+        def visit(node: ast.AST, loop: bool) -> None:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+                return  # its own returns and yields are its own
+            if isinstance(node, ast.Return):
+                self.problem(node, f"'return' inside a segment of {comp!r} would leave the block",
+                             "assign the value to a variable in the block and return it after it")
+            elif isinstance(node, (ast.Yield, ast.YieldFrom)):
+                self.problem(node, f"'yield' inside a segment of {comp!r}",
+                             "compute the values in the block (a list), yield them after it")
+            elif isinstance(node, ast.Await):
+                self.problem(node, f"'await' inside a segment of {comp!r}",
+                             "await before or after the block; a segment's call is synchronous")
+            elif isinstance(node, (ast.Break, ast.Continue)) and not loop:
+                word = "break" if isinstance(node, ast.Break) else "continue"
+                self.problem(node, f"'{word}' inside a segment of {comp!r} would leave the block",
+                             f"set a flag in the block and '{word}' after it")
+            elif isinstance(node, (ast.Global, ast.Nonlocal)):
+                word = "global" if isinstance(node, ast.Global) else "nonlocal"
+                self.problem(node, f"'{word}' inside a segment of {comp!r}: the block runs in another "
+                             "process, where that name is not the caller's",
+                             "assign a local variable in the block; assign the global after it")
+            elif isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names):
+                self.problem(node, f"'from ... import *' inside a segment of {comp!r}",
+                             "import the names the block uses by name")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                    and node.func.id in FRAME_CALLS and (node.func.id != "dir" or not node.args) \
+                    and (node.func.id != "super" or not node.args):
+                self.problem(node, f"{node.func.id}() inside a segment of {comp!r} depends on the "
+                             "frame it runs in, which is not the caller's",
+                             "pass what the block needs as variables")
+            inner = loop or isinstance(node, (ast.For, ast.AsyncFor, ast.While))
+            for child in ast.iter_child_nodes(node):
+                # a loop's 'else' is not inside the loop
+                if isinstance(node, (ast.For, ast.While)) and child in node.orelse:
+                    visit(child, loop)
+                else:
+                    visit(child, inner)
+
+        for stmt in body:
+            visit(stmt, False)
+
+
+def analyze(source: str, filename: str = "<program>") -> tuple[_Finder | None, list[Problem]]:
+    try:
+        tree = ast.parse(source, filename)
+    except SyntaxError as exc:
+        return None, [Problem(filename, exc.lineno or 0, f"syntax error: {exc.msg}",
+                              "fix the program so Python can parse it")]
+    lines = source.splitlines(keepends=True)
+    finder = _Finder(tree, lines, filename)
+    finder.run()
+    return finder, finder.problems
+
+
+def _segment(finder: _Finder, node: ast.With, scope: _Scope, comp: str) -> Segment:
+    body = node.body
+    writes = [n for n, _ in _names(body, ast.Store)]
+    params = sorted(n for n in _read_first(body) if n in scope.locals)
+    # Outputs: what the block assigns that the scope reads anywhere else
+    # (after it, before it in a loop, in a nested function).
+    in_block = {id(n) for stmt in body for n in ast.walk(stmt)}
+    scope_body = scope.node.body  # type: ignore[attr-defined]
+    elsewhere = {name for stmt in scope_body for name, ref in _names_anywhere(stmt, ast.Load)
+                 if id(ref) not in in_block}
+    for name in writes:
+        if name in scope.declared_global:
+            finder.problem(node, f"the segment of {comp!r} assigns {name!r}, which its function "
+                           "declares global or nonlocal",
+                           "assign a local variable in the block; assign the global after it")
+    outputs = sorted({n for n in writes if n in elsewhere and n not in scope.declared_global
+                      and (not scope.is_module or n not in finder.module_globals)})
+    # A received value changed in place changes the callee's copy only.
+    stored = set(writes)
+    for stmt in body:
+        for sub in ast.walk(stmt):
+            target = None
+            if isinstance(sub, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+                targets = sub.targets if isinstance(sub, (ast.Assign, ast.Delete)) else [sub.target]
+                for t in targets:
+                    if isinstance(t, (ast.Attribute, ast.Subscript)):
+                        target = _base_name(t)
+                        if target in params and target not in stored:
+                            finder.problem(sub, f"the segment of {comp!r} changes {target!r} in place, "
+                                           "but it gets a copy: the change would be lost",
+                                           f"build a new value and assign it ({target} = ...) in the "
+                                           "block, so it is returned")
+            elif isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) \
+                    and sub.func.attr in MUTATING_METHODS:
+                target = _base_name(sub.func.value)
+                if target in params and target not in stored:
+                    finder.problem(sub, f"the segment of {comp!r} calls {target}.{sub.func.attr}(), which "
+                                   f"changes {target!r} in place, but it gets a copy: the change would be "
+                                   "lost", f"copy it first in the block ({target} = list({target}) or the "
+                                   "like), so the new value is returned")
+    indent = finder.lines[node.lineno - 1][:node.col_offset]
+    return Segment(comp, node.lineno, node.end_lineno or node.lineno, body[0].lineno,
+                   f"_segment_{comp.replace('-', '_')}_{node.lineno}", params, outputs, indent)
+
+
+def _read_first(body: list[ast.stmt]) -> set[str]:
+    """The names the block may read before it assigns them: its parameters.
+    Flow by flow: a loop's target is bound in its body, a ``with ... as``
+    name in its block; a name an ``if`` (or a loop, a ``try``) may or may
+    not assign is the caller's where it was not (so it is passed)."""
+    reads: set[str] = set()
+
+    def stores(node: ast.AST) -> set[str]:
+        return {n for n, _ in _names([node], ast.Store)}
+
+    def loads(node: ast.AST | None, assigned: set[str]) -> None:
+        if node is not None:
+            reads.update(n for n, _ in _names([node], ast.Load) if n not in assigned)
+
+    def block(stmts: list[ast.stmt], assigned: set[str]) -> set[str]:
+        for st in stmts:
+            assigned = stmt(st, assigned)
+        return assigned
+
+    def stmt(st: ast.stmt, assigned: set[str]) -> set[str]:
+        if isinstance(st, (ast.For, ast.AsyncFor)):
+            loads(st.iter, assigned)
+            block(st.body, assigned | stores(st.target))
+            block(st.orelse, set(assigned))
+            return assigned
+        if isinstance(st, ast.While):
+            loads(st.test, assigned)
+            block(st.body, set(assigned))
+            block(st.orelse, set(assigned))
+            return assigned
+        if isinstance(st, ast.If):
+            loads(st.test, assigned)
+            return block(st.body, set(assigned)) & block(st.orelse, set(assigned))
+        if isinstance(st, (ast.With, ast.AsyncWith)):
+            for item in st.items:
+                loads(item.context_expr, assigned)
+                if item.optional_vars is not None:
+                    assigned = assigned | stores(item.optional_vars)
+            return block(st.body, set(assigned))
+        if isinstance(st, ast.Try):
+            block(st.body, set(assigned))
+            for handler in st.handlers:
+                loads(handler.type, assigned)
+                block(handler.body, assigned | ({handler.name} if handler.name else set()))
+            block(st.orelse, set(assigned))
+            block(st.finalbody, set(assigned))
+            return assigned
+        if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            loads(st, assigned)  # decorators, defaults, what its body reads from here
+            return assigned | {st.name}
+        if isinstance(st, ast.AugAssign):
+            if isinstance(st.target, ast.Name) and st.target.id not in assigned:
+                reads.add(st.target.id)  # x += 1 reads x first
+            loads(st.target, assigned)
+            loads(st.value, assigned)
+            return assigned | stores(st.target)
+        if isinstance(st, (ast.Assign, ast.AnnAssign)):
+            loads(st.value, assigned)
+            for target in (st.targets if isinstance(st, ast.Assign) else [st.target]):
+                loads(target, assigned)
+            if isinstance(st, ast.AnnAssign) and st.value is None:
+                return assigned
+            return assigned | {n for t in (st.targets if isinstance(st, ast.Assign) else [st.target])
+                               for n in stores(t)}
+        loads(st, assigned)
+        return assigned | stores(st)
+
+    block(body, set())
+    return reads
+
+
+def _names_anywhere(node: ast.AST, ctx: type) -> list[tuple[str, ast.Name]]:
+    return [(n.id, n) for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ctx)]
+
+
+def _base_name(node: ast.expr) -> str | None:
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+# -- generation -------------------------------------------------------------------------------------
+
+
+PROLOGUE = ("import pycompart.frontend.segments as __pycompart_segments__  # pycompart rewrite\n"
+            "__pycompart_app__ = __pycompart_segments__.app_for(__file__)\n")
+
+
+def rewrite(source: str, filename: str = "<program>", original: str | None = None) -> Result:
+    """Rewrite ``source``. ``original``: the path the generated code points
+    its segments back to (default ``filename``)."""
+    finder, problems = analyze(source, filename)
+    if finder is None:
+        return Result(filename, "", [], [], problems)
+    segments = [_segment(finder, node, scope, comp) for node, scope, comp in finder.segments]
+    problems = finder.problems
+    result = Result(filename, "", segments, finder.entrypoints, problems)
+    if problems:
+        return result
+    lines = list(finder.lines)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    origin = original or filename
+    # Replace each block by its call, last first (line numbers stay valid).
+    for seg in sorted(segments, key=lambda s: s.line, reverse=True):
+        args = ", ".join(seg.params)
+        call = f"{seg.name}({args})"
+        if seg.outputs:
+            call = f"({', '.join(seg.outputs)},) = {call}"
+        note = f"  # pycompart: segment {seg.compartment!r}, {_base(filename)}:{seg.line}-{seg.end_line}"
+        lines[seg.line - 1:seg.end_line] = [f"{seg.indent}{call}{note}\n"]
+    # The decorators of entrypoints go to the app.
+    for comp, name, line in finder.entrypoints:
+        fn = next(n for n in finder.tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+        dec = fn.decorator_list[0]
+        text = lines[dec.lineno - 1]
+        lines[dec.lineno - 1] = text[:dec.col_offset] + f"__pycompart_app__.entrypoint({comp!r})" + \
+            text[dec.end_col_offset:] if dec.lineno == dec.end_lineno else text  # type: ignore[operator]
+    at = _insertion_line(finder.tree)
+    head = lines[:at]
+    rest = lines[at:]
+    generated = PROLOGUE + "\n"
+    line = len(head) + generated.count("\n") + 1  # the next line's number
+    for seg in segments:
+        piece = _hoist(finder, seg, origin, line + 4)  # its body: after a comment, 2 decorators, the def
+        generated += piece
+        line += piece.count("\n")
+    result.source = "".join(head) + generated + "".join(rest)
+    return result
+
+
+def _base(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def _hoist(finder: _Finder, seg: Segment, origin: str, body_at: int) -> str:
+    # The block's lines as they are (a body may be indented by any amount):
+    # columns stay the original's too.
+    body = "".join(finder.lines[seg.body_line - 1:seg.end_line])
+    if not body.endswith("\n"):
+        body += "\n"
+    indent = finder.lines[seg.body_line - 1][:len(finder.lines[seg.body_line - 1])
+                                              - len(finder.lines[seg.body_line - 1].lstrip())]
+    ret = f"{indent}return ({', '.join(seg.outputs)},)\n" if seg.outputs else ""
+    # The body starts on the def's next line: ``origin`` shifts the code
+    # (nested functions included) so that it reads as the original's lines.
+    return (f"# segment {seg.compartment!r} from {_base(finder.filename)}:{seg.line}-{seg.end_line}\n"
+            f"@__pycompart_app__.entrypoint({seg.compartment!r})\n"
+            f"@__pycompart_segments__.origin({origin!r}, {seg.body_line}, {body_at})\n"
+            f"def {seg.name}({', '.join(seg.params)}):\n"
+            f"{body}{ret}\n\n")
+
+
+def _insertion_line(tree: ast.Module) -> int:
+    """After the module's docstring and ``from __future__`` imports."""
+    at = 0
+    for i, node in enumerate(tree.body):
+        if i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) \
+                and isinstance(node.value.value, str):
+            at = node.end_lineno or node.lineno
+        elif isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            at = node.end_lineno or node.lineno
+        else:
+            break
+    return at
+
+
+def spec_skeleton(result: Result, module: str = "__main__") -> str:
+    """A spec listing every compartment and entrypoint found, with no
+    privileges granted: the user adds what each one needs."""
+    out = [f"# generated by pycompart rewrite from {_base(result.filename)}: grant each compartment",
+           "# what it needs under [compartments.NAME.privileges] (nothing is granted by default)", ""]
+    for comp, keys in result.functions(module).items():
+        out.append(f"[compartments.{comp}]")
+        out.append("functions = [" + ", ".join(f'"{k}"' for k in keys) + "]")
+        out.append("")
+    return "\n".join(out)
+
+
+def rewrite_command(sources: list[str], out: str | None, spec_out: str | None, check: bool) -> int:
+    """``pycompart rewrite``: exit status 0 if everything was rewritten (or
+    would be, with ``check``), 1 if any problem was found, 2 for bad use."""
+    import os
+    import sys
+
+    if not check and not out:
+        print("pycompart rewrite: give --out DIR (or --check)", file=sys.stderr)
+        return 2
+    if spec_out and len(sources) > 1:
+        print("pycompart rewrite: --spec-out takes one program", file=sys.stderr)
+        return 2
+    failed = False
+    for src in sources:
+        try:
+            with open(src, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            print(f"pycompart rewrite: {src}: {exc.strerror}", file=sys.stderr)
+            failed = True
+            continue
+        name = os.path.basename(src)
+        target = os.path.join(out, name) if out else None
+        result = rewrite(text, src, original=os.path.abspath(src))
+        for problem in result.problems:
+            print(problem, file=sys.stderr)
+        if result.problems:
+            failed = True
+            continue
+        for seg in result.segments:
+            outs = f" -> {', '.join(seg.outputs)}" if seg.outputs else ""
+            print(f"{src}:{seg.line}-{seg.end_line}: segment {seg.compartment!r} becomes "
+                  f"{seg.name}({', '.join(seg.params)}){outs}")
+        for comp, fn, line in result.entrypoints:
+            print(f"{src}:{line}: {fn}() is an entrypoint of {comp!r}")
+        if not result.segments and not result.entrypoints:
+            print(f"{src}: no segments or entrypoints (written unchanged)" if not check
+                  else f"{src}: no segments or entrypoints")
+        if check or target is None:
+            continue
+        if os.path.abspath(target) == os.path.abspath(src):
+            print(f"pycompart rewrite: {src}: --out would overwrite the program", file=sys.stderr)
+            return 2
+        os.makedirs(out, exist_ok=True)  # type: ignore[arg-type]
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(result.source if (result.segments or result.entrypoints) else text)
+        spec_path = spec_out or os.path.splitext(target)[0] + ".toml"
+        with open(spec_path, "w", encoding="utf-8") as f:
+            f.write(spec_skeleton(result))
+        print(f"wrote {target} and {spec_path}")
+    return 1 if failed else 0

@@ -1,0 +1,228 @@
+"""``pycompart rewrite``: segments hoisted into entrypoints, what it refuses
+(each row of the README's table), the rewritten program run directly and
+under ``pycompart run``, and tracebacks pointing at the original lines."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+
+from pycompart.frontend.rewrite import analyze, rewrite
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TALLY = os.path.join(HERE, "segprogs", "tally.py")
+
+
+def segs(src):
+    result = rewrite(textwrap.dedent(src), "prog.py")
+    assert not result.problems, result.problems
+    return {s.compartment: (s.params, s.outputs) for s in result.segments}
+
+
+def test_parameters_are_what_the_block_reads_first_and_outputs_what_the_rest_reads():
+    assert segs("""
+        import os
+        import pycompart
+        LIMIT = 3
+        def f(a, b, unused):
+            c = a + 1
+            with pycompart.segment("P"):
+                d = os.getpid() + c      # c is read: a parameter; os is the module's
+                e = d * 2                # d assigned first: not a parameter
+                if b:
+                    c = 0                # may not run: c stays a parameter
+                tmp = e + LIMIT          # LIMIT: the module's own, the compartment has it
+            return d, c
+        """) == {"P": (["b", "c"], ["c", "d"])}
+
+
+def test_module_level_segments_and_loops():
+    assert segs("""
+        from pycompart import segment as seg
+        if True:
+            values = [1, 2]
+        for v in values:
+            with seg("P"):
+                acc = v * 2
+            print(acc)
+        """) == {"P": (["v"], ["acc"])}
+
+
+def test_nested_scopes_in_a_block_keep_their_own_names():
+    assert segs("""
+        import pycompart
+        def f(items, k):
+            with pycompart.segment("P"):
+                out = sorted(items, key=lambda x: x % k)
+                squares = [y * y for y in out]
+            return squares
+        """) == {"P": (["items", "k"], ["squares"])}
+
+
+#: Every construct the rewriter refuses: (source of a function body, what the
+#: message says). The README's table has one row for each.
+REFUSED = [
+    ("with pycompart.segment('P'):\n    return 1", "'return' inside a segment"),
+    ("with pycompart.segment('P'):\n    yield 1", "'yield' inside a segment"),
+    ("for i in x:\n    with pycompart.segment('P'):\n        break", "'break' inside a segment"),
+    ("for i in x:\n    with pycompart.segment('P'):\n        continue", "'continue' inside a segment"),
+    ("global G\nwith pycompart.segment('P'):\n    G = 1", "declares global or nonlocal"),
+    ("with pycompart.segment('P'):\n    global G\n    G = 1", "'global' inside a segment"),
+    ("with pycompart.segment('P'):\n    x.append(1)", "changes 'x' in place"),
+    ("with pycompart.segment('P'):\n    x[0] = 1", "changes 'x' in place"),
+    ("with pycompart.segment('P'):\n    x.attr = 1", "changes 'x' in place"),
+    ("with pycompart.segment('P'):\n    y = locals()", "locals() inside a segment"),
+    ("with pycompart.segment('P'):\n    y = eval('1')", "eval() inside a segment"),
+    ("with pycompart.segment('P'):\n    from os import *", "'from ... import *'"),
+    ("with pycompart.segment('P'):\n    with pycompart.segment('Q'):\n        pass", "inside a segment of"),
+    ("name = 'P'\nwith pycompart.segment(name):\n    pass", "one string literal"),
+    ("with pycompart.segment('P') as s:\n    pass", "'with segment(...) as name'"),
+    ("with pycompart.segment('P'), open('f'):\n    pass", "with other context managers"),
+]
+
+
+@pytest.mark.parametrize("body, message", REFUSED)
+def test_what_cannot_be_hoisted_is_reported_with_file_line_and_fix(body, message):
+    src = "import pycompart\ndef f(x):\n" + textwrap.indent(body, "    ") + "\n    return x\n"
+    result = rewrite(src, "prog.py")
+    assert result.problems and not result.source
+    problem = result.problems[0]
+    assert message in problem.message, problem
+    assert problem.filename == "prog.py" and problem.line >= 3 and problem.fix
+    assert str(problem).startswith(f"prog.py:{problem.line}: ")
+
+
+@pytest.mark.parametrize("src, message", [
+    ("import pycompart\nasync def f():\n    async with pycompart.segment('P'):\n        pass\n",
+     "'async with' a segment"),
+    ("import pycompart\nasync def f():\n    with pycompart.segment('P'):\n        await g()\n",
+     "'await' inside a segment"),
+    ("import pycompart\nclass C:\n    with pycompart.segment('P'):\n        x = 1\n", "class body"),
+    ("import pycompart\ndef f():\n    @pycompart.entrypoint('P')\n    def g(): pass\n",
+     "not a module-level function"),
+    ("import pycompart\n@pycompart.entrypoint('P')\nasync def g(): pass\n", "coroutine function"),
+    ("import pycompart\n@pycompart.entrypoint('P')\n@staticmethod\ndef g(): pass\n",
+     "with other decorators"),
+    ("def f(:\n", "syntax error"),
+])
+def test_other_refusals(src, message):
+    _, problems = analyze(src, "prog.py")
+    assert problems and message in problems[0].message, problems
+
+
+def test_an_unrewritten_annotated_program_runs_as_before(tmp_path):
+    data = tmp_path / "n.txt"
+    data.write_text("1\n2\n3\n")
+    proc = subprocess.run([sys.executable, TALLY, str(data)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "tally 6 1\n"  # one process
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every compartment's uid may traverse (tmp_path is 0700)."""
+    d = tempfile.mkdtemp(prefix="pycompart-rewrite-")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d)
+
+
+def _data(folder):
+    sub = os.path.join(folder, "data")
+    os.makedirs(sub)
+    os.chmod(sub, 0o755)
+    path = os.path.join(sub, "n.txt")
+    with open(path, "w") as f:
+        f.write("1\n2\n3\n4\n")
+    os.chmod(path, 0o644)
+    return path
+
+
+def test_the_cli_rewrites_and_the_program_runs_compartmentalized(shared_dir):
+    out = os.path.join(shared_dir, "out")
+    check = subprocess.run([sys.executable, "-m", "pycompart", "rewrite", "--check", TALLY],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    assert "segment 'Reader' becomes _segment_Reader_17(path) -> numbers, reader_pid" in check.stdout
+    assert "total() is an entrypoint of 'Sum'" in check.stdout
+    assert not os.path.exists(out)  # --check writes nothing
+    proc = subprocess.run([sys.executable, "-m", "pycompart", "rewrite", TALLY, "--out", out],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    spec = open(os.path.join(out, "tally.toml")).read()
+    assert '[compartments.Reader]\nfunctions = ["__main__:_segment_Reader_17"]' in spec
+    assert '[compartments.Sum]\nfunctions = ["__main__:_segment_Sum_26", "__main__:total"]' in spec
+    data = _data(shared_dir)
+    # The skeleton grants nothing: Reader cannot read the data yet.
+    run = subprocess.run([sys.executable, os.path.join(out, "tally.py"), data],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "PermissionError" in run.stderr
+    with open(os.path.join(out, "tally.toml"), "a") as f:
+        f.write(f'\n[compartments.Reader.privileges]\nfilesystem.read = ["{os.path.dirname(data)}"]\n')
+    run = subprocess.run([sys.executable, os.path.join(out, "tally.py"), data],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "tally 10 3\n"  # main, Reader and Sum: three processes
+    # An exception inside a segment points at the original file and line.
+    broken = subprocess.run([sys.executable, os.path.join(out, "tally.py"), "broken"],
+                            capture_output=True, text=True, timeout=60)
+    assert broken.returncode == 1
+    assert f'File "{TALLY}", line 27, in _segment_Sum_26' in broken.stderr
+    assert "ZeroDivisionError" in broken.stderr
+
+
+def test_pycompart_run_rewrites_an_annotated_program_on_the_fly(shared_dir):
+    data = _data(shared_dir)
+    spec = os.path.join(shared_dir, "app.toml")
+    with open(spec, "w") as f:  # only the compartments: the entrypoints are found
+        f.write(f'[compartments.Reader]\nprivileges.filesystem.read = ["{os.path.dirname(data)}"]\n'
+                "[compartments.Sum]\n")
+    run = subprocess.run([sys.executable, "-m", "pycompart", "run", spec, "--", TALLY, data],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "tally 10 3\n"
+    broken = subprocess.run([sys.executable, "-m", "pycompart", "run", spec, "--", TALLY, "broken"],
+                            capture_output=True, text=True, timeout=60)
+    assert broken.returncode == 1
+    assert f'File "{TALLY}", line 27, in _segment_Sum_26' in broken.stderr
+    with open(spec, "w") as f:
+        f.write("[compartments.Reader]\n")
+    missing = subprocess.run([sys.executable, "-m", "pycompart", "run", spec, "--", TALLY, data],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "compartment 'Sum', which" in missing.stderr
+
+
+def test_pycompart_run_refuses_a_program_it_cannot_rewrite(shared_dir):
+    prog = os.path.join(shared_dir, "bad.py")
+    with open(prog, "w") as f:
+        f.write("import pycompart\ndef f():\n    with pycompart.segment('P'):\n        return 1\n")
+    spec = os.path.join(shared_dir, "app.toml")
+    with open(spec, "w") as f:
+        f.write("[compartments.P]\n")
+    run = subprocess.run([sys.executable, "-m", "pycompart", "run", spec, "--", prog],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert f"{prog}:4: 'return' inside a segment of 'P' would leave the block" in run.stderr
+
+
+def test_names_a_block_binds_for_itself_are_not_parameters():
+    assert segs("""
+        import pycompart
+        def f(path, lines):
+            with pycompart.segment("P"):
+                with open(path) as fh:
+                    first = fh.readline()
+                for line in lines:
+                    last = line.strip()
+                try:
+                    n = int(first)
+                except ValueError as exc:
+                    n = str(exc)
+                count = 0
+                count += 1
+            return first, n, count
+        """) == {"P": (["lines", "path"], ["count", "first", "n"])}
