@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -280,3 +281,68 @@ def test_cps_compartments_can_open_nothing():
         assert not p.read and not p.write and not p.execute and p.network == type(p.network)()
         assert p.syscalls == "python" and not p.syscalls_allow
     assert spec.compartments["copier"].descriptors and not spec.compartments["args"].descriptors
+
+
+# -- beep (the seeds' Pitchfork example): only Privileged opens the device ----
+
+BEEP = os.path.join(ROOT, "examples", "beep", "beep.py")
+
+
+def _beep(argv, device, timeout=30):
+    """Run beep.py against ``device`` (a FIFO); what it wrote, and its result."""
+    import struct
+    import threading
+
+    got = []
+
+    def read():
+        with open(device, "rb") as f:
+            got.append(f.read())
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, BEEP, *argv, "--device", device],
+                          capture_output=True, text=True, timeout=timeout)
+    elapsed = time.monotonic() - started
+    reader.join(5)
+    events = [struct.unpack("llHHi", got[0][i:i + 24]) for i in range(0, len(got[0]), 24)] if got else []
+    return proc, events, elapsed
+
+
+@pytest.fixture
+def speaker_fifo():
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="pycompart-beep-")
+    os.chmod(d, 0o755)
+    path = os.path.join(d, "spkr")
+    os.mkfifo(path, 0o666)
+    os.chmod(path, 0o666)
+    yield path
+    import shutil
+
+    shutil.rmtree(d)
+
+
+def test_beep_writes_a_tone_and_its_end_to_the_device(speaker_fifo):
+    proc, events, elapsed = _beep(["-f", "880", "-l", "300"], speaker_fifo)
+    assert proc.returncode == 0, proc.stderr
+    assert [(e[2], e[3], e[4]) for e in events] == [(0x12, 0x02, 880), (0x12, 0x02, 0)]
+    assert events[1][0] * 1e6 + events[1][1] - (events[0][0] * 1e6 + events[0][1]) >= 290_000
+
+
+def test_beep_defaults_to_440_hz(speaker_fifo):
+    proc, events, _ = _beep([], speaker_fifo)
+    assert proc.returncode == 0, proc.stderr
+    assert [e[4] for e in events] == [440, 0]
+
+
+def test_beep_errors(tmp_path):
+    proc = subprocess.run([sys.executable, BEEP, "-f", "-5"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+    locked = tmp_path / "locked"
+    locked.write_bytes(b"")
+    locked.chmod(0o600)  # (and under a 0700 directory): Privileged may not open it
+    proc = subprocess.run([sys.executable, BEEP, "--device", str(locked)], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 1 and f"cannot open {locked}" in proc.stderr
