@@ -91,6 +91,8 @@ class _SegmentApp:
         self.program = program
         self._app: Any = None
         self._lock = threading.Lock()
+        #: (compartment, key) of the program's entrypoints, as they are defined.
+        self._keys: list[tuple[str, str]] = []
 
     def entrypoint(self, compartment: str) -> Callable[[Callable[..., Any]], Any]:
         _check(compartment)
@@ -102,6 +104,7 @@ class _SegmentApp:
                 from .app import Entrypoint
 
                 return Entrypoint(_inert(), compartment, fn)
+            self._keys.append((compartment, function_key(fn)))
             return _Call(self, compartment, function_key(fn), fn)
         return register
 
@@ -118,7 +121,9 @@ class _SegmentApp:
                         f"{self.program} is a rewritten program, but its spec {spec} is missing: "
                         "write it with pycompart rewrite ... --spec-out, or run the program with "
                         "pycompart run SPEC -- PROGRAM")
-                app = App.from_spec(spec)
+                from ..policy.spec import load_spec_file
+
+                app = App(with_entrypoints(load_spec_file(spec), self._keys))
                 app.start(lazy=True)
                 self._app = app
             return self._app
@@ -186,7 +191,6 @@ def prepare_run(script: str, spec: Any) -> tuple[str | None, Any]:
     """For ``pycompart run``: if ``script`` is annotated, its rewritten copy
     (cached by content) and ``spec`` with the generated entrypoints added to
     their compartments (a spec need only declare the compartments)."""
-    import dataclasses
     import hashlib
 
     from .rewrite import rewrite, uses_segments
@@ -201,16 +205,11 @@ def prepare_run(script: str, spec: Any) -> tuple[str | None, Any]:
         raise RewriteFailed("\n".join(str(p) for p in result.problems))
     if not result.segments and not result.entrypoints:
         return None, spec
-    missing = [c for c in result.compartments if c not in spec.compartments]
-    if missing:
-        raise RewriteFailed(f"{script}: its segments name compartment"
-                            f"{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}, which "
-                            f"{spec.source} does not define")
-    compartments = dict(spec.compartments)
-    for comp, keys in result.functions("__main__").items():
-        c = compartments[comp]
-        compartments[comp] = dataclasses.replace(c, functions=tuple(dict.fromkeys(c.functions + tuple(keys))))
-    spec = dataclasses.replace(spec, compartments=compartments)
+    try:
+        spec = with_entrypoints(spec, [(comp, key) for comp, keys in result.functions("__main__").items()
+                                       for key in keys])
+    except PycompartError as exc:
+        raise RewriteFailed(f"{script}: {exc}") from None
     from .._version import __version__
 
     from .rewrite import FORMAT
@@ -229,3 +228,20 @@ def prepare_run(script: str, spec: Any) -> tuple[str | None, Any]:
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     return target, spec
+
+
+def with_entrypoints(spec: Any, keys: list[tuple[str, str]]) -> Any:
+    """``spec`` with the program's entrypoints added to their compartments:
+    a spec need only declare the compartments (and their privileges)."""
+    import dataclasses
+
+    missing = sorted({c for c, _ in keys if c not in spec.compartments})
+    if missing:
+        raise PycompartError(f"its segments name compartment{'s' if len(missing) > 1 else ''} "
+                             f"{', '.join(map(repr, missing))}, which {spec.source} does not define")
+    compartments = dict(spec.compartments)
+    for comp, key in keys:
+        c = compartments[comp]
+        if key not in c.functions:
+            compartments[comp] = dataclasses.replace(c, functions=c.functions + (key,))
+    return dataclasses.replace(spec, compartments=compartments)

@@ -106,6 +106,7 @@ class Contract:
         try:
             args_struct = msgspec.defstruct(
                 "Args", fields, forbid_unknown_fields=True, module=__name__)
+            self._args_struct = args_struct
             self._args_decoder = msgspec.msgpack.Decoder(args_struct, ext_hook=_ext_hook,
                                                          dec_hook=_dec_hook)
             self._result_decoder = msgspec.msgpack.Decoder(self.return_type, ext_hook=_ext_hook,
@@ -120,6 +121,15 @@ class Contract:
     def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         if not args and not kwargs and not self._required:
             return _EMPTY_MAP
+        bound = self._bind(args, kwargs)
+        try:
+            return _encoder.encode(bound)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"{self.key}(): an argument cannot cross a compartment boundary: "
+                            f"{exc}") from None
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The arguments by parameter name, as the function would bind them."""
         bound: dict[str, Any] = {}
         positional = self._positional
         if len(args) > len(positional):
@@ -146,11 +156,7 @@ class Contract:
         if len(bound) < len(self._required) or not self._required.issubset(bound):
             missing = sorted(self._required - bound.keys())
             raise TypeError(f"{self.key}() missing required arguments: {', '.join(missing)}")
-        try:
-            return _encoder.encode(bound)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise TypeError(f"{self.key}(): an argument cannot cross a compartment boundary: "
-                            f"{exc}") from None
+        return bound
 
     def decode_result(self, raw: bytes | msgspec.Raw, where: str,
                       max_objects: int = budget.DEFAULT_MAX_OBJECTS) -> Any:
@@ -218,7 +224,9 @@ class Contract:
         if type(args) is not list or type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
             return None
         try:
-            return self._args_decoder.decode(self.encode_args(tuple(args), kwargs))
+            # Converted, not re-encoded: descriptors among them stay the ones received.
+            return msgspec.convert(self._bind(tuple(args), kwargs), self._args_struct,
+                                   dec_hook=_dec_hook, strict=True)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise TypeError(f"{self.key}(): arguments do not match its annotations: {exc}") from None
 
