@@ -201,15 +201,22 @@ class EdgeClient:
         if self._open >= wire.MAX_EDGES:
             raise CompartmentUnavailable(f"compartment {self.config.compartment!r} has "
                                          f"{wire.MAX_EDGES} edges open already")
+        busy: str | None = None  # the last "at the cap" refusal, while retrying
         while True:
             limit = time.monotonic() + plan.start_timeout + 5.0
             if deadline is not None:
                 limit = min(limit, deadline)
             seq = next(self._seq)
             self._tell(wire.Open(seq, callee), required=True)
-            msg, fds = self._answer(seq, limit, callee)
+            try:
+                msg, fds = self._answer(seq, limit, callee)
+            except CallTimeout:
+                if busy is not None:
+                    raise CompartmentUnavailable(busy) from None  # the cap, not a slow start
+                raise
             if isinstance(msg, wire.Refused):
                 if msg.busy and (deadline is None or time.monotonic() + BUSY_RETRY < deadline):
+                    busy = msg.message
                     time.sleep(BUSY_RETRY)
                     continue
                 raise CompartmentUnavailable(msg.message)

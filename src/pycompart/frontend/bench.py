@@ -126,6 +126,93 @@ def edge_calls(n: int) -> list[float]:
         return loop(n)
 
 
+def rewriter_speed(n: int) -> tuple[int, list[float]]:
+    """``pycompart rewrite`` of a big stdlib module with segments added:
+    (lines, the milliseconds of each rewrite)."""
+    import _pydecimal
+
+    from .rewrite import rewrite
+
+    with open(_pydecimal.__file__, encoding="utf-8") as f:
+        source = f.read()
+    source = source + "\n\nimport pycompart\n" + "".join(
+        f"\ndef _bench_{i}(x, y):\n    with pycompart.segment('P{i % 3}'):\n"
+        f"        z = x * y + {i}\n        w = [z] * 3\n    return w\n" for i in range(5))
+    out = []
+    for _ in range(n):
+        t = time.perf_counter_ns()
+        result = rewrite(source, _pydecimal.__file__)
+        out.append((time.perf_counter_ns() - t) / 1e6)
+        assert len(result.segments) == 5 and not result.problems
+    return source.count("\n"), out
+
+
+def tifftopnm_batch(images: int) -> tuple[float, float, float] | None:
+    """examples/tifftopnm's conversion of ``images`` 256x256 RGB LZW TIFFs:
+    (milliseconds per image unboxed, per image compartmentalized, the
+    compartmentalized app's start to its first result) or None without Pillow."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    import io
+    import tempfile
+
+    here = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples", "tifftopnm")
+    here = os.path.abspath(here)
+    if not os.path.isdir(here):
+        return None
+    sys.path.insert(0, here)
+    try:
+        import tiffcore
+    finally:
+        sys.path.remove(here)
+    from ..wire.refs import Fd
+
+    d = tempfile.mkdtemp(prefix="pycompart-bench-tiff-")
+    os.chmod(d, 0o755)
+    paths = []
+    for i in range(images):
+        im = Image.new("RGB", (256, 256), (i % 256, 100, 200))
+        path = os.path.join(d, f"{i}.tif")
+        im.save(path, compression="tiff_lzw")
+        os.chmod(path, 0o644)
+        paths.append(path)
+    try:
+        t = time.perf_counter()
+        for path in paths:
+            im = Image.open(path)
+            im.load()
+            out = io.BytesIO()
+            im.convert(tiffcore.pnm_mode(im.mode)).save(out, "PPM")
+        plain = (time.perf_counter() - t) * 1000 / images
+        spec = {"compartments": {"libtiff": {"functions": ["tiffcore:decode_fd"], "descriptors": True,
+                                             "privileges": {"network": "none", "memory": "1GiB"}}}}
+        sys.path.insert(0, here)
+        t0 = time.perf_counter()
+        app = App(spec)
+        with app:
+            decode = app.function("tiffcore:decode_fd")
+            first = None
+            t = 0.0
+            for i, path in enumerate(paths):
+                if i == 1:
+                    t = time.perf_counter()
+                with Fd(os.open(path, os.O_RDONLY)) as fd:
+                    image = decode(fd)
+                tiffcore.check_pixels(*image)
+                tiffcore.pnm_bytes(*image)
+                if first is None:
+                    first = (time.perf_counter() - t0) * 1000
+            boxed = (time.perf_counter() - t) * 1000 / max(1, images - 1)
+        sys.path.remove(here)
+        return plain, boxed, first or 0.0
+    finally:
+        import shutil
+
+        shutil.rmtree(d)
+
+
 def instance_ready(n: int, privileges: dict | None = None) -> list[float]:  # type: ignore[type-arg]
     """From asking the monitor for a new instance to that instance having
     locked itself down, imported its module and said Hello, ready for calls."""
@@ -325,6 +412,21 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
         f"  {'threads in one process':44s} {plain_cps:10.0f}/s\n"
         f"  {'a fresh instance per connection (Broker)':44s} {boxed_cps:10.0f}/s  "
         f"{boxed_cps / plain_cps:6.3f}x")
+    lines, rewrites = rewriter_speed(3 if quick else 10)
+    med, _ = _stats(rewrites)
+    results["rewrite_ms"] = med
+    out(f"\npycompart rewrite of _pydecimal.py ({lines} lines, 5 segments added): "
+        f"median {med:.1f} ms ({lines / med * 1000:,.0f} lines/s)")
+    batch = tifftopnm_batch(20 if quick else 100)
+    if batch is not None:
+        plain, boxed, first = batch
+        results["tifftopnm_plain_ms"], results["tifftopnm_boxed_ms"] = plain, boxed
+        results["tifftopnm_start_ms"] = first
+        out(f"\nexamples/tifftopnm, 256x256 RGB LZW images (one app, one decoder instance):\n"
+            f"  {'per image, unboxed (Pillow in one process)':44s} {plain:8.2f} ms\n"
+            f"  {'per image, decoded in compartment libtiff':44s} {boxed:8.2f} ms  "
+            f"{(boxed / plain - 1) * 100:+.0f}%\n"
+            f"  {'app start to the first image decoded':44s} {first:8.1f} ms")
     programs = whole_program(2 if quick else 10)
     if programs is not None:
         out("\nwhole program: examples/yaml_box, PyYAML on 6 files (ratio to plain python)")
