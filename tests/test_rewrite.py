@@ -173,6 +173,16 @@ def test_the_cli_rewrites_and_the_program_runs_compartmentalized(shared_dir):
     assert broken.returncode == 1
     assert f'File "{TALLY}", line 27, in _segment_Sum_26' in broken.stderr
     assert "ZeroDivisionError" in broken.stderr
+    # The rewritten program under pycompart run, with a spec of the user's
+    # (only the compartments and their privileges).
+    spec = os.path.join(shared_dir, "user.toml")
+    with open(spec, "w") as f:
+        f.write(f'[compartments.Reader]\nprivileges.filesystem.read = ["{os.path.dirname(data)}"]\n'
+                "[compartments.Sum]\n")
+    run = subprocess.run([sys.executable, "-m", "pycompart", "run", spec, "--",
+                          os.path.join(out, "tally.py"), data], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "tally 10 3\n"
 
 
 def test_pycompart_run_rewrites_an_annotated_program_on_the_fly(shared_dir):

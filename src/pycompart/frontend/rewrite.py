@@ -668,3 +668,18 @@ def rewrite_command(sources: list[str], out: str | None, spec_out: str | None, c
             f.write(spec_skeleton(result))
         print(f"wrote {target} and {spec_path}")
     return 1 if failed else 0
+
+
+def generated_entrypoints(source: str, filename: str) -> list[tuple[str, str]]:
+    """(compartment, function) of each entrypoint of a rewritten program:
+    its functions decorated ``@__pycompart_app__.entrypoint("X")``."""
+    out = []
+    for node in ast.parse(source, filename).body:
+        if isinstance(node, ast.FunctionDef):
+            for dec in node.decorator_list:
+                if isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute) \
+                        and dec.func.attr == "entrypoint" and isinstance(dec.func.value, ast.Name) \
+                        and dec.func.value.id == "__pycompart_app__" and len(dec.args) == 1 \
+                        and isinstance(dec.args[0], ast.Constant) and isinstance(dec.args[0].value, str):
+                    out.append((dec.args[0].value, node.name))
+    return out

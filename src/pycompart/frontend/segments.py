@@ -200,6 +200,16 @@ def prepare_run(script: str, spec: Any) -> tuple[str | None, Any]:
     text = data.decode("utf-8", "replace")
     if not uses_segments(text):
         return None, spec
+    from .rewrite import PROLOGUE, generated_entrypoints
+
+    if PROLOGUE in text:
+        # Already rewritten (``pycompart rewrite --out DIR``): run as it is,
+        # with the user's spec and the entrypoints it defines.
+        try:
+            return script, with_entrypoints(spec, [(c, f"__main__:{n}")
+                                                   for c, n in generated_entrypoints(text, script)])
+        except PycompartError as exc:
+            raise RewriteFailed(f"{script}: {exc}") from None
     result = rewrite(text, script, original=script)
     if result.problems:
         raise RewriteFailed("\n".join(str(p) for p in result.problems))
