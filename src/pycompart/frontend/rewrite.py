@@ -45,7 +45,7 @@ FRAME_CALLS = frozenset({"locals", "vars", "globals", "exec", "eval", "dir", "su
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 #: Bumped when the generated code changes (``pycompart run`` caches by it).
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +171,15 @@ def _names(nodes: list[ast.stmt] | list[ast.AST], ctx: type) -> list[tuple[str, 
                 out.append((node.name, node))  # type: ignore[arg-type]
             for child in node.bases + node.keywords + node.decorator_list:  # type: ignore[operator]
                 visit(child, bound)
+            if ctx is ast.Load:  # what its body reads from outside
+                inner = {n for b in node.body for n, _ in _names([b], ast.Store)}
+                for b in node.body:
+                    visit(b, bound | inner)
             return
+        if ctx is ast.Store and isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+            out.append((node.name, node))  # type: ignore[arg-type]
+        if ctx is ast.Store and isinstance(node, ast.MatchMapping) and node.rest:
+            out.append((node.rest, node))  # type: ignore[arg-type]
         if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
             inner = {n for g in node.generators for n, _ in _names([g.target], ast.Store)}
             for g in node.generators:
@@ -207,9 +215,12 @@ def _arg_names(args: ast.arguments) -> list[str]:
 
 
 class _Scope:
-    """A function (or the module) holding segments: what is local to it."""
+    """A function (or the module) holding segments: the names a segment
+    there may take from outside (its *values*) and those that cannot cross
+    (functions, classes and modules bound there: the compartment has the
+    module's own, not a function's)."""
 
-    def __init__(self, node: ast.AST, module_globals: set[str]):
+    def __init__(self, node: ast.AST, module: _ModuleNames, outer: _Scope | None = None):
         self.node = node
         body = node.body if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef)) else []
         self.is_module = isinstance(node, ast.Module)
@@ -218,13 +229,39 @@ class _Scope:
             if isinstance(sub, (ast.Global, ast.Nonlocal)):
                 self.declared_global.update(sub.names)
         if self.is_module:
-            # Module-level values a segment reads are passed, except what
-            # the module's top-level statements bind: the compartment,
-            # which imports the module too, has those.
-            self.locals = {n for n, _ in _names(body, ast.Store)} - module_globals
+            self.locals = set(module.data)
+            self.code: set[str] = set()
         else:
-            self.locals = set(_arg_names(node.args)) | {n for n, _ in _names(body, ast.Store)}  # type: ignore[attr-defined]
-            self.locals -= self.declared_global
+            own = set(_arg_names(node.args)) | {n for n, _ in _names(body, ast.Store)}  # type: ignore[attr-defined]
+            own -= self.declared_global
+            # A segment in a nested function reads the enclosing functions'
+            # variables too (closures), and the module's data.
+            self.locals = own | (outer.locals if outer is not None else set()) | module.data
+            self.code = {n for n in _bound_as_code(body)} | (outer.code if outer is not None else set())
+        self.params_of_method = set()
+        if not self.is_module and node.args.args and getattr(node, "_in_class", False):  # type: ignore[attr-defined]
+            self.params_of_method = {node.args.args[0].arg}  # type: ignore[attr-defined]
+
+
+class _ModuleNames:
+    """What the module's top level binds: *code* (imports, functions,
+    classes: the compartment, which imports the program too, has its own)
+    and *data* (every other name it assigns: passed at each call, so a
+    segment sees the value main has then)."""
+
+    def __init__(self, tree: ast.Module):
+        self.code = set(_bound_as_code(tree.body, top=True))
+        self.data = {n for n, _ in _names(tree.body, ast.Store)} - self.code
+
+
+def _bound_as_code(body: list[ast.stmt], top: bool = False) -> list[str]:
+    out: list[str] = []
+    for node in (body if top else _walk_scope(body)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.append(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            out.extend((a.asname or a.name).split(".")[0] for a in node.names if a.name != "*")
+    return out
 
 
 def _walk_scope(body: list[ast.stmt]):  # type: ignore[no-untyped-def]
@@ -238,16 +275,6 @@ def _walk_scope(body: list[ast.stmt]):  # type: ignore[no-untyped-def]
                 stack.append(child)
 
 
-def _module_globals(tree: ast.Module) -> set[str]:
-    """Names the module's own top-level statements bind: the compartment
-    has them too (it imports the program, as ``__mp_main__``, whose
-    top-level code runs there; what is under ``if __name__ == "__main__":``
-    or another compound statement does not count)."""
-    simple = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom,
-              ast.Assign, ast.AnnAssign, ast.AugAssign)
-    return {n for node in tree.body if isinstance(node, simple) for n, _ in _names([node], ast.Store)}
-
-
 class _Finder:
     """Finds the segments and entrypoints of one module and checks them."""
 
@@ -256,7 +283,7 @@ class _Finder:
         self.lines = lines
         self.filename = filename
         self.aliases = _Aliases(tree)
-        self.module_globals = _module_globals(tree)
+        self.module = _ModuleNames(tree)
         self.segments: list[tuple[ast.With, _Scope, str]] = []
         self.entrypoints: list[tuple[str, str, int]] = []
         self.problems: list[Problem] = []
@@ -265,13 +292,15 @@ class _Finder:
         self.problems.append(Problem(self.filename, getattr(node, "lineno", 0), message, fix))
 
     def run(self) -> None:
-        self._visit(self.tree, _Scope(self.tree, self.module_globals), in_class=False, in_segment=None)
+        self._visit(self.tree, _Scope(self.tree, self.module), in_class=False, in_segment=None)
 
     def _visit(self, node: ast.AST, scope: _Scope, in_class: bool, in_segment: str | None) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 self._function(child, node, in_class)
-                self._visit(child, _Scope(child, self.module_globals), False, None)
+                child._in_class = in_class  # type: ignore[attr-defined]
+                self._visit(child, _Scope(child, self.module, None if scope.is_module else scope),
+                            False, None)
             elif isinstance(child, ast.ClassDef):
                 self._visit(child, scope, True, None)
             elif isinstance(child, (ast.With, ast.AsyncWith)) and self._segment_of(child) is not None:
@@ -284,6 +313,10 @@ class _Finder:
                 elif in_class:
                     self.problem(child, "a segment in a class body",
                                  "move the block into a method or a function")
+                elif scope.is_module and not _under_main_guard(self.tree, child):
+                    self.problem(child, f"a segment of {comp!r} at module level outside 'if __name__ == "
+                                 "\"__main__\":': every compartment imports the program and would run "
+                                 "it too", "put it under the main guard, or in a function")
                 elif self._check_with(child, comp):  # type: ignore[arg-type]
                     self.segments.append((child, scope, comp))  # type: ignore[arg-type]
                 self._visit(child, scope, in_class, comp)
@@ -393,49 +426,97 @@ def analyze(source: str, filename: str = "<program>") -> tuple[_Finder | None, l
     return finder, finder.problems
 
 
+#: Functions of the standard library that change their first argument in place.
+MUTATING_FUNCTIONS = frozenset({"heappush", "heappop", "heapify", "heapreplace", "heappushpop",
+                                "shuffle", "insort", "insort_left", "insort_right"})
+
+
 def _segment(finder: _Finder, node: ast.With, scope: _Scope, comp: str) -> Segment:
     body = node.body
-    writes = [n for n, _ in _names(body, ast.Store)]
-    params = sorted(n for n in _read_first(body) if n in scope.locals)
-    # Outputs: what the block assigns that the scope reads anywhere else
-    # (after it, before it in a loop, in a nested function).
+    writes = list(dict.fromkeys(n for n, _ in _names(body, ast.Store)))
+    for stmt in body:
+        for sub in ast.walk(stmt):
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Del):
+                finder.problem(sub, f"'del {sub.id}' inside a segment of {comp!r}: the caller's "
+                               "variable cannot be deleted from another process",
+                               f"assign {sub.id} = None instead, or del it after the block")
+            elif isinstance(sub, ast.Nonlocal) and set(sub.names) & scope.locals:
+                finder.problem(sub, f"'nonlocal' in a function inside a segment of {comp!r} names the "
+                               "caller's variable, which is not there",
+                               "keep the state in the block's own variables and return them")
+    params = [n for n in _read_first(body) if n in scope.locals]
+    # Outputs: what the block assigns that the rest reads (after it, before
+    # it in a loop, in a nested function; for a module-level block, anywhere
+    # in the module).
     in_block = {id(n) for stmt in body for n in ast.walk(stmt)}
-    scope_body = scope.node.body  # type: ignore[attr-defined]
-    elsewhere = {name for stmt in scope_body for name, ref in _names_anywhere(stmt, ast.Load)
+    where = finder.tree.body if scope.is_module else scope.node.body  # type: ignore[attr-defined]
+    elsewhere = {name for stmt in where for name, ref in _names_anywhere(stmt, ast.Load)
                  if id(ref) not in in_block}
     for name in writes:
         if name in scope.declared_global:
             finder.problem(node, f"the segment of {comp!r} assigns {name!r}, which its function "
                            "declares global or nonlocal",
                            "assign a local variable in the block; assign the global after it")
-    outputs = sorted({n for n in writes if n in elsewhere and n not in scope.declared_global
-                      and (not scope.is_module or n not in finder.module_globals)})
+    outputs = sorted(n for n in writes if n in elsewhere and n not in scope.declared_global)
+    code_here = set(_bound_as_code(body))
+    for name in sorted(set(params) & scope.code | set(outputs) & code_here):
+        finder.problem(node, f"the segment of {comp!r} would pass {name!r}, a function, class or module "
+                       "bound in the function, which cannot cross to another process",
+                       "define or import it at the module's top level (the compartment has those)")
+    for name in sorted(set(params) & scope.params_of_method):
+        finder.problem(node, f"the segment of {comp!r} in a method uses {name!r}: the object cannot "
+                       "cross to another process",
+                       f"copy the attributes it needs into variables before the block, and assign "
+                       f"them back to {name} after it")
     # A received value changed in place changes the callee's copy only.
-    stored = set(writes)
+    first_store = {}
+    for n, ref in _names(body, ast.Store):
+        pos = (getattr(ref, "lineno", 0), getattr(ref, "col_offset", 0))
+        first_store[n] = min(first_store.get(n, pos), pos)
+
+    def before_store(name: str | None, at: ast.AST) -> bool:
+        pos = (getattr(at, "lineno", 0), getattr(at, "col_offset", 0))
+        return name in params and (name not in first_store or pos < first_store[name])
+
+    fix = ("build a new value and assign it ({0} = ...) in the block, so it is returned "
+           "(values cross by copy)")
     for stmt in body:
         for sub in ast.walk(stmt):
-            target = None
             if isinstance(sub, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
                 targets = sub.targets if isinstance(sub, (ast.Assign, ast.Delete)) else [sub.target]
                 for t in targets:
-                    if isinstance(t, (ast.Attribute, ast.Subscript)):
+                    if isinstance(t, (ast.Attribute, ast.Subscript)) and before_store(_base_name(t), sub):
                         target = _base_name(t)
-                        if target in params and target not in stored:
-                            finder.problem(sub, f"the segment of {comp!r} changes {target!r} in place, "
-                                           "but it gets a copy: the change would be lost",
-                                           f"build a new value and assign it ({target} = ...) in the "
-                                           "block, so it is returned")
+                        finder.problem(sub, f"the segment of {comp!r} changes {target!r} in place, "
+                                       "but it gets a copy: the change would be lost", fix.format(target))
             elif isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) \
-                    and sub.func.attr in MUTATING_METHODS:
+                    and sub.func.attr in MUTATING_METHODS and before_store(_base_name(sub.func.value), sub):
                 target = _base_name(sub.func.value)
-                if target in params and target not in stored:
-                    finder.problem(sub, f"the segment of {comp!r} calls {target}.{sub.func.attr}(), which "
-                                   f"changes {target!r} in place, but it gets a copy: the change would be "
-                                   "lost", f"copy it first in the block ({target} = list({target}) or the "
-                                   "like), so the new value is returned")
+                finder.problem(sub, f"the segment of {comp!r} calls {target}.{sub.func.attr}(), which "
+                               f"changes {target!r} in place, but it gets a copy: the change would be "
+                               "lost", fix.format(target))
+            elif isinstance(sub, ast.Call) and sub.args and isinstance(sub.args[0], ast.Name) \
+                    and (getattr(sub.func, "attr", None) or getattr(sub.func, "id", None)) in MUTATING_FUNCTIONS \
+                    and before_store(sub.args[0].id, sub):
+                target = sub.args[0].id
+                finder.problem(sub, f"the segment of {comp!r} passes {target!r} to a function that "
+                               "changes it in place, but it gets a copy: the change would be lost",
+                               fix.format(target))
     indent = finder.lines[node.lineno - 1][:node.col_offset]
+    # Outputs are passed in too: a block that may not assign one (an ``if``,
+    # a loop that finds nothing) leaves the caller's value.
+    inputs = sorted(set(params) | set(outputs))
     return Segment(comp, node.lineno, node.end_lineno or node.lineno, body[0].lineno,
-                   f"_segment_{comp.replace('-', '_')}_{node.lineno}", params, outputs, indent)
+                   f"_segment_{comp.replace('-', '_')}_{node.lineno}", inputs, outputs, indent)
+
+
+def _under_main_guard(tree: ast.Module, node: ast.AST) -> bool:
+    for top in tree.body:
+        if isinstance(top, ast.If) and "__name__" in ast.unparse(top.test) \
+                and "__main__" in ast.unparse(top.test):
+            if any(n is node for n in ast.walk(top)):
+                return True
+    return False
 
 
 def _read_first(body: list[ast.stmt]) -> set[str]:
@@ -543,12 +624,18 @@ def rewrite(source: str, filename: str = "<program>", original: str | None = Non
     origin = original or filename
     # Replace each block by its call, last first (line numbers stay valid).
     for seg in sorted(segments, key=lambda s: s.line, reverse=True):
-        args = ", ".join(seg.params)
-        call = f"{seg.name}({args})"
-        if seg.outputs:
-            call = f"({', '.join(seg.outputs)},) = {call}"
+        # Each value is passed if it is bound here (``bound``): the block
+        # then finds unbound what was unbound, as it would have.
+        args = ", ".join(f"{n}=lambda: {n}" for n in seg.params)
+        call = f"{seg.name}(**__pycompart_segments__.bound({args}))" if seg.params else f"{seg.name}()"
         note = f"  # pycompart: segment {seg.compartment!r}, {_base(filename)}:{seg.line}-{seg.end_line}"
-        lines[seg.line - 1:seg.end_line] = [f"{seg.indent}{call}{note}\n"]
+        if seg.outputs:
+            text = [f"{seg.indent}__pycompart_out__ = {call}{note}\n"]
+            text += [f'{seg.indent}if "{n}" in __pycompart_out__: {n} = __pycompart_out__["{n}"]\n'
+                     for n in seg.outputs]
+        else:
+            text = [f"{seg.indent}{call}{note}\n"]
+        lines[seg.line - 1:seg.end_line] = text
     # The decorators of entrypoints go to the app.
     for comp, name, line in finder.entrypoints:
         fn = next(n for n in finder.tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
@@ -562,7 +649,8 @@ def rewrite(source: str, filename: str = "<program>", original: str | None = Non
     generated = PROLOGUE + "\n"
     line = len(head) + generated.count("\n") + 1  # the next line's number
     for seg in segments:
-        piece = _hoist(finder, seg, origin, line + 4)  # its body: after a comment, 2 decorators, the def
+        # its block: after a comment, 2 decorators, the def, a line per parameter
+        piece = _hoist(finder, seg, origin, line + 4 + len(seg.params))
         generated += piece
         line += piece.count("\n")
     result.source = "".join(head) + generated + "".join(rest)
@@ -579,16 +667,20 @@ def _hoist(finder: _Finder, seg: Segment, origin: str, body_at: int) -> str:
     body = "".join(finder.lines[seg.body_line - 1:seg.end_line])
     if not body.endswith("\n"):
         body += "\n"
-    indent = finder.lines[seg.body_line - 1][:len(finder.lines[seg.body_line - 1])
-                                              - len(finder.lines[seg.body_line - 1].lstrip())]
-    ret = f"{indent}return ({', '.join(seg.outputs)},)\n" if seg.outputs else ""
-    # The body starts on the def's next line: ``origin`` shifts the code
-    # (nested functions included) so that it reads as the original's lines.
+    first = finder.lines[seg.body_line - 1]
+    indent = first[:len(first) - len(first.lstrip())]
+    unbound = "__pycompart_segments__.UNBOUND"
+    params = ", ".join(f"{n}={unbound}" for n in seg.params)
+    restore = "".join(f"{indent}if {n} is {unbound}: del {n}\n" for n in seg.params)
+    ret = ", ".join(f"{n}=lambda: {n}" for n in seg.outputs)
+    ret = f"{indent}return __pycompart_segments__.bound({ret})\n" if seg.outputs else ""
+    # ``origin`` shifts the code (nested functions included) so that the
+    # block reads as the original's lines.
     return (f"# segment {seg.compartment!r} from {_base(finder.filename)}:{seg.line}-{seg.end_line}\n"
             f"@__pycompart_app__.entrypoint({seg.compartment!r})\n"
             f"@__pycompart_segments__.origin({origin!r}, {seg.body_line}, {body_at})\n"
-            f"def {seg.name}({', '.join(seg.params)}):\n"
-            f"{body}{ret}\n\n")
+            f"def {seg.name}({params}):\n"
+            f"{restore}{body}{ret}\n\n")
 
 
 def _insertion_line(tree: ast.Module) -> int:

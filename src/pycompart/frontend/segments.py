@@ -7,8 +7,10 @@ are what the rewriter's output calls (``pycompart.frontend.rewrite``).
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import socket
 import sys
 import threading
 import types
@@ -78,6 +80,115 @@ def origin(path: str, line: int, generated: int) -> Callable[[F], F]:
     return mark
 
 
+class _Unbound:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<unbound>"
+
+
+#: The default of a hoisted segment's parameters: the caller did not have it.
+UNBOUND = _Unbound()
+
+
+def bound(**values: Callable[[], Any]) -> dict[str, Any]:
+    """The values whose names are bound (each given as ``lambda: name``): a
+    name the code has not assigned (yet) is left out, not an error."""
+    out = {}
+    for name, get in values.items():
+        try:
+            out[name] = get()
+        except NameError:  # UnboundLocalError too
+            pass
+    return out
+
+
+# -- what crosses: the rules of module compartments, descriptors at the top level --
+
+_FD_SLOT = "__pycompart_descriptor__"
+
+
+def _pack(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[Any]]:
+    """Arguments by value (``refs.encode_plain``: a tuple stays a tuple, a
+    Decimal a Decimal), with descriptors among them (``pycompart.Fd``, a
+    socket, a file) carried beside, as values of their own."""
+    from ..wire import refs
+
+    fds: list[Any] = []
+
+    def slot(value: Any) -> Any:
+        tp = type(value)
+        if tp is refs.Fd or issubclass(tp, socket.socket) or issubclass(tp, io.IOBase):
+            fds.append(value)
+            return [_FD_SLOT, len(fds) - 1]
+        return value
+    data = [[slot(a) for a in args], {k: slot(v) for k, v in kwargs.items()}]
+    try:
+        return refs.encode_plain(data), fds
+    except TypeError as exc:
+        names = [k for k, v in kwargs.items() if not _crosses(v)] or \
+            [f"argument {i + 1}" for i, a in enumerate(args) if not _crosses(a)]
+        raise TypeError(f"{', '.join(map(str, names)) or 'a value'} cannot cross to another "
+                        f"compartment: {exc}") from None
+
+
+def _crosses(value: Any) -> bool:
+    from ..wire import refs
+
+    try:
+        refs.encode_plain(value)
+        return True
+    except TypeError:
+        return True if isinstance(value, (refs.Fd, socket.socket, io.IOBase)) else False
+
+
+_EXIT = "__pycompart_exit__"
+
+
+def _unpack(payload: bytes, fds: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+    from ..wire import refs
+
+    args, kwargs = refs.decode_plain(payload)
+
+    def slot(value: Any) -> Any:
+        if type(value) is list and len(value) == 2 and value[0] == _FD_SLOT and type(value[1]) is int \
+                and 0 <= value[1] < len(fds):
+            return fds[value[1]]
+        return value
+    return [slot(a) for a in args], {k: slot(v) for k, v in kwargs.items()}
+
+
+def _result(value: Any) -> Any:
+    if type(value) is dict and len(value) == 1 and _EXIT in value:
+        raise SystemExit(value[_EXIT])
+    return value
+
+
+def _by_value(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What the compartment serves for a segment or entrypoint ``fn``: one
+    payload by value in, one out (its arguments and result cross by the
+    rules of *What crosses*, not as msgspec's plain data)."""
+    from ..wire.refs import Fd
+
+    def serve(payload: bytes, fds: list[Fd]) -> bytes:
+        from ..wire import refs
+
+        args, kwargs = _unpack(payload, fds)
+        try:
+            result = fn(*args, **kwargs)
+        except SystemExit as exc:  # sys.exit() in a segment ends the program, not the instance
+            code = exc.code if exc.code is None or isinstance(exc.code, (int, str)) else str(exc.code)
+            return refs.encode_plain({_EXIT: code})
+        try:
+            return refs.encode_plain(result)
+        except TypeError as exc:
+            raise TypeError(f"{function_key(fn)}'s result cannot cross to another compartment: "
+                            f"{exc}") from None
+    serve.__module__, serve.__qualname__, serve.__name__ = fn.__module__, fn.__qualname__, fn.__name__
+    serve.__annotations__ = {"payload": bytes, "fds": list[Fd], "return": bytes}
+    return serve
+
+
 def app_for(program: str) -> _SegmentApp:
     """The app a rewritten program's entrypoints belong to: the one
     ``pycompart run`` started; inside an instance, an inert one; otherwise
@@ -103,7 +214,8 @@ class _SegmentApp:
                 # others' go over an edge (or are refused by name).
                 from .app import Entrypoint
 
-                return Entrypoint(_inert(), compartment, fn)
+                return _Call(None, compartment, function_key(fn), fn,
+                             Entrypoint(_inert(), compartment, _by_value(fn)))
             self._keys.append((compartment, function_key(fn)))
             return _Call(self, compartment, function_key(fn), fn)
         return register
@@ -142,17 +254,29 @@ def _inert() -> Any:
 
 
 class _Call:
-    """A rewritten program's entrypoint, in main: a call into its
-    compartment (the app is started on the first one)."""
+    """A rewritten program's entrypoint: in main, a call into its
+    compartment (the app is started on the first one); in an instance, the
+    function itself in its own compartment, a call over an edge in another."""
 
-    def __init__(self, owner: _SegmentApp, compartment: str, key: str, fn: Callable[..., Any]):
+    def __init__(self, owner: _SegmentApp | None, compartment: str, key: str, fn: Callable[..., Any],
+                 edge: Any = None):
         self._owner, self.compartment, self.key, self.__wrapped__ = owner, compartment, key, fn
-        self.__pycompart_function__ = fn  # what the app's contract is made from
+        self._edge = edge
+        # What the compartment serves, and main's contract is made from.
+        self.__pycompart_function__ = edge.__pycompart_function__ if edge is not None else _by_value(fn)
         self.__name__ = getattr(fn, "__name__", key)
         self.__qualname__ = getattr(fn, "__qualname__", key)
         self.__doc__ = getattr(fn, "__doc__", None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from ..wire import refs
+
+        if self._owner is None:  # in an instance
+            here = _instance.CURRENT
+            if here is not None and here.compartment == self.compartment:
+                return self.__wrapped__(*args, **kwargs)
+            payload, fds = _pack(args, kwargs)
+            return _result(refs.decode_plain(self._edge(payload, fds)))
         app = self._owner.app()
         try:
             ep = app.function(self.key)
@@ -163,7 +287,8 @@ class _Call:
         if ep.compartment != self.compartment:
             raise PycompartError(f"{self.key} runs in compartment {self.compartment!r}, but the spec "
                                  f"puts it in {ep.compartment!r}")
-        return ep(*args, **kwargs)
+        payload, fds = _pack(args, kwargs)
+        return _result(refs.decode_plain(ep(payload, fds)))
 
     def __repr__(self) -> str:
         return f"<entrypoint {self.key} in compartment {self.compartment!r}>"
@@ -222,9 +347,13 @@ def prepare_run(script: str, spec: Any) -> tuple[str | None, Any]:
         raise RewriteFailed(f"{script}: {exc}") from None
     from .._version import __version__
 
-    from .rewrite import FORMAT
+    from . import rewrite as _rewrite
 
-    key = f"{__version__}\0{FORMAT}\0{script}\0".encode() + data
+    # The rewriter's own text is in the key: a changed rewriter never reuses
+    # what an older one wrote.
+    with open(_rewrite.__file__, "rb") as f:
+        rewriter = hashlib.sha256(f.read()).hexdigest()
+    key = f"{__version__}\0{_rewrite.FORMAT}\0{rewriter}\0{script}\0".encode() + data
     digest = hashlib.sha256(key).hexdigest()[:24]
     folder = os.path.join(CACHE_DIR + f"-{os.getuid()}", digest)
     target = os.path.join(folder, os.path.basename(script))
