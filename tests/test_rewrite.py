@@ -274,3 +274,28 @@ def test_a_program_that_would_behave_differently_is_refused(name):
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 1, check.stdout
     assert f"{prog}:" in check.stderr and "(fix: " in check.stderr, check.stderr
+
+
+def test_pycompart_run_rewrites_annotated_modules_the_program_imports(shared_dir):
+    with open(os.path.join(shared_dir, "annolib.py"), "w") as f:
+        f.write("import os\nimport pycompart\n\n\n@pycompart.entrypoint('Q')\ndef where(x):\n"
+                "    return x * 2, os.getpid()\n\n\ndef double_in_p(x):\n"
+                "    with pycompart.segment('P'):\n        y = x * 2\n        pid = os.getpid()\n"
+                "    return y, pid\n")
+    with open(os.path.join(shared_dir, "main.py"), "w") as f:
+        f.write("import os\nimport annolib\n"
+                "y, pid = annolib.double_in_p(21)\nz, qpid = annolib.where(4)\n"
+                "print(y, z, len({os.getpid(), pid, qpid}))\n")
+    spec = os.path.join(shared_dir, "spec.toml")
+    with open(spec, "w") as f:
+        f.write("[compartments.P]\n[compartments.Q]\n")
+    for name in ("annolib.py", "main.py", "spec.toml"):
+        os.chmod(os.path.join(shared_dir, name), 0o644)
+    plain = subprocess.run([sys.executable, os.path.join(shared_dir, "main.py")], capture_output=True,
+                           text=True, timeout=60, cwd=shared_dir)
+    assert plain.stdout == "42 8 1\n", plain.stderr
+    boxed = subprocess.run([sys.executable, "-m", "pycompart", "run", spec, "--",
+                            os.path.join(shared_dir, "main.py")], capture_output=True, text=True,
+                           timeout=60, cwd=shared_dir)
+    assert boxed.returncode == 0, boxed.stderr
+    assert boxed.stdout == "42 8 3\n"  # main, P and Q

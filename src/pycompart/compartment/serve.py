@@ -178,6 +178,8 @@ def _load(config: InstanceConfig) -> dict[str, _LazyContract]:
     sys.path[:] = config.sys_path
     if config.elsewhere:
         sys.meta_path.insert(0, _PlacedElsewhere(config.compartment, config.elsewhere, config.edges))
+    if config.rewritten:
+        sys.meta_path.insert(0, _Rewritten(config.rewritten))
     _install_shared(config.shared)
     _edges.bind_functions(config)
     if any(key.startswith("__main__:") for key in config.entrypoints):
@@ -202,6 +204,23 @@ def _load(config: InstanceConfig) -> dict[str, _LazyContract]:
             raise EntrypointError(f"{key} is not callable")
         table[key] = _LazyContract(fn, key)
     return table
+
+
+class _Rewritten:
+    """Modules main imported rewritten (their segments hoisted): imported
+    here from the same rewritten files, so both sides have the same
+    entrypoints (main's trusted code, read while the file is readable)."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> object:
+        where = self.files.get(fullname)
+        if where is None:
+            return None
+        import importlib.util
+
+        return importlib.util.spec_from_file_location(fullname, where)
 
 
 class _PlacedElsewhere:

@@ -191,7 +191,7 @@ class App:
         return self._runtime is not None
 
     def start(self, *, lazy: bool = False, import_hook: bool = False, confine_main: bool = False,
-              main_path: str | None = None) -> None:
+              main_path: str | None = None, read_also: list[str] | None = None) -> None:
         """Start the monitor and the instances.
 
         ``lazy``: start each compartment's instances on its first use instead
@@ -210,6 +210,7 @@ class App:
             runtime = _Runtime(self)
             if main_path is not None:
                 runtime._main_path, runtime._main_module = os.path.abspath(main_path), None
+            runtime.read_also = list(read_also or ())
             runtime.start(lazy, confine_main)
             self._runtime = runtime
             if import_hook:
@@ -297,6 +298,10 @@ class _Runtime:
         self.finder: Any = None
         self.identities = Identities()
         self.max_objects = self.spec.max_message_objects
+        #: Annotated modules main imported rewritten (``segments.ModuleRewriter``).
+        self.rewritten: dict[str, str] = {}
+        #: Directories every compartment may read besides the import path.
+        self.read_also: list[str] = []
 
     def start(self, lazy: bool = False, confine_main: bool = False) -> None:
         # Instances get main's import path as it is now (main's own lock-down
@@ -307,7 +312,7 @@ class _Runtime:
         # Every privilege decision, before any process starts (fail closed).
         main_lock = None
         try:
-            self.lockdowns = {name: policy.resolve(comp, sys.path, self._main_path).lockdown
+            self.lockdowns = {name: policy.resolve(comp, sys.path + self.read_also, self._main_path).lockdown
                               for name, comp in self.spec.compartments.items()}
             for name, lock in self.lockdowns.items():
                 if lock.dynamic_user and self.spec.compartments[name].mechanism == "process":
@@ -358,6 +363,17 @@ class _Runtime:
         if self.audit is not None:
             self.audit.close()
         self.identities.release()
+
+    def add_function(self, compartment: str, key: str) -> None:
+        """A spec-declared-like entrypoint found after the start (an annotated
+        module imported under ``pycompart run``): instances started from now
+        on serve it."""
+        if key in self.entrypoints or compartment not in self.spec.compartments:
+            return
+        ep = _declared(self.app, compartment, key)
+        self.app._entrypoints[key] = self.entrypoints[key] = ep
+        pool = None if compartment in self.inline else self.monitor.pools[compartment]  # type: ignore[union-attr]
+        self.plans[key] = (pool, ep.contract, self.spec.compartments[compartment].call_timeout)
 
     def _prepare(self, inst: Any) -> None:
         """Equip a new instance's channel for remote references and callbacks."""
@@ -420,6 +436,7 @@ class _Runtime:
                      if other.name != comp.name and other.name not in comp.may_call
                      for key in other.functions},
             audit_edges=self.audit is not None,
+            rewritten=dict(self.rewritten),
         )
 
     def call(self, ep: Entrypoint[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -61,12 +61,14 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
         # Read now: under its own lock-down main may not reach the file.
         with open(script, "rb") as f:
             source = f.read()
-    app.start(lazy=True, import_hook=True, confine_main=app.spec.main_privileges is not None,
-              main_path=rewritten)
-    if rewritten is not None:
-        from . import segments
+    from . import segments
 
-        segments.RUN_APP = app
+    app.start(lazy=True, import_hook=True, confine_main=app.spec.main_privileges is not None,
+              main_path=rewritten, read_also=[segments.cache_root()])
+    segments.RUN_APP = app  # (also for annotated modules the program imports)
+    module_hook = segments.ModuleRewriter(app)
+    sys.meta_path.insert(0, module_hook)
+    if rewritten is not None:
         with open(rewritten, "rb") as f:
             script, source = rewritten, f.read()
     interrupted = False

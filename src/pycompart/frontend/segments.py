@@ -316,8 +316,6 @@ def prepare_run(script: str, spec: Any) -> tuple[str | None, Any]:
     """For ``pycompart run``: if ``script`` is annotated, its rewritten copy
     (cached by content) and ``spec`` with the generated entrypoints added to
     their compartments (a spec need only declare the compartments)."""
-    import hashlib
-
     from .rewrite import rewrite, uses_segments
 
     with open(script, "rb") as f:
@@ -345,27 +343,7 @@ def prepare_run(script: str, spec: Any) -> tuple[str | None, Any]:
                                        for key in keys])
     except PycompartError as exc:
         raise RewriteFailed(f"{script}: {exc}") from None
-    from .._version import __version__
-
-    from . import rewrite as _rewrite
-
-    # The rewriter's own text is in the key: a changed rewriter never reuses
-    # what an older one wrote.
-    with open(_rewrite.__file__, "rb") as f:
-        rewriter = hashlib.sha256(f.read()).hexdigest()
-    key = f"{__version__}\0{_rewrite.FORMAT}\0{rewriter}\0{script}\0".encode() + data
-    digest = hashlib.sha256(key).hexdigest()[:24]
-    folder = os.path.join(CACHE_DIR + f"-{os.getuid()}", digest)
-    target = os.path.join(folder, os.path.basename(script))
-    if not os.path.exists(target):
-        os.makedirs(folder, mode=0o755, exist_ok=True)
-        os.chmod(os.path.dirname(folder), 0o755)
-        os.chmod(folder, 0o755)
-        tmp = f"{target}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(result.source)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
+    target = _cached(script, data, result.source)
     return target, spec
 
 
@@ -384,3 +362,96 @@ def with_entrypoints(spec: Any, keys: list[tuple[str, str]]) -> Any:
         if key not in c.functions:
             compartments[comp] = dataclasses.replace(c, functions=c.functions + (key,))
     return dataclasses.replace(spec, compartments=compartments)
+
+
+def _cached(script: str, data: bytes, source: str) -> str:
+    """Where the rewritten text of ``script`` is kept (by content; readable
+    by the instances' uids, as the program's own directory is)."""
+    import hashlib
+
+    from .._version import __version__
+    from . import rewrite as _rewrite
+
+    with open(_rewrite.__file__, "rb") as f:
+        rewriter = hashlib.sha256(f.read()).hexdigest()
+    key = f"{__version__}\0{_rewrite.FORMAT}\0{rewriter}\0{script}\0".encode() + data
+    folder = os.path.join(cache_root(), hashlib.sha256(key).hexdigest()[:24])
+    target = os.path.join(folder, os.path.basename(script))
+    if not os.path.exists(target):
+        os.makedirs(folder, mode=0o755, exist_ok=True)
+        os.chmod(os.path.dirname(folder), 0o755)
+        os.chmod(folder, 0o755)
+        tmp = f"{target}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(source)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    return target
+
+
+def cache_root() -> str:
+    return CACHE_DIR + f"-{os.getuid()}"
+
+
+class ModuleRewriter:
+    """``pycompart run``'s import hook for annotated modules the program
+    imports: each is rewritten (cached) and imported from the rewritten
+    file, its entrypoints added to the app, and the instances started from
+    then on import the same file. (A compartment's entrypoints are fixed
+    when its first instance starts: import annotated modules before their
+    compartments' first call, at the top of the program.)"""
+
+    def __init__(self, app: Any):
+        self.app = app
+        self._busy = threading.local()
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        # Other finders may ask the whole meta path in turn (the import
+        # hook does, for placed functions): answer them as if absent.
+        if getattr(self._busy, "on", False):
+            return None
+        self._busy.on = True
+        try:
+            return self._find(fullname, path, target)
+        finally:
+            self._busy.on = False
+
+    def _find(self, fullname: str, path: Any, target: Any = None) -> Any:
+        import importlib.util
+
+        from .rewrite import rewrite, uses_segments
+
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        origin = getattr(spec, "origin", None)
+        if not isinstance(origin, str) or not origin.endswith(".py") or not os.path.isfile(origin):
+            return spec
+        with open(origin, "rb") as f:
+            data = f.read()
+        text = data.decode("utf-8", "replace")
+        if not uses_segments(text) or "pycompart" not in text:
+            return spec
+        result = rewrite(text, origin, original=origin)
+        if result.problems:
+            raise ImportError("\n".join(str(p) for p in result.problems), name=fullname)
+        if not result.segments and not result.entrypoints:
+            return spec
+        runtime = self.app._runtime
+        missing = [c for c in result.compartments if c not in runtime.spec.compartments]
+        if missing:
+            raise ImportError(f"{origin}: its segments name compartment(s) {', '.join(map(repr, missing))}, "
+                              f"which {runtime.spec.source} does not define", name=fullname)
+        where = _cached(origin, data, result.source)
+        for comp, keys in result.functions(fullname).items():
+            for key in keys:
+                runtime.add_function(comp, key)
+        runtime.rewritten[fullname] = where
+        new = importlib.util.spec_from_file_location(fullname, where,
+                                                     submodule_search_locations=spec.submodule_search_locations)
+        return new

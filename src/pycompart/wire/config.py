@@ -133,5 +133,8 @@ class InstanceConfig(msgspec.Struct, forbid_unknown_fields=True):
     #: Spec-declared functions of the compartments it may *not* call (key ->
     #: compartment): bound, where its code imports them, to a refusal.
     foreign: dict[str, str] = {}
+    #: Modules main imported rewritten (``pycompart run`` of an annotated
+    #: program): module name -> the rewritten file, imported here in its place.
+    rewritten: dict[str, str] = {}
     #: Report each call it makes over an edge for the audit log.
     audit_edges: bool = False
