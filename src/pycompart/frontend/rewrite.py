@@ -45,7 +45,7 @@ FRAME_CALLS = frozenset({"locals", "vars", "globals", "exec", "eval", "dir", "su
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 #: Bumped when the generated code changes (``pycompart run`` caches by it).
-FORMAT = 2
+FORMAT = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,19 +244,37 @@ class _Scope:
 
 
 class _ModuleNames:
-    """What the module's top level binds: *code* (imports, functions,
-    classes: the compartment, which imports the program too, has its own)
-    and *data* (every other name it assigns: passed at each call, so a
-    segment sees the value main has then)."""
+    """What the module's top level binds. *Code* (imports, functions,
+    classes, wherever at the top level: ``try: import simplejson as json``
+    too) and *constants* (names assigned once, by a top-level statement
+    that always runs) the compartment has itself: it imports the program
+    too, and that top-level code runs there. *Data* is every other module
+    variable (assigned under ``if __name__ == "__main__":``, in a loop, by
+    ``global`` in a function, or more than once): passed at each call, so a
+    segment sees the value main has then."""
 
     def __init__(self, tree: ast.Module):
-        self.code = set(_bound_as_code(tree.body, top=True))
-        self.data = {n for n, _ in _names(tree.body, ast.Store)} - self.code
+        self.code = set(_bound_as_code(tree.body))
+        counts: dict[str, int] = {}
+        for n, _ in _names(tree.body, ast.Store):
+            counts[n] = counts.get(n, 0) + 1
+        simple = (ast.Assign, ast.AnnAssign)
+        once = {n for node in tree.body if isinstance(node, simple)
+                for n, _ in _names([node], ast.Store) if counts.get(n) == 1}
+        made_global = {n for node in ast.walk(tree) if isinstance(node, ast.Global) for n in node.names}
+        self.constants = once - made_global - self.code
+        self.data = (set(counts) | made_global) - self.code - self.constants
+        #: Code names the program also assigns (``helper = other``): main's
+        #: choice would not reach the compartment, which has its own.
+        assigned_plainly = {n for node in _walk_scope(tree.body)
+                            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+                            for n, _ in _names([node], ast.Store)}
+        self.rebound = self.code & (assigned_plainly | made_global)
 
 
-def _bound_as_code(body: list[ast.stmt], top: bool = False) -> list[str]:
+def _bound_as_code(body: list[ast.stmt]) -> list[str]:
     out: list[str] = []
-    for node in (body if top else _walk_scope(body)):
+    for node in _walk_scope(body):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             out.append(node.name)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -270,9 +288,10 @@ def _walk_scope(body: list[ast.stmt]):  # type: ignore[no-untyped-def]
     while stack:
         node = stack.pop()
         yield node
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue  # (its name is this scope's; what is inside is its own)
         for child in ast.iter_child_nodes(node):
-            if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
-                stack.append(child)
+            stack.append(child)
 
 
 class _Finder:
@@ -444,20 +463,32 @@ def _segment(finder: _Finder, node: ast.With, scope: _Scope, comp: str) -> Segme
                 finder.problem(sub, f"'nonlocal' in a function inside a segment of {comp!r} names the "
                                "caller's variable, which is not there",
                                "keep the state in the block's own variables and return them")
-    params = [n for n in _read_first(body) if n in scope.locals]
+    first_reads = _read_first(body)
+    surely_assigned = _read_first.assigned  # type: ignore[attr-defined]
+    params = [n for n in first_reads if n in scope.locals]
+    for name in sorted(set(first_reads) & finder.module.rebound):
+        finder.problem(node, f"the segment of {comp!r} uses {name!r}, a module-level function, class or "
+                       "import that the program also assigns: the compartment has its own, not main's "
+                       "choice", f"pass the value it needs as a variable, or do not rebind {name}")
     # Outputs: what the block assigns that the rest reads (after it, before
     # it in a loop, in a nested function; for a module-level block, anywhere
     # in the module).
     in_block = {id(n) for stmt in body for n in ast.walk(stmt)}
     where = finder.tree.body if scope.is_module else scope.node.body  # type: ignore[attr-defined]
-    elsewhere = {name for stmt in where for name, ref in _names_anywhere(stmt, ast.Load)
+    elsewhere = {name for stmt in where for name, ref in _names_anywhere(stmt, (ast.Load, ast.Del))
                  if id(ref) not in in_block}
+    elsewhere |= {sub.target.id for stmt in where for sub in ast.walk(stmt)
+                  if isinstance(sub, ast.AugAssign) and isinstance(sub.target, ast.Name)
+                  and id(sub.target) not in in_block}
     for name in writes:
         if name in scope.declared_global:
             finder.problem(node, f"the segment of {comp!r} assigns {name!r}, which its function "
                            "declares global or nonlocal",
                            "assign a local variable in the block; assign the global after it")
-    outputs = sorted(n for n in writes if n in elsewhere and n not in scope.declared_global)
+    # ... and what it reads before assigning: state carried to its next run
+    # (a loop around it: ``count += 1``).
+    outputs = sorted(n for n in writes if (n in elsewhere or n in first_reads)
+                     and n not in scope.declared_global)
     code_here = set(_bound_as_code(body))
     for name in sorted(set(params) & scope.code | set(outputs) & code_here):
         finder.problem(node, f"the segment of {comp!r} would pass {name!r}, a function, class or module "
@@ -505,7 +536,7 @@ def _segment(finder: _Finder, node: ast.With, scope: _Scope, comp: str) -> Segme
     indent = finder.lines[node.lineno - 1][:node.col_offset]
     # Outputs are passed in too: a block that may not assign one (an ``if``,
     # a loop that finds nothing) leaves the caller's value.
-    inputs = sorted(set(params) | set(outputs))
+    inputs = sorted(set(params) | (set(outputs) - surely_assigned))
     return Segment(comp, node.lineno, node.end_lineno or node.lineno, body[0].lineno,
                    f"_segment_{comp.replace('-', '_')}_{node.lineno}", inputs, outputs, indent)
 
@@ -586,11 +617,11 @@ def _read_first(body: list[ast.stmt]) -> set[str]:
         loads(st, assigned)
         return assigned | stores(st)
 
-    block(body, set())
+    _read_first.assigned = block(body, set())  # type: ignore[attr-defined]
     return reads
 
 
-def _names_anywhere(node: ast.AST, ctx: type) -> list[tuple[str, ast.Name]]:
+def _names_anywhere(node: ast.AST, ctx: type | tuple[type, ...]) -> list[tuple[str, ast.Name]]:
     return [(n.id, n) for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ctx)]
 
 

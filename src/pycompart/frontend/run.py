@@ -68,6 +68,7 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
     segments.RUN_APP = app  # (also for annotated modules the program imports)
     module_hook = segments.ModuleRewriter(app)
     sys.meta_path.insert(0, module_hook)
+    shown = script  # the program's __file__ (its rewritten copy runs in its place)
     if rewritten is not None:
         with open(rewritten, "rb") as f:
             script, source = rewritten, f.read()
@@ -77,7 +78,7 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
         if as_module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
-            _run_script(script, source)
+            _run_script(script, source, shown)
     except SystemExit as exc:
         code = _exit_code(exc.code)
     except KeyboardInterrupt:
@@ -96,15 +97,16 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
     return code
 
 
-def _run_script(path: str, source: bytes) -> None:
+def _run_script(path: str, source: bytes, shown: str | None = None) -> None:
     """What ``python path`` does: the script's code in a fresh ``__main__``
-    (runpy.run_path would rewrite ``sys.argv[0]``)."""
+    (runpy.run_path would rewrite ``sys.argv[0]``). ``shown``: its
+    ``__file__``, if not ``path`` (a rewritten program runs as the original)."""
     import builtins
     import importlib.machinery
 
     code = compile(source, path, "exec", dont_inherit=True)
     module = types.ModuleType("__main__")
-    module.__file__ = path
+    module.__file__ = shown or path
     module.__builtins__ = builtins  # type: ignore[attr-defined]
     module.__loader__ = importlib.machinery.SourceFileLoader("__main__", path)
     module.__spec__ = None
