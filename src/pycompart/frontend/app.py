@@ -58,6 +58,10 @@ class Entrypoint(Generic[P, R]):
         self.__pycompart_function__ = fn
         self.key = key or function_key(fn)
         self._contract: Contract | None = None
+        #: How an exception class it raises is found in main: never (it
+        #: arrives as RemoteError), or (a rewritten program's segment,
+        #: ``frontend.segments``) among the modules main has imported.
+        self.resolve: Callable[[str], Any] | None = None
         functools.update_wrapper(self, fn)
 
     @property
@@ -457,7 +461,7 @@ class _Runtime:
             Hooks.fire(self.app.hooks.on_call_timeout, TimeoutEvent(ep.compartment, ep.key, None, timeout))
             raise exc from None
         if reply.__class__ is Err:
-            raise rebuild_exception(reply.error, ep.compartment)
+            raise rebuild_exception(reply.error, ep.compartment, resolve=ep.resolve)
         return contract.decode_result(reply.value, ep.compartment, self.max_objects)
 
     def _call_general(self, ep: Entrypoint[Any, Any], pool: Pool, contract: Contract,
@@ -489,7 +493,7 @@ class _Runtime:
             with refs.receiving(inst.channel.take_message_fds(("r", reply.id))):
                 if isinstance(reply, Err):
                     outcome = f"error:{reply.error.type_name}"
-                    raise rebuild_exception(reply.error, comp)
+                    raise rebuild_exception(reply.error, comp, resolve=ep.resolve)
                 reply_size = len(reply.value)
                 try:
                     return contract.decode_result(reply.value, comp, self.max_objects)

@@ -45,7 +45,7 @@ FRAME_CALLS = frozenset({"locals", "vars", "globals", "exec", "eval", "dir", "su
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 #: Bumped when the generated code changes (``pycompart run`` caches by it).
-FORMAT = 3
+FORMAT = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -588,8 +588,16 @@ def _read_first(body: list[ast.stmt]) -> set[str]:
                 loads(item.context_expr, assigned)
                 if item.optional_vars is not None:
                     assigned = assigned | stores(item.optional_vars)
-            return block(st.body, set(assigned))
-        if isinstance(st, ast.Try):
+            block(st.body, set(assigned))
+            return assigned  # a context manager may swallow an exception mid-body
+        if isinstance(st, ast.Match):
+            loads(st.subject, assigned)
+            for case in st.cases:
+                inner = assigned | stores(case.pattern)
+                loads(case.guard, inner)
+                block(case.body, inner)
+            return assigned
+        if isinstance(st, (ast.Try, getattr(ast, "TryStar", ast.Try))):
             block(st.body, set(assigned))
             for handler in st.handlers:
                 loads(handler.type, assigned)
@@ -615,7 +623,9 @@ def _read_first(body: list[ast.stmt]) -> set[str]:
             return assigned | {n for t in (st.targets if isinstance(st, ast.Assign) else [st.target])
                                for n in stores(t)}
         loads(st, assigned)
-        return assigned | stores(st)
+        # (a walrus in an expression may not run: ``a or (b := f())``)
+        walrus = {n.target.id for n in ast.walk(st) if isinstance(n, ast.NamedExpr)}
+        return assigned | (stores(st) - walrus)
 
     _read_first.assigned = block(body, set())  # type: ignore[attr-defined]
     return reads

@@ -287,6 +287,12 @@ class _Call:
         if ep.compartment != self.compartment:
             raise PycompartError(f"{self.key} runs in compartment {self.compartment!r}, but the spec "
                                  f"puts it in {ep.compartment!r}")
+        if ep.resolve is None:
+            # As in the original program: an exception of a module main has
+            # imported (json.JSONDecodeError) arrives as itself.
+            from .exceptions import imported_exception_class
+
+            ep.resolve = imported_exception_class
         payload, fds = _pack(args, kwargs)
         return _result(refs.decode_plain(ep(payload, fds)))
 

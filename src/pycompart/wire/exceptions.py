@@ -185,6 +185,8 @@ def rebuild_exception(info: ErrorInfo, where: str, allow_exit: bool = False,
             candidates.append(fields)
         if info.args:
             candidates.append(tuple(plain(a) for a in info.args))
+        elif not info.message:
+            candidates.append(())  # ValueError() stays without arguments
         candidates.append((info.message,))
         for ctor_args in candidates:
             try:
