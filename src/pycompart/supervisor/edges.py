@@ -233,8 +233,11 @@ class EdgeBook:
                     if old.callee is not None and old.callee.state != "dead":
                         old.callee.kill_reason = old.callee.kill_reason or "replaced by a new edge"
                         monitor._kill(old.callee, old.callee.kill_reason)
-                    if old.state == "starting":
-                        self._ended(old, "replaced by a new edge", failed=True)
+                    # It ends now, and counts now: the caller may have seen
+                    # its crash (EOF) before we saw its exit.
+                    reason = old.callee.status_text if old.callee is not None and \
+                        old.callee.state == "dead" else "replaced by a new edge"
+                    self._ended(old, reason, failed=True)
         if per_call:
             assert pool.on_demand is not None
             if not pool.on_demand.acquire(blocking=False):
