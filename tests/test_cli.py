@@ -48,15 +48,25 @@ def test_python_dash_m_entry_point(tmp_path):
     assert proc.returncode == 0 and "main -> parser" in proc.stdout
 
 
-def test_bench_quick_runs():
-    proc = subprocess.run([sys.executable, "-m", "pycompart", "bench", "--quick"],
+def test_bench_quick_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "pycompart", "bench", "--quick", "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for row in ("raw pipe round trip", "multiprocessing.Pipe", "null typed call", "64 MiB",
                 "instance ready, default lock-down", "python -c pass", "summary",
                 "proxied module function call", "remote-reference method call",
-                "call that makes one callback into main", "pycompart run app.toml -- show_config.py"):
+                "call that makes one callback into main", "pycompart run app.toml -- show_config.py",
+                "null call between two compartments (edge)", "pycompart rewrite of _pydecimal.py",
+                "examples/tifftopnm"):
         assert row in proc.stdout
+    import json
+
+    figures = json.loads(out.read_text())
+    assert figures["quick"] is True
+    for key in ("raw_pipe_pinned to one CPU", "null_call_pinned to one CPU", "edge_call_unpinned",
+                "instance_ready", "rewrite_ms", "tifftopnm_boxed_ms"):
+        assert figures["results"][key] > 0, key
 
 
 def test_check_shows_the_resolved_privileges(tmp_path, capsys):

@@ -270,6 +270,8 @@ def _command(argv: list[str]) -> int:
     sub.add_parser("doctor", help="say what this host can enforce")
     bench = sub.add_parser("bench", help="measure call and start-up costs against raw baselines")
     bench.add_argument("--quick", action="store_true", help="fewer iterations")
+    bench.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON "
+                       "(- for standard output, after the table)")
     rewrite = sub.add_parser("rewrite", help="hoist pycompart.segment blocks into entrypoints "
                              "(Pitchfork for Python)")
     rewrite.add_argument("sources", nargs="+", metavar="SRC.py")
@@ -306,6 +308,16 @@ def _command(argv: list[str]) -> int:
     if args.command == "bench":
         from . import bench as _bench
 
-        _bench.run(quick=args.quick)
+        results = _bench.run(quick=args.quick)
+        if args.json:
+            import json
+
+            text = json.dumps({"version": __version__, "quick": args.quick, "results": results},
+                              indent=2, sort_keys=True)
+            if args.json == "-":
+                print(text)
+            else:
+                with open(args.json, "w", encoding="utf-8") as f:
+                    f.write(text + "\n")
         return 0
     return 2
