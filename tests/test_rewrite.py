@@ -299,3 +299,24 @@ def test_pycompart_run_rewrites_annotated_modules_the_program_imports(shared_dir
                            timeout=60, cwd=shared_dir)
     assert boxed.returncode == 0, boxed.stderr
     assert boxed.stdout == "42 8 3\n"  # main, P and Q
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory another user owns")
+def test_the_rewrite_cache_refuses_a_directory_another_user_prepared(tmp_path, monkeypatch):
+    """/var/tmp is everybody's: a cache directory (or a "rewritten program")
+    another user made in advance would be run as ours."""
+    from pycompart.frontend import segments
+    from pycompart.policy.spec import load_spec
+
+    monkeypatch.setattr(segments, "CACHE_DIR", str(tmp_path / "cache"))
+    planted = segments.cache_root()
+    os.mkdir(planted, 0o755)
+    os.chown(planted, 65534, 65534)
+    spec = load_spec({"compartments": {"Reader": {}, "Sum": {}}})
+    with pytest.raises(segments.RewriteFailed, match="not a directory of this user's own"):
+        segments.prepare_run(TALLY, spec)
+    os.chown(planted, 0, 0)
+    target, _ = segments.prepare_run(TALLY, spec)  # ours: used
+    os.chown(target, 65534, 65534)  # a file someone else put there
+    with pytest.raises(segments.RewriteFailed, match="not a file of this user's own"):
+        segments.prepare_run(TALLY, spec)

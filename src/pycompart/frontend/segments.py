@@ -11,6 +11,7 @@ import io
 import os
 import re
 import socket
+import stat
 import sys
 import threading
 import types
@@ -135,11 +136,13 @@ def _pack(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[An
 def _crosses(value: Any) -> bool:
     from ..wire import refs
 
+    if isinstance(value, (refs.Fd, socket.socket, io.IOBase)):
+        return True  # (carried beside)
     try:
         refs.encode_plain(value)
-        return True
     except TypeError:
-        return True if isinstance(value, (refs.Fd, socket.socket, io.IOBase)) else False
+        return False
+    return True
 
 
 _EXIT = "__pycompart_exit__"
@@ -300,15 +303,6 @@ class _Call:
         return f"<entrypoint {self.key} in compartment {self.compartment!r}>"
 
 
-def run_main(rewritten: str, argv0: str) -> None:
-    """``pycompart run`` of an annotated program: run its rewritten copy as
-    ``__main__`` (the instances load the same copy)."""
-    import runpy
-
-    sys.argv[0] = argv0
-    runpy.run_path(rewritten, run_name="__main__")
-
-
 class RewriteFailed(PycompartError):
     """The program has segments the rewriter will not hoist (each named)."""
 
@@ -378,21 +372,47 @@ def _cached(script: str, data: bytes, source: str) -> str:
     from .._version import __version__
     from . import rewrite as _rewrite
 
-    with open(_rewrite.__file__, "rb") as f:
-        rewriter = hashlib.sha256(f.read()).hexdigest()
-    key = f"{__version__}\0{_rewrite.FORMAT}\0{rewriter}\0{script}\0".encode() + data
-    folder = os.path.join(cache_root(), hashlib.sha256(key).hexdigest()[:24])
+    global _REWRITER
+    if _REWRITER is None:
+        with open(_rewrite.__file__, "rb") as f:
+            _REWRITER = hashlib.sha256(f.read()).hexdigest()
+    key = f"{__version__}\0{_rewrite.FORMAT}\0{_REWRITER}\0{script}\0".encode() + data
+    folder = _own_dir(os.path.join(_own_dir(cache_root()), hashlib.sha256(key).hexdigest()[:24]))
     target = os.path.join(folder, os.path.basename(script))
-    if not os.path.exists(target):
-        os.makedirs(folder, mode=0o755, exist_ok=True)
-        os.chmod(os.path.dirname(folder), 0o755)
-        os.chmod(folder, 0o755)
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
         tmp = f"{target}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(source)
-        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
+        return target
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise RewriteFailed(f"{target}: not a file of this user's own (a rewritten program is run "
+                            "from there, so it must be): remove it")
     return target
+
+
+#: The rewriter's own text, hashed (the cache key): read once.
+_REWRITER: str | None = None
+
+
+def _own_dir(path: str) -> str:
+    """``path``, a directory of this user's that nobody else may write
+    (``/var/tmp`` is everybody's: a directory another user made in advance
+    could hold a "rewritten program" of theirs, run as ours)."""
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise RewriteFailed(f"{path} is not a directory of this user's own that only it may write: "
+                            "pycompart run keeps rewritten programs there; remove it")
+    if st.st_mode & 0o755 != 0o755:
+        os.chmod(path, 0o755)  # the instances' own uids read rewritten programs from here
+    return path
 
 
 def cache_root() -> str:
