@@ -85,15 +85,9 @@ class Broker:
         plan = here.edges.get(compartment)
         if plan is None or _edges.CLIENT is None:
             raise _edges.refuse(here.compartment, compartment)
+        from .edgeproxy import CalleeSpec
 
-        class Spec:
-            modules = tuple(plan.modules)
-            functions = tuple(plan.functions)
-            on_demand = "per-connection" if plan.per_connection else ("per-call" if plan.per_call else None)
-            descriptors = plan.descriptors
-            max_instances = plan.max_instances
-            call_timeout = plan.call_timeout
-        return Spec
+        return CalleeSpec(compartment, plan)
 
     def handle(self, resource: Any, *args: Any, _slot: bool = False) -> threading.Thread:
         """Serve one connection (a socket, or a ``pycompart.Fd``) in a fresh

@@ -46,8 +46,9 @@ def loader(client: EdgeClient, callee: str) -> importlib.abc.Loader:
     return _EdgeModuleLoader(client, callee)
 
 
-class _Spec:
-    """The callee's settings a ``proxy.Compartment`` reads."""
+class CalleeSpec:
+    """The callee's settings a ``proxy.Compartment`` (and a ``Broker``)
+    reads, as this instance knows them."""
 
     def __init__(self, name: str, plan: EdgePlan):
         self.name = name
@@ -57,7 +58,9 @@ class _Spec:
         self.allow_exit = plan.allow_exit
         self.allow_returned_callables = plan.allow_returned_callables
         self.call_timeout = plan.call_timeout
-        self.on_demand = None
+        self.descriptors = plan.descriptors
+        self.max_instances = plan.max_instances
+        self.on_demand = "per-connection" if plan.per_connection else "per-call" if plan.per_call else None
         # The callee refuses attribute writes from an edge, and pickles
         # nothing for it (``supervisor.edges.EdgeBook.edge_config``): say so here.
         self.allow_setattr = False
@@ -111,7 +114,7 @@ class EdgeCompartment(Compartment):
 
     def __init__(self, client: EdgeClient, callee: str, plan: EdgePlan):
         pool = _EdgePool(client, callee)
-        super().__init__(_Spec(callee, plan), pool)  # type: ignore[arg-type]
+        super().__init__(CalleeSpec(callee, plan), pool)  # type: ignore[arg-type]
         pool.comp = self
         self.client = client
 
