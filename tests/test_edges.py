@@ -747,3 +747,21 @@ def test_a_guarded_compartment_imports_nothing_on_a_callers_word(vault, monkeypa
         with pytest.raises(PermissionError, match="not imported in compartment 'vault'"):
             comp.call(inst, "@callmethod", [vaultmod.RECENT, "append", [sys.modules[name]], {}])
     assert list(vaultmod.RECENT) == []
+
+
+def test_warnings_make_main_read_a_bounded_number_of_source_files(monkeypatch, tmp_path):
+    """Each file a warning names that main reads stays in linecache: a
+    compartment naming ever new files must not grow main without bound."""
+    from pycompart.frontend import warn
+
+    class Comp:
+        name = "box"
+    monkeypatch.setattr(warn, "_PRIMED", set())
+    monkeypatch.setattr(warn, "MAX_PRIMED", 3)
+    names = []
+    for i in range(5):
+        path = tmp_path / f"m{i}.py"
+        path.write_text("x = 1\n")
+        names.append(warn._where(Comp, str(path)))
+    assert names[:3] == [str(tmp_path / f"m{i}.py") for i in range(3)]
+    assert names[3:] == [f"<box: {tmp_path / f'm{i}.py'}>" for i in (3, 4)]

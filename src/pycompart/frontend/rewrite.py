@@ -103,7 +103,7 @@ class Result:
 
 def uses_segments(source: str) -> bool:
     """A cheap test: might this program be annotated?"""
-    return "segment" in source or "entrypoint" in source and "pycompart" in source
+    return ("segment" in source or "entrypoint" in source) and "pycompart" in source
 
 
 # -- analysis -------------------------------------------------------------------------------------

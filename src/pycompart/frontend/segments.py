@@ -13,6 +13,7 @@ import re
 import socket
 import stat
 import sys
+import sysconfig
 import threading
 import types
 from collections.abc import Callable
@@ -419,6 +420,9 @@ def cache_root() -> str:
     return CACHE_DIR + f"-{os.getuid()}"
 
 
+_STDLIB = os.path.join(sysconfig.get_paths()["stdlib"], "")
+
+
 class ModuleRewriter:
     """``pycompart run``'s import hook for annotated modules the program
     imports: each is rewritten (cached) and imported from the rewritten
@@ -456,12 +460,13 @@ class ModuleRewriter:
         else:
             return None
         origin = getattr(spec, "origin", None)
-        if not isinstance(origin, str) or not origin.endswith(".py") or not os.path.isfile(origin):
-            return spec
+        if not isinstance(origin, str) or not origin.endswith(".py") or origin.startswith(_STDLIB) \
+                or not os.path.isfile(origin):
+            return spec  # (the standard library is never annotated: not read again)
         with open(origin, "rb") as f:
             data = f.read()
         text = data.decode("utf-8", "replace")
-        if not uses_segments(text) or "pycompart" not in text:
+        if not uses_segments(text):
             return spec
         result = rewrite(text, origin, original=origin)
         if result.problems:

@@ -49,8 +49,11 @@ def reissue(comp: Compartment, found: list[Any]) -> None:
                                module=warn.module or None, registry=registry)
 
 
-#: The largest source file main reads to show the line a warning points at.
+#: The largest source file main reads to show the line a warning points at,
+#: and how many it reads for compartments at most (each stays in linecache).
 MAX_SOURCE = 1 << 20
+MAX_PRIMED = 256
+_PRIMED: set[str] = set()
 
 
 def _where(comp: Compartment, filename: Any) -> str:
@@ -63,7 +66,7 @@ def _where(comp: Compartment, filename: Any) -> str:
     name = str(filename)[:4096]
     if name in linecache.cache:
         return name
-    if name.endswith(".py") and os.path.isabs(name):
+    if name.endswith(".py") and os.path.isabs(name) and len(_PRIMED) < MAX_PRIMED:
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError:
@@ -76,6 +79,7 @@ def _where(comp: Compartment, filename: Any) -> str:
                     if len(data) <= MAX_SOURCE:
                         lines = data.decode("utf-8", "replace").splitlines(keepends=True)
                         linecache.cache[name] = (len(data), st.st_mtime, lines, name)
+                        _PRIMED.add(name)
                         return name
             except OSError:
                 pass
