@@ -346,3 +346,24 @@ def test_beep_errors(tmp_path):
     proc = subprocess.run([sys.executable, BEEP, "--device", str(locked)], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 1 and f"cannot open {locked}" in proc.stderr
+
+
+def test_beeps_main_can_open_no_file_once_its_app_runs(speaker_fifo, tmp_path):
+    """What beep.py's spec claims for main, tried: after the app starts,
+    main cannot open the device (only Privileged may) nor any other file."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        f"import sys, runpy\nsys.argv = ['beep.py']\n"
+        f"g = runpy.run_path({BEEP!r}, run_name='beep')\n"
+        f"app = g['app_for']({speaker_fifo!r})\n"
+        "app.start(confine_main=True)\n"
+        "out = []\n"
+        f"for path in ({speaker_fifo!r}, '/etc/hostname'):\n"
+        "    try:\n"
+        "        open(path, 'wb' if path.endswith('spkr') else 'rb').close(); out.append('opened')\n"
+        "    except OSError as exc:\n"
+        "        out.append(type(exc).__name__)\n"
+        "app.stop()\nprint(out)\n")
+    proc = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['PermissionError', 'PermissionError']"

@@ -203,3 +203,38 @@ def test_a_crashing_decoder_is_a_clear_error_and_status_1(tiffs, tmp_path):
     err = proc.stderr.decode()
     assert proc.returncode == 1, err
     assert "CompartmentCrashed" in err and "libtiff" in err and "Traceback" not in err, err
+
+
+def test_the_decoder_reads_its_descriptor_but_can_open_nothing(tiffs, tmp_path):
+    """The privilege the spec gives libtiff, tried from inside it: the
+    input it was handed reads; the same file by its path, or any other,
+    does not open."""
+    probe = tmp_path / "probecore.py"
+    probe.write_text(
+        "import os, pycompart\n"
+        "def decode_fd(fd: pycompart.Fd) -> tuple[str, int, int, bytes]:\n"
+        "    path = os.readlink(f'/proc/self/fd/{fd.fileno()}')\n"
+        "    head = os.pread(fd.fileno(), 4, 0)\n"
+        "    tried = []\n"
+        "    for p in (path, '/etc/hostname', os.path.dirname(path) + '/x.tif'):\n"
+        "        try:\n"
+        "            open(p, 'ab' if p.endswith('x.tif') else 'rb').close(); tried.append('opened')\n"
+        "        except OSError as exc:\n"
+        "            tried.append(type(exc).__name__)\n"
+        "    return ','.join(tried), 1, 1, head\n")
+    wrapper = tmp_path / "wrap.py"
+    wrapper.write_text(
+        f"import os, sys, runpy\nsys.path[:0] = [{EXAMPLE!r}, {str(tmp_path)!r}]\n"
+        f"g = runpy.run_path({LIBRARY!r}, run_name='tifftopnm')\n"
+        "g['SPEC']['compartments']['libtiff']['functions'] = ['probecore:decode_fd']\n"
+        "import probecore, pycompart\n"
+        "with pycompart.App(g['SPEC']) as app:\n"
+        "    with pycompart.Fd(os.open(sys.argv[1], os.O_RDONLY)) as fd:\n"
+        "        print(app.function('probecore:decode_fd')(fd))\n")
+    tmp_path.chmod(0o755)
+    for p in tmp_path.iterdir():
+        p.chmod(0o644)
+    proc = _run([str(wrapper), tiffs["rgb_lzw"]])
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().strip() == \
+        "('PermissionError,PermissionError,PermissionError', 1, 1, b'II*\\x00')"
