@@ -25,14 +25,16 @@ PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "_version": set(),
+    "fastpaths": set(),
     "kernel": {"errors"},
     "wire": {"errors"},
-    "transport": {"wire", "errors"},
+    # kernel: the sealed memory file of the bulk lanes (kernel.memfd).
+    "transport": {"wire", "kernel", "errors", "fastpaths"},
     "policy": {"kernel", "wire", "errors"},
-    "compartment": {"kernel", "wire", "transport", "errors"},
-    "supervisor": {"policy", "kernel", "wire", "transport", "compartment", "errors"},
+    "compartment": {"kernel", "wire", "transport", "errors", "fastpaths"},
+    "supervisor": {"policy", "kernel", "wire", "transport", "compartment", "errors", "fastpaths"},
     "frontend": {"policy", "kernel", "wire", "transport", "compartment", "supervisor", "errors",
-                 "_version"},
+                 "_version", "fastpaths"},
     "__init__": {"frontend", "supervisor", "kernel", "wire", "errors", "_version"},
     "__main__": {"frontend"},
 }
@@ -45,7 +47,7 @@ EXCEPTIONS: set[tuple[str, str]] = {("compartment.edges", "frontend.edgeproxy")}
 
 #: Where each layer's code runs (for the printed matrix and the README).
 RUNS_IN = {
-    "errors": "everywhere", "_version": "everywhere", "kernel": "instance, main (probing, own lock-down)",
+    "errors": "everywhere", "_version": "everywhere", "fastpaths": "everywhere", "kernel": "instance, main (probing, own lock-down)",
     "wire": "both sides", "transport": "both sides", "policy": "main",
     "compartment": "instance", "supervisor": "main, zygote", "frontend": "main",
     "__init__": "main (public API)", "__main__": "main",

@@ -64,11 +64,11 @@ def test_instance_is_clean(make_app):
             env = ep["environment"]()
             assert "PYCOMPART_TEST_SECRET" not in env
             fds = ep["open_fds"]()
-            # stdin/stdout/stderr, the two channel pipes, the listdir fd, and
-            # one O_PATH descriptor per import directory that the
-            # compartment's uid could not reach by path.
+            # stdin/stdout/stderr, the two channel pipes, the listdir fd,
+            # the bulk lanes' memory file, and one O_PATH descriptor per
+            # import directory that the compartment's uid could not reach by path.
             preopened = len(app._runtime.lockdowns["box"].preopen)
-            assert len(fds) <= 7 + preopened, fds
+            assert len(fds) <= 8 + preopened, fds
             # The zygote is the parent, not main: it runs as pid 1 of the
             # app's own pid namespace, under the process main started.
             pid = ep["whoami"]()

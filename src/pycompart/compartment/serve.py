@@ -31,7 +31,8 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from ..errors import CallCancelled, EntrypointError, ProtocolError
-from ..kernel import process
+from ..kernel import process, rlimits
+from ..transport.bulk import Lanes
 from ..transport.channel import CallServer, Channel, serving, serving_stack
 from ..transport.streams import PipeTransport, SocketTransport
 from ..wire import refs
@@ -63,17 +64,19 @@ CURRENT: InstanceConfig | None = None
 
 
 def run(config: InstanceConfig, read_fd: int, write_fd: int,
-        output_fds: tuple[int, int] | None = None, control_fd: int | None = None) -> NoReturn:
+        output_fds: tuple[int, int] | None = None, control_fd: int | None = None,
+        bulk_fd: int | None = None) -> NoReturn:
     """Become an instance, serving calls read from ``read_fd`` with replies
     written to ``write_fd``; ``output_fds`` are the write ends of the pipes
     main relays its stdout and stderr from; ``control_fd`` its edge control
-    socket to the monitor (``pycompart.compartment.edges``). Never returns."""
+    socket to the monitor (``pycompart.compartment.edges``); ``bulk_fd`` the
+    memory file of its bulk lanes (``pycompart.transport.bulk``). Never returns."""
     global CURRENT
     CURRENT = config
     code = 0
     try:
         try:
-            keep = {read_fd, write_fd} | ({control_fd} if control_fd is not None else set())
+            keep = {read_fd, write_fd} | {fd for fd in (control_fd, bulk_fd) if fd is not None}
             _prepare_process(keep, config.output, output_fds)
             if control_fd is not None:
                 # Before any of the compartment's code: its only way to
@@ -89,7 +92,7 @@ def run(config: InstanceConfig, read_fd: int, write_fd: int,
                 pass
             code = EXIT_START_FAILED
         else:
-            Server(config, read_fd, write_fd, table).serve()
+            Server(config, read_fd, write_fd, table, bulk_fd).serve()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -270,10 +273,10 @@ class _LazyContract:
         self.key = key
         self.contract: Contract | None = None
 
-    def invoke(self, raw_args: object) -> bytes:
+    def invoke(self, raw_args: object, bulk: list[bytes] | None = None, bulk_out: bool = False) -> bytes:
         if self.contract is None:
             self.contract = Contract(self.fn, self.key)  # type: ignore[arg-type]
-        return self.contract.invoke(raw_args)  # type: ignore[arg-type]
+        return self.contract.invoke(raw_args, bulk, bulk_out)  # type: ignore[arg-type]
 
 
 def _load_main(config: InstanceConfig) -> None:
@@ -302,7 +305,8 @@ class Server(CallServer):
     the main thread, cancellable. Calls nested in a callback this instance
     made run on the thread that made it (``pycompart.transport.channel``)."""
 
-    def __init__(self, config: InstanceConfig, read_fd: int, write_fd: int, table: dict[str, _LazyContract]):
+    def __init__(self, config: InstanceConfig, read_fd: int, write_fd: int, table: dict[str, _LazyContract],
+                 bulk_fd: int | None = None):
         self.config = config
         self.table = table
         transport: PipeTransport | SocketTransport
@@ -318,6 +322,16 @@ class Server(CallServer):
             os.set_blocking(read_fd, True)  # see Channel.blocking_reads
         self.channel = Channel(transport, Connection(config.max_frame), config.caller, server=self)
         self.channel.blocking_reads = True
+        if bulk_fd is not None:
+            try:
+                lanes = Lanes(bulk_fd, side=1)
+            except (OSError, ValueError):  # e.g. no address space left for it: all inline
+                os.close(bulk_fd)
+            else:
+                self.channel.use_bulk(lanes)
+                # What comes through a lane is copied into fresh bytes: from
+                # memory the last one freed, not from new pages.
+                rlimits.reuse_large_allocations(2 * lanes.size)
         # Module compartments pass references: releases wait for decodes.
         self.channel.track_arrivals = bool(config.modules or config.functions)
         self.objects = ObjectServer(config.compartment, config.modules, config.functions,
@@ -347,7 +361,8 @@ class Server(CallServer):
     def serve(self) -> None:
         signal.signal(CANCEL_SIGNAL, self._on_cancel_signal)
         channel = self.channel
-        channel.reply(Connection.send_hello(os.getpid(), self.config.compartment, sorted(self.table)))
+        channel.reply(Connection.send_hello(os.getpid(), self.config.compartment, sorted(self.table),
+                                            channel.bulk is not None))
         stack = serving_stack()
         next_call = channel.next_call
         reply = channel.reply
@@ -402,7 +417,8 @@ class Server(CallServer):
                     got = channel.take_message_fds(("c", call.id))
                     refs.start_collecting_fds(self.peer.can_pass_fds)
                     with refs.receiving(got):
-                        result = contract.invoke(call.args)
+                        result = contract.invoke(call.args, channel.take_message_bulk(("c", call.id)),
+                                                 channel.bulk is not None)
                 else:
                     result = self.objects.execute(self.peer, name, call.args,
                                                   channel.take_message_fds(("c", call.id)))
@@ -414,7 +430,7 @@ class Server(CallServer):
                     self.in_user_code = False
             fds = refs.take_outgoing_fds()
             channel.set_reply_fds(fds)
-            return conn.send_ok(call.id, result, len(fds))
+            return channel.reply_value(call.id, result, len(fds))
         except CallCancelled as exc:
             return conn.send_err(call.id, describe_exception(exc))
         except Exception as exc:

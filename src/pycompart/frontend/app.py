@@ -453,16 +453,18 @@ class _Runtime:
         spec = pool.spec
         if self.audit is not None or spec.descriptors or spec.on_demand is not None:
             return self._call_general(ep, pool, contract, args, kwargs, timeout)
-        payload = contract.encode_args(args, kwargs)  # the hot path: none of that
+        payload = contract.encode_args(args, kwargs, True)  # the hot path: none of that
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            reply = pool.pick(deadline).channel.request(ep.key, payload, deadline)
+            channel = pool.pick(deadline).channel
+            reply = channel.request(ep.key, payload, deadline)
         except CallTimeout as exc:
             Hooks.fire(self.app.hooks.on_call_timeout, TimeoutEvent(ep.compartment, ep.key, None, timeout))
             raise exc from None
         if reply.__class__ is Err:
             raise rebuild_exception(reply.error, ep.compartment, resolve=ep.resolve)
-        return contract.decode_result(reply.value, ep.compartment, self.max_objects)
+        bulk = channel.take_message_bulk(("r", reply.id)) if channel.message_bulk else None
+        return contract.decode_result(reply.value, ep.compartment, self.max_objects, bulk)
 
     def _call_general(self, ep: Entrypoint[Any, Any], pool: Pool, contract: Contract,
                       args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
@@ -476,7 +478,10 @@ class _Runtime:
                                   "(instances = \"per-connection\"); it takes no calls")
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
-        payload = refs.encode_collecting(lambda: contract.encode_args(args, kwargs), spec.descriptors)
+        # Large values beside the frame, unless descriptors are collected
+        # (encoding inline again would collect them twice).
+        payload = refs.encode_collecting(lambda: contract.encode_args(args, kwargs, not spec.descriptors),
+                                         spec.descriptors)
         fds = refs.take_outgoing_fds()
         lease = None
         inst = None
@@ -495,8 +500,9 @@ class _Runtime:
                     outcome = f"error:{reply.error.type_name}"
                     raise rebuild_exception(reply.error, comp, resolve=ep.resolve)
                 reply_size = len(reply.value)
+                bulk = inst.channel.take_message_bulk(("r", reply.id))
                 try:
-                    return contract.decode_result(reply.value, comp, self.max_objects)
+                    return contract.decode_result(reply.value, comp, self.max_objects, bulk)
                 except ProtocolError:
                     outcome = "protocol_error"
                     raise

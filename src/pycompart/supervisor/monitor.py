@@ -41,6 +41,8 @@ from ..errors import (
 )
 from ..kernel import process
 from ..policy.spec import AppSpec, CompartmentSpec
+from ..transport import bulk
+from ..transport.bulk import Lanes
 from ..transport.channel import Channel
 from ..transport.streams import PipeTransport, SocketTransport, make_pipe
 from ..wire.config import CANCEL_SIGNAL, EXIT_START_FAILED, InstanceConfig
@@ -621,13 +623,19 @@ class Monitor:
             sink = Sink(self.relay, pool.spec.name, pool.spec.output == "prefixed")
             channel.output_sink = sink.write
             self.relay.add(sink, out_r, err_r)
+        lanes = self._bulk_lanes(pool, caller)
+        if lanes is not None:
+            # Shared memory for its large values; used once it says it mapped it.
+            channel.bulk_offer, lanes_fd = lanes
+            theirs.append(lanes_fd)
         if config.edges:
             # Its way to the compartments it may call: a socket to us.
             control_ours, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             theirs.append(control_theirs.detach())
             self.edges.attach(inst, SocketTransport(control_ours, carry_fds=False))
         try:
-            self._send_control(zygote.Spawn(request, config, bool(config.edges)), theirs)
+            self._send_control(zygote.Spawn(request, config, bool(config.edges), lanes is not None),
+                               theirs)
         except (OSError, TimeoutError) as exc:
             self._by_request.pop(request, None)
             self._start_failed(inst, f"cannot reach the zygote: {exc}")
@@ -638,6 +646,30 @@ class Monitor:
                 os.close(fd)
         self._after(pool.spec.start_timeout, lambda: self._start_timeout(inst))
         return inst
+
+    def _bulk_lanes(self, pool: Pool, caller: InstanceHandle | None) -> tuple[Lanes, int] | None:
+        """Bulk lanes for a new instance's channel to main (an edge's
+        channel is its caller's, which has none) and the instance's
+        descriptor of their memory file, or None."""
+        if caller is not None or not bulk.ENABLED:
+            return None
+        size = bulk.lane_size(self.spec.max_message_size, pool.spec.privileges.memory)
+        if not size:
+            return None
+        try:
+            fd = bulk.create(size)
+        except OSError:
+            return None  # no memfd: everything goes inline
+        try:
+            theirs = os.dup(fd)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            return Lanes(fd, side=0), theirs
+        except (OSError, ValueError):
+            os.close(theirs)
+            return None
 
     def _on_spawned(self, msg: zygote.Spawned, fds: list[int]) -> None:
         inst = self._by_request.pop(msg.request, None)
@@ -673,6 +705,10 @@ class Monitor:
             return
         self._unwatch(channel.transport.fileno())
         if isinstance(event, Hello) and event.compartment == inst.pool.spec.name and event.pid == inst.ns_pid:
+            offer = channel.bulk_offer
+            if offer is not None and event.bulk:
+                channel.bulk_offer = None
+                channel.use_bulk(offer)
             self._became_ready(inst)
         elif isinstance(event, Abort):
             inst.start_exception = rebuild_exception(event.error, inst.pool.spec.name)

@@ -45,6 +45,8 @@ class Spawn(msgspec.Struct, array_like=True, tag=10):
     config: InstanceConfig
     #: The last descriptor is the instance's edge control socket.
     control: bool = False
+    #: The one before that (or the last) is its bulk memory file.
+    bulk: bool = False
 
 
 class Spawned(msgspec.Struct, array_like=True, tag=11):
@@ -261,8 +263,11 @@ class Zygote:
     def spawn(self, msg: Spawn, fds: list[int]) -> None:
         """Fork an instance. ``fds``: its channel's two ends, then (when its
         output is relayed) the write ends of its stdout and stderr pipes,
-        then (``msg.control``) its edge control socket."""
-        channel_fds = fds[:-1] if msg.control else fds
+        then (``msg.bulk``) its bulk memory file, then (``msg.control``) its
+        edge control socket."""
+        channel_fds = list(fds)
+        control = channel_fds.pop() if msg.control and channel_fds else None
+        bulk = channel_fds.pop() if msg.bulk and channel_fds else None
         if len(channel_fds) not in (2, 4):
             for fd in fds:
                 os.close(fd)
@@ -270,7 +275,6 @@ class Zygote:
             return
         read_fd, write_fd = fds[:2]
         output = (fds[2], fds[3]) if len(channel_fds) == 4 else None
-        control = fds[-1] if msg.control else None
         pid = os.fork()
         if pid == 0:
             try:
@@ -278,7 +282,7 @@ class Zygote:
                 os.close(self.wake_r)
                 os.close(self.wake_w)
                 self.control.close()
-                _instance.run(msg.config, read_fd, write_fd, output, control)
+                _instance.run(msg.config, read_fd, write_fd, output, control, bulk)
             finally:
                 os._exit(1)
         # The child's copies must be the only ones: its death is the caller's EOF.

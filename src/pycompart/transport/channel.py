@@ -43,6 +43,8 @@ from ..wire.protocol import (
     Warn,
     close_fds,
 )
+from ..wire.contract import BulkPayload
+from .bulk import Lanes
 from .streams import Transport
 
 _READ_CHUNK = 64 * 1024
@@ -65,6 +67,8 @@ DRAIN_BUDGET = 256 * 1024
 MAX_WARNED_CALLS = 256
 #: Descriptors that wait for their messages' decoders at once, per channel.
 MAX_KEPT_FDS = 64
+#: Messages whose bulk values (``transport.bulk``) wait for their decoders.
+MAX_KEPT_BULK = 8
 
 _context = threading.local()
 
@@ -88,6 +92,11 @@ def spin_seconds() -> float:
         return max(0.0, min(float(value), 10_000.0)) * 1e-6
     except ValueError:
         return DEFAULT_SPIN
+
+
+def conn_bulk(conn: Connection) -> bool:
+    """Whether the message just parsed came with bulk values."""
+    return conn._bulk is not None
 
 
 def serving(channel: Channel) -> int:
@@ -270,6 +279,12 @@ class Channel:
         self._users = 0  # threads inside request()/drain(); close waits for 0
         #: Descriptors that came with messages, until decoded (``_keep_fds``).
         self.message_fds: dict[tuple[str, int], list[int]] = {}
+        #: Shared memory for large values (``use_bulk``), and the values
+        #: that came through it, until decoded (``take_message_bulk``).
+        self.bulk: Lanes | None = None
+        #: Lanes made for the peer that it has not said it mapped yet.
+        self.bulk_offer: Lanes | None = None
+        self.message_bulk: dict[tuple[str, int], list[bytes]] = {}
         self._kept_count = 0
         self._close_requested = False
         self.closed = False
@@ -278,16 +293,31 @@ class Channel:
     def pending(self) -> int:
         return len(self._waiters) + self._leader
 
+    def use_bulk(self, lanes: Lanes) -> None:
+        """Send large values through ``lanes`` and accept frames that name
+        their segments (copied out as each such frame is read)."""
+        frames = self.conn.frames
+        self.bulk = lanes
+        frames.bulk_source = lambda count: lanes.receive(count, frames.max_frame)
+
     # -- calling ----------------------------------------------------------------
 
-    def request(self, entrypoint: str, payload: bytes, deadline: float | None,
+    def request(self, entrypoint: str, payload: bytes | BulkPayload, deadline: float | None,
                 parent: int = 0, concurrent: bool = False, fds: list[int] | tuple[int, ...] = ()) -> Ok | Err:
         conn = self.conn
         if fds and not self.transport.can_pass_fds:
             close_fds(fds)
             raise TypeError(f"the channel to {self.peer!r} cannot carry descriptors (its spec "
                             "needs descriptors = true)")
-        rid, frame = conn.send_call(entrypoint, payload, len(fds), parent, concurrent)
+        nbulk = 0
+        if payload.__class__ is BulkPayload:
+            payload, nbulk = self._place_bulk(payload)  # type: ignore[arg-type]
+        try:
+            rid, frame = conn.send_call(entrypoint, payload, len(fds), parent, concurrent, nbulk)  # type: ignore[arg-type]
+        except BaseException:
+            if nbulk:
+                self.bulk.unsend()  # type: ignore[union-attr]
+            raise
         if self.pending_release:
             frame = frame + self._release_frame()  # after: the frame may name those handles
         if self.pending_output:
@@ -301,9 +331,33 @@ class Channel:
             raise self.failure
         self._users += 1
         try:
-            return self._request(rid, entrypoint, frame, deadline, fds)
+            return self._request(rid, entrypoint, frame, deadline, fds, nbulk)
         finally:
             self._leave()
+
+    def _place_bulk(self, payload: BulkPayload) -> tuple[bytes, int]:
+        """The bytes to frame and how many bulk segments they name: the
+        values go into our lane if it is free, else inline."""
+        lanes = self.bulk
+        if lanes is not None and lanes.send(payload.buffers):
+            return payload.payload, len(payload.buffers)
+        return payload.inline(), 0
+
+    def reply_value(self, rid: int, value: bytes | BulkPayload, nfds: int = 0) -> bytes:
+        """The Ok frame for ``value`` (its bulk values placed as in
+        ``request``); a reply that does not go out breaks the channel, so
+        the lane needs no undoing."""
+        nbulk = 0
+        if value.__class__ is BulkPayload:
+            value, nbulk = self._place_bulk(value)  # type: ignore[arg-type]
+        return self.conn.send_ok(rid, value, nfds, nbulk)  # type: ignore[arg-type]
+
+    def take_message_bulk(self, key: tuple[str, int]) -> list[bytes] | None:
+        """The bulk values that came with message ``key``, if any."""
+        if not self.message_bulk:
+            return None
+        with self._mu:
+            return self.message_bulk.pop(key, None)
 
     def _leave(self) -> None:
         with self._mu:
@@ -315,7 +369,7 @@ class Channel:
             self._close_now()
 
     def _request(self, rid: int, entrypoint: str, frame: bytes, deadline: float | None,
-                 fds: list[int] | tuple[int, ...] = ()) -> Ok | Err:
+                 fds: list[int] | tuple[int, ...] = (), nbulk: int = 0) -> Ok | Err:
         """Called with ``_mu`` held; releases it."""
         mu = self._mu
         if not self._leader:
@@ -334,6 +388,8 @@ class Channel:
         except _LockBusy:
             # Another thread is stuck sending (to a peer that does not
             # read): nothing of ours is on the wire; give up by our deadline.
+            if nbulk:
+                self.bulk.unsend()  # type: ignore[union-attr]
             self._abandon(rid, waiter)
             raise CallTimeout(f"call {entrypoint} to {self.peer!r} could not be sent in time "
                               "(the channel is busy)") from None
@@ -575,6 +631,8 @@ class Channel:
         if cls is Ok or cls is Err:
             msg: Any = event
             self._keep_fds(("r", msg.id))
+            if conn_bulk(self.conn):
+                self._keep_bulk(("r", msg.id))
             if self.track_arrivals:
                 self.server.arrived(self, ("r", msg.id))
             if msg.id == self._leader_rid:
@@ -588,6 +646,7 @@ class Channel:
                     waiter.wake()
             if waiter is None:
                 self._drop_fds(("r", msg.id))
+                self.take_message_bulk(("r", msg.id))
                 self.on_event("late_reply", msg.id)  # it timed out just before
             return
         if cls is LateReply:
@@ -604,6 +663,8 @@ class Channel:
         if cls is Call:
             call: Any = event
             self._keep_fds(("c", call.id))
+            if conn_bulk(self.conn):
+                self._keep_bulk(("c", call.id))
             if self.track_arrivals:
                 self.server.arrived(self, ("c", call.id))
             if not call.parent:
@@ -660,6 +721,17 @@ class Channel:
                 self._kept_count -= len(dropped)
                 stale.extend(dropped)
         close_fds(stale)
+
+    def _keep_bulk(self, key: tuple[str, int]) -> None:
+        """Keep the bulk values of the message just parsed for its
+        decoder; beyond ``MAX_KEPT_BULK`` messages, the oldest are dropped
+        (their decoders fail: a peer flooding us with unread values)."""
+        bulk = self.conn.take_bulk()
+        with self._mu:
+            kept = self.message_bulk
+            kept[key] = bulk  # type: ignore[assignment]
+            while len(kept) > MAX_KEPT_BULK:
+                del kept[next(iter(kept))]
 
     def _drop_fds(self, key: tuple[str, int]) -> None:
         close_fds(self.take_message_fds(key))
@@ -784,6 +856,7 @@ class Channel:
         """Answer a call we will not run, without waiting: a peer that sends
         calls and does not read the answers is misbehaving."""
         self._drop_fds(("c", call.id))
+        self.take_message_bulk(("c", call.id))
         if self.track_arrivals:
             self.server.decoded(self, ("c", call.id))
         self.reply(self.conn.send_err(call.id, refusal(message)), time.monotonic())
@@ -915,6 +988,8 @@ class Channel:
                 event = conn.parse_one(view[:n])
             if event.__class__ is Call and not event.parent:  # type: ignore[attr-defined]
                 self._keep_fds(("c", event.id))  # type: ignore[attr-defined]
+                if conn_bulk(conn):
+                    self._keep_bulk(("c", event.id))  # type: ignore[attr-defined]
                 if self.track_arrivals:
                     self.server.arrived(self, ("c", event.id))  # type: ignore[attr-defined]
                 return event  # type: ignore[return-value]
@@ -1033,8 +1108,12 @@ class Channel:
         self.conn.close()
         with self._mu:
             kept, self.message_fds = self.message_fds, {}
+            self.message_bulk = {}
         for fds in kept.values():
             close_fds(fds)
+        for lanes in (self.bulk, self.bulk_offer):
+            if lanes is not None:
+                lanes.close()
         try:
             os.close(self._wake)
         except OSError:

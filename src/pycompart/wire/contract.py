@@ -10,7 +10,10 @@ signature into msgspec codecs:
   the trusted side never receives a value the contract does not allow
   (RLBox's tainted values, with the type checker of the wire as the check).
 
-Exceptions cross as descriptions (``pycompart.wire.exceptions``).
+Exceptions cross as descriptions (``pycompart.wire.exceptions``). A large
+``bytes``-like top-level argument or result may travel beside the frame
+(``BulkPayload``, ``pycompart.transport.bulk``); the receiver then decodes the
+rest generically and converts it, with the same strict checks, to the same types.
 """
 
 from __future__ import annotations
@@ -55,6 +58,58 @@ def _dec_hook(tp: Any, obj: Any) -> Any:
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _EMPTY_MAP = _encoder.encode({})
 _plain_args = msgspec.msgpack.Decoder(dict[str, Any], ext_hook=_ext_hook)
+
+#: Smallest value sent beside the frame (``pycompart.transport.bulk.BULK_MIN``).
+BULK_MIN = 256 * 1024
+_BULK_TYPES = (bytes, bytearray, memoryview)
+
+
+class BulkPayload:
+    """An encoded message whose large values are placeholders (``EXT_BULK``
+    with their index in ``buffers``), for a channel with bulk lanes;
+    ``inline()`` encodes it whole instead, for any other channel or a busy
+    lane."""
+
+    __slots__ = ("payload", "buffers", "_inline")
+
+    def __init__(self, payload: bytes, buffers: list[memoryview], inline: Callable[[], bytes]):
+        self.payload = payload
+        self.buffers = buffers
+        self._inline = inline
+
+    def inline(self) -> bytes:
+        return self._inline()
+
+    def __len__(self) -> int:
+        return len(self.payload) + sum(b.nbytes for b in self.buffers)
+
+
+def _bulk_view(value: Any) -> memoryview | None:
+    """``value`` as a byte view if it is big enough to go beside the frame."""
+    if value.__class__ not in _BULK_TYPES or len(value) < BULK_MIN // 8:
+        return None
+    view = memoryview(value)
+    if view.nbytes < BULK_MIN or not view.c_contiguous:
+        return None
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _bulk_decoder(bulk: list[bytes]) -> msgspec.msgpack.Decoder:  # type: ignore[type-arg]
+    def hook(code: int, data: memoryview) -> Any:
+        if code == refs.EXT_BULK:
+            index = msgspec.msgpack.decode(data)
+            if type(index) is not int or not 0 <= index < len(bulk):
+                raise TypeError(f"bulk value {index!r} did not come with the frame")
+            return bulk[index]
+        return _ext_hook(code, data)
+    return msgspec.msgpack.Decoder(ext_hook=hook)
+
+
+def decode_with_bulk(raw: bytes | msgspec.Raw, bulk: list[bytes], tp: Any) -> Any:
+    """Decode ``raw`` whose placeholders name ``bulk``'s values, then
+    convert it to ``tp`` as strictly as decoding into ``tp`` would."""
+    plain = _bulk_decoder(bulk).decode(raw)
+    return msgspec.convert(plain, tp, dec_hook=_dec_hook, strict=True)
 
 
 def function_key(fn: Callable[..., Any]) -> str:
@@ -118,10 +173,29 @@ class Contract:
 
     # -- caller side ----------------------------------------------------------
 
-    def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any], bulk: bool = False) -> bytes:
+        """The arguments, encoded; with ``bulk``, a ``BulkPayload`` when a
+        top-level one is big enough to go beside the frame."""
         if not args and not kwargs and not self._required:
             return _EMPTY_MAP
         bound = self._bind(args, kwargs)
+        if bulk:
+            views: list[memoryview] = []
+            for name, value in bound.items():
+                if value.__class__ in _BULK_TYPES:
+                    view = _bulk_view(value)
+                    if view is not None:
+                        if not views:
+                            bound = dict(bound)
+                        bound[name] = msgspec.msgpack.Ext(refs.EXT_BULK, _encoder.encode(len(views)))
+                        views.append(view)
+            if views:
+                original = self._bind(args, kwargs)
+                return BulkPayload(self._encode_args(bound), views,  # type: ignore[return-value]
+                                   lambda: self._encode_args(original))
+        return self._encode_args(bound)
+
+    def _encode_args(self, bound: dict[str, Any]) -> bytes:
         try:
             return _encoder.encode(bound)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -159,13 +233,15 @@ class Contract:
         return bound
 
     def decode_result(self, raw: bytes | msgspec.Raw, where: str,
-                      max_objects: int = budget.DEFAULT_MAX_OBJECTS) -> Any:
+                      max_objects: int = budget.DEFAULT_MAX_OBJECTS, bulk: list[bytes] | None = None) -> Any:
         """The reply, validated against the return annotation; anything
         else (a value that does not fit, costs too much to build, or breaks
         the decoder itself) is a ``ProtocolError``."""
         if len(raw) > max_objects:  # smaller cannot hold more objects than bytes
             budget.check(raw, max_objects, f"the reply of {where!r} to {self.key}")
         try:
+            if bulk is not None:
+                return decode_with_bulk(raw, bulk, self.return_type)
             return self._result_decoder.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise ProtocolError(
@@ -177,15 +253,21 @@ class Contract:
 
     # -- callee side ----------------------------------------------------------
 
-    def invoke(self, raw_args: bytes | msgspec.Raw) -> bytes:
+    def invoke(self, raw_args: bytes | msgspec.Raw, bulk: list[bytes] | None = None,
+               bulk_out: bool = False) -> bytes:
         """Decode arguments (raising TypeError if they break the contract),
-        call the function, encode its result."""
+        call the function, encode its result (``bulk``: the values that came
+        beside the frame; ``bulk_out``: a big result may go beside the reply,
+        as a ``BulkPayload``)."""
         if not self.params and len(raw_args) == 1 and bytes(raw_args) == _EMPTY_MAP:
-            return _encoder.encode(self.fn())  # no parameters, no arguments: skip the decoder
+            return self.encode_result(self.fn(), bulk_out)  # no parameters, no arguments: skip the decoder
         try:
-            decoded = self._args_decoder.decode(raw_args)
+            if bulk is not None:
+                decoded = decode_with_bulk(raw_args, bulk, self._args_struct)
+            else:
+                decoded = self._args_decoder.decode(raw_args)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            decoded = self._generic(raw_args)
+            decoded = self._generic(raw_args) if bulk is None else None
             if decoded is None:
                 raise TypeError(f"{self.key}(): arguments do not match its annotations: {exc}") from None
         args: list[Any] = []
@@ -206,7 +288,7 @@ class Contract:
             else:
                 kwargs[p.name] = value
         result = self.fn(*args, **kwargs)
-        return self.encode_result(result)
+        return self.encode_result(result, bulk_out)
 
     def _generic(self, raw_args: bytes | msgspec.Raw) -> Any:
         """Arguments from a caller that does not know this function's
@@ -230,7 +312,12 @@ class Contract:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise TypeError(f"{self.key}(): arguments do not match its annotations: {exc}") from None
 
-    def encode_result(self, result: Any) -> bytes:
+    def encode_result(self, result: Any, bulk: bool = False) -> bytes:
+        if bulk and result.__class__ in _BULK_TYPES:
+            view = _bulk_view(result)
+            if view is not None:
+                return BulkPayload(_encoder.encode(msgspec.msgpack.Ext(refs.EXT_BULK, _encoder.encode(0))),  # type: ignore[return-value]
+                                   [view], lambda: self.encode_result(result))
         try:
             return _encoder.encode(result)
         except (TypeError, ValueError, OverflowError) as exc:

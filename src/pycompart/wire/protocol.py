@@ -7,13 +7,16 @@ small and lets the tests fuzz it without processes.
 
 Frame layout (little endian)::
 
-    u32 payload length | u16 number of fds | u16 reserved (must be 0) | payload
+    u32 payload length | u16 number of fds | u16 number of bulk segments | payload
 
 The payload is one msgpack message, a tagged array (see the ``Message``
 structs). A frame longer than the connection's ``max_frame`` is refused before
 a single byte of it is buffered. File descriptors travel beside the bytes
 (SCM_RIGHTS) where the transport can carry them; the header says how many
-belong to the frame so a reader can pair them up.
+belong to the frame so a reader can pair them up. Large values may travel in
+shared memory beside the stream (``pycompart.transport.bulk``): the header
+counts the segments, which the reader copies out through ``bulk_source``
+before the message is decoded; without a bulk source the count must be 0.
 
 Both ends of a connection may send calls: a caller's reply path and, later,
 callbacks use the same channel. Each side tracks the ids it is waiting on and
@@ -26,7 +29,7 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Union
 
 import msgspec
@@ -36,6 +39,7 @@ from ..errors import ProtocolError
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<IHH")
 MAX_FDS_PER_FRAME = 16
+MAX_BULK_PER_FRAME = 16
 
 # -- messages ---------------------------------------------------------------
 
@@ -89,6 +93,8 @@ class Hello(msgspec.Struct, array_like=True, tag=0):
     pid: int
     compartment: Annotated[str, msgspec.Meta(max_length=64)]
     entrypoints: Annotated[list[Annotated[str, msgspec.Meta(max_length=1000)]], msgspec.Meta(max_length=100_000)]
+    #: It mapped the bulk lanes it was given (``transport.bulk``).
+    bulk: bool = False
 
 
 class Call(msgspec.Struct, array_like=True, tag=1):
@@ -233,8 +239,14 @@ class FrameDecoder:
         self._body: bytearray | None = None
         self._body_filled = 0
         self._body_nfds = 0
+        self._body_nbulk = 0
         self._fds: list[int] = []
         self.broken: str | None = None
+        #: Copies out a frame's bulk segments (``transport.bulk.Lanes.receive``
+        #: bound to the frame limit); None: frames may name none.
+        self.bulk_source: Callable[[int], list[bytes]] | None = None
+        #: The bulk values of the frame ``next_frame`` returned last.
+        self.last_bulk: list[bytes] | None = None
 
     def receive_data(self, data: bytes | bytearray | memoryview, fds: list[int] | tuple[int, ...] = ()) -> None:
         if self.broken is not None:
@@ -278,9 +290,11 @@ class FrameDecoder:
             data = self._data
             if len(data) < 8:
                 return NEED_DATA
-            length, nfds, reserved = HEADER.unpack_from(data)
-            if reserved != 0:
-                return self._break(f"frame header has reserved field {reserved:#x}, expected 0")
+            length, nfds, nbulk = HEADER.unpack_from(data)
+            if nbulk and (self.bulk_source is None or nbulk > MAX_BULK_PER_FRAME):
+                return self._break(f"frame names {nbulk} bulk segments, but "
+                                   + ("this channel has no bulk lanes" if self.bulk_source is None
+                                      else f"at most {MAX_BULK_PER_FRAME} are allowed"))
             if length > self.max_frame:
                 return self._break(f"frame of {length} bytes exceeds the maximum of {self.max_frame}")
             if nfds > MAX_FDS_PER_FRAME:
@@ -289,6 +303,8 @@ class FrameDecoder:
             if len(data) >= end:
                 body = data[8:end]
                 self._data = data[end:]
+                if nbulk and not self._take_bulk(nbulk):
+                    return Violation(self.broken or "", fatal=True)
                 if nfds or self._fds:
                     return self._with_fds(body, nfds)
                 return body, _NO_FDS
@@ -297,11 +313,25 @@ class FrameDecoder:
             self._body[:have] = data[8:]
             self._body_filled = have
             self._body_nfds = nfds
+            self._body_nbulk = nbulk
             self._data = b""
         if self._body_filled < len(self._body):
             return NEED_DATA
         body, self._body = self._body, None
+        if self._body_nbulk and not self._take_bulk(self._body_nbulk):
+            return Violation(self.broken or "", fatal=True)
         return self._with_fds(body, self._body_nfds)
+
+    def _take_bulk(self, count: int) -> bool:
+        """Copy out the frame's bulk segments now, before anything looks
+        at the frame; False (the stream is broken) if they are impossible."""
+        assert self.bulk_source is not None
+        try:
+            self.last_bulk = self.bulk_source(count)
+        except (ValueError, OSError, MemoryError) as exc:
+            self._break(f"bad bulk segments: {exc}")
+            return False
+        return True
 
     def _with_fds(self, body: bytes | bytearray, nfds: int) -> tuple[bytes | bytearray, list[int]] | Violation:
         if nfds > len(self._fds):
@@ -315,6 +345,7 @@ class FrameDecoder:
         self.broken = reason
         self._data = b""
         self._body = None
+        self.last_bulk = None
         self.close_fds()
         return Violation(reason, fatal=True)
 
@@ -384,20 +415,21 @@ class Connection:
         self._ids = itertools.count(1)
         self.last_id = 0  # the last call this side sent (how the monitor tells "idle")
         self._fds: list[int] = _NO_FDS
+        self._bulk: list[bytes] | None = None
 
     # -- sending --------------------------------------------------------------
 
     def send_call(self, entrypoint: str, args: bytes, nfds: int = 0, parent: int = 0,
-                  concurrent: bool = False) -> tuple[int, bytes]:
+                  concurrent: bool = False, nbulk: int = 0) -> tuple[int, bytes]:
         rid = self.last_id = next(self._ids)
         payload = _encoder.encode(Call(rid, entrypoint, msgspec.Raw(args), parent, concurrent))
         if len(payload) > self.max_frame:
             raise ProtocolError(f"message of {len(payload)} bytes exceeds the maximum message "
                                 f"size of {self.max_frame} (set [app] max_message_size)")
         self.awaiting.add(rid)
-        return rid, HEADER.pack(len(payload), nfds, 0) + payload
+        return rid, HEADER.pack(len(payload), nfds, nbulk) + payload
 
-    def send_ok(self, rid: int, value: bytes, nfds: int = 0) -> bytes:
+    def send_ok(self, rid: int, value: bytes, nfds: int = 0, nbulk: int = 0) -> bytes:
         payload = _encoder.encode(Ok(rid, msgspec.Raw(value)))
         if len(payload) > self.max_frame:
             # Too big to send: tell the caller instead of breaking the stream.
@@ -405,7 +437,7 @@ class Connection:
                 "pycompart.ProtocolError", f"reply of {len(payload)} bytes exceeds the maximum "
                 f"message size of {self.max_frame}", [], ""))
         self.owed.discard(rid)
-        return HEADER.pack(len(payload), nfds, 0) + payload
+        return HEADER.pack(len(payload), nfds, nbulk) + payload
 
     def send_err(self, rid: int, info: ErrorInfo) -> bytes:
         payload = _encoder.encode(Err(rid, info))
@@ -434,8 +466,8 @@ class Connection:
         return encode_frame(_encoder.encode(warn))
 
     @staticmethod
-    def send_hello(pid: int, compartment: str, entrypoints: list[str]) -> bytes:
-        return encode_frame(_encoder.encode(Hello(PROTOCOL_VERSION, pid, compartment, entrypoints)))
+    def send_hello(pid: int, compartment: str, entrypoints: list[str], bulk: bool = False) -> bytes:
+        return encode_frame(_encoder.encode(Hello(PROTOCOL_VERSION, pid, compartment, entrypoints, bulk)))
 
     @staticmethod
     def send_abort(info: ErrorInfo) -> bytes:
@@ -454,7 +486,8 @@ class Connection:
 
     def next_event(self) -> Message | LateReply | NeedData | Violation:
         """The next message, or NEED_DATA, or a Violation. Descriptors that
-        came with the message are collected by ``take_fds()``."""
+        came with the message are collected by ``take_fds()``, its bulk
+        values by ``take_bulk()``."""
         frame = self.frames.next_frame()
         if frame.__class__ is not tuple:
             if frame.__class__ is Violation:
@@ -480,6 +513,9 @@ class Connection:
         return self.next_event()
 
     def _message(self, body: bytes | bytearray | memoryview, fds: list[int]) -> Message | LateReply | Violation:
+        bulk = self.frames.last_bulk
+        if bulk is not None:
+            self.frames.last_bulk = None
         try:
             msg = _decoder.decode(body)
         except Exception as exc:  # malformed, mistyped, too deep (RecursionError): never raised on
@@ -513,6 +549,8 @@ class Connection:
             else:
                 close_fds(self._fds)  # never taken: not ours to keep
                 self._fds = fds
+        if bulk is not None and (cls is Ok or cls is Call):  # the others carry no values
+            self._bulk = bulk
         return msg
 
     def take_fds(self) -> list[int]:
@@ -521,9 +559,15 @@ class Connection:
         fds, self._fds = self._fds, _NO_FDS
         return fds
 
+    def take_bulk(self) -> list[bytes] | None:
+        """The bulk values that came with the last message returned."""
+        bulk, self._bulk = self._bulk, None
+        return bulk
+
     def close(self) -> None:
         self.frames.close_fds()
         close_fds(self.take_fds())
+        self._bulk = None
 
 
 def close_fds(fds: Iterable[int]) -> None:

@@ -77,6 +77,7 @@ EXT_BUILTIN = 18  # qualname: a class of builtins (str, ValueError, ...): the re
 EXT_CONTAINER = 19  # [kind, ...]: a container of the standard library (CONTAINERS), by value
 EXT_PUSHBACK = 20  # [handle, items]: the receiver's iterator, with items read ahead of it
 EXT_FD = 21  # [index, kind, fields]: a descriptor that came with the frame (SCM_RIGHTS)
+EXT_BULK = 22  # index: a bytes value that came beside the frame (transport.bulk), typed calls only
 
 #: Flags of a reference that is a class (besides its protocols): the
 #: receiver builds a class stand-in, an exception class for F_EXCEPTION.
