@@ -114,3 +114,36 @@ def scribble_after(n: int) -> bytes:
     threading.Thread(target=scribble, daemon=True).start()
     time.sleep(0.05)  # the thread is running before our reply is written
     return value
+
+
+def _current_call() -> int:
+    from pycompart.transport.channel import serving_stack
+
+    return serving_stack()[-1][1]
+
+
+def nested_bulk(count: int) -> int:
+    """Call back into main ``count`` times, each call naming a 100 MiB bulk
+    segment: main must neither copy nor keep them."""
+    m, lane = _map()
+    struct.pack_into("<QQ", m, lane + 64, 4096, 100 << 20)
+    parent = _current_call()
+    frames = b""
+    for i in range(count):
+        payload = msgspec.msgpack.encode([1, 10_000 + i, "@call", msgspec.Raw(b"\xc0"), parent, False])
+        frames += struct.pack("<IHH", len(payload), 0, 1) + payload
+    os.write(_channel_write_fd(), frames)
+    time.sleep(5)  # main ends us before this
+    return 1
+
+
+def reply_text_as_bytes() -> bytes:
+    """Answer our own call with a bulk-path reply whose value is a string
+    (base64 of bytes): a bytes return type must refuse it."""
+    m, lane = _map()
+    struct.pack_into("<QQ", m, lane + 64, 4096, 8)
+    value = msgspec.msgpack.encode("aGVsbG8gZnJvbSBhIHN0cg==")
+    payload = msgspec.msgpack.encode([2, _current_call(), msgspec.Raw(value)])
+    os.write(_channel_write_fd(), struct.pack("<IHH", len(payload), 0, 1) + payload)
+    time.sleep(5)
+    return b""

@@ -109,18 +109,32 @@ def test_frames_naming_bulk_segments_need_a_source():
     assert "at most 16" in frames.next_frame().reason  # type: ignore[union-attr]
 
 
-def test_bulk_values_go_to_calls_and_replies_only():
-    conn = Connection(1 << 20)
-    conn.frames.bulk_source = lambda n: [b"v"] * n
-    rid, frame = conn.send_call("m:f", b"\x80")
-    peer = Connection(1 << 20)
-    peer.frames.bulk_source = lambda n: [b"w"] * n
-    peer.receive_data(frame[:6] + HEADER.pack(0, 0, 2)[6:] + frame[8:])
-    peer.next_event()
-    assert peer.take_bulk() == [b"w", b"w"]
-    peer.receive_data(HEADER.pack(3, 0, 1) + b"\x92\x04\x01")  # a Cancel naming a segment
-    peer.next_event()
-    assert peer.take_bulk() is None
+def test_only_this_ends_kind_of_message_has_its_bulk_values_copied():
+    from pycompart.wire.protocol import Call, Cancel
+
+    copies: list[int | None] = []
+
+    def source(count):  # type: ignore[no-untyped-def]
+        copies.append(count)
+        return [b"w"] * (count or 0)
+
+    sender = Connection(1 << 20)
+    instance = Connection(1 << 20)
+    instance.frames.bulk_source, instance.bulk_kind = source, Call
+    _, frame = sender.send_call("m:f", b"\x80", nbulk=2)
+    instance.receive_data(frame)
+    assert isinstance(instance.next_event(), Call) and instance.take_bulk() == [b"w", b"w"]
+    # A nested call, a cancel: never copied, and the stream is broken.
+    for frame in (sender.send_call("m:f", b"\x80", parent=7, nbulk=1)[1],
+                  HEADER.pack(3, 0, 1) + b"\x92\x04\x01"):
+        peer = Connection(1 << 20)
+        peer.frames.bulk_source, peer.bulk_kind = source, Call
+        peer.receive_data(frame)
+        event = peer.next_event()
+        assert isinstance(event, Violation) and event.fatal and "may not come with bulk" in event.reason
+        assert peer.take_bulk() is None
+    assert copies == [2, None, None]
+    assert Cancel  # (the frame above is one)
 
 
 # -- through an app --------------------------------------------------------------------
@@ -130,7 +144,7 @@ def _app(make_app, **comp):  # type: ignore[no-untyped-def]
     app = make_app({"compartments": {"box": {"restart_backoff": "10ms", **comp}}})
     eps = {name: app.entrypoint("box")(getattr(bulkbox, name)) for name in (
         "digest", "two", "make", "make_view", "wrong_type", "as_text", "resize_lanes",
-        "forge_table", "lie_consumed", "scribble_after")}
+        "forge_table", "lie_consumed", "scribble_after", "nested_bulk", "reply_text_as_bytes")}
     return app, eps
 
 
@@ -241,3 +255,29 @@ def test_lanes_shrink_with_the_address_space_and_bigger_values_go_inline(make_ap
         for n in (MIB, 40 * MIB):
             data = os.urandom(n)
             assert ep["digest"](data) == sha(data)
+
+
+@pytest.mark.skipif(not bulk.ENABLED, reason="bulk lanes forced off")
+def test_bulk_segments_on_calls_into_main_are_never_copied(make_app):
+    import resource
+
+    app, ep = _app(make_app)
+    with app:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(ProtocolError, match="may not come with bulk values"):
+            ep["nested_bulk"](8)  # 8 x 100 MiB, were they copied
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        assert grown < 50 * 1024, f"main grew by {grown} KiB"
+        inst = app._runtime.monitor.pools["box"].ready
+        data = os.urandom(MIB)
+        assert ep["digest"](data) == sha(data)  # a fresh instance
+        assert not any(i.channel.message_bulk for i in app._runtime.monitor.pools["box"].ready)
+        assert inst is not None
+
+
+@pytest.mark.skipif(not bulk.ENABLED, reason="bulk lanes forced off")
+def test_a_string_is_not_bytes_on_the_bulk_path_either(make_app):
+    app, ep = _app(make_app)
+    with app:
+        with pytest.raises(ProtocolError, match="does not match the declared return type"):
+            ep["reply_text_as_bytes"]()

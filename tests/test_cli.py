@@ -54,7 +54,8 @@ def test_bench_quick_runs(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for row in ("raw pipe round trip", "multiprocessing.Pipe", "null typed call", "64 MiB",
-                "instance ready, default lock-down", "python -c pass", "summary",
+                "instance ready, fresh start, default lock-down", "instance ready, a ready spare taken",
+                "python -c pass", "summary", "memory per idle instance", "send_bytes", "call gate:",
                 "proxied module function call", "remote-reference method call",
                 "call that makes one callback into main", "pycompart run app.toml -- show_config.py",
                 "null call between two compartments (edge)", "pycompart rewrite of _pydecimal.py",
@@ -64,8 +65,9 @@ def test_bench_quick_runs(tmp_path):
 
     figures = json.loads(out.read_text())
     assert figures["quick"] is True
-    for key in ("raw_pipe_pinned to one CPU", "null_call_pinned to one CPU", "edge_call_unpinned",
-                "instance_ready", "rewrite_ms", "tifftopnm_boxed_ms"):
+    for key in ("raw_pipe_pinned", "null_call_pinned", "null_call_unpinned", "edge_call_unpinned",
+                "instance_ready", "instance_ready_fresh", "arg_64mib_gbs", "mp_send_bytes_64mib",
+                "idle_pss_kib", "run_overhead_ms", "rewrite_ms", "tifftopnm_boxed_ms"):
         assert figures["results"][key] > 0, key
 
 

@@ -135,7 +135,7 @@ def test_a_broker_accepts_no_more_connections_than_instances_may_exist(make_app)
 
 
 def test_an_instance_whose_caller_gave_up_waiting_is_retired(make_app):
-    app, box = _app(make_app, instances="per-call")
+    app, box = _app(make_app, instances="per-call", spares=0)
     monitor = app._runtime.monitor
     with pytest.raises(pycompart.CompartmentStartError):
         monitor.spawn_on_demand("box", timeout=0)  # gives up before the zygote even forks

@@ -536,3 +536,25 @@ def test_a_declared_function_whose_module_main_never_imports(make_app, monkeypat
         assert "never_in_main" not in sys.modules
     finally:
         shutil.rmtree(d)
+
+
+def test_big_calls_from_many_threads_to_one_instance_do_not_deadlock(make_app):
+    """Each thread's frame is bigger than the pipe: the one reading for the
+    channel must read while it waits to write (the instance writes a big
+    reply and reads nothing meanwhile). Strings: never sent beside the
+    frame, always through the pipe."""
+    app, _ = box(make_app, call_timeout="30s")
+    echo = app.entrypoint("box")(boxed.echo_text)
+    results: list[bool] = []
+    with app:
+        def worker(tag: int) -> None:
+            for i in range(6):
+                value = f"{tag}:{i}:" + "x" * (256 * 1024 * (1 + (tag + i) % 5))
+                results.append(echo(value) == value)
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+    assert results == [True] * 36

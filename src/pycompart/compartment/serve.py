@@ -21,6 +21,7 @@ import importlib
 import importlib.machinery
 import os
 import runpy
+import select
 import signal
 import socket
 import stat
@@ -33,13 +34,14 @@ from typing import NoReturn
 from ..errors import CallCancelled, EntrypointError, ProtocolError
 from ..kernel import process, rlimits
 from ..transport.bulk import Lanes
-from ..transport.channel import CallServer, Channel, serving, serving_stack
+from ..transport import gate
+from ..transport.channel import REPLY_SEND_TIMEOUT, CallServer, Channel, serving, serving_stack
 from ..transport.streams import PipeTransport, SocketTransport
 from ..wire import refs
 from ..wire.config import CANCEL_SIGNAL, EXIT_PROTOCOL, EXIT_START_FAILED, InstanceConfig
 from ..wire.contract import Contract
 from ..wire.exceptions import describe_exception
-from ..wire.protocol import Call, Connection, Err, close_fds
+from ..wire.protocol import _NO_FDS, Call, Connection, Err, close_fds
 from . import edges as _edges
 from . import lockdown as _lockdown
 from . import output as _output
@@ -328,7 +330,7 @@ class Server(CallServer):
             except (OSError, ValueError):  # e.g. no address space left for it: all inline
                 os.close(bulk_fd)
             else:
-                self.channel.use_bulk(lanes)
+                self.channel.use_bulk(lanes, Call)
                 # What comes through a lane is copied into fresh bytes: from
                 # memory the last one freed, not from new pages.
                 rlimits.reuse_large_allocations(2 * lanes.size)
@@ -363,10 +365,13 @@ class Server(CallServer):
         channel = self.channel
         channel.reply(Connection.send_hello(os.getpid(), self.config.compartment, sorted(self.table),
                                             channel.bulk is not None))
-        stack = serving_stack()
+        self._warm_up()
         next_call = channel.next_call
         reply = channel.reply
+        direct = isinstance(channel.transport, PipeTransport)
         while True:
+            if direct and channel.idle() and threading.active_count() == 1:
+                self._serve_direct()
             call = next_call()
             if call is None:
                 failure = channel.failure
@@ -375,20 +380,127 @@ class Server(CallServer):
                           f"from caller: {failure}", file=sys.stderr)
                     os._exit(EXIT_PROTOCOL)
                 return  # the caller closed the channel: orderly shutdown
-            self.current = call.id
-            self.cancel_current = False
-            stack.append((channel, call.id))
-            try:
-                frame = self.execute(channel, call, True)
-            finally:
-                stack.pop()
-                self.current = None
-                if channel.track_arrivals:
-                    self.peer.decoded(("c", call.id))
-                    CALL_WARNINGS.finished(call.id)
-            reply(frame)
+            reply(self._run_top(call))
             if channel.failure is not None and not isinstance(channel.failure, ProtocolError):
                 os._exit(0)  # the caller is gone; nothing left to serve
+
+    def _warm_up(self) -> None:
+        """Build the typed entrypoints' codecs now, while no call waits (a
+        spare's idle time), not on each one's first call. A call that
+        arrives first is served first; an entrypoint whose codec cannot be
+        built says why when it is called."""
+        poll = select.poll()
+        poll.register(self.channel.transport.fileno(), select.POLLIN)
+        for lazy in self.table.values():
+            if poll.poll(0):
+                return
+            if lazy.contract is None:
+                try:
+                    lazy.contract = Contract(lazy.fn, lazy.key)  # type: ignore[arg-type]
+                except Exception:
+                    pass
+
+    def _run_top(self, call: Call) -> bytes:
+        """Run a top-level call on the serve thread; its reply frame."""
+        channel = self.channel
+        self.current = call.id
+        self.cancel_current = False
+        stack = serving_stack()
+        stack.append((channel, call.id))
+        try:
+            return self.execute(channel, call, True)
+        finally:
+            stack.pop()
+            self.current = None
+            if channel.track_arrivals:
+                self.peer.decoded(("c", call.id))
+                CALL_WARNINGS.finished(call.id)
+
+    def _serve_direct(self) -> None:
+        """Serve calls straight off the pipe (``transport.gate.serve``: in
+        C where built) while this process has one thread and nothing else
+        is going on: each read one whole plain frame, decoded and run by
+        ``_direct_frame``. Anything else goes back to the general loop."""
+        channel = self.channel
+        transport = channel.transport
+        try:
+            n = gate.serve(transport.read_fd, transport.write_fd, channel._view,  # type: ignore[attr-defined]
+                           self._direct_frame, int(REPLY_SEND_TIMEOUT * 1000), int(channel.spin * 1e6))
+        except TimeoutError:
+            channel.fail(ProtocolError(f"channel to {channel.peer!r} broken: it does not read (a reply "
+                                       "could not be sent in time)"), reason="reply send timeout")
+            return
+        except OSError as exc:
+            channel._fail_from_eof(f"read or write failed: {exc}")
+            return
+        if n == 0:
+            channel._fail_from_eof("closed its channel")
+        elif n > 0:
+            channel.conn.receive_data(channel._view[:n])  # the general loop takes it from here
+
+    def _direct_frame(self, body: bytes) -> bytes | None:
+        """One frame's body read by ``_serve_direct``: the reply to send,
+        b"" for none, or None to go back to the general loop."""
+        channel = self.channel
+        conn = channel.conn
+        conn.bytes_in += 8 + len(body)
+        event = conn._message(body, _NO_FDS)
+        if event.__class__ is not Call or event.parent:  # type: ignore[union-attr]
+            channel._dispatch(event)  # a cancel of a call already answered, a violation, ...
+            return None if channel.failure is not None or not channel.idle() else b""
+        lazy = self.table.get(event.entrypoint)  # type: ignore[union-attr]
+        if lazy is not None and lazy.contract is not None and not channel.track_arrivals:
+            frame = self._run_typed(event, lazy.contract)  # type: ignore[arg-type]
+        else:
+            if channel.track_arrivals:
+                self.peer.arrived(("c", event.id))  # type: ignore[union-attr]
+            frame = self._run_top(event)  # type: ignore[arg-type]
+        if channel.pending_output or channel.pending_release:
+            frame = channel.reply_frame(frame)
+        if channel.failure is not None or threading.active_count() != 1 or not channel.idle():
+            if channel.failure is None:
+                channel.reply(frame)
+            return None
+        return frame
+
+    def _run_typed(self, call: Call, contract: Contract) -> bytes:
+        """``_run_top`` of a typed entrypoint's call on a pipe (no
+        descriptors either way, nothing to track): ``execute`` without the
+        steps that cannot apply. Exceptions end as ``execute`` ends them."""
+        channel = self.channel
+        rid = self.current = call.id
+        self.cancel_current = False
+        stack = serving_stack()
+        stack.append((channel, rid))
+        self.active.append(rid)
+        self.in_user_code = True
+        try:
+            result = contract.invoke(call.args, None, channel.bulk is not None)
+        except BaseException as exc:
+            self.in_user_code = False
+            return self._error_reply(channel.conn, rid, exc, typed=True)
+        finally:
+            self.in_user_code = False
+            self.active.pop()
+            stack.pop()
+            self.current = None
+        return channel.reply_value(rid, result)
+
+    @staticmethod
+    def _error_reply(conn: Connection, rid: int, exc: BaseException, typed: bool) -> bytes:
+        """The Err frame for what a call raised, or the exception again for
+        what must end the process."""
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            if typed:
+                raise exc  # a typed entrypoint's process ends with it (restart policy)
+            # A boxed module's code (a package's CLI entry point ending with
+            # sys.exit()): the caller's to handle, as unboxed; we serve on.
+        elif type(exc) is GeneratorExit:
+            raise exc
+        # A library's own BaseException subclass (more_itertools'
+        # AbortThread) too: the caller's, like any exception; uncaught here
+        # it would end the serve loop and the instance.
+        return conn.send_err(rid, describe_exception(exc))
 
     def execute(self, channel: Channel, call: Call, top: bool = False) -> bytes:
         """Run ``call`` in this thread; the reply frame. ``top``: a top-level
@@ -431,23 +543,8 @@ class Server(CallServer):
             fds = refs.take_outgoing_fds()
             channel.set_reply_fds(fds)
             return channel.reply_value(call.id, result, len(fds))
-        except CallCancelled as exc:
-            return conn.send_err(call.id, describe_exception(exc))
-        except Exception as exc:
-            return conn.send_err(call.id, describe_exception(exc))
-        except (SystemExit, KeyboardInterrupt) as exc:
-            if contract is not None:
-                raise  # a typed entrypoint's process ends with it (restart policy)
-            # A boxed module's code (a package's CLI entry point ending with
-            # sys.exit()): the caller's to handle, as unboxed; we serve on.
-            return conn.send_err(call.id, describe_exception(exc))
         except BaseException as exc:
-            # A library's own BaseException subclass (more_itertools'
-            # AbortThread): the caller's, like any exception; uncaught here
-            # it would end the serve loop and the instance.
-            if type(exc) is GeneratorExit:
-                raise
-            return conn.send_err(call.id, describe_exception(exc))
+            return self._error_reply(conn, call.id, exc, typed=contract is not None)
         finally:
             if on_serve_thread:
                 self.active.pop()

@@ -390,7 +390,9 @@ class _Runtime:
         inst.peer = peer
         inst.channel.server = CallbackGate(comp.name, "main" in comp.spec.may_call, peer, self.audit,
                                             stdin=comp.spec.stdin == "main")
-        inst.channel.track_arrivals = True
+        # Releases wait for decodes only where values can name objects: a
+        # compartment with typed entrypoints alone passes none.
+        inst.channel.track_arrivals = bool(comp.spec.modules or comp.spec.functions)
         inst.channel.call_warnings = {}  # re-issued by the caller (pycompart.frontend.warn)
 
     def _timed_out(self, compartment: str, op: str, pid: int | None, timeout: float | None) -> None:

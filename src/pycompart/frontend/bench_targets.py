@@ -66,3 +66,14 @@ def edge_loop(n: int) -> list[float]:
         null()
         out.append((time.perf_counter_ns() - t) / 1000)
     return out
+
+
+_BLOBS: dict[int, bytes] = {}
+
+
+def blob(n: int) -> bytes:
+    """``n`` bytes, made once (what is measured is the way back)."""
+    if n not in _BLOBS:
+        _BLOBS.clear()
+        _BLOBS[n] = b"x" * n
+    return _BLOBS[n]

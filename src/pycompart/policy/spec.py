@@ -118,6 +118,11 @@ class CompartmentSpec:
     #: On-demand instances that may exist at once; beyond, a call or a
     #: connection waits (up to its timeout) for one to end.
     max_instances: int = 16
+    #: On-demand kinds: instances started ahead of need and kept ready, so
+    #: that a call or a connection takes one instead of waiting for a start
+    #: (each costs an idle instance's memory; they are not counted in
+    #: ``max_instances``).
+    spares: int = 1
     restart: str = "on-failure"
     max_restarts: int = 5
     restart_window: float = 60.0
@@ -318,6 +323,12 @@ def _count(value: Any) -> int:
     return value
 
 
+def _spares(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
+        raise ValueError("an integer from 0 to 64")
+    return value
+
+
 def _instances(value: Any) -> int | str:
     if value in ON_DEMAND:
         return value  # type: ignore[no-any-return]
@@ -369,6 +380,7 @@ def _compartment(reader: _Reader, name: str, default_mechanism: str, base_dir: s
         instances=reader.get("instances", _instances, 'an integer from 1 to 256, "per-call" or '
                              '"per-connection"', d.instances),
         max_instances=reader.get("max_instances", _positive_int(4096), "", d.max_instances),
+        spares=reader.get("spares", _spares, "an integer from 0 to 64", d.spares),
         restart=reader.get("restart", _one_of(RESTART_POLICIES), "", d.restart),
         max_restarts=reader.get("max_restarts", _count, "", d.max_restarts),
         restart_window=reader.get("restart_window", parse_duration, "", d.restart_window),

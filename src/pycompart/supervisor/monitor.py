@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from ..errors import (
     CallTimeout,
     CompartmentCrashed,
@@ -47,7 +49,7 @@ from ..transport.channel import Channel
 from ..transport.streams import PipeTransport, SocketTransport, make_pipe
 from ..wire.config import CANCEL_SIGNAL, EXIT_START_FAILED, InstanceConfig
 from ..wire.exceptions import rebuild_exception
-from ..wire.protocol import NEED_DATA, Abort, Connection, Hello, Violation
+from ..wire.protocol import NEED_DATA, Abort, Connection, Hello, Ok, Violation
 from . import zygote
 from .audit import AuditLog
 from .edges import EdgeBook
@@ -187,6 +189,10 @@ class Pool:
         #: Lazy start: spawns the instances on first use (set by the monitor).
         self.launch: Callable[[], None] | None = None
         self.ever_ready = False
+        #: On-demand: ready spares (``spec.spares``), each with the
+        #: configuration it was started with, and those still starting.
+        self.spares: collections.deque[tuple[InstanceHandle, bytes]] = collections.deque()
+        self.spares_starting: set[InstanceHandle] = set()
 
     def pick(self, deadline: float | None) -> InstanceHandle:
         ready = self.ready
@@ -317,6 +323,9 @@ class Monitor:
                     break
                 if all(len(p.ready) == p.spec.instances for p in self.pools.values()):
                     self._started = True
+                    for pool in self.pools.values():
+                        if pool.spec.on_demand is not None and pool.spec.spares:
+                            self.submit(lambda pool=pool: self._refill_spares(pool))
                     return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -369,11 +378,19 @@ class Monitor:
         except BlockingIOError:
             pass  # already awake
 
-    def spawn_on_demand(self, compartment: str, timeout: float = 10.0) -> InstanceHandle:
+    def spawn_on_demand(self, compartment: str, timeout: float = 10.0,
+                        spare: bool = True) -> InstanceHandle:
         """Start one more instance of ``compartment`` outside its pool and
-        return it once ready. It is never restarted; end it with ``retire``.
-        (The building block for per-call and per-connection instances.)"""
+        return it once ready (a ready spare, if there is one, started with
+        the configuration it would get now; ``spare`` False: a fresh start).
+        It is never restarted; end it with ``retire``. (The building block
+        for per-call and per-connection instances.)"""
         pool = self.pools[compartment]
+        if pool.spec.on_demand is not None and pool.spec.spares and not self.stopping:
+            taken = self._take_spare(pool) if spare else None
+            self.submit(lambda: self._refill_spares(pool))
+            if taken is not None:
+                return taken
         ready: list[InstanceHandle] = []
         done = threading.Event()
         lock = threading.Lock()
@@ -408,6 +425,50 @@ class Monitor:
                 raise CompartmentStartError(f"an on-demand instance of {compartment!r} did not "
                                             f"become ready within {timeout:g}s")
         return ready[0]
+
+    def _fingerprint(self, pool: Pool) -> bytes:
+        """What an on-demand instance started now would be configured with."""
+        return msgspec.msgpack.encode(self.config_for(pool.spec, -1))
+
+    def _take_spare(self, pool: Pool) -> InstanceHandle | None:
+        """A ready spare that is what a fresh start would be; spares started
+        with another configuration (an entrypoint registered since, shared
+        data changed, another working directory) are retired."""
+        if not pool.spares:
+            return None
+        try:
+            now = self._fingerprint(pool)
+        except Exception:
+            return None  # the fresh start reports why
+        while True:
+            try:
+                inst, fingerprint = pool.spares.popleft()
+            except IndexError:
+                return None
+            if fingerprint == now and inst.state == "ready" and inst.channel.failure is None:
+                return inst
+            self.retire(inst)
+
+    def _refill_spares(self, pool: Pool) -> None:
+        """Monitor thread: start spares until ``spec.spares`` are ready or starting."""
+        starting = pool.spares_starting
+        starting -= {inst for inst in starting if inst.state == "dead"}  # failed to start
+        while not self.stopping and len(pool.spares) + len(starting) < pool.spec.spares:
+            try:
+                fingerprint = self._fingerprint(pool)
+            except Exception:
+                return
+
+            def ready(inst: InstanceHandle, fingerprint: bytes = fingerprint) -> None:
+                starting.discard(inst)
+                if self.stopping:
+                    self.retire(inst)
+                else:
+                    pool.spares.append((inst, fingerprint))
+            inst = self._spawn(pool, -1, ready)
+            if inst is None or inst.state == "dead":
+                return  # it cannot start now: the next call's own start says why
+            starting.add(inst)
 
     def lease(self, compartment: str, deadline: float | None) -> _Lease:
         """A fresh instance of an on-demand compartment for one call or one
@@ -708,7 +769,7 @@ class Monitor:
             offer = channel.bulk_offer
             if offer is not None and event.bulk:
                 channel.bulk_offer = None
-                channel.use_bulk(offer)
+                channel.use_bulk(offer, Ok)
             self._became_ready(inst)
         elif isinstance(event, Abort):
             inst.start_exception = rebuild_exception(event.error, inst.pool.spec.name)

@@ -127,9 +127,15 @@ class Lanes:
 
     # -- receiving -------------------------------------------------------------
 
-    def receive(self, count: int, limit: int) -> list[bytes]:
+    def receive(self, count: int | None, limit: int) -> list[bytes]:
         """Copy out the ``count`` segments of the frame just read, at most
-        ``limit`` bytes in all. ``ValueError`` if the table is impossible."""
+        ``limit`` bytes in all; ``None``: pass them by unread. ``ValueError``
+        if the table is impossible."""
+        if count is None:
+            self._copied += 1
+            if self._view is not None:
+                _COUNT.pack_into(self._view, self._in, self._copied)
+            return []
         if not 0 < count <= MAX_SEGMENTS:
             raise ValueError(f"a frame names {count} bulk segments (at most {MAX_SEGMENTS})")
         view = self._view

@@ -45,7 +45,8 @@ from ..wire.protocol import (
 )
 from ..wire.contract import BulkPayload
 from .bulk import Lanes
-from .streams import Transport
+from . import gate
+from .streams import PipeTransport, Transport
 
 _READ_CHUNK = 64 * 1024
 
@@ -67,7 +68,8 @@ DRAIN_BUDGET = 256 * 1024
 MAX_WARNED_CALLS = 256
 #: Descriptors that wait for their messages' decoders at once, per channel.
 MAX_KEPT_FDS = 64
-#: Messages whose bulk values (``transport.bulk``) wait for their decoders.
+#: Messages whose bulk values (``transport.bulk``) wait for their decoders;
+#: they hold at most two lanes' worth of bytes (beyond, the oldest go).
 MAX_KEPT_BULK = 8
 
 _context = threading.local()
@@ -194,7 +196,7 @@ class _Waiter:
     """A thread waiting for its reply while another thread leads. Calls
     nested in its call are queued on ``nested`` for it to run."""
 
-    __slots__ = ("lock", "done", "message", "error", "nested", "busy")
+    __slots__ = ("lock", "done", "message", "error", "nested", "busy", "took_lead")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -203,8 +205,11 @@ class _Waiter:
         self.message: Ok | Err | None = None
         self.error: BaseException | None = None
         self.nested: list[Call] = []
-        #: Running nested calls: not waiting, so it cannot take over reading.
+        #: Running nested calls or still sending its own: not waiting, so
+        #: it cannot be handed the reading.
         self.busy = False
+        #: It took the reading while its frame waited for room (``_pump``).
+        self.took_lead = False
 
     def wake(self) -> None:
         try:
@@ -274,6 +279,10 @@ class Channel:
         #: Seconds to wait for the peer's next frame by polling without
         #: sleeping before blocking (``spin_seconds``).
         self.spin = spin_seconds()
+        self._spin_us = int(self.spin * 1e6)
+        #: (write fd, read fd) of a pipe transport, for ``gate.receive``.
+        self._direct: tuple[int, int] | None = (
+            (transport.write_fd, transport.read_fd) if isinstance(transport, PipeTransport) else None)
         self.failure: CompartmentError | None = None
         self.failure_factory: Callable[[], CompartmentError] | None = None
         self._users = 0  # threads inside request()/drain(); close waits for 0
@@ -287,17 +296,20 @@ class Channel:
         self.message_bulk: dict[tuple[str, int], list[bytes]] = {}
         self._kept_count = 0
         self._close_requested = False
+        self._pump_eof = False
         self.closed = False
 
     @property
     def pending(self) -> int:
         return len(self._waiters) + self._leader
 
-    def use_bulk(self, lanes: Lanes) -> None:
-        """Send large values through ``lanes`` and accept frames that name
-        their segments (copied out as each such frame is read)."""
+    def use_bulk(self, lanes: Lanes, kind: type) -> None:
+        """Send large values through ``lanes`` and accept messages of
+        ``kind`` (``Ok`` at main's end, ``Call`` at an instance's) that name
+        their segments, copied out as each such frame is read."""
         frames = self.conn.frames
         self.bulk = lanes
+        self.conn.bulk_kind = kind
         frames.bulk_source = lambda count: lanes.receive(count, frames.max_frame)
 
     # -- calling ----------------------------------------------------------------
@@ -372,8 +384,11 @@ class Channel:
                  fds: list[int] | tuple[int, ...] = (), nbulk: int = 0) -> Ok | Err:
         """Called with ``_mu`` held; releases it."""
         mu = self._mu
-        if not self._leader:
-            # Fast path: nobody is reading, so we will read our own reply.
+        if not self._leader and self._send_lock.acquire(blocking=False):
+            # Fast path: nobody is reading or sending, so we send, holding
+            # the send lock already, and read our own reply. (Leading while
+            # waiting for the lock would leave the one who holds it, its
+            # frame waiting for room, with nobody to read for it.)
             self._leader = True
             self._leader_rid = rid
             self._leader_reply = None
@@ -381,10 +396,21 @@ class Channel:
             waiter = None
         else:
             waiter = _Waiter()
+            waiter.busy = True  # sending: it cannot be handed the reading yet
             self._waiters[rid] = waiter
             mu.release()
         try:
-            self._send(frame, deadline, fds)
+            if waiter is None and not fds and self._direct is not None:
+                reply = self._exchange(rid, entrypoint, frame, deadline, nbulk)
+                if reply is not None:
+                    return reply
+            elif waiter is None:
+                self._send(frame, deadline, fds, leading=True, locked=True)
+            else:
+                try:
+                    self._send(frame, deadline, fds, follower=waiter)
+                finally:
+                    waiter.busy = False
         except _LockBusy:
             # Another thread is stuck sending (to a peer that does not
             # read): nothing of ours is on the wire; give up by our deadline.
@@ -410,7 +436,53 @@ class Channel:
             if waiter is None:
                 # Our reply did not come while we led (timeout or failure).
                 return self._finish_leading_without_reply(rid, entrypoint)
+        if waiter.took_lead:
+            waiter.took_lead = False
+            self._lead_as_follower(waiter, deadline)
         return self._await(rid, entrypoint, waiter, deadline)
+
+    def _lead_as_follower(self, waiter: _Waiter, deadline: float | None) -> None:
+        try:
+            self._read_until(waiter, deadline)
+        except TimeoutError:
+            pass
+        finally:
+            self._release_leadership(own=waiter)
+
+    def _exchange(self, rid: int, entrypoint: str, frame: bytes, deadline: float | None,
+                  nbulk: int) -> Ok | Err | None:
+        """Send our call and read what comes back first (the wait in
+        ``transport.gate.receive``: in C where built), while we lead for
+        ourselves and nothing is buffered. Our reply, or None: sent, and
+        the general loop waits for the rest. Raises as ``_send`` does."""
+        self._send(frame, deadline, leading=True, locked=True)
+        if self.conn.frames.buffered or self.failure is not None:
+            return None
+        timeout = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+        n = gate.receive(self._direct[1], self._view, timeout, self._spin_us)  # type: ignore[index]
+        if n == 0:
+            self._fail_from_eof("closed its channel")
+        elif n > 0:
+            conn = self.conn
+            event = conn.parse_one(self._view[:n])
+            if event.__class__ is Ok and event.id == rid and conn._bulk is None \
+                    and self.failure is None:  # type: ignore[union-attr]
+                # Our reply, plain (as ``_dispatch`` would take it).
+                if self.track_arrivals:
+                    self.server.arrived(self, ("r", rid))
+                mu = self._mu
+                with mu:
+                    if not self._leader_nested and not self._waiters and not self._inbox_waiting:
+                        self._leader = False
+                        self._leader_rid = 0
+                        return event  # type: ignore[return-value]
+                self._leader_reply = event  # type: ignore[assignment]
+            elif event is not _NEED_DATA:
+                self._dispatch(event)
+            if self._leader_reply is not None and not self._leader_nested and self.failure is None:
+                reply, _ = self._release_leadership(rid)
+                return reply
+        return None
 
     def _lead_for_self(self, rid: int, deadline: float | None) -> tuple[Ok | Err | None, _Waiter | None]:
         try:
@@ -456,12 +528,7 @@ class Channel:
                     return self._timed_out(rid, entrypoint)
                 continue
             if lead:
-                try:
-                    self._read_until(waiter, deadline)
-                except TimeoutError:
-                    pass
-                finally:
-                    self._release_leadership(own=waiter)
+                self._lead_as_follower(waiter, deadline)
                 if waiter.done:
                     break
             elif deadline is None:
@@ -536,6 +603,9 @@ class Channel:
         else:
             with self._mu:
                 self._waiters.pop(rid, None)
+            if waiter.took_lead:  # it led while its frame waited for room
+                waiter.took_lead = False
+                self._release_leadership(own=waiter)
         self.conn.forget(rid)
 
     # -- reading (leader only) -----------------------------------------------
@@ -730,7 +800,9 @@ class Channel:
         with self._mu:
             kept = self.message_bulk
             kept[key] = bulk  # type: ignore[assignment]
-            while len(kept) > MAX_KEPT_BULK:
+            limit = 2 * self.bulk.size if self.bulk is not None else 0
+            while len(kept) > MAX_KEPT_BULK or (
+                    len(kept) > 1 and sum(len(v) for b in kept.values() for v in b) > limit):
                 del kept[next(iter(kept))]
 
     def _drop_fds(self, key: tuple[str, int]) -> None:
@@ -807,6 +879,21 @@ class Channel:
                 self.server.decoded(self, ("c", call.id))
         self.reply(frame, deadline)
 
+    def idle(self) -> bool:
+        """Nothing is read, buffered, queued, waited on or waiting to be
+        sent: the serve thread may read the transport itself."""
+        return not (self._leader or self._waiters or self._inbox.nested or self.conn.frames.buffered
+                    or self.pending_output or self.pending_release or self.message_fds
+                    or self.failure is not None or self._close_requested)
+
+    def reply_frame(self, frame: bytes) -> bytes:
+        """``frame`` with the pending releases after it and output before."""
+        if self.pending_release:
+            frame = frame + self._release_frame()  # after: the frame may name those handles
+        if self.pending_output:
+            frame = self._output_frames() + frame
+        return frame
+
     def reply(self, frame: bytes, deadline: float | None = None,
               fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send a reply frame (with any pending releases before it), by
@@ -818,10 +905,7 @@ class Channel:
                 # The reply became an error (too big to send): it names none.
                 close_fds(fds)
                 fds = []
-        if self.pending_release:
-            frame = frame + self._release_frame()  # after: the frame may name those handles
-        if self.pending_output:
-            frame = self._output_frames() + frame
+        frame = self.reply_frame(frame)
         if deadline is None:
             deadline = time.monotonic() + REPLY_SEND_TIMEOUT
         try:
@@ -834,23 +918,75 @@ class Channel:
         except (OSError, ProtocolError) as exc:
             self._fail_from_eof(f"send failed: {exc}")
 
-    def _send(self, frame: bytes, deadline: float | None, fds: list[int] | tuple[int, ...] = ()) -> None:
+    def _send(self, frame: bytes, deadline: float | None, fds: list[int] | tuple[int, ...] = (),
+              leading: bool = False, follower: _Waiter | None = None, locked: bool = False) -> None:
         """Send a whole frame, waiting for the send lock no longer than
         ``deadline`` (``_LockBusy``): a thread stuck writing to a peer that
         does not read must not hold the others past their deadlines.
-        ``fds`` are the channel's from now on: closed once sent (or not)."""
+        ``fds`` are the channel's from now on: closed once sent (or not).
+        ``leading``: we are the channel's reader, so we read while the
+        frame waits for room (the peer may be waiting for us to read);
+        ``follower``: we wait on that call, and read meanwhile if nobody else
+        does (``took_lead``). ``locked``: we hold the send lock already."""
         lock = self._send_lock
         try:
-            if deadline is None:
+            if locked:
+                pass
+            elif deadline is None:
                 lock.acquire()
             elif not lock.acquire(timeout=max(deadline - time.monotonic(), 0.05)):
                 raise _LockBusy
             try:
-                self.transport.send(frame, fds, deadline)
+                pump = self._pump if leading else (lambda: self._pump_for(follower)) if follower else None
+                self.transport.send(frame, fds, deadline, pump)
             finally:
                 lock.release()
         finally:
             close_fds(fds)
+
+    def _pump_for(self, waiter: _Waiter) -> None:
+        """``_pump`` for a follower whose frame waits for room: it reads only
+        if nobody leads (then it leads, and goes on leading after the send)."""
+        if not waiter.took_lead:
+            with self._mu:
+                if self._leader:
+                    lead = False
+                else:
+                    self._leader = True
+                    self._leader_rid = 0
+                    lead = waiter.took_lead = True
+            if not lead:
+                time.sleep(0.001)  # the leader reads; the poll says readable
+                return
+        self._pump()
+
+    def _pump(self) -> None:
+        """Read what the peer sent while our frame waits for room in the
+        stream; the reading loop takes it from the buffer. At most a frame's
+        worth beyond what is buffered: a peer that keeps sending does not
+        grow us."""
+        frames = self.conn.frames
+        if self._pump_eof or frames.buffered > frames.max_frame + _READ_CHUNK:
+            time.sleep(0.001)  # the poll says readable; do not spin on it
+            return
+        view = frames.want_buffer() or self._view
+        try:
+            n, fds = self.transport.read_into(view)
+        except BlockingIOError:
+            return
+        except (OSError, ProtocolError):
+            self._pump_eof = True  # the reader finds out why
+            return
+        if n == 0:
+            self._pump_eof = True
+            return
+        if view is not self._view:
+            frames.body_written(n)
+            self.conn.bytes_in += n
+            if fds:
+                frames.receive_data(b"", fds)
+        else:
+            self.conn.receive_data(view[:n], fds)
 
     def refuse(self, call: Call, message: str) -> None:
         """Answer a call we will not run, without waiting: a peer that sends

@@ -20,6 +20,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 
 from ..errors import ProtocolError
 from ..wire.protocol import MAX_FDS_PER_FRAME
@@ -46,7 +47,11 @@ class Transport:
     def read_into(self, buf: memoryview) -> tuple[int, list[int]]:
         raise NotImplementedError
 
-    def send(self, data: bytes, fds: list[int] | tuple[int, ...] = (), deadline: float | None = None) -> None:
+    def send(self, data: bytes, fds: list[int] | tuple[int, ...] = (), deadline: float | None = None,
+             readable: Callable[[], None] | None = None) -> None:
+        """``readable``: called while the write waits for room whenever the
+        read side has data (a caller that is also its channel's only reader
+        must read, or two ends that both write a big frame wait for ever)."""
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -58,7 +63,10 @@ class Transport:
         raise NotImplementedError
 
 
-def _wait_fd(fd: int, events: int, deadline: float | None) -> None:
+def _wait_fd(fd: int, events: int, deadline: float | None,
+             readable: tuple[int, Callable[[], None]] | None = None) -> None:
+    """Wait for ``events`` on ``fd``; with ``readable`` (a descriptor and
+    what to call when it has data), serve that meanwhile."""
     timeout_ms = -1
     if deadline is not None:
         remaining = deadline - time.monotonic()
@@ -67,8 +75,17 @@ def _wait_fd(fd: int, events: int, deadline: float | None) -> None:
         timeout_ms = max(1, int(remaining * 1000 + 0.999))
     p = select.poll()
     p.register(fd, events)
-    if not p.poll(timeout_ms):
+    if readable is not None:
+        if readable[0] == fd:
+            p.modify(fd, events | select.POLLIN)
+        else:
+            p.register(readable[0], select.POLLIN)
+    ready = p.poll(timeout_ms)
+    if not ready:
         raise TimeoutError
+    if readable is not None and any(f == readable[0] and e & (select.POLLIN | select.POLLHUP)
+                                    for f, e in ready):
+        readable[1]()
 
 
 def make_pipe() -> tuple[int, int]:
@@ -96,7 +113,8 @@ class PipeTransport(Transport):
     def read_into(self, buf: memoryview) -> tuple[int, list[int]]:
         return os.readv(self.read_fd, (buf,)), []
 
-    def send(self, data: bytes, fds: list[int] | tuple[int, ...] = (), deadline: float | None = None) -> None:
+    def send(self, data: bytes, fds: list[int] | tuple[int, ...] = (), deadline: float | None = None,
+             readable: Callable[[], None] | None = None) -> None:
         if fds:
             raise ProtocolError("this channel cannot carry file descriptors")
         try:
@@ -106,8 +124,9 @@ class PipeTransport(Transport):
         if n == len(data):
             return
         view = memoryview(data)[n:]
+        also = (self.read_fd, readable) if readable is not None else None
         while view:
-            _wait_fd(self.write_fd, select.POLLOUT, deadline)
+            _wait_fd(self.write_fd, select.POLLOUT, deadline, also)
             try:
                 view = view[os.write(self.write_fd, view):]
             except BlockingIOError:
@@ -172,14 +191,16 @@ class SocketTransport(Transport):
             except BlockingIOError:
                 _wait_fd(self._fd, select.POLLIN, deadline)
 
-    def send(self, data: bytes, fds: list[int] | tuple[int, ...] = (), deadline: float | None = None) -> None:
+    def send(self, data: bytes, fds: list[int] | tuple[int, ...] = (), deadline: float | None = None,
+             readable: Callable[[], None] | None = None) -> None:
         view = memoryview(data)
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        also = (self._fd, readable) if readable is not None else None
         while view:
             try:
                 n = self.sock.sendmsg([view], anc)
             except BlockingIOError:
-                _wait_fd(self._fd, select.POLLOUT, deadline)
+                _wait_fd(self._fd, select.POLLOUT, deadline, also)
                 continue
             anc = []  # descriptors ride with the first byte only
             view = view[n:]

@@ -109,7 +109,8 @@ def decode_with_bulk(raw: bytes | msgspec.Raw, bulk: list[bytes], tp: Any) -> An
     """Decode ``raw`` whose placeholders name ``bulk``'s values, then
     convert it to ``tp`` as strictly as decoding into ``tp`` would."""
     plain = _bulk_decoder(bulk).decode(raw)
-    return msgspec.convert(plain, tp, dec_hook=_dec_hook, strict=True)
+    # msgpack has bytes of its own: a string is never taken for base64 bytes.
+    return msgspec.convert(plain, tp, dec_hook=_dec_hook, strict=True, builtin_types=_BULK_TYPES)
 
 
 def function_key(fn: Callable[..., Any]) -> str:

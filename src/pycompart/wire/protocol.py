@@ -243,10 +243,11 @@ class FrameDecoder:
         self._fds: list[int] = []
         self.broken: str | None = None
         #: Copies out a frame's bulk segments (``transport.bulk.Lanes.receive``
-        #: bound to the frame limit); None: frames may name none.
-        self.bulk_source: Callable[[int], list[bytes]] | None = None
-        #: The bulk values of the frame ``next_frame`` returned last.
-        self.last_bulk: list[bytes] | None = None
+        #: bound to the frame limit), or (None) passes them by
+        #: unread; unset: frames may name none.
+        self.bulk_source: Callable[[int | None], list[bytes]] | None = None
+        #: How many bulk segments the frame ``next_frame`` returned last names.
+        self.last_nbulk = 0
 
     def receive_data(self, data: bytes | bytearray | memoryview, fds: list[int] | tuple[int, ...] = ()) -> None:
         if self.broken is not None:
@@ -303,8 +304,7 @@ class FrameDecoder:
             if len(data) >= end:
                 body = data[8:end]
                 self._data = data[end:]
-                if nbulk and not self._take_bulk(nbulk):
-                    return Violation(self.broken or "", fatal=True)
+                self.last_nbulk = nbulk
                 if nfds or self._fds:
                     return self._with_fds(body, nfds)
                 return body, _NO_FDS
@@ -318,20 +318,8 @@ class FrameDecoder:
         if self._body_filled < len(self._body):
             return NEED_DATA
         body, self._body = self._body, None
-        if self._body_nbulk and not self._take_bulk(self._body_nbulk):
-            return Violation(self.broken or "", fatal=True)
+        self.last_nbulk = self._body_nbulk
         return self._with_fds(body, self._body_nfds)
-
-    def _take_bulk(self, count: int) -> bool:
-        """Copy out the frame's bulk segments now, before anything looks
-        at the frame; False (the stream is broken) if they are impossible."""
-        assert self.bulk_source is not None
-        try:
-            self.last_bulk = self.bulk_source(count)
-        except (ValueError, OSError, MemoryError) as exc:
-            self._break(f"bad bulk segments: {exc}")
-            return False
-        return True
 
     def _with_fds(self, body: bytes | bytearray, nfds: int) -> tuple[bytes | bytearray, list[int]] | Violation:
         if nfds > len(self._fds):
@@ -345,7 +333,7 @@ class FrameDecoder:
         self.broken = reason
         self._data = b""
         self._body = None
-        self.last_bulk = None
+        self.last_nbulk = 0
         self.close_fds()
         return Violation(reason, fatal=True)
 
@@ -416,6 +404,9 @@ class Connection:
         self.last_id = 0  # the last call this side sent (how the monitor tells "idle")
         self._fds: list[int] = _NO_FDS
         self._bulk: list[bytes] | None = None
+        #: The one kind of message that may come with bulk values: a typed
+        #: call's reply (main's end, ``Ok``) or a typed call (an instance's, ``Call``).
+        self.bulk_kind: type | None = None
 
     # -- sending --------------------------------------------------------------
 
@@ -513,9 +504,15 @@ class Connection:
         return self.next_event()
 
     def _message(self, body: bytes | bytearray | memoryview, fds: list[int]) -> Message | LateReply | Violation:
-        bulk = self.frames.last_bulk
-        if bulk is not None:
-            self.frames.last_bulk = None
+        nbulk = self.frames.last_nbulk
+        if nbulk:
+            self.frames.last_nbulk = 0
+            try:
+                return self._bulk_message(body, fds, nbulk)
+            except (ValueError, OSError, MemoryError) as exc:
+                close_fds(fds)
+                self.violations += 1
+                return self.frames._break(f"bad bulk segments: {exc}")
         try:
             msg = _decoder.decode(body)
         except Exception as exc:  # malformed, mistyped, too deep (RecursionError): never raised on
@@ -549,8 +546,28 @@ class Connection:
             else:
                 close_fds(self._fds)  # never taken: not ours to keep
                 self._fds = fds
-        if bulk is not None and (cls is Ok or cls is Call):  # the others carry no values
-            self._bulk = bulk
+        return msg
+
+    def _bulk_message(self, body: bytes | bytearray | memoryview, fds: list[int],
+                      nbulk: int) -> Message | LateReply | Violation:
+        """A frame that names bulk segments. Only this end's ``bulk_kind``
+        of message, awaited or top-level, has them copied out (after the
+        frame, which is ours, was decoded; before the values are looked at);
+        any other passes them by and breaks the stream."""
+        source = self.frames.bulk_source
+        assert source is not None
+        msg = self._message(body, fds)
+        cls = msg.__class__
+        if cls is LateReply:
+            source(None)  # a reply we gave up on: its values are not wanted
+            return msg
+        if cls is not self.bulk_kind or (cls is Call and msg.parent):  # type: ignore[union-attr]
+            source(None)
+            if cls is Call:
+                self.owed.discard(msg.id)  # type: ignore[union-attr]
+            close_fds(self.take_fds())
+            raise ValueError(f"a {cls.__name__} message may not come with bulk values")
+        self._bulk = source(nbulk)
         return msg
 
     def take_fds(self) -> list[int]:

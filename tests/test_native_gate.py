@@ -1,0 +1,204 @@
+"""The call gate's byte loop (transport.gate): the C module and its Python
+twin do the same with any bytes a peer may send, and a sanitizer build of
+the C module survives the same (slow)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import sysconfig
+import threading
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pycompart.transport import gate
+
+HEADER = struct.Struct("<IHH")
+
+
+def _native():  # type: ignore[no-untyped-def]
+    """The C module, or (``PYCOMPART_TEST_GATE``: the slow test's) a
+    sanitizer build of it."""
+    path = os.environ.get("PYCOMPART_TEST_GATE")
+    if not path:
+        return gate._native
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pycompart.transport._gate", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+IMPLS = [("python", gate.py_serve, gate.py_receive)]
+if _native() is not None:
+    IMPLS.append(("native", _native().serve, _native().receive))
+
+
+def _run_serve(serve, chunks: list[bytes], replies: list[bytes | None], bufsize: int = 4096):  # type: ignore[no-untyped-def]
+    """Write ``chunks`` into a pipe one read at a time (each followed by a
+    reply round), run ``serve`` on it; what it handled, wrote and returned."""
+    call_r, call_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    os.set_blocking(reply_r, False)
+    os.set_blocking(call_r, False)  # an idle serve returns (-1) instead of waiting
+    seen: list[bytes] = []
+    answers = iter(replies)
+    results: list[int] = []
+    buf = bytearray(bufsize)
+
+    def handle(body: bytes) -> bytes | None:
+        seen.append(body)
+        return next(answers, None)
+
+    try:
+        for chunk in chunks:
+            os.write(call_w, chunk)
+            results.append(serve(call_r, reply_w, memoryview(buf), handle, 1000, 0))
+            if results[-1] != -1 or len(seen) > len(replies):
+                break
+        written = b""
+        while True:
+            try:
+                data = os.read(reply_r, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            written += data
+        return seen, written, results
+    finally:
+        for fd in (call_r, call_w, reply_r, reply_w):
+            os.close(fd)
+
+
+def frame(body: bytes, nfds: int = 0, nbulk: int = 0) -> bytes:
+    return HEADER.pack(len(body), nfds, nbulk) + body
+
+
+@pytest.mark.parametrize("name,serve,_", IMPLS)
+def test_whole_plain_frames_are_handled_and_answered(name, serve, _):
+    seen, written, results = _run_serve(serve, [frame(b"a"), frame(b"bc")], [b"R1", b""])
+    # The third handle call gets no reply (None): serve returns -1.
+    assert seen == [b"a", b"bc"] and written == b"R1"
+
+
+@pytest.mark.parametrize("name,serve,_", IMPLS)
+@pytest.mark.parametrize("data", [
+    frame(b"x", nfds=1), frame(b"x", nbulk=1), frame(b"xy")[:5], frame(b"xy")[:9],
+    frame(b"a") + frame(b"b"), HEADER.pack(0xFFFFFFFF, 0, 0) + b"zz", b"\x01\x00",
+])
+def test_anything_else_goes_back_to_python_untouched(name, serve, _, data):
+    call_r, call_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    os.set_blocking(call_r, False)
+    buf = bytearray(4096)
+    try:
+        os.write(call_w, data)
+        n = serve(call_r, reply_w, memoryview(buf), lambda body: pytest.fail("handled"), 1000, 0)
+        assert n == len(data) and bytes(buf[:n]) == data
+    finally:
+        for fd in (call_r, call_w, reply_r, reply_w):
+            os.close(fd)
+
+
+@pytest.mark.parametrize("name,serve,_", IMPLS)
+def test_end_of_stream_and_errors(name, serve, _):
+    call_r, call_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    os.close(call_w)
+    try:
+        assert serve(call_r, reply_w, memoryview(bytearray(64)), lambda b: b"", 1000, 0) == 0
+        with pytest.raises(OSError):
+            serve(-1, reply_w, memoryview(bytearray(64)), lambda b: b"", 1000, 0)
+        with pytest.raises(TypeError):
+            os_r, os_w = os.pipe()
+            os.set_blocking(os_r, False)
+            os.write(os_w, frame(b"q"))
+            try:
+                serve(os_r, reply_w, memoryview(bytearray(64)), lambda b: 42, 1000, 0)
+            finally:
+                os.close(os_r)
+                os.close(os_w)
+    finally:
+        for fd in (call_r, reply_r, reply_w):
+            os.close(fd)
+
+
+@pytest.mark.parametrize("name,serve,_", IMPLS)
+def test_an_exception_in_the_handler_comes_out_as_itself(name, serve, _):
+    def handle(body: bytes) -> bytes:
+        raise KeyError(body)
+    call_r, call_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    os.set_blocking(call_r, False)
+    try:
+        os.write(call_w, frame(b"k"))
+        with pytest.raises(KeyError):
+            serve(call_r, reply_w, memoryview(bytearray(64)), handle, 1000, 0)
+    finally:
+        for fd in (call_r, call_w, reply_r, reply_w):
+            os.close(fd)
+
+
+@pytest.mark.parametrize("name,_,receive", IMPLS)
+def test_receive_reads_what_is_there_or_times_out(name, _, receive):
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    buf = bytearray(16)
+    try:
+        assert receive(r, memoryview(buf), 20, 0) == -2  # nothing came
+        os.write(w, b"hello")
+        assert receive(r, memoryview(buf), 1000, 50) == 5 and buf[:5] == b"hello"
+        threading.Timer(0.05, lambda: os.write(w, b"late")).start()
+        assert receive(r, memoryview(buf), 2000, 0) == 4
+        os.close(w)
+        w = -1
+        assert receive(r, memoryview(buf), 1000, 0) == 0
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+_chunk = st.one_of(
+    st.binary(max_size=40),
+    st.builds(frame, st.binary(max_size=40)),
+    st.builds(frame, st.binary(max_size=10), st.integers(0, 3), st.integers(0, 3)),
+    st.builds(lambda n, b: HEADER.pack(n, 0, 0) + b, st.integers(0, 2**32 - 1), st.binary(max_size=20)),
+)
+
+
+@settings(max_examples=int(os.environ.get("PYCOMPART_GATE_FUZZ", "300")), deadline=None, database=None)
+@given(chunks=st.lists(_chunk, min_size=1, max_size=6),
+       replies=st.lists(st.one_of(st.none(), st.binary(max_size=30)), max_size=6),
+       bufsize=st.sampled_from([8, 9, 16, 64, 4096]))
+def test_native_and_python_agree_on_any_bytes(chunks, replies, bufsize):
+    outcomes = [_run_serve(serve, chunks, replies, bufsize) for _, serve, _ in IMPLS]
+    assert all(o == outcomes[0] for o in outcomes), outcomes
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(gate._native is None, reason="the C module is not built")
+def test_a_sanitizer_build_survives_the_fuzz(tmp_path):
+    """Build _gate.c with AddressSanitizer and UBSan and run this file's
+    fuzz against it (many more examples) in a fresh interpreter."""
+    src = os.path.join(os.path.dirname(gate.__file__), "_gate.c")
+    include = sysconfig.get_paths()["include"]
+    out = tmp_path / ("_gate" + sysconfig.get_config_var("EXT_SUFFIX"))
+    flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+    build = subprocess.run(["gcc", "-shared", "-fPIC", "-O1", *flags, f"-I{include}", src, "-o", str(out)],
+                           capture_output=True, text=True)
+    if build.returncode != 0:
+        pytest.skip(f"cannot build with sanitizers: {build.stderr[-500:]}")
+    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    env = dict(os.environ, LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
+               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1", PYCOMPART_TEST_GATE=str(out),
+               PYCOMPART_GATE_FUZZ="3000")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+                           os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=900,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert proc.returncode == 0 and "passed" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
