@@ -14,8 +14,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 # Install (editable) only when the venv is new or what it was built from
-# changed: the source tree itself needs no reinstall.
-stamp=$(sha256sum pyproject.toml | cut -d" " -f1)
+# changed (the metadata, or the C module it compiles): the Python source
+# tree itself needs no reinstall.
+stamp=$(cat pyproject.toml setup.py src/pycompart/transport/_gate.c | sha256sum | cut -d" " -f1)
 if [ "$(cat .venv/.pycompart-installed 2>/dev/null)" != "$stamp" ]; then
     # Quiet unless something fails; pip's own output is kept for that case.
     if ! .venv/bin/python -m pip install -q -e ".[test]" >.venv/pip.log 2>&1; then

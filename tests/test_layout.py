@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "wire": {"errors"},
     # kernel: the sealed memory file of the bulk lanes (kernel.memfd).
     "transport": {"wire", "kernel", "errors", "fastpaths"},
-    "policy": {"kernel", "wire", "errors"},
+    "policy": {"kernel", "wire", "errors", "_version"},  # _version: keys the filter cache
     "compartment": {"kernel", "wire", "transport", "errors", "fastpaths"},
     "supervisor": {"policy", "kernel", "wire", "transport", "compartment", "errors", "fastpaths"},
     "frontend": {"policy", "kernel", "wire", "transport", "compartment", "supervisor", "errors",

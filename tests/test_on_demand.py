@@ -160,3 +160,21 @@ def test_per_call_and_descriptor_calls_are_audited_like_any_other(make_app, tmp_
         with_fds()
     calls = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("event") == "call"]
     assert {(r["callee"], r["outcome"]) for r in calls} == {("fresh", "ok"), ("fds", "ok")}
+
+
+def test_a_spare_that_burns_cpu_while_waiting_is_killed(make_app):
+    """idle_cpu watches ready spares too (their module's import left a
+    thread spinning, and no call ever came)."""
+    app = make_app({"compartments": {"spin": {
+        "instances": "per-call", "spares": 1, "idle_cpu": "1s", "functions": ["spinimport:null"],
+        "privileges": {"syscalls": "python-threads"}}}})
+    with app:
+        pool = app._runtime.monitor.pools["spin"]
+        deadline = time.monotonic() + 20
+        killed = None
+        while time.monotonic() < deadline and killed is None:
+            for inst, _ in list(pool.spares):
+                if inst.kill_reason:
+                    killed = inst.kill_reason
+            time.sleep(0.1)
+        assert killed is not None and "idle_cpu" in killed, killed

@@ -558,3 +558,41 @@ def test_big_calls_from_many_threads_to_one_instance_do_not_deadlock(make_app):
             t.join(60)
         assert not any(t.is_alive() for t in threads)
     assert results == [True] * 36
+
+
+def test_an_exception_from_a_signal_handler_during_a_call_leaves_the_channel_usable(make_app):
+    """main's own signal handler raising while it waits for a reply (Ctrl-C):
+    the exception comes out at once, and later calls are served."""
+    import signal as _signal
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):  # type: ignore[no-untyped-def]
+        raise Interrupted
+
+    app, ep = box(make_app, call_timeout="none")
+    sleepy = ep["sleepy"]
+    with app:
+        old = _signal.signal(_signal.SIGALRM, handler)
+        try:
+            _signal.setitimer(_signal.ITIMER_REAL, 0.3)
+            t0 = time.monotonic()
+            with pytest.raises(Interrupted):
+                sleepy(3.0)
+            assert time.monotonic() - t0 < 2.0  # not after the reply
+        finally:
+            _signal.setitimer(_signal.ITIMER_REAL, 0)
+            _signal.signal(_signal.SIGALRM, old)
+        result: list[object] = []
+        t = threading.Thread(target=lambda: result.append(ep["null"]()), daemon=True)
+        t.start()
+        t.join(15)
+        assert result == [None], "the channel was left with a leader that never reads"
+
+
+def test_a_timeout_of_a_month_is_a_timeout(make_app):
+    app, ep = box(make_app, call_timeout=30 * 86400)
+    with app:
+        assert ep["add"](2, 3) == 5
+        assert ep["add"].options(timeout=40 * 86400)(1, 1) == 2

@@ -195,7 +195,7 @@ class App:
         return self._runtime is not None
 
     def start(self, *, lazy: bool = False, import_hook: bool = False, confine_main: bool = False,
-              main_path: str | None = None, read_also: list[str] | None = None) -> None:
+              main_path: str | None = None, read_also: list[str] | None = None, warm: bool = False) -> None:
         """Start the monitor and the instances.
 
         ``lazy``: start each compartment's instances on its first use instead
@@ -205,7 +205,9 @@ class App:
         ``confine_main``: lock this process down with the spec's
         ``[compartments.main.privileges]`` (it must have one thread).
         ``main_path``: the file instances load ``__main__`` entrypoints from,
-        if not ``__main__``'s own (``pycompart run`` of a rewritten program)."""
+        if not ``__main__``'s own (``pycompart run`` of a rewritten program).
+        ``warm`` (with ``lazy``): start the instances now without waiting for
+        them (replaced at first use if the configuration changed meanwhile)."""
         if _instance.CURRENT is not None:
             raise PycompartError("an App cannot be started inside a compartment instance")
         with self._lock:
@@ -215,7 +217,7 @@ class App:
             if main_path is not None:
                 runtime._main_path, runtime._main_module = os.path.abspath(main_path), None
             runtime.read_also = list(read_also or ())
-            runtime.start(lazy, confine_main)
+            runtime.start(lazy, confine_main, warm)
             self._runtime = runtime
             if import_hook:
                 finder = CompartmentFinder(runtime)
@@ -307,7 +309,7 @@ class _Runtime:
         #: Directories every compartment may read besides the import path.
         self.read_also: list[str] = []
 
-    def start(self, lazy: bool = False, confine_main: bool = False) -> None:
+    def start(self, lazy: bool = False, confine_main: bool = False, warm: bool = False) -> None:
         # Instances get main's import path as it is now (main's own lock-down
         # may rewrite it to descriptors that mean nothing in another process).
         self.sys_path = list(sys.path)
@@ -341,7 +343,7 @@ class _Runtime:
                                                    self.audit, self.monitor)
                                  for name, pool in self.monitor.pools.items()}
             try:
-                self.monitor.start(lazy, before_threads)
+                self.monitor.start(lazy, before_threads, warm)
             except BaseException:
                 self._release()
                 raise

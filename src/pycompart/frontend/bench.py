@@ -560,3 +560,60 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
     out(f"  floor on this machine: the raw pipe round trip, {results['raw_pipe_pinned']:.1f} us pinned, "
         f"{results['raw_pipe_unpinned']:.1f} us across CPUs (a cross-CPU wake-up, for C too)")
     return results
+
+
+def markdown(r: dict[str, float]) -> str:
+    """The README's performance table, from one run's figures."""
+    raw, raw_u = r["raw_pipe_pinned"], r["raw_pipe_unpinned"]
+
+    def us(key: str) -> str:
+        return f"{r[key]:,.1f} µs"
+
+    def x(key: str, base: float) -> str:
+        return f"{r[key] / base:.2f}×"
+
+    rows = [
+        ("raw `os.write`/`os.read` pipe round trip", f"{raw:.1f} µs", f"{raw_u:.1f} µs", "1.00×"),
+        ("`multiprocessing.Pipe` send/recv", us("mp_pipe_pinned"), us("mp_pipe_unpinned"),
+         x("mp_pipe_pinned", raw)),
+        ("pycompart null typed call", us("null_call_pinned"), us("null_call_unpinned"),
+         x("null_call_pinned", raw)),
+        ("null call between two compartments (edge)", us("edge_call_pinned"), us("edge_call_unpinned"),
+         x("edge_call_pinned", raw)),
+        ("proxied module function call", us("proxy_call_pinned"), us("proxy_call_unpinned"),
+         x("proxy_call_pinned", raw)),
+        ("remote-reference method call", us("remote_method_pinned"), us("remote_method_unpinned"),
+         x("remote_method_pinned", raw)),
+        ("call that makes one callback into main", us("callback_pinned"), us("callback_unpinned"),
+         f"{r['callback_pinned'] / r['null_call_pinned']:.1f} null calls"),
+        ("64 MiB `bytes` argument", f"{r['arg_64mib'] / 1000:.1f} ms", "",
+         f"{r['arg_64mib_gbs']:.1f} GB/s, {r['mp_send_bytes_64mib'] / r['arg_64mib']:.1f}× "
+         "`Pipe.send_bytes`"),
+        ("64 MiB `bytes` result", f"{r['result_64mib'] / 1000:.1f} ms", "", f"{r['result_64mib_gbs']:.1f} GB/s"),
+        ("`python -c pass`", f"{r['python_startup'] / 1000:.1f} ms", "", "1.00×"),
+        ("instance ready, fresh start, default lock-down", f"{r['instance_ready_fresh'] / 1000:.1f} ms", "",
+         f"{r['instance_ready_fresh'] / r['python_startup']:.2f}× `python -c pass`"),
+        ("instance ready, a ready spare taken", f"{r['instance_ready'] / 1000:.2f} ms", "",
+         f"{r['instance_ready'] / r['python_startup']:.3f}×"),
+        ("typed call, fresh instance per call, back to back", f"{r['per_call_back_to_back'] / 1000:.1f} ms",
+         "", ""),
+        ("the same, 20 ms apart (a spare ready each time)", f"{r['per_call_spaced'] / 1000:.2f} ms", "", ""),
+        ("memory of an idle instance (PSS / RSS)", f"{r['idle_pss_kib'] / 1024:.1f} / "
+         f"{r['idle_rss_kib'] / 1024:.1f} MiB", "", ""),
+        ("echo connections per second, an instance each vs threads",
+         f"{r['connections_per_instance']:,.0f}/s vs {r['connections_threads']:,.0f}/s", "",
+         f"{r['connections_per_instance'] / r['connections_threads']:.3f}×"),
+    ]
+    for suffix, how in (("", "bytecode cached"), ("_nopyc", "no bytecode cache")):
+        if "program_plain" + suffix in r:
+            rows.append((f"`examples/yaml_box` whole program, {how}: boxed vs plain",
+                         f"{r['program_boxed' + suffix] / 1000:.0f} ms vs {r['program_plain' + suffix] / 1000:.0f} ms",
+                         "", f"+{r['run_overhead_ms' + suffix]:.0f} ms"))
+    if "tifftopnm_plain_ms" in r:
+        rows.append(("`examples/tifftopnm` 256×256 image, boxed vs unboxed",
+                     f"{r['tifftopnm_boxed_ms']:.2f} ms vs {r['tifftopnm_plain_ms']:.2f} ms", "",
+                     f"{(r['tifftopnm_boxed_ms'] / r['tifftopnm_plain_ms'] - 1) * 100:+.0f}%"))
+    rows.append(("`pycompart rewrite` of `_pydecimal.py`", f"{r['rewrite_ms']:.0f} ms", "", ""))
+    out = ["| row | median, pinned to one CPU | unpinned | ratio (pinned) |", "|---|---|---|---|"]
+    out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(out) + "\n"

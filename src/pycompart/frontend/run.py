@@ -64,7 +64,7 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
     from . import segments
 
     app.start(lazy=True, import_hook=True, confine_main=app.spec.main_privileges is not None,
-              main_path=rewritten, read_also=[segments.cache_root()])
+              main_path=rewritten, read_also=[segments.cache_root()], warm=True)
     segments.RUN_APP = app  # (also for annotated modules the program imports)
     module_hook = segments.ModuleRewriter(app)
     sys.meta_path.insert(0, module_hook)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from ..compartment import serve as _instance
 from ..errors import PycompartError
+from ..kernel import files
 from ..wire.contract import function_key
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -402,18 +403,12 @@ _REWRITER: str | None = None
 def _own_dir(path: str) -> str:
     """``path``, a directory of this user's that nobody else may write
     (``/var/tmp`` is everybody's: a directory another user made in advance
-    could hold a "rewritten program" of theirs, run as ours)."""
+    could hold a "rewritten program" of theirs, run as ours). The instances'
+    own uids read rewritten programs from here."""
     try:
-        os.mkdir(path, 0o755)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise RewriteFailed(f"{path} is not a directory of this user's own that only it may write: "
-                            "pycompart run keeps rewritten programs there; remove it")
-    if st.st_mode & 0o755 != 0o755:
-        os.chmod(path, 0o755)  # the instances' own uids read rewritten programs from here
-    return path
+        return files.own_directory(path, 0o755)
+    except PermissionError as exc:
+        raise RewriteFailed(f"{exc}: pycompart run keeps rewritten programs there; remove it") from None
 
 
 def cache_root() -> str:

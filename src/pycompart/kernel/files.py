@@ -112,3 +112,55 @@ def open_untrusted(directory: str | int, path: str, mode: str = "r", **kwargs: A
         flags = (flags & ~(os.O_WRONLY | os.O_RDONLY)) | os.O_RDWR
     fd = open_beneath(directory, path, flags)
     return os.fdopen(fd, mode, **kwargs)
+
+
+def own_directory(path: str, mode: int = 0o755) -> str:
+    """``path``, made if missing: a directory of this user's that nobody
+    else may write. ``PermissionError`` if it is anything else: in a
+    directory everybody may write (``/var/tmp``) another user could have made
+    it in advance and filled it with what we would then trust as ours."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise PermissionError(f"{path} is not a directory of this user's own that only it may write")
+    if st.st_mode & mode != mode:
+        os.chmod(path, mode)
+    return path
+
+
+def read_own_file(path: str, limit: int) -> bytes | None:
+    """The content of a regular file of this user's that nobody else may
+    write, at most ``limit`` bytes; None if it is missing or anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022 \
+                or st.st_size > limit:
+            return None
+        return os.read(fd, limit + 1)[:limit]
+    finally:
+        os.close(fd)
+
+
+def write_own_file(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` at once (a reader sees the old file or
+    the new one, never part); best effort."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass

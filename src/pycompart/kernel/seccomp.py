@@ -139,7 +139,26 @@ class SeccompError(OSError):
     pass
 
 
+#: The largest BPF program the kernel loads (4096 instructions of 8 bytes).
+MAX_PROGRAM_BYTES = 4096 * 8
+
+
 def available() -> bool:
+    """Whether filters can be compiled here: pyseccomp is installed and
+    libseccomp (which it loads) is found. Checked without loading either (a
+    compiled filter may be cached: ``policy.resolution``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("pyseccomp") is None:
+        return False
+    return any(os.path.exists(os.path.join(d, "libseccomp.so.2")) for d in _LIB_DIRS) or _loads()
+
+
+_LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
+             "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib", "/lib")
+
+
+def _loads() -> bool:
     try:
         import pyseccomp  # noqa: F401
     except (ImportError, OSError):
@@ -309,7 +328,7 @@ _SECCOMP_SET_MODE_FILTER = 1
 def load_bpf(program: bytes) -> None:
     """Install a filter made by ``compile_bpf`` on the calling thread
     (NO_NEW_PRIVS must be set)."""
-    if not program or len(program) % 8 or len(program) // 8 > 4096:
+    if not program or len(program) % 8 or len(program) > MAX_PROGRAM_BYTES:
         raise SeccompError(0, "not a seccomp BPF program")
     buf = ctypes.create_string_buffer(program, len(program))
     prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))

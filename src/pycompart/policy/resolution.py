@@ -15,14 +15,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import hashlib
 import os
+import platform
 import stat
 import sys
 import warnings
 from collections.abc import Sequence
 
+from .._version import __version__
 from ..errors import PrivilegeError
-from ..kernel import credentials, host as _host, seccomp
+from ..kernel import credentials, files, host as _host, seccomp
 from ..kernel.host import HostSupport
 from ..wire.config import Lockdown
 from .spec import CompartmentSpec, Privileges
@@ -231,9 +234,13 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
         lock.syscalls_deny = list(p.syscalls_deny)
         lock.syscalls_kill = list(p.syscalls_kill)
         lock.file_metadata, lock.file_locks = p.file_metadata, p.file_locks
-        lock.seccomp_bpf = _compiled(p.syscalls, tuple(p.syscalls_allow), tuple(p.syscalls_deny),
-                                     tuple(p.syscalls_kill), lock.sockets, p.file_metadata,
-                                     p.file_locks, p.fifos)
+        try:
+            lock.seccomp_bpf = _compiled(p.syscalls, tuple(p.syscalls_allow), tuple(p.syscalls_deny),
+                                         tuple(p.syscalls_kill), lock.sockets, p.file_metadata,
+                                         p.file_locks, p.fifos)
+        except seccomp.SeccompError as exc:  # libseccomp missing or unusable: not enforceable here
+            lock.seccomp = False
+            need(False, f"syscalls (seccomp: {exc.strerror or exc})")
         if p.file_locks:
             notes.append("file_locks: may lock (flock, fcntl) every file it may open, read-only ones "
                          "included; grant read access narrowly")
@@ -250,10 +257,42 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
     return Resolution(lock, auto_read, missing, notes, warnings_)
 
 
+#: Compiled seccomp filters, by what they were compiled from (per user:
+#: ``kernel.files.own_directory``). Compiling one with libseccomp costs main
+#: ~10 ms, loading libseccomp as much again; a program started often pays it
+#: once. Delete the directory to have them compiled afresh.
+FILTER_CACHE = "/var/tmp/pycompart-seccomp"
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(profile: str, allow: tuple[str, ...], deny: tuple[str, ...], kill: tuple[str, ...],
               sockets: str, metadata: str, locks: bool, fifos: bool) -> bytes:
-    return seccomp.compile_bpf(profile, allow, deny, kill, sockets, metadata, locks, fifos)
+    inputs = repr((profile, allow, deny, kill, sockets, metadata, locks, fifos)).encode()
+    key = hashlib.sha256(b"\0".join((inputs, platform.machine().encode(), __version__.encode(),
+                                      _filter_source()))).hexdigest()[:32]
+    path = None
+    try:
+        path = os.path.join(files.own_directory(f"{FILTER_CACHE}-{os.getuid()}", 0o700), key + ".bpf")
+        cached = files.read_own_file(path, seccomp.MAX_PROGRAM_BYTES)
+    except OSError:
+        cached = None
+    if cached and len(cached) % 8 == 0:
+        return cached
+    program = seccomp.compile_bpf(profile, allow, deny, kill, sockets, metadata, locks, fifos)
+    if path is not None:
+        files.write_own_file(path, program)
+    return program
+
+
+_SOURCE: list[bytes] = []
+
+
+def _filter_source() -> bytes:
+    """What the filters are made by (the profiles live in its source)."""
+    if not _SOURCE:
+        with open(seccomp.__file__, "rb") as f:
+            _SOURCE.append(hashlib.sha256(f.read()).digest())
+    return _SOURCE[0]
 
 
 def _identity(comp: CompartmentSpec, p: Privileges, euid: int, need, notes: list[str]):  # type: ignore[no-untyped-def]

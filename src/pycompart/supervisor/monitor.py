@@ -50,7 +50,7 @@ from ..transport.streams import PipeTransport, SocketTransport, make_pipe
 from ..wire.config import CANCEL_SIGNAL, EXIT_START_FAILED, InstanceConfig
 from ..wire.exceptions import rebuild_exception
 from ..wire.protocol import NEED_DATA, Abort, Connection, Hello, Ok, Violation
-from . import zygote
+from . import launcher, zygote
 from .audit import AuditLog
 from .edges import EdgeBook
 from .relay import OutputRelay, Sink
@@ -193,8 +193,16 @@ class Pool:
         #: configuration it was started with, and those still starting.
         self.spares: collections.deque[tuple[InstanceHandle, bytes]] = collections.deque()
         self.spares_starting: set[InstanceHandle] = set()
+        #: Instances started before this (``InstanceHandle.generation``) were
+        #: started with an older configuration (``Monitor._spawn_warm``).
+        self.min_generation = 0
 
     def pick(self, deadline: float | None) -> InstanceHandle:
+        if self.launch is not None:  # the first use of a lazily started pool
+            with self.cond:
+                launch, self.launch = self.launch, None
+            if launch is not None:
+                launch()
         ready = self.ready
         if len(ready) == 1 and ready[0].channel.failure is None:
             return ready[0]
@@ -212,10 +220,6 @@ class Pool:
                     best = inst
             return best
         with self.cond:
-            launch, self.launch = self.launch, None
-        if launch is not None:
-            launch()
-        with self.cond:
             while not self.ready:
                 if self.unavailable:
                     raise CompartmentUnavailable(f"compartment {self.spec.name!r} is unavailable: "
@@ -227,10 +231,15 @@ class Pool:
                 self.cond.wait(remaining)
         return self.pick(deadline)
 
-    def add(self, inst: InstanceHandle) -> None:
+    def add(self, inst: InstanceHandle) -> bool:
+        """Take a ready instance into the pool; False (it is not) if it
+        was started before the pool's configuration last changed."""
         with self.cond:
+            if inst.generation < self.min_generation:
+                return False
             self.ready = self.ready + (inst,)
             self.cond.notify_all()
+            return True
 
     def remove(self, inst: InstanceHandle) -> None:
         with self.cond:
@@ -277,15 +286,19 @@ class Monitor:
 
     # -- public (any thread) ----------------------------------------------------
 
-    def start(self, lazy: bool = False, before_threads: Callable[[], None] | None = None) -> None:
+    def start(self, lazy: bool = False, before_threads: Callable[[], None] | None = None,
+              warm: bool = False) -> None:
         """Launch the zygote and every instance; return when all are ready,
         or raise CompartmentStartError (after cleaning up) if any fails.
         ``lazy``: start only the zygote; each pool's instances are spawned
         when it is first used (a start failure then makes it unavailable).
+        ``warm`` (with ``lazy``): spawn them now all the same, without
+        waiting; if by its first use a pool's configuration has changed (an
+        entrypoint registered since, shared data), they are replaced.
         ``before_threads`` runs after the zygote exists and before the
         monitor thread does (main's own lock-down, which is per thread)."""
         try:
-            self.zygote_proc, control = zygote.launch()
+            self.zygote_proc, control = launcher.take_prelaunched() or zygote.launch()
             self._control = SocketTransport(control)
         except BaseException as exc:
             raise CompartmentStartError(f"cannot start the zygote: {exc}") from None
@@ -308,6 +321,9 @@ class Monitor:
         if lazy:
             self._started = True
             for pool in self.pools.values():
+                if warm and pool.spec.instances:
+                    self._spawn_warm(pool)
+                    continue
                 pool.launch = lambda pool=pool: [
                     self.submit(lambda index=index: self._spawn(pool, index))
                     for index in range(pool.spec.instances)]
@@ -425,6 +441,40 @@ class Monitor:
                 raise CompartmentStartError(f"an on-demand instance of {compartment!r} did not "
                                             f"become ready within {timeout:g}s")
         return ready[0]
+
+    def _spawn_warm(self, pool: Pool) -> None:
+        """``start(warm=True)``'s early spawn of a pool, and the check at its
+        first use that what was started is what would be started then."""
+        try:
+            fingerprint = self._fingerprint(pool)
+        except Exception:
+            fingerprint = b""
+        started: list[InstanceHandle | None] = []
+
+        def spawn() -> None:
+            started.extend(self._spawn(pool, index) for index in range(pool.spec.instances))
+
+        def first_use() -> None:
+            try:
+                now = self._fingerprint(pool)
+            except Exception:
+                now = None
+            if now == fingerprint:
+                return
+            with pool.cond:  # none of those started so far joins the pool from now on
+                pool.min_generation = next(self._generation)
+            for inst in pool.ready:
+                self.retire(inst)  # out of the pool now: this very pick waits for the new ones
+
+            def replace() -> None:
+                for inst in started:
+                    if inst is not None:
+                        self.retire(inst)
+                for index in range(pool.spec.instances):
+                    self._spawn(pool, index)
+            self.submit(replace)
+        pool.launch = first_use
+        self.submit(spawn)
 
     def _fingerprint(self, pool: Pool) -> bytes:
         """What an on-demand instance started now would be configured with."""
@@ -787,8 +837,8 @@ class Monitor:
                     index=inst.index, generation=inst.generation, ready_ms=round(ms, 3))
         if inst.on_ready is not None:
             inst.on_ready(inst)
-        else:
-            inst.pool.add(inst)
+        elif not inst.pool.add(inst):
+            self.retire(inst)  # of a configuration since replaced
         with self._start_done:
             self._start_done.notify_all()
 
@@ -856,7 +906,10 @@ class Monitor:
         failed = not inst.retired and (status is None or process.is_failure(status)
                                        or inst.kill_reason is not None)
         self.edges.callee_ended(inst, detail, failed)
-        if not was_ready and not self.stopping and (not self._started or not pool.ever_ready):
+        if not was_ready and not self.stopping and not inst.retired and (
+                not self._started or not pool.ever_ready):
+            # (A retired one was ended on purpose: a warm start replaced, a
+            # spare of an old configuration. It says nothing of the next.)
             self._audit("instance_exit", compartment=pool.spec.name, pid=inst.pid, status=detail)
             self._start_failed(inst, inst.start_error or detail)
             return
@@ -905,13 +958,14 @@ class Monitor:
 
     def _check_idle(self) -> None:
         """Kill an instance that burns CPU while nobody calls it: a thread of
-        the compartment left spinning after its call returned."""
+        the compartment left spinning after its call returned (or started at
+        import, in a spare waiting to be used)."""
         self._after(IDLE_CHECK, self._check_idle)
         for pool in self.pools.values():
             limit = pool.spec.idle_cpu
             if limit is None:
                 continue
-            for inst in pool.ready:
+            for inst in (*pool.ready, *(spare for spare, _ in pool.spares)):
                 calls = inst.channel.conn.last_id
                 if inst.channel.pending or calls != inst.idle_calls:
                     inst.idle_calls, inst.idle_cpu_base = calls, None  # it was working

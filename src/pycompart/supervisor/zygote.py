@@ -34,7 +34,6 @@ import msgspec
 
 from ..compartment import serve as _instance
 from ..kernel import namespaces, process
-from ..kernel.host import runtime_problems
 from ..transport.streams import SocketTransport
 from ..wire.config import InstanceConfig
 from ..wire.protocol import MessageReader, encode_frame
@@ -76,61 +75,11 @@ _MAX_CONTROL = 16 * 1024 * 1024
 
 #: Environment the zygote keeps from main's; everything else (API keys in
 #: the environment, say) stays behind.
-ZYGOTE_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+# How main starts one (re-exported: ``zygote.launch``).
+from .launcher import ZYGOTE_ENV_KEEP, launch, runtime_path  # noqa: E402,F401
 
 
 # -- monitor side ---------------------------------------------------------------
-
-
-def launch(python: str | None = None) -> tuple[Any, socket.socket]:
-    """Start a zygote from ``python`` (default: this interpreter). Must be
-    called from the thread that will outlive it: PDEATHSIG is bound to the
-    parent *thread*."""
-    import subprocess  # here, not at the top: the zygote itself never needs it
-
-    python = python or sys.executable
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    env = {k: os.environ[k] for k in ZYGOTE_ENV_KEEP if k in os.environ}
-    # -I: no environment variables, no user site, no script directory. Only
-    # the directories holding pycompart and its dependencies are added, so
-    # a source checkout or PYTHONPATH install works without importing
-    # anything else of main's path.
-    runtime = runtime_path()
-    # PDEATHSIG is bound to the thread that starts the zygote: arm it only
-    # from the main thread (another may end before main does). Either way
-    # the zygote ends when main's end of the control socket closes.
-    bound = ["bound"] if threading.current_thread() is threading.main_thread() else []
-    code = f"import sys; sys.path[:0] = {runtime!r}; import pycompart.supervisor.zygote as z; z.main()"
-    try:
-        proc = subprocess.Popen(
-            [python, "-I", "-c", code, str(theirs.fileno()), *bound],
-            pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True,
-        )
-    except OSError as exc:
-        ours.close()
-        problems = runtime_problems(python, runtime)
-        raise OSError(exc.errno, "; ".join(problems) if problems else f"{python}: {exc}") from None
-    finally:
-        theirs.close()
-    return proc, ours
-
-
-def runtime_path() -> list[str]:
-    """The directories holding pycompart and its dependencies: the zygote's
-    whole import path."""
-    import importlib.util
-
-    dirs: list[str] = []
-    for name in ("pycompart", "msgspec", "pyseccomp"):
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.origin:
-            continue
-        origin = os.path.dirname(spec.origin)
-        parent = os.path.dirname(origin) if spec.submodule_search_locations else origin
-        if parent not in dirs:
-            dirs.append(parent)
-    return dirs
 
 
 def encode_control(msg: object, nfds: int = 0) -> bytes:
@@ -159,10 +108,8 @@ def main() -> None:
         os._exit(1)  # main died before we armed PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     isolated = _become_init()
-    try:  # load libseccomp once here rather than in every instance
-        import pyseccomp  # noqa: F401
-    except (ImportError, OSError):
-        pass
+    # (No libseccomp here: instances load filters main compiled, with one
+    # system call.)
     zygote = Zygote(control, isolated)
     _instance.preload()
     # Everything imported so far is shared by every instance: keep the

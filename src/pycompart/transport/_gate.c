@@ -242,8 +242,8 @@ gate_receive(PyObject *Py_UNUSED(module), PyObject *args)
                 break;
             wait = left > 1000000 ? 1000000 : (int)left;
         }
-        if (poll(&p, 1, wait) < 0 && errno != EINTR) {
-            err = errno;
+        if (poll(&p, 1, wait) < 0) {
+            err = errno;  /* EINTR too: Python's handlers run before we wait again */
             break;
         }
     }

@@ -458,7 +458,19 @@ class Channel:
         self._send(frame, deadline, leading=True, locked=True)
         if self.conn.frames.buffered or self.failure is not None:
             return None
-        timeout = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+        try:
+            return self._receive_own(rid, deadline)
+        except BaseException:
+            # A signal handler's exception (KeyboardInterrupt), or anything
+            # else: we stop leading (if we still do), or nobody would ever
+            # read again.
+            if self._leader and self._leader_rid == rid:
+                self._release_leadership(rid)
+            raise
+
+    def _receive_own(self, rid: int, deadline: float | None) -> Ok | Err | None:
+        timeout = -1 if deadline is None else min(max(0, int((deadline - time.monotonic()) * 1000)),
+                                                  gate.MAX_TIMEOUT_MS)
         n = gate.receive(self._direct[1], self._view, timeout, self._spin_us)  # type: ignore[index]
         if n == 0:
             self._fail_from_eof("closed its channel")

@@ -27,6 +27,9 @@ if fastpaths.enabled("native"):
 
 #: Whether the C fast path is in use.
 NATIVE = _native is not None
+#: The longest wait one call may ask for (a C int of milliseconds, ~24 days);
+#: a caller that waits longer asks again.
+MAX_TIMEOUT_MS = 2**31 - 1
 
 
 def py_serve(rfd: int, wfd: int, buf: memoryview, handle: Callable[[bytes], bytes | None],

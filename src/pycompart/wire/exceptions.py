@@ -103,7 +103,10 @@ def describe_exception(exc: BaseException, brief: bool = False) -> ErrorInfo:
         # Another compartment's exception, raised on through this one's
         # code (a call over an edge): it goes on as what it was.
         name, message, args = str(exc.type_name), str(exc.message), []
-    tb = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
+    # The outermost frames only: a RecursionError's thousand would cost the
+    # compartment more to format than the call took (and be cut anyway).
+    tb = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__),
+                                            limit=TRACEBACK_FRAMES))
     mro = [c.__qualname__ if c.__module__ == "builtins" else f"{c.__module__}.{c.__qualname__}"
            for c in cls.__mro__[:32]]
     attributes = {}
@@ -143,6 +146,10 @@ def _describe_brief(exc: BaseException) -> ErrorInfo:
 
 #: pycompart's own source tree: frames in it are the serving machinery.
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+#: Frames of a compartment's traceback described to its caller.
+TRACEBACK_FRAMES = 64
 
 
 def _user_frames(tb: Any) -> Any:
