@@ -58,8 +58,9 @@ CALL_WARNINGS = _warn.CallWarnings()
 
 def preload() -> None:
     """In the zygote, before it forks: what every instance will need, built
-    once (``pycompart.compartment.output.prepare``)."""
+    once (``pycompart.compartment.output.prepare``, ``lockdown.index_packages``)."""
     _output.prepare(CALL_OUTPUT)
+    _lockdown.index_packages()
 
 #: The configuration of the instance this process is, or None in ``main``.
 CURRENT: InstanceConfig | None = None
