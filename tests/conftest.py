@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 def _runtime_dir() -> bytes:
     """Where the pycompart under test lives: its zygotes name it on their
-    command line (``zygote.runtime_path``), another checkout's do not."""
+    command line (``launcher.runtime_path``), another checkout's do not."""
     import importlib.util
 
     spec = importlib.util.find_spec("pycompart")

@@ -243,6 +243,8 @@ def test_a_value_main_holds_is_its_own_copy(make_app):
 
         time.sleep(0.3)  # the instance is still overwriting its lane
         assert sha(value) == before
+        inst = app._runtime.monitor.pools["box"].ready[0]
+        assert inst.channel.bulk._copied == 1  # it did come through the lane
 
 
 def test_lanes_shrink_with_the_address_space_and_bigger_values_go_inline(make_app):

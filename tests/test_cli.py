@@ -144,7 +144,8 @@ def test_an_interpreter_this_user_cannot_reach_is_named(tmp_path):
     script = f'''
 import os, sys, warnings
 import pycompart, pycompart.frontend.app, pycompart.supervisor.monitor, subprocess, importlib.util
-from pycompart.frontend.cli import doctor, main
+from pycompart.frontend.cli import main
+from pycompart.frontend.commands import doctor
 os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
 sys.executable = {link!r}
 print("DOCTOR", doctor().splitlines()[-1])

@@ -191,3 +191,21 @@ def test_rebuild_never_raises_on_lying_attributes():
                      {"characters_written": "x", "errno": "not a number", "args": "forged"})
     back = rebuild_exception(info, "box")
     assert type(back) is BlockingIOError and back.args == (11, "would block")
+
+
+def test_a_deep_traceback_is_described_by_its_outermost_frames():
+    """A RecursionError's thousand frames are not formatted (that took the
+    compartment longer than the call): only TRACEBACK_FRAMES of them."""
+    from pycompart.wire.exceptions import TRACEBACK_FRAMES
+
+    def down(n: int) -> int:  # two functions in turn: no repeated line to collapse
+        return across(n + 1)
+
+    def across(n: int) -> int:
+        return down(n + 1)
+    try:
+        down(0)
+    except RecursionError as exc:
+        info = describe_exception(exc)
+    frames = info.traceback.count("File ")
+    assert 0 < frames <= TRACEBACK_FRAMES + 1, frames

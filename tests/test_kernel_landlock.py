@@ -126,3 +126,29 @@ def test_unsupported_rights_are_reported_not_silently_dropped():
         assert any("TCP" in u for u in rs.unsupported) and any("scope" in u for u in rs.unsupported)
     finally:
         rs.close()
+
+
+def test_packages_are_rerouted_from_the_zygote_index_and_modules_imported_since():
+    import sys
+    import types
+
+    from pycompart.compartment import lockdown
+
+    old = types.ModuleType("pycompart_test_old_pkg")
+    old.__path__ = ["/hidden/site/old_pkg", "/elsewhere/old_pkg"]  # type: ignore[attr-defined]
+    sys.modules[old.__name__] = old
+    try:
+        lockdown.index_packages()
+        reach = {"/hidden/site": "/proc/self/fd/99"}
+        lockdown.reroute_packages(reach)  # from the index alone
+        assert old.__path__ == ["/proc/self/fd/99/old_pkg", "/elsewhere/old_pkg"]
+        new = types.ModuleType("pycompart_test_new_pkg")
+        new.__path__ = ["/hidden/site/new_pkg"]  # type: ignore[attr-defined]
+        sys.modules[new.__name__] = new  # imported after the index: walked too
+        lockdown.reroute_packages(reach)
+        assert new.__path__ == ["/proc/self/fd/99/new_pkg"]
+        assert old.__path__[0] == "/proc/self/fd/99/old_pkg"  # not rerouted twice
+    finally:
+        sys.modules.pop("pycompart_test_old_pkg", None)
+        sys.modules.pop("pycompart_test_new_pkg", None)
+        lockdown.index_packages()

@@ -75,6 +75,21 @@ def _run_serve(serve, chunks: list[bytes], replies: list[bytes | None], bufsize:
             os.close(fd)
 
 
+@pytest.fixture
+def pipes():  # type: ignore[no-untyped-def]
+    """(call read end, non-blocking: an idle serve returns -1; call write
+    end; reply write end), closed after the test."""
+    call_r, call_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    os.set_blocking(call_r, False)
+    yield call_r, call_w, reply_w
+    for fd in (call_r, call_w, reply_r, reply_w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def frame(body: bytes, nfds: int = 0, nbulk: int = 0) -> bytes:
     return HEADER.pack(len(body), nfds, nbulk) + body
 
@@ -91,18 +106,12 @@ def test_whole_plain_frames_are_handled_and_answered(name, serve, _):
     frame(b"x", nfds=1), frame(b"x", nbulk=1), frame(b"xy")[:5], frame(b"xy")[:9],
     frame(b"a") + frame(b"b"), HEADER.pack(0xFFFFFFFF, 0, 0) + b"zz", b"\x01\x00",
 ])
-def test_anything_else_goes_back_to_python_untouched(name, serve, _, data):
-    call_r, call_w = os.pipe()
-    reply_r, reply_w = os.pipe()
-    os.set_blocking(call_r, False)
+def test_anything_else_goes_back_to_python_untouched(name, serve, _, data, pipes):
+    call_r, call_w, reply_w = pipes
     buf = bytearray(4096)
-    try:
-        os.write(call_w, data)
-        n = serve(call_r, reply_w, memoryview(buf), lambda body: pytest.fail("handled"), 1000, 0)
-        assert n == len(data) and bytes(buf[:n]) == data
-    finally:
-        for fd in (call_r, call_w, reply_r, reply_w):
-            os.close(fd)
+    os.write(call_w, data)
+    n = serve(call_r, reply_w, memoryview(buf), lambda body: pytest.fail("handled"), 1000, 0)
+    assert n == len(data) and bytes(buf[:n]) == data
 
 
 @pytest.mark.parametrize("name,serve,_", IMPLS)
@@ -129,19 +138,13 @@ def test_end_of_stream_and_errors(name, serve, _):
 
 
 @pytest.mark.parametrize("name,serve,_", IMPLS)
-def test_an_exception_in_the_handler_comes_out_as_itself(name, serve, _):
+def test_an_exception_in_the_handler_comes_out_as_itself(name, serve, _, pipes):
     def handle(body: bytes) -> bytes:
         raise KeyError(body)
-    call_r, call_w = os.pipe()
-    reply_r, reply_w = os.pipe()
-    os.set_blocking(call_r, False)
-    try:
-        os.write(call_w, frame(b"k"))
-        with pytest.raises(KeyError):
-            serve(call_r, reply_w, memoryview(bytearray(64)), handle, 1000, 0)
-    finally:
-        for fd in (call_r, call_w, reply_r, reply_w):
-            os.close(fd)
+    call_r, call_w, reply_w = pipes
+    os.write(call_w, frame(b"k"))
+    with pytest.raises(KeyError):
+        serve(call_r, reply_w, memoryview(bytearray(64)), handle, 1000, 0)
 
 
 @pytest.mark.parametrize("name,_,receive", IMPLS)
@@ -181,6 +184,16 @@ def test_native_and_python_agree_on_any_bytes(chunks, replies, bufsize):
     assert all(o == outcomes[0] for o in outcomes), outcomes
 
 
+@pytest.mark.skipif(not os.environ.get("PYCOMPART_TEST_GATE"), reason="only inside the sanitizer run")
+def test_the_sanitizer_build_is_the_one_fuzzed():
+    """(Inside ``test_a_sanitizer_build_survives_the_fuzz``.) The native
+    implementation here is the build with sanitizers, and they are loaded."""
+    name, serve, _ = IMPLS[-1]
+    assert name == "native" and _native().__file__ == os.environ["PYCOMPART_TEST_GATE"]
+    with open("/proc/self/maps") as f:
+        assert "libasan" in f.read()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(gate._native is None, reason="the C module is not built")
 def test_a_sanitizer_build_survives_the_fuzz(tmp_path):
@@ -202,3 +215,4 @@ def test_a_sanitizer_build_survives_the_fuzz(tmp_path):
                            os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=900,
                           cwd=os.path.dirname(os.path.abspath(__file__)))
     assert proc.returncode == 0 and "passed" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    assert "skipped" not in proc.stdout, proc.stdout[-1000:]  # the check of the build ran too

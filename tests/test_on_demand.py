@@ -173,7 +173,7 @@ def test_a_spare_that_burns_cpu_while_waiting_is_killed(make_app):
         deadline = time.monotonic() + 20
         killed = None
         while time.monotonic() < deadline and killed is None:
-            for inst, _ in list(pool.spares):
+            for inst in list(pool.spares):
                 if inst.kill_reason:
                     killed = inst.kill_reason
             time.sleep(0.1)

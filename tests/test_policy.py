@@ -167,3 +167,43 @@ def test_auto_read_set_is_shown(tmp_path):
     res = policy.resolve(comp(), [str(tmp_path)], "/x/prog.py", host=FULL, euid=0)
     assert str(tmp_path) in res.auto_read and "/x/prog.py" in res.auto_read
 
+
+
+def _filter_args():  # type: ignore[no-untyped-def]
+    return ("python", (), (), (), "none", "none", False, False)
+
+
+def test_a_compiled_filter_is_kept_and_used_again(tmp_path, monkeypatch):
+    from pycompart.kernel import seccomp
+
+    monkeypatch.setattr(policy, "FILTER_CACHE", str(tmp_path / "filters"))
+    first = policy._compiled.__wrapped__(*_filter_args())
+    monkeypatch.setattr(seccomp, "compile_bpf", lambda *a: pytest.fail("compiled again"))
+    assert policy._compiled.__wrapped__(*_filter_args()) == first
+
+
+@pytest.mark.parametrize("tamper", ["writable file", "writable directory", "another user's directory"])
+def test_a_filter_anybody_else_could_have_written_is_compiled_afresh(tmp_path, monkeypatch, tamper):
+    """The cache sits in /var/tmp, everybody's: a filter there is used only
+    from a directory and a file of this user's that nobody else may write."""
+    from pycompart.kernel import seccomp
+
+    base = tmp_path / "filters"
+    monkeypatch.setattr(policy, "FILTER_CACHE", str(base))
+    real = policy._compiled.__wrapped__(*_filter_args())
+    folder = tmp_path / f"filters-{os.getuid()}"
+    (cached,) = folder.iterdir()
+    cached.write_bytes(b"\0" * 8)  # what a planted, weakened filter would be
+    if tamper == "writable file":
+        os.chmod(cached, 0o666)
+    elif tamper == "writable directory":
+        os.chmod(folder, 0o777)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the directory away")
+        os.chown(folder, 65534, 65534)
+    compiled = []
+    original = seccomp.compile_bpf
+    monkeypatch.setattr(seccomp, "compile_bpf", lambda *a: compiled.append(1) or original(*a))
+    assert policy._compiled.__wrapped__(*_filter_args()) == real
+    assert compiled == [1]

@@ -215,11 +215,12 @@ def index_packages() -> None:
         if isinstance(paths, list):
             _PACKAGE_PATHS.extend((paths, i, entry) for i, entry in enumerate(paths)
                                   if isinstance(entry, str))
-    _INDEXED[0] = len(sys.modules)
+    global _INDEXED
+    _INDEXED = len(sys.modules)
 
 
 _PACKAGE_PATHS: list[tuple[list[str], int, str]] = []
-_INDEXED = [-1]  # len(sys.modules) when indexed
+_INDEXED = -1  # len(sys.modules) when indexed
 
 
 def reroute_packages(reach: dict[str, str]) -> None:
@@ -227,7 +228,7 @@ def reroute_packages(reach: dict[str, str]) -> None:
     ``json``, ...) find their submodules through ``__path__``; point those
     at the pre-opened descriptors too."""
     prefixes = sorted(reach, key=len, reverse=True)
-    if len(sys.modules) == _INDEXED[0]:
+    if len(sys.modules) == _INDEXED:
         entries = _PACKAGE_PATHS  # nothing was imported since the zygote indexed them
     else:
         entries = [(paths, i, entry) for module in list(sys.modules.values())

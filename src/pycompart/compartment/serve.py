@@ -41,7 +41,7 @@ from ..wire import refs
 from ..wire.config import CANCEL_SIGNAL, EXIT_PROTOCOL, EXIT_START_FAILED, InstanceConfig
 from ..wire.contract import Contract
 from ..wire.exceptions import describe_exception
-from ..wire.protocol import _NO_FDS, Call, Connection, Err, close_fds
+from ..wire.protocol import Call, Connection, Err, close_fds
 from . import edges as _edges
 from . import lockdown as _lockdown
 from . import output as _output
@@ -401,14 +401,19 @@ class Server(CallServer):
                 except Exception:
                     pass
 
-    def _run_top(self, call: Call) -> bytes:
-        """Run a top-level call on the serve thread; its reply frame."""
+    def _run_top(self, call: Call, typed: Contract | None = None) -> bytes:
+        """Run a top-level call on the serve thread; its reply frame.
+        ``typed``: a typed entrypoint's built contract, on a pipe (no
+        descriptors either way, nothing to track): run by ``_invoke_typed``,
+        ``execute`` without the steps that cannot apply."""
         channel = self.channel
         self.current = call.id
         self.cancel_current = False
         stack = serving_stack()
         stack.append((channel, call.id))
         try:
+            if typed is not None:
+                return self._invoke_typed(call, typed)
             return self.execute(channel, call, True)
         finally:
             stack.pop()
@@ -427,12 +432,8 @@ class Server(CallServer):
         try:
             n = gate.serve(transport.read_fd, transport.write_fd, channel._view,  # type: ignore[attr-defined]
                            self._direct_frame, int(REPLY_SEND_TIMEOUT * 1000), int(channel.spin * 1e6))
-        except TimeoutError:
-            channel.fail(ProtocolError(f"channel to {channel.peer!r} broken: it does not read (a reply "
-                                       "could not be sent in time)"), reason="reply send timeout")
-            return
-        except OSError as exc:
-            channel._fail_from_eof(f"read or write failed: {exc}")
+        except OSError as exc:  # TimeoutError too: the reply could not be written in time
+            channel.send_failed(exc)
             return
         if n == 0:
             channel._fail_from_eof("closed its channel")
@@ -443,36 +444,29 @@ class Server(CallServer):
         """One frame's body read by ``_serve_direct``: the reply to send,
         b"" for none, or None to go back to the general loop."""
         channel = self.channel
-        conn = channel.conn
-        conn.bytes_in += 8 + len(body)
-        event = conn._message(body, _NO_FDS)
+        event = channel.conn.receive_body(body)
         if event.__class__ is not Call or event.parent:  # type: ignore[union-attr]
             channel._dispatch(event)  # a cancel of a call already answered, a violation, ...
             return None if channel.failure is not None or not channel.idle() else b""
         lazy = self.table.get(event.entrypoint)  # type: ignore[union-attr]
         if lazy is not None and lazy.contract is not None and not channel.track_arrivals:
-            frame = self._run_typed(event, lazy.contract)  # type: ignore[arg-type]
+            frame = self._run_top(event, lazy.contract)  # type: ignore[arg-type]
         else:
             if channel.track_arrivals:
                 self.peer.arrived(("c", event.id))  # type: ignore[union-attr]
             frame = self._run_top(event)  # type: ignore[arg-type]
         if channel.pending_output or channel.pending_release:
-            frame = channel.reply_frame(frame)
+            frame = channel.with_pending(frame)
         if channel.failure is not None or threading.active_count() != 1 or not channel.idle():
             if channel.failure is None:
                 channel.reply(frame)
             return None
         return frame
 
-    def _run_typed(self, call: Call, contract: Contract) -> bytes:
-        """``_run_top`` of a typed entrypoint's call on a pipe (no
-        descriptors either way, nothing to track): ``execute`` without the
-        steps that cannot apply. Exceptions end as ``execute`` ends them."""
+    def _invoke_typed(self, call: Call, contract: Contract) -> bytes:
+        """(``_run_top``) Exceptions end as ``execute`` ends them."""
         channel = self.channel
-        rid = self.current = call.id
-        self.cancel_current = False
-        stack = serving_stack()
-        stack.append((channel, rid))
+        rid = call.id
         self.active.append(rid)
         self.in_user_code = True
         try:
@@ -483,8 +477,6 @@ class Server(CallServer):
         finally:
             self.in_user_code = False
             self.active.pop()
-            stack.pop()
-            self.current = None
         return channel.reply_value(rid, result)
 
     @staticmethod

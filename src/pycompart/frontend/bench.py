@@ -403,49 +403,43 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
         f"bulk lanes {'on' if bulk.ENABLED else 'off'}")
     results["native"] = float(gate.NATIVE)
 
-    def row(name: str, samples: list[float], base: float | None, note: str = "") -> float:
+    def row(name: str, key: str, samples: list[float], base: float | None) -> float:
+        """Print a row; its median is ``results[key]``, its p99 ``results[key + "_p99"]``."""
         med, p99 = _stats(samples)
         ratio = f"{med / base:6.2f}x" if base else "  1.00x"
-        out(f"  {name:44s} median {med:10.1f}  p99 {p99:10.1f}  {ratio}{note}")
-        results[f"{key(name)}_p99"] = p99
+        out(f"  {name:44s} median {med:10.1f}  p99 {p99:10.1f}  {ratio}")
+        results[key], results[key + "_p99"] = med, p99
         return med
 
-    def key(name: str) -> str:
-        return current[0] + name
-
-    current = [""]
     for label, affinity in (("pinned to one CPU", {cpus[0]}), ("unpinned", set(cpus))):
         tag = "pinned" if label.startswith("pinned") else "unpinned"
-        current[0] = tag + ":"
         os.sched_setaffinity(0, affinity)
         out(f"\n{label}: (ratio to the raw pipe round trip)")
-        base = row("raw pipe round trip (os.write/os.read)", raw_pipe(n), None)
-        results[f"raw_pipe_{tag}"] = base
-        results[f"mp_pipe_{tag}"] = row("multiprocessing.Pipe send/recv", mp_pipe(n), base)
+        base = row("raw pipe round trip (os.write/os.read)", f"raw_pipe_{tag}", raw_pipe(n), None)
+        row("multiprocessing.Pipe send/recv", f"mp_pipe_{tag}", mp_pipe(n), base)
         app, null, size = _app()
         blob = app.entrypoint("bench")(_bench_targets.blob)
         with app:
             for _ in range(500):
                 null()
-            null_call = results[f"null_call_{tag}"] = row("pycompart null typed call", _time_loop(null, n), base)
+            null_call = row("pycompart null typed call", f"null_call_{tag}", _time_loop(null, n), base)
             if tag == "pinned":
                 mib = b"x" * (1 << 20)
-                results["arg_1mib"] = row("pycompart call, 1 MiB bytes argument",
-                                          _time_loop(lambda: size(mib), 50 if quick else 200), base)
+                row("pycompart call, 1 MiB bytes argument", "arg_1mib",
+                    _time_loop(lambda: size(mib), 50 if quick else 200), base)
                 big = b"x" * (64 << 20)
                 rounds = 5 if quick else 20
-                arg = results["arg_64mib"] = row("pycompart call, 64 MiB bytes argument",
-                                                 _time_loop(lambda: size(big), rounds), base)
-                res = results["result_64mib"] = row("pycompart call, 64 MiB bytes result",
-                                                    _time_loop(lambda: blob(64 << 20), rounds), base)
-                mp_big = results["mp_send_bytes_64mib"] = row("multiprocessing.Pipe.send_bytes, 64 MiB",
-                                                              mp_send_bytes(big, rounds), base)
+                arg = row("pycompart call, 64 MiB bytes argument", "arg_64mib",
+                          _time_loop(lambda: size(big), rounds), base)
+                res = row("pycompart call, 64 MiB bytes result", "result_64mib",
+                          _time_loop(lambda: blob(64 << 20), rounds), base)
+                mp_big = row("multiprocessing.Pipe.send_bytes, 64 MiB", "mp_send_bytes_64mib",
+                             mp_send_bytes(big, rounds), base)
                 gbs = results["arg_64mib_gbs"] = (64 << 20) / (arg * 1e3)
                 results["result_64mib_gbs"] = (64 << 20) / (res * 1e3)
                 out(f"  {'':44s} (64 MiB argument: {gbs:.2f} GB/s, {mp_big / arg:.1f}x "
                     f"send_bytes; result: {results['result_64mib_gbs']:.2f} GB/s)")
-        edge = results[f"edge_call_{tag}"] = row("null call between two compartments (edge)",
-                                                 edge_calls(n), base)
+        edge = row("null call between two compartments (edge)", f"edge_call_{tag}", edge_calls(n), base)
         out(f"  {'':44s} (edge call / main->compartment call: {edge / null_call:.2f}x)")
         mapp = _module_app()
         with mapp:
@@ -455,44 +449,40 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
             for _ in range(500):
                 mod.fn()
                 obj.ping()
-            results[f"proxy_call_{tag}"] = row("proxied module function call", _time_loop(mod.fn, n), base)
-            results[f"remote_method_{tag}"] = row("remote-reference method call",
-                                                  _time_loop(obj.ping, n), base)
-            callback = results[f"callback_{tag}"] = row("call that makes one callback into main",
-                                                        _time_loop(lambda: mod.call(cb), n // 2), base)
+            row("proxied module function call", f"proxy_call_{tag}", _time_loop(mod.fn, n), base)
+            row("remote-reference method call", f"remote_method_{tag}", _time_loop(obj.ping, n), base)
+            callback = row("call that makes one callback into main", f"callback_{tag}",
+                           _time_loop(lambda: mod.call(cb), n // 2), base)
             out(f"  {'':44s} (callback call / null typed call: {callback / null_call:.2f}x)")
-            results[f"module_attr_{tag}"] = row("read a module's 100-int list (shared)",
-                                                _time_loop(lambda: mod.TABLE, n // 2), base)
-            results[f"copied_list_{tag}"] = row("call returning a 100-int list (a copy)",
-                                                _time_loop(mod.table, n // 2), base)
+            row("read a module's 100-int list (shared)", f"module_attr_{tag}",
+                _time_loop(lambda: mod.TABLE, n // 2), base)
+            row("call returning a 100-int list (a copy)", f"copied_list_{tag}",
+                _time_loop(mod.table, n // 2), base)
             if tag == "unpinned":
                 few = max(n // 100, 20)
-                results["generator_1000"] = row("list() of a returned 1000-item generator",
-                                                _time_loop(lambda: list(mod.count_up(1000)), few), base)
-                results["iterator_made"] = row("returned generator, 10 items, dropped",
-                                               _time_loop(lambda: list(mod.count_up(10)), few * 5), base)
+                row("list() of a returned 1000-item generator", "generator_1000",
+                    _time_loop(lambda: list(mod.count_up(1000)), few), base)
+                row("returned generator, 10 items, dropped", "iterator_made",
+                    _time_loop(lambda: list(mod.count_up(10)), few * 5), base)
                 data = list(range(1000))
-                results["main_iterable_1000"] = row("box iterates main's 1000-item iterator",
-                                                    _time_loop(lambda: mod.consume(iter(data)), few), base)
+                row("box iterates main's 1000-item iterator", "main_iterable_1000",
+                    _time_loop(lambda: mod.consume(iter(data)), few), base)
     os.sched_setaffinity(0, set(cpus))
-    current[0] = "start:"
     out("\ninstance start: (ratio to python -c pass)")
-    base = row("python -c pass", python_startup(5 if quick else 20), None)
-    results["python_startup"] = base
+    base = row("python -c pass", "python_startup", python_startup(5 if quick else 20), None)
     k = 10 if quick else 50
-    results["instance_ready_fresh"] = row("instance ready, fresh start, default lock-down",
-                                          instance_ready(k), base)
-    results["instance_ready_fresh_host_net"] = row("  same, without network namespace",
-                                                   instance_ready(k, {"network": "host"}), base)
-    results["instance_ready"] = row("instance ready, a ready spare taken", instance_ready(k, spare=True), base)
+    row("instance ready, fresh start, default lock-down", "instance_ready_fresh", instance_ready(k), base)
+    row("  same, without network namespace", "instance_ready_fresh_host_net",
+        instance_ready(k, {"network": "host"}), base)
+    row("instance ready, a ready spare taken", "instance_ready", instance_ready(k, spare=True), base)
     out("  (default lock-down: own network and IPC namespaces, uid nobody when root, capabilities\n"
         "   dropped, NO_NEW_PRIVS, non-dumpable, Landlock files+TCP+scopes, seccomp 'python';\n"
         "   a spare is such an instance, started ahead of need: spares = 1 by default)")
-    results["per_call_back_to_back"] = row("typed call, fresh instance per call, back to back",
-                                           per_call_instance(k), base)
-    results["per_call_spaced"] = row("  same, 20 ms apart (a spare is ready each time)",
-                                     per_call_instance(k, gap=0.02), base)
-    results["per_call_no_spares"] = row("  same, spares = 0, 20 ms apart", per_call_instance(k, 0, 0.02), base)
+    row("typed call, fresh instance per call, back to back", "per_call_back_to_back",
+        per_call_instance(k), base)
+    row("  same, 20 ms apart (a spare is ready each time)", "per_call_spaced",
+        per_call_instance(k, gap=0.02), base)
+    row("  same, spares = 0, 20 ms apart", "per_call_no_spares", per_call_instance(k, 0, 0.02), base)
     pss, rss = idle_memory()
     results["idle_pss_kib"], results["idle_rss_kib"] = pss, rss
     out(f"  {'memory per idle instance (of 4)':44s} PSS {pss / 1024:6.1f} MiB  RSS {rss / 1024:6.1f} MiB")
@@ -523,12 +513,10 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
         if programs is None:
             break
         how = "bytecode cached" if bytecode else "PYTHONDONTWRITEBYTECODE=1, no cached bytecode"
-        current[0] = "program_" + ("pyc" if bytecode else "nopyc") + ":"
         out(f"\nwhole program: examples/yaml_box, PyYAML on 6 files, {how} (ratio to plain python)")
-        base = row("python show_config.py", programs[0], None)
-        boxed = row("pycompart run app.toml -- show_config.py", programs[1], base)
         suffix = "" if bytecode else "_nopyc"
-        results["program_plain" + suffix], results["program_boxed" + suffix] = base, boxed
+        base = row("python show_config.py", "program_plain" + suffix, programs[0], None)
+        boxed = row("pycompart run app.toml -- show_config.py", "program_boxed" + suffix, programs[1], base)
         results["run_overhead_ms" + suffix] = (boxed - base) / 1000
         out(f"  {'':44s} (pycompart run adds {(boxed - base) / 1000:.0f} ms)")
     pin = results["null_call_pinned"] / results["raw_pipe_pinned"]

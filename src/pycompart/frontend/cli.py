@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 from ..errors import PrivilegeError, SpecError
 
@@ -59,19 +58,3 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `pycompart check app.toml | head`: the reader had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-
-
-
-
-def __getattr__(name: str) -> Any:
-    """``describe``, ``doctor`` and the rest, from ``commands`` (never a
-    dunder: whoever walks ``sys.modules`` asking for ``__path__`` must not
-    import it)."""
-    if name.startswith("__"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import commands
-
-    try:
-        return getattr(commands, name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -15,7 +15,7 @@ from ..kernel import host as _host
 from ..policy import resolution as policy
 from ..policy.spec import AppSpec, CompartmentSpec, load_spec_file
 from ..supervisor import confine as main_lockdown
-from ..supervisor.zygote import runtime_path
+from ..supervisor.launcher import runtime_path
 
 
 def describe(spec: AppSpec) -> str:

@@ -374,30 +374,21 @@ def _cached(script: str, data: bytes, source: str) -> str:
     from .._version import __version__
     from . import rewrite as _rewrite
 
-    global _REWRITER
-    if _REWRITER is None:
-        with open(_rewrite.__file__, "rb") as f:
-            _REWRITER = hashlib.sha256(f.read()).hexdigest()
-    key = f"{__version__}\0{_rewrite.FORMAT}\0{_REWRITER}\0{script}\0".encode() + data
+    maker = files.source_digest(_rewrite.__file__)
+    key = f"{__version__}\0{_rewrite.FORMAT}\0{maker}\0{script}\0".encode() + data
     folder = _own_dir(os.path.join(_own_dir(cache_root()), hashlib.sha256(key).hexdigest()[:24]))
     target = os.path.join(folder, os.path.basename(script))
     try:
         st = os.lstat(target)
     except FileNotFoundError:
-        tmp = f"{target}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(source)
-        os.replace(tmp, target)
+        files.write_own_file(target, source.encode("utf-8"))
         return target
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+    if not stat.S_ISREG(st.st_mode) or not files.owned(st):
         raise RewriteFailed(f"{target}: not a file of this user's own (a rewritten program is run "
                             "from there, so it must be): remove it")
     return target
 
 
-#: The rewriter's own text, hashed (the cache key): read once.
-_REWRITER: str | None = None
 
 
 def _own_dir(path: str) -> str:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
+import hashlib
 import os
 import platform
 import stat
@@ -114,6 +116,19 @@ def open_untrusted(directory: str | int, path: str, mode: str = "r", **kwargs: A
     return os.fdopen(fd, mode, **kwargs)
 
 
+def owned(st: os.stat_result) -> bool:
+    """Whether what ``st`` describes is this user's and nobody else may write it."""
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+@functools.lru_cache(maxsize=None)
+def source_digest(path: str) -> str:
+    """The SHA-256 of a file of pycompart's own (what a cache key names
+    as the code that made an entry), read once per process."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def own_directory(path: str, mode: int = 0o755) -> str:
     """``path``, made if missing: a directory of this user's that nobody
     else may write. ``PermissionError`` if it is anything else: in a
@@ -124,7 +139,7 @@ def own_directory(path: str, mode: int = 0o755) -> str:
     except FileExistsError:
         pass
     st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+    if not stat.S_ISDIR(st.st_mode) or not owned(st):
         raise PermissionError(f"{path} is not a directory of this user's own that only it may write")
     if st.st_mode & mode != mode:
         os.chmod(path, mode)
@@ -140,8 +155,7 @@ def read_own_file(path: str, limit: int) -> bytes | None:
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022 \
-                or st.st_size > limit:
+        if not stat.S_ISREG(st.st_mode) or not owned(st) or st.st_size > limit:
             return None
         return os.read(fd, limit + 1)[:limit]
     finally:
@@ -150,17 +164,16 @@ def read_own_file(path: str, limit: int) -> bytes | None:
 
 def write_own_file(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data`` at once (a reader sees the old file or
-    the new one, never part); best effort."""
+    the new one, never part), in a directory of ours (``own_directory``)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
-    except OSError:
+    except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        raise

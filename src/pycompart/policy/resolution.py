@@ -268,8 +268,9 @@ FILTER_CACHE = "/var/tmp/pycompart-seccomp"
 def _compiled(profile: str, allow: tuple[str, ...], deny: tuple[str, ...], kill: tuple[str, ...],
               sockets: str, metadata: str, locks: bool, fifos: bool) -> bytes:
     inputs = repr((profile, allow, deny, kill, sockets, metadata, locks, fifos)).encode()
+    maker = files.source_digest(seccomp.__file__).encode()  # the profiles live in its source
     key = hashlib.sha256(b"\0".join((inputs, platform.machine().encode(), __version__.encode(),
-                                      _filter_source()))).hexdigest()[:32]
+                                      maker))).hexdigest()[:32]
     path = None
     try:
         path = os.path.join(files.own_directory(f"{FILTER_CACHE}-{os.getuid()}", 0o700), key + ".bpf")
@@ -280,19 +281,11 @@ def _compiled(profile: str, allow: tuple[str, ...], deny: tuple[str, ...], kill:
         return cached
     program = seccomp.compile_bpf(profile, allow, deny, kill, sockets, metadata, locks, fifos)
     if path is not None:
-        files.write_own_file(path, program)
+        try:
+            files.write_own_file(path, program)
+        except OSError:
+            pass  # compiled again next time
     return program
-
-
-_SOURCE: list[bytes] = []
-
-
-def _filter_source() -> bytes:
-    """What the filters are made by (the profiles live in its source)."""
-    if not _SOURCE:
-        with open(seccomp.__file__, "rb") as f:
-            _SOURCE.append(hashlib.sha256(f.read()).digest())
-    return _SOURCE[0]
 
 
 def _identity(comp: CompartmentSpec, p: Privileges, euid: int, need, notes: list[str]):  # type: ignore[no-untyped-def]

@@ -121,6 +121,8 @@ class InstanceHandle:
         self.index = index
         self.channel = channel
         self.generation = generation
+        #: The configuration it was started with (on-demand instances: ``_take_spare``).
+        self.fingerprint = b""
         self.pid: int | None = None
         self.pidfd: int | None = None
         self.state = "spawning"
@@ -189,9 +191,8 @@ class Pool:
         #: Lazy start: spawns the instances on first use (set by the monitor).
         self.launch: Callable[[], None] | None = None
         self.ever_ready = False
-        #: On-demand: ready spares (``spec.spares``), each with the
-        #: configuration it was started with, and those still starting.
-        self.spares: collections.deque[tuple[InstanceHandle, bytes]] = collections.deque()
+        #: On-demand: ready spares (``spec.spares``), and those still starting.
+        self.spares: collections.deque[InstanceHandle] = collections.deque()
         self.spares_starting: set[InstanceHandle] = set()
         #: Instances started before this (``InstanceHandle.generation``) were
         #: started with an older configuration (``Monitor._spawn_warm``).
@@ -298,7 +299,7 @@ class Monitor:
         ``before_threads`` runs after the zygote exists and before the
         monitor thread does (main's own lock-down, which is per thread)."""
         try:
-            self.zygote_proc, control = launcher.take_prelaunched() or zygote.launch()
+            self.zygote_proc, control = launcher.take_prelaunched() or launcher.launch()
             self._control = SocketTransport(control)
         except BaseException as exc:
             raise CompartmentStartError(f"cannot start the zygote: {exc}") from None
@@ -492,10 +493,10 @@ class Monitor:
             return None  # the fresh start reports why
         while True:
             try:
-                inst, fingerprint = pool.spares.popleft()
+                inst = pool.spares.popleft()
             except IndexError:
                 return None
-            if fingerprint == now and inst.state == "ready" and inst.channel.failure is None:
+            if inst.fingerprint == now and inst.state == "ready" and inst.channel.failure is None:
                 return inst
             self.retire(inst)
 
@@ -504,17 +505,12 @@ class Monitor:
         starting = pool.spares_starting
         starting -= {inst for inst in starting if inst.state == "dead"}  # failed to start
         while not self.stopping and len(pool.spares) + len(starting) < pool.spec.spares:
-            try:
-                fingerprint = self._fingerprint(pool)
-            except Exception:
-                return
-
-            def ready(inst: InstanceHandle, fingerprint: bytes = fingerprint) -> None:
+            def ready(inst: InstanceHandle) -> None:
                 starting.discard(inst)
                 if self.stopping:
                     self.retire(inst)
                 else:
-                    pool.spares.append((inst, fingerprint))
+                    pool.spares.append(inst)
             inst = self._spawn(pool, -1, ready)
             if inst is None or inst.state == "dead":
                 return  # it cannot start now: the next call's own start says why
@@ -717,6 +713,8 @@ class Monitor:
             config = self.config_for(pool.spec, index)
             if caller is not None:
                 config = self.edges.edge_config(config, caller)
+            elif on_ready is not None:
+                inst.fingerprint = msgspec.msgpack.encode(config)
         except Exception as exc:  # e.g. shared data missing in main
             self._by_request.pop(request, None)
             os.close(call_r)
@@ -965,7 +963,7 @@ class Monitor:
             limit = pool.spec.idle_cpu
             if limit is None:
                 continue
-            for inst in (*pool.ready, *(spare for spare, _ in pool.spares)):
+            for inst in (*pool.ready, *pool.spares):
                 calls = inst.channel.conn.last_id
                 if inst.channel.pending or calls != inst.idle_calls:
                     inst.idle_calls, inst.idle_cpu_base = calls, None  # it was working

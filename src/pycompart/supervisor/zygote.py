@@ -75,8 +75,6 @@ _MAX_CONTROL = 16 * 1024 * 1024
 
 #: Environment the zygote keeps from main's; everything else (API keys in
 #: the environment, say) stays behind.
-# How main starts one (re-exported: ``zygote.launch``).
-from .launcher import ZYGOTE_ENV_KEEP, launch, runtime_path  # noqa: E402,F401
 
 
 # -- monitor side ---------------------------------------------------------------

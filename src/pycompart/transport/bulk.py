@@ -35,14 +35,12 @@ from collections.abc import Sequence
 
 from .. import fastpaths
 from ..kernel import memfd
+from ..wire.contract import BULK_MIN
+from ..wire.protocol import MAX_BULK_PER_FRAME as MAX_SEGMENTS
 
 #: Off with ``PYCOMPART_FASTPATHS`` naming others (``pycompart.fastpaths``).
 ENABLED = fastpaths.enabled("bulk")
 
-#: Smallest value that goes through a lane (smaller ones are cheaper inline).
-BULK_MIN = 256 * 1024
-#: Segments one frame may name (the frame header's count).
-MAX_SEGMENTS = 16
 #: Where a lane's data starts (the header's page before it).
 DATA_START = 4096
 #: Largest lane, whatever the message size allows.

@@ -96,11 +96,6 @@ def spin_seconds() -> float:
         return DEFAULT_SPIN
 
 
-def conn_bulk(conn: Connection) -> bool:
-    """Whether the message just parsed came with bulk values."""
-    return conn._bulk is not None
-
-
 def serving(channel: Channel) -> int:
     """The innermost call that this thread is serving for ``channel``'s
     peer, or 0. A call this thread makes to that peer is nested in it."""
@@ -330,10 +325,7 @@ class Channel:
             if nbulk:
                 self.bulk.unsend()  # type: ignore[union-attr]
             raise
-        if self.pending_release:
-            frame = frame + self._release_frame()  # after: the frame may name those handles
-        if self.pending_output:
-            frame = self._output_frames() + frame
+        frame = self.with_pending(frame)
         mu = self._mu
         mu.acquire()
         if self.failure is not None:
@@ -405,7 +397,7 @@ class Channel:
                 if reply is not None:
                     return reply
             elif waiter is None:
-                self._send(frame, deadline, fds, leading=True, locked=True)
+                self._send(frame, deadline, fds, leading=True)
             else:
                 try:
                     self._send(frame, deadline, fds, follower=waiter)
@@ -455,7 +447,7 @@ class Channel:
         ``transport.gate.receive``: in C where built), while we lead for
         ourselves and nothing is buffered. Our reply, or None: sent, and
         the general loop waits for the rest. Raises as ``_send`` does."""
-        self._send(frame, deadline, leading=True, locked=True)
+        self._send(frame, deadline, leading=True)
         if self.conn.frames.buffered or self.failure is not None:
             return None
         try:
@@ -477,7 +469,7 @@ class Channel:
         elif n > 0:
             conn = self.conn
             event = conn.parse_one(self._view[:n])
-            if event.__class__ is Ok and event.id == rid and conn._bulk is None \
+            if event.__class__ is Ok and event.id == rid and conn.bulk_values is None \
                     and self.failure is None:  # type: ignore[union-attr]
                 # Our reply, plain (as ``_dispatch`` would take it).
                 if self.track_arrivals:
@@ -681,10 +673,7 @@ class Channel:
                 return
             drained += n
             if view is not self._view:
-                frames.body_written(n)
-                conn.bytes_in += n
-                if fds:
-                    frames.receive_data(b"", fds)
+                self._buffered(view, n, fds)
             else:
                 event = conn.parse_one(view[:n]) if not fds else self._feed(view[:n], fds)
                 if event is not _NEED_DATA:
@@ -713,7 +702,7 @@ class Channel:
         if cls is Ok or cls is Err:
             msg: Any = event
             self._keep_fds(("r", msg.id))
-            if conn_bulk(self.conn):
+            if self.conn.bulk_values is not None:
                 self._keep_bulk(("r", msg.id))
             if self.track_arrivals:
                 self.server.arrived(self, ("r", msg.id))
@@ -745,7 +734,7 @@ class Channel:
         if cls is Call:
             call: Any = event
             self._keep_fds(("c", call.id))
-            if conn_bulk(self.conn):
+            if self.conn.bulk_values is not None:
                 self._keep_bulk(("c", call.id))
             if self.track_arrivals:
                 self.server.arrived(self, ("c", call.id))
@@ -898,7 +887,7 @@ class Channel:
                     or self.pending_output or self.pending_release or self.message_fds
                     or self.failure is not None or self._close_requested)
 
-    def reply_frame(self, frame: bytes) -> bytes:
+    def with_pending(self, frame: bytes) -> bytes:
         """``frame`` with the pending releases after it and output before."""
         if self.pending_release:
             frame = frame + self._release_frame()  # after: the frame may name those handles
@@ -917,32 +906,38 @@ class Channel:
                 # The reply became an error (too big to send): it names none.
                 close_fds(fds)
                 fds = []
-        frame = self.reply_frame(frame)
+        frame = self.with_pending(frame)
         if deadline is None:
             deadline = time.monotonic() + REPLY_SEND_TIMEOUT
         try:
             self._send(frame, deadline, fds)
         except _LockBusy:
             return  # a sender is stuck on a peer that does not read: it fails the channel
-        except TimeoutError:
+        except (OSError, ProtocolError) as exc:
+            self.send_failed(exc)
+
+    def send_failed(self, exc: OSError | ProtocolError) -> None:
+        """A reply could not be sent: the channel is broken (a peer that
+        stopped reading, ``TimeoutError``, or one that went away)."""
+        if isinstance(exc, TimeoutError):
             self.fail(ProtocolError(f"channel to {self.peer!r} broken: it does not read (a reply "
                                     "could not be sent in time)"), reason="reply send timeout")
-        except (OSError, ProtocolError) as exc:
+        else:
             self._fail_from_eof(f"send failed: {exc}")
 
     def _send(self, frame: bytes, deadline: float | None, fds: list[int] | tuple[int, ...] = (),
-              leading: bool = False, follower: _Waiter | None = None, locked: bool = False) -> None:
+              leading: bool = False, follower: _Waiter | None = None) -> None:
         """Send a whole frame, waiting for the send lock no longer than
         ``deadline`` (``_LockBusy``): a thread stuck writing to a peer that
         does not read must not hold the others past their deadlines.
         ``fds`` are the channel's from now on: closed once sent (or not).
-        ``leading``: we are the channel's reader, so we read while the
-        frame waits for room (the peer may be waiting for us to read);
-        ``follower``: we wait on that call, and read meanwhile if nobody else
-        does (``took_lead``). ``locked``: we hold the send lock already."""
+        ``leading``: we lead for ourselves (``_request``'s fast path), holding
+        the send lock already, so we read while the frame waits for room (the
+        peer may be waiting for us to read); ``follower``: we wait on that
+        call, and read meanwhile if nobody else does (``took_lead``)."""
         lock = self._send_lock
         try:
-            if locked:
+            if leading:
                 pass
             elif deadline is None:
                 lock.acquire()
@@ -992,13 +987,19 @@ class Channel:
         if n == 0:
             self._pump_eof = True
             return
+        self._buffered(view, n, fds)
+
+    def _buffered(self, view: memoryview, n: int, fds: list[int]) -> None:
+        """Take ``n`` bytes just read into ``view`` (a large frame's own
+        body, ``want_buffer``, or our read buffer) into the frame decoder."""
+        conn = self.conn
         if view is not self._view:
-            frames.body_written(n)
-            self.conn.bytes_in += n
+            conn.frames.body_written(n)
+            conn.bytes_in += n
             if fds:
-                frames.receive_data(b"", fds)
+                conn.frames.receive_data(b"", fds)
         else:
-            self.conn.receive_data(view[:n], fds)
+            conn.receive_data(view[:n], fds)
 
     def refuse(self, call: Call, message: str) -> None:
         """Answer a call we will not run, without waiting: a peer that sends
@@ -1136,7 +1137,7 @@ class Channel:
                 event = conn.parse_one(view[:n])
             if event.__class__ is Call and not event.parent:  # type: ignore[attr-defined]
                 self._keep_fds(("c", event.id))  # type: ignore[attr-defined]
-                if conn_bulk(conn):
+                if conn.bulk_values is not None:
                     self._keep_bulk(("c", event.id))  # type: ignore[attr-defined]
                 if self.track_arrivals:
                     self.server.arrived(self, ("c", event.id))  # type: ignore[attr-defined]

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from .. import fastpaths
 from ..wire.protocol import HEADER
+from .streams import PipeTransport, wait_fd
 
 _native = None
 if fastpaths.enabled("native"):
@@ -34,15 +35,14 @@ MAX_TIMEOUT_MS = 2**31 - 1
 
 def py_serve(rfd: int, wfd: int, buf: memoryview, handle: Callable[[bytes], bytes | None],
              write_timeout_ms: int, spin_us: int) -> int:
-    """``_gate.serve`` in Python."""
+    """``_gate.serve`` in Python. (A signal's handler runs inside ``readv``,
+    which Python then retries, as C returns to Python for it.)"""
     unpack = HEADER.unpack_from
     while True:
         _spin(rfd, spin_us)
         try:
             n = os.readv(rfd, (buf,))
         except BlockingIOError:
-            return -1
-        except InterruptedError:
             return -1
         if n < 8:
             return n
@@ -53,7 +53,8 @@ def py_serve(rfd: int, wfd: int, buf: memoryview, handle: Callable[[bytes], byte
         if reply is None:
             return -1
         if reply:
-            _write_all(wfd, reply, None if write_timeout_ms < 0 else time.monotonic() + write_timeout_ms / 1000)
+            deadline = None if write_timeout_ms < 0 else time.monotonic() + write_timeout_ms / 1000
+            PipeTransport.write_all(wfd, reply, deadline)
 
 
 def py_receive(rfd: int, buf: memoryview, timeout_ms: int, spin_us: int) -> int:
@@ -65,17 +66,10 @@ def py_receive(rfd: int, buf: memoryview, timeout_ms: int, spin_us: int) -> int:
             return os.readv(rfd, (buf,))
         except BlockingIOError:
             pass
-        except InterruptedError:
+        try:
+            wait_fd(rfd, select.POLLIN, deadline)
+        except TimeoutError:
             return -2
-        if deadline is None:
-            wait = -1
-        else:
-            wait = int((deadline - time.monotonic()) * 1000)
-            if wait <= 0:
-                return -2
-        p = select.poll()
-        p.register(rfd, select.POLLIN)
-        p.poll(wait)
 
 
 def _spin(fd: int, spin_us: int) -> None:
@@ -86,24 +80,6 @@ def _spin(fd: int, spin_us: int) -> None:
     end = time.perf_counter() + spin_us / 1e6
     while not p.poll(0) and time.perf_counter() < end:
         pass
-
-
-def _write_all(fd: int, data: bytes | memoryview, deadline: float | None) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view):]
-            continue
-        except BlockingIOError:
-            pass
-        wait = -1
-        if deadline is not None:
-            wait = int((deadline - time.monotonic()) * 1000)
-            if wait <= 0:
-                raise TimeoutError("the frame could not be written in time")
-        p = select.poll()
-        p.register(fd, select.POLLOUT)
-        p.poll(wait)
 
 
 serve = _native.serve if _native is not None else py_serve

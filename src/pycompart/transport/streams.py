@@ -63,7 +63,7 @@ class Transport:
         raise NotImplementedError
 
 
-def _wait_fd(fd: int, events: int, deadline: float | None,
+def wait_fd(fd: int, events: int, deadline: float | None,
              readable: tuple[int, Callable[[], None]] | None = None) -> None:
     """Wait for ``events`` on ``fd``; with ``readable`` (a descriptor and
     what to call when it has data), serve that meanwhile."""
@@ -117,18 +117,24 @@ class PipeTransport(Transport):
              readable: Callable[[], None] | None = None) -> None:
         if fds:
             raise ProtocolError("this channel cannot carry file descriptors")
+        self.write_all(self.write_fd, data, deadline, (self.read_fd, readable) if readable is not None else None)
+
+    @staticmethod
+    def write_all(fd: int, data: bytes | memoryview, deadline: float | None,
+                  readable: tuple[int, Callable[[], None]] | None = None) -> None:
+        """Write all of ``data`` to the non-blocking ``fd`` by ``deadline``
+        (``TimeoutError``), serving ``readable`` meanwhile (``wait_fd``)."""
         try:
-            n = os.write(self.write_fd, data)
+            n = os.write(fd, data)
         except BlockingIOError:
             n = 0
         if n == len(data):
             return
         view = memoryview(data)[n:]
-        also = (self.read_fd, readable) if readable is not None else None
         while view:
-            _wait_fd(self.write_fd, select.POLLOUT, deadline, also)
+            wait_fd(fd, select.POLLOUT, deadline, readable)
             try:
-                view = view[os.write(self.write_fd, view):]
+                view = view[os.write(fd, view):]
             except BlockingIOError:
                 pass
 
@@ -189,7 +195,7 @@ class SocketTransport(Transport):
             try:
                 return self.read_into(buf)
             except BlockingIOError:
-                _wait_fd(self._fd, select.POLLIN, deadline)
+                wait_fd(self._fd, select.POLLIN, deadline)
 
     def send(self, data: bytes, fds: list[int] | tuple[int, ...] = (), deadline: float | None = None,
              readable: Callable[[], None] | None = None) -> None:
@@ -200,7 +206,7 @@ class SocketTransport(Transport):
             try:
                 n = self.sock.sendmsg([view], anc)
             except BlockingIOError:
-                _wait_fd(self._fd, select.POLLOUT, deadline, also)
+                wait_fd(self._fd, select.POLLOUT, deadline, also)
                 continue
             anc = []  # descriptors ride with the first byte only
             view = view[n:]

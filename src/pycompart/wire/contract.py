@@ -59,7 +59,8 @@ _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _EMPTY_MAP = _encoder.encode({})
 _plain_args = msgspec.msgpack.Decoder(dict[str, Any], ext_hook=_ext_hook)
 
-#: Smallest value sent beside the frame (``pycompart.transport.bulk.BULK_MIN``).
+#: Smallest value sent beside the frame (``pycompart.transport.bulk``):
+#: smaller ones are cheaper inline.
 BULK_MIN = 256 * 1024
 _BULK_TYPES = (bytes, bytearray, memoryview)
 
@@ -181,19 +182,19 @@ class Contract:
             return _EMPTY_MAP
         bound = self._bind(args, kwargs)
         if bulk:
+            placed = bound
             views: list[memoryview] = []
             for name, value in bound.items():
                 if value.__class__ in _BULK_TYPES:
                     view = _bulk_view(value)
                     if view is not None:
                         if not views:
-                            bound = dict(bound)
-                        bound[name] = msgspec.msgpack.Ext(refs.EXT_BULK, _encoder.encode(len(views)))
+                            placed = dict(bound)  # ``bound`` stays whole, for inline()
+                        placed[name] = msgspec.msgpack.Ext(refs.EXT_BULK, _encoder.encode(len(views)))
                         views.append(view)
             if views:
-                original = self._bind(args, kwargs)
-                return BulkPayload(self._encode_args(bound), views,  # type: ignore[return-value]
-                                   lambda: self._encode_args(original))
+                return BulkPayload(self._encode_args(placed), views,  # type: ignore[return-value]
+                                   lambda: self._encode_args(bound))
         return self._encode_args(bound)
 
     def _encode_args(self, bound: dict[str, Any]) -> bytes:

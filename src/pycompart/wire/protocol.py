@@ -403,7 +403,8 @@ class Connection:
         self._ids = itertools.count(1)
         self.last_id = 0  # the last call this side sent (how the monitor tells "idle")
         self._fds: list[int] = _NO_FDS
-        self._bulk: list[bytes] | None = None
+        #: The bulk values of the last message returned (``take_bulk``).
+        self.bulk_values: list[bytes] | None = None
         #: The one kind of message that may come with bulk values: a typed
         #: call's reply (main's end, ``Ok``) or a typed call (an instance's, ``Call``).
         self.bulk_kind: type | None = None
@@ -487,6 +488,13 @@ class Connection:
         body, fds = frame  # type: ignore[misc]
         return self._message(body, fds)
 
+    def receive_body(self, body: bytes) -> Message | LateReply | Violation:
+        """The message of one whole frame that names neither descriptors
+        nor bulk segments, its header already read and checked by the
+        caller (``transport.gate.serve``)."""
+        self.bytes_in += 8 + len(body)
+        return self._message(body, _NO_FDS)
+
     def parse_one(self, data: bytes | memoryview) -> Message | LateReply | NeedData | Violation:
         """Fast path for a reader that just got ``data`` with nothing else
         buffered: one whole frame without descriptors is decoded straight
@@ -567,7 +575,7 @@ class Connection:
                 self.owed.discard(msg.id)  # type: ignore[union-attr]
             close_fds(self.take_fds())
             raise ValueError(f"a {cls.__name__} message may not come with bulk values")
-        self._bulk = source(nbulk)
+        self.bulk_values = source(nbulk)
         return msg
 
     def take_fds(self) -> list[int]:
@@ -578,13 +586,13 @@ class Connection:
 
     def take_bulk(self) -> list[bytes] | None:
         """The bulk values that came with the last message returned."""
-        bulk, self._bulk = self._bulk, None
+        bulk, self.bulk_values = self.bulk_values, None
         return bulk
 
     def close(self) -> None:
         self.frames.close_fds()
         close_fds(self.take_fds())
-        self._bulk = None
+        self.bulk_values = None
 
 
 def close_fds(fds: Iterable[int]) -> None:
