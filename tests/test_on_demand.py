@@ -66,11 +66,13 @@ def test_a_broker_hands_each_connection_to_its_own_instance(make_app):
         assert _echo(port, b"one") == b"ONE"
         assert _echo(port, b"crash") == b""  # this connection's instance died ...
         assert _echo(port, b"two") == b"TWO"  # ... and only it
-        assert len(errors) == 1 and isinstance(errors[0], pycompart.CompartmentCrashed)
     finally:
-        broker.stop()
+        broker.stop()  # waits for the connections in flight, their reports too
         serving.join(5)
         listener.close()
+    # (Checked once the broker has stopped: the crashed connection's handler
+    # may report after the next connection, served by a ready spare, ends.)
+    assert len(errors) == 1 and isinstance(errors[0], pycompart.CompartmentCrashed)
     assert broker.served == 2 and broker.failed == 1
 
 
