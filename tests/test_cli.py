@@ -143,7 +143,7 @@ def test_an_interpreter_this_user_cannot_reach_is_named(tmp_path):
     os.chmod(spec, 0o644)
     script = f'''
 import os, sys, warnings
-import pycompart, pycompart.frontend.app, pycompart.supervisor.monitor, subprocess, importlib.util
+import pycompart, pycompart.frontend.app, pycompart.supervisor.monitor, subprocess, importlib.util, shutil  # (argparse imports shutil late)
 from pycompart.frontend.cli import main
 from pycompart.frontend.commands import doctor
 os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)

@@ -218,3 +218,52 @@ def test_no_pid_of_mains_on_the_zygotes_command_line(make_app):
             args = f.read().split(b"\0")
         assert str(os.getpid()).encode() not in args
         assert app.function("bystander:ping")() == "pong"
+
+
+def test_the_zygote_inherits_none_of_mains_descriptors_but_its_control_socket():
+    """The zygote is started with posix_spawn, not subprocess: it must still
+    get nothing main made inheritable (what close_fds did), /dev/null for
+    stdin, and a session of its own; and its process handle waits and kills."""
+    import signal
+
+    from pycompart.supervisor import launcher
+
+    r, w = os.pipe()
+    os.set_inheritable(r, True)
+    os.set_inheritable(w, True)
+    leaked = {os.readlink(f"/proc/self/fd/{r}"), os.readlink(f"/proc/self/fd/{w}")}
+    proc, control = launcher.launch()
+    try:
+        seen = {}
+        for name in os.listdir(f"/proc/{proc.pid}/fd"):
+            try:
+                seen[int(name)] = os.readlink(f"/proc/{proc.pid}/fd/{name}")
+            except OSError:
+                pass
+        assert not leaked & set(seen.values()), seen
+        assert seen.get(0) == "/dev/null"
+        assert os.getsid(proc.pid) == proc.pid
+        assert proc.poll() is None
+        proc.kill()
+        assert proc.wait(10) == -signal.SIGKILL
+        assert proc.poll() == -signal.SIGKILL
+    finally:
+        control.close()
+        proc.kill()
+        proc.wait(10)
+        os.close(r)
+        os.close(w)
+
+
+def test_a_zygote_that_does_not_end_in_time_is_a_timeout():
+    from pycompart.supervisor import launcher
+
+    proc, control = launcher.launch()
+    try:
+        with pytest.raises(TimeoutError):
+            proc.wait(0.05)
+        control.close()  # the zygote ends when main's end closes
+        assert proc.wait(10) is not None
+    finally:
+        proc.kill()
+        proc.wait(10)

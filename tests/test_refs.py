@@ -236,3 +236,33 @@ def test_an_export_survives_the_id_of_a_dead_lent_object_being_reused():
     assert exports.release(handle, 1)
     assert exports.get(new_handle) is candidate
     assert exports.release(new_handle, 1) and len(exports) == 0 and not exports._by_id
+
+
+def test_standard_values_cross_by_value_with_their_types_paths_included():
+    import datetime
+    import decimal
+    import fractions
+    import pathlib
+    import uuid
+
+    _, peer = main_peer()
+    values = [decimal.Decimal("1.25"), fractions.Fraction(3, 7), datetime.datetime(2026, 12, 1, 19, 30),
+              datetime.date(2026, 12, 1), datetime.time(7, 8, 9), datetime.timedelta(days=2, seconds=5),
+              datetime.timezone(datetime.timedelta(hours=2)), uuid.UUID(int=12345), range(1, 10, 3),
+              pathlib.PurePosixPath("a/b"), pathlib.PosixPath("/etc/passwd")]
+    for value in values:
+        back = peer.decode(peer.encode(value))
+        assert back == value and type(back) is type(value)
+    assert len(peer.exports) == 0  # by value, not as references
+
+
+def test_references_do_not_import_pathlib_until_a_path_is_seen():
+    # pycompart run's start-up does not pay for pathlib; a path the program
+    # makes later still crosses by value.
+    import subprocess
+
+    code = ("import sys; from pycompart.wire import refs; assert 'pathlib' not in sys.modules; "
+            "import pathlib; enc = refs._std_encoder(pathlib.PosixPath); "
+            "assert enc is not None and enc(pathlib.PosixPath('/x')) == ('path', '/x'); "
+            "assert refs._std_encoder(pathlib.PurePosixPath)(pathlib.PurePosixPath('y')) == ('purepath', 'y')")
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))

@@ -156,3 +156,24 @@ def test_check_shows_mains_privileges(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "main (the program, under pycompart run)" in proc.stdout
     assert "may call: main" in proc.stdout
+
+
+def test_run_starts_its_zygote_before_the_heavy_imports_and_imports_little():
+    """What ``pycompart run`` imports before the program runs (start-up is
+    a product feature: the zygote is launched before typing and socket are
+    imported, and main never imports the instance side, subprocess,
+    importlib.abc, pathlib or OpenSSL's hashlib)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    code = ("import sys; import pycompart.frontend.cli, pycompart.supervisor.launcher; "
+            "print(' '.join(sorted(sys.modules)))")
+    before = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                env=env).stdout.split())
+    for name in ("typing", "socket", "subprocess"):
+        assert name not in before, name
+    code = ("import sys; import pycompart.frontend.cli, pycompart.supervisor.launcher, pycompart.frontend.run; "
+            "print(' '.join(sorted(sys.modules)))")
+    after = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               env=env).stdout.split())
+    for name in ("subprocess", "importlib.abc", "pathlib", "hashlib", "pickle", "pycompart.compartment.serve",
+                 "pycompart.compartment.objects", "pycompart.compartment.lockdown", "pycompart.compartment.edges"):
+        assert name not in after, name

@@ -10,9 +10,12 @@ Names are imported on first use, so the zygote, which imports
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+
+# Not ``typing.TYPE_CHECKING``: ``pycompart run`` starts its zygote as soon
+# as it can, and importing typing first would cost that some 8 ms.
+TYPE_CHECKING = False
 
 _EXPORTS = {
     "App": "frontend.app", "Entrypoint": "frontend.app",

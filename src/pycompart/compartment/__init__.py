@@ -11,3 +11,15 @@ May import: ``pycompart.kernel``, ``wire``, ``transport`` and ``errors``.
 Never the policy, the supervisor or the front ends: an instance holds none
 of main's machinery (tested: ``tests/test_layout.py``).
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..wire.config import InstanceConfig
+
+#: The configuration of the instance this process is (set by ``serve.run``
+#: before any of the compartment's code runs), or None in main. Here, not in
+#: ``serve``, so that main can ask without importing the instance side.
+CURRENT: InstanceConfig | None = None

@@ -406,7 +406,7 @@ class ObjectServer:
     def op_callsuper(self, twin: Any, cls: Any, name: Any, args: Any, kwargs: Any) -> Any:
         """``cls.name(twin, ...)``: the implementation of ``name`` in ``cls``'s
         ancestry (ours), not the twin's stub of main's override."""
-        check_arguments(args, kwargs)
+        protocols.check_arguments(args, kwargs)
         return self._super(twin, cls, name)(*args, **kwargs)
 
     def op_getsuper(self, twin: Any, cls: Any, name: Any) -> Any:
@@ -432,14 +432,14 @@ class ObjectServer:
 
     def op_call(self, target: Any, args: Any, kwargs: Any) -> Any:
         self._check_target(target)
-        check_arguments(args, kwargs)
+        protocols.check_arguments(args, kwargs)
         if not callable(target):
             raise TypeError(f"{_describe(target)} is not callable")
         return target(*args, **kwargs)
 
     def op_callmethod(self, target: Any, name: Any, args: Any, kwargs: Any) -> Any:
         self._check_target(target)
-        check_arguments(args, kwargs)
+        protocols.check_arguments(args, kwargs)
         method = getattr(target, self.check_name(name, _describe(target)))
         if self.guarded and not self.owns(method):
             # ``Store.helper = staticmethod(os.system)``: reached through an
@@ -629,11 +629,6 @@ def _describe(obj: Any) -> str:
     if isinstance(obj, type):
         return f"class {obj.__qualname__!r}"
     return f"{type(obj).__qualname__!r} object"
-
-
-def check_arguments(args: Any, kwargs: Any) -> None:
-    if type(args) is not list or type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
-        raise TypeError("malformed call arguments")
 
 
 def _isinstance(obj: Any, cls: Any) -> bool:

@@ -42,6 +42,7 @@ from ..wire.config import CANCEL_SIGNAL, EXIT_PROTOCOL, EXIT_START_FAILED, Insta
 from ..wire.contract import Contract
 from ..wire.exceptions import describe_exception
 from ..wire.protocol import Call, Connection, Err, close_fds
+from .. import compartment as _package
 from . import edges as _edges
 from . import lockdown as _lockdown
 from . import output as _output
@@ -62,8 +63,6 @@ def preload() -> None:
     _output.prepare(CALL_OUTPUT)
     _lockdown.index_packages()
 
-#: The configuration of the instance this process is, or None in ``main``.
-CURRENT: InstanceConfig | None = None
 
 
 def run(config: InstanceConfig, read_fd: int, write_fd: int,
@@ -74,8 +73,7 @@ def run(config: InstanceConfig, read_fd: int, write_fd: int,
     main relays its stdout and stderr from; ``control_fd`` its edge control
     socket to the monitor (``pycompart.compartment.edges``); ``bulk_fd`` the
     memory file of its bulk lanes (``pycompart.transport.bulk``). Never returns."""
-    global CURRENT
-    CURRENT = config
+    _package.CURRENT = config
     code = 0
     try:
         try:

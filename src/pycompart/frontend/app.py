@@ -18,8 +18,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from ..compartment import edges as _edges
-from ..compartment import serve as _instance
+from .. import compartment as _instance
 from ..errors import (
     CallTimeout,
     CompartmentCrashed,
@@ -35,7 +34,7 @@ from ..supervisor.audit import AuditLog
 from ..supervisor.identities import Identities
 from ..supervisor.monitor import CommBreakEvent, Hooks, InstanceEvent, Monitor, Pool, TimeoutEvent
 from ..wire import refs
-from ..wire.config import EdgePlan
+from ..wire.config import EdgePlan, InstanceConfig
 from ..wire.contract import Contract, function_key
 from ..wire.exceptions import describe_exception, rebuild_exception
 from ..wire.protocol import Err, close_fds
@@ -84,6 +83,8 @@ class Entrypoint(Generic[P, R]):
         here = _instance.CURRENT
         if here is None or here.compartment == self.compartment:
             return self.__pycompart_function__(*args, **kwargs)
+        from ..compartment import edges as _edges  # (an instance's: imported there already)
+
         return _edges.call(here, self.compartment, self.key, self.contract, args, kwargs, timeout)
 
     def options(self, *, timeout: float | None = _UNSET) -> Callable[P, R]:
@@ -415,9 +416,9 @@ class _Runtime:
                 raise EntrypointError(f"compartment {comp.name!r}: shared data {key!r}: {exc}") from None
         return out
 
-    def _config_for(self, comp: CompartmentSpec, index: int) -> _instance.InstanceConfig:
+    def _config_for(self, comp: CompartmentSpec, index: int) -> InstanceConfig:
         keys = sorted(k for k, ep in self.entrypoints.items() if ep.compartment == comp.name)
-        return _instance.InstanceConfig(
+        return InstanceConfig(
             compartment=comp.name, index=index, sys_path=list(self.sys_path), cwd=os.getcwd(),
             main_path=self._main_path, main_module=self._main_module, modules=list(comp.modules),
             entrypoints=keys, max_frame=self.spec.max_message_size,

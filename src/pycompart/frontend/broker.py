@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..compartment import edges as _edges
-from ..compartment import serve as _instance
+from .. import compartment as _instance
 from ..errors import EntrypointError
 from ..wire import refs
 from .proxy import places

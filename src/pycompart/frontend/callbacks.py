@@ -18,7 +18,6 @@ import sys
 import threading
 from typing import Any
 
-from ..compartment.objects import check_arguments
 from ..errors import EntrypointError
 from ..transport.channel import CallServer, Channel
 from ..wire import protocols, refs
@@ -128,7 +127,7 @@ class CallbackGate(CallServer):
         if type(request) is not list or len(request) != 3:
             raise TypeError("malformed callback request")
         target, args, kwargs = request
-        check_arguments(args, kwargs)
+        protocols.check_arguments(args, kwargs)
         if type(target) is ReturnedCallable:
             # The callback the compartment calls: what may_call is for. The
             # guard is for main's own code, not for the gate.
@@ -218,14 +217,14 @@ class CallbackGate(CallServer):
                     or handed.get(name) not in ("staticmethod", "classmethod"):
                 raise AttributeError(f"class {target.__qualname__!r} hands over no static or "
                                      f"class method {name!r}")
-            check_arguments(request[2], request[3])
+            protocols.check_arguments(request[2], request[3])
             return getattr(target, name)(*request[2], **request[3])
         handed = type(target).__pycompart_handed__
         if op == "@callmethod":
             if len(request) != 4 or name not in handed:
                 raise AttributeError(f"{type(target).__qualname__!r} hands over no method {name!r}")
             args, kwargs = request[2], request[3]
-            check_arguments(args, kwargs)
+            protocols.check_arguments(args, kwargs)
             return getattr(target, name)(*args, **kwargs)
         if name in target.__dict__ and not name.startswith("__pycompart"):
             if op == "@getattr" and len(request) == 2:
@@ -302,7 +301,7 @@ class CallbackGate(CallServer):
         if name not in refs.STREAM_METHODS or len(request) != 4:
             raise AttributeError(f"file objects of main do not offer {name!r} to compartments")
         args, kwargs = request[2], request[3]
-        check_arguments(args, kwargs)
+        protocols.check_arguments(args, kwargs)
         return getattr(target, name)(*args, **kwargs)
 
     def release(self, channel: Channel, handles: list[tuple[int, int]]) -> None:

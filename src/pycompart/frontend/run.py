@@ -14,7 +14,6 @@ import os
 import runpy
 import signal
 import sys
-import traceback
 import types
 from typing import Any
 
@@ -144,6 +143,8 @@ def _print_exception(exc_type: Any, exc: Any, tb: Any) -> None:
     try:
         sys.excepthook(exc_type, exc, new_tb)
     except Exception:
+        import traceback  # here: a program that ends well never needs it
+
         traceback.print_exception(exc_type, exc, new_tb)
 
 

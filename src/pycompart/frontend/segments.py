@@ -19,7 +19,7 @@ import types
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..compartment import serve as _instance
+from .. import compartment as _instance
 from ..errors import PycompartError
 from ..kernel import files
 from ..wire.contract import function_key

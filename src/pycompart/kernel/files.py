@@ -21,11 +21,17 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-import hashlib
 import os
 import platform
 import stat
 from typing import IO, Any
+
+try:
+    # CPython's own BLAKE2, as hashlib has it, without loading OpenSSL's
+    # libcrypto (some 2 ms of every ``pycompart run``).
+    from _blake2 import blake2b as _blake2b
+except ImportError:  # another Python
+    from hashlib import blake2b as _blake2b
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -121,12 +127,17 @@ def owned(st: os.stat_result) -> bool:
     return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
+def digest(data: bytes) -> str:
+    """A cache key's hash of ``data``: BLAKE2b-256 in hex."""
+    return _blake2b(data, digest_size=32).hexdigest()
+
+
 @functools.lru_cache(maxsize=None)
 def source_digest(path: str) -> str:
-    """The SHA-256 of a file of pycompart's own (what a cache key names
+    """The ``digest`` of a file of pycompart's own (what a cache key names
     as the code that made an entry), read once per process."""
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        return digest(f.read())
 
 
 def own_directory(path: str, mode: int = 0o755) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
-import hashlib
 import os
 import platform
 import stat
@@ -269,8 +268,8 @@ def _compiled(profile: str, allow: tuple[str, ...], deny: tuple[str, ...], kill:
               sockets: str, metadata: str, locks: bool, fifos: bool) -> bytes:
     inputs = repr((profile, allow, deny, kill, sockets, metadata, locks, fifos)).encode()
     maker = files.source_digest(seccomp.__file__).encode()  # the profiles live in its source
-    key = hashlib.sha256(b"\0".join((inputs, platform.machine().encode(), __version__.encode(),
-                                      maker))).hexdigest()[:32]
+    key = files.digest(b"\0".join((inputs, platform.machine().encode(), __version__.encode(),
+                                   maker)))[:32]
     path = None
     try:
         path = os.path.join(files.own_directory(f"{FILTER_CACHE}-{os.getuid()}", 0o700), key + ".bpf")

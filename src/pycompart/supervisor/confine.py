@@ -24,7 +24,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..compartment import lockdown
 from ..policy import resolution as policy
 from ..policy.spec import CompartmentSpec, Privileges
 from ..wire.config import Lockdown
@@ -53,6 +52,8 @@ def plan(privileges: Privileges, sys_path: Sequence[str], main_path: str | None)
 
 def confine(lock: Lockdown) -> None:
     """Lock this process (main) down; call it while it has one thread."""
+    from ..compartment import lockdown  # here: a main that is not confined never needs it
+
     if lock.preopen:
         reach = lockdown.preopen(lock.preopen)
         sys.path[:] = [reach.get(os.path.abspath(p or os.getcwd()), p) for p in sys.path]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fcntl
 import grp
-import hashlib
 import os
 import pwd
 
@@ -42,6 +41,8 @@ class Identities:
         except OSError as exc:
             raise PrivilegeError(f"compartment {compartment!r}: cannot allocate a uid of its own: "
                                  f"{self.lock_dir}: {exc} (or set privileges.user)") from None
+        import hashlib  # here: only a compartment of its own uid needs it
+
         size = len(DYNAMIC_IDS)
         digest = hashlib.sha256(f"{app}\0{compartment}".encode()).digest()
         start = int.from_bytes(digest[:4], "little") % size

@@ -32,7 +32,6 @@ from typing import Any, Union
 
 import msgspec
 
-from ..compartment import serve as _instance
 from ..kernel import namespaces, process
 from ..transport.streams import SocketTransport
 from ..wire.config import InstanceConfig
@@ -109,6 +108,9 @@ def main() -> None:
     # (No libseccomp here: instances load filters main compiled, with one
     # system call.)
     zygote = Zygote(control, isolated)
+    # Here, not at the top: main imports this module for its messages only.
+    from ..compartment import serve as _instance
+
     _instance.preload()
     # Everything imported so far is shared by every instance: keep the
     # collector from touching (and so copying) those pages after each fork.
@@ -227,6 +229,8 @@ class Zygote:
                 os.close(self.wake_r)
                 os.close(self.wake_w)
                 self.control.close()
+                from ..compartment import serve as _instance  # (imported by main())
+
                 _instance.run(msg.config, read_fd, write_fd, output, control, bulk)
             finally:
                 os._exit(1)

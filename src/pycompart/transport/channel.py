@@ -22,7 +22,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import CallTimeout, CompartmentCrashed, CompartmentError, ProtocolError
 from ..wire.protocol import (
@@ -325,7 +325,8 @@ class Channel:
             if nbulk:
                 self.bulk.unsend()  # type: ignore[union-attr]
             raise
-        frame = self.with_pending(frame)
+        if self.pending_release or self.pending_output:
+            frame = self.with_pending(frame)
         mu = self._mu
         mu.acquire()
         if self.failure is not None:
@@ -334,6 +335,17 @@ class Channel:
             close_fds(fds)
             raise self.failure
         self._users += 1
+        if not fds and not self._leader and self._direct is not None \
+                and self._send_lock.acquire(blocking=False):
+            # The fast path: nobody reads or sends, so we lead for ourselves
+            # (holding the send lock already: leading while waiting for it
+            # would leave its holder, its frame waiting for room, with nobody
+            # to read for it).
+            self._leader = True
+            self._leader_rid = rid
+            self._leader_reply = None
+            mu.release()
+            return self._exchange(rid, entrypoint, frame, deadline, nbulk)
         try:
             return self._request(rid, entrypoint, frame, deadline, fds, nbulk)
         finally:
@@ -377,10 +389,7 @@ class Channel:
         """Called with ``_mu`` held; releases it."""
         mu = self._mu
         if not self._leader and self._send_lock.acquire(blocking=False):
-            # Fast path: nobody is reading or sending, so we send, holding
-            # the send lock already, and read our own reply. (Leading while
-            # waiting for the lock would leave the one who holds it, its
-            # frame waiting for room, with nobody to read for it.)
+            # As ``request``'s fast path, on a transport without ``_exchange``.
             self._leader = True
             self._leader_rid = rid
             self._leader_reply = None
@@ -392,18 +401,23 @@ class Channel:
             self._waiters[rid] = waiter
             mu.release()
         try:
-            if waiter is None and not fds and self._direct is not None:
-                reply = self._exchange(rid, entrypoint, frame, deadline, nbulk)
-                if reply is not None:
-                    return reply
-            elif waiter is None:
+            if waiter is None:
                 self._send(frame, deadline, fds, leading=True)
             else:
                 try:
                     self._send(frame, deadline, fds, follower=waiter)
                 finally:
                     waiter.busy = False
-        except _LockBusy:
+        except BaseException as exc:
+            self._not_sent(rid, entrypoint, waiter, nbulk, exc)
+        if waiter is None:
+            return self._lead_then_await(rid, entrypoint, deadline)
+        return self._follow(rid, entrypoint, waiter, deadline)
+
+    def _not_sent(self, rid: int, entrypoint: str, waiter: _Waiter | None, nbulk: int,
+                  exc: BaseException) -> NoReturn:
+        """``_send`` raised ``exc``: what the caller gets instead."""
+        if isinstance(exc, _LockBusy):
             # Another thread is stuck sending (to a peer that does not
             # read): nothing of ours is on the wire; give up by our deadline.
             if nbulk:
@@ -411,23 +425,31 @@ class Channel:
             self._abandon(rid, waiter)
             raise CallTimeout(f"call {entrypoint} to {self.peer!r} could not be sent in time "
                               "(the channel is busy)") from None
-        except TimeoutError:
+        if isinstance(exc, TimeoutError):
             # Part of a frame may be on the wire: the stream is unusable.
             self._abandon(rid, waiter)
             self.fail(ProtocolError(f"channel to {self.peer!r} broken: a call could not be "
                                     "sent before its deadline"), reason="send timeout")
             raise CallTimeout(f"call {entrypoint} to {self.peer!r} could not be sent in time") from None
-        except OSError as exc:
+        if isinstance(exc, OSError):
             self._abandon(rid, waiter)
             self._fail_from_eof(f"send failed: {exc}")
             raise self.failure or CompartmentCrashed(self.peer, None, "closed its channel") from None
+        self._abandon(rid, waiter)
+        raise exc
+
+    def _lead_then_await(self, rid: int, entrypoint: str, deadline: float | None) -> Ok | Err:
+        """Our call sent while we lead for ourselves: read until our reply
+        comes, or wait as a follower if calls nested in ours came instead."""
+        reply, waiter = self._lead_for_self(rid, deadline)
+        if reply is not None:
+            return reply
         if waiter is None:
-            reply, waiter = self._lead_for_self(rid, deadline)
-            if reply is not None:
-                return reply
-            if waiter is None:
-                # Our reply did not come while we led (timeout or failure).
-                return self._finish_leading_without_reply(rid, entrypoint)
+            # Our reply did not come while we led (timeout or failure).
+            return self._finish_leading_without_reply(rid, entrypoint)
+        return self._follow(rid, entrypoint, waiter, deadline)
+
+    def _follow(self, rid: int, entrypoint: str, waiter: _Waiter, deadline: float | None) -> Ok | Err:
         if waiter.took_lead:
             waiter.took_lead = False
             self._lead_as_follower(waiter, deadline)
@@ -442,23 +464,46 @@ class Channel:
             self._release_leadership(own=waiter)
 
     def _exchange(self, rid: int, entrypoint: str, frame: bytes, deadline: float | None,
-                  nbulk: int) -> Ok | Err | None:
-        """Send our call and read what comes back first (the wait in
-        ``transport.gate.receive``: in C where built), while we lead for
-        ourselves and nothing is buffered. Our reply, or None: sent, and
-        the general loop waits for the rest. Raises as ``_send`` does."""
-        self._send(frame, deadline, leading=True)
-        if self.conn.frames.buffered or self.failure is not None:
-            return None
+                  nbulk: int) -> Ok | Err:
+        """``request``'s fast path on a pipe, leading for ourselves and
+        holding the send lock: write our frame (with one ``os.write`` when
+        the pipe has room), release the lock, and wait for what comes back
+        first in ``transport.gate.receive`` (C where built). Our plain reply
+        ends it there; anything else goes to the general loop."""
         try:
-            return self._receive_own(rid, deadline)
-        except BaseException:
-            # A signal handler's exception (KeyboardInterrupt), or anything
-            # else: we stop leading (if we still do), or nobody would ever
-            # read again.
-            if self._leader and self._leader_rid == rid:
-                self._release_leadership(rid)
-            raise
+            try:
+                self._write_leading(frame, deadline)
+            except BaseException as exc:
+                self._not_sent(rid, entrypoint, None, nbulk, exc)
+            if not self.conn.frames.buffered and self.failure is None:
+                try:
+                    reply = self._receive_own(rid, deadline)
+                except BaseException:
+                    # A signal handler's exception (KeyboardInterrupt), or
+                    # anything else: we stop leading (if we still do), or
+                    # nobody would ever read again.
+                    if self._leader and self._leader_rid == rid:
+                        self._release_leadership(rid)
+                    raise
+                if reply is not None:
+                    return reply
+            return self._lead_then_await(rid, entrypoint, deadline)
+        finally:
+            self._leave()
+
+    def _write_leading(self, frame: bytes, deadline: float | None) -> None:
+        """``_send`` for the leader of ``_exchange``, which holds the send
+        lock: a frame that fits the pipe goes in one write; the rest of one
+        that does not waits for room while we read (``_pump``)."""
+        try:
+            try:
+                sent = os.write(self._direct[0], frame)  # type: ignore[index]
+            except BlockingIOError:
+                sent = 0
+            if sent != len(frame):
+                self.transport.send(memoryview(frame)[sent:], (), deadline, self._pump)
+        finally:
+            self._send_lock.release()
 
     def _receive_own(self, rid: int, deadline: float | None) -> Ok | Err | None:
         timeout = -1 if deadline is None else min(max(0, int((deadline - time.monotonic()) * 1000)),

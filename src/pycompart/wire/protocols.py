@@ -101,6 +101,13 @@ ALL_METHOD_FLAGS = sum(_METHOD_BITS.values())
 ALL_FLAGS = (1 << 26) - 1 | ALL_METHOD_FLAGS
 
 
+def check_arguments(args: Any, kwargs: Any) -> None:
+    """A call's arguments as both sides send them: a list and a dict keyed
+    by strings (anything else was not made by our encoder)."""
+    if type(args) is not list or type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
+        raise TypeError("malformed call arguments")
+
+
 def collection_flags(tp: type) -> int:
     flags = 0
     for name, bit in _METHOD_BITS.items():

@@ -37,8 +37,8 @@ import fractions
 import io
 import itertools
 import os
-import pathlib
 import socket
+import sys
 import threading
 import types
 import uuid
@@ -590,7 +590,7 @@ class Peer:
             return METHOD_EXT
         if tp in _CONTAINER_KINDS:
             return self._container(value, tp, depth)
-        std = _STD_ENCODE.get(tp)
+        std = _STD_ENCODE.get(tp) or _std_encoder(tp)
         if std is not None:
             kind, fields = std(value)
             if kind:
@@ -945,9 +945,29 @@ _STD_ENCODE: dict[type, Callable[[Any], tuple[str, Any]]] = {
     datetime.timezone: lambda v: ("timezone", _tz_fields(v)),
     uuid.UUID: lambda v: ("uuid", v.bytes),
     range: lambda v: ("range", [str(v.start), str(v.stop), str(v.step)]),
-    pathlib.PurePosixPath: lambda v: ("purepath", str(v)),
-    pathlib.PosixPath: lambda v: ("path", str(v)),
 }
+
+
+def _std_encoder(tp: type) -> Callable[[Any], tuple[str, Any]] | None:
+    """How ``_STD_ENCODE`` encodes ``tp``, paths included: ``pathlib``'s
+    entries are added once a path exists (then pathlib was imported), so a
+    start-up that never sees one never imports it."""
+    std = _STD_ENCODE.get(tp)
+    if std is None and tp.__module__ == "pathlib" and "pathlib" in sys.modules:
+        import pathlib
+
+        _STD_ENCODE[pathlib.PurePosixPath] = lambda v: ("purepath", str(v))
+        _STD_ENCODE[pathlib.PosixPath] = lambda v: ("path", str(v))
+        std = _STD_ENCODE.get(tp)
+    return std
+
+
+def _path(kind: str, f: Any) -> Any:
+    import pathlib
+
+    if not isinstance(f, str):
+        _bad()
+    return pathlib.PosixPath(f) if kind == "path" else pathlib.PurePosixPath(f)
 
 
 def _bounded_int(text: Any) -> int:
@@ -966,8 +986,8 @@ _STD_DECODE: dict[str, Callable[[Any], Any]] = {
     "timezone": _tz,
     "uuid": lambda f: uuid.UUID(bytes=f),
     "range": lambda f: range(_bounded_int(f[0]), _bounded_int(f[1]), _bounded_int(f[2])),
-    "purepath": lambda f: pathlib.PurePosixPath(f) if isinstance(f, str) else _bad(),
-    "path": lambda f: pathlib.PosixPath(f) if isinstance(f, str) else _bad(),
+    "purepath": lambda f: _path("purepath", f),
+    "path": lambda f: _path("path", f),
 }
 
 
