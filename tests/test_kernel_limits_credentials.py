@@ -128,3 +128,28 @@ def test_no_new_privs_and_not_dumpable():
         return f"{process.prctl(39)}/{process.prctl(3)}"  # PR_GET_NO_NEW_PRIVS, PR_GET_DUMPABLE
 
     assert in_child(lock) == ("ok", "1/0")
+
+
+def test_a_compartments_own_uid_is_where_sha256_of_its_names_points(tmp_path):
+    """The uid a compartment gets (when root and no user is named) starts
+    from SHA-256 of the app's and compartment's names, read from CPython's
+    own module: it must be the uid hashlib's SHA-256 picks (the same uid
+    across runs and versions)."""
+    import hashlib
+
+    from pycompart.policy.resolution import DYNAMIC_IDS
+    from pycompart.supervisor import identities
+
+    if os.geteuid() != 0:
+        pytest.skip("uids of their own are allocated as root")
+    ids = identities.Identities(lock_dir=str(tmp_path))
+    try:
+        got = ids.allocate("show-config", "yaml")
+    finally:
+        ids.release()
+    start = int.from_bytes(hashlib.sha256(b"show-config\0yaml").digest()[:4], "little") % len(DYNAMIC_IDS)
+    expected = DYNAMIC_IDS.start + start
+    if identities._named(expected) or expected in identities._process_uids():
+        pytest.skip("the first candidate is taken on this machine")
+    assert got == expected
+    assert identities._sha256(b"x").digest() == hashlib.sha256(b"x").digest()

@@ -21,11 +21,27 @@ import fcntl
 import grp
 import os
 import pwd
+from typing import Any
 
 from ..errors import PrivilegeError
 from ..policy.resolution import DYNAMIC_IDS
 
 LOCK_DIR = "/run/pycompart/ids"
+
+
+
+def _sha256(data: bytes) -> Any:
+    """hashlib's SHA-256 (the uids it picks must not change), from CPython's
+    own module where it can be: ``hashlib`` loads OpenSSL's libcrypto, some
+    3 ms of a start."""
+    try:
+        from _sha256 import sha256  # CPython 3.11
+    except ImportError:
+        try:
+            from _sha2 import sha256  # type: ignore[no-redef]  # 3.12 and later
+        except ImportError:
+            from hashlib import sha256
+    return sha256(data)
 
 
 class Identities:
@@ -41,10 +57,8 @@ class Identities:
         except OSError as exc:
             raise PrivilegeError(f"compartment {compartment!r}: cannot allocate a uid of its own: "
                                  f"{self.lock_dir}: {exc} (or set privileges.user)") from None
-        import hashlib  # here: only a compartment of its own uid needs it
-
         size = len(DYNAMIC_IDS)
-        digest = hashlib.sha256(f"{app}\0{compartment}".encode()).digest()
+        digest = _sha256(f"{app}\0{compartment}".encode()).digest()
         start = int.from_bytes(digest[:4], "little") % size
         used = None
         for step in range(size):

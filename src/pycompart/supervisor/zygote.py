@@ -278,7 +278,8 @@ class Zygote:
         deadline = time.monotonic() + grace
         while self.children and time.monotonic() < deadline:
             self.reap(timeout=0.2)
-            time.sleep(0.002)
+            if self.children:
+                _wait_for_any(self.children, deadline)
         for pid in list(self.children):
             for kill in (os.killpg, os.kill):
                 try:
@@ -301,6 +302,30 @@ class Zygote:
                 self.children.discard(pid)
                 self.send(Exited(pid, status), timeout=0.2)
         os._exit(0)
+
+
+def _wait_for_any(pids: set[int], deadline: float) -> None:
+    """Sleep until one of ``pids`` ends (their pidfds become readable), 10 ms
+    at most, not past ``deadline``: an app's stop waits for its instances'
+    exits, not for a polling interval."""
+    wait_ms = max(0, min(10, int((deadline - time.monotonic()) * 1000) + 1))
+    fds = []
+    try:
+        poller = select.poll()
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:  # already reaped, or no pidfds here
+                continue
+            fds.append(fd)
+            poller.register(fd, select.POLLIN)
+        if fds:
+            poller.poll(wait_ms)
+        else:
+            time.sleep(0.002)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _children_of(parent: int) -> list[int]:
