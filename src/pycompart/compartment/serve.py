@@ -399,19 +399,14 @@ class Server(CallServer):
                 except Exception:
                     pass
 
-    def _run_top(self, call: Call, typed: Contract | None = None) -> bytes:
-        """Run a top-level call on the serve thread; its reply frame.
-        ``typed``: a typed entrypoint's built contract, on a pipe (no
-        descriptors either way, nothing to track): run by ``_invoke_typed``,
-        ``execute`` without the steps that cannot apply."""
+    def _run_top(self, call: Call) -> bytes:
+        """Run a top-level call on the serve thread; its reply frame."""
         channel = self.channel
         self.current = call.id
         self.cancel_current = False
         stack = serving_stack()
         stack.append((channel, call.id))
         try:
-            if typed is not None:
-                return self._invoke_typed(call, typed)
             return self.execute(channel, call, True)
         finally:
             stack.pop()
@@ -448,7 +443,7 @@ class Server(CallServer):
             return None if channel.failure is not None or not channel.idle() else b""
         lazy = self.table.get(event.entrypoint)  # type: ignore[union-attr]
         if lazy is not None and lazy.contract is not None and not channel.track_arrivals:
-            frame = self._run_top(event, lazy.contract)  # type: ignore[arg-type]
+            frame = self._run_typed(event, lazy.contract)  # type: ignore[arg-type]
         else:
             if channel.track_arrivals:
                 self.peer.arrived(("c", event.id))  # type: ignore[union-attr]
@@ -461,11 +456,20 @@ class Server(CallServer):
             return None
         return frame
 
-    def _invoke_typed(self, call: Call, contract: Contract) -> bytes:
-        """(``_run_top``) Exceptions end as ``execute`` ends them."""
+    def _run_typed(self, call: Call, contract: Contract) -> bytes:
+        """``_run_top`` of a typed entrypoint's call on a pipe (no descriptors
+        either way, nothing to track): ``execute`` without the steps that
+        cannot apply, the direct serve loop's hot path. The same state is
+        kept for cancellation, nested calls and output; exceptions end as
+        ``execute`` ends them."""
         channel = self.channel
         rid = call.id
-        self.active.append(rid)
+        self.current = rid
+        self.cancel_current = False
+        stack = serving_stack()
+        stack.append((channel, rid))
+        active = self.active
+        active.append(rid)
         self.in_user_code = True
         try:
             result = contract.invoke(call.args, None, channel.bulk is not None)
@@ -474,7 +478,11 @@ class Server(CallServer):
             return self._error_reply(channel.conn, rid, exc, typed=True)
         finally:
             self.in_user_code = False
-            self.active.pop()
+            active.pop()
+            stack.pop()
+            self.current = None
+        if result.__class__ is bytes:
+            return channel.conn.send_ok(rid, result)
         return channel.reply_value(rid, result)
 
     @staticmethod

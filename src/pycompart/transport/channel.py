@@ -469,7 +469,9 @@ class Channel:
         holding the send lock: write our frame (with one ``os.write`` when
         the pipe has room), release the lock, and wait for what comes back
         first in ``transport.gate.receive`` (C where built). Our plain reply
-        ends it there; anything else goes to the general loop."""
+        ends it there, leaving the channel under one lock; anything else
+        goes to the general loop."""
+        left = False
         try:
             try:
                 self._write_leading(frame, deadline)
@@ -477,7 +479,22 @@ class Channel:
                 self._not_sent(rid, entrypoint, None, nbulk, exc)
             if not self.conn.frames.buffered and self.failure is None:
                 try:
-                    reply = self._receive_own(rid, deadline)
+                    event = self._receive_own(rid, deadline)
+                    if event is not None:
+                        if event.__class__ is Ok:  # our plain reply, not yet taken
+                            with self._mu:
+                                if not self._leader_nested and not self._waiters and not self._inbox_waiting:
+                                    self._leader = False
+                                    self._leader_rid = 0
+                                    if not self._close_requested:
+                                        self._users -= 1
+                                        left = True
+                                    return event
+                            self._leader_reply = event
+                        elif not self._leader_nested and self.failure is None:
+                            reply, _ = self._release_leadership(rid)
+                            if reply is not None:
+                                return reply
                 except BaseException:
                     # A signal handler's exception (KeyboardInterrupt), or
                     # anything else: we stop leading (if we still do), or
@@ -485,11 +502,10 @@ class Channel:
                     if self._leader and self._leader_rid == rid:
                         self._release_leadership(rid)
                     raise
-                if reply is not None:
-                    return reply
             return self._lead_then_await(rid, entrypoint, deadline)
         finally:
-            self._leave()
+            if not left:
+                self._leave()
 
     def _write_leading(self, frame: bytes, deadline: float | None) -> None:
         """``_send`` for the leader of ``_exchange``, which holds the send
@@ -505,7 +521,10 @@ class Channel:
         finally:
             self._send_lock.release()
 
-    def _receive_own(self, rid: int, deadline: float | None) -> Ok | Err | None:
+    def _receive_own(self, rid: int, deadline: float | None) -> Ok | bool | None:
+        """Wait for what comes first, and read it: our plain reply (``Ok``,
+        still to be taken), True if the leader's reply was set meanwhile
+        (anything else was dispatched), or None."""
         timeout = -1 if deadline is None else min(max(0, int((deadline - time.monotonic()) * 1000)),
                                                   gate.MAX_TIMEOUT_MS)
         n = gate.receive(self._direct[1], self._view, timeout, self._spin_us)  # type: ignore[index]
@@ -519,18 +538,11 @@ class Channel:
                 # Our reply, plain (as ``_dispatch`` would take it).
                 if self.track_arrivals:
                     self.server.arrived(self, ("r", rid))
-                mu = self._mu
-                with mu:
-                    if not self._leader_nested and not self._waiters and not self._inbox_waiting:
-                        self._leader = False
-                        self._leader_rid = 0
-                        return event  # type: ignore[return-value]
-                self._leader_reply = event  # type: ignore[assignment]
-            elif event is not _NEED_DATA:
+                return event  # type: ignore[return-value]
+            if event is not _NEED_DATA:
                 self._dispatch(event)
-            if self._leader_reply is not None and not self._leader_nested and self.failure is None:
-                reply, _ = self._release_leadership(rid)
-                return reply
+            if self._leader_reply is not None:
+                return True
         return None
 
     def _lead_for_self(self, rid: int, deadline: float | None) -> tuple[Ok | Err | None, _Waiter | None]:
