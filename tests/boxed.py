@@ -138,6 +138,15 @@ def forge(kind: str) -> int:
     elif kind == "fds":
         payload = msgspec.msgpack.encode([2, 1, 1])
         os.write(fd, struct.pack("<IHH", len(payload), 3, 0) + payload)
+    elif kind.startswith("compact_"):
+        # A reply in compact form (the call gate's envelope) to this very
+        # call, before the real one: two msgpack objects, or a value bigger
+        # than the app's max_message_size (16 KiB in the test).
+        from pycompart.transport.channel import serving_any
+
+        rid = serving_any()[-1][1]
+        value = b"\x01\x02" if kind == "compact_garbage" else msgspec.msgpack.encode(b"v" * 20000)
+        os.write(fd, struct.pack("<IHHBBQ", 10 + len(value), 0, 0, 0xC1, 2, rid) + value)
     return 1
 
 

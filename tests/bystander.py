@@ -14,3 +14,11 @@ def whoami() -> int:
 
 def crash() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fast_paths() -> list:
+    """The fast paths this instance takes (``pycompart.fastpaths``)."""
+    from pycompart import fastpaths
+    from pycompart.transport import gate
+
+    return [gate.NATIVE, fastpaths.enabled("compact"), fastpaths.enabled("bulk")]

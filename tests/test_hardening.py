@@ -267,3 +267,66 @@ def test_a_zygote_that_does_not_end_in_time_is_a_timeout():
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_mains_end_of_the_control_socket_is_never_inheritable(monkeypatch):
+    """Red team: main made the zygote's end of the socket inheritable for the
+    spawn, so another thread's exec at that moment got it too (and could read
+    main's Spawn messages). The child gets a copy; main's stays close-on-exec."""
+    from pycompart.supervisor import launcher
+
+    inheritable_sockets = []
+    real = os.posix_spawn
+
+    def spy(path, argv, env, **kw):  # main's descriptors at the moment of the spawn
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if os.get_inheritable(int(name)) and os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                    inheritable_sockets.append(int(name))
+            except OSError:
+                pass
+        return real(path, argv, env, **kw)
+
+    monkeypatch.setattr(os, "posix_spawn", spy)
+    proc, control = launcher.launch()
+    try:
+        assert inheritable_sockets == []
+        control.sendall(b"")  # the zygote holds the other end: it started with it
+        assert proc.poll() is None
+    finally:
+        control.close()
+        proc.wait(10)
+
+
+def test_a_descriptor_made_inheritable_during_the_launch_does_not_stay_in_the_zygote(monkeypatch):
+    """Red team: a descriptor another thread makes inheritable between the
+    launcher's listing and the spawn reached the zygote. The zygote closes
+    everything but its control socket and stdio itself."""
+    from pycompart.supervisor import launcher
+
+    r, w = os.pipe()
+    os.set_inheritable(w, True)
+    leaked = os.readlink(f"/proc/self/fd/{w}")
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path: [n for n in real(path) if n != str(w)]
+                        if path == "/proc/self/fd" else real(path))  # as if it came after the listing
+    proc, control = launcher.launch()
+    monkeypatch.undo()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            held = set()
+            for name in os.listdir(f"/proc/{proc.pid}/fd"):
+                try:
+                    held.add(os.readlink(f"/proc/{proc.pid}/fd/{name}"))
+                except OSError:
+                    pass
+            if leaked not in held or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert leaked not in held
+    finally:
+        control.close()
+        proc.wait(10)
+        os.close(r)
+        os.close(w)

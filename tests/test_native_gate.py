@@ -36,11 +36,15 @@ def _native():  # type: ignore[no-untyped-def]
 IMPLS = [("python", gate.py_serve, gate.py_receive)]
 if _native() is not None:
     IMPLS.append(("native", _native().serve, _native().receive))
+CALLS = [("python", gate.py_call)] + ([("native", _native().call)] if _native() is not None else [])
+CALL_ENVELOPE = struct.Struct("<BBQQBH")
 
 
-def _run_serve(serve, chunks: list[bytes], replies: list[bytes | None], bufsize: int = 4096):  # type: ignore[no-untyped-def]
+def _run_serve(serve, chunks: list[bytes], replies: list[bytes | None], bufsize: int = 4096,  # type: ignore[no-untyped-def]
+               fast_replies: list[object] | None = None):
     """Write ``chunks`` into a pipe one read at a time (each followed by a
-    reply round), run ``serve`` on it; what it handled, wrote and returned."""
+    reply round), run ``serve`` on it; what it handled, wrote and returned.
+    ``fast_replies``: serve compact calls too, answering with these."""
     call_r, call_w = os.pipe()
     reply_r, reply_w = os.pipe()
     os.set_blocking(reply_r, False)
@@ -54,11 +58,19 @@ def _run_serve(serve, chunks: list[bytes], replies: list[bytes | None], bufsize:
         seen.append(body)
         return next(answers, None)
 
+    fast_answers = iter(fast_replies or [])
+
+    def fast(rid: int, name: bytes, args: bytes) -> object:
+        seen.append((rid, name, args))  # type: ignore[arg-type]
+        return next(fast_answers, None)
+
+    extra = (fast,) if fast_replies is not None else ()
     try:
         for chunk in chunks:
             os.write(call_w, chunk)
-            results.append(serve(call_r, reply_w, memoryview(buf), handle, 1000, 0))
-            if results[-1] != -1 or len(seen) > len(replies):
+            results.append(serve(call_r, reply_w, memoryview(buf), handle, 1000, 0, *extra))
+            handled = sum(1 for x in seen if type(x) is bytes)
+            if results[-1] != -1 or handled > len(replies) or len(seen) - handled > len(fast_replies or ()):
                 break
         written = b""
         while True:
@@ -167,8 +179,102 @@ def test_receive_reads_what_is_there_or_times_out(name, _, receive):
             os.close(w)
 
 
+def compact_call(rid: int, name: bytes, args: bytes, parent: int = 0, concurrent: int = 0) -> bytes:
+    return frame(CALL_ENVELOPE.pack(0xC1, 1, rid, parent, concurrent, len(name)) + name + args)
+
+
+def compact_ok(rid: int, value: bytes) -> bytes:
+    return frame(struct.pack("<BBQ", 0xC1, 2, rid) + value)
+
+
+@pytest.mark.parametrize("name,serve,_", IMPLS)
+def test_compact_calls_go_to_fast_which_answers_with_a_value_a_frame_or_nothing(name, serve, _):
+    chunks = [compact_call(7, b"m:f", b"\x80"), compact_call(8, b"m:g", b"A"), compact_call(9, b"", b""),
+              frame(b"plain"), compact_call(10, b"m:h", b"B")]
+    seen, written, results = _run_serve(serve, chunks, [b"P"], fast_replies=[b"\xc0", (b"WHOLE",), b"", False])
+    assert seen == [(7, b"m:f", b"\x80"), (8, b"m:g", b"A"), (9, b"", b""), b"plain", (10, b"m:h", b"B")]
+    assert written == compact_ok(7, b"\xc0") + b"WHOLE" + compact_ok(9, b"") + b"P"
+    assert results[-1] == -1  # False: answered, back to Python
+
+
+@pytest.mark.parametrize("name,serve,_", IMPLS)
+@pytest.mark.parametrize("data", [
+    compact_call(1, b"m:f", b"x", parent=3), compact_call(1, b"m:f", b"x", concurrent=1),
+    frame(CALL_ENVELOPE.pack(0xC1, 1, 1, 0, 0, 50) + b"m:f"),  # its name runs past the frame
+])
+def test_compact_calls_fast_may_not_take_go_to_handle(name, serve, _, data, pipes):
+    call_r, call_w, reply_w = pipes
+    os.write(call_w, data)
+    got = []
+    n = serve(call_r, reply_w, memoryview(bytearray(4096)), lambda body: got.append(body),
+              1000, 0, lambda *a: pytest.fail("fast"))
+    assert n == -1 and got == [data[8:]]
+
+
+@pytest.mark.parametrize("name,serve,_", IMPLS)
+def test_a_compact_call_fast_declines_stays_in_the_buffer(name, serve, _, pipes):
+    call_r, call_w, reply_w = pipes
+    data = compact_call(5, b"m:f", b"\x80")
+    os.write(call_w, data)
+    buf = bytearray(4096)
+    n = serve(call_r, reply_w, memoryview(buf), lambda body: pytest.fail("handled"), 1000, 0, lambda *a: None)
+    assert n == len(data) and bytes(buf[:n]) == data
+    os.write(call_w, data)
+    with pytest.raises(TypeError):
+        serve(call_r, reply_w, memoryview(buf), lambda body: None, 1000, 0, lambda *a: 42)
+
+
+@pytest.mark.parametrize("name,_,receive", IMPLS)
+def test_receive_returns_the_value_of_a_compact_reply_to_its_call_only(name, _, receive):
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    buf = bytearray(256)
+    try:
+        for data, rid, expected in [
+            (compact_ok(9, b"\x93\x01\x02\x03"), 9, b"\x93\x01\x02\x03"),
+            (compact_ok(9, b""), 9, b""),
+            (compact_ok(9, b"v"), 8, None),                      # another call's
+            (compact_ok(9, b"v"), 0, None),                      # nothing asked for
+            (compact_ok(9, b"v") + b"x", 9, None),               # more than the reply
+            (compact_ok(9, b"v")[:-1], 9, None),                 # part of it
+            (frame(b"\xc1\x02" + (9).to_bytes(8, "little") + b"v", nfds=1), 9, None),
+            (frame(b"\xc1\x01" + (9).to_bytes(8, "little") + b"v"), 9, None),  # a call, not a reply
+        ]:
+            os.write(w, data)
+            got = receive(r, memoryview(buf), 1000, 0, rid)
+            assert got == (expected if expected is not None else len(data)), data
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize("name,call", CALLS)
+def test_call_writes_a_compact_call_whole_or_not_at_all(name, call):
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        assert call(w, 2**64 - 1, b"m:f", b"\x80") is True
+        assert os.read(r, 4096) == compact_call(2**64 - 1, b"m:f", b"\x80")
+        assert call(w, 1, b"m:f", b"x" * 5000) is False      # more than one atomic write
+        assert call(w, 1, b"n" * 70000, b"") is False         # a name longer than its u16
+        while True:  # fill the pipe: then nothing goes out
+            try:
+                os.write(w, b"z" * 4096)
+            except BlockingIOError:
+                break
+        assert call(w, 1, b"m:f", b"\x80") is False
+        with pytest.raises(OSError):
+            call(-1, 1, b"m:f", b"\x80")
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 _chunk = st.one_of(
     st.binary(max_size=40),
+    st.builds(compact_call, st.integers(0, 2**64 - 1), st.binary(max_size=8), st.binary(max_size=12),
+              st.sampled_from([0, 0, 1]), st.sampled_from([0, 0, 1, 2])),
+    st.builds(lambda b: frame(b"\xc1\x01" + b), st.binary(max_size=30)),
     st.builds(frame, st.binary(max_size=40)),
     st.builds(frame, st.binary(max_size=10), st.integers(0, 3), st.integers(0, 3)),
     st.builds(lambda n, b: HEADER.pack(n, 0, 0) + b, st.integers(0, 2**32 - 1), st.binary(max_size=20)),
@@ -181,6 +287,30 @@ _chunk = st.one_of(
        bufsize=st.sampled_from([8, 9, 16, 64, 4096]))
 def test_native_and_python_agree_on_any_bytes(chunks, replies, bufsize):
     outcomes = [_run_serve(serve, chunks, replies, bufsize) for _, serve, _ in IMPLS]
+    assert all(o == outcomes[0] for o in outcomes), outcomes
+    fast = [r if i % 3 or r is None else (r,) for i, r in enumerate(replies)] + [False]
+    outcomes = [_run_serve(serve, chunks, replies, bufsize, fast) for _, serve, _ in IMPLS]
+    assert all(o == outcomes[0] for o in outcomes), outcomes
+
+
+@settings(max_examples=int(os.environ.get("PYCOMPART_GATE_FUZZ", "300")), deadline=None, database=None)
+@given(data=st.one_of(st.binary(min_size=1, max_size=60),
+                      st.builds(compact_ok, st.integers(0, 5), st.binary(max_size=20)),
+                      st.builds(lambda b: frame(b"\xc1\x02" + b), st.binary(max_size=20))),
+       rid=st.integers(0, 5), bufsize=st.sampled_from([8, 18, 19, 64]))
+def test_native_and_python_receive_agree_on_any_bytes(data, rid, bufsize):
+    outcomes = []
+    for _, _, receive in IMPLS:
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        try:
+            os.write(w, data)
+            buf = bytearray(bufsize)
+            got = receive(r, memoryview(buf), 1000, 0, rid)
+            outcomes.append((got, bytes(buf) if isinstance(got, int) else None))
+        finally:
+            os.close(r)
+            os.close(w)
     assert all(o == outcomes[0] for o in outcomes), outcomes
 
 
@@ -216,3 +346,25 @@ def test_a_sanitizer_build_survives_the_fuzz(tmp_path):
                           cwd=os.path.dirname(os.path.abspath(__file__)))
     assert proc.returncode == 0 and "passed" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
     assert "skipped" not in proc.stdout, proc.stdout[-1000:]  # the check of the build ran too
+
+
+@pytest.mark.parametrize("choice", ["none", "native", "compact", "all"])
+def test_instances_take_the_fast_paths_main_takes(choice):
+    """PYCOMPART_FASTPATHS reaches the zygote, and so every instance: with
+    "none", instances serve calls with the Python twin and plain msgpack,
+    and calls still work; the same for each single choice."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import pycompart, bystander; "
+            "app = pycompart.App({'compartments': {'b': {'functions': ['bystander:fast_paths', 'bystander:ping']}}}); "
+            "app.start(); print(app.function('bystander:fast_paths')(), app.function('bystander:ping')()); app.stop()")
+    env = dict(os.environ, PYCOMPART_FASTPATHS=choice,
+               PYTHONPATH=os.pathsep.join([here, *sys.path]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                         cwd=here)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import importlib.util
+
+    built = importlib.util.find_spec("pycompart.transport._gate") is not None
+    expected = {"none": [False, False, False], "native": [built, False, False],
+                "compact": [False, True, False], "all": [built, True, True]}[choice]
+    assert out.stdout.strip() == f"{expected} pong", out.stdout

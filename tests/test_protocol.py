@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from pycompart.wire.protocol import (
     HEADER,
+    PROTOCOL_VERSION,
     NEED_DATA,
     Call,
     Cancel,
@@ -187,7 +188,7 @@ def test_hello_and_error_info_round_trip():
     caller, _ = pair()
     caller.receive_data(Connection.send_hello(42, "parser", ["m:f"]))
     [hello] = drain(caller)
-    assert hello == Hello(1, 42, "parser", ["m:f"])
+    assert hello == Hello(PROTOCOL_VERSION, 42, "parser", ["m:f"])
     caller2, callee = pair()
     rid, frame = caller2.send_call("m:f", b"\x80")
     callee.receive_data(frame)
@@ -240,3 +241,78 @@ def test_fuzz_well_framed_random_messages(items):
         assert ev is not NEED_DATA
         if isinstance(ev, Violation) and ev.fatal:
             break
+
+
+# -- compact calls and replies (the call gate's envelope) ---------------------
+
+from pycompart.wire.protocol import CALL_ENVELOPE, COMPACT, compact_ok_frame  # noqa: E402
+
+
+def compact_call(rid, entrypoint, args, parent=0, concurrent=0):
+    name = entrypoint.encode()
+    return encode_frame(CALL_ENVELOPE.pack(COMPACT, 1, rid, parent, concurrent, len(name)) + name + args)
+
+
+def test_compact_calls_and_replies_are_read_as_their_msgpack_twins():
+    caller, callee = pair()
+    rid = caller.new_call()
+    callee.receive_data(compact_call(rid, "m:f", msgspec.msgpack.encode({"x": 1}), parent=0))
+    [call] = drain(callee)
+    assert call == Call(rid, "m:f", call.args, 0, False) and msgspec.msgpack.decode(call.args) == {"x": 1}
+    assert rid in callee.owed
+    callee.receive_data(compact_call(rid + 5, "m:g", b"\x80", parent=3, concurrent=1))
+    [nested] = drain(callee)
+    assert (nested.id, nested.parent, nested.concurrent) == (rid + 5, 3, True)
+    caller.receive_data(compact_ok_frame(rid, msgspec.msgpack.encode([1, "two"])))
+    [ok] = drain(caller)
+    assert isinstance(ok, Ok) and ok.id == rid and msgspec.msgpack.decode(ok.value) == [1, "two"]
+    assert not caller.awaiting
+    # A call that could not go out compact goes as msgpack, with the same id.
+    rid = caller.new_call()
+    callee.receive_data(caller.call_frame(rid, "m:f", b"\x80"))
+    assert drain(callee)[0].id == rid
+    # The reply the native receive matched is taken as the decoder would.
+    rid = caller.new_call()
+    assert caller.reply_to(rid, b"\x01") == Ok(rid, msgspec.Raw(b"\x01")) and rid not in caller.awaiting
+
+
+@pytest.mark.parametrize("body", [
+    b"\xc1", b"\xc1\x01", b"\xc1\x02" + b"\0" * 7, b"\xc1\x03" + b"\0" * 30,
+    CALL_ENVELOPE.pack(COMPACT, 1, 1, 0, 0, 10) + b"m:f",                       # name past the frame
+    CALL_ENVELOPE.pack(COMPACT, 1, 1, 0, 2, 3) + b"m:f\x80",                    # concurrent = 2
+    CALL_ENVELOPE.pack(COMPACT, 1, 1, 0, 0, 3) + b"m:f",                        # no arguments
+    CALL_ENVELOPE.pack(COMPACT, 1, 1, 0, 0, 3) + b"m:f\x80\x80",                # two objects
+    CALL_ENVELOPE.pack(COMPACT, 1, 1, 0, 0, 2) + b"\xff\xfe\x80",               # not UTF-8
+    compact_ok_frame(1, b"\xc1")[8:], compact_ok_frame(1, b"")[8:], compact_ok_frame(1, b"\x01\x02")[8:],
+])
+def test_malformed_compact_messages_are_fatal_violations(body):
+    caller, callee = pair()
+    caller.new_call()
+    for conn in (caller, callee):
+        conn.receive_data(encode_frame(body))
+        ev = conn.next_event()
+        assert isinstance(ev, Violation) and ev.fatal and conn.violations == 1
+
+
+def test_a_matched_reply_that_is_not_one_msgpack_object_or_too_big_breaks_the_stream():
+    caller, _ = pair()
+    rid = caller.new_call()
+    ev = caller.reply_to(rid, b"\x01\x02")
+    assert isinstance(ev, Violation) and ev.fatal and caller.violations == 1
+    caller, _ = pair(max_frame=4096)
+    rid = caller.new_call()
+    assert isinstance(caller.reply_to(rid, msgspec.msgpack.encode(b"x" * 4080)), Ok)
+    rid = caller.new_call()
+    ev = caller.reply_to(rid, msgspec.msgpack.encode(b"x" * 5000))  # as the frame decoder refuses it
+    assert isinstance(ev, Violation) and ev.fatal and "exceeds the maximum" in ev.reason
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.binary(max_size=60), st.integers(0, 2**64 - 1), st.integers(0, 2))
+def test_any_compact_body_is_a_message_or_a_violation(tail, rid, kind):
+    caller, callee = pair()
+    body = bytes([COMPACT, kind]) + rid.to_bytes(8, "little") + tail
+    for conn in (caller, callee):
+        conn.receive_data(encode_frame(body))
+        ev = conn.next_event()  # never raises
+        assert isinstance(ev, (Call, Ok, Violation, LateReply))

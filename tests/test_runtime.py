@@ -287,6 +287,20 @@ def test_hostile_frames_give_protocol_error_and_main_survives(make_app, kind):
     assert breaks and breaks[0].compartment == "box"
 
 
+@pytest.mark.parametrize("kind", ["compact_garbage", "compact_big"])
+def test_hostile_compact_replies_give_protocol_error_and_main_survives(make_app, kind):
+    """A reply in the call gate's compact form to the very call it answers,
+    written by the compartment's own code: not exactly one msgpack object,
+    or bigger than max_message_size (which main's fast path must enforce as
+    its frame decoder does)."""
+    app, ep = box(make_app, extra={"app": {"max_message_size": "16KiB"}})
+    with app:
+        pid = ep["whoami"]()
+        with pytest.raises(ProtocolError):
+            ep["forge"](kind)
+        assert ep["whoami"]() != pid
+
+
 def test_reply_for_unknown_id_is_ignored_and_counted(make_app):
     app, ep = box(make_app)
     with app:
@@ -316,6 +330,19 @@ def test_large_arguments_and_limits(make_app):
         with pytest.raises(ProtocolError, match="exceeds the maximum"):
             ep["big"](5 << 20)
         assert ep["size"](b"ok") == 2
+
+
+def test_a_small_reply_over_the_message_limit_is_an_error_and_the_channel_survives(make_app):
+    """Below the bulk lanes' threshold a reply goes inline (in compact form
+    on the call gate's fast path): one bigger than max_message_size comes
+    back as an error naming the limit, and the next call works."""
+    app, ep = box(make_app, extra={"app": {"max_message_size": "16KiB"}})
+    with app:
+        pid = ep["whoami"]()
+        assert ep["big"](16000) == b"z" * 16000
+        with pytest.raises(ProtocolError, match="exceeds the maximum"):
+            ep["big"](20000)
+        assert ep["whoami"]() == pid and ep["size"](b"ok") == 2
 
 
 def test_start_failure_names_compartment_and_cause(make_app):
@@ -596,3 +623,82 @@ def test_a_timeout_of_a_month_is_a_timeout(make_app):
     with app:
         assert ep["add"](2, 3) == 5
         assert ep["add"].options(timeout=40 * 86400)(1, 1) == 2
+
+
+def test_an_interrupt_while_a_big_call_is_written_breaks_the_channel_not_the_next_call(make_app, monkeypatch):
+    """Red team: a signal handler's exception (Ctrl-C) while main waited for
+    room to write the rest of an 8 MB frame left half a frame on the wire;
+    the instance took the next call as the rest of it. The channel is now
+    broken (the instance replaced), and the next call works."""
+    from pycompart.transport import streams
+
+    app = make_app({"compartments": {"box": {"restart_backoff": "10ms"}}})
+    echo = app.entrypoint("box")(boxed.echo_text)
+    real = streams.wait_fd
+    fired = []
+
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not fired:
+            fired.append(1)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with app:
+        assert echo("warm") == "warm"
+        monkeypatch.setattr(streams, "wait_fd", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            echo("x" * (8 << 20))
+        monkeypatch.setattr(streams, "wait_fd", real)
+        assert fired
+        assert echo.options(timeout=10)("hello") == "hello"
+
+
+@pytest.mark.parametrize("rounds", [20])
+def test_interrupts_at_random_moments_of_big_calls_never_wedge_the_channel(rounds):
+    """Red team: a timer's KeyboardInterrupt during a call with a 500 KB
+    argument hung every later call (raised right after a lock of the
+    channel was taken, before anything could release it). Each interrupted
+    call ends; the next one works (or fails cleanly), and nothing hangs."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = """
+import random, signal, pycompart, boxed
+random.seed(7)
+signal.signal(signal.SIGALRM, signal.default_int_handler)
+# (An interrupt that breaks the channel replaces the instance: no backoff
+# building up across the rounds.)
+app = pycompart.App({"compartments": {"box": {"restart_backoff": "1ms", "restart_window": "1ms",
+                                              "max_restarts": 1000}}})
+echo = app.entrypoint("box")(boxed.echo_text)
+with app:
+    echo("warm")
+    big = "x" * 500_000
+    ok = 0
+    for i in range(ROUNDS):
+        try:
+            try:
+                signal.setitimer(signal.ITIMER_REAL, random.uniform(0.00005, 0.003))
+                echo(big)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except KeyboardInterrupt:
+            pass  # (the timer may also fire after the call, anywhere up to here)
+        for attempt in range(2):
+            try:
+                ok += echo.options(timeout=10)("after") == "after"
+                break
+            except KeyboardInterrupt:
+                continue  # a timer that fired just before it was disarmed
+            except (pycompart.CompartmentCrashed, pycompart.ProtocolError) as exc:
+                # A channel broken by the interrupt (the next instance
+                # answers), never by a misread frame.
+                assert "interrupted" in str(exc) or "closed its channel" in str(exc), exc
+                break
+    print("ok", ok)
+""".replace("ROUNDS", str(rounds))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, *sys.path]))
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=here)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok ") and int(out.stdout.split()[1]) >= rounds * 3 // 4, out.stdout

@@ -4,14 +4,16 @@ Each fast path has a plain one beside it that does the same thing more
 slowly, and the test suite runs both ways. ``PYCOMPART_FASTPATHS`` picks:
 unset or ``all`` for every one, ``none`` for none, or a comma-separated list
 of names (``bulk``: large values in shared memory, ``native``: the C call
-gate, ``template``: instances forked from a locked-down template).
+gate, ``compact``: typed calls and their replies in compact form on pipes,
+``pycompart.wire.protocol``). Main hands the choice to the zygote, and so to
+every instance.
 """
 
 from __future__ import annotations
 
 import os
 
-NAMES = ("bulk", "native", "template")
+NAMES = ("bulk", "native", "compact")
 
 
 def _chosen() -> frozenset[str]:

@@ -31,6 +31,7 @@ import types
 from collections.abc import Callable
 from typing import NoReturn
 
+from .. import fastpaths
 from ..errors import CallCancelled, EntrypointError, ProtocolError
 from ..kernel import process, rlimits
 from ..transport.bulk import Lanes
@@ -41,7 +42,7 @@ from ..wire import refs
 from ..wire.config import CANCEL_SIGNAL, EXIT_PROTOCOL, EXIT_START_FAILED, InstanceConfig
 from ..wire.contract import Contract
 from ..wire.exceptions import describe_exception
-from ..wire.protocol import Call, Connection, Err, close_fds
+from ..wire.protocol import Call, Connection, Err, close_fds, compact_ok_frame
 from .. import compartment as _package
 from . import edges as _edges
 from . import lockdown as _lockdown
@@ -343,6 +344,12 @@ class Server(CallServer):
         self.current: int | None = None
         self.active: list[int] = []  # calls the serve thread runs, innermost last
         self.serve_ident = threading.get_ident()
+        #: Typed entrypoints by their names' bytes, for calls in compact form
+        #: (``_direct_compact``); None: not taken (``pycompart.fastpaths``).
+        self._by_name: dict[bytes, _LazyContract] | None = (
+            {key.encode(): lazy for key, lazy in table.items()} if fastpaths.enabled("compact") else None)
+        #: The biggest value a compact reply may carry (the message size limit).
+        self._max_value = config.max_frame - 10
         self.cancel_current = False
         self.in_user_code = False
         self.depth = 0  # > 0 while the main thread is inside a channel (a callback, an edge call)
@@ -424,7 +431,8 @@ class Server(CallServer):
         transport = channel.transport
         try:
             n = gate.serve(transport.read_fd, transport.write_fd, channel._view,  # type: ignore[attr-defined]
-                           self._direct_frame, int(REPLY_SEND_TIMEOUT * 1000), int(channel.spin * 1e6))
+                           self._direct_frame, int(REPLY_SEND_TIMEOUT * 1000), int(channel.spin * 1e6),
+                           self._direct_compact if self._by_name is not None else None)
         except OSError as exc:  # TimeoutError too: the reply could not be written in time
             channel.send_failed(exc)
             return
@@ -432,6 +440,54 @@ class Server(CallServer):
             channel._fail_from_eof("closed its channel")
         elif n > 0:
             channel.conn.receive_data(channel._view[:n])  # the general loop takes it from here
+
+    def _direct_compact(self, rid: int, name: bytes, args: bytes) -> bytes | tuple[bytes] | bool | None:
+        """A top-level call in compact form read by ``_serve_direct``: the
+        value to send back as a compact reply (``gate.serve`` frames it), a
+        1-tuple holding a whole frame to send, False once answered here
+        (and the general loop takes over), or None: not a built typed
+        entrypoint's, so the general loop reads the frame itself."""
+        lazy = self._by_name.get(name)  # type: ignore[union-attr]
+        channel = self.channel
+        if lazy is None or lazy.contract is None or channel.track_arrivals:
+            return None
+        contract = lazy.contract
+        self.current = rid
+        self.cancel_current = False
+        stack = serving_stack()
+        stack.append((channel, rid))
+        active = self.active
+        active.append(rid)
+        self.in_user_code = True
+        failed = False
+        try:
+            result = contract.invoke(args, None, channel.bulk is not None)
+        except BaseException as exc:
+            self.in_user_code = False
+            failed = True
+            frame = self._error_reply(channel.conn, rid, exc, typed=True)
+        finally:
+            self.in_user_code = False
+            active.pop()
+            stack.pop()
+            self.current = None
+        if not failed:
+            if result.__class__ is not bytes:
+                frame = channel.reply_value(rid, result)  # big values beside the frame
+            elif len(result) > self._max_value:
+                frame = channel.conn.send_ok(rid, result)  # (an error: too big to send)
+            elif not channel.pending_output and not channel.pending_release \
+                    and threading.active_count() == 1 and channel.idle():
+                return result
+            else:
+                frame = compact_ok_frame(rid, result)
+        if channel.pending_output or channel.pending_release:
+            frame = channel.with_pending(frame)
+        if channel.failure is not None or threading.active_count() != 1 or not channel.idle():
+            if channel.failure is None:
+                channel.reply(frame)
+            return False
+        return (frame,)
 
     def _direct_frame(self, body: bytes) -> bytes | None:
         """One frame's body read by ``_serve_direct``: the reply to send,

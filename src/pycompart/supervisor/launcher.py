@@ -16,7 +16,8 @@ import time
 # Neither ``socket`` nor ``subprocess`` (nor ``typing``): together some 10 ms
 # that the zygote's start would wait for.
 
-ZYGOTE_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+#: (``PYCOMPART_FASTPATHS``: instances take the fast paths main takes.)
+ZYGOTE_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYCOMPART_FASTPATHS")
 
 _prelaunched: tuple[ZygoteProcess, object] | None = None
 
@@ -105,7 +106,12 @@ def launch(python: str | None = None) -> tuple[ZygoteProcess, object]:
     fd = theirs.fileno()
     # What subprocess's close_fds does: the zygote inherits its control
     # socket and nothing else main may have made inheritable; stdin is
-    # /dev/null, and it leads a session of its own.
+    # /dev/null, and it leads a session of its own. The socket stays
+    # close-on-exec in main (another thread's exec must not get it): the
+    # child gets a copy (dup2 clears the flag on the copy only). What
+    # another thread makes inheritable after this listing, the zygote closes
+    # itself (``zygote.main``).
+    target = 3 if fd != 3 else 4
     actions: list[tuple[object, ...]] = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
     for name in os.listdir("/proc/self/fd"):
         other = int(name)
@@ -116,10 +122,10 @@ def launch(python: str | None = None) -> tuple[ZygoteProcess, object]:
                 continue
             if inherited:
                 actions.append((os.POSIX_SPAWN_CLOSE, other))
+    actions.append((os.POSIX_SPAWN_DUP2, fd, target))
     spawn = os.posix_spawn if os.sep in python else os.posix_spawnp
     try:
-        os.set_inheritable(fd, True)
-        pid = spawn(python, [python, "-I", "-c", code, str(fd), *bound], env,
+        pid = spawn(python, [python, "-I", "-c", code, str(target), *bound], env,
                     file_actions=actions, setsid=True)
     except OSError as exc:
         ours.close()

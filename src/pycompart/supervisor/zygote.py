@@ -93,6 +93,11 @@ def control_reader() -> MessageReader:
 
 def main() -> None:
     control_fd = int(sys.argv[1])
+    # Nothing of main's but the control socket (and stdio): a descriptor
+    # another of main's threads made inheritable while main was starting us
+    # may have come along.
+    os.closerange(3, control_fd)
+    os.closerange(control_fd + 1, 1 << 20)
     bound = sys.argv[2:3] == ["bound"]
     if bound:
         process.set_parent_death_signal(signal.SIGKILL)

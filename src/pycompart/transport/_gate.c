@@ -14,18 +14,40 @@
  *       descriptors or bulk segments), 0 at end of stream, -1 when handle
  *       returned None, a signal arrived or a read would block.
  *
- *   receive(rfd, buf, timeout_ms, spin_us) -> int
+ *   receive(rfd, buf, timeout_ms, spin_us, rid=0, got=None) -> int
  *       A caller's wait for its reply, its call sent: waits for rfd (a
  *       non-blocking descriptor) to be readable, polling without sleeping for
  *       up to spin_us first, and reads once into buf. Returns the bytes read
  *       (0 at end of stream), or -2 if nothing arrived by the timeout or a
- *       signal came first (Python's handlers have run).
+ *       signal came first (Python's handlers have run). got (a writable
+ *       buffer of 8 bytes or more) is set to the count read (int64) as soon
+ *       as the read returns: a signal handler's exception raised when this
+ *       function returns would lose those bytes, and the caller can tell.
+ *
+ *   call(wfd, rid, name, args) -> bool
+ *       A caller's top-level call in compact form (below), written with one
+ *       write: True if it went out whole; False if nothing was written (the
+ *       frame is bigger than PIPE_BUF, or the pipe has no room for it), so
+ *       that Python sends it another way.
+ *
+ *   serve(..., fast) and receive(..., rid) also take compact calls and
+ *   replies: serve hands a compact top-level call to fast(rid, name, args)
+ *   (bytes: the value, which serve sends back as a compact reply; a 1-tuple:
+ *   a whole frame to send as it is; None: not taken, serve returns with the
+ *   frame left in buf; False: taken and answered, serve returns -1), and
+ *   receive returns the value (bytes) of a compact reply to call rid that
+ *   is all it read.
  *
  * What this code reads is never parsed beyond the fixed 8-byte frame header
- * (u32 length, u16 descriptors, u16 bulk segments, little endian); the
- * message itself is msgspec's, in Python. Every length is checked against
- * the bytes actually read and the size of buf before it is used. The GIL is
- * released around every system call; signals are handed to Python.
+ * (u32 length, u16 descriptors, u16 bulk segments, little endian) and the
+ * fixed envelope of a compact call or reply (wire/protocol.py):
+ *
+ *   call:  0xC1 0x01 | u64 id | u64 parent | u8 concurrent | u16 n | name (n bytes) | args
+ *   reply: 0xC1 0x02 | u64 id | value
+ *
+ * Values (args, value) are msgspec's, in Python. Every length is checked
+ * against the bytes actually read and the size of buf before it is used. The
+ * GIL is released around every system call; signals are handed to Python.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -39,6 +61,12 @@
 #include <unistd.h>
 
 #define HEADER_SIZE 8
+#define COMPACT 0xC1
+#define COMPACT_CALL 1
+#define COMPACT_OK 2
+#define CALL_ENVELOPE 21 /* marker, kind, id, parent, concurrent, name length */
+#define OK_ENVELOPE 10   /* marker, kind, id */
+#define ATOMIC_WRITE 4096 /* PIPE_BUF on Linux: a write this big is all or nothing */
 
 static uint32_t
 read_u32le(const unsigned char *p)
@@ -50,6 +78,36 @@ static uint16_t
 read_u16le(const unsigned char *p)
 {
     return (uint16_t)(p[0] | (p[1] << 8));
+}
+
+static uint64_t
+read_u64le(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static void
+put_u16le(unsigned char *p, uint16_t v)
+{
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+}
+
+static void
+put_u32le(unsigned char *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static void
+put_u64le(unsigned char *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
 }
 
 static int64_t
@@ -116,13 +174,82 @@ write_all(int fd, const char *data, size_t len, int64_t deadline_ms, size_t *wri
     return 0;
 }
 
+/* Write a reply (the GIL held on entry and exit; released while writing).
+ * Returns 0, or -1 with a Python exception set. */
+static int
+send_reply(int wfd, const char *data, Py_ssize_t size, int write_timeout_ms)
+{
+    size_t written = 0;
+    int rc, err;
+    int64_t deadline = write_timeout_ms < 0 ? -1 : now_ms() + write_timeout_ms;
+    Py_BEGIN_ALLOW_THREADS  /* the caller holds a reference: data stays valid */
+    rc = write_all(wfd, data, (size_t)size, deadline, &written);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        errno = err;
+        if (err == ETIMEDOUT)
+            PyErr_SetString(PyExc_TimeoutError, "the reply could not be written in time");
+        else
+            PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+/* A compact top-level call (no parent, not concurrent) whose name lies
+ * within the body: its id, name and arguments. Returns 0 if it is one. */
+static int
+parse_compact_call(const unsigned char *body, uint32_t length, uint64_t *rid,
+                   const unsigned char **name, uint32_t *name_len,
+                   const unsigned char **rest, uint32_t *rest_len)
+{
+    if (length < CALL_ENVELOPE || body[0] != COMPACT || body[1] != COMPACT_CALL)
+        return -1;
+    if (read_u64le(body + 10) != 0 || body[18] != 0)
+        return -1; /* nested or concurrent: Python's */
+    uint32_t n = read_u16le(body + 19);
+    if (n > length - CALL_ENVELOPE)
+        return -1;
+    *rid = read_u64le(body + 2);
+    *name = body + CALL_ENVELOPE;
+    *name_len = n;
+    *rest = body + CALL_ENVELOPE + n;
+    *rest_len = length - CALL_ENVELOPE - n;
+    return 0;
+}
+
+/* The compact reply frame to call rid carrying value, as new bytes. */
+static PyObject *
+compact_reply(uint64_t rid, PyObject *value)
+{
+    Py_ssize_t vlen = PyBytes_GET_SIZE(value);
+    if (vlen > (Py_ssize_t)UINT32_MAX - OK_ENVELOPE) {
+        PyErr_SetString(PyExc_ValueError, "serve: reply value too large for a frame");
+        return NULL;
+    }
+    PyObject *frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + OK_ENVELOPE + vlen);
+    if (frame == NULL)
+        return NULL;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(frame);
+    put_u32le(p, (uint32_t)(OK_ENVELOPE + vlen));
+    put_u16le(p + 4, 0);
+    put_u16le(p + 6, 0);
+    p[8] = COMPACT;
+    p[9] = COMPACT_OK;
+    put_u64le(p + 10, rid);
+    memcpy(p + HEADER_SIZE + OK_ENVELOPE, PyBytes_AS_STRING(value), (size_t)vlen);
+    return frame;
+}
+
 static PyObject *
 gate_serve(PyObject *Py_UNUSED(module), PyObject *args)
 {
     int rfd, wfd, write_timeout_ms, spin_us;
     Py_buffer buf;
-    PyObject *handle;
-    if (!PyArg_ParseTuple(args, "iiw*Oii:serve", &rfd, &wfd, &buf, &handle, &write_timeout_ms, &spin_us))
+    PyObject *handle, *fast = Py_None;
+    if (!PyArg_ParseTuple(args, "iiw*Oii|O:serve", &rfd, &wfd, &buf, &handle, &write_timeout_ms, &spin_us,
+                          &fast))
         return NULL;
     Py_ssize_t result = -1;
     if (buf.len < HEADER_SIZE) {
@@ -162,45 +289,69 @@ gate_serve(PyObject *Py_UNUSED(module), PyObject *args)
             result = n;
             break;
         }
-        PyObject *body = PyBytes_FromStringAndSize((const char *)p + HEADER_SIZE, (Py_ssize_t)length);
-        if (body == NULL)
-            goto error;
-        PyObject *reply = PyObject_CallOneArg(handle, body);
-        Py_DECREF(body);
-        if (reply == NULL)
-            goto error;
-        if (reply == Py_None) {
-            Py_DECREF(reply);
-            result = -1;
-            break;
-        }
-        if (!PyBytes_Check(reply)) {
-            Py_DECREF(reply);
-            PyErr_SetString(PyExc_TypeError, "serve: handle must return bytes or None");
-            goto error;
-        }
-        Py_ssize_t size = PyBytes_GET_SIZE(reply);
-        if (size > 0) {
-            const char *data = PyBytes_AS_STRING(reply);
-            size_t written = 0;
-            int rc, err;
-            int64_t deadline = write_timeout_ms < 0 ? -1 : now_ms() + write_timeout_ms;
-            Py_BEGIN_ALLOW_THREADS  /* we hold a reference: data stays valid */
-            rc = write_all(wfd, data, (size_t)size, deadline, &written);
-            err = errno;
-            Py_END_ALLOW_THREADS
-            Py_DECREF(reply);
-            if (rc < 0) {
-                errno = err;
-                if (err == ETIMEDOUT)
-                    PyErr_SetString(PyExc_TimeoutError, "the reply could not be written in time");
-                else
-                    PyErr_SetFromErrno(PyExc_OSError);
+        uint64_t rid;
+        const unsigned char *name, *rest;
+        uint32_t name_len, rest_len;
+        PyObject *reply;
+        if (fast != Py_None
+                && parse_compact_call(p + HEADER_SIZE, length, &rid, &name, &name_len, &rest, &rest_len) == 0) {
+            PyObject *py_name = PyBytes_FromStringAndSize((const char *)name, name_len);
+            PyObject *py_rest = py_name ? PyBytes_FromStringAndSize((const char *)rest, rest_len) : NULL;
+            PyObject *py_rid = py_rest ? PyLong_FromUnsignedLongLong(rid) : NULL;
+            PyObject *got = py_rid ? PyObject_CallFunctionObjArgs(fast, py_rid, py_name, py_rest, NULL) : NULL;
+            Py_XDECREF(py_name);
+            Py_XDECREF(py_rest);
+            Py_XDECREF(py_rid);
+            if (got == NULL)
+                goto error;
+            if (got == Py_None) {
+                Py_DECREF(got);
+                result = n; /* not taken: the frame is still in buf */
+                break;
+            }
+            if (got == Py_False) {
+                Py_DECREF(got);
+                result = -1;
+                break;
+            }
+            if (PyBytes_Check(got)) {
+                reply = compact_reply(rid, got);
+                Py_DECREF(got);
+                if (reply == NULL)
+                    goto error;
+            } else if (PyTuple_Check(got) && PyTuple_GET_SIZE(got) == 1 && PyBytes_Check(PyTuple_GET_ITEM(got, 0))) {
+                reply = PyTuple_GET_ITEM(got, 0);
+                Py_INCREF(reply);
+                Py_DECREF(got);
+            } else {
+                Py_DECREF(got);
+                PyErr_SetString(PyExc_TypeError, "serve: fast must return bytes, a 1-tuple of bytes, None or False");
                 goto error;
             }
         } else {
-            Py_DECREF(reply);
+            PyObject *body = PyBytes_FromStringAndSize((const char *)p + HEADER_SIZE, (Py_ssize_t)length);
+            if (body == NULL)
+                goto error;
+            reply = PyObject_CallOneArg(handle, body);
+            Py_DECREF(body);
+            if (reply == NULL)
+                goto error;
+            if (reply == Py_None) {
+                Py_DECREF(reply);
+                result = -1;
+                break;
+            }
+            if (!PyBytes_Check(reply)) {
+                Py_DECREF(reply);
+                PyErr_SetString(PyExc_TypeError, "serve: handle must return bytes or None");
+                goto error;
+            }
         }
+        Py_ssize_t size = PyBytes_GET_SIZE(reply);
+        int rc = size > 0 ? send_reply(wfd, PyBytes_AS_STRING(reply), size, write_timeout_ms) : 0;
+        Py_DECREF(reply);
+        if (rc < 0)
+            goto error;
         if (PyErr_CheckSignals() < 0)
             goto error;
     }
@@ -215,9 +366,17 @@ static PyObject *
 gate_receive(PyObject *Py_UNUSED(module), PyObject *args)
 {
     int rfd, timeout_ms, spin_us;
-    Py_buffer buf;
-    if (!PyArg_ParseTuple(args, "iw*ii:receive", &rfd, &buf, &timeout_ms, &spin_us))
+    unsigned long long rid = 0;
+    Py_buffer buf, got;
+    memset(&got, 0, sizeof got);
+    if (!PyArg_ParseTuple(args, "iw*ii|Kw*:receive", &rfd, &buf, &timeout_ms, &spin_us, &rid, &got))
         return NULL;
+    if (got.obj != NULL && got.len < (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "receive: got must hold 8 bytes");
+        PyBuffer_Release(&buf);
+        PyBuffer_Release(&got);
+        return NULL;
+    }
     PyObject *out = NULL;
     int64_t deadline = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
     int err = 0;
@@ -225,9 +384,13 @@ gate_receive(PyObject *Py_UNUSED(module), PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     spin_until_readable(rfd, spin_us);
     for (;;) {
-        ssize_t got = read(rfd, buf.buf, (size_t)buf.len);
-        if (got >= 0) {
-            n = got;
+        ssize_t count = read(rfd, buf.buf, (size_t)buf.len);
+        if (count >= 0) {
+            n = count;
+            if (got.obj != NULL) {
+                int64_t value = (int64_t)count;
+                memcpy(got.buf, &value, sizeof value);
+            }
             break;
         }
         if (errno != EAGAIN) {
@@ -255,15 +418,85 @@ gate_receive(PyObject *Py_UNUSED(module), PyObject *args)
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
     } else {
-        out = PyLong_FromSsize_t(n);
+        const unsigned char *p = (const unsigned char *)buf.buf;
+        if (rid != 0 && n >= HEADER_SIZE + OK_ENVELOPE && (uint64_t)n == (uint64_t)read_u32le(p) + HEADER_SIZE
+                && read_u16le(p + 4) == 0 && read_u16le(p + 6) == 0 && p[8] == COMPACT && p[9] == COMPACT_OK
+                && read_u64le(p + 10) == rid)
+            out = PyBytes_FromStringAndSize((const char *)p + HEADER_SIZE + OK_ENVELOPE,
+                                            n - HEADER_SIZE - OK_ENVELOPE);
+        else
+            out = PyLong_FromSsize_t(n);
     }
     PyBuffer_Release(&buf);
+    if (got.obj != NULL)
+        PyBuffer_Release(&got);
+    return out;
+}
+
+static PyObject *
+gate_call(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int wfd;
+    unsigned long long rid;
+    Py_buffer name, rest;
+    if (!PyArg_ParseTuple(args, "iKy*y*:call", &wfd, &rid, &name, &rest))
+        return NULL;
+    PyObject *out = NULL;
+    unsigned char frame[ATOMIC_WRITE];
+    Py_ssize_t total = HEADER_SIZE + CALL_ENVELOPE + name.len + rest.len;
+    if (name.len > 0xFFFF || total > ATOMIC_WRITE) {
+        out = Py_NewRef(Py_False);
+        goto done;
+    }
+    put_u32le(frame, (uint32_t)(total - HEADER_SIZE));
+    put_u16le(frame + 4, 0);
+    put_u16le(frame + 6, 0);
+    frame[8] = COMPACT;
+    frame[9] = COMPACT_CALL;
+    put_u64le(frame + 10, rid);
+    put_u64le(frame + 18, 0);
+    frame[26] = 0;
+    put_u16le(frame + 27, (uint16_t)name.len);
+    memcpy(frame + HEADER_SIZE + CALL_ENVELOPE, name.buf, (size_t)name.len);
+    memcpy(frame + HEADER_SIZE + CALL_ENVELOPE + name.len, rest.buf, (size_t)rest.len);
+    for (;;) {
+        ssize_t n;
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        n = write(wfd, frame, (size_t)total);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (n == total) {
+            out = Py_NewRef(Py_True);
+            break;
+        }
+        if (n < 0 && err == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                break;
+            continue;
+        }
+        if (n < 0 && err == EAGAIN) {
+            out = Py_NewRef(Py_False);
+            break;
+        }
+        if (n < 0) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+        } else {  /* not a pipe: part of the frame is out */
+            PyErr_SetString(PyExc_OSError, "call: a partial write (not a pipe?)");
+        }
+        break;
+    }
+done:
+    PyBuffer_Release(&name);
+    PyBuffer_Release(&rest);
     return out;
 }
 
 static PyMethodDef gate_methods[] = {
     {"serve", gate_serve, METH_VARARGS, "An idle instance's serve loop (see gate.py)."},
     {"receive", gate_receive, METH_VARARGS, "A caller's wait for its reply (see gate.py)."},
+    {"call", gate_call, METH_VARARGS, "A caller's compact call, written whole or not at all (see gate.py)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from .. import fastpaths
 from ..errors import CallTimeout, CompartmentCrashed, CompartmentError, ProtocolError
 from ..wire.protocol import (
     MAX_RELEASES,
@@ -278,6 +279,16 @@ class Channel:
         #: (write fd, read fd) of a pipe transport, for ``gate.receive``.
         self._direct: tuple[int, int] | None = (
             (transport.write_fd, transport.read_fd) if isinstance(transport, PipeTransport) else None)
+        #: Send top-level calls in compact form (``pycompart.wire.protocol``)
+        #: through ``gate.call``; their entrypoints' names, encoded (bounded).
+        self._compact = self._direct is not None and fastpaths.enabled("compact")
+        self._names: dict[str, bytes] = {}
+        #: The bytes a read returned that are not yet taken into the decoder
+        #: (-1: none). A signal handler's exception raised right after a read
+        #: would lose them: the channel is then broken (``_interrupted``),
+        #: not misread. ``gate.receive`` sets it the moment its read returns.
+        self._got = memoryview(bytearray(8)).cast("q")
+        self._got[0] = -1
         self.failure: CompartmentError | None = None
         self.failure_factory: Callable[[], CompartmentError] | None = None
         self._users = 0  # threads inside request()/drain(); close waits for 0
@@ -316,17 +327,39 @@ class Channel:
             close_fds(fds)
             raise TypeError(f"the channel to {self.peer!r} cannot carry descriptors (its spec "
                             "needs descriptors = true)")
-        nbulk = 0
-        if payload.__class__ is BulkPayload:
-            payload, nbulk = self._place_bulk(payload)  # type: ignore[arg-type]
-        try:
-            rid, frame = conn.send_call(entrypoint, payload, len(fds), parent, concurrent, nbulk)  # type: ignore[arg-type]
-        except BaseException:
-            if nbulk:
-                self.bulk.unsend()  # type: ignore[union-attr]
-            raise
-        if self.pending_release or self.pending_output:
-            frame = self.with_pending(frame)
+        # A signal handler's exception (KeyboardInterrupt) is raised where
+        # Python next checks for it: after a long C call such as an encoding,
+        # that may be the first call after it, so each lock below is taken
+        # right after a Python call (``new_call``, ``with_pending``), which
+        # raises one that came meanwhile before the lock is held.
+        if self._compact and not fds and not parent and not concurrent and payload.__class__ is bytes \
+                and not self.track_arrivals:
+            rid = conn.new_call()
+            mu = self._mu
+            mu.acquire()
+            if self.failure is None and not self._leader and not self.pending_release \
+                    and not self.pending_output and self._send_lock.acquire(blocking=False):
+                # ``_request``'s fast path, the call in compact form.
+                self._users += 1
+                self._leader = True
+                self._leader_rid = rid
+                self._leader_reply = None
+                mu.release()
+                return self._exchange(rid, entrypoint, None, deadline, 0, payload)  # type: ignore[arg-type]
+            mu.release()
+            nbulk = 0
+            frame = conn.call_frame(rid, entrypoint, payload)  # type: ignore[arg-type]
+        else:
+            nbulk = 0
+            if payload.__class__ is BulkPayload:
+                payload, nbulk = self._place_bulk(payload)  # type: ignore[arg-type]
+            try:
+                rid, frame = conn.send_call(entrypoint, payload, len(fds), parent, concurrent, nbulk)  # type: ignore[arg-type]
+            except BaseException:
+                if nbulk:
+                    self.bulk.unsend()  # type: ignore[union-attr]
+                raise
+        frame = self.with_pending(frame)
         mu = self._mu
         mu.acquire()
         if self.failure is not None:
@@ -410,9 +443,13 @@ class Channel:
                     waiter.busy = False
         except BaseException as exc:
             self._not_sent(rid, entrypoint, waiter, nbulk, exc)
-        if waiter is None:
-            return self._lead_then_await(rid, entrypoint, deadline)
-        return self._follow(rid, entrypoint, waiter, deadline)
+        try:
+            if waiter is None:
+                return self._lead_then_await(rid, entrypoint, deadline)
+            return self._follow(rid, entrypoint, waiter, deadline)
+        except BaseException as exc:
+            self._stop_leading(rid, exc)  # (see ``_exchange``)
+            raise
 
     def _not_sent(self, rid: int, entrypoint: str, waiter: _Waiter | None, nbulk: int,
                   exc: BaseException) -> NoReturn:
@@ -463,61 +500,109 @@ class Channel:
         finally:
             self._release_leadership(own=waiter)
 
-    def _exchange(self, rid: int, entrypoint: str, frame: bytes, deadline: float | None,
-                  nbulk: int) -> Ok | Err:
+    def _exchange(self, rid: int, entrypoint: str, frame: bytes | None, deadline: float | None,
+                  nbulk: int, compact: bytes | None = None) -> Ok | Err:
         """``request``'s fast path on a pipe, leading for ourselves and
         holding the send lock: write our frame (with one ``os.write`` when
         the pipe has room), release the lock, and wait for what comes back
         first in ``transport.gate.receive`` (C where built). Our plain reply
         ends it there, leaving the channel under one lock; anything else
-        goes to the general loop."""
+        goes to the general loop. ``compact``: no frame yet, but the
+        arguments of a top-level call to send in compact form."""
         left = False
         try:
             try:
-                self._write_leading(frame, deadline)
+                if compact is not None:
+                    self._write_compact(rid, entrypoint, compact, deadline)
+                else:
+                    self._write_leading(frame, deadline)  # type: ignore[arg-type]
             except BaseException as exc:
                 self._not_sent(rid, entrypoint, None, nbulk, exc)
             if not self.conn.frames.buffered and self.failure is None:
-                try:
-                    event = self._receive_own(rid, deadline)
-                    if event is not None:
-                        if event.__class__ is Ok:  # our plain reply, not yet taken
-                            with self._mu:
-                                if not self._leader_nested and not self._waiters and not self._inbox_waiting:
-                                    self._leader = False
-                                    self._leader_rid = 0
-                                    if not self._close_requested:
-                                        self._users -= 1
-                                        left = True
-                                    return event
-                            self._leader_reply = event
-                        elif not self._leader_nested and self.failure is None:
-                            reply, _ = self._release_leadership(rid)
-                            if reply is not None:
-                                return reply
-                except BaseException:
-                    # A signal handler's exception (KeyboardInterrupt), or
-                    # anything else: we stop leading (if we still do), or
-                    # nobody would ever read again.
-                    if self._leader and self._leader_rid == rid:
-                        self._release_leadership(rid)
-                    raise
+                event = self._receive_own(rid, deadline)
+                if event is not None:
+                    if event.__class__ is Ok:  # our plain reply, not yet taken
+                        with self._mu:
+                            if not self._leader_nested and not self._waiters and not self._inbox_waiting:
+                                self._leader = False
+                                self._leader_rid = 0
+                                if not self._close_requested:
+                                    self._users -= 1
+                                    left = True
+                                return event
+                        self._leader_reply = event
+                    elif not self._leader_nested and self.failure is None:
+                        reply, _ = self._release_leadership(rid)
+                        if reply is not None:
+                            return reply
             return self._lead_then_await(rid, entrypoint, deadline)
+        except BaseException as exc:
+            # A signal handler's exception (KeyboardInterrupt) anywhere in
+            # here, or anything else: we stop leading (if we still do), or
+            # nobody would ever read again.
+            self._stop_leading(rid, exc)
+            raise
         finally:
             if not left:
                 self._leave()
+
+    def _stop_leading(self, rid: int, exc: BaseException) -> None:
+        self._interrupted(exc)
+        if self._leader and self._leader_rid == rid:
+            self._release_leadership(rid)
 
     def _write_leading(self, frame: bytes, deadline: float | None) -> None:
         """``_send`` for the leader of ``_exchange``, which holds the send
         lock: a frame that fits the pipe goes in one write; the rest of one
         that does not waits for room while we read (``_pump``)."""
         try:
-            try:
-                sent = os.write(self._direct[0], frame)  # type: ignore[index]
-            except BlockingIOError:
-                sent = 0
-            if sent != len(frame):
-                self.transport.send(memoryview(frame)[sent:], (), deadline, self._pump)
+            self._write_frame(frame, deadline)
+        finally:
+            self._send_lock.release()
+
+    def _write_frame(self, frame: bytes, deadline: float | None) -> None:
+        """(Under the send lock.) A frame that fits the pipe goes in one
+        write; the rest of one that does not waits for room while we read.
+        Interrupted (``_send_whole``): even right after the first write, part
+        of the frame may be out, so the channel is broken."""
+        self._send_whole(frame, (), deadline, self._pump, self._direct[0])  # type: ignore[index]
+
+    def _send_whole(self, data: bytes | memoryview, fds: list[int] | tuple[int, ...], deadline: float | None,
+                    pump: Callable[[], None] | None, pipe: int = -1) -> None:
+        """``transport.send`` (or, ``pipe``: one ``os.write`` to it first),
+        under the send lock. Interrupted by anything but its own errors (a
+        signal handler's exception while it waits for room), part of the
+        frame may be on the wire, and nothing after it could be framed: the
+        channel is broken, the peer not to blame."""
+        try:
+            if pipe >= 0:
+                try:
+                    sent = os.write(pipe, data)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(data):
+                    return
+                data = memoryview(data)[sent:]
+            self.transport.send(data, fds, deadline, pump)
+        except (OSError, ProtocolError):
+            raise
+        except BaseException as exc:
+            self.fail(ProtocolError(f"channel to {self.peer!r} broken: sending a frame was interrupted "
+                                    f"({type(exc).__name__})"), reason="interrupted send")
+            raise
+
+    def _write_compact(self, rid: int, entrypoint: str, args: bytes, deadline: float | None) -> None:
+        """``_write_leading`` for a call in compact form: one ``gate.call``,
+        or (too big for one write, or no room in the pipe) the call as a
+        msgpack frame the usual way."""
+        name = self._names.get(entrypoint)
+        if name is None:
+            name = entrypoint.encode()
+            if len(self._names) < 1024:
+                self._names[entrypoint] = name
+        try:
+            if not gate.call(self._direct[0], rid, name, args):  # type: ignore[index]
+                self._write_frame(self.conn.call_frame(rid, entrypoint, args), deadline)
         finally:
             self._send_lock.release()
 
@@ -527,12 +612,22 @@ class Channel:
         (anything else was dispatched), or None."""
         timeout = -1 if deadline is None else min(max(0, int((deadline - time.monotonic()) * 1000)),
                                                   gate.MAX_TIMEOUT_MS)
-        n = gate.receive(self._direct[1], self._view, timeout, self._spin_us)  # type: ignore[index]
+        n = gate.receive(self._direct[1], self._view, timeout, self._spin_us, rid, self._got)  # type: ignore[index]
+        if n.__class__ is bytes:  # our reply in compact form, all that was read
+            self._got[0] = -1
+            event = self.conn.reply_to(rid, n)  # type: ignore[arg-type]
+            if event.__class__ is Ok and self.failure is None:
+                if self.track_arrivals:
+                    self.server.arrived(self, ("r", rid))
+                return event  # type: ignore[return-value]
+            self._dispatch(event)
+            return None
         if n == 0:
             self._fail_from_eof("closed its channel")
         elif n > 0:
             conn = self.conn
             event = conn.parse_one(self._view[:n])
+            self._got[0] = -1
             if event.__class__ is Ok and event.id == rid and conn.bulk_values is None \
                     and self.failure is None:  # type: ignore[union-attr]
                 # Our reply, plain (as ``_dispatch`` would take it).
@@ -675,6 +770,23 @@ class Channel:
         """Read and dispatch until ``waiter`` is done (``None``: until the
         leader's own reply arrives; ``_DRAIN``: until nothing is buffered, or
         ``DRAIN_BUDGET`` bytes have been read)."""
+        try:
+            self._read_loop(waiter, deadline)
+        except BaseException as exc:
+            self._interrupted(exc)
+            raise
+
+    def _interrupted(self, exc: BaseException) -> None:
+        """``exc`` escaped a read. If it came between a read and the
+        decoder taking its bytes in (a signal handler's exception, raised
+        where Python next checks), those bytes are lost and the stream can
+        no longer be framed: the channel is broken, the peer not to blame."""
+        if self._got[0] >= 0 and not isinstance(exc, (OSError, ProtocolError)):
+            self._got[0] = -1
+            self.fail(ProtocolError(f"channel to {self.peer!r} broken: reading it was interrupted "
+                                    f"({type(exc).__name__})"), reason="interrupted read")
+
+    def _read_loop(self, waiter: _Waiter | None, deadline: float | None) -> None:
         conn = self.conn
         frames = conn.frames
         transport = self.transport
@@ -715,9 +827,12 @@ class Channel:
             if self.failure is not None:
                 return  # woken by the eventfd: never read (a blocking fd would hang)
             view = frames.want_buffer() or self._view
+            got = self._got
             try:
+                got[0] = 1  # (from here until the bytes are taken: see ``_got``)
                 n, fds = transport.read_into(view)
             except BlockingIOError:
+                got[0] = -1
                 continue  # woken by the eventfd, or a spurious wake-up
             except ProtocolError as exc:
                 self.fail(exc, reason=str(exc))
@@ -731,8 +846,10 @@ class Channel:
             drained += n
             if view is not self._view:
                 self._buffered(view, n, fds)
+                got[0] = -1
             else:
                 event = conn.parse_one(view[:n]) if not fds else self._feed(view[:n], fds)
+                got[0] = -1
                 if event is not _NEED_DATA:
                     self._dispatch_by(event, deadline, waiter)
                     continue
@@ -1002,7 +1119,7 @@ class Channel:
                 raise _LockBusy
             try:
                 pump = self._pump if leading else (lambda: self._pump_for(follower)) if follower else None
-                self.transport.send(frame, fds, deadline, pump)
+                self._send_whole(frame, fds, deadline, pump)
             finally:
                 lock.release()
         finally:

@@ -1,8 +1,9 @@
 """The byte loop around a call: native when it can be, Python otherwise.
 
-``serve`` and ``receive`` (documented in ``_gate.c``) are the only parts of
-a call that run in C: reads, writes and the fixed frame header, never the
-message. The C module is built by ``pip install`` where a compiler and the
+``serve``, ``receive`` and ``call`` (documented in ``_gate.c``) are the only
+parts of a call that run in C: reads, writes, the fixed frame header and the
+fixed envelope of a compact call or reply (``pycompart.wire.protocol``),
+never a value. The C module is built by ``pip install`` where a compiler and the
 Python headers are found; without it (or with ``PYCOMPART_FASTPATHS``
 leaving out ``native``) the functions below do the same in Python, more
 slowly. ``NATIVE`` says which is in use.
@@ -12,11 +13,14 @@ from __future__ import annotations
 
 import os
 import select
+import struct
 import time
 from collections.abc import Callable
 
 from .. import fastpaths
-from ..wire.protocol import HEADER
+from ..wire.protocol import (
+    CALL_ENVELOPE, COMPACT, COMPACT_CALL, COMPACT_OK, HEADER, OK_FRAME, compact_ok_frame,
+)
 from .streams import PipeTransport, wait_fd
 
 _native = None
@@ -31,13 +35,17 @@ NATIVE = _native is not None
 #: The longest wait one call may ask for (a C int of milliseconds, ~24 days);
 #: a caller that waits longer asks again.
 MAX_TIMEOUT_MS = 2**31 - 1
+#: The biggest frame ``call`` writes: PIPE_BUF, all or nothing on a pipe.
+ATOMIC_WRITE = 4096
+_CALL_FRAME = struct.Struct("<IHHBBQQBH")
 
 
 def py_serve(rfd: int, wfd: int, buf: memoryview, handle: Callable[[bytes], bytes | None],
-             write_timeout_ms: int, spin_us: int) -> int:
+             write_timeout_ms: int, spin_us: int, fast: Callable[[int, bytes, bytes], object] | None = None) -> int:
     """``_gate.serve`` in Python. (A signal's handler runs inside ``readv``,
     which Python then retries, as C returns to Python for it.)"""
     unpack = HEADER.unpack_from
+    call_size = CALL_ENVELOPE.size
     while True:
         _spin(rfd, spin_us)
         try:
@@ -49,27 +57,82 @@ def py_serve(rfd: int, wfd: int, buf: memoryview, handle: Callable[[bytes], byte
         length, nfds, nbulk = unpack(buf)
         if n != 8 + length or nfds or nbulk:
             return n
-        reply = handle(bytes(buf[8:n]))
+        reply: object
+        if fast is not None and length >= call_size and buf[8] == COMPACT and buf[9] == COMPACT_CALL:
+            _, _, rid, parent, concurrent, name_len = CALL_ENVELOPE.unpack_from(buf, 8)
+            start = 8 + call_size
+            if parent == 0 and concurrent == 0 and name_len <= length - call_size:
+                got = fast(rid, bytes(buf[start:start + name_len]), bytes(buf[start + name_len:n]))
+                if got is None:
+                    return n
+                if got is False:
+                    return -1
+                if got.__class__ is bytes:
+                    reply = compact_ok_frame(rid, got)  # type: ignore[arg-type]
+                elif got.__class__ is tuple and len(got) == 1 and got[0].__class__ is bytes:  # type: ignore[arg-type]
+                    reply = got[0]  # type: ignore[index]
+                else:
+                    raise TypeError("serve: fast must return bytes, a 1-tuple of bytes, None or False")
+            else:
+                reply = handle(bytes(buf[8:n]))
+        else:
+            reply = handle(bytes(buf[8:n]))
         if reply is None:
             return -1
+        if reply.__class__ is not bytes:
+            raise TypeError("serve: handle must return bytes or None")
         if reply:
             deadline = None if write_timeout_ms < 0 else time.monotonic() + write_timeout_ms / 1000
             PipeTransport.write_all(wfd, reply, deadline)
 
 
-def py_receive(rfd: int, buf: memoryview, timeout_ms: int, spin_us: int) -> int:
-    """``_gate.receive`` in Python."""
+def py_receive(rfd: int, buf: memoryview, timeout_ms: int, spin_us: int, rid: int = 0,
+               got: memoryview | None = None) -> int | bytes:
+    """``_gate.receive`` in Python. (``got`` is set to 1 before each read
+    and to the count after it: Python cannot set it inside the read, so an
+    exception that interrupts one counts as having read.)"""
+    if got is not None and got.nbytes < 8:
+        raise ValueError("receive: got must hold 8 bytes")
+    mark = got.cast("B").cast("q") if got is not None and got.format != "q" else got
     deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
     _spin(rfd, spin_us)
     while True:
+        before = 0
         try:
-            return os.readv(rfd, (buf,))
+            if mark is not None:
+                before, mark[0] = mark[0], 1
+            n = os.readv(rfd, (buf,))
         except BlockingIOError:
-            pass
+            if mark is not None:
+                mark[0] = before
+        else:
+            if mark is not None:
+                mark[0] = n
+            if rid and n >= OK_FRAME.size:
+                length, nfds, nbulk, marker, kind, got = OK_FRAME.unpack_from(buf)
+                if n == 8 + length and not nfds and not nbulk and marker == COMPACT and kind == COMPACT_OK \
+                        and got == rid:
+                    return bytes(buf[OK_FRAME.size:n])
+            return n
         try:
             wait_fd(rfd, select.POLLIN, deadline)
         except TimeoutError:
             return -2
+
+
+def py_call(wfd: int, rid: int, name: bytes, args: bytes) -> bool:
+    """``_gate.call`` in Python."""
+    total = _CALL_FRAME.size + len(name) + len(args)
+    if len(name) > 0xFFFF or total > ATOMIC_WRITE:
+        return False
+    frame = _CALL_FRAME.pack(total - 8, 0, 0, COMPACT, COMPACT_CALL, rid, 0, 0, len(name)) + name + args
+    try:
+        n = os.write(wfd, frame)
+    except BlockingIOError:
+        return False
+    if n != total:
+        raise OSError("call: a partial write (not a pipe?)")
+    return True
 
 
 def _spin(fd: int, spin_us: int) -> None:
@@ -84,3 +147,4 @@ def _spin(fd: int, spin_us: int) -> None:
 
 serve = _native.serve if _native is not None else py_serve
 receive = _native.receive if _native is not None else py_receive
+call = _native.call if _native is not None else py_call

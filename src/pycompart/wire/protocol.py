@@ -10,7 +10,19 @@ Frame layout (little endian)::
     u32 payload length | u16 number of fds | u16 number of bulk segments | payload
 
 The payload is one msgpack message, a tagged array (see the ``Message``
-structs). A frame longer than the connection's ``max_frame`` is refused before
+structs), or a top-level call or its reply in *compact form*: a fixed binary
+envelope, then the value's msgpack::
+
+    call:  0xC1 0x01 | u64 id | u64 parent | u8 concurrent | u16 n | entrypoint (n bytes, UTF-8) | args
+    reply: 0xC1 0x02 | u64 id | value
+
+0xC1 is the one byte msgpack never uses, so no msgpack message starts with
+it. The call gate's native byte loop (``pycompart.transport.gate``) writes
+and reads this envelope itself, so a typed call's hot path decodes and
+encodes only its values. Main sends a typed call on a pipe in compact form
+(``pycompart.fastpaths``: ``compact``); an instance answers a compact call it
+serves directly in compact form; everything else is msgpack, and both forms
+are read anywhere, the value checked to be exactly one msgpack object. A frame longer than the connection's ``max_frame`` is refused before
 a single byte of it is buffered. File descriptors travel beside the bytes
 (SCM_RIGHTS) where the transport can carry them; the header says how many
 belong to the frame so a reader can pair them up. Large values may travel in
@@ -36,8 +48,18 @@ import msgspec
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct("<IHH")
+#: The first byte of a compact call or reply (module docstring).
+COMPACT = 0xC1
+COMPACT_CALL = 1
+COMPACT_OK = 2
+#: A compact call's envelope, up to its entrypoint: marker, kind, id, parent,
+#: concurrent, entrypoint length; a compact reply's: marker, kind, id.
+CALL_ENVELOPE = struct.Struct("<BBQQBH")
+OK_ENVELOPE = struct.Struct("<BBQ")
+#: A compact reply's whole frame up to its value (header and envelope).
+OK_FRAME = struct.Struct("<IHHBBQ")
 MAX_FDS_PER_FRAME = 16
 MAX_BULK_PER_FRAME = 16
 
@@ -218,6 +240,31 @@ class LateReply(msgspec.Struct, frozen=True):
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
+#: Checks that a compact message's value is exactly one msgpack object (as a
+#: msgpack message's ``Raw`` fields are), and returns a view of it.
+_raw_value = msgspec.msgpack.Decoder(msgspec.Raw).decode
+
+
+def _compact(body: bytes | bytearray | memoryview) -> Call | Ok:
+    """A compact call or reply (module docstring); ``ValueError`` or
+    msgspec's ``DecodeError`` if it is not one."""
+    n = len(body)
+    kind = body[1] if n > 1 else 0
+    if kind == COMPACT_OK and n >= OK_ENVELOPE.size:
+        return Ok(OK_ENVELOPE.unpack_from(body)[2], _raw_value(memoryview(body)[OK_ENVELOPE.size:]))
+    if kind == COMPACT_CALL and n >= CALL_ENVELOPE.size:
+        _, _, rid, parent, concurrent, length = CALL_ENVELOPE.unpack_from(body)
+        start = CALL_ENVELOPE.size
+        if concurrent > 1 or start + length > n:
+            raise ValueError("malformed compact call")
+        entrypoint = str(body[start:start + length], "utf-8")
+        return Call(rid, entrypoint, _raw_value(memoryview(body)[start + length:]), parent, bool(concurrent))
+    raise ValueError("malformed compact message")
+
+
+def compact_ok_frame(rid: int, value: bytes) -> bytes:
+    """The frame of a compact reply (what the native serve loop writes)."""
+    return OK_FRAME.pack(OK_ENVELOPE.size + len(value), 0, 0, COMPACT, COMPACT_OK, rid) + value
 
 
 def encode_frame(payload: bytes, nfds: int = 0) -> bytes:
@@ -421,6 +468,40 @@ class Connection:
         self.awaiting.add(rid)
         return rid, HEADER.pack(len(payload), nfds, nbulk) + payload
 
+    def new_call(self) -> int:
+        """The id of a call about to be sent in compact form (by
+        ``transport.gate.call``), awaited from now on."""
+        rid = self.last_id = next(self._ids)
+        self.awaiting.add(rid)
+        return rid
+
+    def call_frame(self, rid: int, entrypoint: str, args: bytes) -> bytes:
+        """The msgpack frame of call ``rid`` (a ``new_call`` that could not
+        go out in compact form)."""
+        payload = _encoder.encode(Call(rid, entrypoint, msgspec.Raw(args)))
+        if len(payload) > self.max_frame:
+            self.awaiting.discard(rid)
+            raise ProtocolError(f"message of {len(payload)} bytes exceeds the maximum message "
+                                f"size of {self.max_frame} (set [app] max_message_size)")
+        return HEADER.pack(len(payload), 0, 0) + payload
+
+    def reply_to(self, rid: int, value: bytes) -> Ok | Violation:
+        """The reply to call ``rid`` that ``transport.gate.receive`` matched
+        (a compact reply, all that was read), as ``_message`` takes it: a
+        value that is not exactly one msgpack object, or a reply bigger than
+        a frame may be, breaks the stream."""
+        self.awaiting.discard(rid)
+        self.bytes_in += 18 + len(value)
+        if OK_ENVELOPE.size + len(value) > self.frames.max_frame:
+            self.violations += 1
+            return self.frames._break(f"frame of {OK_ENVELOPE.size + len(value)} bytes exceeds the "
+                                      f"maximum of {self.frames.max_frame}")
+        try:
+            return Ok(rid, _raw_value(value))
+        except Exception as exc:  # malformed, too deep: never raised on
+            self.violations += 1
+            return self.frames._break(f"malformed message: {exc}")
+
     def send_ok(self, rid: int, value: bytes, nfds: int = 0, nbulk: int = 0) -> bytes:
         payload = _encoder.encode(Ok(rid, msgspec.Raw(value)))
         if len(payload) > self.max_frame:
@@ -522,7 +603,7 @@ class Connection:
                 self.violations += 1
                 return self.frames._break(f"bad bulk segments: {exc}")
         try:
-            msg = _decoder.decode(body)
+            msg = _compact(body) if body and body[0] == COMPACT else _decoder.decode(body)
         except Exception as exc:  # malformed, mistyped, too deep (RecursionError): never raised on
             close_fds(fds)
             self.violations += 1
