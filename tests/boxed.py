@@ -170,6 +170,25 @@ def stubborn(seconds: float) -> int:
     return 0
 
 
+def half_frame(seconds: float) -> int:
+    """A hostile compartment that starts a frame (its header only), holds
+    on past its caller's timeout (cancellation blocked), then writes a whole
+    compact reply to the caller's *next* call id: bytes that by the stream's
+    framing are the body of the frame it began."""
+    from pycompart.transport.channel import serving_any
+
+    fd = _channel_write_fd()
+    rid = serving_any()[-1][1]
+    os.write(fd, struct.pack("<IHH", 50, 0, 0))
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(range(1, signal.SIGRTMAX + 1))
+                           - {signal.SIGKILL, signal.SIGSTOP, 32, 33})
+    time.sleep(seconds)
+    value = msgspec.msgpack.encode(777)
+    os.write(fd, struct.pack("<IHHBBQ", 10 + len(value), 0, 0, 0xC1, 2, rid + 1) + value)
+    time.sleep(0.3)
+    return 1
+
+
 def sleepy(seconds: float) -> float:
     time.sleep(seconds)
     return seconds

@@ -316,3 +316,13 @@ def test_any_compact_body_is_a_message_or_a_violation(tail, rid, kind):
         conn.receive_data(encode_frame(body))
         ev = conn.next_event()  # never raises
         assert isinstance(ev, (Call, Ok, Violation, LateReply))
+
+
+def test_a_begun_frame_is_pending_before_any_of_its_body_arrives():
+    """(The fast paths read the stream themselves only when nothing is
+    pending: a frame whose header came, and none of its body, is.)"""
+    _, callee = pair()
+    assert not callee.frames.pending
+    callee.receive_data(HEADER.pack(50, 0, 0))
+    assert callee.next_event() is NEED_DATA
+    assert callee.frames.buffered == 0 and callee.frames.pending

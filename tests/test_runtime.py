@@ -301,6 +301,34 @@ def test_hostile_compact_replies_give_protocol_error_and_main_survives(make_app,
         assert ep["whoami"]() != pid
 
 
+def test_a_compact_reply_inside_a_begun_frame_is_never_taken_for_one(make_app):
+    """Red team: after a frame's header (and none of its body) had been read,
+    main's fast path took a compact reply that followed for a whole frame of
+    its own: a reply to the next call, accepted while the stream was
+    misframed. Those bytes are the begun frame's body."""
+    app = make_app({"compartments": {"box": {"call_timeout": "300ms", "cancel_grace": "20s",
+                                             "restart_backoff": "10ms"}}})
+    half = app.entrypoint("box")(boxed.half_frame)
+    size = app.entrypoint("box")(boxed.size)
+    with app:
+        with pytest.raises(CallTimeout):
+            half(0.6)
+        try:
+            got = size(b"ok")
+        except (CallTimeout, ProtocolError):
+            got = None  # the stream is misframed: never an answer from it
+        assert got != 777
+        for _ in range(3):
+            try:
+                answer = size.options(timeout=10)(b"abc")
+            except ProtocolError:
+                continue  # the misframed stream breaks the channel; a new instance answers
+            assert answer == 3
+            break
+        else:
+            pytest.fail("no instance answered after the misframed stream")
+
+
 def test_reply_for_unknown_id_is_ignored_and_counted(make_app):
     app, ep = box(make_app)
     with app:

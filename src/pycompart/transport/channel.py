@@ -518,7 +518,7 @@ class Channel:
                     self._write_leading(frame, deadline)  # type: ignore[arg-type]
             except BaseException as exc:
                 self._not_sent(rid, entrypoint, None, nbulk, exc)
-            if not self.conn.frames.buffered and self.failure is None:
+            if not self.conn.frames.pending and self.failure is None:
                 event = self._receive_own(rid, deadline)
                 if event is not None:
                     if event.__class__ is Ok:  # our plain reply, not yet taken
@@ -547,8 +547,8 @@ class Channel:
                 self._leave()
 
     def _stop_leading(self, rid: int, exc: BaseException) -> None:
-        self._interrupted(exc)
-        if self._leader and self._leader_rid == rid:
+        if self._leader and self._leader_rid == rid:  # we are the one who reads
+            self._interrupted(exc)
             self._release_leadership(rid)
 
     def _write_leading(self, frame: bytes, deadline: float | None) -> None:
@@ -1057,7 +1057,7 @@ class Channel:
     def idle(self) -> bool:
         """Nothing is read, buffered, queued, waited on or waiting to be
         sent: the serve thread may read the transport itself."""
-        return not (self._leader or self._waiters or self._inbox.nested or self.conn.frames.buffered
+        return not (self._leader or self._waiters or self._inbox.nested or self.conn.frames.pending
                     or self.pending_output or self.pending_release or self.message_fds
                     or self.failure is not None or self._close_requested)
 
@@ -1291,7 +1291,7 @@ class Channel:
         read = self.transport.read_into
         inbox = self._inbox
         while True:
-            if self.failure is not None or frames.buffered or inbox.nested:
+            if self.failure is not None or frames.pending or inbox.nested:
                 return None
             if self.spin:
                 self._spin()

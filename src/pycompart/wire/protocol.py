@@ -320,6 +320,13 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._data) + (self._body_filled if self._body is not None else 0)
 
+    @property
+    def pending(self) -> bool:
+        """Whether any bytes (or descriptors) wait here, or a frame has begun
+        (its header read, none of its body yet): what comes next on the stream
+        is not the start of a frame, so no fast path may read it as one."""
+        return bool(self._data) or self._body is not None or bool(self._fds)
+
     def want_buffer(self, minimum: int = 65536) -> memoryview | None:
         """A writable view of the unfilled part of the current frame's body,
         if at least ``minimum`` bytes remain; report what was written into it
