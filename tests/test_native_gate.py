@@ -4,6 +4,7 @@ the C module survives the same (slow)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import subprocess
@@ -102,6 +103,22 @@ def pipes():  # type: ignore[no-untyped-def]
             pass
 
 
+@contextlib.contextmanager
+def reply_pipe():  # type: ignore[no-untyped-def]
+    """A pipe whose read end does not block (what ``receive`` reads), both
+    ends closed after (the test may close the write end itself)."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    try:
+        yield r, w
+    finally:
+        for fd in (r, w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def frame(body: bytes, nfds: int = 0, nbulk: int = 0) -> bytes:
     return HEADER.pack(len(body), nfds, nbulk) + body
 
@@ -161,22 +178,15 @@ def test_an_exception_in_the_handler_comes_out_as_itself(name, serve, _, pipes):
 
 @pytest.mark.parametrize("name,_,receive", IMPLS)
 def test_receive_reads_what_is_there_or_times_out(name, _, receive):
-    r, w = os.pipe()
-    os.set_blocking(r, False)
     buf = bytearray(16)
-    try:
+    with reply_pipe() as (r, w):
         assert receive(r, memoryview(buf), 20, 0) == -2  # nothing came
         os.write(w, b"hello")
         assert receive(r, memoryview(buf), 1000, 50) == 5 and buf[:5] == b"hello"
         threading.Timer(0.05, lambda: os.write(w, b"late")).start()
         assert receive(r, memoryview(buf), 2000, 0) == 4
         os.close(w)
-        w = -1
         assert receive(r, memoryview(buf), 1000, 0) == 0
-    finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
 
 
 def compact_call(rid: int, name: bytes, args: bytes, parent: int = 0, concurrent: int = 0) -> bytes:
@@ -226,10 +236,8 @@ def test_a_compact_call_fast_declines_stays_in_the_buffer(name, serve, _, pipes)
 
 @pytest.mark.parametrize("name,_,receive", IMPLS)
 def test_receive_returns_the_value_of_a_compact_reply_to_its_call_only(name, _, receive):
-    r, w = os.pipe()
-    os.set_blocking(r, False)
     buf = bytearray(256)
-    try:
+    with reply_pipe() as (r, w):
         for data, rid, expected in [
             (compact_ok(9, b"\x93\x01\x02\x03"), 9, b"\x93\x01\x02\x03"),
             (compact_ok(9, b""), 9, b""),
@@ -243,9 +251,25 @@ def test_receive_returns_the_value_of_a_compact_reply_to_its_call_only(name, _, 
             os.write(w, data)
             got = receive(r, memoryview(buf), 1000, 0, rid)
             assert got == (expected if expected is not None else len(data)), data
-    finally:
-        os.close(r)
-        os.close(w)
+
+
+@pytest.mark.parametrize("name,_,receive", IMPLS)
+def test_receive_marks_what_it_read_the_moment_it_read_it(name, _, receive):
+    """``got`` holds the count of a read that returned (a signal handler's
+    exception when receive returns would lose those bytes: the channel can
+    tell), and is left alone when nothing was read."""
+    got = memoryview(bytearray(8)).cast("q")
+    got[0] = -1
+    buf = bytearray(64)
+    with reply_pipe() as (r, w):
+        assert receive(r, memoryview(buf), 20, 0, 0, got) == -2 and got[0] == -1
+        os.write(w, b"hello")
+        assert receive(r, memoryview(buf), 1000, 0, 0, got) == 5 and got[0] == 5
+        got[0] = -1
+        os.write(w, compact_ok(3, b"\xc0"))
+        assert receive(r, memoryview(buf), 1000, 0, 3, got) == b"\xc0" and got[0] == 19
+        with pytest.raises(ValueError):
+            receive(r, memoryview(buf), 0, 0, 0, bytearray(4))
 
 
 @pytest.mark.parametrize("name,call", CALLS)
@@ -301,16 +325,11 @@ def test_native_and_python_agree_on_any_bytes(chunks, replies, bufsize):
 def test_native_and_python_receive_agree_on_any_bytes(data, rid, bufsize):
     outcomes = []
     for _, _, receive in IMPLS:
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        try:
+        with reply_pipe() as (r, w):
             os.write(w, data)
             buf = bytearray(bufsize)
             got = receive(r, memoryview(buf), 1000, 0, rid)
             outcomes.append((got, bytes(buf) if isinstance(got, int) else None))
-        finally:
-            os.close(r)
-            os.close(w)
     assert all(o == outcomes[0] for o in outcomes), outcomes
 
 

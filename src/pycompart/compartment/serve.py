@@ -29,7 +29,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from .. import fastpaths
 from ..errors import CallCancelled, EntrypointError, ProtocolError
@@ -49,6 +49,11 @@ from . import lockdown as _lockdown
 from . import output as _output
 from . import warn as _warn
 from .objects import MainRef, ObjectServer, instance_peer
+
+if TYPE_CHECKING:
+    import msgspec
+
+    from ..wire.contract import BulkPayload
 
 _main_source: bytes | None = None
 
@@ -451,43 +456,17 @@ class Server(CallServer):
         channel = self.channel
         if lazy is None or lazy.contract is None or channel.track_arrivals:
             return None
-        contract = lazy.contract
-        self.current = rid
-        self.cancel_current = False
-        stack = serving_stack()
-        stack.append((channel, rid))
-        active = self.active
-        active.append(rid)
-        self.in_user_code = True
-        failed = False
-        try:
-            result = contract.invoke(args, None, channel.bulk is not None)
-        except BaseException as exc:
-            self.in_user_code = False
-            failed = True
-            frame = self._error_reply(channel.conn, rid, exc, typed=True)
-        finally:
-            self.in_user_code = False
-            active.pop()
-            stack.pop()
-            self.current = None
-        if not failed:
-            if result.__class__ is not bytes:
-                frame = channel.reply_value(rid, result)  # big values beside the frame
-            elif len(result) > self._max_value:
-                frame = channel.conn.send_ok(rid, result)  # (an error: too big to send)
-            elif not channel.pending_output and not channel.pending_release \
-                    and threading.active_count() == 1 and channel.idle():
+        result, frame = self._invoke_typed(rid, args, lazy.contract)
+        if frame is None:
+            if result.__class__ is not bytes or len(result) > self._max_value:
+                # Big values beside the frame, or (too big to send) an error.
+                frame = channel.reply_value(rid, result)
+            elif threading.active_count() == 1 and channel.idle():
                 return result
             else:
-                frame = compact_ok_frame(rid, result)
-        if channel.pending_output or channel.pending_release:
-            frame = channel.with_pending(frame)
-        if channel.failure is not None or threading.active_count() != 1 or not channel.idle():
-            if channel.failure is None:
-                channel.reply(frame)
-            return False
-        return (frame,)
+                frame = compact_ok_frame(rid, result)  # type: ignore[arg-type]
+        frame = self._direct_reply(frame)
+        return False if frame is None else (frame,)
 
     def _direct_frame(self, body: bytes) -> bytes | None:
         """One frame's body read by ``_serve_direct``: the reply to send,
@@ -499,11 +478,22 @@ class Server(CallServer):
             return None if channel.failure is not None or not channel.idle() else b""
         lazy = self.table.get(event.entrypoint)  # type: ignore[union-attr]
         if lazy is not None and lazy.contract is not None and not channel.track_arrivals:
-            frame = self._run_typed(event, lazy.contract)  # type: ignore[arg-type]
+            # A typed entrypoint's call on a pipe (no descriptors either way,
+            # nothing to track): ``execute`` without the steps that cannot apply.
+            result, frame = self._invoke_typed(event.id, event.args, lazy.contract)  # type: ignore[union-attr]
+            if frame is None:
+                frame = channel.reply_value(event.id, result)  # type: ignore[union-attr, arg-type]
         else:
             if channel.track_arrivals:
                 self.peer.arrived(("c", event.id))  # type: ignore[union-attr]
             frame = self._run_top(event)  # type: ignore[arg-type]
+        return self._direct_reply(frame)
+
+    def _direct_reply(self, frame: bytes) -> bytes | None:
+        """``frame`` (with what is pending around it) for the direct serve
+        loop to send, or None: sent here, because the loop must stop (the
+        call left other threads, queued frames or a failure behind)."""
+        channel = self.channel
         if channel.pending_output or channel.pending_release:
             frame = channel.with_pending(frame)
         if channel.failure is not None or threading.active_count() != 1 or not channel.idle():
@@ -512,14 +502,13 @@ class Server(CallServer):
             return None
         return frame
 
-    def _run_typed(self, call: Call, contract: Contract) -> bytes:
-        """``_run_top`` of a typed entrypoint's call on a pipe (no descriptors
-        either way, nothing to track): ``execute`` without the steps that
-        cannot apply, the direct serve loop's hot path. The same state is
-        kept for cancellation, nested calls and output; exceptions end as
+    def _invoke_typed(self, rid: int, args: bytes | msgspec.Raw,
+                      contract: Contract) -> tuple[bytes | BulkPayload | None, bytes | None]:
+        """A typed entrypoint's top-level call on the serve thread, keeping
+        the state cancellation, nested calls and output need: (its encoded
+        result, None), or (None, the Err frame). Exceptions end as
         ``execute`` ends them."""
         channel = self.channel
-        rid = call.id
         self.current = rid
         self.cancel_current = False
         stack = serving_stack()
@@ -528,18 +517,15 @@ class Server(CallServer):
         active.append(rid)
         self.in_user_code = True
         try:
-            result = contract.invoke(call.args, None, channel.bulk is not None)
+            return contract.invoke(args, None, channel.bulk is not None), None
         except BaseException as exc:
             self.in_user_code = False
-            return self._error_reply(channel.conn, rid, exc, typed=True)
+            return None, self._error_reply(channel.conn, rid, exc, typed=True)
         finally:
             self.in_user_code = False
             active.pop()
             stack.pop()
             self.current = None
-        if result.__class__ is bytes:
-            return channel.conn.send_ok(rid, result)
-        return channel.reply_value(rid, result)
 
     @staticmethod
     def _error_reply(conn: Connection, rid: int, exc: BaseException, typed: bool) -> bytes:

@@ -337,13 +337,9 @@ class Channel:
             rid = conn.new_call()
             mu = self._mu
             mu.acquire()
-            if self.failure is None and not self._leader and not self.pending_release \
-                    and not self.pending_output and self._send_lock.acquire(blocking=False):
-                # ``_request``'s fast path, the call in compact form.
+            if self.failure is None and not self.pending_release and not self.pending_output \
+                    and self._take_lead(rid):
                 self._users += 1
-                self._leader = True
-                self._leader_rid = rid
-                self._leader_reply = None
                 mu.release()
                 return self._exchange(rid, entrypoint, None, deadline, 0, payload)  # type: ignore[arg-type]
             mu.release()
@@ -368,21 +364,25 @@ class Channel:
             close_fds(fds)
             raise self.failure
         self._users += 1
-        if not fds and not self._leader and self._direct is not None \
-                and self._send_lock.acquire(blocking=False):
-            # The fast path: nobody reads or sends, so we lead for ourselves
-            # (holding the send lock already: leading while waiting for it
-            # would leave its holder, its frame waiting for room, with nobody
-            # to read for it).
-            self._leader = True
-            self._leader_rid = rid
-            self._leader_reply = None
+        if not fds and self._direct is not None and self._take_lead(rid):
             mu.release()
             return self._exchange(rid, entrypoint, frame, deadline, nbulk)
         try:
             return self._request(rid, entrypoint, frame, deadline, fds, nbulk)
         finally:
             self._leave()
+
+    def _take_lead(self, rid: int) -> bool:
+        """(With ``_mu`` held.) The fast path's start: if nobody reads or
+        sends, lead for ourselves, call ``rid``, holding the send lock
+        already (leading while waiting for it would leave its holder, its
+        frame waiting for room, with nobody to read for it)."""
+        if self._leader or not self._send_lock.acquire(blocking=False):
+            return False
+        self._leader = True
+        self._leader_rid = rid
+        self._leader_reply = None
+        return True
 
     def _place_bulk(self, payload: BulkPayload) -> tuple[bytes, int]:
         """The bytes to frame and how many bulk segments they name: the
@@ -421,11 +421,7 @@ class Channel:
                  fds: list[int] | tuple[int, ...] = (), nbulk: int = 0) -> Ok | Err:
         """Called with ``_mu`` held; releases it."""
         mu = self._mu
-        if not self._leader and self._send_lock.acquire(blocking=False):
-            # As ``request``'s fast path, on a transport without ``_exchange``.
-            self._leader = True
-            self._leader_rid = rid
-            self._leader_reply = None
+        if self._take_lead(rid):  # (a transport without ``_exchange``)
             mu.release()
             waiter = None
         else:
@@ -553,36 +549,21 @@ class Channel:
 
     def _write_leading(self, frame: bytes, deadline: float | None) -> None:
         """``_send`` for the leader of ``_exchange``, which holds the send
-        lock: a frame that fits the pipe goes in one write; the rest of one
-        that does not waits for room while we read (``_pump``)."""
+        lock: a frame that does not fit the pipe waits for room while we
+        read (``_pump``)."""
         try:
-            self._write_frame(frame, deadline)
+            self._send_whole(frame, (), deadline, self._pump)
         finally:
             self._send_lock.release()
 
-    def _write_frame(self, frame: bytes, deadline: float | None) -> None:
-        """(Under the send lock.) A frame that fits the pipe goes in one
-        write; the rest of one that does not waits for room while we read.
-        Interrupted (``_send_whole``): even right after the first write, part
-        of the frame may be out, so the channel is broken."""
-        self._send_whole(frame, (), deadline, self._pump, self._direct[0])  # type: ignore[index]
-
     def _send_whole(self, data: bytes | memoryview, fds: list[int] | tuple[int, ...], deadline: float | None,
-                    pump: Callable[[], None] | None, pipe: int = -1) -> None:
-        """``transport.send`` (or, ``pipe``: one ``os.write`` to it first),
-        under the send lock. Interrupted by anything but its own errors (a
-        signal handler's exception while it waits for room), part of the
-        frame may be on the wire, and nothing after it could be framed: the
-        channel is broken, the peer not to blame."""
+                    pump: Callable[[], None] | None) -> None:
+        """``transport.send``, under the send lock. Interrupted by anything
+        but its own errors (a signal handler's exception, even right after
+        the first write), part of the frame may be on the wire, and nothing
+        after it could be framed: the channel is broken, the peer not to
+        blame."""
         try:
-            if pipe >= 0:
-                try:
-                    sent = os.write(pipe, data)
-                except BlockingIOError:
-                    sent = 0
-                if sent == len(data):
-                    return
-                data = memoryview(data)[sent:]
             self.transport.send(data, fds, deadline, pump)
         except (OSError, ProtocolError):
             raise
@@ -602,7 +583,7 @@ class Channel:
                 self._names[entrypoint] = name
         try:
             if not gate.call(self._direct[0], rid, name, args):  # type: ignore[index]
-                self._write_frame(self.conn.call_frame(rid, entrypoint, args), deadline)
+                self._send_whole(self.conn.call_frame(rid, entrypoint, args), (), deadline, self._pump)
         finally:
             self._send_lock.release()
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import select
-import struct
 import time
 from collections.abc import Callable
 
 from .. import fastpaths
 from ..wire.protocol import (
-    CALL_ENVELOPE, COMPACT, COMPACT_CALL, COMPACT_OK, HEADER, OK_FRAME, compact_ok_frame,
+    CALL_ENVELOPE, CALL_FRAME, COMPACT, COMPACT_CALL, COMPACT_OK, HEADER, OK_FRAME, compact_ok_frame,
 )
 from .streams import PipeTransport, wait_fd
 
@@ -37,7 +36,6 @@ NATIVE = _native is not None
 MAX_TIMEOUT_MS = 2**31 - 1
 #: The biggest frame ``call`` writes: PIPE_BUF, all or nothing on a pipe.
 ATOMIC_WRITE = 4096
-_CALL_FRAME = struct.Struct("<IHHBBQQBH")
 
 
 def py_serve(rfd: int, wfd: int, buf: memoryview, handle: Callable[[bytes], bytes | None],
@@ -67,9 +65,9 @@ def py_serve(rfd: int, wfd: int, buf: memoryview, handle: Callable[[bytes], byte
                     return n
                 if got is False:
                     return -1
-                if got.__class__ is bytes:
-                    reply = compact_ok_frame(rid, got)  # type: ignore[arg-type]
-                elif got.__class__ is tuple and len(got) == 1 and got[0].__class__ is bytes:  # type: ignore[arg-type]
+                if isinstance(got, bytes):
+                    reply = compact_ok_frame(rid, got)
+                elif type(got) is tuple and len(got) == 1 and isinstance(got[0], bytes):
                     reply = got[0]  # type: ignore[index]
                 else:
                     raise TypeError("serve: fast must return bytes, a 1-tuple of bytes, None or False")
@@ -79,7 +77,7 @@ def py_serve(rfd: int, wfd: int, buf: memoryview, handle: Callable[[bytes], byte
             reply = handle(bytes(buf[8:n]))
         if reply is None:
             return -1
-        if reply.__class__ is not bytes:
+        if not isinstance(reply, bytes):
             raise TypeError("serve: handle must return bytes or None")
         if reply:
             deadline = None if write_timeout_ms < 0 else time.monotonic() + write_timeout_ms / 1000
@@ -87,13 +85,16 @@ def py_serve(rfd: int, wfd: int, buf: memoryview, handle: Callable[[bytes], byte
 
 
 def py_receive(rfd: int, buf: memoryview, timeout_ms: int, spin_us: int, rid: int = 0,
-               got: memoryview | None = None) -> int | bytes:
+               got: bytearray | memoryview | None = None) -> int | bytes:
     """``_gate.receive`` in Python. (``got`` is set to 1 before each read
     and to the count after it: Python cannot set it inside the read, so an
     exception that interrupts one counts as having read.)"""
-    if got is not None and got.nbytes < 8:
-        raise ValueError("receive: got must hold 8 bytes")
-    mark = got.cast("B").cast("q") if got is not None and got.format != "q" else got
+    mark = None
+    if got is not None:
+        raw = memoryview(got).cast("B")
+        if raw.nbytes < 8:
+            raise ValueError("receive: got must hold 8 bytes")
+        mark = raw[:8].cast("q")
     deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
     _spin(rfd, spin_us)
     while True:
@@ -109,9 +110,9 @@ def py_receive(rfd: int, buf: memoryview, timeout_ms: int, spin_us: int, rid: in
             if mark is not None:
                 mark[0] = n
             if rid and n >= OK_FRAME.size:
-                length, nfds, nbulk, marker, kind, got = OK_FRAME.unpack_from(buf)
+                length, nfds, nbulk, marker, kind, answers = OK_FRAME.unpack_from(buf)
                 if n == 8 + length and not nfds and not nbulk and marker == COMPACT and kind == COMPACT_OK \
-                        and got == rid:
+                        and answers == rid:
                     return bytes(buf[OK_FRAME.size:n])
             return n
         try:
@@ -122,10 +123,10 @@ def py_receive(rfd: int, buf: memoryview, timeout_ms: int, spin_us: int, rid: in
 
 def py_call(wfd: int, rid: int, name: bytes, args: bytes) -> bool:
     """``_gate.call`` in Python."""
-    total = _CALL_FRAME.size + len(name) + len(args)
+    total = CALL_FRAME.size + len(name) + len(args)
     if len(name) > 0xFFFF or total > ATOMIC_WRITE:
         return False
-    frame = _CALL_FRAME.pack(total - 8, 0, 0, COMPACT, COMPACT_CALL, rid, 0, 0, len(name)) + name + args
+    frame = CALL_FRAME.pack(total - 8, 0, 0, COMPACT, COMPACT_CALL, rid, 0, 0, len(name)) + name + args
     try:
         n = os.write(wfd, frame)
     except BlockingIOError:

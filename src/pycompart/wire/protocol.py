@@ -58,7 +58,9 @@ COMPACT_OK = 2
 #: concurrent, entrypoint length; a compact reply's: marker, kind, id.
 CALL_ENVELOPE = struct.Struct("<BBQQBH")
 OK_ENVELOPE = struct.Struct("<BBQ")
-#: A compact reply's whole frame up to its value (header and envelope).
+#: A compact call's and a compact reply's whole frame up to the entrypoint
+#: and the value (header and envelope).
+CALL_FRAME = struct.Struct("<IHHBBQQBH")
 OK_FRAME = struct.Struct("<IHHBBQ")
 MAX_FDS_PER_FRAME = 16
 MAX_BULK_PER_FRAME = 16
@@ -467,30 +469,26 @@ class Connection:
 
     def send_call(self, entrypoint: str, args: bytes, nfds: int = 0, parent: int = 0,
                   concurrent: bool = False, nbulk: int = 0) -> tuple[int, bytes]:
-        rid = self.last_id = next(self._ids)
-        payload = _encoder.encode(Call(rid, entrypoint, msgspec.Raw(args), parent, concurrent))
-        if len(payload) > self.max_frame:
-            raise ProtocolError(f"message of {len(payload)} bytes exceeds the maximum message "
-                                f"size of {self.max_frame} (set [app] max_message_size)")
-        self.awaiting.add(rid)
-        return rid, HEADER.pack(len(payload), nfds, nbulk) + payload
+        rid = self.new_call()
+        return rid, self.call_frame(rid, entrypoint, args, nfds, parent, concurrent, nbulk)
 
     def new_call(self) -> int:
-        """The id of a call about to be sent in compact form (by
-        ``transport.gate.call``), awaited from now on."""
+        """The id of a call about to be sent (its frame from ``call_frame``,
+        or in compact form by ``transport.gate.call``), awaited from now on."""
         rid = self.last_id = next(self._ids)
         self.awaiting.add(rid)
         return rid
 
-    def call_frame(self, rid: int, entrypoint: str, args: bytes) -> bytes:
-        """The msgpack frame of call ``rid`` (a ``new_call`` that could not
-        go out in compact form)."""
-        payload = _encoder.encode(Call(rid, entrypoint, msgspec.Raw(args)))
+    def call_frame(self, rid: int, entrypoint: str, args: bytes, nfds: int = 0, parent: int = 0,
+                   concurrent: bool = False, nbulk: int = 0) -> bytes:
+        """The msgpack frame of call ``rid`` (no longer awaited if it is too
+        big to send)."""
+        payload = _encoder.encode(Call(rid, entrypoint, msgspec.Raw(args), parent, concurrent))
         if len(payload) > self.max_frame:
             self.awaiting.discard(rid)
             raise ProtocolError(f"message of {len(payload)} bytes exceeds the maximum message "
                                 f"size of {self.max_frame} (set [app] max_message_size)")
-        return HEADER.pack(len(payload), 0, 0) + payload
+        return HEADER.pack(len(payload), nfds, nbulk) + payload
 
     def reply_to(self, rid: int, value: bytes) -> Ok | Violation:
         """The reply to call ``rid`` that ``transport.gate.receive`` matched
