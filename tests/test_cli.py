@@ -1,6 +1,7 @@
 import pytest
 import subprocess
 import sys
+from pathlib import Path
 
 import pycompart
 from pycompart.frontend.cli import main
@@ -59,7 +60,8 @@ def test_bench_quick_runs(tmp_path):
                 "proxied module function call", "remote-reference method call",
                 "call that makes one callback into main", "pycompart run app.toml -- show_config.py",
                 "null call between two compartments (edge)", "pycompart rewrite of _pydecimal.py",
-                "examples/tifftopnm"):
+                "examples/tifftopnm", "floor: bare fork of a zygote-sized python",
+                "one page copied on write"):
         assert row in proc.stdout
     import json
 
@@ -67,8 +69,17 @@ def test_bench_quick_runs(tmp_path):
     assert figures["quick"] is True
     for key in ("raw_pipe_pinned", "null_call_pinned", "null_call_unpinned", "edge_call_unpinned",
                 "instance_ready", "instance_ready_fresh", "arg_64mib_gbs", "mp_send_bytes_64mib",
-                "idle_pss_kib", "run_overhead_ms", "rewrite_ms", "tifftopnm_boxed_ms"):
+                "idle_pss_kib", "run_overhead_ms", "rewrite_ms", "tifftopnm_boxed_ms", "fork_floor",
+                "cow_fault_us"):
         assert figures["results"][key] > 0, key
+
+
+def test_template_child_benchmark_runs():
+    # The README's figure for a forked template comes from this script.
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "template_child.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "fork to hello, template-like child" in proc.stdout and "ratio:" in proc.stdout
 
 
 def test_check_shows_the_resolved_privileges(tmp_path, capsys):

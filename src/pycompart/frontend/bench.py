@@ -113,6 +113,51 @@ def python_startup(n: int) -> list[float]:
     return out
 
 
+#: Run in a fresh interpreter that imports what the zygote imports: how long
+#: a bare fork of it takes (until the child has written one byte), and what
+#: one page copied on write costs in the child. The floor under any
+#: fork-based instance start on this machine, whatever the child then does.
+_FORK_FLOOR = """
+import gc, json, os, sys, time
+from pycompart.compartment import serve
+serve.preload()
+gc.collect()
+gc.freeze()
+n, pages = int(sys.argv[1]), 1024
+block = bytearray(pages * 4096)
+for i in range(pages):
+    block[i * 4096] = 1
+r, w = os.pipe()
+forks, cow = [], []
+for _ in range(n):
+    t = time.perf_counter_ns()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, b"x")
+        c = time.perf_counter_ns()
+        for i in range(pages):
+            block[i * 4096] = 2
+        os.write(w, str((time.perf_counter_ns() - c) / 1000 / pages).encode().ljust(32))
+        os._exit(0)
+    os.read(r, 1)
+    forks.append((time.perf_counter_ns() - t) / 1000)
+    cow.append(float(os.read(r, 32)))
+    os.waitpid(pid, 0)
+print(json.dumps([forks, cow]))
+"""
+
+
+def fork_floor(n: int) -> tuple[list[float], float]:
+    """Samples of a bare fork of a zygote-sized interpreter (µs), and the
+    median cost of one copy-on-write page fault in its child (µs)."""
+    import json
+
+    done = subprocess.run([sys.executable, "-c", _FORK_FLOOR, str(n)], check=True,
+                          capture_output=True, text=True, timeout=120)
+    forks, cow = json.loads(done.stdout)
+    return forks, statistics.median(cow)
+
+
 def _app(privileges: dict | None = None,  # type: ignore[type-arg]
          **extra: object) -> tuple[App, Callable[[], None], Callable[[bytes], int]]:
     comp: dict = {"call_timeout": "60s", **extra}  # type: ignore[type-arg]
@@ -475,6 +520,11 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
     row("  same, without network namespace", "instance_ready_fresh_host_net",
         instance_ready(k, {"network": "host"}), base)
     row("instance ready, a ready spare taken", "instance_ready", instance_ready(k, spare=True), base)
+    forks, cow = fork_floor(k)
+    row("  floor: bare fork of a zygote-sized python", "fork_floor", forks, base)
+    results["cow_fault_us"] = cow
+    out(f"  {'':44s} (one page copied on write in the child: {cow:.2f} us; a fresh start "
+        f"copies ~1,000)")
     out("  (default lock-down: own network and IPC namespaces, uid nobody when root, capabilities\n"
         "   dropped, NO_NEW_PRIVS, non-dumpable, Landlock files+TCP+scopes, seccomp 'python';\n"
         "   a spare is such an instance, started ahead of need: spares = 1 by default)")
@@ -583,6 +633,9 @@ def markdown(r: dict[str, float]) -> str:
          f"{r['instance_ready_fresh'] / r['python_startup']:.2f}× `python -c pass`"),
         ("instance ready, a ready spare taken", f"{r['instance_ready'] / 1000:.2f} ms", "",
          f"{r['instance_ready'] / r['python_startup']:.3f}×"),
+        ("floor: a bare fork of a zygote-sized Python", f"{r['fork_floor'] / 1000:.2f} ms", "",
+         f"{r['fork_floor'] / r['python_startup']:.3f}× (a page copied on write: "
+         f"{r['cow_fault_us']:.1f} µs)"),
         ("typed call, fresh instance per call, back to back", f"{r['per_call_back_to_back'] / 1000:.1f} ms",
          "", ""),
         ("the same, 20 ms apart (a spare ready each time)", f"{r['per_call_spaced'] / 1000:.2f} ms", "", ""),
