@@ -9,9 +9,8 @@ which would keep siblings apart), load the seccomp filter, make its channel
 and say hello. The median time from fork to the parent reading the hello
 is the template design's floor on this machine, before the messages
 between the monitor, the zygote and a template. Compare it with
-``python -c pass`` and the fresh start in ``pycompart bench``. Run it as root or
-as any user. The seccomp filter needs libseccomp, as ``pycompart bench``
-does.
+``python -c pass`` and the fresh start in ``pycompart bench``. The seccomp
+filter needs libseccomp, as ``pycompart bench`` does.
 """
 
 import gc
