@@ -13,7 +13,10 @@ def ensure_pycompart() -> None:
         import pycompart  # noqa: F401
     except ImportError:
         here = os.path.dirname(os.path.abspath(__file__))
-        venv = os.path.join(here, "..", ".venv", "bin", "python")
-        if os.path.exists(venv) and os.path.realpath(venv) != os.path.realpath(sys.executable):
+        prefix = os.path.join(here, "..", ".venv")
+        venv = os.path.join(prefix, "bin", "python")
+        # Which environment we run in is sys.prefix, not the executable: a
+        # venv's python is a symlink to the very interpreter that made it.
+        if os.path.exists(venv) and os.path.realpath(prefix) != os.path.realpath(sys.prefix):
             os.execv(venv, [venv, *sys.argv])
         raise

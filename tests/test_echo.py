@@ -115,3 +115,9 @@ def test_the_handler_has_nothing_but_its_socket():
     assert spec.on_demand == "per-connection" and spec.descriptors and spec.instances == 0
     assert not p.read and not p.write and not p.execute and p.network == type(p.network)()
     assert p.syscalls == "python"
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_bad_port_is_a_usage_error(port):
+    proc = subprocess.run([*SERVER, "--port", port], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "argument --port" in proc.stderr and "Traceback" not in proc.stderr

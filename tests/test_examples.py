@@ -218,6 +218,29 @@ def test_fib_with_a_bad_n_exits_2_with_usage(argv):
     assert proc.stderr.startswith("usage: fib.py N")
 
 
+@pytest.mark.parametrize("n", [str(2**63), "99999999999999999999"])
+def test_fib_of_an_n_too_big_to_pass_fails_in_one_line(n):
+    proc = subprocess.run([*FIB, n], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith(f"fib.py: computing fib({n}) failed: N is too big")
+    assert "Traceback" not in proc.stderr
+
+
+def test_examples_run_with_the_interpreter_that_made_the_venv():
+    # The README runs examples with a plain `python`; the checkout's .venv
+    # python is a symlink to that very interpreter (scripts/dev.sh).
+    venv = os.path.join(ROOT, ".venv")
+    if os.path.realpath(sys.prefix) != os.path.realpath(venv):
+        pytest.skip("the tests do not run in the checkout's .venv")
+    base = os.path.realpath(sys.executable)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    lacks = subprocess.run([base, "-c", "import pycompart"], capture_output=True, env=env, cwd="/")
+    if lacks.returncode == 0:
+        pytest.skip("the base interpreter has pycompart itself: no fallback needed")
+    proc = subprocess.run([base, FIB[1], "10"], capture_output=True, text=True, timeout=60, env=env)
+    assert (proc.returncode, proc.stdout) == (0, "55\n"), proc.stderr
+
+
 def test_fibs_compartment_is_allowed_nothing_but_computing():
     from pycompart.policy.spec import load_spec_file
 

@@ -256,6 +256,81 @@ def test_standard_values_cross_by_value_with_their_types_paths_included():
     assert len(peer.exports) == 0  # by value, not as references
 
 
+def test_aware_datetimes_cross_by_value_when_their_zone_can_be_rebuilt():
+    # A ZoneInfo crosses by its key; a well-known package's fixed-offset
+    # tzinfo (dateutil's tzoffset: what dateutil.parser gives "+02:00") as
+    # a datetime.timezone of that offset. isinstance(d, datetime) holds.
+    import datetime
+    import zoneinfo
+
+    class tzoffset(datetime.tzinfo):  # dateutil's, as the sender sees its class
+        def __init__(self, name, seconds):
+            self.name, self.offset = name, datetime.timedelta(seconds=seconds)
+
+        def utcoffset(self, dt):
+            return self.offset
+
+        def tzname(self, dt):
+            return self.name
+
+        def dst(self, dt):
+            return datetime.timedelta(0)
+    tzoffset.__module__, tzoffset.__qualname__ = "dateutil.tz.tz", "tzoffset"
+
+    _, peer = main_peer()
+    paris = zoneinfo.ZoneInfo("Europe/Paris")
+    for value, tz in ((datetime.datetime(2022, 7, 1, 12, tzinfo=paris), paris),
+                      (datetime.datetime(2022, 12, 25, 8, 30, tzinfo=tzoffset(None, 7200)),
+                       datetime.timezone(datetime.timedelta(hours=2))),
+                      (datetime.datetime(2022, 1, 1, tzinfo=tzoffset("EST", -18000)),
+                       datetime.timezone(datetime.timedelta(hours=-5), "EST")),
+                      (datetime.time(8, tzinfo=tzoffset("UTC", 0)), datetime.timezone.utc)):
+        back = peer.decode(peer.encode(value))
+        assert type(back) is type(value) and back == value and back.tzinfo == tz
+        assert back.utcoffset() == value.utcoffset()
+        assert back.tzname() == (value.tzname() if value.tzname() is not None else tz.tzname(None))
+    assert len(peer.exports) == 0
+
+    class Rules(datetime.tzinfo):  # a tzinfo with rules of its own: a reference, as before
+        def utcoffset(self, dt):
+            return datetime.timedelta(hours=1 if dt and dt.month < 6 else 2)
+    peer.encode(datetime.datetime(2022, 1, 1, tzinfo=Rules()))
+    assert len(peer.exports) == 1
+    peer.encode(paris)  # a zone alone (no instant, so no offset to fall back to): a reference too
+    assert len(peer.exports) == 2
+
+
+def test_a_zone_the_receiver_cannot_load_keeps_its_offset():
+    # (A compartment whose lock-down hides the time zone data.)
+    import datetime
+
+    from pycompart.wire import refs
+
+    _, peer = main_peer()
+    fields = [2022, 7, 1, 12, 0, 0, 0, ["zoneinfo", "No/Such_Zone", 0, 7200, 0, "CEST"], 0]
+    back = peer.decode(refs._encoder.encode(refs.Ext(refs.EXT_STD, refs._encoder.encode(["datetime", fields]))))
+    assert back == datetime.datetime(2022, 7, 1, 12, tzinfo=datetime.timezone(datetime.timedelta(hours=2)))
+    assert back.tzname() == "CEST"
+
+
+def test_malformed_zones_are_protocol_errors():
+    from pycompart.wire import refs
+
+    _, peer = main_peer()
+    when = [2022, 1, 1, 0, 0, 0, 0]
+    for kind, fields in (("zoneinfo", "Europe/Paris"),  # a zone alone never crosses by value
+                         ("datetime", [*when, ["zoneinfo", "../../../etc/passwd", 0, 0, 0, None], 0]),
+                         ("datetime", [*when, ["zoneinfo", "/etc/localtime", 0, 0, 0, None], 0]),
+                         ("datetime", [*when, ["zoneinfo", "x" * 300, 0, 0, 0, None], 0]),
+                         ("datetime", [*when, ["zoneinfo", "", 0, 0, 0, None], 0]),
+                         ("datetime", [*when, ["zoneinfo", 5, 0, 0, 0, None], 0]),
+                         ("datetime", [*when, ["zoneinfo", "Europe/Paris"], 0]),
+                         ("timezone", ["zoneinfo", "Europe/Paris", 0, 3600, 0, None]), ("timezone", None)):
+        data = refs._encoder.encode(refs.Ext(refs.EXT_STD, refs._encoder.encode([kind, fields])))
+        with pytest.raises(ProtocolError):
+            peer.decode(data)
+
+
 def test_references_do_not_import_pathlib_until_a_path_is_seen():
     # pycompart run's start-up does not pay for pathlib; a path the program
     # makes later still crosses by value.

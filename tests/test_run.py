@@ -93,6 +93,20 @@ def test_run_module(program):
     assert "module __main__ ['x'] 1.2" in proc.stdout
 
 
+def test_run_module_not_found_is_one_line(program):
+    where = program("print(1)\n")
+    (where / "breaks.py").write_text("import no_such_module_zz\n")
+    proc = run(where, "-m", "no_such_module_zz")
+    assert proc.returncode == 1 and proc.stderr == "pycompart run: No module named no_such_module_zz\n"
+    proc = run(where, "-m", "no_such_pkg_zz.sub")
+    assert proc.returncode == 1 and proc.stderr.startswith("pycompart run: Error while finding module")
+    # A module that runs and fails to import something is the program's
+    # error, with its traceback (none of runpy's frames).
+    proc = run(where, "-m", "breaks")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "breaks.py" in proc.stderr
+    assert "runpy" not in proc.stderr and "ModuleNotFoundError" in proc.stderr
+
+
 def test_bad_spec_and_missing_script(program, tmp_path):
     where = program("print(1)\n")
     (tmp_path / "app.toml").write_text("[compartments.box]\nmodules = 3\n")

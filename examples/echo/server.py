@@ -29,9 +29,16 @@ import pycompart  # noqa: E402
 sys.path.insert(0, HERE)
 
 
+def tcp_port(text: str) -> int:
+    port = int(text)  # (argparse turns a ValueError into a usage error)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (0-65535)")
+    return port
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="TCP echo server, one compartment per connection")
-    parser.add_argument("--port", type=int, required=True, help="TCP port (0: any free port)")
+    parser.add_argument("--port", type=tcp_port, required=True, help="TCP port (0: any free port)")
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
     stop = threading.Event()

@@ -5,7 +5,7 @@ but computing (the seeds' privilege-separated ``fib``).
 
 fib(0) = 0, fib(1) = 1. A bad N (negative, not an integer) exits with
 status 2 and a usage message; a computation that fails (its CPU or memory
-bound) exits with status 1.
+bound, or an N too big to pass to it: 2**63 and more) exits with status 1.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 USAGE = "usage: fib.py N   (N: a non-negative integer; prints the Nth Fibonacci number)"
+#: The biggest N the call takes (its argument crosses as a 64-bit integer);
+#: any N near it would run out of the compartment's CPU bound anyway.
+MAX_N = 2**63 - 1
 
 sys.path.insert(0, os.path.dirname(HERE))
 from _venv import ensure_pycompart  # noqa: E402
@@ -41,6 +44,10 @@ def main(argv: list[str]) -> int:
     if n is None:
         print(USAGE, file=sys.stderr)
         return 2
+    if n > MAX_N:
+        print(f"fib.py: computing fib({n}) failed: N is too big to pass to the compartment "
+              f"(at most {MAX_N})", file=sys.stderr)
+        return 1
     app = pycompart.App.from_spec(os.path.join(HERE, "app.toml"))
     fib = app.function("fibcore:fib")
     try:

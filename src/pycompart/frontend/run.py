@@ -83,6 +83,14 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
     except KeyboardInterrupt:
         interrupted = True
         _print_exception(*sys.exc_info())
+    except ImportError as exc:
+        if as_module and _raised_by_runpy(exc):
+            # What python -m says for a module it cannot find (no traceback:
+            # the program never ran).
+            print(f"pycompart run: {exc}", file=sys.stderr)
+        else:
+            _print_exception(*sys.exc_info())
+        code = 1
     except BaseException:
         _print_exception(*sys.exc_info())
         code = 1
@@ -153,8 +161,22 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.
 
 
 def _is_ours(filename: str) -> bool:
+    if filename == "<frozen runpy>":
+        return True
     path = os.path.abspath(filename)
     return path.startswith(_PACKAGE_DIR) or path == os.path.abspath(runpy.__file__)
+
+
+def _raised_by_runpy(exc: BaseException) -> bool:
+    """Whether runpy itself raised ``exc`` (the module to run was not
+    found), not the module's own code while it ran."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    filename = tb.tb_frame.f_code.co_filename
+    return filename == "<frozen runpy>" or os.path.abspath(filename) == os.path.abspath(runpy.__file__)
 
 
 def _flush() -> None:

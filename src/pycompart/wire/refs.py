@@ -905,11 +905,45 @@ ELLIPSIS_EXT = Ext(EXT_ELLIPSIS, b"")
 # Immutable, of exact standard-library types, rebuilt from plain fields: the
 # receiver constructs its own (never a class the sender names).
 
-def _tz_fields(tz: Any) -> Any:
+#: tzinfo classes of well-known packages that are a fixed offset and
+#: nothing else: a datetime carrying one crosses as a copy whose tzinfo is
+#: a ``datetime.timezone`` of that offset (and name). Checked by the sender
+#: on its own values; the receiver only ever builds standard types.
+_FIXED_OFFSET_TZ = frozenset({("dateutil.tz.tz", "tzoffset"), ("dateutil.tz.tz", "tzutc"),
+                              ("pytz", "UTC"), ("pytz", "_FixedOffset")})
+#: The longest IANA zone key a ZoneInfo may cross by (the longest real one
+#: is ~30 characters).
+MAX_ZONE_KEY = 255
+
+
+def _tz_fields(tz: Any, at: Any = None) -> Any:
+    """``tz`` as plain fields: an offset and name, or a ZoneInfo's key; False
+    if it is not a value the other side can rebuild (it crosses by
+    reference). ``at``: the datetime or time it belongs to."""
     if tz is None:
         return None
-    if type(tz) is not datetime.timezone:
-        return False  # another tzinfo (zoneinfo, dateutil): not a value we can rebuild
+    tp = type(tz)
+    if tp is not datetime.timezone:
+        zone = (tp.__module__, tp.__qualname__) == ("zoneinfo", "ZoneInfo")
+        if not zone and (tp.__module__, tp.__qualname__) not in _FIXED_OFFSET_TZ:
+            return False  # another tzinfo (its own rules): not a value we can rebuild
+        try:
+            offset = tz.utcoffset(at)
+            name = tz.tzname(at)
+        except Exception:
+            return False
+        if type(offset) is not datetime.timedelta or not -datetime.timedelta(hours=24) < offset \
+                < datetime.timedelta(hours=24):
+            return False  # (a ZoneInfo of a time: no offset without a date)
+        fields = [offset.days, offset.seconds, offset.microseconds, name if isinstance(name, str) else None]
+        if zone:
+            key = tz.key
+            if not isinstance(key, str) or not 0 < len(key) <= MAX_ZONE_KEY:
+                return False
+            # The offset too: a receiver that cannot read the time zone data
+            # (its lock-down) keeps the instant and its offset.
+            return ["zoneinfo", key, *fields]
+        return fields
     offset = tz.utcoffset(None)
     return [offset.days, offset.seconds, offset.microseconds, tz.tzname(None)]
 
@@ -917,20 +951,44 @@ def _tz_fields(tz: Any) -> Any:
 def _tz(fields: Any) -> Any:
     if fields is None:
         return None
+    if len(fields) == 6 and fields[0] == "zoneinfo":
+        zone = _zone(fields[1])
+        if zone is not None:
+            return zone
+        fields = fields[2:]
     days, seconds, micro, name = fields
     delta = datetime.timedelta(days=days, seconds=seconds, microseconds=micro)
+    if name is None:
+        return datetime.timezone(delta)
     return datetime.timezone.utc if delta == datetime.timedelta(0) and name == "UTC" else \
         datetime.timezone(delta, name)
 
 
+def _zone(key: Any) -> Any:
+    """The ZoneInfo named ``key``, from this machine's time zone data, or
+    None if this process cannot read it. zoneinfo refuses keys that leave
+    its data directories; its cache is bounded (8 kept, the rest only
+    while in use)."""
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_ZONE_KEY:
+        _bad()
+    import zoneinfo
+
+    try:
+        return zoneinfo.ZoneInfo(key)
+    except ValueError:
+        _bad()  # not a zone's key at all
+    except (OSError, zoneinfo.ZoneInfoNotFoundError):
+        return None
+
+
 def _datetime(v: datetime.datetime) -> tuple[str, Any]:
-    tz = _tz_fields(v.tzinfo)
+    tz = _tz_fields(v.tzinfo, v)
     return ("datetime", [v.year, v.month, v.day, v.hour, v.minute, v.second, v.microsecond,
                          tz, v.fold]) if tz is not False else ("", None)
 
 
 def _time(v: datetime.time) -> tuple[str, Any]:
-    tz = _tz_fields(v.tzinfo)
+    tz = _tz_fields(v.tzinfo, None)
     return ("time", [v.hour, v.minute, v.second, v.microsecond, tz, v.fold]) if tz is not False \
         else ("", None)
 
@@ -983,7 +1041,7 @@ _STD_DECODE: dict[str, Callable[[Any], Any]] = {
     "date": lambda f: datetime.date(*f),
     "time": lambda f: datetime.time(*f[:4], tzinfo=_tz(f[4]), fold=f[5]),
     "timedelta": lambda f: datetime.timedelta(days=f[0], seconds=f[1], microseconds=f[2]),
-    "timezone": _tz,
+    "timezone": lambda f: _tz(f) if f is not None and len(f) == 4 else _bad(),
     "uuid": lambda f: uuid.UUID(bytes=f),
     "range": lambda f: range(_bounded_int(f[0]), _bounded_int(f[1]), _bounded_int(f[2])),
     "purepath": lambda f: _path("purepath", f),
