@@ -208,3 +208,15 @@ def big(n: int) -> bytes:
 
 def echo_text(text: str) -> str:
     return text
+
+
+def start_an_app() -> str:
+    """What an App started inside an instance says (a program that starts
+    its app without the ``__main__`` guard)."""
+    import pycompart
+
+    try:
+        pycompart.App({"compartments": {"x": {}}}).start()
+    except pycompart.PycompartError as exc:
+        return str(exc)
+    return "started"

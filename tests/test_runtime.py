@@ -730,3 +730,11 @@ with app:
                          cwd=here)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok ") and int(out.stdout.split()[1]) >= rounds * 3 // 4, out.stdout
+
+
+def test_an_app_started_inside_an_instance_says_how_to_fix_it(make_app):
+    app = make_app({"compartments": {"box": {}}})
+    start = app.entrypoint("box")(boxed.start_an_app)
+    with app:
+        said = start()
+    assert "cannot be started inside a compartment instance" in said and '__name__ == "__main__"' in said

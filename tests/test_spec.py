@@ -103,6 +103,15 @@ def test_error_mentions_what_was_found():
         load_spec({"compartments": {"a": {"instances": "two"}}})
 
 
+def test_a_misspelt_key_gets_the_closest_known_one():
+    with pytest.raises(SpecError, match=r"did you mean 'call_timeout'\?") as info:
+        load_spec({"compartments": {"a": {"call_timeot": "5s"}}})
+    assert info.value.key == "compartments.a.call_timeot"
+    with pytest.raises(SpecError) as info:
+        load_spec({"compartments": {"a": {"zzqq": 1}}})
+    assert "did you mean" not in str(info.value) and "known: " in str(info.value)
+
+
 def test_bad_file(tmp_path):
     with pytest.raises(SpecError, match="no such file"):
         load_spec_file(tmp_path / "missing.toml")

@@ -210,7 +210,9 @@ class App:
         ``warm`` (with ``lazy``): start the instances now without waiting for
         them (replaced at first use if the configuration changed meanwhile)."""
         if _instance.CURRENT is not None:
-            raise PycompartError("an App cannot be started inside a compartment instance")
+            raise PycompartError("an App cannot be started inside a compartment instance (an instance "
+                                 "imports the program's module: start the app under "
+                                 "`if __name__ == \"__main__\":`)")
         with self._lock:
             if self._runtime is not None:
                 raise PycompartError("the app is already running")

@@ -284,8 +284,13 @@ class _Reader:
     def finish(self) -> None:
         for name in self.table:
             if name not in self.used:
-                self.errors.append(SpecError(self.source, self.key(str(name)), "no such key (known: "
-                                             + ", ".join(sorted(self.used)) + ")", "an unknown key"))
+                import difflib  # (only for a spec with a mistake in it)
+
+                close = difflib.get_close_matches(str(name), sorted(self.used), n=1)
+                hint = f"no such key (did you mean {close[0]!r}?" if close else "no such key ("
+                self.errors.append(SpecError(self.source, self.key(str(name)), hint + (" " if close else "")
+                                             + "known: " + ", ".join(sorted(self.used)) + ")",
+                                             "an unknown key"))
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
