@@ -313,6 +313,35 @@ def test_a_zone_the_receiver_cannot_load_keeps_its_offset():
     assert back.tzname() == "CEST"
 
 
+def test_a_peer_naming_many_zones_costs_one_lookup_each(monkeypatch):
+    # zoneinfo keeps only 8 zones: without a cache of our own, every value
+    # naming a zone read a file again.
+    import zoneinfo
+
+    from pycompart.wire import refs
+
+    made = []
+    real = zoneinfo.ZoneInfo
+
+    def counting(key):
+        made.append(key)
+        return real(key)
+    monkeypatch.setattr(zoneinfo, "ZoneInfo", counting)
+    monkeypatch.setattr(refs, "_ZONES", {})
+    _, peer = main_peer()
+    keys = ["Europe/Paris", "Asia/Tokyo", "America/New_York"] + [f"No/Zone_{i}" for i in range(20)]
+    for _ in range(3):
+        for key in keys:
+            fields = [2022, 7, 1, 12, 0, 0, 0, ["zoneinfo", key, 0, 3600, 0, None], 0]
+            peer.decode(refs._encoder.encode(refs.Ext(refs.EXT_STD, refs._encoder.encode(["datetime", fields]))))
+    assert sorted(made) == sorted(keys)
+    monkeypatch.setattr(refs, "MAX_ZONES", 4)
+    monkeypatch.setattr(refs, "_ZONES", {})
+    for i in range(50):
+        refs._zone(f"No/Zone_{i}")
+    assert len(refs._ZONES) == 4
+
+
 def test_malformed_zones_are_protocol_errors():
     from pycompart.wire import refs
 

@@ -42,7 +42,7 @@ from ..wire import refs
 from ..wire.config import CANCEL_SIGNAL, EXIT_PROTOCOL, EXIT_START_FAILED, InstanceConfig
 from ..wire.contract import Contract
 from ..wire.exceptions import describe_exception
-from ..wire.protocol import Call, Connection, Err, close_fds, compact_ok_frame
+from ..wire.protocol import OK_ENVELOPE, Call, Connection, Err, close_fds, compact_ok_frame
 from .. import compartment as _package
 from . import edges as _edges
 from . import lockdown as _lockdown
@@ -354,7 +354,7 @@ class Server(CallServer):
         self._by_name: dict[bytes, _LazyContract] | None = (
             {key.encode(): lazy for key, lazy in table.items()} if fastpaths.enabled("compact") else None)
         #: The biggest value a compact reply may carry (the message size limit).
-        self._max_value = config.max_frame - 10
+        self._max_value = config.max_frame - OK_ENVELOPE.size
         self.cancel_current = False
         self.in_user_code = False
         self.depth = 0  # > 0 while the main thread is inside a channel (a callback, an edge call)

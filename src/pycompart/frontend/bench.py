@@ -26,6 +26,10 @@ from . import bench_targets as _bench_targets
 from .app import App
 
 
+#: The width of a row's name in the printed report.
+_COLUMN = 50
+
+
 def _stats(samples: list[float]) -> tuple[float, float]:
     samples = sorted(samples)
     return statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.99))]
@@ -452,7 +456,7 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
         """Print a row; its median is ``results[key]``, its p99 ``results[key + "_p99"]``."""
         med, p99 = _stats(samples)
         ratio = f"{med / base:6.2f}x" if base else "  1.00x"
-        out(f"  {name:50s} median {med:10.1f}  p99 {p99:10.1f}  {ratio}")
+        out(f"  {name:{_COLUMN}s} median {med:10.1f}  p99 {p99:10.1f}  {ratio}")
         results[key], results[key + "_p99"] = med, p99
         return med
 
@@ -482,10 +486,10 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
                              mp_send_bytes(big, rounds), base)
                 gbs = results["arg_64mib_gbs"] = (64 << 20) / (arg * 1e3)
                 results["result_64mib_gbs"] = (64 << 20) / (res * 1e3)
-                out(f"  {'':50s} (64 MiB argument: {gbs:.2f} GB/s, {mp_big / arg:.1f}x "
+                out(f"  {'':{_COLUMN}s} (64 MiB argument: {gbs:.2f} GB/s, {mp_big / arg:.1f}x "
                     f"send_bytes; result: {results['result_64mib_gbs']:.2f} GB/s)")
         edge = row("null call between two compartments (edge)", f"edge_call_{tag}", edge_calls(n), base)
-        out(f"  {'':50s} (edge call / main->compartment call: {edge / null_call:.2f}x)")
+        out(f"  {'':{_COLUMN}s} (edge call / main->compartment call: {edge / null_call:.2f}x)")
         mapp = _module_app()
         with mapp:
             mod = mapp.compartment("bench_mod").module("pycompart.frontend.bench_targets")
@@ -498,7 +502,7 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
             row("remote-reference method call", f"remote_method_{tag}", _time_loop(obj.ping, n), base)
             callback = row("call that makes one callback into main", f"callback_{tag}",
                            _time_loop(lambda: mod.call(cb), n // 2), base)
-            out(f"  {'':50s} (callback call / null typed call: {callback / null_call:.2f}x)")
+            out(f"  {'':{_COLUMN}s} (callback call / null typed call: {callback / null_call:.2f}x)")
             row("read a module's 100-int list (shared)", f"module_attr_{tag}",
                 _time_loop(lambda: mod.TABLE, n // 2), base)
             row("call returning a 100-int list (a copy)", f"copied_list_{tag}",
@@ -523,7 +527,7 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
     forks, cow = fork_floor(k)
     row("  floor: bare fork of a zygote-sized python", "fork_floor", forks, base)
     results["cow_fault_us"] = cow
-    out(f"  {'':50s} (one page copied on write in the child: {cow:.2f} us; a fresh start "
+    out(f"  {'':{_COLUMN}s} (one page copied on write in the child: {cow:.2f} us; a fresh start "
         f"copies ~1,000)")
     out("  (default lock-down: own network and IPC namespaces, uid nobody when root, capabilities\n"
         "   dropped, NO_NEW_PRIVS, non-dumpable, Landlock files+TCP+scopes, seccomp 'python';\n"
@@ -535,13 +539,13 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
     row("  same, spares = 0, 20 ms apart", "per_call_no_spares", per_call_instance(k, 0, 0.02), base)
     pss, rss = idle_memory()
     results["idle_pss_kib"], results["idle_rss_kib"] = pss, rss
-    out(f"  {'memory per idle instance (of 4)':50s} PSS {pss / 1024:6.1f} MiB  RSS {rss / 1024:6.1f} MiB")
+    out(f"  {'memory per idle instance (of 4)':{_COLUMN}s} PSS {pss / 1024:6.1f} MiB  RSS {rss / 1024:6.1f} MiB")
     plain_cps, boxed_cps = connections_per_second(100 if quick else 1000)
     results["connections_threads"] = plain_cps
     results["connections_per_instance"] = boxed_cps
     out(f"\nconnections per second (1 KiB echo, 8 clients at once):\n"
-        f"  {'threads in one process':50s} {plain_cps:10.0f}/s\n"
-        f"  {'a fresh instance per connection (Broker)':50s} {boxed_cps:10.0f}/s  "
+        f"  {'threads in one process':{_COLUMN}s} {plain_cps:10.0f}/s\n"
+        f"  {'a fresh instance per connection (Broker)':{_COLUMN}s} {boxed_cps:10.0f}/s  "
         f"{boxed_cps / plain_cps:6.3f}x")
     lines, rewrites = rewriter_speed(3 if quick else 10)
     med, _ = _stats(rewrites)
@@ -554,10 +558,10 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
         results["tifftopnm_plain_ms"], results["tifftopnm_boxed_ms"] = plain, boxed
         results["tifftopnm_start_ms"] = first
         out(f"\nexamples/tifftopnm, 256x256 RGB LZW images (one app, one decoder instance):\n"
-            f"  {'per image, unboxed (Pillow in one process)':50s} {plain:8.2f} ms\n"
-            f"  {'per image, decoded in compartment libtiff':50s} {boxed:8.2f} ms  "
+            f"  {'per image, unboxed (Pillow in one process)':{_COLUMN}s} {plain:8.2f} ms\n"
+            f"  {'per image, decoded in compartment libtiff':{_COLUMN}s} {boxed:8.2f} ms  "
             f"{(boxed / plain - 1) * 100:+.0f}%\n"
-            f"  {'app start to the first image decoded':50s} {first:8.1f} ms")
+            f"  {'app start to the first image decoded':{_COLUMN}s} {first:8.1f} ms")
     for bytecode in (True, False):
         programs = whole_program(2 if quick else 10, bytecode)
         if programs is None:
@@ -568,7 +572,7 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
         base = row("python show_config.py", "program_plain" + suffix, programs[0], None)
         boxed = row("pycompart run app.toml -- show_config.py", "program_boxed" + suffix, programs[1], base)
         results["run_overhead_ms" + suffix] = (boxed - base) / 1000
-        out(f"  {'':50s} (pycompart run adds {(boxed - base) / 1000:.0f} ms)")
+        out(f"  {'':{_COLUMN}s} (pycompart run adds {(boxed - base) / 1000:.0f} ms)")
     pin = results["null_call_pinned"] / results["raw_pipe_pinned"]
     out("\nsummary against the speed targets:")
     targets = [

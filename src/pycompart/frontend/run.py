@@ -161,10 +161,12 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.
 
 
 def _is_ours(filename: str) -> bool:
-    if filename == "<frozen runpy>":
-        return True
-    path = os.path.abspath(filename)
-    return path.startswith(_PACKAGE_DIR) or path == os.path.abspath(runpy.__file__)
+    return _is_runpy(filename) or os.path.abspath(filename).startswith(_PACKAGE_DIR)
+
+
+def _is_runpy(filename: str) -> bool:
+    # (Frozen in 3.11: its frames name no file.)
+    return filename == "<frozen runpy>" or os.path.abspath(filename) == os.path.abspath(runpy.__file__)
 
 
 def _raised_by_runpy(exc: BaseException) -> bool:
@@ -173,10 +175,7 @@ def _raised_by_runpy(exc: BaseException) -> bool:
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    if tb is None:
-        return False
-    filename = tb.tb_frame.f_code.co_filename
-    return filename == "<frozen runpy>" or os.path.abspath(filename) == os.path.abspath(runpy.__file__)
+    return tb is not None and _is_runpy(tb.tb_frame.f_code.co_filename)
 
 
 def _flush() -> None:

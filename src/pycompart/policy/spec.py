@@ -286,11 +286,11 @@ class _Reader:
             if name not in self.used:
                 import difflib  # (only for a spec with a mistake in it)
 
-                close = difflib.get_close_matches(str(name), sorted(self.used), n=1)
-                hint = f"no such key (did you mean {close[0]!r}?" if close else "no such key ("
-                self.errors.append(SpecError(self.source, self.key(str(name)), hint + (" " if close else "")
-                                             + "known: " + ", ".join(sorted(self.used)) + ")",
-                                             "an unknown key"))
+                known = sorted(self.used)
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                self.errors.append(SpecError(self.source, self.key(str(name)),
+                                             f"no such key ({hint}known: {', '.join(known)})", "an unknown key"))
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:

@@ -346,7 +346,7 @@ class Channel:
             nbulk = 0
             frame = conn.call_frame(rid, entrypoint, payload)  # type: ignore[arg-type]
         else:
-            nbulk = 0
+            nbulk = 0  # (bulk values: the general path only)
             if payload.__class__ is BulkPayload:
                 payload, nbulk = self._place_bulk(payload)  # type: ignore[arg-type]
             try:

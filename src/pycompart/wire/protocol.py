@@ -22,8 +22,10 @@ and reads this envelope itself, so a typed call's hot path decodes and
 encodes only its values. Main sends a typed call on a pipe in compact form
 (``pycompart.fastpaths``: ``compact``); an instance answers a compact call it
 serves directly in compact form; everything else is msgpack, and both forms
-are read anywhere, the value checked to be exactly one msgpack object. A frame longer than the connection's ``max_frame`` is refused before
-a single byte of it is buffered. File descriptors travel beside the bytes
+are read anywhere, the value checked to be exactly one msgpack object.
+
+A frame longer than the connection's ``max_frame`` is refused before a
+single byte of it is buffered. File descriptors travel beside the bytes
 (SCM_RIGHTS) where the transport can carry them; the header says how many
 belong to the frame so a reader can pair them up. Large values may travel in
 shared memory beside the stream (``pycompart.transport.bulk``): the header
@@ -496,7 +498,7 @@ class Connection:
         value that is not exactly one msgpack object, or a reply bigger than
         a frame may be, breaks the stream."""
         self.awaiting.discard(rid)
-        self.bytes_in += 18 + len(value)
+        self.bytes_in += HEADER.size + OK_ENVELOPE.size + len(value)
         if OK_ENVELOPE.size + len(value) > self.frames.max_frame:
             self.violations += 1
             return self.frames._break(f"frame of {OK_ENVELOPE.size + len(value)} bytes exceeds the "

@@ -923,29 +923,27 @@ def _tz_fields(tz: Any, at: Any = None) -> Any:
     if tz is None:
         return None
     tp = type(tz)
-    if tp is not datetime.timezone:
-        zone = (tp.__module__, tp.__qualname__) == ("zoneinfo", "ZoneInfo")
-        if not zone and (tp.__module__, tp.__qualname__) not in _FIXED_OFFSET_TZ:
-            return False  # another tzinfo (its own rules): not a value we can rebuild
-        try:
-            offset = tz.utcoffset(at)
-            name = tz.tzname(at)
-        except Exception:
-            return False
-        if type(offset) is not datetime.timedelta or not -datetime.timedelta(hours=24) < offset \
-                < datetime.timedelta(hours=24):
-            return False  # (a ZoneInfo of a time: no offset without a date)
-        fields = [offset.days, offset.seconds, offset.microseconds, name if isinstance(name, str) else None]
-        if zone:
-            key = tz.key
-            if not isinstance(key, str) or not 0 < len(key) <= MAX_ZONE_KEY:
-                return False
-            # The offset too: a receiver that cannot read the time zone data
-            # (its lock-down) keeps the instant and its offset.
-            return ["zoneinfo", key, *fields]
+    kind = "timezone" if tp is datetime.timezone else (tp.__module__, tp.__qualname__)
+    zone = kind == ("zoneinfo", "ZoneInfo")
+    if kind != "timezone" and not zone and kind not in _FIXED_OFFSET_TZ:
+        return False  # another tzinfo (its own rules): not a value we can rebuild
+    try:
+        offset = tz.utcoffset(at)
+        name = tz.tzname(at)
+    except Exception:
+        return False
+    if type(offset) is not datetime.timedelta or not -datetime.timedelta(hours=24) < offset \
+            < datetime.timedelta(hours=24):
+        return False  # (a ZoneInfo of a time: no offset without a date)
+    fields = [offset.days, offset.seconds, offset.microseconds, name if isinstance(name, str) else None]
+    if not zone:
         return fields
-    offset = tz.utcoffset(None)
-    return [offset.days, offset.seconds, offset.microseconds, tz.tzname(None)]
+    key = tz.key
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_ZONE_KEY:
+        return False
+    # The offset too: a receiver that cannot read the time zone data (its
+    # lock-down) keeps the instant and its offset.
+    return ["zoneinfo", key, *fields]
 
 
 def _tz(fields: Any) -> Any:
@@ -964,21 +962,35 @@ def _tz(fields: Any) -> Any:
         datetime.timezone(delta, name)
 
 
+#: Zones by key, as ``_zone`` found them (None: unreadable here, False: not a
+#: zone). zoneinfo's own cache keeps only 8: without this, a peer naming
+#: many zones in one message would make this process read a file for each
+#: value. Bounded (there are ~600 zones).
+_ZONES: dict[str, Any] = {}
+MAX_ZONES = 1024
+
+
 def _zone(key: Any) -> Any:
     """The ZoneInfo named ``key``, from this machine's time zone data, or
     None if this process cannot read it. zoneinfo refuses keys that leave
-    its data directories; its cache is bounded (8 kept, the rest only
-    while in use)."""
+    its data directories."""
     if not isinstance(key, str) or not 0 < len(key) <= MAX_ZONE_KEY:
         _bad()
-    import zoneinfo
+    found = _ZONES.get(key)
+    if found is None and key not in _ZONES:
+        import zoneinfo
 
-    try:
-        return zoneinfo.ZoneInfo(key)
-    except ValueError:
-        _bad()  # not a zone's key at all
-    except (OSError, zoneinfo.ZoneInfoNotFoundError):
-        return None
+        try:
+            found = zoneinfo.ZoneInfo(key)
+        except ValueError:
+            found = False  # not a zone's key at all
+        except (OSError, zoneinfo.ZoneInfoNotFoundError):
+            found = None
+        if len(_ZONES) < MAX_ZONES:
+            _ZONES[key] = found
+    if found is False:
+        _bad()
+    return found
 
 
 def _datetime(v: datetime.datetime) -> tuple[str, Any]:
