@@ -614,3 +614,15 @@ class _StreamIterator:
 
 def read_stdin_bytes():
     return sys.stdin.buffer.read()
+
+
+def what_python_says(obj):
+    """What Python itself says of main's object here: its type's names and
+    the message of an operation it does not support."""
+    try:
+        obj + 1
+    except TypeError as exc:
+        message = str(exc)
+    else:
+        message = ""
+    return type(obj).__name__, type(obj).__qualname__, message

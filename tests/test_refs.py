@@ -370,3 +370,39 @@ def test_references_do_not_import_pathlib_until_a_path_is_seen():
             "assert enc is not None and enc(pathlib.PosixPath('/x')) == ('path', '/x'); "
             "assert refs._std_encoder(pathlib.PurePosixPath)(pathlib.PurePosixPath('y')) == ('purepath', 'y')")
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+
+
+def test_the_by_type_shortcut_never_changes_how_a_value_crosses():
+    """Once a type is known to cross only by reference, its values skip the
+    other checks; no type whose values may cross otherwise is taken for one
+    (modules, classes, descriptors, file objects, the END/METHOD markers)."""
+    import io
+    import pathlib
+    import types
+
+    _, peer = main_peer()
+
+    class Plain:
+        pass
+
+    class MyDict(dict):
+        pass
+
+    values = [Plain(), lambda: 1, MyDict(a=1), pathlib.PurePosixPath("/x"), io.BytesIO(b"x"),
+              refs.END, refs.METHOD, Ellipsis, int, Plain, types.ModuleType("m"), os]
+    first = []
+    for value in values:
+        try:
+            first.append(peer.encode(value))
+        except TypeError as exc:
+            first.append(str(exc))
+    for value, before in zip(values, first):
+        try:
+            again = peer.encode(value)
+        except TypeError as exc:
+            again = str(exc)
+        assert again == before, value
+    for tp in (type, type(refs.END), io.BytesIO, types.ModuleType, pathlib.PurePosixPath):
+        assert tp not in refs._BY_REFERENCE
+    assert Plain in refs._BY_REFERENCE and MyDict in refs._BY_REFERENCE
+    assert peer.decode(peer.encode([refs.END, Ellipsis])) == [refs.END, Ellipsis]

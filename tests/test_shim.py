@@ -982,3 +982,56 @@ def test_the_boxs_stdin_has_a_buffer_of_mains_bytes(boxed, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("text é"))  # no buffer: its text as UTF-8
     assert boxed.read_stdin_bytes() == "text é".encode()
     assert boxed.forge_stdin("readbytes", 10**9)[0] == "ok"
+
+
+@pytest.mark.skipif(not pycompart.fastpaths.enabled("compact"), reason="compact form is off")
+def test_module_calls_and_their_replies_travel_in_compact_form(boxed, monkeypatch):
+    """A top-level module call on a pipe goes out as one compact call, and
+    the instance answers it in compact form: values, errors, warnings and
+    printed output come back as they do in msgpack frames."""
+    from pycompart.transport import channel as channel_mod
+
+    sent, compact_replies = [], []
+    call, receive = channel_mod.gate.call, channel_mod.gate.receive
+
+    def spy_call(fd, rid, name, args):
+        sent.append(name)
+        return call(fd, rid, name, args)
+
+    def spy_receive(*args):
+        got = receive(*args)
+        if got.__class__ is bytes:
+            compact_replies.append(got)
+        return got
+
+    monkeypatch.setattr(channel_mod.gate, "call", spy_call)
+    monkeypatch.setattr(channel_mod.gate, "receive", spy_receive)
+    counter = boxed.Counter("c", [1, 2])
+    counter.add(3)
+    assert counter.values == [1, 2, 3]
+    assert boxed.pid() != os.getpid()
+    with pytest.raises(boxed.BoxError):
+        boxed.fail()
+    with pytest.warns(UserWarning, match="careful"):
+        assert boxed.warn("user") == "done"
+    assert b"@call" in sent and b"@callmethod" in sent and b"@getattr" in sent
+    assert len(compact_replies) >= 3  # (a call that warned answers in a frame, after the warning)
+
+
+class Plain:
+    pass
+
+
+class Plain2:
+    class Inner:
+        pass
+
+
+def test_mains_objects_are_of_classes_named_as_their_types(boxed):
+    """A boxed library's errors about main's objects name them as Python
+    would unboxed, not as MainRef."""
+    assert boxed.what_python_says(Plain()) == (
+        "Plain", "Plain", "unsupported operand type(s) for +: 'Plain' and 'int'")
+    assert boxed.what_python_says(Plain2.Inner())[0] == "Inner"
+    name, _, message = boxed.what_python_says(lambda: None)
+    assert name == "function" and "'function' and 'int'" in message

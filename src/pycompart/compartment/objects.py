@@ -101,6 +101,10 @@ class ObjectServer:
     def handles(self, entrypoint: str) -> bool:
         return entrypoint in self._ops
 
+    def operations(self) -> list[str]:
+        """The names of the operations a caller may send (``@call``, ...)."""
+        return list(self._ops)
+
     #: Subclasses in main of its classes (``pycompart.frontend.subclass``):
     #: the twin machinery puts what the caller sends into classes of its
     #: own, so only a trusted caller (main, for a sandbox) may use it.
@@ -813,6 +817,40 @@ class MainStream(MainRef):
 
 
 _proxy_classes: dict[int, type] = {}
+#: The proxy classes named after main's types, by (flags, type name).
+_named_classes: dict[tuple[int, str], type] = {}
+#: At most this many named classes (past it, proxies of other types are
+#: of their protocol set's class, named MainRef).
+MAX_NAMED_CLASSES = 1024
+
+
+def _named_proxy_class(flags: int, tname: str) -> type:
+    """The proxy class for main's objects of type ``tname``: named as that
+    type is, so that what Python says of the object (``unsupported operand
+    type(s) for +: 'Thing' and 'int'``, ``'Thing' object is not iterable``,
+    ``type(x).__name__``) reads as it does unboxed."""
+    flags &= refs.ALL_FLAGS
+    key = (flags, tname)
+    cls = _named_classes.get(key)
+    if cls is not None:
+        return cls
+    base = _main_proxy_class(flags)
+    if len(_named_classes) >= MAX_NAMED_CLASSES or not tname:
+        return base
+    module, _, qualname = tname.rpartition(".")
+    ns: dict[str, Any] = {"__slots__": (), "__qualname__": qualname, "__module__": module or "builtins",
+                          "__doc__": base.__dict__.get("__doc__")}
+    try:
+        cls = type(qualname, (base,), ns)
+    except (TypeError, ValueError):  # a name Python will not take for a class
+        return base
+    if issubclass(base, Callback):
+        # A callback's docstring and module are the callable's (type() and
+        # Described gave the class its own).
+        for name, value in _CALLBACK_INFO.items():
+            setattr(cls, name, value)
+    _named_classes[key] = cls
+    return cls
 
 
 def _main_proxy_class(flags: int) -> type:
@@ -891,10 +929,15 @@ def instance_peer(server: ObjectServer) -> refs.Peer:
     """The instance's Peer for its channel to main."""
 
     def make_proxy(peer: refs.Peer, handle: int, type_key: str, flags: int, tname: str) -> MainRef:
-        ref = object.__new__(_main_proxy_class(flags))
-        ref._pc_peer, ref._pc_handle, ref._pc_count, ref._pc_tname = peer, handle, 1, tname
-        ref._pc_buffer = ref._pc_hash = None
-        ref._pc_batch = protocols.initial_batch(flags)
+        ref = object.__new__(_named_proxy_class(flags, tname))
+        set_ = object.__setattr__  # (a Callback's own __setattr__ is for the compartment's code)
+        set_(ref, "_pc_peer", peer)
+        set_(ref, "_pc_handle", handle)
+        set_(ref, "_pc_count", 1)
+        set_(ref, "_pc_tname", tname)
+        set_(ref, "_pc_buffer", None)
+        set_(ref, "_pc_hash", None)
+        set_(ref, "_pc_batch", protocols.initial_batch(flags))
         return ref
 
     def make_class(peer: refs.Peer, handle: int, flags: int, name: str, mro: list[str]) -> type:

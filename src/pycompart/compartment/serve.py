@@ -29,7 +29,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import fastpaths
 from ..errors import CallCancelled, EntrypointError, ProtocolError
@@ -51,8 +51,6 @@ from . import warn as _warn
 from .objects import MainRef, ObjectServer, instance_peer
 
 if TYPE_CHECKING:
-    import msgspec
-
     from ..wire.contract import BulkPayload
 
 _main_source: bytes | None = None
@@ -351,8 +349,13 @@ class Server(CallServer):
         self.serve_ident = threading.get_ident()
         #: Typed entrypoints by their names' bytes, for calls in compact form
         #: (``_direct_compact``); None: not taken (``pycompart.fastpaths``).
+        compact = fastpaths.enabled("compact")
         self._by_name: dict[bytes, _LazyContract] | None = (
-            {key.encode(): lazy for key, lazy in table.items()} if fastpaths.enabled("compact") else None)
+            {key.encode(): lazy for key, lazy in table.items()} if compact else None)
+        #: A module compartment's operations (``@call``, ...) the same way.
+        self._ops_by_name: dict[bytes, str] = (
+            {op.encode(): op for op in self.objects.operations()}
+            if compact and self.channel.track_arrivals else {})
         #: The biggest value a compact reply may carry (the message size limit).
         self._max_value = config.max_frame - OK_ENVELOPE.size
         self.cancel_current = False
@@ -452,11 +455,17 @@ class Server(CallServer):
         1-tuple holding a whole frame to send, False once answered here
         (and the general loop takes over), or None: not a built typed
         entrypoint's, so the general loop reads the frame itself."""
-        lazy = self._by_name.get(name)  # type: ignore[union-attr]
         channel = self.channel
-        if lazy is None or lazy.contract is None or channel.track_arrivals:
-            return None
-        result, frame = self._invoke_typed(rid, args, lazy.contract)
+        if channel.track_arrivals:
+            op = self._ops_by_name.get(name)
+            if op is None:
+                return None  # (a typed entrypoint beside modules: the general path)
+            result, frame = self._invoke_operation(rid, op, args)
+        else:
+            lazy = self._by_name.get(name)  # type: ignore[union-attr]
+            if lazy is None or lazy.contract is None:
+                return None
+            result, frame = self._invoke(rid, lazy.contract.invoke, args, None, channel.bulk is not None, True)
         if frame is None:
             if result.__class__ is not bytes or len(result) > self._max_value:
                 # Big values beside the frame, or (too big to send) an error.
@@ -480,7 +489,8 @@ class Server(CallServer):
         if lazy is not None and lazy.contract is not None and not channel.track_arrivals:
             # A typed entrypoint's call on a pipe (no descriptors either way,
             # nothing to track): ``execute`` without the steps that cannot apply.
-            result, frame = self._invoke_typed(event.id, event.args, lazy.contract)  # type: ignore[union-attr]
+            result, frame = self._invoke(event.id, lazy.contract.invoke, event.args,  # type: ignore[union-attr]
+                                         None, channel.bulk is not None, True)
             if frame is None:
                 frame = channel.reply_value(event.id, result)  # type: ignore[union-attr, arg-type]
         else:
@@ -502,11 +512,23 @@ class Server(CallServer):
             return None
         return frame
 
-    def _invoke_typed(self, rid: int, args: bytes | msgspec.Raw,
-                      contract: Contract) -> tuple[bytes | BulkPayload | None, bytes | None]:
-        """A typed entrypoint's top-level call on the serve thread, keeping
-        the state cancellation, nested calls and output need: (its encoded
-        result, None), or (None, the Err frame). Exceptions end as
+    def _invoke_operation(self, rid: int, op: str, args: bytes) -> tuple[bytes | None, bytes | None]:
+        """A module compartment's top-level operation in compact form, as
+        ``_run_top`` runs it, without the steps a pipe rules out (no
+        descriptors either way, no bulk values: ``objects`` encodes inline)."""
+        peer = self.peer
+        peer.arrived(("c", rid))
+        try:
+            return self._invoke(rid, self.objects.execute, peer, op, args, False)  # type: ignore[return-value]
+        finally:
+            peer.decoded(("c", rid))
+            CALL_WARNINGS.finished(rid)
+
+    def _invoke(self, rid: int, run: Callable[[Any, Any, Any], Any], a: Any, b: Any, c: Any,
+                typed: bool) -> tuple[bytes | BulkPayload | None, bytes | None]:
+        """``run(a, b, c)`` as call ``rid``, top-level on the serve thread,
+        keeping the state cancellation, nested calls and output need: (its
+        encoded result, None), or (None, the Err frame). Exceptions end as
         ``execute`` ends them."""
         channel = self.channel
         self.current = rid
@@ -517,10 +539,11 @@ class Server(CallServer):
         active.append(rid)
         self.in_user_code = True
         try:
-            return contract.invoke(args, None, channel.bulk is not None), None
+            return run(a, b, c), None
         except BaseException as exc:
             self.in_user_code = False
-            return None, self._error_reply(channel.conn, rid, exc, typed=True)
+            _drop_outgoing_fds()  # (what its result had collected before it failed)
+            return None, self._error_reply(channel.conn, rid, exc, typed=typed)
         finally:
             self.in_user_code = False
             active.pop()

@@ -215,6 +215,7 @@ class _Waiter:
 
 
 _DRAIN = _Waiter()  # a waiter that is never done: read what is there, then stop
+_NO_WAITER = _Waiter()  # (``_serve_nested_then_lead``: the channel failed)
 _REFUSE = CallServer()
 
 
@@ -332,8 +333,7 @@ class Channel:
         # that may be the first call after it, so each lock below is taken
         # right after a Python call (``new_call``, ``with_pending``), which
         # raises one that came meanwhile before the lock is held.
-        if self._compact and not fds and not parent and not concurrent and payload.__class__ is bytes \
-                and not self.track_arrivals:
+        if self._compact and not fds and not parent and not concurrent and payload.__class__ is bytes:
             rid = conn.new_call()
             mu = self._mu
             mu.acquire()
@@ -514,8 +514,17 @@ class Channel:
                     self._write_leading(frame, deadline)  # type: ignore[arg-type]
             except BaseException as exc:
                 self._not_sent(rid, entrypoint, None, nbulk, exc)
-            if not self.conn.frames.pending and self.failure is None:
+            while not self.conn.frames.pending and self.failure is None:
                 event = self._receive_own(rid, deadline)
+                if event is None and self._leader_nested and self._leader_reply is None \
+                        and self.failure is None:
+                    # Calls nested in ours (callbacks) came first.
+                    waiter = self._serve_nested_then_lead(rid, deadline)
+                    if waiter is None:
+                        continue  # leading for ourselves again
+                    if waiter is _NO_WAITER:
+                        return self._finish_leading_without_reply(rid, entrypoint)
+                    return self._await(rid, entrypoint, waiter, deadline)
                 if event is not None:
                     if event.__class__ is Ok:  # our plain reply, not yet taken
                         with self._mu:
@@ -531,6 +540,7 @@ class Channel:
                         reply, _ = self._release_leadership(rid)
                         if reply is not None:
                             return reply
+                break
             return self._lead_then_await(rid, entrypoint, deadline)
         except BaseException as exc:
             # A signal handler's exception (KeyboardInterrupt) anywhere in
@@ -541,6 +551,41 @@ class Channel:
         finally:
             if not left:
                 self._leave()
+
+    def _serve_nested_then_lead(self, rid: int, deadline: float | None) -> _Waiter | None:
+        """``_exchange``'s leader got calls nested in its own before its
+        reply. It stops leading, so that another thread may read while
+        they run (a callback may take long), runs them, and leads for
+        itself again if nobody else took the reading or waits meanwhile:
+        None. Otherwise (or past ``deadline``) it is a follower: the waiter
+        to ``_await`` on (``_NO_WAITER``: the channel failed meanwhile)."""
+        _, waiter = self._release_leadership(rid)
+        if waiter is None:
+            return _NO_WAITER
+        mu = self._mu
+        while True:
+            with mu:
+                nested = waiter.nested
+                if not nested:
+                    break
+                waiter.nested = []
+                waiter.busy = True
+            try:
+                for call in nested:
+                    self.serve_nested(call, deadline)
+            finally:
+                waiter.busy = False
+            if deadline is not None and time.monotonic() >= deadline:
+                return waiter  # (``_await`` gives up, refusing what else comes)
+        with mu:
+            if waiter.done or waiter.nested or self._leader or len(self._waiters) != 1 \
+                    or self._inbox_waiting or self.failure is not None:
+                return waiter
+            del self._waiters[rid]
+            self._leader = True
+            self._leader_rid = rid
+            self._leader_reply = None
+        return None
 
     def _stop_leading(self, rid: int, exc: BaseException) -> None:
         if self._leader and self._leader_rid == rid:  # we are the one who reads
@@ -614,12 +659,26 @@ class Channel:
                 # Our reply, plain (as ``_dispatch`` would take it).
                 if self.track_arrivals:
                     self.server.arrived(self, ("r", rid))
+                if conn.frames.pending:
+                    # Whole frames read with it (the releases an instance
+                    # sends after a reply): taken now, or the next call
+                    # could not take the fast path.
+                    self._dispatch_buffered()
                 return event  # type: ignore[return-value]
             if event is not _NEED_DATA:
                 self._dispatch(event)
             if self._leader_reply is not None:
                 return True
         return None
+
+    def _dispatch_buffered(self) -> None:
+        """(The leader.) Dispatch the whole frames buffered, if any."""
+        conn = self.conn
+        while conn.frames.pending and self.failure is None:
+            event = conn.next_event()
+            if event is _NEED_DATA:
+                return
+            self._dispatch(event)
 
     def _lead_for_self(self, rid: int, deadline: float | None) -> tuple[Ok | Err | None, _Waiter | None]:
         try:

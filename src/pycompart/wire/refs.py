@@ -94,6 +94,19 @@ MAX_TYPES = 4096
 MAX_DEFERRED = 100_000
 
 _SCALARS = frozenset({str, float, bool, type(None), bytes})
+#: The types ``Peer.to_wire`` found that only ``reference`` or ``export``
+#: encode, whatever the value (``_only_by_reference``): the next value of
+#: one goes there without the other checks. Bounded (it holds the types).
+_BY_REFERENCE: dict[type, bool] = {}
+MAX_BY_REFERENCE = 4096
+
+
+def _only_by_reference(tp: type) -> bool:
+    """Whether no value of ``tp`` is one of ``to_wire``'s other kinds:
+    those decided by type alone were ruled out on the way to its last
+    lines; this rules out those decided by the value too."""
+    return not (tp is type or tp is type(END) or issubclass(tp, (types.ModuleType, socket.socket, io.IOBase))
+                or tp is Fd or tp is Handover or _std_encoder(tp) is not None)
 _KEY_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 _encoder = msgspec.msgpack.Encoder()
 _nesting = threading.local()
@@ -557,6 +570,9 @@ class Peer:
         depth += 1
         if tp is list:
             return [self.to_wire(v, depth) for v in value] if value else value
+        if tp in _BY_REFERENCE:  # (objects, functions, proxies: the last lines, at once)
+            ext = self._reference(self, value)
+            return ext if ext is not None else self.export(value)
         if tp is dict:
             if not value:
                 return value
@@ -607,6 +623,8 @@ class Peer:
             ext = descriptor_ext(value, tp)
             if ext is not None:
                 return ext
+        if len(_BY_REFERENCE) < MAX_BY_REFERENCE and _only_by_reference(tp):
+            _BY_REFERENCE[tp] = True
         ext = self._reference(self, value)
         if ext is not None:
             return ext
