@@ -92,6 +92,26 @@ def test_check_shows_the_resolved_privileges(tmp_path, capsys):
     assert "added read-only automatically:" in out and sys.prefix.split("/")[1] in out
 
 
+def test_check_warns_of_placed_modules_nothing_provides(tmp_path, capsys, monkeypatch):
+    """A typo in ``modules`` or ``functions`` is found without importing
+    anything: a package's submodules are looked for in its folders."""
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise SystemExit('imported!')\n")
+    (pkg / "real.py").write_text("")
+    (tmp_path / "helper.py").write_text("")
+    spec = tmp_path / "app.toml"
+    spec.write_text('[compartments.box]\nmodules = ["mypkg.real", "mypkg.typo", "jsno", "json.decoder", '
+                    '"_socket"]\nfunctions = ["helper:f", "nohelper:f"]\n')
+    monkeypatch.chdir("/")
+    assert main(["check", str(spec)]) == 0
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warned) == 3, captured.err
+    assert all(any(f"module {name!r}" in line for line in warned) for name in ("mypkg.typo", "jsno", "nohelper"))
+    assert "OK (3 warnings)" in captured.out and "mypkg" not in sys.modules
+
+
 def test_check_fails_when_the_host_cannot_enforce(tmp_path, capsys):
     spec = tmp_path / "app.toml"
     spec.write_text(GOOD + '\n[compartments.parser.privileges]\nuser = "no-such-user-here"\n')

@@ -191,3 +191,18 @@ def test_run_starts_its_zygote_before_the_heavy_imports_and_imports_little():
     for name in ("subprocess", "importlib.abc", "pathlib", "hashlib", "pickle", "pycompart.compartment.serve",
                  "pycompart.compartment.objects", "pycompart.compartment.lockdown", "pycompart.compartment.edges"):
         assert name not in after, name
+
+
+def test_every_privilege_that_cannot_be_enforced_is_named_with_the_file(program):
+    """Not only the first compartment's: each on a line of its own, naming
+    the spec's file, before the program runs."""
+    where = program("print('ran')\n")
+    (where / "app.toml").write_text(SPEC + '[compartments.box.privileges]\nuser = "no-such-user-q"\n'
+                                    '[compartments.other]\nmodules = ["csv"]\n'
+                                    '[compartments.other.privileges]\nsyscalls = { allow = ["no_such_call_q"] }\n')
+    out = run(where, "prog.py")
+    assert out.returncode == 1 and "ran" not in out.stdout
+    lines = out.stderr.splitlines()
+    assert len(lines) == 2, out.stderr
+    assert all(line.startswith("pycompart run: app.toml: compartment ") for line in lines)
+    assert "no such user 'no-such-user-q'" in lines[0] and "no_such_call_q" in lines[1]

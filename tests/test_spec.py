@@ -71,7 +71,9 @@ call_timeout = "none"
      "compartments.a.privileges.environment", "variable names"),
     ({"compartments": {"a": {"may_call": ["ghost"]}}}, "compartments.a.may_call", "defined in this spec"),
     ({"compartments": {"main": {}}}, "compartments.main.privileges", "a [compartments.main.privileges] table"),
-    ({"compartments": {"main": {"privileges": {}, "modules": ["x"]}}}, "compartments.main.modules", "no such key"),
+    ({"compartments": {"main": {"privileges": {}, "modules": ["x"]}}}, "compartments.main",
+     "main is the program itself, not a compartment"),
+    ({"compartments": {"main": {"modules": ["x"]}}}, "compartments.main", "such as [compartments.box]"),
     ({"compartments": {"a": {"may_call": ["b"]}, "b": {"mechanism": "inline"}}}, "compartments.a.may_call",
      "'b' is inline"),
     ({"compartments": {"a": {"functions": ["m:f"]}, "b": {"functions": ["m:f"]}}},
@@ -96,6 +98,13 @@ def test_errors_name_key_and_expectation(spec, key, expected):
     err = info.value
     assert err.source == "t.toml" and err.key == key, str(err)
     assert expected in str(err)
+
+
+def test_a_module_placed_in_main_is_one_error_naming_what_to_do():
+    with pytest.raises(SpecError) as info:
+        load_spec({"compartments": {"main": {"modules": ["yaml"], "functions": ["m:f"]}}}, origin="t.toml")
+    assert len(info.value.errors) == 1, [e.message for e in info.value.errors]
+    assert info.value.found == "functions, modules"
 
 
 def test_error_mentions_what_was_found():

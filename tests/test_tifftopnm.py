@@ -142,6 +142,28 @@ def test_the_rewritten_program_writes_the_same(tiffs):
         shutil.rmtree(d)
 
 
+def test_the_rewritten_program_runs_with_the_spec_rewrite_wrote(tiffs):
+    """The skeleton asks for descriptors where a segment passes one, and
+    rewrite says which modules from beside the program to copy."""
+    d = _shared_dir("pycompart-tiffout-")
+    try:
+        proc = _run(["-m", "pycompart", "rewrite", SEGMENTS, "--out", d])
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert "imports tiffcore from beside" in proc.stderr.decode()
+        with open(os.path.join(d, "tifftopnm_segments.toml")) as f:
+            skeleton = f.read()
+        libtiff = skeleton.partition("[compartments.libtiff]")[2]
+        assert "descriptors = true" in libtiff and "descriptors" not in skeleton.partition("[compartments.libtiff]")[0]
+        shutil.copy(os.path.join(EXAMPLE, "tiffcore.py"), d)
+        out = _run([os.path.join(d, "tifftopnm_segments.py"), tiffs["rgb_lzw"]])
+        assert out.returncode == 0, out.stderr.decode()
+        assert out.stdout == reference(tiffs["rgb_lzw"])
+        again = _run(["-m", "pycompart", "rewrite", SEGMENTS, "--out", d])
+        assert "imports tiffcore" not in again.stderr.decode()  # (copied now)
+    finally:
+        shutil.rmtree(d)
+
+
 @pytest.fixture(scope="module")
 def hostile():
     d = _shared_dir("pycompart-hostile-tiff-")

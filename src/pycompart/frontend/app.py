@@ -24,6 +24,7 @@ from ..errors import (
     CompartmentCrashed,
     CompartmentError,
     EntrypointError,
+    PrivilegeError,
     PycompartError,
     ProtocolError,
 )
@@ -34,7 +35,7 @@ from ..supervisor.audit import AuditLog
 from ..supervisor.identities import Identities
 from ..supervisor.monitor import CommBreakEvent, Hooks, InstanceEvent, Monitor, Pool, TimeoutEvent
 from ..wire import refs
-from ..wire.config import EdgePlan, InstanceConfig
+from ..wire.config import EdgePlan, InstanceConfig, Lockdown
 from ..wire.contract import Contract, function_key
 from ..wire.exceptions import describe_exception, rebuild_exception
 from ..wire.protocol import Err, close_fds
@@ -105,16 +106,19 @@ class Entrypoint(Generic[P, R]):
 class App:
     """A compartmentalized application.
 
-    ``App(spec_dict)`` or ``App.from_spec("app.toml")``; register entrypoints
-    with ``@app.entrypoint("compartment")``; ``with app:`` runs it.
+    ``App(spec_dict)`` or ``App.from_spec("app.toml")`` (``App("app.toml")``
+    is the same); register entrypoints with ``@app.entrypoint("compartment")``;
+    ``with app:`` runs it.
     """
 
-    def __init__(self, spec: Mapping[str, Any] | AppSpec | None = None, *,
+    def __init__(self, spec: Mapping[str, Any] | AppSpec | str | os.PathLike[str] | None = None, *,
                  on_termination: Callable[[InstanceEvent], Any] | None = None,
                  on_call_timeout: Callable[[TimeoutEvent], Any] | None = None,
                  on_comm_break: Callable[[CommBreakEvent], Any] | None = None):
         if isinstance(spec, AppSpec):
             self.spec = spec
+        elif isinstance(spec, (str, os.PathLike)):
+            self.spec = App.from_spec(spec).spec
         else:
             self.spec = load_spec(spec or {})
         self.hooks = Hooks()
@@ -312,6 +316,22 @@ class _Runtime:
         #: Directories every compartment may read besides the import path.
         self.read_also: list[str] = []
 
+    def _resolve_all(self) -> dict[str, Lockdown]:
+        """Every compartment's lock-down on this host, or one
+        ``PrivilegeError`` naming the spec's file and every privilege that
+        cannot be enforced (as ``pycompart check`` lists them), not only
+        the first compartment's."""
+        lockdowns, failed = {}, []
+        for name, comp in self.spec.compartments.items():
+            try:
+                lockdowns[name] = policy.resolve(comp, sys.path + self.read_also, self._main_path).lockdown
+            except PrivilegeError as exc:
+                failed.append(str(exc))
+        if failed:
+            where = "" if self.spec.source.startswith("<") else f"{self.spec.source}: "
+            raise PrivilegeError("\n".join(where + text for text in failed))
+        return lockdowns
+
     def start(self, lazy: bool = False, confine_main: bool = False, warm: bool = False) -> None:
         # Instances get main's import path as it is now (main's own lock-down
         # may rewrite it to descriptors that mean nothing in another process).
@@ -321,8 +341,7 @@ class _Runtime:
         # Every privilege decision, before any process starts (fail closed).
         main_lock = None
         try:
-            self.lockdowns = {name: policy.resolve(comp, sys.path + self.read_also, self._main_path).lockdown
-                              for name, comp in self.spec.compartments.items()}
+            self.lockdowns = self._resolve_all()
             for name, lock in self.lockdowns.items():
                 if lock.dynamic_user and self.spec.compartments[name].mechanism == "process":
                     lock.uid = lock.gid = self.identities.allocate(self.spec.name, name)

@@ -43,7 +43,8 @@ def run_command(argv: list[str]) -> int:
     try:
         return shim.run(spec, rest[0], rest[1:], as_module=as_module)
     except (SpecError, PrivilegeError) as exc:
-        print(f"pycompart run: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # (each mistake on a line of its own)
+            print(f"pycompart run: {line}", file=sys.stderr)
         return 1
 
 

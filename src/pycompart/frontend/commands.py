@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from .._version import __version__
 from ..errors import PrivilegeError, SpecError
@@ -179,6 +180,41 @@ def _unenforceable(spec: AppSpec) -> list[str]:
     return problems
 
 
+def unfound_modules(spec: AppSpec, path: list[str]) -> list[str]:
+    """The placed modules (``modules``, and the modules of ``functions``)
+    that nothing on ``path`` provides: most likely a typo. Found by the
+    import system's finders without importing anything (a package's
+    submodules are looked for in its folders, not by importing it)."""
+    import importlib.machinery
+    import importlib.util
+
+    out = []
+    for comp in spec.compartments.values():
+        names = dict.fromkeys([*comp.modules, *(f.partition(":")[0] for f in comp.functions)])
+        for name in names:
+            if not _findable(name, path, importlib.machinery, importlib.util):
+                out.append(f"compartment {comp.name!r}: module {name!r} is not found (searched the spec's "
+                           "folder, the current one and this interpreter's sys.path); the program must "
+                           "be able to import it")
+    return out
+
+
+def _findable(name: str, path: list[str], machinery: Any, util: Any) -> bool:
+    parts = name.split(".")
+    found = machinery.PathFinder.find_spec(parts[0], path)
+    if found is None:
+        try:  # built in, frozen, or provided by a finder on sys.meta_path (an editable install)
+            found = util.find_spec(parts[0])
+        except (ImportError, ValueError):
+            return False
+    for i in range(1, len(parts)):
+        if found is None or not found.submodule_search_locations:
+            return False
+        found = machinery.PathFinder.find_spec(".".join(parts[:i + 1]),
+                                               list(found.submodule_search_locations))
+    return found is not None
+
+
 def doctor() -> str:
     """What this host can enforce, in plain words."""
     import os
@@ -261,7 +297,11 @@ def command(argv: list[str]) -> int:
             for problem in problems:
                 print(f"pycompart check: {problem}", file=sys.stderr)
             return 1
-        print("\nOK")
+        where = os.path.dirname(os.path.abspath(spec.source)) if os.path.isfile(spec.source) else os.getcwd()
+        unfound = unfound_modules(spec, [where, os.getcwd(), *sys.path])
+        for warning in unfound:
+            print(f"pycompart check: warning: {warning}", file=sys.stderr)
+        print(f"\nOK ({len(unfound)} warning{'s' if len(unfound) > 1 else ''})" if unfound else "\nOK")
         return 0
     if args.command == "doctor":
         print(doctor())

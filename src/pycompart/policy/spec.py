@@ -585,12 +585,22 @@ def load_spec(source: Mapping[str, Any], *, origin: str = "<dict>", base_dir: st
             # main is the program itself (domain 0): it has privileges, nothing else.
             main = comps_reader.sub(cname)
             assert main is not None
+            others = sorted(str(k) for k in main.table if k != "privileges")
+            if others:
+                # (Most likely a module meant to be boxed: say so once,
+                # rather than "no such key" for each.)
+                comps_reader.errors.append(SpecError(
+                    comps_reader.source, comps_reader.key(cname),
+                    "only a [compartments.main.privileges] table: main is the program itself, not a "
+                    "compartment (to box a module, place it in a compartment of its own, such as "
+                    "[compartments.box])", ", ".join(others)))
+                main.used.update(main.table)
             priv = main.sub("privileges")
-            if priv is None:
+            if priv is not None:
+                main_privileges = _privileges(priv, base_dir, enforcement)
+            elif not others:
                 main.report("privileges", "a [compartments.main.privileges] table (main "
                             "takes no other settings)")
-            else:
-                main_privileges = _privileges(priv, base_dir, enforcement)
             main.finish()
             continue
         sub = comps_reader.sub(cname)
