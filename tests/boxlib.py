@@ -626,3 +626,15 @@ def what_python_says(obj):
     else:
         message = ""
     return type(obj).__name__, type(obj).__qualname__, message
+
+
+def call_each(fn, n):
+    """Call main's fn n times, going on past the Exceptions it raises (not
+    past other BaseExceptions, as unboxed)."""
+    out = []
+    for i in range(n):
+        try:
+            out.append(fn(i))
+        except Exception as exc:
+            out.append(type(exc).__name__)
+    return out

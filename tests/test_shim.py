@@ -580,6 +580,11 @@ def test_stand_in_exceptions_are_ordinary_exceptions_in_main(boxed):
         boxed.fail()
     back = pickle.loads(pickle.dumps(info.value))
     assert type(back) is boxed.BoxError and back.args == ("it failed", 7)
+    keyed = boxed.BoxError("made in main", code=7)  # keyword arguments: attributes (as most classes keep them)
+    assert keyed.args == ("made in main",) and keyed.code == 7
+    assert pickle.loads(pickle.dumps(keyed)).code == 7
+    with pytest.raises(TypeError, match="unexpected keyword argument 'message'"):
+        boxed.BoxError("x", message="y")
 
 
 def test_the_boxs_exceptions_cross_back_through_callbacks(boxed):
@@ -1035,3 +1040,50 @@ def test_mains_objects_are_of_classes_named_as_their_types(boxed):
     assert boxed.what_python_says(Plain2.Inner())[0] == "Inner"
     name, _, message = boxed.what_python_says(lambda: None)
     assert name == "function" and "'function' and 'int'" in message
+
+
+class _Abort(BaseException):
+    """A library's own control exception (more_itertools' AbortThread)."""
+
+
+def test_a_callbacks_own_base_exception_goes_through_the_box_and_the_box_serves_on(boxed):
+    """It escaped main's callback gate, which left the box's call without
+    an answer: the box waited for ever, and every later call behind it."""
+    ran = []
+
+    def abort(i):
+        ran.append(i)
+        raise _Abort("stop")
+    with pytest.raises(BaseException) as info:
+        boxed.call_each(abort, 3)
+    assert "stop" in str(info.value) and ran == [0]  # not caught by the box's `except Exception`
+    assert boxed.call_each(lambda i: i * 2, 3) == [0, 2, 4]
+
+
+def test_an_interrupt_while_serving_a_callback_leaves_the_channel_usable(make_app, monkeypatch):
+    """Ctrl-C in main while it runs a callback (before the callback's
+    answer is out): the call is given up and cancelled; what the box nests
+    in it next is refused, not queued for a waiter nobody serves."""
+    from pycompart.frontend.callbacks import CallbackGate
+
+    app = box_app(make_app, call_timeout="10s")
+    app.start(import_hook=True)
+    import boxlib
+    try:
+        execute = CallbackGate.execute
+        hits = []
+
+        def interrupted_once(self, channel, call):
+            if not hits:
+                hits.append(call.id)
+                raise KeyboardInterrupt
+            return execute(self, channel, call)
+        monkeypatch.setattr(CallbackGate, "execute", interrupted_once)
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            boxlib.call_each(lambda i: i, 3)
+        assert boxlib.call_each(lambda i: i + 1, 3) == [1, 2, 3]
+        assert time.monotonic() - started < 5  # not by the call's timeout
+    finally:
+        del sys.modules["boxlib"]
+        app.stop()

@@ -95,7 +95,7 @@ class ObjectServer:
             "@delattr": self.op_delattr, "@classinfo": self.op_classinfo,
             "@twinclass": self.op_twinclass, "@twin": self.op_twin,
             "@callsuper": self.op_callsuper, "@getsuper": self.op_getsuper,
-            "@twinset": self.op_twinset, "@unpickle": self.op_unpickle,
+            "@twinset": self.op_twinset, "@unpickle": self.op_unpickle, "@runmain": self.op_run_main,
         }
 
     def handles(self, entrypoint: str) -> bool:
@@ -109,7 +109,7 @@ class ObjectServer:
     #: the twin machinery puts what the caller sends into classes of its
     #: own, so only a trusted caller (main, for a sandbox) may use it.
     TRUSTED_OPS = frozenset({"@classinfo", "@twinclass", "@twin", "@twinset", "@callsuper",
-                             "@getsuper"})
+                             "@getsuper", "@runmain"})
 
     def execute(self, peer: refs.Peer, entrypoint: str, raw: Any, fds: list[int] | None = None) -> bytes:
         if self.guarded and entrypoint in self.TRUSTED_OPS:
@@ -252,6 +252,25 @@ class ObjectServer:
             _follow_search_path(search_path)
         mod = importlib.import_module(module)
         return [mod, hasattr(mod, "__path__")]
+
+    def op_run_main(self, module: Any, argv: Any) -> None:
+        """``python -m module ARGS`` here: ``pycompart run SPEC -m module``
+        of a placed module (a package's ``__main__``) runs its code in this
+        compartment, as ``__main__``, with main's arguments; its exit
+        status goes back as ``SystemExit``."""
+        if type(module) is not str or not self.placed(module):
+            raise ModuleNotFoundError(f"module {module!r} is not placed in compartment "
+                                      f"{self.compartment!r}")
+        if type(argv) is not list or len(argv) > 4096 or not all(type(a) is str for a in argv):
+            raise TypeError("@runmain: malformed arguments")
+        import runpy
+
+        saved = sys.argv
+        sys.argv = [module, *argv]
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        finally:
+            sys.argv = saved
 
     def op_getattr(self, target: Any, name: Any) -> Any:
         self._check_target(target)
@@ -835,8 +854,8 @@ def _named_proxy_class(flags: int, tname: str) -> type:
     if cls is not None:
         return cls
     base = _main_proxy_class(flags)
-    if len(_named_classes) >= MAX_NAMED_CLASSES or not tname:
-        return base
+    if len(_named_classes) >= MAX_NAMED_CLASSES or not tname or tname.startswith("pycompart."):
+        return base  # (pycompart's: main's stand-in for another compartment's object)
     module, _, qualname = tname.rpartition(".")
     ns: dict[str, Any] = {"__slots__": (), "__qualname__": qualname, "__module__": module or "builtins",
                           "__doc__": base.__dict__.get("__doc__")}

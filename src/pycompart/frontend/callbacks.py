@@ -59,11 +59,13 @@ class CallbackGate(CallServer):
             channel.set_reply_fds(fds)
             reply = conn.send_ok(call.id, value, len(fds))
             outcome = "ok"
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+        except BaseException as exc:
             # A callback's KeyboardInterrupt or SystemExit (Ctrl-C while it
-            # runs, or its own ``raise``) goes through the compartment's code
-            # as it would unboxed (a CLI framework catches it); if nothing
-            # there catches it, it comes back to main's caller as itself.
+            # runs, or its own ``raise``), or a library's own BaseException,
+            # goes through the compartment's code as it would unboxed (a CLI
+            # framework catches it); if nothing there catches it, it comes
+            # back to main's caller as itself. (Escaping here, it would leave
+            # the compartment without an answer.)
             info = self.describe(exc)
             reply = conn.send_err(call.id, info)
             outcome = f"error:{info.type_name}"

@@ -563,20 +563,24 @@ class Channel:
         if waiter is None:
             return _NO_WAITER
         mu = self._mu
-        while True:
-            with mu:
-                nested = waiter.nested
-                if not nested:
-                    break
-                waiter.nested = []
-                waiter.busy = True
-            try:
-                for call in nested:
-                    self.serve_nested(call, deadline)
-            finally:
-                waiter.busy = False
-            if deadline is not None and time.monotonic() >= deadline:
-                return waiter  # (``_await`` gives up, refusing what else comes)
+        try:
+            while True:
+                with mu:
+                    nested = waiter.nested
+                    if not nested:
+                        break
+                    waiter.nested = []
+                    waiter.busy = True
+                try:
+                    for call in nested:
+                        self.serve_nested(call, deadline)
+                finally:
+                    waiter.busy = False
+                if deadline is not None and time.monotonic() >= deadline:
+                    return waiter  # (``_await`` gives up, refusing what else comes)
+        except BaseException:
+            self._stop_waiting(rid, waiter)
+            raise
         with mu:
             if waiter.done or waiter.nested or self._leader or len(self._waiters) != 1 \
                     or self._inbox_waiting or self.failure is not None:
@@ -698,6 +702,29 @@ class Channel:
         return self._timed_out(rid, entrypoint)
 
     def _await(self, rid: int, entrypoint: str, waiter: _Waiter, deadline: float | None) -> Ok | Err:
+        try:
+            return self._await_loop(rid, entrypoint, waiter, deadline)
+        except BaseException:
+            self._stop_waiting(rid, waiter)
+            raise
+
+    def _stop_waiting(self, rid: int, waiter: _Waiter) -> None:
+        """Something (Ctrl-C, a nested call's own BaseException) ended our
+        wait for ``rid`` by raising: unregister the waiter, or it would
+        take the calls the peer nests in ``rid`` from now on, and nobody
+        runs them (the peer would wait for ever), and cancel the call, as a
+        timeout does. What was queued for it is refused."""
+        with self._mu:
+            if self._waiters.get(rid) is waiter:
+                del self._waiters[rid]
+            orphans, waiter.nested = waiter.nested, []
+            done = waiter.done
+        for call in orphans:
+            self.refuse(call, "the call this one is nested in was interrupted")
+        if not done and self.failure is None:
+            self.cancel(rid)
+
+    def _await_loop(self, rid: int, entrypoint: str, waiter: _Waiter, deadline: float | None) -> Ok | Err:
         while True:
             with self._mu:
                 if waiter.done:
