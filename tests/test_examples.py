@@ -239,6 +239,9 @@ def test_examples_run_with_the_interpreter_that_made_the_venv():
         pytest.skip("the base interpreter has pycompart itself: no fallback needed")
     proc = subprocess.run([base, FIB[1], "10"], capture_output=True, text=True, timeout=60, env=env)
     assert (proc.returncode, proc.stdout) == (0, "55\n"), proc.stderr
+    segments = os.path.join(ROOT, "examples", "tifftopnm", "tifftopnm_segments.py")
+    proc = subprocess.run([base, segments], capture_output=True, text=True, timeout=60, env=env)
+    assert (proc.returncode, proc.stderr) == (2, "usage: tifftopnm_segments.py IN.tif > OUT.pnm\n")
 
 
 def test_fibs_compartment_is_allowed_nothing_but_computing():

@@ -67,6 +67,31 @@ def test_unsupported_annotation_is_reported_at_declaration():
         Contract(weird)
 
 
+class _Unknown:
+    pass
+
+
+def test_a_class_the_wire_does_not_know_is_reported_at_declaration():
+    """msgspec would accept the annotation and fail only at the call."""
+    import dataclasses
+    import socket
+
+    @dataclasses.dataclass
+    class Holder:
+        items: list[_Unknown]
+
+    def bare(x: _Unknown) -> int: ...
+    def nested(x: dict[str, Holder]) -> int: ...
+    def result() -> list[_Unknown]: ...
+    def fine(fd: pycompart.Fd, s: socket.socket, y: "dict[str, tuple[int, ...]] | None" = None) -> bytes: ...
+    for fn in (bare, nested, result):
+        fn.__module__ = "m"
+        with pytest.raises(EntrypointError, match="_Unknown is a class the wire does not know"):
+            Contract(fn)
+    fine.__module__ = "m"
+    Contract(fine)
+
+
 def test_builtin_exceptions_come_back_as_themselves():
     for exc in (ValueError("v", 1), KeyError("k"), FileNotFoundError(2, "gone"), ZeroDivisionError("z")):
         back = rebuild_exception(describe_exception(exc), "box")
@@ -77,6 +102,30 @@ def test_builtin_exceptions_come_back_as_themselves():
 def test_other_exceptions_become_remote_error_without_import():
     back = rebuild_exception(describe_exception(boxed.CustomError("boom")), "box")
     assert isinstance(back, RemoteError) and back.type_name == "boxed.CustomError" and back.message == "boom"
+
+
+def test_a_class_the_receiver_lacks_keeps_its_builtin_bases():
+    """``json.JSONDecodeError`` from a compartment, with no json imported
+    here: still caught by ``except ValueError``; nothing is imported, and
+    the classes made are bounded."""
+    from pycompart.wire import exceptions as wire_exceptions
+    from pycompart.wire.protocol import ErrorInfo
+
+    info = ErrorInfo("nowhere.mod.DecodeFailed", "Expecting value", ["Expecting value"], "",
+                     ["nowhere.mod.DecodeFailed", "ValueError", "Exception", "BaseException", "object"])
+    back = rebuild_exception(info, "box")
+    assert isinstance(back, ValueError) and isinstance(back, RemoteError)
+    assert type(back).__name__ == "DecodeFailed" and str(back) == "Expecting value"
+    assert back.args == ("Expecting value",) and "nowhere" not in sys.modules
+    assert type(rebuild_exception(info, "box")) is type(back)  # one class per name
+    # Incompatible builtin layouts keep the first; no builtin base: RemoteError.
+    both = ErrorInfo("m.E", "x", [], "", ["m.E", "KeyError", "OSError", "Exception"])
+    assert isinstance(rebuild_exception(both, "box"), KeyError)
+    plain_info = ErrorInfo("m.F", "x", [], "", ["m.F", "m.Base", "Exception"])
+    assert type(rebuild_exception(plain_info, "box")) is RemoteError
+    for i in range(wire_exceptions.MAX_KIN + 10):
+        rebuild_exception(ErrorInfo(f"m.E{i}", "x", [], "", [f"m.E{i}", "TypeError"]), "box")
+    assert len(wire_exceptions._KIN) <= wire_exceptions.MAX_KIN
 
 
 def test_control_exceptions_are_rebuilt_only_where_allowed():

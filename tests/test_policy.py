@@ -109,6 +109,22 @@ def test_non_root_main_cannot_change_user_or_keep_capabilities():
     assert res.lockdown.uid is None and any("not root" in n for n in res.notes)
 
 
+def test_every_name_this_host_lacks_is_reported_at_once():
+    """A user, a group, capabilities, a profile and system calls that do not
+    exist here: one error, a line each, with a suggestion when one is close."""
+    with pytest.raises(PrivilegeError) as info:
+        policy.resolve(comp({"user": "no-such-user-q", "group": "no-such-group-q", "capabilities": ["fly", "net_bind_servce"],
+                             "syscalls": {"allow": ["opennat"]}}), sys.path, None, host=FULL, euid=0)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 5, lines
+    assert all(line.startswith("compartment 'c': privileges.") for line in lines)
+    assert "did you mean 'CAP_NET_BIND_SERVICE'?" in lines[3] and "opennat" in lines[4]
+    with pytest.raises(PrivilegeError, match="did you mean 'python'"):
+        policy.resolve(comp({"syscalls": "pyhton"}), sys.path, None, host=FULL, euid=0)
+    with pytest.raises(PrivilegeError, match="without a user"):  # a mistake, not the host's lack
+        policy.resolve(comp({"group": "root"}), sys.path, None, host=FULL, euid=0)
+
+
 def test_unknown_names_are_errors_not_silently_ignored():
     with pytest.raises(PrivilegeError, match="opennat"):
         policy.resolve(comp({"syscalls": {"kill": ["opennat"]}}), sys.path, None, host=FULL, euid=0)

@@ -206,3 +206,29 @@ def test_every_privilege_that_cannot_be_enforced_is_named_with_the_file(program)
     assert len(lines) == 2, out.stderr
     assert all(line.startswith("pycompart run: app.toml: compartment ") for line in lines)
     assert "no such user 'no-such-user-q'" in lines[0] and "no_such_call_q" in lines[1]
+
+
+def test_dash_m_of_a_boxed_package_runs_its_main_in_the_compartment(program):
+    """``python -m pkg`` semantics for a placed package: its ``__main__``
+    runs in the compartment (never in main), with the program's arguments
+    and exit status; a package without one says so in one line."""
+    where = program("")
+    (where / "app.toml").write_text('[compartments.box]\nmodules = ["clipkg", "bare"]\n')
+    for name in ("clipkg", "bare"):
+        (where / name).mkdir()
+        (where / name / "__init__.py").write_text("")
+    (where / "clipkg" / "__main__.py").write_text(
+        "import os, sys\n"
+        "print(__name__, sys.argv[1:], os.getpid())\n"
+        "sys.exit(int(sys.argv[1]))\n")
+    for path in where.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    out = run(where, "-m", "clipkg", "7", "x")
+    name, args, pid = out.stdout.rsplit(" ", 1)[0], out.stdout.split("[")[1].split("]")[0], out.stdout.split()[-1]
+    assert out.returncode == 7, out.stderr
+    assert name.startswith("__main__") and args == "'7', 'x'" and pid != str(os.getpid())
+    assert int(pid) < 100  # the compartment's pid namespace: it did not run in main
+    bare = run(where, "-m", "bare")
+    assert bare.returncode == 1
+    assert bare.stderr == ("pycompart run: No module named bare.__main__; 'bare' is a package and cannot "
+                           "be directly executed\n")

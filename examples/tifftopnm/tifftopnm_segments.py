@@ -14,9 +14,19 @@ from __future__ import annotations
 import os
 import sys
 
-import pycompart
+HERE = os.path.dirname(os.path.abspath(__file__))
+try:  # (in the checkout: a Python without pycompart re-runs with .venv's)
+    sys.path.insert(0, os.path.dirname(HERE))
+    from _venv import ensure_pycompart  # noqa: E402
+except ImportError:  # a copy elsewhere (pycompart rewrite --out DIR)
+    pass
+else:
+    ensure_pycompart()
+finally:
+    del sys.path[0]
+import pycompart  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
 import tiffcore  # noqa: E402
 
 
@@ -35,7 +45,7 @@ def main(argv: list[str]) -> int:
         data = convert(argv)
     except ValueError as exc:
         if str(exc) == tiffcore.USAGE:
-            print(exc, file=sys.stderr)
+            print(tiffcore.USAGE.replace("tifftopnm.py", "tifftopnm_segments.py"), file=sys.stderr)
             return 2
         print(f"tifftopnm_segments.py: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -326,7 +326,7 @@ class _Runtime:
             try:
                 lockdowns[name] = policy.resolve(comp, sys.path + self.read_also, self._main_path).lockdown
             except PrivilegeError as exc:
-                failed.append(str(exc))
+                failed.extend(str(exc).splitlines())
         if failed:
             where = "" if self.spec.source.startswith("<") else f"{self.spec.source}: "
             raise PrivilegeError("\n".join(where + text for text in failed))

@@ -292,15 +292,15 @@ def command(argv: list[str]) -> int:
                 print(f"pycompart check: {len(exc.errors)} errors", file=sys.stderr)
             return 1
         print(describe(spec))
-        problems = _unenforceable(spec)
-        if problems:
-            for problem in problems:
-                print(f"pycompart check: {problem}", file=sys.stderr)
-            return 1
         where = os.path.dirname(os.path.abspath(spec.source)) if os.path.isfile(spec.source) else os.getcwd()
         unfound = unfound_modules(spec, [where, os.getcwd(), *sys.path])
         for warning in unfound:
-            print(f"pycompart check: warning: {warning}", file=sys.stderr)
+            print(f"pycompart check: {spec.source}: warning: {warning}", file=sys.stderr)
+        problems = [line for problem in _unenforceable(spec) for line in problem.splitlines()]
+        if problems:
+            for problem in problems:
+                print(f"pycompart check: {spec.source}: {problem}", file=sys.stderr)
+            return 1
         print(f"\nOK ({len(unfound)} warning{'s' if len(unfound) > 1 else ''})" if unfound else "\nOK")
         return 0
     if args.command == "doctor":

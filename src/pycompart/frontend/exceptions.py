@@ -63,10 +63,17 @@ def _static(obj: Any, name: str) -> Any:
         return None
 
 
-def standin_init(self: RemoteError, *args: Any) -> None:
+def standin_init(self: RemoteError, *args: Any, **kwargs: Any) -> None:
     """``__init__`` of stand-in classes: built by main's own code, a
-    stand-in is an ordinary exception (``ParseError("bad", 3)``)."""
+    stand-in is an ordinary exception (``ParseError("bad", 3)``). The real
+    class's ``__init__`` is the compartment's code and never runs in main:
+    keyword arguments become attributes of the same names, as most
+    exception classes keep them (``LibError("x", code=7).code``)."""
     BaseException.__init__(self, *args)
+    for key, value in kwargs.items():
+        if key.startswith("_") or key in ("type_name", "message", "remote_traceback", "args"):
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {key!r}")
+        setattr(self, key, value)
     self.type_name = type(self).__pycompart_standin__[1]  # type: ignore[attr-defined]
     self.message = str(args[0]) if len(args) == 1 else str(args) if args else ""
     self.remote_traceback = ""
@@ -79,6 +86,5 @@ def standin_str(self: RemoteError) -> str:
 def standin_reduce(self: RemoteError) -> Any:
     """Pickled by class name and arguments, like any exception: unpickling
     looks the class up in the compartment's module proxy (the same stand-in)."""
-    state = {k: v for k, v in vars(self).items() if k in ("type_name", "message",
-                                                          "remote_traceback")}
+    state = {k: v for k, v in vars(self).items() if not k.startswith("_")}
     return (type(self), self.args, state)

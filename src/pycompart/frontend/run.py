@@ -75,7 +75,11 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
     code: int = 0
     try:
         if as_module:
-            runpy.run_module(target, run_name="__main__", alter_sys=True)
+            boxed = _placed_in(app, target)
+            if boxed is not None:
+                _run_boxed_module(boxed, target, argv)
+            else:
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
             _run_script(script, source, shown)
     except SystemExit as exc:
@@ -169,9 +173,51 @@ def _is_runpy(filename: str) -> bool:
     return filename == "<frozen runpy>" or os.path.abspath(filename) == os.path.abspath(runpy.__file__)
 
 
+def _placed_in(app: Any, module: str) -> Any:
+    """The module compartment ``module`` is placed in, if any."""
+    from .proxy import places
+
+    runtime = app._runtime
+    for name, comp in runtime.compartments.items():
+        if places(comp.spec, module):
+            return comp
+    return None
+
+
+def _run_boxed_module(comp: Any, module: str, argv: list[str]) -> None:
+    """``-m`` of a boxed module: it runs as ``__main__`` in its compartment
+    (its code never runs in main); what it exits with is the program's."""
+    from ..errors import RemoteError
+
+    try:
+        comp.call(None, "@runmain", [module, list(argv)])
+    except ImportError as exc:
+        frames = [line for line in getattr(exc, "remote_traceback", "").splitlines()
+                  if line.lstrip().startswith('File "')]
+        if frames and all(_is_runpy(line.split('"')[1]) for line in frames):
+            raise _NotRunnable(str(exc)) from None  # (the module never ran: one line, as python says)
+        raise
+    except RemoteError as exc:
+        if exc.type_name != "SystemExit":
+            raise
+        text = exc.message
+        if not text:
+            raise SystemExit(None) from None
+        try:
+            raise SystemExit(int(text)) from None
+        except ValueError:
+            raise SystemExit(text) from None
+
+
+class _NotRunnable(ImportError):
+    """runpy in the compartment found no module to run (``-m`` of a boxed package without ``__main__``)."""
+
+
 def _raised_by_runpy(exc: BaseException) -> bool:
     """Whether runpy itself raised ``exc`` (the module to run was not
     found), not the module's own code while it ran."""
+    if isinstance(exc, _NotRunnable):
+        return True
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next

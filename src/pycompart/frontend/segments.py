@@ -235,9 +235,10 @@ class _SegmentApp:
                 spec = os.path.splitext(os.path.abspath(self.program))[0] + ".toml"
                 if not os.path.exists(spec):
                     raise PycompartError(
-                        f"{self.program} is a rewritten program, but its spec {spec} is missing: "
-                        "write it with pycompart rewrite ... --spec-out, or run the program with "
-                        "pycompart run SPEC -- PROGRAM")
+                        f"{self.program} is a rewritten program, but its spec {spec} is missing (run "
+                        "alone, it reads the spec beside it, where pycompart rewrite writes it "
+                        "unless --spec-out says otherwise): put the spec there, or run the program "
+                        "with pycompart run SPEC -- PROGRAM")
                 from ..policy.spec import load_spec_file
 
                 app = App(with_entrypoints(load_spec_file(spec), self._keys))

@@ -87,6 +87,9 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
     host = host or _host.probe()
     euid = os.geteuid() if euid is None else euid
     missing: list[str] = []
+    #: Mistakes only this host can show (a user it lacks, a system call
+    #: its architecture lacks): all reported at once, one per line.
+    wrong: list[str] = []
     notes: list[str] = []
     lock = Lockdown(compartment=comp.name)
 
@@ -96,7 +99,7 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
         return ok
 
     # -- who ---------------------------------------------------------------------
-    uid, gid = _identity(comp, p, euid, need, notes)
+    uid, gid = _identity(comp, p, euid, need, notes, wrong)
     lock.uid, lock.gid = uid, gid
     if uid == DYNAMIC:
         # A uid of its own, allocated when the app starts; for the checks
@@ -113,8 +116,9 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
     caps = []
     for name in p.capabilities:
         if name not in credentials.CAPABILITIES:
-            raise PrivilegeError(f"compartment {comp.name!r}: privileges.capabilities: unknown "
-                                 f"capability {name!r}")
+            wrong.append(f"compartment {comp.name!r}: privileges.capabilities: unknown capability "
+                         f"{name!r}{_did_you_mean(name, credentials.CAPABILITIES)}")
+            continue
         caps.append(credentials.CAPABILITIES[name])
     if caps and need(euid == 0, "capabilities (only a process started as root has any to keep)"):
         lock.keep_capabilities = sorted(caps)
@@ -218,15 +222,18 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
     if need(host.landlock_scopes, f"signal and abstract-socket isolation (Landlock scopes, ABI 6; "
                                   f"this kernel has {host.landlock_abi})"):
         lock.scopes = True
-    if p.syscalls not in seccomp.PROFILES:
-        raise PrivilegeError(f"compartment {comp.name!r}: privileges.syscalls: unknown profile "
-                             f"{p.syscalls!r} (known: {', '.join(seccomp.PROFILES)})")
+    profile_known = p.syscalls in seccomp.PROFILES
+    if not profile_known:
+        wrong.append(f"compartment {comp.name!r}: privileges.syscalls: unknown profile {p.syscalls!r}"
+                     f"{_did_you_mean(p.syscalls, seccomp.PROFILES)} (known: {', '.join(seccomp.PROFILES)})")
+    for key, names in (("allow", p.syscalls_allow), ("deny", p.syscalls_deny), ("kill", p.syscalls_kill)):
+        unknown = [n for n in names if not seccomp.known(n)] if host.seccomp else []
+        if unknown:
+            wrong.append(f"compartment {comp.name!r}: privileges.syscalls.{key}: unknown system call(s) "
+                         f"on this architecture: {', '.join(unknown)}")
+    if wrong:
+        raise PrivilegeError("\n".join(wrong))
     if need(host.seccomp, f"syscalls (seccomp: {host.seccomp_detail})"):
-        for key, names in (("allow", p.syscalls_allow), ("deny", p.syscalls_deny), ("kill", p.syscalls_kill)):
-            unknown = [n for n in names if not seccomp.known(n)]
-            if unknown:
-                raise PrivilegeError(f"compartment {comp.name!r}: privileges.syscalls.{key}: unknown "
-                                     f"system call(s) on this architecture: {', '.join(unknown)}")
         lock.seccomp = True
         lock.syscall_profile = p.syscalls
         lock.syscalls_allow = list(p.syscalls_allow)
@@ -287,15 +294,23 @@ def _compiled(profile: str, allow: tuple[str, ...], deny: tuple[str, ...], kill:
     return program
 
 
-def _identity(comp: CompartmentSpec, p: Privileges, euid: int, need, notes: list[str]):  # type: ignore[no-untyped-def]
+def _did_you_mean(name: object, known: object) -> str:
+    import difflib  # (only for a spec with a mistake in it)
+
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.8)  # type: ignore[attr-defined]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _identity(comp: CompartmentSpec, p: Privileges, euid: int, need, notes: list[str],  # type: ignore[no-untyped-def]
+              wrong: list[str]):
     if euid != 0:
         if p.user is not None:
             try:
                 uid, _ = credentials.resolve_user(p.user)
             except KeyError:
-                raise PrivilegeError(f"compartment {comp.name!r}: privileges.user: no such user "
-                                     f"{p.user!r}") from None
-            need(uid == euid, f"user = {p.user!r} (changing user needs root; main runs as uid {euid})")
+                wrong.append(f"compartment {comp.name!r}: privileges.user: no such user {p.user!r}")
+            else:
+                need(uid == euid, f"user = {p.user!r} (changing user needs root; main runs as uid {euid})")
         if p.group is not None:
             need(False, f"group = {p.group!r} (changing group needs root)")
         notes.append(f"main is not root: instances keep uid {euid}; they are kept apart by Landlock, "
@@ -303,8 +318,8 @@ def _identity(comp: CompartmentSpec, p: Privileges, euid: int, need, notes: list
         return None, None
     if p.user is None:
         if p.group is not None:
-            need(False, f"group = {p.group!r} without a user (a compartment's own uid comes with "
-                 "a group of its own; name a user to choose the group)")
+            wrong.append(f"compartment {comp.name!r}: privileges.group: {p.group!r} without a user (a "
+                         "compartment's own uid comes with a group of its own; name a user to choose the group)")
         notes.append(f"a uid and gid of its own (pycompart's range {DYNAMIC_IDS.start}-"
                      f"{DYNAMIC_IDS.stop - 1}, allocated when the app starts): no other compartment, "
                      "app or user shares them")
@@ -313,13 +328,13 @@ def _identity(comp: CompartmentSpec, p: Privileges, euid: int, need, notes: list
     try:
         uid, gid = credentials.resolve_user(user)
     except KeyError:
-        raise PrivilegeError(f"compartment {comp.name!r}: privileges.user: no such user {user!r}") from None
+        wrong.append(f"compartment {comp.name!r}: privileges.user: no such user {user!r}")
+        uid = gid = DYNAMIC  # (checked on with any uid of the range)
     if p.group is not None:
         try:
             gid = credentials.resolve_group(p.group)
         except KeyError:
-            raise PrivilegeError(f"compartment {comp.name!r}: privileges.group: no such group "
-                                 f"{p.group!r}") from None
+            wrong.append(f"compartment {comp.name!r}: privileges.group: no such group {p.group!r}")
     if uid == 0:
         notes.append("runs as root (user = 'root'): capabilities are still dropped, but root-owned "
                      "files are reachable where Landlock allows, and processes cannot be bounded")

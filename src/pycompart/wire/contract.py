@@ -55,6 +55,34 @@ def _dec_hook(tp: Any, obj: Any) -> Any:
     raise TypeError(f"expected {getattr(tp, '__name__', tp)}, got {type(obj).__name__}")
 
 
+def _foreign_classes(types: tuple[Any, ...]) -> list[type]:
+    """The classes in annotations ``types`` that msgspec would take only
+    with a hook (anything but descriptors: an error at the call, not now)."""
+    import msgspec.inspect as mi
+
+    found: list[type] = []
+    seen: set[int] = set()
+
+    def walk(t: Any) -> None:
+        if id(t) in seen:
+            return
+        seen.add(id(t))
+        if isinstance(t, mi.CustomType):
+            cls = t.cls
+            if not (cls is refs.Fd or cls is refs.Handover or issubclass(cls, (socket.socket, io.IOBase))):
+                found.append(cls)
+            return
+        for name in getattr(t, "__struct_fields__", ()):
+            value = getattr(t, name)
+            for item in (value if isinstance(value, (tuple, list)) else (value,)):
+                if isinstance(item, (mi.Type, mi.Field)):
+                    walk(item)
+
+    for info in mi.multi_type_info(types):
+        walk(info)
+    return found
+
+
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _EMPTY_MAP = _encoder.encode({})
 _plain_args = msgspec.msgpack.Decoder(dict[str, Any], ext_hook=_ext_hook)
@@ -172,6 +200,12 @@ class Contract:
             raise EntrypointError(
                 f"{self.key}: its annotations cannot be carried across a compartment "
                 f"boundary: {exc}") from None
+        foreign = _foreign_classes((args_struct, self.return_type))
+        if foreign:
+            raise EntrypointError(
+                f"{self.key}: its annotations cannot be carried across a compartment boundary: "
+                f"{', '.join(sorted({c.__qualname__ for c in foreign}))} is a class the wire does not "
+                "know (annotate with a msgspec.Struct, a dataclass, a TypedDict or plain types)")
 
     # -- caller side ----------------------------------------------------------
 

@@ -214,9 +214,60 @@ def rebuild_exception(info: ErrorInfo, where: str, allow_exit: bool = False,
                     except Exception:  # a read-only or typed slot: the far side lied
                         pass
     if exc is None:
-        exc = RemoteError(info.type_name, info.message, info.traceback)
+        kin = _kin_class(info)
+        if kin is None:
+            exc = RemoteError(info.type_name, info.message, info.traceback)
+        else:
+            args = tuple(plain(a) for a in info.args) if info.args else (info.message,)
+            exc = kin.__new__(kin, *args)
+            BaseException.__init__(exc, *args)
+            exc.type_name, exc.message, exc.remote_traceback = info.type_name, info.message, info.traceback
     attach_traceback(exc, info, where)
     return exc
+
+
+#: ``_kin_class``'s classes, by type name and builtin bases (bounded: a peer
+#: naming ever new types gets plain ``RemoteError`` past it).
+_KIN: dict[tuple[str, tuple[type, ...]], type[RemoteError]] = {}
+MAX_KIN = 256
+
+
+def _kin_str(self: RemoteError) -> str:
+    return self.message
+
+
+def _kin_class(info: ErrorInfo) -> type[RemoteError] | None:
+    """For a class the receiver does not have (``json.JSONDecodeError``
+    with no ``json`` imported here): a ``RemoteError`` of its name that also
+    derives from the builtin exceptions among its bases, so that ``except
+    ValueError`` catches it as it would unboxed. None if it has none. The
+    names are only looked up among the builtins."""
+    bases: list[type] = []
+    for name in info.mro[1:32]:
+        builtin = ALLOWED_EXCEPTIONS.get(name) if type(name) is str else None
+        if builtin is not None and builtin is not Exception and not any(issubclass(b, builtin) for b in bases):
+            bases.append(builtin)
+    if not bases or type(info.type_name) is not str:
+        return None
+    key = (info.type_name[:200], tuple(bases))
+    cls = _KIN.get(key)
+    if cls is not None:
+        return cls
+    if len(_KIN) >= MAX_KIN:
+        return None
+    module, _, qualname = key[0].rpartition(".")
+    ns = {"__module__": module, "__qualname__": qualname, "__str__": _kin_str}
+    for candidate in (tuple(bases), tuple(bases[:1])):
+        try:
+            cls = type(qualname.rpartition(".")[2] or "RemoteError", (RemoteError, *candidate), ns)
+            cls.__new__(cls)  # (some builtin bases combine into a class that cannot be made)
+            break
+        except (TypeError, ValueError):  # incompatible builtin layouts (OSError's), a bad name
+            cls = None
+    if cls is None:
+        return None
+    _KIN[key] = cls
+    return cls
 
 
 def attach_traceback(exc: BaseException, info: ErrorInfo, where: str) -> None:
