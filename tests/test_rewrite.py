@@ -206,6 +206,29 @@ def test_pycompart_run_rewrites_an_annotated_program_on_the_fly(shared_dir):
     assert missing.returncode == 1 and "compartment 'Sum', which" in missing.stderr
 
 
+def test_main_frames_of_a_rewritten_program_point_to_the_program_as_written(shared_dir):
+    """Not to the rewritten copy in the cache, nor its lines: main's own
+    code around and after a segment, and the segment's call."""
+    prog = os.path.join(shared_dir, "frames.py")
+    with open(prog, "w") as f:
+        f.write("import traceback\nimport pycompart\n\n\ndef g(x):\n"
+                "    with pycompart.segment('calc'):\n        y = x * 2\n"
+                "    traceback.print_stack(limit=2)\n    raise RuntimeError(f'after {y}')\n\n\n"
+                "if __name__ == '__main__':\n    g(3)\n")
+    spec = os.path.join(shared_dir, "frames.toml")
+    with open(spec, "w") as f:
+        f.write("[compartments.calc]\n")
+    run = subprocess.run([sys.executable, "-m", "pycompart", "run", spec, "--", prog],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert run.stderr.count(f'File "{prog}", line 13, in <module>') == 2, run.stderr
+    assert f'File "{prog}", line 8, in g\n    traceback.print_stack(limit=2)' in run.stderr
+    assert f'File "{prog}", line 9, in g\n    raise RuntimeError' in run.stderr
+    from pycompart.frontend import segments
+
+    assert segments.cache_root() not in run.stderr
+
+
 def test_pycompart_run_refuses_a_program_it_cannot_rewrite(shared_dir):
     prog = os.path.join(shared_dir, "bad.py")
     with open(prog, "w") as f:

@@ -1087,3 +1087,27 @@ def test_an_interrupt_while_serving_a_callback_leaves_the_channel_usable(make_ap
     finally:
         del sys.modules["boxlib"]
         app.stop()
+
+
+def test_importing_a_placed_module_without_the_hook_says_it_runs_unboxed(make_app, tmp_path, monkeypatch):
+    """The spec reads as if the module were boxed; without the import hook
+    ``import`` runs it in main. Said once, and only while the app runs."""
+    (tmp_path / "unhooked_mod.py").write_text("VALUE = 1\n")
+    (tmp_path / "unhooked_mod2.py").write_text("VALUE = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    app = make_app({"compartments": {"box": {"modules": ["unhooked_mod", "unhooked_mod2"]}}})
+    app.start(lazy=True)
+    try:
+        with pytest.warns(RuntimeWarning, match="'unhooked_mod' is placed in compartment 'box', but this "
+                          "app was started without the import hook"):
+            import unhooked_mod  # noqa: F401
+        assert unhooked_mod.VALUE == 1 and not isinstance(unhooked_mod, ModuleProxy)
+    finally:
+        app.stop()
+        sys.modules.pop("unhooked_mod", None)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        import unhooked_mod2  # noqa: F401  (the app is stopped: nothing to say)
+    sys.modules.pop("unhooked_mod2", None)

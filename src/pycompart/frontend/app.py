@@ -40,7 +40,7 @@ from ..wire.contract import Contract, function_key
 from ..wire.exceptions import describe_exception, rebuild_exception
 from ..wire.protocol import Err, close_fds
 from .callbacks import CallbackGate
-from .importhook import CompartmentFinder
+from .importhook import CompartmentFinder, UnboxedImportWarner
 from .proxy import Compartment
 
 P = ParamSpec("P")
@@ -227,7 +227,7 @@ class App:
             runtime.start(lazy, confine_main, warm)
             self._runtime = runtime
             if import_hook:
-                finder = CompartmentFinder(runtime)
+                finder: CompartmentFinder | UnboxedImportWarner = CompartmentFinder(runtime)
                 try:
                     finder.install()
                 except BaseException:
@@ -235,6 +235,9 @@ class App:
                     runtime.stop()
                     raise
                 runtime.finder = finder
+            elif any(comp.spec.modules for comp in runtime.compartments.values()):
+                runtime.finder = finder = UnboxedImportWarner(runtime)
+                finder.install()
 
     def stop(self) -> None:
         with self._lock:

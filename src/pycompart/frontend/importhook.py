@@ -80,6 +80,39 @@ class CompartmentFinder:
         return None
 
 
+class UnboxedImportWarner:
+    """On ``sys.meta_path`` while an app runs *without* the import hook:
+    importing a module its spec places in a compartment then runs that
+    module in main, unconfined. Nothing stops it (a program may mean it),
+    but it is said once per module: the spec reads as if it were boxed."""
+
+    def __init__(self, runtime: Any):
+        self.modules = CompartmentFinder(runtime).modules
+        self.warned: set[str] = set()
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+        top = next((m for m in self.modules if fullname == m or fullname.startswith(m + ".")), None)
+        if top is not None and top not in self.warned:
+            import warnings
+
+            self.warned.add(top)
+            comp = self.modules[top]
+            warnings.warn(f"{fullname!r} is placed in compartment {comp!r}, but this app was started "
+                          "without the import hook: this import runs it in main, unconfined (start "
+                          f"it with App.start(import_hook=True), or use app.compartment({comp!r})"
+                          f".module({top!r}))", RuntimeWarning, stacklevel=2)
+        return None
+
+    def install(self) -> None:
+        sys.meta_path.insert(0, self)
+
+    def uninstall(self) -> None:
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            pass
+
+
 def _is_proxy(module: Any) -> bool:
     return getattr(type(module), "__pycompart_proxy__", False) is True
 

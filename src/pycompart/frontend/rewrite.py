@@ -84,6 +84,9 @@ class Result:
     #: ``@pycompart.entrypoint`` functions: (compartment, function name, line).
     entrypoints: list[tuple[str, str, int]]
     problems: list[Problem]
+    #: For each line of ``source``, the line of the original it stands for
+    #: (a segment's call: its ``with``), or 0 for generated code.
+    line_map: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def compartments(self) -> list[str]:
@@ -682,6 +685,7 @@ def rewrite(source: str, filename: str = "<program>", original: str | None = Non
     lines = list(finder.lines)
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += "\n"
+    origins = list(range(1, len(lines) + 1))
     origin = original or filename
     # Replace each block by its call, last first (line numbers stay valid).
     for seg in sorted(segments, key=lambda s: s.line, reverse=True):
@@ -697,6 +701,7 @@ def rewrite(source: str, filename: str = "<program>", original: str | None = Non
         else:
             text = [f"{seg.indent}{call}{note}\n"]
         lines[seg.line - 1:seg.end_line] = text
+        origins[seg.line - 1:seg.end_line] = [seg.line] * len(text)
     # The decorators of entrypoints go to the app.
     for comp, name, line in finder.entrypoints:
         fn = next(n for n in finder.tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
@@ -715,6 +720,7 @@ def rewrite(source: str, filename: str = "<program>", original: str | None = Non
         generated += piece
         line += piece.count("\n")
     result.source = "".join(head) + generated + "".join(rest)
+    result.line_map = origins[:at] + [0] * generated.count("\n") + origins[at:]
     return result
 
 

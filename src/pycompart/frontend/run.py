@@ -68,9 +68,11 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
     module_hook = segments.ModuleRewriter(app)
     sys.meta_path.insert(0, module_hook)
     shown = script  # the program's __file__ (its rewritten copy runs in its place)
+    line_map = None
     if rewritten is not None:
         with open(rewritten, "rb") as f:
             script, source = rewritten, f.read()
+        line_map = segments.original_lines(rewritten, source.count(b"\n"))
     interrupted = False
     code: int = 0
     try:
@@ -81,7 +83,7 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
             else:
                 runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
-            _run_script(script, source, shown)
+            _run_script(script, source, shown, line_map)
     except SystemExit as exc:
         code = _exit_code(exc.code)
     except KeyboardInterrupt:
@@ -108,14 +110,20 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
     return code
 
 
-def _run_script(path: str, source: bytes, shown: str | None = None) -> None:
+def _run_script(path: str, source: bytes, shown: str | None = None,
+                line_map: list[int] | None = None) -> None:
     """What ``python path`` does: the script's code in a fresh ``__main__``
     (runpy.run_path would rewrite ``sys.argv[0]``). ``shown``: its
-    ``__file__``, if not ``path`` (a rewritten program runs as the original)."""
+    ``__file__``, if not ``path`` (a rewritten program runs as the original);
+    ``line_map``: the original's line for each of ``path``'s, so that its
+    frames in a traceback point to the program as written."""
     import builtins
     import importlib.machinery
 
-    code = compile(source, path, "exec", dont_inherit=True)
+    if line_map and shown:
+        code = compile(_relocated(source, shown, line_map), shown, "exec", dont_inherit=True)
+    else:
+        code = compile(source, path, "exec", dont_inherit=True)
     module = types.ModuleType("__main__")
     module.__file__ = shown or path
     module.__builtins__ = builtins  # type: ignore[attr-defined]
@@ -128,6 +136,25 @@ def _run_script(path: str, source: bytes, shown: str | None = None) -> None:
     finally:
         if saved is not None:
             sys.modules["__main__"] = saved
+
+
+def _relocated(source: bytes, filename: str, line_map: list[int]) -> Any:
+    """``source`` parsed, its code's lines moved to the original's (the
+    generated code, mapped to 0, moves its own: ``segments.origin``)."""
+    import ast
+
+    tree = ast.parse(source, filename)
+    count = len(line_map)
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", None)
+        if line is None or not 0 < line <= count or not line_map[line - 1]:
+            continue
+        node.lineno = line_map[line - 1]
+        end = getattr(node, "end_lineno", None)
+        if end is not None:
+            mapped = line_map[end - 1] if 0 < end <= count else 0
+            node.end_lineno = max(node.lineno, mapped)
+    return tree
 
 
 def _exit_code(code: Any) -> int:

@@ -346,7 +346,7 @@ def prepare_run(script: str, spec: Any) -> tuple[str | None, Any]:
                                        for key in keys])
     except PycompartError as exc:
         raise RewriteFailed(f"{script}: {exc}") from None
-    target = _cached(script, data, result.source)
+    target = _cached(script, data, result.source, result.line_map)
     return target, spec
 
 
@@ -367,9 +367,10 @@ def with_entrypoints(spec: Any, keys: list[tuple[str, str]]) -> Any:
     return dataclasses.replace(spec, compartments=compartments)
 
 
-def _cached(script: str, data: bytes, source: str) -> str:
+def _cached(script: str, data: bytes, source: str, line_map: list[int] | None = None) -> str:
     """Where the rewritten text of ``script`` is kept (by content; readable
-    by the instances' uids, as the program's own directory is)."""
+    by the instances' uids, as the program's own directory is), and beside
+    it (``LINES``) the original line each of its lines stands for."""
     import hashlib
 
     from .._version import __version__
@@ -382,6 +383,10 @@ def _cached(script: str, data: bytes, source: str) -> str:
     try:
         st = os.lstat(target)
     except FileNotFoundError:
+        if line_map:
+            import json
+
+            files.write_own_file(target + LINES, json.dumps(line_map).encode())
         files.write_own_file(target, source.encode("utf-8"))
         return target
     if not stat.S_ISREG(st.st_mode) or not files.owned(st):
@@ -390,6 +395,26 @@ def _cached(script: str, data: bytes, source: str) -> str:
     return target
 
 
+
+
+#: The suffix of the file beside a cached rewritten program that maps its
+#: lines to the original's (``original_lines``).
+LINES = ".lines.json"
+
+
+def original_lines(rewritten: str, count: int) -> list[int] | None:
+    """The line map ``_cached`` wrote beside ``rewritten`` (``count``
+    lines), or None if there is none that fits."""
+    import json
+
+    try:
+        with open(rewritten + LINES, "rb") as f:
+            found = json.loads(f.read(16 << 20))
+    except (OSError, ValueError):
+        return None
+    if type(found) is not list or len(found) != count or not all(type(n) is int and n >= 0 for n in found):
+        return None
+    return found
 
 
 def _own_dir(path: str) -> str:
