@@ -50,10 +50,7 @@ class CompartmentFinder:
         sys.meta_path.insert(0, self)
 
     def uninstall(self) -> None:
-        try:
-            sys.meta_path.remove(self)
-        except ValueError:
-            pass
+        _leave_meta_path(self)
         for name in [n for n, m in sys.modules.items() if _is_proxy(m)]:
             del sys.modules[name]
 
@@ -107,10 +104,14 @@ class UnboxedImportWarner:
         sys.meta_path.insert(0, self)
 
     def uninstall(self) -> None:
-        try:
-            sys.meta_path.remove(self)
-        except ValueError:
-            pass
+        _leave_meta_path(self)
+
+
+def _leave_meta_path(finder: Any) -> None:
+    try:
+        sys.meta_path.remove(finder)
+    except ValueError:
+        pass
 
 
 def _is_proxy(module: Any) -> bool:
