@@ -206,20 +206,27 @@ def test_pycompart_run_rewrites_an_annotated_program_on_the_fly(shared_dir):
     assert missing.returncode == 1 and "compartment 'Sum', which" in missing.stderr
 
 
+def _run_program(where, name, spec_text, source):
+    """``pycompart run`` of the program ``source`` (written as ``name``)
+    with a spec of ``spec_text``: its path and the finished process."""
+    prog = os.path.join(where, name)
+    with open(prog, "w") as f:
+        f.write(source)
+    spec = os.path.join(where, os.path.splitext(name)[0] + ".toml")
+    with open(spec, "w") as f:
+        f.write(spec_text)
+    return prog, subprocess.run([sys.executable, "-m", "pycompart", "run", spec, "--", prog],
+                                capture_output=True, text=True, timeout=60)
+
+
 def test_main_frames_of_a_rewritten_program_point_to_the_program_as_written(shared_dir):
     """Not to the rewritten copy in the cache, nor its lines: main's own
     code around and after a segment, and the segment's call."""
-    prog = os.path.join(shared_dir, "frames.py")
-    with open(prog, "w") as f:
-        f.write("import traceback\nimport pycompart\n\n\ndef g(x):\n"
-                "    with pycompart.segment('calc'):\n        y = x * 2\n"
-                "    traceback.print_stack(limit=2)\n    raise RuntimeError(f'after {y}')\n\n\n"
-                "if __name__ == '__main__':\n    g(3)\n")
-    spec = os.path.join(shared_dir, "frames.toml")
-    with open(spec, "w") as f:
-        f.write("[compartments.calc]\n")
-    run = subprocess.run([sys.executable, "-m", "pycompart", "run", spec, "--", prog],
-                         capture_output=True, text=True, timeout=60)
+    prog, run = _run_program(shared_dir, "frames.py", "[compartments.calc]\n",
+                             "import traceback\nimport pycompart\n\n\ndef g(x):\n"
+                             "    with pycompart.segment('calc'):\n        y = x * 2\n"
+                             "    traceback.print_stack(limit=2)\n    raise RuntimeError(f'after {y}')\n\n\n"
+                             "if __name__ == '__main__':\n    g(3)\n")
     assert run.returncode == 1
     assert run.stderr.count(f'File "{prog}", line 13, in <module>') == 2, run.stderr
     assert f'File "{prog}", line 8, in g\n    traceback.print_stack(limit=2)' in run.stderr
@@ -230,14 +237,8 @@ def test_main_frames_of_a_rewritten_program_point_to_the_program_as_written(shar
 
 
 def test_pycompart_run_refuses_a_program_it_cannot_rewrite(shared_dir):
-    prog = os.path.join(shared_dir, "bad.py")
-    with open(prog, "w") as f:
-        f.write("import pycompart\ndef f():\n    with pycompart.segment('P'):\n        return 1\n")
-    spec = os.path.join(shared_dir, "app.toml")
-    with open(spec, "w") as f:
-        f.write("[compartments.P]\n")
-    run = subprocess.run([sys.executable, "-m", "pycompart", "run", spec, "--", prog],
-                         capture_output=True, text=True, timeout=60)
+    prog, run = _run_program(shared_dir, "bad.py", "[compartments.P]\n",
+                             "import pycompart\ndef f():\n    with pycompart.segment('P'):\n        return 1\n")
     assert run.returncode == 1
     assert f"{prog}:4: 'return' inside a segment of 'P' would leave the block" in run.stderr
 

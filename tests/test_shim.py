@@ -1111,3 +1111,22 @@ def test_importing_a_placed_module_without_the_hook_says_it_runs_unboxed(make_ap
         warnings.simplefilter("error")
         import unhooked_mod2  # noqa: F401  (the app is stopped: nothing to say)
     sys.modules.pop("unhooked_mod2", None)
+
+
+def test_a_call_timed_out_during_its_callback_is_cancelled_once(make_app, monkeypatch):
+    from pycompart.errors import CallTimeout
+    from pycompart.transport.channel import Channel
+
+    app = box_app(make_app, call_timeout="0.5s")
+    app.start(import_hook=True)
+    import boxlib
+    try:
+        cancels = []
+        cancel = Channel.cancel
+        monkeypatch.setattr(Channel, "cancel", lambda self, rid: (cancels.append(rid), cancel(self, rid)))
+        with pytest.raises(CallTimeout):
+            boxlib.call_each(lambda i: time.sleep(1.0), 1)
+        assert len(cancels) == 1, cancels
+    finally:
+        del sys.modules["boxlib"]
+        app.stop()

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..errors import EntrypointError
 from ..wire import protocols, refs
-from ..wire.exceptions import ALLOWED_EXCEPTIONS, plain, rebuild_exception
+from ..wire.exceptions import ALLOWED_EXCEPTIONS, plain, raised_by_runpy, rebuild_exception
 from ..wire.protocol import ErrorInfo, close_fds
 from ..wire.refs import exposed
 
@@ -253,11 +253,12 @@ class ObjectServer:
         mod = importlib.import_module(module)
         return [mod, hasattr(mod, "__path__")]
 
-    def op_run_main(self, module: Any, argv: Any) -> None:
+    def op_run_main(self, module: Any, argv: Any) -> list[Any]:
         """``python -m module ARGS`` here: ``pycompart run SPEC -m module``
         of a placed module (a package's ``__main__``) runs its code in this
-        compartment, as ``__main__``, with main's arguments; its exit
-        status goes back as ``SystemExit``."""
+        compartment, as ``__main__``, with main's arguments. Returns
+        ``["exit", code]`` (``SystemExit``'s code, None if it just ended),
+        or ``["not-runnable", message]`` if runpy found nothing to run."""
         if type(module) is not str or not self.placed(module):
             raise ModuleNotFoundError(f"module {module!r} is not placed in compartment "
                                       f"{self.compartment!r}")
@@ -269,8 +270,16 @@ class ObjectServer:
         sys.argv = [module, *argv]
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            code = exc.code
+            return ["exit", code if code is None or type(code) in (int, str) else str(code)]
+        except ImportError as exc:
+            if not raised_by_runpy(exc):
+                raise
+            return ["not-runnable", str(exc)]
         finally:
             sys.argv = saved
+        return ["exit", None]
 
     def op_getattr(self, target: Any, name: Any) -> Any:
         self._check_target(target)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 from .._version import __version__
 from ..errors import PrivilegeError, SpecError
@@ -185,33 +184,32 @@ def unfound_modules(spec: AppSpec, path: list[str]) -> list[str]:
     that nothing on ``path`` provides: most likely a typo. Found by the
     import system's finders without importing anything (a package's
     submodules are looked for in its folders, not by importing it)."""
-    import importlib.machinery
-    import importlib.util
-
     out = []
     for comp in spec.compartments.values():
         names = dict.fromkeys([*comp.modules, *(f.partition(":")[0] for f in comp.functions)])
         for name in names:
-            if not _findable(name, path, importlib.machinery, importlib.util):
+            if not _findable(name, path):
                 out.append(f"compartment {comp.name!r}: module {name!r} is not found (searched the spec's "
                            "folder, the current one and this interpreter's sys.path); the program must "
                            "be able to import it")
     return out
 
 
-def _findable(name: str, path: list[str], machinery: Any, util: Any) -> bool:
+def _findable(name: str, path: list[str]) -> bool:
+    from importlib.machinery import PathFinder
+    from importlib.util import find_spec
+
     parts = name.split(".")
-    found = machinery.PathFinder.find_spec(parts[0], path)
+    found = PathFinder.find_spec(parts[0], path)
     if found is None:
         try:  # built in, frozen, or provided by a finder on sys.meta_path (an editable install)
-            found = util.find_spec(parts[0])
+            found = find_spec(parts[0])
         except (ImportError, ValueError):
             return False
     for i in range(1, len(parts)):
         if found is None or not found.submodule_search_locations:
             return False
-        found = machinery.PathFinder.find_spec(".".join(parts[:i + 1]),
-                                               list(found.submodule_search_locations))
+        found = PathFinder.find_spec(".".join(parts[:i + 1]), list(found.submodule_search_locations))
     return found is not None
 
 

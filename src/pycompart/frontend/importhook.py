@@ -54,11 +54,13 @@ class CompartmentFinder:
         for name in [n for n, m in sys.modules.items() if _is_proxy(m)]:
             del sys.modules[name]
 
+    def placed_module(self, fullname: str) -> str | None:
+        """The placed module ``fullname`` is (or is a submodule of), if any."""
+        return next((m for m in self.modules if fullname == m or fullname.startswith(m + ".")), None)
+
     def compartment_of(self, fullname: str) -> str | None:
-        for module, comp in self.modules.items():
-            if fullname == module or fullname.startswith(module + "."):
-                return comp
-        return None
+        module = self.placed_module(fullname)
+        return None if module is None else self.modules[module]
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         comp = self.compartment_of(fullname)
@@ -84,16 +86,16 @@ class UnboxedImportWarner:
     but it is said once per module: the spec reads as if it were boxed."""
 
     def __init__(self, runtime: Any):
-        self.modules = CompartmentFinder(runtime).modules
+        self.placed = CompartmentFinder(runtime)
         self.warned: set[str] = set()
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
-        top = next((m for m in self.modules if fullname == m or fullname.startswith(m + ".")), None)
+        top = self.placed.placed_module(fullname)
         if top is not None and top not in self.warned:
             import warnings
 
             self.warned.add(top)
-            comp = self.modules[top]
+            comp = self.placed.modules[top]
             warnings.warn(f"{fullname!r} is placed in compartment {comp!r}, but this app was started "
                           "without the import hook: this import runs it in main, unconfined (start "
                           f"it with App.start(import_hook=True), or use app.compartment({comp!r})"

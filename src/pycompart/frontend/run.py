@@ -18,6 +18,7 @@ import types
 from typing import Any
 
 from ..policy.spec import load_spec_file
+from ..wire.exceptions import is_runpy, raised_by_runpy
 from .app import App
 
 
@@ -192,20 +193,14 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.
 
 
 def _is_ours(filename: str) -> bool:
-    return _is_runpy(filename) or os.path.abspath(filename).startswith(_PACKAGE_DIR)
-
-
-def _is_runpy(filename: str) -> bool:
-    # (Frozen in 3.11: its frames name no file.)
-    return filename == "<frozen runpy>" or os.path.abspath(filename) == os.path.abspath(runpy.__file__)
+    return is_runpy(filename) or os.path.abspath(filename).startswith(_PACKAGE_DIR)
 
 
 def _placed_in(app: Any, module: str) -> Any:
     """The module compartment ``module`` is placed in, if any."""
     from .proxy import places
 
-    runtime = app._runtime
-    for name, comp in runtime.compartments.items():
+    for comp in app._runtime.compartments.values():
         if places(comp.spec, module):
             return comp
     return None
@@ -214,26 +209,17 @@ def _placed_in(app: Any, module: str) -> Any:
 def _run_boxed_module(comp: Any, module: str, argv: list[str]) -> None:
     """``-m`` of a boxed module: it runs as ``__main__`` in its compartment
     (its code never runs in main); what it exits with is the program's."""
-    from ..errors import RemoteError
+    from ..errors import ProtocolError
 
-    try:
-        comp.call(None, "@runmain", [module, list(argv)])
-    except ImportError as exc:
-        frames = [line for line in getattr(exc, "remote_traceback", "").splitlines()
-                  if line.lstrip().startswith('File "')]
-        if frames and all(_is_runpy(line.split('"')[1]) for line in frames):
-            raise _NotRunnable(str(exc)) from None  # (the module never ran: one line, as python says)
-        raise
-    except RemoteError as exc:
-        if exc.type_name != "SystemExit":
-            raise
-        text = exc.message
-        if not text:
-            raise SystemExit(None) from None
-        try:
-            raise SystemExit(int(text)) from None
-        except ValueError:
-            raise SystemExit(text) from None
+    outcome = comp.call(None, "@runmain", [module, list(argv)])
+    if type(outcome) is not list or len(outcome) != 2 or outcome[0] not in ("exit", "not-runnable") \
+            or not (outcome[1] is None or type(outcome[1]) in (int, str)):
+        raise ProtocolError(f"compartment {comp.name!r}: a malformed outcome of -m {module}")
+    kind, value = outcome
+    if kind == "not-runnable":
+        raise _NotRunnable(str(value))  # (the module never ran: one line, as python says)
+    if value is not None:
+        raise SystemExit(value)
 
 
 class _NotRunnable(ImportError):
@@ -241,14 +227,9 @@ class _NotRunnable(ImportError):
 
 
 def _raised_by_runpy(exc: BaseException) -> bool:
-    """Whether runpy itself raised ``exc`` (the module to run was not
-    found), not the module's own code while it ran."""
-    if isinstance(exc, _NotRunnable):
-        return True
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and _is_runpy(tb.tb_frame.f_code.co_filename)
+    """Whether runpy raised ``exc``, here or in the compartment of a boxed
+    module (the module to run was not found)."""
+    return isinstance(exc, _NotRunnable) or raised_by_runpy(exc)
 
 
 def _flush() -> None:

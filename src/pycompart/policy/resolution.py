@@ -222,8 +222,7 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
     if need(host.landlock_scopes, f"signal and abstract-socket isolation (Landlock scopes, ABI 6; "
                                   f"this kernel has {host.landlock_abi})"):
         lock.scopes = True
-    profile_known = p.syscalls in seccomp.PROFILES
-    if not profile_known:
+    if p.syscalls not in seccomp.PROFILES:
         wrong.append(f"compartment {comp.name!r}: privileges.syscalls: unknown profile {p.syscalls!r}"
                      f"{_did_you_mean(p.syscalls, seccomp.PROFILES)} (known: {', '.join(seccomp.PROFILES)})")
     for key, names in (("allow", p.syscalls_allow), ("deny", p.syscalls_deny), ("kill", p.syscalls_kill)):

@@ -215,7 +215,6 @@ class _Waiter:
 
 
 _DRAIN = _Waiter()  # a waiter that is never done: read what is there, then stop
-_NO_WAITER = _Waiter()  # (``_serve_nested_then_lead``: the channel failed)
 _REFUSE = CallServer()
 
 
@@ -519,11 +518,9 @@ class Channel:
                 if event is None and self._leader_nested and self._leader_reply is None \
                         and self.failure is None:
                     # Calls nested in ours (callbacks) came first.
-                    waiter = self._serve_nested_then_lead(rid, deadline)
+                    waiter = self._serve_nested_then_lead(rid, entrypoint, deadline)
                     if waiter is None:
                         continue  # leading for ourselves again
-                    if waiter is _NO_WAITER:
-                        return self._finish_leading_without_reply(rid, entrypoint)
                     return self._await(rid, entrypoint, waiter, deadline)
                 if event is not None:
                     if event.__class__ is Ok:  # our plain reply, not yet taken
@@ -552,16 +549,16 @@ class Channel:
             if not left:
                 self._leave()
 
-    def _serve_nested_then_lead(self, rid: int, deadline: float | None) -> _Waiter | None:
+    def _serve_nested_then_lead(self, rid: int, entrypoint: str, deadline: float | None) -> _Waiter | None:
         """``_exchange``'s leader got calls nested in its own before its
         reply. It stops leading, so that another thread may read while
         they run (a callback may take long), runs them, and leads for
         itself again if nobody else took the reading or waits meanwhile:
         None. Otherwise (or past ``deadline``) it is a follower: the waiter
-        to ``_await`` on (``_NO_WAITER``: the channel failed meanwhile)."""
+        to ``_await`` on."""
         _, waiter = self._release_leadership(rid)
-        if waiter is None:
-            return _NO_WAITER
+        if waiter is None:  # the channel failed meanwhile
+            self._finish_leading_without_reply(rid, entrypoint)  # (raises)
         mu = self._mu
         try:
             while True:
@@ -571,11 +568,7 @@ class Channel:
                         break
                     waiter.nested = []
                     waiter.busy = True
-                try:
-                    for call in nested:
-                        self.serve_nested(call, deadline)
-                finally:
-                    waiter.busy = False
+                self._run_nested(waiter, nested, deadline)
                 if deadline is not None and time.monotonic() >= deadline:
                     return waiter  # (``_await`` gives up, refusing what else comes)
         except BaseException:
@@ -590,6 +583,14 @@ class Channel:
             self._leader_rid = rid
             self._leader_reply = None
         return None
+
+    def _run_nested(self, waiter: _Waiter, nested: list[Call], deadline: float | None) -> None:
+        """Run the calls nested in ``waiter``'s that it took (``busy`` since)."""
+        try:
+            for call in nested:
+                self.serve_nested(call, deadline)
+        finally:
+            waiter.busy = False
 
     def _stop_leading(self, rid: int, exc: BaseException) -> None:
         if self._leader and self._leader_rid == rid:  # we are the one who reads
@@ -715,13 +716,15 @@ class Channel:
         runs them (the peer would wait for ever), and cancel the call, as a
         timeout does. What was queued for it is refused."""
         with self._mu:
-            if self._waiters.get(rid) is waiter:
+            # (Not registered any more: its reply came, or a timeout gave
+            # it up and cancelled it already.)
+            registered = self._waiters.get(rid) is waiter
+            if registered:
                 del self._waiters[rid]
             orphans, waiter.nested = waiter.nested, []
-            done = waiter.done
         for call in orphans:
             self.refuse(call, "the call this one is nested in was interrupted")
-        if not done and self.failure is None:
+        if registered and self.failure is None:
             self.cancel(rid)
 
     def _await_loop(self, rid: int, entrypoint: str, waiter: _Waiter, deadline: float | None) -> Ok | Err:
@@ -738,11 +741,7 @@ class Channel:
                     self._leader = True
                     self._leader_rid = 0
             if nested:
-                try:
-                    for call in nested:
-                        self.serve_nested(call, deadline)
-                finally:
-                    waiter.busy = False  # back in the loop, it leads if nobody does
+                self._run_nested(waiter, nested, deadline)  # back in the loop, it leads if nobody does
                 # Checked here too, not only before waiting for data: a peer
                 # that keeps a buffer of nested calls queued would otherwise
                 # delay the timeout until that buffer ran out. Its later

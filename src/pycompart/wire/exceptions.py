@@ -270,6 +270,25 @@ def _kin_class(info: ErrorInfo) -> type[RemoteError] | None:
     return cls
 
 
+def is_runpy(filename: str) -> bool:
+    """Whether ``filename`` is runpy's own (frozen in 3.11: its frames name
+    no file)."""
+    if filename == "<frozen runpy>":
+        return True
+    import runpy
+
+    return os.path.abspath(filename) == os.path.abspath(runpy.__file__)
+
+
+def raised_by_runpy(exc: BaseException) -> bool:
+    """Whether runpy itself raised ``exc`` (the module to run was not
+    found), not the module's own code while it ran."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and is_runpy(tb.tb_frame.f_code.co_filename)
+
+
 def attach_traceback(exc: BaseException, info: ErrorInfo, where: str) -> None:
     """The far side's traceback, as the ``__cause__`` of the exception
     raised here (so both sides show), unless it was raised ``from None``

@@ -94,10 +94,11 @@ MAX_TYPES = 4096
 MAX_DEFERRED = 100_000
 
 _SCALARS = frozenset({str, float, bool, type(None), bytes})
+_KEY_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 #: The types ``Peer.to_wire`` found that only ``reference`` or ``export``
 #: encode, whatever the value (``_only_by_reference``): the next value of
 #: one goes there without the other checks. Bounded (it holds the types).
-_BY_REFERENCE: dict[type, bool] = {}
+_BY_REFERENCE: set[type] = set()
 MAX_BY_REFERENCE = 4096
 
 
@@ -107,7 +108,7 @@ def _only_by_reference(tp: type) -> bool:
     lines; this rules out those decided by the value too."""
     return not (tp is type or tp is type(END) or issubclass(tp, (types.ModuleType, socket.socket, io.IOBase))
                 or tp is Fd or tp is Handover or _std_encoder(tp) is not None)
-_KEY_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
+
 _encoder = msgspec.msgpack.Encoder()
 _nesting = threading.local()
 _BUILTINS_DICT = builtins.__dict__
@@ -624,7 +625,7 @@ class Peer:
             if ext is not None:
                 return ext
         if len(_BY_REFERENCE) < MAX_BY_REFERENCE and _only_by_reference(tp):
-            _BY_REFERENCE[tp] = True
+            _BY_REFERENCE.add(tp)
         ext = self._reference(self, value)
         if ext is not None:
             return ext
