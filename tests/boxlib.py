@@ -4,6 +4,7 @@ test process itself: it reaches the tests through the import hook."""
 import os
 import sys
 import threading
+import time
 
 VERSION = "1.2"
 TABLE = {"a": [1, 2, (3, 4)], (1, 2): {5}}
@@ -628,13 +629,14 @@ def what_python_says(obj):
     return type(obj).__name__, type(obj).__qualname__, message
 
 
-def call_each(fn, n):
+def call_each(fn, n, pause=0.0):
     """Call main's fn n times, going on past the Exceptions it raises (not
-    past other BaseExceptions, as unboxed)."""
+    past other BaseExceptions, as unboxed); ``pause`` seconds after each."""
     out = []
     for i in range(n):
         try:
             out.append(fn(i))
         except Exception as exc:
             out.append(type(exc).__name__)
+        time.sleep(pause)
     return out
