@@ -144,6 +144,11 @@ CASES = [
          "denied:EBADF" if MODULES else "denied:ENOSYS",
          _p(user="root", capabilities=["CAP_SYS_MODULE"], syscalls={"allow": ["finit_module"]}),
          only="root"),
+    # Every set empty, the bounding set too (what an execve could give
+    # back): it must be emptied before the uid drop ends CAP_SETPCAP.
+    Case("capability sets", "capability_sets", "", "ok:caps none"),
+    Case("capability sets, CAP_SYS_MODULE kept", "capability_sets", "", "ok:caps CapPrm=10000 CapEff=10000",
+         _p(user="root", capabilities=["CAP_SYS_MODULE"]), only="root"),
     Case("mount", "mount_tmpfs", "{outside}", "killed:SIGSYS"),
     Case("mount as root with CAP_SYS_ADMIN, syscall allowed", "mount_tmpfs", "{outside}", "denied:EPERM",
          _p(user="root", capabilities=["CAP_SYS_ADMIN"], syscalls={"allow": ["mount"]},

@@ -294,6 +294,18 @@ def prctl_option(arg: str) -> str:
     return f"prctl {option} set"
 
 
+def capability_sets(_: str) -> str:
+    """The capability sets this process holds, as /proc/self/status shows
+    them: each one not empty, or "none"."""
+    held = []
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb") and int(value, 16):
+                held.append(f"{name}={int(value, 16):x}")
+    return "caps " + (" ".join(held) or "none")
+
+
 def make_symlink(arg: str) -> str:
     """``directory:target``: plant a link to ``target`` in ``directory``."""
     directory, target = arg.split(":", 1)
@@ -348,7 +360,7 @@ ATTACKS = {fn.__name__: fn for fn in (
     fork_bomb, memory_bomb, cpu_spin, load_module, mount_tmpfs, start_thread,
     chmod_path, fchmod_open, utime_path, setxattr_path, create_and_chmod, flock_file, posix_lock,
     lease_file, dnotify_dir, shrink_pipe, prctl_option, make_symlink, make_fifo, thread_bomb, my_uid,
-    cmdline_names)}
+    cmdline_names, capability_sets)}
 
 
 def attempt(attack: str, arg: str) -> str:

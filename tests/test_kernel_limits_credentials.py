@@ -120,6 +120,19 @@ def test_capabilities_are_emptied():
         assert bnd == "0"
 
 
+@pytest.mark.skipif(not ROOT, reason="dropping uid needs root")
+def test_the_bounding_set_is_emptied_before_the_uid_drop_ends_cap_setpcap():
+    def lock_down(first: bool):
+        if first:
+            credentials.drop_bounding_set()
+        credentials.drop_to(NOBODY, NOBODY)
+        credentials.clear_capabilities()  # (too late for the bounding set)
+        return str(credentials.bounding_capabilities())
+
+    assert in_child(lambda: lock_down(True)) == ("ok", "0")
+    assert in_child(lambda: lock_down(False))[1] != "0"  # what the order is for
+
+
 def test_no_new_privs_and_not_dumpable():
     def lock():
         credentials.no_new_privs()

@@ -10,7 +10,8 @@ after process hygiene and before any import of the compartment's code:
    not traverse were opened just before);
 2. namespaces (network, IPC; as non-root inside a user namespace);
 3. resource limits;
-4. drop supplementary groups, gid and uid; empty the capability sets
+4. empty the capability bounding set (while CAP_SETPCAP is still held);
+   drop supplementary groups, gid and uid; empty the other capability sets
    (except what the spec keeps); re-arm the parent-death signal, which the
    kernel clears on a credential change;
 5. NO_NEW_PRIVS (no setuid binary or file capability can undo 4);
@@ -148,6 +149,9 @@ def apply(lock: Lockdown) -> None:
     _limits_applied.update(lock.limits)
     # 4. credentials
     parent = os.getppid()
+    if lock.drop_capabilities:
+        with _step("capabilities (bounding set)"):
+            credentials.drop_bounding_set(frozenset(lock.keep_capabilities))  # (before the uid drop ends CAP_SETPCAP)
     if lock.uid is not None and lock.gid is not None:
         with _step(f"user/group (uid {lock.uid}, gid {lock.gid})"):
             credentials.drop_to(lock.uid, lock.gid, keep_capabilities=bool(lock.keep_capabilities))

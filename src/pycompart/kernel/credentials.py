@@ -46,14 +46,6 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def last_capability() -> int:
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
-    except OSError:
-        return 40
-
-
 def resolve_user(user: str | int) -> tuple[int, int]:
     """(uid, primary gid) of a user name or number."""
     if isinstance(user, int):
@@ -86,16 +78,35 @@ def drop_to(uid: int, gid: int, keep_capabilities: bool = False) -> None:
         process.prctl(PR_SET_KEEPCAPS, 0)
 
 
-def clear_capabilities(keep: frozenset[int] = frozenset()) -> None:
-    """Empty the bounding and ambient sets and the permitted, effective and
-    inheritable sets, except the capabilities in ``keep`` (numbers)."""
-    for cap in range(last_capability() + 1):
-        if cap in keep:
-            continue
-        try:
+def drop_bounding_set(keep: frozenset[int] = frozenset()) -> None:
+    """Empty the bounding set (what an ``execve`` could ever give back),
+    except ``keep``. Shrinking it needs CAP_SETPCAP, which a uid change
+    takes away: so this comes before ``drop_to``. A process without
+    CAP_SETPCAP (unprivileged, outside a user namespace) holds no
+    capability for the set to bound, and NO_NEW_PRIVS stops it from
+    gaining one: it is left as it is. Where the drop can be made and does
+    not take, ``PermissionError``."""
+    status = _status_masks("CapBnd", "CapEff")
+    bounding, effective = status["CapBnd"], status["CapEff"]
+    if not bounding & ~_mask(keep) or not effective >> CAPABILITIES["CAP_SETPCAP"] & 1:
+        return
+    for cap in range(bounding.bit_length()):
+        if bounding >> cap & 1 and cap not in keep:
             process.prctl(PR_CAPBSET_DROP, cap)
-        except OSError:
-            pass  # without CAP_SETPCAP the bounding set cannot shrink; checked below
+    left = bounding_capabilities() & ~_mask(keep)
+    if left:
+        raise PermissionError(f"the bounding set kept capabilities {left:#x} after they were dropped")
+
+
+def _mask(caps: frozenset[int]) -> int:
+    return sum(1 << cap for cap in caps)
+
+
+def clear_capabilities(keep: frozenset[int] = frozenset()) -> None:
+    """Empty the ambient, permitted, effective and inheritable sets, and
+    the bounding set where that can still be done (``drop_bounding_set``),
+    except the capabilities in ``keep`` (numbers)."""
+    drop_bounding_set(keep)
     try:
         process.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     except OSError:
@@ -110,12 +121,19 @@ def clear_capabilities(keep: frozenset[int] = frozenset()) -> None:
         raise OSError(err, f"capset: {os.strerror(err)}")
 
 
-def _status_mask(field: str) -> int:
+def _status_masks(*fields: str) -> dict[str, int]:
+    """Capability masks from /proc/self/status (0 for a field not found)."""
+    out = dict.fromkeys(fields, 0)
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1], 16)
-    return 0
+            name, _, value = line.partition(":")
+            if name in out:
+                out[name] = int(value.split()[0], 16)
+    return out
+
+
+def _status_mask(field: str) -> int:
+    return _status_masks(field)[field]
 
 
 def effective_capabilities() -> int:

@@ -32,7 +32,7 @@ from typing import Any, Union
 
 import msgspec
 
-from ..kernel import namespaces, process
+from ..kernel import credentials, namespaces, process
 from ..transport.streams import SocketTransport
 from ..wire.config import InstanceConfig
 from ..wire.protocol import MessageReader, encode_frame
@@ -110,6 +110,10 @@ def main() -> None:
         os._exit(1)  # main died before we armed PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     isolated = _become_init()
+    # What an execve could give back, gone for every instance at once (each
+    # checks, and finds nothing left to drop): the zygote never executes a
+    # program, and keeps its own effective capabilities to lock instances down.
+    credentials.drop_bounding_set()
     # (No libseccomp here: instances load filters main compiled, with one
     # system call.)
     zygote = Zygote(control, isolated)
