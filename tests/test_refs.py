@@ -406,3 +406,57 @@ def test_the_by_type_shortcut_never_changes_how_a_value_crosses():
         assert tp not in refs._BY_REFERENCE
     assert Plain in refs._BY_REFERENCE and MyDict in refs._BY_REFERENCE
     assert peer.decode(peer.encode([refs.END, Ellipsis])) == [refs.END, Ellipsis]
+
+
+def test_a_plain_request_encodes_as_the_general_path_does():
+    """``call_plain`` skips ``to_wire``: only for arguments that it would
+    return unchanged, so both ways put the same bytes on the wire."""
+    import enum
+
+    from pycompart.frontend.proxy import PathFunction
+
+    comp, peer = main_peer()
+    fn = PathFunction(comp, "boxlib", "f")
+    for args in [(), (None, True, False, 0, -1, 2**64 - 1, -(2**63), 1.5, "s", b"b")]:
+        assert refs.plain(args)
+        general = peer.encode([fn, list(args), {}])
+        assert refs.encode_wire([comp.path_ext(fn.__pycompart_path__), list(args), {}]) == general
+
+    class Colour(enum.IntEnum):
+        RED = 1
+
+    class Name(str):
+        pass
+
+    for value in (2**64, -(2**63) - 1, Colour.RED, Name("n"), bytearray(b"b"), [1], (1,), {}, 1j, fn):
+        assert not refs.plain((1, value)), value
+
+
+def test_a_peer_keeps_the_paths_it_resolved_but_not_its_refusals():
+    """Each path is resolved once (a module-level call names its function
+    every time); a refused one is refused every time; the cache is bounded,
+    whatever names the other side makes up."""
+    import types
+
+    asked = []
+
+    def from_path(peer, module, qualname, kind, mro):
+        asked.append(qualname)
+        if qualname.startswith("secret"):
+            raise PermissionError(f"{qualname} is not the compartment's")
+        if qualname == "value":
+            return [1, 2]  # not a module, class or function: looked up each time
+        return types.FunctionType((lambda: None).__code__, {}, qualname)
+
+    peer = refs.Peer("box", lambda *a: None, lambda p, v: None, from_path)
+    payload = lambda q: enc.encode(refs.path_ext("mod", q, "function"))  # noqa: E731
+    first = peer.decode(payload("f"))
+    assert peer.decode(payload("f")) is first and asked == ["f"]
+    for _ in range(2):
+        with pytest.raises(PermissionError):
+            peer.decode(payload("secret"))
+        assert peer.decode(payload("value")) == [1, 2]
+    assert asked == ["f", "secret", "value", "secret", "value"]
+    for i in range(refs.MAX_PATHS + 100):
+        peer.decode(payload(f"g{i}"))
+    assert len(peer._paths) == refs.MAX_PATHS

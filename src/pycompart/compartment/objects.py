@@ -146,10 +146,13 @@ class ObjectServer:
                 return True
         return bool(qualname) and f"{module}:{qualname}" in self.functions
 
-    def check_name(self, name: Any, what: str) -> str:
+    def check_name(self, name: Any, what: str = "", target: Any = None) -> str:
+        """``name``, if the caller may use it on ``target`` (described as
+        ``what``, or by ``_describe`` only when refused)."""
         if type(name) is not str:
             raise TypeError("attribute names are strings")
         if not exposed(name, self.expose):
+            what = what or _describe(target)
             raise AttributeError(f"{what} does not expose {name!r} in compartment "
                                  f"{self.compartment!r} (private and dunder names need the "
                                  "spec's expose list)")
@@ -283,7 +286,7 @@ class ObjectServer:
 
     def op_getattr(self, target: Any, name: Any) -> Any:
         self._check_target(target)
-        self.check_name(name, _describe(target))
+        self.check_name(name, target=target)
         if not isinstance(target, (type, types.ModuleType)):
             static = inspect.getattr_static(target, name, None)
             if isinstance(static, types.FunctionType) and name not in _instance_dict(target):
@@ -302,7 +305,7 @@ class ObjectServer:
         if not self.allow_setattr:
             raise PermissionError(f"setting attributes in compartment {self.compartment!r} is not "
                                   "allowed (spec: allow_setattr)")
-        setattr(target, self.check_name(name, _describe(target)), value)
+        setattr(target, self.check_name(name, target=target), value)
 
     # -- main's subclasses of our classes (pycompart.frontend.subclass) ---------------------
 
@@ -448,7 +451,7 @@ class ObjectServer:
         self._check_target(twin)
         if not isinstance(cls, type) or not isinstance(twin, cls):
             raise TypeError("not a twin of that class")
-        self.check_name(name, _describe(cls))
+        self.check_name(name, target=cls)
         for klass in cls.__mro__:
             if name in klass.__dict__:
                 raw = klass.__dict__[name]
@@ -460,7 +463,7 @@ class ObjectServer:
         if not self.allow_setattr:
             raise PermissionError(f"deleting attributes in compartment {self.compartment!r} is not "
                                   "allowed (spec: allow_setattr)")
-        delattr(target, self.check_name(name, _describe(target)))
+        delattr(target, self.check_name(name, target=target))
 
     def op_call(self, target: Any, args: Any, kwargs: Any) -> Any:
         self._check_target(target)
@@ -472,7 +475,7 @@ class ObjectServer:
     def op_callmethod(self, target: Any, name: Any, args: Any, kwargs: Any) -> Any:
         self._check_target(target)
         protocols.check_arguments(args, kwargs)
-        method = getattr(target, self.check_name(name, _describe(target)))
+        method = getattr(target, self.check_name(name, target=target))
         if self.guarded and not self.owns(method):
             # ``Store.helper = staticmethod(os.system)``: reached through an
             # object of its own, still not its code.
@@ -488,17 +491,17 @@ class ObjectServer:
         if op == "dir":
             return sorted(n for n in dir(target) if exposed(n, self.expose))
         if op == "type":
-            self.check_name("__class__", _describe(target))
+            self.check_name("__class__", target=target)
         if op == "pickle" and not self.trusts_main:
             raise EntrypointError(f"compartment {self.compartment!r} is not a sandbox: its objects "
                                   "are not pickled for main")
         if op in ("describe", "describe_method"):
-            self.check_name("__signature__", _describe(target))  # a safebox keeps them
+            self.check_name("__signature__", target=target)  # a safebox keeps them
         if op == "describe_method":
             if len(args) != 1:
                 raise TypeError("describe_method takes a name")
             return protocols.describe_callable(
-                getattr(target, self.check_name(args[0], _describe(target))))
+                getattr(target, self.check_name(args[0], target=target)))
         return fn(target, *args)
 
     def _check_target(self, target: Any) -> None:

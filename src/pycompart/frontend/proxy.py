@@ -63,6 +63,9 @@ def dotted_in(spec: CompartmentSpec, dotted: str) -> bool:
         any(dotted == f.replace(":", ".") for f in spec.functions)
 
 
+#: The keyword arguments of a call that has none, as the wire carries them.
+_NO_KWARGS: dict[str, Any] = {}
+
 #: Entries kept in each cache keyed by what a compartment sends (names,
 #: type keys, protocol flags): a compartment must not grow main's memory by
 #: naming ever new things.
@@ -91,6 +94,9 @@ class Compartment:
         self.warning_registry: dict[str, dict[Any, Any]] = {}
         _live[self.name] = self
         self._lock = threading.RLock()
+        #: ``call_plain`` may be used: no audit record to write, no fresh
+        #: instance to start per call.
+        self.direct = audit is None and spec.on_demand is None
 
     def _call_on_demand(self, op: str, args: list[Any]) -> Any:
         """``instances = "per-call"``: a fresh instance for this call, retired
@@ -160,31 +166,48 @@ class Compartment:
         else:
             self.check_alive(inst)
             parent = serving(inst.channel)
-        peer: refs.Peer = inst.peer  # type: ignore[attr-defined]
         with refs.sending():  # what main hands over in this call (see _returned)
-            payload = peer.encode(args)
-            fds = refs.take_outgoing_fds()
+            payload = inst.peer.encode(args)  # type: ignore[attr-defined]
+            return self._request(inst, op, payload, parent, refs.take_outgoing_fds())
+
+    def call_plain(self, inst: InstanceHandle | None, op: str, request: list[Any]) -> Any:
+        """``call`` of a request already in wire form (``refs.encode_wire``):
+        plain arguments and this compartment's own objects. Main hands
+        nothing over, so ``_call``'s bookkeeping of what it exports is
+        skipped. For ``direct`` compartments only, outside callbacks (a call
+        made inside one is nested in it: ``_call``)."""
+        if inst is None:
             timeout = self.spec.call_timeout
-            deadline = None if timeout is None else time.monotonic() + timeout
-            try:
-                reply = inst.channel.request(op, payload, deadline, parent, fds=fds)
-            except CallTimeout:
-                if self.on_timeout is not None:
-                    self.on_timeout(self.name, op, inst.pid, timeout)
-                raise
-            try:
-                warned = inst.channel.call_warnings
-                if warned:
-                    found = warned.pop(reply.id, None)
-                    if found:
-                        reissue(self, found)  # may raise (a filter says "error")
-                got = inst.channel.take_message_fds(("r", reply.id))
-                if reply.__class__ is Err:
-                    close_fds(got)
-                    raise self.exception(reply.error)  # type: ignore[union-attr]
-                return peer.decode(reply.value, got)  # type: ignore[union-attr]
-            finally:
-                peer.decoded(("r", reply.id))
+            inst = self.pool.pick(None if timeout is None else time.monotonic() + timeout)
+        else:
+            self.check_alive(inst)
+        return self._request(inst, op, refs.encode_wire(request), 0, [])
+
+    def _request(self, inst: InstanceHandle, op: str, payload: bytes, parent: int, fds: list[int]) -> Any:
+        """Send one request to ``inst`` and decode its reply."""
+        timeout = self.spec.call_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        channel = inst.channel
+        try:
+            reply = channel.request(op, payload, deadline, parent, fds=fds)
+        except CallTimeout:
+            if self.on_timeout is not None:
+                self.on_timeout(self.name, op, inst.pid, timeout)
+            raise
+        peer: refs.Peer = inst.peer  # type: ignore[attr-defined]
+        try:
+            warned = channel.call_warnings
+            if warned:
+                found = warned.pop(reply.id, None)
+                if found:
+                    reissue(self, found)  # may raise (a filter says "error")
+            got = channel.take_message_fds(("r", reply.id))
+            if reply.__class__ is Err:
+                close_fds(got)
+                raise self.exception(reply.error)  # type: ignore[union-attr]
+            return peer.decode(reply.value, got)  # type: ignore[union-attr]
+        finally:
+            peer.decoded(("r", reply.id))
 
     def check_alive(self, inst: InstanceHandle) -> None:
         failure = inst.channel.failure
@@ -344,6 +367,16 @@ class Compartment:
         set_(proxy, "_pc_hash", None)
         return proxy
 
+    def path_ext(self, path: tuple[str, ...]) -> refs.Ext:
+        """The wire form of this compartment's module, class or function at
+        ``path`` (its ``__pycompart_path__``)."""
+        ext = self._path_exts.get(path)
+        if ext is None:
+            ext = refs.path_ext(path[1], path[2], path[3])
+            if len(self._path_exts) < MAX_CACHED:
+                self._path_exts[path] = ext
+        return ext
+
     def _reference(self, peer: refs.Peer, value: Any) -> Any:
         if _is(value, RemoteObject):
             if value._pc_peer is peer:
@@ -353,12 +386,7 @@ class Compartment:
             path = value.__pycompart_path__
             if path[0] != self.name:
                 return None  # another compartment's stand-in: passed on as one of main's
-            ext = self._path_exts.get(path)
-            if ext is None:
-                ext = refs.path_ext(path[1], path[2], path[3])
-                if len(self._path_exts) < MAX_CACHED:
-                    self._path_exts[path] = ext
-            return ext
+            return self.path_ext(path)
         if _is(value, types.ModuleType) and _stdlib_module(value):
             # A module of the standard library crosses by name: the
             # compartment uses its own copy (it reads the same stdlib).
@@ -538,7 +566,10 @@ class PathFunction(protocols.Described):
         self.__name__ = qualname.rpartition(".")[2]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._pc_comp.call(None, "@call", [self, list(args), kwargs])
+        comp = self._pc_comp
+        if not kwargs and comp.direct and refs.plain(args) and not serving_any():
+            return comp.call_plain(None, "@call", [comp.path_ext(self.__pycompart_path__), list(args), _NO_KWARGS])
+        return comp.call(None, "@call", [self, list(args), kwargs])
 
     def __get__(self, inst: Any, owner: Any = None) -> Any:
         if inst is None or not self._pc_binds:
@@ -742,7 +773,11 @@ class RemoteMethod(protocols.Described):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         obj = self.obj
-        return obj._pc_comp.call(obj._pc_inst, "@callmethod", [obj, self.name, list(args), kwargs])
+        comp = obj._pc_comp
+        if not kwargs and comp.direct and not obj._pc_buffer and refs.plain(args) and not serving_any():
+            return comp.call_plain(obj._pc_inst, "@callmethod",
+                                   [refs.yours_ext(obj._pc_handle), self.name, list(args), _NO_KWARGS])
+        return comp.call(obj._pc_inst, "@callmethod", [obj, self.name, list(args), kwargs])
 
     def __repr__(self) -> str:
         return f"<remote method {self.obj._pc_tname}.{self.name} in compartment {self.obj._pc_comp.name!r}>"

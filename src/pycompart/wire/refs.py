@@ -102,6 +102,32 @@ _BY_REFERENCE: set[type] = set()
 MAX_BY_REFERENCE = 4096
 
 
+#: Path references (``EXT_PATH``) a peer's decoder keeps resolved, each
+#: peer its own: the peer chooses the names, so bounded.
+MAX_PATHS = 1024
+#: What a path resolves to that stays what it is (modules, classes,
+#: functions), and so may be kept (``Peer._path``).
+_STAYS_PUT = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
+
+
+def plain(values: tuple[Any, ...] | list[Any]) -> bool:
+    """Whether each of ``values`` crosses as itself (None, bool, float,
+    str, bytes, an int of 64 bits): what ``to_wire`` returns unchanged, with
+    nothing to export, describe or collect. A request of such arguments
+    may skip that bookkeeping (``encode_wire``)."""
+    for value in values:
+        tp = type(value)
+        if tp not in _SCALARS and (tp is not int or not -(2**63) <= value < 2**64):
+            return False
+    return True
+
+
+def encode_wire(value: Any) -> bytes:
+    """``Peer.encode`` of a value already in wire form: plain values (``plain``)
+    and exts (a path or handle of the peer's own), in lists and dicts."""
+    return _encoder.encode(value)
+
+
 def _only_by_reference(tp: type) -> bool:
     """Whether no value of ``tp`` is one of ``to_wire``'s other kinds:
     those decided by type alone were ruled out on the way to its last
@@ -367,10 +393,12 @@ class Exports:
 
     def get_for_use(self, handle: Any) -> Any:
         """``get``, but an iterator with items pushed back is its ``Pushback``."""
-        obj = self.get(handle)
-        entry = self._by_handle.get(handle)
-        if entry is not None and len(entry) > 2 and entry[2].items:
-            return entry[2]
+        entry = self._by_handle.get(handle) if type(handle) is int else None
+        obj = self._get(entry) if entry is not None else None
+        if obj is None:
+            _stale(handle)
+        if len(entry) > 2 and entry[2].items:  # type: ignore[arg-type]
+            return entry[2]  # type: ignore[index]
         return obj
 
     def contains(self, obj: Any) -> bool:
@@ -399,8 +427,7 @@ class Exports:
         entry = self._by_handle.get(handle) if type(handle) is int else None
         obj = self._get(entry) if entry is not None else None
         if obj is None:
-            raise StaleReference(f"no object with handle {handle!r} was exported to this peer "
-                                 "(released, or from an earlier instance, or gone)")
+            _stale(handle)
         return obj
 
     def release(self, handle: Any, count: Any) -> bool:
@@ -540,6 +567,7 @@ class Peer:
         self._reference = reference
         self._from_path = from_path
         self._decoder = msgspec.msgpack.Decoder(ext_hook=self._ext)
+        self._paths: dict[bytes, Any] = {}  # an EXT_PATH's bytes -> what it resolved to (``_path``)
         #: Objects one decoded value may build (``pycompart.wire.budget``).
         self.max_objects = budget.DEFAULT_MAX_OBJECTS
         #: ``returned(peer, obj, handle)``: what one of our own objects that
@@ -706,6 +734,14 @@ class Peer:
                                 f"({type(exc).__name__}: {exc})") from None
 
     def _ext(self, code: int, data: memoryview) -> Any:
+        if code == EXT_PATH:  # (the two a call of a module's function or an object's method begins with)
+            return self._path(data)
+        if code == EXT_YOURS:
+            handle = self._decoder.decode(data)
+            obj = self.exports.get_for_use(handle)
+            if self.on_yours is not None:
+                self.on_yours(obj)
+            return obj if self.returned is None else self.returned(self, obj, handle)
         if code == EXT_TUPLE:
             return tuple(self._list(data))
         if code == EXT_FD:
@@ -728,18 +764,6 @@ class Peer:
             if len(fields) != 2 or type(fields[1]) is not list or len(fields[1]) > MAX_BATCH:
                 raise ProtocolError("malformed pushback")
             return self.exports.push_back(fields[0], fields[1])
-        if code == EXT_YOURS:
-            handle = self._decoder.decode(data)
-            obj = self.exports.get_for_use(handle)
-            if self.on_yours is not None:
-                self.on_yours(obj)
-            return obj if self.returned is None else self.returned(self, obj, handle)
-        if code == EXT_PATH:
-            module, qualname, kind, mro = self._decoder.decode(data)
-            if not (isinstance(module, str) and isinstance(qualname, str) and isinstance(kind, str)
-                    and isinstance(mro, list) and all(isinstance(m, str) for m in mro)):
-                raise ProtocolError("malformed path reference")
-            return self._from_path(self, module, qualname, kind, mro[:32])
         if code == EXT_DICT:
             flat = self._list(data)
             if len(flat) % 2:
@@ -787,6 +811,22 @@ class Peer:
                 raise ProtocolError(f"builtins has no class {name!r}")
             return value
         raise ProtocolError(f"unknown extension type {code}")
+
+    def _path(self, data: memoryview) -> Any:
+        """An ``EXT_PATH``: what ``from_path`` makes of it, kept when it
+        stays what it is (a refusal is not kept: it is raised each time)."""
+        key = bytes(data)
+        found = self._paths.get(key)
+        if found is not None:
+            return found
+        module, qualname, kind, mro = self._decoder.decode(data)
+        if not (isinstance(module, str) and isinstance(qualname, str) and isinstance(kind, str)
+                and isinstance(mro, list) and all(isinstance(m, str) for m in mro)):
+            raise ProtocolError("malformed path reference")
+        found = self._from_path(self, module, qualname, kind, mro[:32])
+        if isinstance(found, _STAYS_PUT) and len(self._paths) < MAX_PATHS:
+            self._paths[key] = found
+        return found
 
     def _list(self, data: memoryview) -> list[Any]:
         # Containers inside extensions re-enter the decoder: bound the depth
@@ -1089,6 +1129,11 @@ METHOD_EXT = Ext(EXT_METHOD, b"")
 
 def path_ext(module: str, qualname: str, kind: str, mro: list[str] | None = None) -> Ext:
     return Ext(EXT_PATH, _encoder.encode([module, qualname, kind, mro or []]))
+
+
+def _stale(handle: Any) -> None:
+    raise StaleReference(f"no object with handle {handle!r} was exported to this peer "
+                         "(released, or from an earlier instance, or gone)")
 
 
 def yours_ext(handle: int) -> Ext:
