@@ -79,6 +79,9 @@ def test_keyboard_interrupt_during_a_compartment_call(program):
     KeyboardInterrupt like any blocking call, and nothing is left running."""
     where = program(
         "import os, signal, threading, boxlib\n"
+        # (Python leaves SIGINT ignored if it started so: a test run in the
+        # background of a shell without job control.)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
         "boxlib.apply(lambda: __import__('time').sleep(5))\n")
     proc = run(where, "prog.py")
