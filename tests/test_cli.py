@@ -112,6 +112,23 @@ def test_check_warns_of_placed_modules_nothing_provides(tmp_path, capsys, monkey
     assert "OK (3 warnings)" in captured.out and "mypkg" not in sys.modules
 
 
+def test_check_warns_of_granted_paths_that_do_not_exist(tmp_path, capsys):
+    """Each instance looks its paths up when it starts and grants nothing
+    for a missing one: a typo would show only as an EACCES inside."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    spec = tmp_path / "app.toml"
+    spec.write_text('[compartments.box]\nmodules = ["json"]\n[compartments.box.privileges]\n'
+                    'filesystem.read = ["data", "dta", "dangling"]\nfilesystem.write = ["/no/such/dir"]\n')
+    assert main(["check", str(spec)]) == 0
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warned) == 3, captured.err
+    assert "filesystem.read path" in warned[0] and "dta" in warned[0] and "dangling" in warned[1]
+    assert "filesystem.write path '/no/such/dir'" in warned[2]
+    assert "OK (3 warnings)" in captured.out
+
+
 def test_check_fails_when_the_host_cannot_enforce(tmp_path, capsys):
     spec = tmp_path / "app.toml"
     spec.write_text(GOOD + '\n[compartments.parser.privileges]\nuser = "no-such-user-here"\n')

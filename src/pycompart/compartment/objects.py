@@ -699,7 +699,7 @@ class MainRef:
 
     __slots__ = ("_pc_peer", "_pc_handle", "_pc_count", "_pc_tname", *protocols.PROXY_SLOTS,
                  "__weakref__")
-    call_out: Callable[..., Any]  # set by the instance: (request, op="@call")
+    call_out: Callable[..., Any]  # set by the instance: (request, op="@call", plain=False)
 
     def _pc_op(self, op: str, *args: Any) -> Any:
         return MainRef.call_out([self, op, list(args)], "@op")
@@ -744,6 +744,8 @@ class Callback(MainRef, protocols.Described):
     __slots__ = ("_pc_signature", "__dict__")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs and refs.plain(args):
+            return MainRef.call_out([self, list(args), kwargs], "@call", True)
         return MainRef.call_out([self, list(args), kwargs])
 
     def __setattr__(self, name: str, value: Any) -> None:

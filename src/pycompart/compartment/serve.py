@@ -613,9 +613,11 @@ class Server(CallServer):
             if on_serve_thread:
                 self.active.pop()
 
-    def call_out(self, request: list[object], op: str = "@call") -> object:
+    def call_out(self, request: list[object], op: str = "@call", plain: bool = False) -> object:
         """Call one of main's callbacks (``objects.Callback``), or use a file
-        object main passed (``objects.MainStream``), from any thread."""
+        object main passed (``objects.MainStream``), from any thread.
+        ``plain``: ``[callback, args, {}]`` whose args are ``refs.plain``,
+        sent without ``to_wire`` when the callback can go home as it is."""
         if op == "@call" and not self.config.may_call_main:
             raise EntrypointError(f"compartment {self.config.compartment!r} may not call back into "
                                   "main (its spec's may_call does not list \"main\")")
@@ -631,8 +633,13 @@ class Server(CallServer):
         if not parent:
             raise EntrypointError("a callback into main can only be made while main is calling "
                                   f"into compartment {self.config.compartment!r}")
-        payload = self.peer.encode(request)
-        fds = refs.take_outgoing_fds()
+        target = request[0]
+        if plain and target._pc_peer is self.peer and not target._pc_buffer:  # type: ignore[attr-defined]
+            payload = refs.encode_wire([refs.yours_ext(target._pc_handle), *request[1:]])  # type: ignore[attr-defined]
+            fds: list[int] = []
+        else:
+            payload = self.peer.encode(request)
+            fds = refs.take_outgoing_fds()
         on_main = threading.current_thread() is threading.main_thread()
         if on_main:
             self.depth += 1

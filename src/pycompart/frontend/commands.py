@@ -195,6 +195,23 @@ def unfound_modules(spec: AppSpec, path: list[str]) -> list[str]:
     return out
 
 
+def missing_paths(spec: AppSpec) -> list[str]:
+    """The filesystem paths a spec grants that do not exist here: each
+    instance looks them up when it starts, and grants nothing for one that
+    is missing then (most likely a typo, or a folder still to be made)."""
+    out = []
+    granted = [(f"compartment {comp.name!r}", comp.privileges) for comp in spec.compartments.values()]
+    if spec.main_privileges is not None:
+        granted.append(("main", spec.main_privileges))
+    for who, p in granted:
+        for kind, paths in (("read", p.read), ("write", p.write), ("execute", p.execute)):
+            for path in paths:
+                if not os.path.exists(path):  # (a dangling link too: it grants nothing)
+                    out.append(f"{who}: filesystem.{kind} path {path!r} does not exist; a process "
+                               "locked down while it is missing is granted nothing for it")
+    return out
+
+
 def _findable(name: str, path: list[str]) -> bool:
     from importlib.machinery import PathFinder
     from importlib.util import find_spec
@@ -291,15 +308,15 @@ def command(argv: list[str]) -> int:
             return 1
         print(describe(spec))
         where = os.path.dirname(os.path.abspath(spec.source)) if os.path.isfile(spec.source) else os.getcwd()
-        unfound = unfound_modules(spec, [where, os.getcwd(), *sys.path])
-        for warning in unfound:
+        warnings = unfound_modules(spec, [where, os.getcwd(), *sys.path]) + missing_paths(spec)
+        for warning in warnings:
             print(f"pycompart check: {spec.source}: warning: {warning}", file=sys.stderr)
         problems = [line for problem in _unenforceable(spec) for line in problem.splitlines()]
         if problems:
             for problem in problems:
                 print(f"pycompart check: {spec.source}: {problem}", file=sys.stderr)
             return 1
-        print(f"\nOK ({len(unfound)} warning{'s' if len(unfound) > 1 else ''})" if unfound else "\nOK")
+        print(f"\nOK ({len(warnings)} warning{'s' if len(warnings) > 1 else ''})" if warnings else "\nOK")
         return 0
     if args.command == "doctor":
         print(doctor())
