@@ -72,6 +72,8 @@ def test_bench_quick_runs(tmp_path):
                 "idle_pss_kib", "run_overhead_ms", "rewrite_ms", "tifftopnm_boxed_ms", "fork_floor",
                 "cow_fault_us"):
         assert figures["results"][key] > 0, key
+    if figures["results"]["native"]:  # the byte loop alone, measured with the C module only
+        assert "floor: the C call loop" in proc.stdout and figures["results"]["gate_floor"] > 0
 
 
 def test_template_child_benchmark_runs():

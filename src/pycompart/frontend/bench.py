@@ -70,6 +70,50 @@ def raw_pipe(n: int) -> list[float]:
         os.waitpid(pid, 0)
 
 
+def gate_floor(n: int) -> list[float] | None:
+    """The call gate's byte loop alone: a compact call from ``main``'s side
+    (``gate.call`` + ``gate.receive``, the reply's value decoded) to a child
+    serving with ``gate.serve`` whose handler returns a fixed value. What a
+    null call would cost with no Python bookkeeping on either side; None
+    without the C module."""
+    from ..transport import gate
+
+    if not gate.NATIVE:
+        return None
+    import itertools
+
+    import msgspec
+
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    none = msgspec.msgpack.encode(None)
+    pid = os.fork()
+    if pid == 0:
+        os.close(w1)
+        os.close(r2)
+        gate.serve(r1, w2, memoryview(bytearray(65536)), lambda body: None, -1, 0,
+                   lambda rid, name, args: none)
+        os._exit(0)
+    os.close(r1)
+    os.close(w2)
+    os.set_blocking(r2, False)
+    view, got, ids = memoryview(bytearray(65536)), bytearray(8), itertools.count(1)
+    decode = msgspec.msgpack.Decoder().decode
+
+    def call() -> object:
+        rid = next(ids)
+        gate.call(w1, rid, b"null", b"\x80")
+        return decode(gate.receive(r2, view, -1, 0, rid, got))  # type: ignore[arg-type]
+    try:
+        for _ in range(200):
+            call()
+        return _time_loop(call, n)
+    finally:
+        os.close(w1)
+        os.close(r2)
+        os.waitpid(pid, 0)
+
+
 def _mp_echo(conn, parent_end, as_bytes: bool) -> None:  # type: ignore[no-untyped-def]
     parent_end.close()  # or our own copy keeps the pipe open and recv never sees EOF
     while True:
@@ -466,6 +510,9 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
         out(f"\n{label}: (ratio to the raw pipe round trip)")
         base = row("raw pipe round trip (os.write/os.read)", f"raw_pipe_{tag}", raw_pipe(n), None)
         row("multiprocessing.Pipe send/recv", f"mp_pipe_{tag}", mp_pipe(n), base)
+        floor = gate_floor(n) if tag == "pinned" else None
+        if floor is not None:
+            row("floor: the C call loop, an empty handler each end", "gate_floor", floor, base)
         app, null, size = _app()
         blob = app.entrypoint("bench")(_bench_targets.blob)
         with app:
@@ -620,6 +667,8 @@ def markdown(r: dict[str, float]) -> str:
          x("mp_pipe_pinned", raw)),
         ("pycompart null typed call", us("null_call_pinned"), us("null_call_unpinned"),
          x("null_call_pinned", raw)),
+        *([("floor: the C call loop, an empty handler each end", us("gate_floor"), "", x("gate_floor", raw))]
+          if "gate_floor" in r else []),
         ("null call between two compartments (edge)", us("edge_call_pinned"), us("edge_call_unpinned"),
          x("edge_call_pinned", raw)),
         ("proxied module function call", us("proxy_call_pinned"), us("proxy_call_unpinned"),
