@@ -408,6 +408,26 @@ def test_a_module_of_a_compartment_it_may_call_comes_as_proxies(make_app, data_f
     assert b_pid != app_pid
 
 
+def test_edge_calls_from_a_worker_thread_are_audited(make_app, data_file, tmp_path):
+    """Red team: a call with plain arguments from a thread of the caller's
+    own took the direct path and skipped the edge's report (and its cancel
+    deferral): the audit log lost it."""
+    log = tmp_path / "audit.jsonl"
+    spec = module_spec(data_file)
+    spec["app"] = {"audit_log": str(log)}
+    spec["compartments"]["app"]["privileges"]["syscalls"] = "python-threads"
+    app = make_app(spec)
+    app.start(import_hook=True)
+    import edgemod_a
+
+    assert edgemod_a.read_in_a_thread(3) == ["the data"] * 3
+    app.stop()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    calls = [r for r in records if r["event"] == "call" and r.get("caller") == "app"
+             and r["callee"] == "reader" and r["entrypoint"] == "@call"]
+    assert len(calls) == 3, calls
+
+
 def test_an_edge_caller_gets_no_private_names_and_sets_no_attributes(make_app, data_file):
     """A sandbox's internals are main's to see (main is the trusted side),
     not another compartment's: app cannot rewire reader's module to use

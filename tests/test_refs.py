@@ -460,3 +460,44 @@ def test_a_peer_keeps_the_paths_it_resolved_but_not_its_refusals():
     for i in range(refs.MAX_PATHS + 100):
         peer.decode(payload(f"g{i}"))
     assert len(peer._paths) == refs.MAX_PATHS
+
+
+def test_what_a_peer_keeps_of_its_paths_is_bounded_in_size_too():
+    """Red team: a path padded with a long class list (ignored for a module)
+    was kept whole, ~200 KiB an entry; refused as the key beyond
+    MAX_PATH_BYTES. A guarded server keeps none (each use is checked
+    against what it owns now); a closed peer drops what it kept."""
+    import types
+
+    from pycompart.compartment.objects import ObjectServer, instance_peer
+
+    fn = types.FunctionType((lambda: None).__code__, {}, "f")
+    peer = refs.Peer("box", lambda *a: None, lambda p, v: None, lambda *a: fn)
+    padded = enc.encode(Ext(refs.EXT_PATH, enc.encode(["mod", "", "module", ["x" * 1000] * 20])))
+    for _ in range(3):
+        assert peer.decode(padded) is fn
+    assert not peer._paths
+    assert peer.decode(enc.encode(refs.path_ext("mod", "f", "function"))) is fn and len(peer._paths) == 1
+    peer.close()
+    assert not peer._paths
+    peer.keep_paths = False
+    assert peer.decode(enc.encode(refs.path_ext("mod", "f", "function"))) is fn and not peer._paths
+    assert instance_peer(ObjectServer("x", ["json"], [], [], False, trusts_main=False)).keep_paths is False
+    assert instance_peer(ObjectServer("x", ["json"], [], [], False, trusts_main=True)).keep_paths is True
+
+
+def test_a_compartment_whose_call_is_wrapped_takes_no_direct_path():
+    """An edge's ``call`` writes its report and defers cancels: ``call_plain``
+    would skip it, so a subclass overriding ``call`` is never ``direct``."""
+    from pycompart.frontend.edgeproxy import EdgeCompartment
+
+    comp, _ = main_peer()
+    assert comp.direct
+    assert EdgeCompartment.call is not Compartment.call
+
+    class Wrapped(Compartment):
+        def call(self, inst, op, args):  # type: ignore[no-untyped-def]
+            return super().call(inst, op, args)
+
+    spec = load_spec({"compartments": {"box": {"modules": ["boxlib"]}}}).compartments["box"]
+    assert not Wrapped(spec, _Pool()).direct

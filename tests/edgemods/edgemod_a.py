@@ -85,3 +85,15 @@ def reach_stdlib() -> list:
     except Exception as exc:
         out.append(type(exc).__name__)
     return out
+
+
+def read_in_a_thread(times: int) -> list:
+    """Calls over the edge from a thread of our own (no call of main's
+    being served on it): each is audited as the serve thread's are."""
+    import threading
+
+    out = []
+    worker = threading.Thread(target=lambda: out.extend(edgemod_b.read() for _ in range(times)))
+    worker.start()
+    worker.join()
+    return out

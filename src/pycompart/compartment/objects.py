@@ -1031,6 +1031,9 @@ def instance_peer(server: ObjectServer) -> refs.Peer:
         return obj
 
     peer = refs.Peer(server.compartment, make_proxy, reference, from_path, make_class=make_class)
+    # A guarded server checks every path it is sent: what it owns is what
+    # its own code makes of its modules, which may change.
+    peer.keep_paths = not server.guarded
     # A twin handed to our code: watch_twins looks at it; a guarded server
     # takes back only its own objects.
     peer.on_yours = server.check_used

@@ -95,8 +95,9 @@ class Compartment:
         _live[self.name] = self
         self._lock = threading.RLock()
         #: ``call_plain`` may be used: no audit record to write, no fresh
-        #: instance to start per call.
-        self.direct = audit is None and spec.on_demand is None
+        #: instance to start per call, and ``call`` not wrapped by a
+        #: subclass (an edge's reports and cancel deferral) that it would skip.
+        self.direct = audit is None and spec.on_demand is None and type(self).call is Compartment.call
 
     def _call_on_demand(self, op: str, args: list[Any]) -> Any:
         """``instances = "per-call"``: a fresh instance for this call, retired

@@ -103,8 +103,10 @@ MAX_BY_REFERENCE = 4096
 
 
 #: Path references (``EXT_PATH``) a peer's decoder keeps resolved, each
-#: peer its own: the peer chooses the names, so bounded.
+#: peer its own: the peer chooses the names, so bounded in number and in
+#: size (a longer one, padded with class names say, is resolved each time).
 MAX_PATHS = 1024
+MAX_PATH_BYTES = 512
 #: What a path resolves to that stays what it is (modules, classes,
 #: functions), and so may be kept (``Peer._path``).
 _STAYS_PUT = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
@@ -568,6 +570,9 @@ class Peer:
         self._from_path = from_path
         self._decoder = msgspec.msgpack.Decoder(ext_hook=self._ext)
         self._paths: dict[bytes, Any] = {}  # an EXT_PATH's bytes -> what it resolved to (``_path``)
+        #: Keep what paths resolved to. Off where each use must be checked
+        #: again (a guarded server: what it owns may change under it).
+        self.keep_paths = True
         #: Objects one decoded value may build (``pycompart.wire.budget``).
         self.max_objects = budget.DEFAULT_MAX_OBJECTS
         #: ``returned(peer, obj, handle)``: what one of our own objects that
@@ -815,8 +820,9 @@ class Peer:
     def _path(self, data: memoryview) -> Any:
         """An ``EXT_PATH``: what ``from_path`` makes of it, kept when it
         stays what it is (a refusal is not kept: it is raised each time)."""
-        key = bytes(data)
-        found = self._paths.get(key)
+        keep = self.keep_paths and len(data) <= MAX_PATH_BYTES
+        key = bytes(data) if keep else b""
+        found = self._paths.get(key) if keep else None
         if found is not None:
             return found
         module, qualname, kind, mro = self._decoder.decode(data)
@@ -824,7 +830,7 @@ class Peer:
                 and isinstance(mro, list) and all(isinstance(m, str) for m in mro)):
             raise ProtocolError("malformed path reference")
         found = self._from_path(self, module, qualname, kind, mro[:32])
-        if isinstance(found, _STAYS_PUT) and len(self._paths) < MAX_PATHS:
+        if keep and isinstance(found, _STAYS_PUT) and len(self._paths) < MAX_PATHS:
             self._paths[key] = found
         return found
 
@@ -930,6 +936,7 @@ class Peer:
         """The channel is gone: drop our exports (the peer cannot use them)."""
         self.closed = True
         self.exports.clear()
+        self._paths.clear()
 
 
 class sending:
