@@ -38,6 +38,7 @@ IMPLS = [("python", gate.py_serve, gate.py_receive)]
 if _native() is not None:
     IMPLS.append(("native", _native().serve, _native().receive))
 CALLS = [("python", gate.py_call)] + ([("native", _native().call)] if _native() is not None else [])
+WRITES = [("python", gate.py_write)] + ([("native", _native().write)] if _native() is not None else [])
 CALL_ENVELOPE = struct.Struct("<BBQQBH")
 
 
@@ -289,6 +290,36 @@ def test_call_writes_a_compact_call_whole_or_not_at_all(name, call):
         assert call(w, 1, b"m:f", b"\x80") is False
         with pytest.raises(OSError):
             call(-1, 1, b"m:f", b"\x80")
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize("name,write", WRITES)
+def test_write_counts_what_went_out(name, write):
+    """``sent`` grows by what each write put on the wire (the channel tells
+    a whole frame from a torn one by it); nothing is counted when the pipe
+    has no room."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    sent = memoryview(bytearray(8)).cast("q")
+    try:
+        assert write(w, b"hello", sent) == 5 and sent[0] == 5
+        assert write(w, memoryview(b"xy"), sent) == 2 and sent[0] == 7
+        assert os.read(r, 100) == b"helloxy"
+        total = 7
+        while True:
+            n = write(w, b"z" * 100_000, sent)
+            if n == -1:
+                break
+            total += n
+            assert sent[0] == total
+        assert write(w, b"more", sent) == -1 and sent[0] == total
+        if name == "native":
+            with pytest.raises(ValueError):
+                write(w, b"x", bytearray(4))  # too small to count in
+        with pytest.raises(OSError):
+            write(-1, b"x", sent)
     finally:
         os.close(r)
         os.close(w)

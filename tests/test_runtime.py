@@ -658,11 +658,11 @@ def test_an_interrupt_while_a_big_call_is_written_breaks_the_channel_not_the_nex
     room to write the rest of an 8 MB frame left half a frame on the wire;
     the instance took the next call as the rest of it. The channel is now
     broken (the instance replaced), and the next call works."""
-    from pycompart.transport import streams
+    from pycompart.transport import gate
 
     app = make_app({"compartments": {"box": {"restart_backoff": "10ms"}}})
     echo = app.entrypoint("box")(boxed.echo_text)
-    real = streams.wait_fd
+    real = gate.wait_fd
     fired = []
 
     def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -673,10 +673,10 @@ def test_an_interrupt_while_a_big_call_is_written_breaks_the_channel_not_the_nex
 
     with app:
         assert echo("warm") == "warm"
-        monkeypatch.setattr(streams, "wait_fd", interrupted)
+        monkeypatch.setattr(gate, "wait_fd", interrupted)
         with pytest.raises(KeyboardInterrupt):
             echo("x" * (8 << 20))
-        monkeypatch.setattr(streams, "wait_fd", real)
+        monkeypatch.setattr(gate, "wait_fd", real)
         assert fired
         assert echo.options(timeout=10)("hello") == "hello"
 

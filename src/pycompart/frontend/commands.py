@@ -260,7 +260,10 @@ def doctor() -> str:
     if startup:
         lines.append("verdict: no compartment can start with this interpreter and user (see above)")
     else:
-        lines.append("verdict: " + ("every privilege pycompart knows can be enforced here" if ok else
+        lines.append("verdict: " + (("every privilege pycompart knows can be enforced here" if h.root else
+                                     "every privilege pycompart knows can be enforced here but two that "
+                                     "need root: a user and group of its own per compartment, and kept "
+                                     "capabilities (a spec asking for either refuses to start)") if ok else
                                     "some privileges cannot be enforced here; strict specs that need "
                                     "them will refuse to start (see above)"))
     return "\n".join(lines)

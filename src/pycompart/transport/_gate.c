@@ -30,6 +30,13 @@
  *       frame is bigger than PIPE_BUF, or the pipe has no room for it), so
  *       that Python sends it another way.
  *
+ *   write(wfd, data, sent) -> int
+ *       One write of data to the non-blocking wfd: the bytes written, added
+ *       to sent (int64 in a writable buffer of 8 bytes or more) before
+ *       Python runs again, or -1 if the pipe has no room. A signal handler's
+ *       exception raised as it returns leaves sent exact, so the caller can
+ *       tell a whole frame from a torn one.
+ *
  *   serve(..., fast) and receive(..., rid) also take compact calls and
  *   replies: serve hands a compact top-level call to fast(rid, name, args)
  *   (bytes: the value, which serve sends back as a compact reply; a 1-tuple:
@@ -493,10 +500,59 @@ done:
     return out;
 }
 
+static PyObject *
+gate_write(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int wfd;
+    Py_buffer data, sent;
+    if (!PyArg_ParseTuple(args, "iy*w*:write", &wfd, &data, &sent))
+        return NULL;
+    PyObject *out = NULL;
+    if (sent.len < (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "write: sent must hold 8 bytes");
+        goto done;
+    }
+    for (;;) {
+        ssize_t n;
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        n = write(wfd, data.buf, (size_t)data.len);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (n >= 0) {
+            /* Counted before Python runs again: a signal handler's exception
+             * raised as we return cannot lose what went out. */
+            int64_t total;
+            memcpy(&total, sent.buf, sizeof total);
+            total += (int64_t)n;
+            memcpy(sent.buf, &total, sizeof total);
+            out = PyLong_FromSsize_t(n);
+            break;
+        }
+        if (err == EINTR) {
+            if (PyErr_CheckSignals() < 0)  /* nothing written */
+                break;
+            continue;
+        }
+        if (err == EAGAIN) {
+            out = PyLong_FromLong(-1);
+            break;
+        }
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        break;
+    }
+done:
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&sent);
+    return out;
+}
+
 static PyMethodDef gate_methods[] = {
     {"serve", gate_serve, METH_VARARGS, "An idle instance's serve loop (see gate.py)."},
     {"receive", gate_receive, METH_VARARGS, "A caller's wait for its reply (see gate.py)."},
     {"call", gate_call, METH_VARARGS, "A caller's compact call, written whole or not at all (see gate.py)."},
+    {"write", gate_write, METH_VARARGS, "One write, counted in sent as it returns (see gate.py)."},
     {NULL, NULL, 0, NULL},
 };
 

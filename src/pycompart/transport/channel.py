@@ -284,9 +284,11 @@ class Channel:
         self._compact = self._direct is not None and fastpaths.enabled("compact")
         self._names: dict[str, bytes] = {}
         #: The bytes a read returned that are not yet taken into the decoder
-        #: (-1: none). A signal handler's exception raised right after a read
-        #: would lose them: the channel is then broken (``_interrupted``),
-        #: not misread. ``gate.receive`` sets it the moment its read returns.
+        #: (-1: none; -2 or 1: a read whose count is not known yet). A signal
+        #: handler's exception raised right after a read would lose them: the
+        #: channel is then broken (``_interrupted``), not misread, unless the
+        #: count is exact (``_keep_unread``). ``gate.receive`` sets it the
+        #: moment its read returns.
         self._got = memoryview(bytearray(8)).cast("q")
         self._got[0] = -1
         self.failure: CompartmentError | None = None
@@ -612,12 +614,15 @@ class Channel:
         but its own errors (a signal handler's exception, even right after
         the first write), part of the frame may be on the wire, and nothing
         after it could be framed: the channel is broken, the peer not to
-        blame."""
+        blame. Unless all of it went out (``wrote_all``: a Ctrl-C raised as
+        the last write returned)."""
         try:
             self.transport.send(data, fds, deadline, pump)
         except (OSError, ProtocolError):
             raise
         except BaseException as exc:
+            if self.transport.wrote_all(data):
+                raise  # (raised as the last write returned: the whole frame is out)
             self.fail(ProtocolError(f"channel to {self.peer!r} broken: sending a frame was interrupted "
                                     f"({type(exc).__name__})"), reason="interrupted send")
             raise
@@ -643,7 +648,11 @@ class Channel:
         (anything else was dispatched), or None."""
         timeout = -1 if deadline is None else min(max(0, int((deadline - time.monotonic()) * 1000)),
                                                   gate.MAX_TIMEOUT_MS)
-        n = gate.receive(self._direct[1], self._view, timeout, self._spin_us, rid, self._got)  # type: ignore[index]
+        try:
+            n = gate.receive(self._direct[1], self._view, timeout, self._spin_us, rid, self._got)  # type: ignore[index]
+        except BaseException:
+            self._keep_unread()
+            raise
         if n.__class__ is bytes:  # our reply in compact form, all that was read
             self._got[0] = -1
             event = self.conn.reply_to(rid, n)  # type: ignore[arg-type]
@@ -842,12 +851,23 @@ class Channel:
             self._interrupted(exc)
             raise
 
+    def _keep_unread(self) -> None:
+        """A signal handler's exception (Ctrl-C) raised as ``gate.receive``
+        returned: the bytes its read returned are in ``_view``, an exact
+        count of them in ``_got``, none taken yet. They are buffered for the
+        next reader instead of lost, so the channel stays framed and the
+        peer is not killed for our interruption."""
+        n = self._got[0]
+        if n > 0:
+            self.conn.receive_data(bytes(self._view[:n]))
+            self._got[0] = -1  # (after: interrupted before, the channel breaks as it did)
+
     def _interrupted(self, exc: BaseException) -> None:
         """``exc`` escaped a read. If it came between a read and the
         decoder taking its bytes in (a signal handler's exception, raised
         where Python next checks), those bytes are lost and the stream can
         no longer be framed: the channel is broken, the peer not to blame."""
-        if self._got[0] >= 0 and not isinstance(exc, (OSError, ProtocolError)):
+        if self._got[0] != -1 and not isinstance(exc, (OSError, ProtocolError)):
             self._got[0] = -1
             self.fail(ProtocolError(f"channel to {self.peer!r} broken: reading it was interrupted "
                                     f"({type(exc).__name__})"), reason="interrupted read")

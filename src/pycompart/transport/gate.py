@@ -1,6 +1,6 @@
 """The byte loop around a call: native when it can be, Python otherwise.
 
-``serve``, ``receive`` and ``call`` (documented in ``_gate.c``) are the only
+``serve``, ``receive``, ``call`` and ``write`` (documented in ``_gate.c``) are the only
 parts of a call that run in C: reads, writes, the fixed frame header and the
 fixed envelope of a compact call or reply (``pycompart.wire.protocol``),
 never a value. The C module is built by ``pip install`` where a compiler and the
@@ -20,7 +20,6 @@ from .. import fastpaths
 from ..wire.protocol import (
     CALL_ENVELOPE, CALL_FRAME, COMPACT, COMPACT_CALL, COMPACT_OK, HEADER, OK_FRAME, compact_ok_frame,
 )
-from .streams import PipeTransport, wait_fd
 
 _native = None
 if fastpaths.enabled("native"):
@@ -81,14 +80,15 @@ def py_serve(rfd: int, wfd: int, buf: memoryview, handle: Callable[[bytes], byte
             raise TypeError("serve: handle must return bytes or None")
         if reply:
             deadline = None if write_timeout_ms < 0 else time.monotonic() + write_timeout_ms / 1000
-            PipeTransport.write_all(wfd, reply, deadline)
+            write_all(wfd, reply, deadline)
 
 
 def py_receive(rfd: int, buf: memoryview, timeout_ms: int, spin_us: int, rid: int = 0,
                got: bytearray | memoryview | None = None) -> int | bytes:
-    """``_gate.receive`` in Python. (``got`` is set to 1 before each read
-    and to the count after it: Python cannot set it inside the read, so an
-    exception that interrupts one counts as having read.)"""
+    """``_gate.receive`` in Python. (``got`` is set to -2 before each read,
+    a count not known, and to the count after it: Python cannot set it
+    inside the read, so an exception that interrupts one counts as having
+    read an unknown amount.)"""
     mark = None
     if got is not None:
         raw = memoryview(got).cast("B")
@@ -101,7 +101,7 @@ def py_receive(rfd: int, buf: memoryview, timeout_ms: int, spin_us: int, rid: in
         before = 0
         try:
             if mark is not None:
-                before, mark[0] = mark[0], 1
+                before, mark[0] = mark[0], -2
             n = os.readv(rfd, (buf,))
         except BlockingIOError:
             if mark is not None:
@@ -136,6 +136,63 @@ def py_call(wfd: int, rid: int, name: bytes, args: bytes) -> bool:
     return True
 
 
+def py_write(wfd: int, data: bytes | memoryview, sent: memoryview) -> int:
+    """``_gate.write`` in Python. (Python cannot count inside the write: an
+    exception raised as it returns leaves ``sent`` short, and the caller
+    takes the frame for torn.)"""
+    try:
+        n = os.write(wfd, data)
+    except BlockingIOError:
+        return -1
+    sent[0] += n
+    return n
+
+
+def wait_fd(fd: int, events: int, deadline: float | None,
+             readable: tuple[int, Callable[[], None]] | None = None) -> None:
+    """Wait for ``events`` on ``fd``; with ``readable`` (a descriptor and
+    what to call when it has data), serve that meanwhile."""
+    timeout_ms = -1
+    if deadline is not None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        timeout_ms = max(1, int(remaining * 1000 + 0.999))
+    p = select.poll()
+    p.register(fd, events)
+    if readable is not None:
+        if readable[0] == fd:
+            p.modify(fd, events | select.POLLIN)
+        else:
+            p.register(readable[0], select.POLLIN)
+    ready = p.poll(timeout_ms)
+    if not ready:
+        raise TimeoutError
+    if readable is not None and any(f == readable[0] and e & (select.POLLIN | select.POLLHUP)
+                                    for f, e in ready):
+        readable[1]()
+
+
+def write_all(fd: int, data: bytes | memoryview, deadline: float | None,
+              readable: tuple[int, Callable[[], None]] | None = None,
+              sent: memoryview | None = None) -> None:
+    """Write all of ``data`` to the non-blocking ``fd`` by ``deadline``
+    (``TimeoutError``), serving ``readable`` meanwhile (``wait_fd``),
+    counting what went out in ``sent`` (``write``: exact in C even when a
+    signal handler's exception interrupts)."""
+    if sent is None:
+        sent = memoryview(bytearray(8)).cast("q")
+    n = write(fd, data, sent)
+    if n == len(data):
+        return
+    view = memoryview(data)[max(n, 0):]
+    while view:
+        wait_fd(fd, select.POLLOUT, deadline, readable)
+        n = write(fd, view, sent)
+        if n > 0:
+            view = view[n:]
+
+
 def _spin(fd: int, spin_us: int) -> None:
     if spin_us <= 0:
         return
@@ -149,3 +206,4 @@ def _spin(fd: int, spin_us: int) -> None:
 serve = _native.serve if _native is not None else py_serve
 receive = _native.receive if _native is not None else py_receive
 call = _native.call if _native is not None else py_call
+write = _native.write if _native is not None else py_write

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from ..errors import ProtocolError
 from ..wire.protocol import MAX_FDS_PER_FRAME
+from .gate import wait_fd, write_all
 
 _READ_CHUNK = 64 * 1024
 _FD_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
@@ -54,6 +55,12 @@ class Transport:
         must read, or two ends that both write a big frame wait for ever)."""
         raise NotImplementedError
 
+    def wrote_all(self, data: bytes | memoryview) -> bool:
+        """Whether the last ``send``, interrupted by an exception, had put
+        all of ``data`` on the wire all the same (the stream is then still
+        framed). False where that cannot be known."""
+        return False
+
     def shutdown(self) -> None:
         """End the stream both ways now (the far side reads EOF), while
         other threads may still hold our descriptors."""
@@ -61,31 +68,6 @@ class Transport:
 
     def close(self) -> None:
         raise NotImplementedError
-
-
-def wait_fd(fd: int, events: int, deadline: float | None,
-             readable: tuple[int, Callable[[], None]] | None = None) -> None:
-    """Wait for ``events`` on ``fd``; with ``readable`` (a descriptor and
-    what to call when it has data), serve that meanwhile."""
-    timeout_ms = -1
-    if deadline is not None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        timeout_ms = max(1, int(remaining * 1000 + 0.999))
-    p = select.poll()
-    p.register(fd, events)
-    if readable is not None:
-        if readable[0] == fd:
-            p.modify(fd, events | select.POLLIN)
-        else:
-            p.register(readable[0], select.POLLIN)
-    ready = p.poll(timeout_ms)
-    if not ready:
-        raise TimeoutError
-    if readable is not None and any(f == readable[0] and e & (select.POLLIN | select.POLLHUP)
-                                    for f, e in ready):
-        readable[1]()
 
 
 def make_pipe() -> tuple[int, int]:
@@ -106,6 +88,8 @@ class PipeTransport(Transport):
         self.write_fd = write_fd
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
+        #: What went out of the frame ``send`` is writing (``wrote_all``).
+        self.sent = memoryview(bytearray(8)).cast("q")
 
     def fileno(self) -> int:
         return self.read_fd
@@ -117,26 +101,12 @@ class PipeTransport(Transport):
              readable: Callable[[], None] | None = None) -> None:
         if fds:
             raise ProtocolError("this channel cannot carry file descriptors")
-        self.write_all(self.write_fd, data, deadline, (self.read_fd, readable) if readable is not None else None)
+        self.sent[0] = 0
+        write_all(self.write_fd, data, deadline, (self.read_fd, readable) if readable is not None else None,
+                  self.sent)
 
-    @staticmethod
-    def write_all(fd: int, data: bytes | memoryview, deadline: float | None,
-                  readable: tuple[int, Callable[[], None]] | None = None) -> None:
-        """Write all of ``data`` to the non-blocking ``fd`` by ``deadline``
-        (``TimeoutError``), serving ``readable`` meanwhile (``wait_fd``)."""
-        try:
-            n = os.write(fd, data)
-        except BlockingIOError:
-            n = 0
-        if n == len(data):
-            return
-        view = memoryview(data)[n:]
-        while view:
-            wait_fd(fd, select.POLLOUT, deadline, readable)
-            try:
-                view = view[os.write(fd, view):]
-            except BlockingIOError:
-                pass
+    def wrote_all(self, data: bytes | memoryview) -> bool:
+        return self.sent[0] == len(data)
 
     def shutdown(self) -> None:
         # Pipes have no shutdown(2). Replacing our ends with /dev/null closes
