@@ -640,3 +640,21 @@ def call_each(fn, n, pause=0.0):
             out.append(type(exc).__name__)
         time.sleep(pause)
     return out
+
+
+def flag_and_debug(flags):
+    """A flag of main's combined with one of ours (helper's finding: the
+    two references bounced ``__and__`` between the peers)."""
+    import re
+
+    return flags & re.DEBUG, re.compile("abc", flags).match("ABC") is not None
+
+
+def kind_of(value):
+    return type(value).__module__, type(value).__qualname__, isinstance(value, int), isinstance(value, str)
+
+
+def status(code):
+    import http
+
+    return http.HTTPStatus(code)

@@ -110,7 +110,12 @@ def test_malicious_dependency_is_contained(tmp_path):
                                capture_output=True, text=True, timeout=60)
         assert plain.returncode == 0, plain.stderr
         assert plain.stderr.count(": OK (") == 12, plain.stderr  # 4 attempts x (import + 2 calls)
-        assert any(b"TEST KEY" in x and b"tok-123-secret" in x for x in loot)
+        # All three of its connections taken before the boxed run (one
+        # left in the backlog would be counted as the boxed run's).
+        taken_by = time.monotonic() + 10
+        while len(loot) < 3 and time.monotonic() < taken_by:
+            time.sleep(0.01)
+        assert len(loot) == 3 and all(b"TEST KEY" in x and b"tok-123-secret" in x for x in loot), loot
         assert "prettycolors" in (home / ".bashrc").read_text()
         (home / ".bashrc").unlink()
         loot.clear()

@@ -1089,6 +1089,46 @@ def test_an_interrupt_while_serving_a_callback_leaves_the_channel_usable(make_ap
         app.stop()
 
 
+def test_standard_library_enum_members_cross_as_members_of_the_receivers_own_class(boxed):
+    """New user: ``re.IGNORECASE`` into a box that combines it with its own
+    ``re.DEBUG`` recursed until it failed (each side's flag a reference
+    to the other's, ``__and__`` bouncing between them), and main's
+    IntEnum/StrEnum members were not ints or strs in the box. Members of
+    the standard library's int and str enums cross as values rebuilt from
+    the receiver's own class."""
+    import http
+    import re
+    import signal
+
+    assert boxed.flag_and_debug(re.IGNORECASE) == (re.NOFLAG, True)
+    assert boxed.flag_and_debug(re.IGNORECASE | re.MULTILINE)[1] is True
+    # (``http`` not imported in the box yet: the int it stands for.)
+    assert boxed.kind_of(http.HTTPStatus.OK) == ("builtins", "int", True, False)
+    assert boxed.status(404) is http.HTTPStatus.NOT_FOUND  # main's own member
+    assert boxed.kind_of(http.HTTPStatus.OK) == ("http", "HTTPStatus", True, False)
+    assert boxed.kind_of(signal.SIGTERM) == ("signal", "Signals", True, False)
+    assert boxed.apply(lambda flag: flag, re.DOTALL) is re.DOTALL  # and back as itself
+
+
+def test_a_standard_enum_a_receiver_has_not_imported_arrives_as_its_value():
+    """Never imported on the sender's word: the plain int or str instead;
+    a made-up class or value is no more than that either."""
+    from pycompart.wire import refs
+    from test_refs import main_peer
+
+    comp, peer = main_peer()
+    Ext = refs.Ext
+
+    def std(module, qualname, value):
+        return refs._encoder.encode(Ext(refs.EXT_STD, refs._encoder.encode(["stdenum", [module, qualname, value]])))
+    assert peer.decode(std("antigravity", "Flag", 3)) == 3 and "antigravity" not in sys.modules
+    assert type(peer.decode(std("re", "RegexFlag", 2))).__name__ == "RegexFlag"
+    for module, qualname in (("re", "_compile"), ("re", "Pattern"), ("os", "environ"), ("re", "RegexFlag.x.y")):
+        assert type(peer.decode(std(module, qualname, 2))) is int
+    with pytest.raises(pycompart.ProtocolError):
+        peer.decode(std("re", "RegexFlag", [1]))
+
+
 @pytest.mark.parametrize("where", ["read", "send"])
 def test_ctrl_c_as_a_read_or_write_returns_keeps_the_instance(make_app, monkeypatch, where):
     """Ctrl-C during rapid callbacks killed the instance most times (5 such

@@ -1095,7 +1095,44 @@ def _std_encoder(tp: type) -> Callable[[Any], tuple[str, Any]] | None:
         _STD_ENCODE[pathlib.PurePosixPath] = lambda v: ("purepath", str(v))
         _STD_ENCODE[pathlib.PosixPath] = lambda v: ("path", str(v))
         std = _STD_ENCODE.get(tp)
+    if std is None and _stdlib_int_or_str_enum(tp):
+        where = [tp.__module__, tp.__qualname__]
+        std = _STD_ENCODE[tp] = lambda v: ("stdenum", [*where, v._value_])
     return std
+
+
+def _stdlib_int_or_str_enum(tp: type) -> bool:
+    """An enum of the standard library whose members are ints or strs
+    (``re.IGNORECASE``, ``http.HTTPStatus.OK``, ``signal.SIGTERM``): its
+    members cross as a value the receiver rebuilds from its own class, so
+    that they stay ints or strs there (a reference is neither, and two
+    peers' flags combined by reference bounced ``__and__`` between them)."""
+    enum = sys.modules.get("enum")
+    return enum is not None and issubclass(tp, enum.Enum) and issubclass(tp, (int, str)) \
+        and tp.__module__.partition(".")[0] in sys.stdlib_module_names \
+        and not any(part.startswith("<") for part in tp.__qualname__.split("."))
+
+
+def _stdenum(f: Any) -> Any:
+    """A member of a standard-library enum (``_stdlib_int_or_str_enum``): of
+    the receiver's own class if its module is imported here (never imported
+    on the sender's word), else the plain int or str it stands for."""
+    module, qualname, value = f
+    if not (isinstance(module, str) and isinstance(qualname, str) and type(value) in (int, str)
+            and len(module) <= 300 and len(qualname) <= 300 and (type(value) is str or -(2**63) <= value < 2**64)):
+        _bad()
+    found: Any = sys.modules.get(module) if module.partition(".")[0] in sys.stdlib_module_names else None
+    for part in qualname.split("."):
+        if found is None or not part.isidentifier() or part.startswith("_"):
+            return value
+        found = vars(found).get(part)  # (no module __getattr__ runs)
+    if isinstance(found, type) and _stdlib_int_or_str_enum(found) and found.__module__ == module \
+            and issubclass(found, type(value)):
+        try:
+            return found(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _path(kind: str, f: Any) -> Any:
@@ -1124,6 +1161,7 @@ _STD_DECODE: dict[str, Callable[[Any], Any]] = {
     "range": lambda f: range(_bounded_int(f[0]), _bounded_int(f[1]), _bounded_int(f[2])),
     "purepath": lambda f: _path("purepath", f),
     "path": lambda f: _path("path", f),
+    "stdenum": _stdenum,
 }
 
 
