@@ -658,3 +658,16 @@ def status(code):
     import http
 
     return http.HTTPStatus(code)
+
+
+class Name(str):
+    """A str subclass of ours: main holds it by reference."""
+
+
+def name(text):
+    return Name(text)
+
+
+def lookup(key):
+    """Main's str subclass as a key of our own dict and set."""
+    return {"fast": 1}.get(key), key in {"fast"}, hash(key) == hash("fast")

@@ -1110,6 +1110,19 @@ def test_standard_library_enum_members_cross_as_members_of_the_receivers_own_cla
     assert boxed.apply(lambda flag: flag, re.DOTALL) is re.DOTALL  # and back as itself
 
 
+def test_a_str_subclass_by_reference_hashes_as_the_equal_str_does(boxed):
+    """New user: ``m == "x"`` held but ``hash(m) != hash("x")`` (the owner
+    hashed it with its own seed), so dict and set lookups missed, both
+    ways. A str or bytes subclass's proxy now hashes the plain value itself."""
+    m = boxed.name("x")
+    assert type(m) is not str and m == "x"
+    assert hash(m) == hash("x") and {"x": 1}.get(m) == 1 and m in {"x"}
+
+    class Key(str):
+        pass
+    assert boxed.lookup(Key("fast")) == (1, True, True)
+
+
 def test_a_standard_enum_a_receiver_has_not_imported_arrives_as_its_value():
     """Never imported on the sender's word: the plain int or str instead;
     a made-up class or value is no more than that either."""

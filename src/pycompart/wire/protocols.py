@@ -389,11 +389,28 @@ def _binary(name: str) -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], 
     return fn, (lambda o, x: fn(x, o)), inplace
 
 
+#: The longest str or bytes whose hash the other side computes itself.
+MAX_HASHED_HERE = 1 << 20
+
+
+def _portable_hash(obj: Any) -> Any:
+    """``hash(obj)`` for the proxy's side. Each process hashes str and bytes
+    with a seed of its own (which must stay its own), so a str or bytes
+    subclass keeping their ``__hash__`` sends its plain value instead, for
+    the proxy to hash: its hash then agrees with ``==`` on that side
+    (dict and set lookups by the equal plain str work)."""
+    tp = type(obj)
+    for base in (str, bytes):
+        if tp is not base and isinstance(obj, base) and tp.__hash__ is base.__hash__ and len(obj) <= MAX_HASHED_HERE:
+            return [str.__str__(obj) if base is str else bytes(memoryview(obj))]
+    return hash(obj)
+
+
 OPS: dict[str, Callable[..., Any]] = {
     "len": len, "iter": _iter, "next_batch": _next_batch, "reversed": _iter_reversed,
     "getitem": lambda o, k: o[k], "setitem": lambda o, k, v: o.__setitem__(k, v),
     "delitem": lambda o, k: o.__delitem__(k), "contains": lambda o, k: k in o,
-    "repr": repr, "str": str, "bool": bool, "hash": hash,
+    "repr": repr, "str": str, "bool": bool, "hash": _portable_hash,
     "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
     "gt": operator.gt, "ge": operator.ge,
     "neg": operator.neg, "pos": operator.pos, "abs": abs, "invert": operator.invert,
@@ -476,6 +493,8 @@ def _hash(self: Any) -> int:
     cached = self._pc_hash
     if cached is None:
         value = self._pc_op("hash")
+        if type(value) is list and len(value) == 1 and type(value[0]) in (str, bytes):
+            value = hash(value[0])  # (a str or bytes subclass's: hashed here, see _portable_hash)
         if type(value) is not int:
             raise TypeError("__hash__ returned a non-integer")
         cached = value
