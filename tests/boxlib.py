@@ -577,7 +577,7 @@ def stall_with_echoed_errors(waves=4, per=8, size=65000, sleep=30):
         for _ in range(per):
             _, frame = channel.conn.send_call("@" + "A" * size, refs._encoder.encode([]), 0,
                                               parent, True)
-            with channel._send_lock:
+            with channel.send_lock():
                 channel.transport.send(frame, (), None)
         time.sleep(0.3)
     time.sleep(sleep)

@@ -1,6 +1,8 @@
 import os, socket
 def read_fd(fd):
     return os.read(fd.fileno(), 100)
+def pread_fd(fd):
+    return os.pread(fd.fileno(), 100, 0)
 def read_file(f):
     return f.read(), type(f).__name__
 def open_itself(path):
@@ -68,7 +70,7 @@ def _raw(frames):
 
     channel = Callback.call_out.__self__.channel
     sock = channel.transport.sock
-    with channel._send_lock:
+    with channel.send_lock():
         for data, fds in frames:
             anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
             sock.sendmsg([data], anc)

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 import boxed
+import interrupts
 import pycompart
 import pycompart.wire.exceptions
 from pycompart import (
@@ -738,3 +739,20 @@ def test_an_app_started_inside_an_instance_says_how_to_fix_it(make_app):
     with app:
         said = start()
     assert "cannot be started inside a compartment instance" in said and '__name__ == "__main__"' in said
+
+
+
+@pytest.mark.parametrize("value", ["v" * 8, "v" * 300_000, b"v" * 300_000], ids=["small", "text", "bulk"])
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_interrupt_at_every_moment_of_a_call_leaves_the_channel_whole(make_app, value):
+    """Red team: a Ctrl-C raised right after the channel's lock, its send
+    lock or its reading were taken, before the try that gives them back,
+    left them taken, and every later call waited for ever (2 in 60 runs of
+    a random timer). Here it comes at each moment of a call in turn: a
+    small call (the compact fast path), a big one (written while waiting
+    for room), bulk data (the shared lane)."""
+    app = make_app({"compartments": {"box": {"restart_backoff": "1ms", "restart_window": "1ms",
+                                             "max_restarts": 10000}}})
+    echo = app.entrypoint("box")(boxed.echo_text if isinstance(value, str) else boxed.echo)
+    with app:
+        interrupts.at_every_moment(app, lambda: echo(value), value, echo.options(timeout=10))

@@ -10,6 +10,7 @@ import types
 
 import pytest
 
+import interrupts
 import pycompart
 from pycompart.frontend.proxy import ModuleProxy, RemoteObject
 
@@ -1229,3 +1230,20 @@ def test_a_call_timed_out_during_its_callback_is_cancelled_once(make_app, monkey
     finally:
         del sys.modules["boxlib"]
         app.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_interrupt_at_every_moment_of_a_callback_call_leaves_the_channel_whole(make_app):
+    """A Ctrl-C at each moment in turn of a call into a module box that calls
+    back into main (``interrupts``): the channel holds nothing afterwards,
+    and the next call works."""
+    app = box_app(make_app, restart_backoff="1ms", restart_window="1ms", max_restarts=10000)
+    app.start(import_hook=True)
+    try:
+        import boxlib
+
+        moments = interrupts.at_every_moment(app, lambda: boxlib.apply(len, "abc"), 3,
+                                             lambda expected: boxlib.apply(len, "xyz"))
+        assert moments > 100
+    finally:
+        sys.modules.pop("boxlib", None)

@@ -36,7 +36,7 @@ from ..errors import CallCancelled, EntrypointError, ProtocolError
 from ..kernel import process, rlimits
 from ..transport.bulk import Lanes
 from ..transport import gate
-from ..transport.channel import REPLY_SEND_TIMEOUT, CallServer, Channel, serving, serving_stack
+from ..transport.channel import REPLY_SEND_TIMEOUT, CallServer, Channel, leave_serving, serving, serving_stack
 from ..transport.streams import PipeTransport, SocketTransport
 from ..wire import refs
 from ..wire.config import CANCEL_SIGNAL, EXIT_PROTOCOL, EXIT_START_FAILED, InstanceConfig
@@ -420,11 +420,12 @@ class Server(CallServer):
         self.current = call.id
         self.cancel_current = False
         stack = serving_stack()
-        stack.append((channel, call.id))
+        entry = (channel, call.id)
         try:
+            stack.append(entry)
             return self.execute(channel, call, True)
         finally:
-            stack.pop()
+            leave_serving(stack, entry)
             self.current = None
             if channel.track_arrivals:
                 self.peer.decoded(("c", call.id))
@@ -534,7 +535,8 @@ class Server(CallServer):
         self.current = rid
         self.cancel_current = False
         stack = serving_stack()
-        stack.append((channel, rid))
+        entry = (channel, rid)
+        stack.append(entry)
         active = self.active
         active.append(rid)
         self.in_user_code = True
@@ -547,7 +549,7 @@ class Server(CallServer):
         finally:
             self.in_user_code = False
             active.pop()
-            stack.pop()
+            leave_serving(stack, entry)
             self.current = None
 
     @staticmethod

@@ -522,8 +522,9 @@ class _Runtime:
                 inst = lease.inst
             else:
                 inst = pool.pick(deadline)
-            sent, fds = fds, []  # the channel's from here on, sent or not
-            reply = inst.channel.request(ep.key, payload, deadline, fds=sent)
+            # The channel closes each as it is sent (or not); what is left in
+            # the list (interrupted first) is closed below.
+            reply = inst.channel.request(ep.key, payload, deadline, fds=fds)
             with refs.receiving(inst.channel.take_message_fds(("r", reply.id))):
                 if isinstance(reply, Err):
                     outcome = f"error:{reply.error.type_name}"
@@ -548,7 +549,7 @@ class _Runtime:
                 outcome = f"failed:{type(exc).__name__}"
             raise
         finally:
-            close_fds(fds)  # not handed to the channel (no instance to call)
+            close_fds(fds)  # not handed to the channel (no instance to call, or interrupted)
             if lease is not None:
                 lease.__exit__(None, None, None)
             if self.audit is not None:

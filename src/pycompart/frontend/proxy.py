@@ -167,9 +167,21 @@ class Compartment:
         else:
             self.check_alive(inst)
             parent = serving(inst.channel)
-        with refs.sending():  # what main hands over in this call (see _returned)
+        stack = refs.sending_stack()
+        handles: set[int] = set()  # what main hands over in this call (see _returned)
+        try:
+            stack.append(handles)
             payload = inst.peer.encode(args)  # type: ignore[attr-defined]
-            return self._request(inst, op, payload, parent, refs.take_outgoing_fds())
+            fds = refs.take_outgoing_fds()
+            try:
+                return self._request(inst, op, payload, parent, fds)
+            finally:
+                close_fds(fds)  # (what an interrupt left before the channel sent them)
+        finally:
+            if stack and stack[-1] is handles:  # (inline: see ``sending_stack``)
+                stack.pop()
+            else:
+                refs.leave_sending(stack, handles)
 
     def call_plain(self, inst: InstanceHandle | None, op: str, request: list[Any]) -> Any:
         """``call`` of a request already in wire form (``refs.encode_wire``):

@@ -30,7 +30,6 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import threading
 from collections.abc import Sequence
 
 from .. import fastpaths
@@ -85,7 +84,6 @@ class Lanes:
         self._view = memoryview(self._map)
         self._out = 0 if side == 0 else size
         self._in = size if side == 0 else 0
-        self._lock = threading.Lock()
         self._sent = 0  # frames sent through our lane
         self._copied = 0  # frames copied out of theirs
 
@@ -93,16 +91,18 @@ class Lanes:
 
     def send(self, buffers: Sequence[memoryview]) -> bool:
         """Copy ``buffers`` (byte-format, contiguous) into our lane for the
-        next frame; False when the lane is busy or too small (send inline)."""
+        next frame; False when the lane is busy, too small or closed (send
+        inline). One sender at a time: the channel's lane token
+        (``Channel._place_bulk``), not a lock in here, which a signal
+        handler's exception could leave taken (raised as the lock's acquire
+        returns) and then stall ``close`` in the monitor for ever."""
         if len(buffers) > MAX_SEGMENTS:
             return False
         if sum(b.nbytes for b in buffers) > self.size - DATA_START:
             return False
-        if not self._lock.acquire(blocking=False):
-            return False
+        view = self._view
+        base = self._out
         try:
-            view = self._view
-            base = self._out
             if view is None or _COUNT.unpack_from(view, base)[0] != self._sent:
                 return False  # the frame before is not copied out yet
             table: list[int] = []
@@ -113,15 +113,14 @@ class Lanes:
                 table += (at, n)
                 at += n
             struct.pack_into(f"<{len(table)}Q", view, base + _TABLE, *table)
-            self._sent += 1
-            return True
-        finally:
-            self._lock.release()
+        except ValueError:
+            return False  # (closed meanwhile: the view was released)
+        self._sent += 1
+        return True
 
     def unsend(self) -> None:
         """The frame the last ``send`` was for did not go out."""
-        with self._lock:
-            self._sent -= 1
+        self._sent -= 1
 
     # -- receiving -------------------------------------------------------------
 
@@ -158,8 +157,10 @@ class Lanes:
         return out
 
     def close(self) -> None:
-        with self._lock:
-            view, self._view = self._view, None
+        view, self._view = self._view, None
         if view is not None:
-            view.release()
-            self._map.close()
+            try:
+                view.release()
+                self._map.close()
+            except BufferError:
+                pass  # a sender's copy holds it this moment: unmapped when freed

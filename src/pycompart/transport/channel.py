@@ -21,7 +21,8 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from .. import fastpaths
@@ -97,6 +98,17 @@ def spin_seconds() -> float:
         return DEFAULT_SPIN
 
 
+def leave_serving(stack: list[tuple[Channel, int]], entry: tuple[Channel, int]) -> None:
+    """Take ``entry`` off ``stack`` (by identity: it may be gone already)."""
+    if stack and stack[-1] is entry:
+        stack.pop()
+        return
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is entry:
+            del stack[i]
+            return
+
+
 def serving(channel: Channel) -> int:
     """The innermost call that this thread is serving for ``channel``'s
     peer, or 0. A call this thread makes to that peer is nested in it."""
@@ -120,24 +132,6 @@ def serving_stack() -> list[tuple[Channel, int]]:
     if stack is None:
         stack = _context.stack = []
     return stack
-
-
-class serving_call:
-    """Context manager: this thread serves ``rid`` for ``channel``."""
-
-    __slots__ = ("entry",)
-
-    def __init__(self, channel: Channel, rid: int):
-        self.entry = (channel, rid)
-
-    def __enter__(self) -> None:
-        stack = getattr(_context, "stack", None)
-        if stack is None:
-            stack = _context.stack = []
-        stack.append(self.entry)
-
-    def __exit__(self, *exc: object) -> None:
-        _context.stack.pop()
 
 
 class CallServer:
@@ -184,6 +178,12 @@ def refusal(message: str) -> ErrorInfo:
     return ErrorInfo("pycompart.EntrypointError", message, [message], "")
 
 
+#: How long a sender waits for the send lock at least (``_wait_to_send``),
+#: and at most between two looks at it.
+SEND_WAIT_MIN = 0.05
+SEND_WAIT_SLICE = 0.05
+
+
 class _LockBusy(Exception):
     """The send lock stayed held past a sender's deadline."""
 
@@ -192,7 +192,7 @@ class _Waiter:
     """A thread waiting for its reply while another thread leads. Calls
     nested in its call are queued on ``nested`` for it to run."""
 
-    __slots__ = ("lock", "done", "message", "error", "nested", "busy", "took_lead")
+    __slots__ = ("lock", "done", "message", "error", "nested", "running", "busy", "took_lead")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -201,6 +201,9 @@ class _Waiter:
         self.message: Ok | Err | None = None
         self.error: BaseException | None = None
         self.nested: list[Call] = []
+        #: The nested calls it took to run, until all are answered: what an
+        #: interrupt leaves unanswered is refused (``_stop_waiting``).
+        self.running: list[Call] = []
         #: Running nested calls or still sending its own: not waiting, so
         #: it cannot be handed the reading.
         self.busy = False
@@ -260,10 +263,28 @@ class Channel:
         #: reads without polling first; everyone else still polls.
         self.blocking_reads = False
         self._mu = threading.Lock()
-        self._send_lock = threading.Lock()
+        #: The send lock: the token of the thread that may write a frame
+        #: now, None if nobody. Taken under ``_mu`` by storing a token (a
+        #: call's id, or the sender's own object) and given back by the
+        #: holder, so that whatever ends a holder by raising (a signal
+        #: handler's exception, which Python raises at its next check, even
+        #: right after a lock was taken) can tell from it whether the lock
+        #: is its own to give back (``_unwind``). A ``threading.Lock``
+        #: cannot: nothing says who holds it. Senders that wait for it
+        #: queue here (``_wait_to_send``).
+        self._send_owner: object = None
+        self._send_queue: list[_Waiter] = []
+        #: The exception that interrupted ``_send_whole`` once the frame was
+        #: out whole (``_not_sent``).
+        self._sent_whole: BaseException | None = None
+        #: Who copies into our bulk lane now (``_place_bulk``).
+        self._lane_owner: object = None
         self._waiters: dict[int, _Waiter] = {}
         self._leader = False
         self._leader_rid = 0
+        #: Who reads (with ``_leader``): the fast-path leader's call id, a
+        #: follower's waiter, or the serve loop's inbox; for the same reason.
+        self._lead_by: object = None
         self._leader_reply: Ok | Err | None = None
         self._buf = bytearray(_READ_CHUNK)
         self._view = memoryview(self._buf)
@@ -291,6 +312,10 @@ class Channel:
         #: moment its read returns.
         self._got = memoryview(bytearray(8)).cast("q")
         self._got[0] = -1
+        #: A message is being taken from the decoder and dispatched: one
+        #: that an exception interrupts is lost (a call nobody answers), so
+        #: the channel breaks (``_interrupted``).
+        self._handling = False
         self.failure: CompartmentError | None = None
         self.failure_factory: Callable[[], CompartmentError] | None = None
         self._users = 0  # threads inside request()/drain(); close waits for 0
@@ -330,20 +355,17 @@ class Channel:
             raise TypeError(f"the channel to {self.peer!r} cannot carry descriptors (its spec "
                             "needs descriptors = true)")
         # A signal handler's exception (KeyboardInterrupt) is raised where
-        # Python next checks for it: after a long C call such as an encoding,
-        # that may be the first call after it, so each lock below is taken
-        # right after a Python call (``new_call``, ``with_pending``), which
-        # raises one that came meanwhile before the lock is held.
+        # Python next checks for it: at any call, even right after a lock was
+        # taken. Whatever this call takes of the channel (the reading, the
+        # send lock, a waiter's slot, a user's count) is taken inside the
+        # try of the method that gives it back, and recorded under the
+        # call's id, so that what ends it by raising can give back exactly
+        # that (``_unwind``).
         if self._compact and not fds and not parent and not concurrent and payload.__class__ is bytes:
             rid = conn.new_call()
-            mu = self._mu
-            mu.acquire()
-            if self.failure is None and not self.pending_release and not self.pending_output \
-                    and self._take_lead(rid):
-                self._users += 1
-                mu.release()
-                return self._exchange(rid, entrypoint, None, deadline, 0, payload)  # type: ignore[arg-type]
-            mu.release()
+            reply = self._exchange(rid, entrypoint, None, deadline, 0, payload)  # type: ignore[arg-type]
+            if reply is not None:
+                return reply
             nbulk = 0
             frame = conn.call_frame(rid, entrypoint, payload)  # type: ignore[arg-type]
         else:
@@ -357,40 +379,58 @@ class Channel:
                     self.bulk.unsend()  # type: ignore[union-attr]
                 raise
         frame = self.with_pending(frame)
-        mu = self._mu
-        mu.acquire()
-        if self.failure is not None:
-            mu.release()
-            conn.forget(rid)
-            close_fds(fds)
-            raise self.failure
-        self._users += 1
-        if not fds and self._direct is not None and self._take_lead(rid):
-            mu.release()
-            return self._exchange(rid, entrypoint, frame, deadline, nbulk)
-        try:
-            return self._request(rid, entrypoint, frame, deadline, fds, nbulk)
-        finally:
-            self._leave()
+        if not fds and self._direct is not None:
+            reply = self._exchange(rid, entrypoint, frame, deadline, nbulk)
+            if reply is not None:
+                return reply
+        return self._request(rid, entrypoint, frame, deadline, fds, nbulk)
 
     def _take_lead(self, rid: int) -> bool:
         """(With ``_mu`` held.) The fast path's start: if nobody reads or
         sends, lead for ourselves, call ``rid``, holding the send lock
         already (leading while waiting for it would leave its holder, its
-        frame waiting for room, with nobody to read for it)."""
-        if self._leader or not self._send_lock.acquire(blocking=False):
+        frame waiting for room, with nobody to read for it). Stores only:
+        nothing in here can raise once the first store is done."""
+        if self._leader or self._send_owner is not None:
             return False
+        self._send_owner = rid
         self._leader = True
         self._leader_rid = rid
+        self._lead_by = rid
         self._leader_reply = None
         return True
+
+    def _unwind(self, rid: int, exc: BaseException) -> None:
+        """Call ``rid`` is ending by raising ``exc`` (a signal handler's
+        exception at any moment, or anything else): give back what the
+        channel's state says it still holds (the send lock, the reading, a
+        waiter registered for it, cancelled as a timeout does), or every
+        later call would wait for ever."""
+        if self._send_owner == rid:
+            self._release_send()
+        self._stop_leading(rid, exc)
+        waiter = self._waiters.get(rid)
+        if waiter is not None:
+            self._stop_waiting(rid, waiter)
+        conn = self.conn
+        if rid in conn.awaiting and rid not in conn.cancelled and self.failure is None:
+            self.cancel(rid)  # (out, and its reply not taken: nobody will)
 
     def _place_bulk(self, payload: BulkPayload) -> tuple[bytes, int]:
         """The bytes to frame and how many bulk segments they name: the
         values go into our lane if it is free, else inline."""
         lanes = self.bulk
-        if lanes is not None and lanes.send(payload.buffers):
-            return payload.payload, len(payload.buffers)
+        if lanes is not None:
+            token = object()
+            try:
+                with self._mu:
+                    if self._lane_owner is None:
+                        self._lane_owner = token
+                if self._lane_owner is token and lanes.send(payload.buffers):
+                    return payload.payload, len(payload.buffers)
+            finally:
+                if self._lane_owner is token:  # (as the send lock: see ``_send_owner``)
+                    self._lane_owner = None
         return payload.inline(), 0
 
     def reply_value(self, rid: int, value: bytes | BulkPayload, nfds: int = 0) -> bytes:
@@ -412,6 +452,12 @@ class Channel:
     def _leave(self) -> None:
         with self._mu:
             self._users -= 1
+        if self._close_requested:
+            self._close_if_unused()
+
+    def _close_if_unused(self) -> None:
+        """A close was asked for while we were in: the last one out closes."""
+        with self._mu:
             close = self._close_requested and self._users == 0 and not self.closed
             if close:
                 self.closed = True
@@ -420,37 +466,64 @@ class Channel:
 
     def _request(self, rid: int, entrypoint: str, frame: bytes, deadline: float | None,
                  fds: list[int] | tuple[int, ...] = (), nbulk: int = 0) -> Ok | Err:
-        """Called with ``_mu`` held; releases it."""
+        """The general path: lead for ourselves if nobody reads or sends (a
+        transport without ``_exchange``); else send when the send lock is
+        free, and wait as a follower for our reply (or for the reading)."""
         mu = self._mu
-        if self._take_lead(rid):  # (a transport without ``_exchange``)
-            mu.release()
-            waiter = None
-        else:
-            waiter = _Waiter()
-            waiter.busy = True  # sending: it cannot be handed the reading yet
-            self._waiters[rid] = waiter
-            mu.release()
+        waiter = None
+        entered = False
         try:
-            if waiter is None:
-                self._send(frame, deadline, fds, leading=True)
-            else:
-                try:
-                    self._send(frame, deadline, fds, follower=waiter)
-                finally:
-                    waiter.busy = False
-        except BaseException as exc:
-            self._not_sent(rid, entrypoint, waiter, nbulk, exc)
-        try:
+            with mu:
+                failure = self.failure
+                if failure is None:
+                    self._users += 1
+                    entered = True
+                    if not self._take_lead(rid):
+                        waiter = _Waiter()
+                        waiter.busy = True  # sending: it cannot be handed the reading yet
+                        self._waiters[rid] = waiter
+            if failure is not None:
+                self.conn.forget(rid)
+                close_fds(fds)
+                raise failure
+            try:
+                if waiter is None:
+                    self._send(frame, deadline, fds, owner=rid)
+                else:
+                    try:
+                        self._send(frame, deadline, fds, follower=waiter)
+                    finally:
+                        waiter.busy = False
+            except BaseException as exc:
+                self._not_sent(rid, entrypoint, waiter, nbulk, exc)
             if waiter is None:
                 return self._lead_then_await(rid, entrypoint, deadline)
             return self._follow(rid, entrypoint, waiter, deadline)
         except BaseException as exc:
-            self._stop_leading(rid, exc)  # (see ``_exchange``)
+            if entered:
+                self._unwind(rid, exc)
             raise
+        finally:
+            if entered:
+                # (Inline: a signal handler's exception can be raised as any
+                # function is entered, even in a finally clause.)
+                with mu:
+                    self._users -= 1
+                if self._close_requested:
+                    self._close_if_unused()
 
     def _not_sent(self, rid: int, entrypoint: str, waiter: _Waiter | None, nbulk: int,
-                  exc: BaseException) -> NoReturn:
-        """``_send`` raised ``exc``: what the caller gets instead."""
+                  exc: BaseException, compact: bool = False) -> NoReturn:
+        """``_send`` raised ``exc``: what the caller gets instead.
+        ``compact``: the frame was a ``gate.call``, whose return an
+        interrupt can hide (the frame went out whole, or not at all)."""
+        if self._sent_whole is exc or (compact and not isinstance(exc, Exception) and self.failure is None):
+            # Interrupted as the frame went out whole (or perhaps did): the
+            # call is out, and ``_unwind`` cancels it; its reply, if it
+            # comes, is a cancelled call's.
+            self._sent_whole = None
+            self._abandon(rid, waiter, forget=False)
+            raise exc
         if isinstance(exc, _LockBusy):
             # Another thread is stuck sending (to a peer that does not
             # read): nothing of ours is on the wire; give up by our deadline.
@@ -498,23 +571,31 @@ class Channel:
             self._release_leadership(own=waiter)
 
     def _exchange(self, rid: int, entrypoint: str, frame: bytes | None, deadline: float | None,
-                  nbulk: int, compact: bytes | None = None) -> Ok | Err:
-        """``request``'s fast path on a pipe, leading for ourselves and
-        holding the send lock: write our frame (with one ``os.write`` when
-        the pipe has room), release the lock, and wait for what comes back
-        first in ``transport.gate.receive`` (C where built). Our plain reply
-        ends it there, leaving the channel under one lock; anything else
-        goes to the general loop. ``compact``: no frame yet, but the
-        arguments of a top-level call to send in compact form."""
-        left = False
+                  nbulk: int, compact: bytes | None = None) -> Ok | Err | None:
+        """``request``'s fast path on a pipe, if nobody reads or sends (else
+        None, as when the channel failed): lead for ourselves holding the
+        send lock, write our frame (with one ``os.write`` when the pipe has
+        room), release the lock, and wait for what comes back first in
+        ``transport.gate.receive`` (C where built). Our plain reply ends it
+        there, leaving the channel under one lock; anything else goes to the
+        general loop. ``compact``: no frame yet, but the arguments of a
+        top-level call to send in compact form (not while releases or
+        output wait to go out with a frame)."""
+        entered = left = False
         try:
+            with self._mu:
+                if self.failure is not None or (compact is not None and (
+                        self.pending_release or self.pending_output)) or not self._take_lead(rid):
+                    return None
+                self._users += 1
+                entered = True
             try:
                 if compact is not None:
                     self._write_compact(rid, entrypoint, compact, deadline)
                 else:
                     self._write_leading(frame, deadline)  # type: ignore[arg-type]
             except BaseException as exc:
-                self._not_sent(rid, entrypoint, None, nbulk, exc)
+                self._not_sent(rid, entrypoint, None, nbulk, exc, compact is not None)
             while not self.conn.frames.pending and self.failure is None:
                 event = self._receive_own(rid, deadline)
                 if event is None and self._leader_nested and self._leader_reply is None \
@@ -530,6 +611,7 @@ class Channel:
                             if not self._leader_nested and not self._waiters and not self._inbox_waiting:
                                 self._leader = False
                                 self._leader_rid = 0
+                                self._lead_by = None
                                 if not self._close_requested:
                                     self._users -= 1
                                     left = True
@@ -545,11 +627,15 @@ class Channel:
             # A signal handler's exception (KeyboardInterrupt) anywhere in
             # here, or anything else: we stop leading (if we still do), or
             # nobody would ever read again.
-            self._stop_leading(rid, exc)
+            if entered:
+                self._unwind(rid, exc)
             raise
         finally:
-            if not left:
-                self._leave()
+            if entered and not left:
+                with self._mu:  # (inline: see ``_request``)
+                    self._users -= 1
+                if self._close_requested:
+                    self._close_if_unused()
 
     def _serve_nested_then_lead(self, rid: int, entrypoint: str, deadline: float | None) -> _Waiter | None:
         """``_exchange``'s leader got calls nested in its own before its
@@ -569,6 +655,7 @@ class Channel:
                     if not nested:
                         break
                     waiter.nested = []
+                    waiter.running = nested
                     waiter.busy = True
                 self._run_nested(waiter, nested, deadline)
                 if deadline is not None and time.monotonic() >= deadline:
@@ -583,16 +670,17 @@ class Channel:
             del self._waiters[rid]
             self._leader = True
             self._leader_rid = rid
+            self._lead_by = rid
             self._leader_reply = None
         return None
 
     def _run_nested(self, waiter: _Waiter, nested: list[Call], deadline: float | None) -> None:
-        """Run the calls nested in ``waiter``'s that it took (``busy`` since)."""
-        try:
-            for call in nested:
-                self.serve_nested(call, deadline)
-        finally:
-            waiter.busy = False
+        """Run the calls nested in ``waiter``'s that it took (``busy`` and
+        ``running`` since). Whatever raises out of here ends the wait
+        (``_stop_waiting``), answering what is left."""
+        while nested:
+            self.serve_nested(nested[0], deadline, nested)
+        waiter.busy = False
 
     def _stop_leading(self, rid: int, exc: BaseException) -> None:
         if self._leader and self._leader_rid == rid:  # we are the one who reads
@@ -606,7 +694,9 @@ class Channel:
         try:
             self._send_whole(frame, (), deadline, self._pump)
         finally:
-            self._send_lock.release()
+            self._send_owner = None  # (ours: see ``_take_lead``)
+            if self._send_queue:
+                self._wake_senders()
 
     def _send_whole(self, data: bytes | memoryview, fds: list[int] | tuple[int, ...], deadline: float | None,
                     pump: Callable[[], None] | None) -> None:
@@ -622,7 +712,9 @@ class Channel:
             raise
         except BaseException as exc:
             if self.transport.wrote_all(data):
-                raise  # (raised as the last write returned: the whole frame is out)
+                # (Raised as the last write returned: the whole frame is out.)
+                self._sent_whole = exc
+                raise
             self.fail(ProtocolError(f"channel to {self.peer!r} broken: sending a frame was interrupted "
                                     f"({type(exc).__name__})"), reason="interrupted send")
             raise
@@ -640,7 +732,9 @@ class Channel:
             if not gate.call(self._direct[0], rid, name, args):  # type: ignore[index]
                 self._send_whole(self.conn.call_frame(rid, entrypoint, args), (), deadline, self._pump)
         finally:
-            self._send_lock.release()
+            self._send_owner = None
+            if self._send_queue:
+                self._wake_senders()
 
     def _receive_own(self, rid: int, deadline: float | None) -> Ok | bool | None:
         """Wait for what comes first, and read it: our plain reply (``Ok``,
@@ -654,18 +748,22 @@ class Channel:
             self._keep_unread()
             raise
         if n.__class__ is bytes:  # our reply in compact form, all that was read
+            self._handling = True
             self._got[0] = -1
             event = self.conn.reply_to(rid, n)  # type: ignore[arg-type]
             if event.__class__ is Ok and self.failure is None:
                 if self.track_arrivals:
                     self.server.arrived(self, ("r", rid))
+                self._handling = False
                 return event  # type: ignore[return-value]
             self._dispatch(event)
+            self._handling = False
             return None
         if n == 0:
             self._fail_from_eof("closed its channel")
         elif n > 0:
             conn = self.conn
+            self._handling = True
             event = conn.parse_one(self._view[:n])
             self._got[0] = -1
             if event.__class__ is Ok and event.id == rid and conn.bulk_values is None \
@@ -678,9 +776,11 @@ class Channel:
                     # sends after a reply): taken now, or the next call
                     # could not take the fast path.
                     self._dispatch_buffered()
+                self._handling = False
                 return event  # type: ignore[return-value]
             if event is not _NEED_DATA:
                 self._dispatch(event)
+            self._handling = False
             if self._leader_reply is not None:
                 return True
         return None
@@ -689,10 +789,13 @@ class Channel:
         """(The leader.) Dispatch the whole frames buffered, if any."""
         conn = self.conn
         while conn.frames.pending and self.failure is None:
+            self._handling = True
             event = conn.next_event()
+            if event is not _NEED_DATA:
+                self._dispatch(event)
+            self._handling = False
             if event is _NEED_DATA:
                 return
-            self._dispatch(event)
 
     def _lead_for_self(self, rid: int, deadline: float | None) -> tuple[Ok | Err | None, _Waiter | None]:
         try:
@@ -724,6 +827,9 @@ class Channel:
         take the calls the peer nests in ``rid`` from now on, and nobody
         runs them (the peer would wait for ever), and cancel the call, as a
         timeout does. What was queued for it is refused."""
+        if self._leader and self._lead_by is waiter:
+            # (It took the reading, and was stopped before it read.)
+            self._release_leadership(own=waiter)
         with self._mu:
             # (Not registered any more: its reply came, or a timeout gave
             # it up and cancelled it already.)
@@ -731,6 +837,9 @@ class Channel:
             if registered:
                 del self._waiters[rid]
             orphans, waiter.nested = waiter.nested, []
+            running, waiter.running = waiter.running, []
+        for call in running:  # (taken to run, and never answered)
+            self.refuse(call, "interrupted")
         for call in orphans:
             self.refuse(call, "the call this one is nested in was interrupted")
         if registered and self.failure is None:
@@ -744,11 +853,13 @@ class Channel:
                 nested = waiter.nested
                 if nested:
                     waiter.nested = []
+                    waiter.running = nested
                     waiter.busy = True
                 lead = not nested and not self._leader
                 if lead:
                     self._leader = True
                     self._leader_rid = 0
+                    self._lead_by = waiter
             if nested:
                 self._run_nested(waiter, nested, deadline)  # back in the loop, it leads if nobody does
                 # Checked here too, not only before waiting for data: a peer
@@ -806,6 +917,7 @@ class Channel:
                     orphans, self._leader_nested = self._leader_nested, []
             self._leader = False
             self._leader_rid = 0
+            self._lead_by = None
             for other in self._waiters.values():
                 if not other.done and not other.busy and not other.nested \
                         and other is not waiter and other is not own:
@@ -828,7 +940,7 @@ class Channel:
         except (OSError, TimeoutError, ProtocolError, _LockBusy):
             pass
 
-    def _abandon(self, rid: int, waiter: _Waiter | None) -> None:
+    def _abandon(self, rid: int, waiter: _Waiter | None, forget: bool = True) -> None:
         if waiter is None:
             self._release_leadership()
         else:
@@ -837,7 +949,8 @@ class Channel:
             if waiter.took_lead:  # it led while its frame waited for room
                 waiter.took_lead = False
                 self._release_leadership(own=waiter)
-        self.conn.forget(rid)
+        if forget:
+            self.conn.forget(rid)
 
     # -- reading (leader only) -----------------------------------------------
 
@@ -866,9 +979,12 @@ class Channel:
         """``exc`` escaped a read. If it came between a read and the
         decoder taking its bytes in (a signal handler's exception, raised
         where Python next checks), those bytes are lost and the stream can
-        no longer be framed: the channel is broken, the peer not to blame."""
-        if self._got[0] != -1 and not isinstance(exc, (OSError, ProtocolError)):
+        no longer be framed; between the decoder giving a message and its
+        dispatch, the message is lost. Either way the channel is broken, the
+        peer not to blame."""
+        if (self._got[0] != -1 or self._handling) and not isinstance(exc, (OSError, ProtocolError)):
             self._got[0] = -1
+            self._handling = False
             self.fail(ProtocolError(f"channel to {self.peer!r} broken: reading it was interrupted "
                                     f"({type(exc).__name__})"), reason="interrupted read")
 
@@ -889,10 +1005,14 @@ class Channel:
             elif waiter.done or waiter.nested:
                 return
             if frames.buffered:
+                self._handling = True
                 event = conn.next_event()
                 if event is not _NEED_DATA:
-                    self._dispatch_by(event, deadline, waiter)
+                    self._dispatch(event)
+                    self._handling = False
+                    self._check_deadline(deadline, waiter)
                     continue
+                self._handling = False
             if self.failure is not None:
                 return
             if waiter is self._inbox and self.blocking_reads:
@@ -934,22 +1054,26 @@ class Channel:
                 self._buffered(view, n, fds)
                 got[0] = -1
             else:
+                self._handling = True
                 event = conn.parse_one(view[:n]) if not fds else self._feed(view[:n], fds)
                 got[0] = -1
                 if event is not _NEED_DATA:
-                    self._dispatch_by(event, deadline, waiter)
+                    self._dispatch(event)
+                    self._handling = False
+                    self._check_deadline(deadline, waiter)
                     continue
+                self._handling = False
             # Part of a frame: a peer trickling bytes (found by the spin,
             # which does not look at the clock) must not outlast the deadline.
             if deadline is not None and waiter is not _DRAIN and time.monotonic() >= deadline:
                 raise TimeoutError
 
-    def _dispatch_by(self, event: object, deadline: float | None, waiter: Any) -> None:
-        """``_dispatch``, then ``TimeoutError`` if we are past our deadline:
-        a peer that keeps frames coming (calls from its worker threads, or
+    @staticmethod
+    def _check_deadline(deadline: float | None, waiter: Any) -> None:
+        """After a dispatch, ``TimeoutError`` if we are past our deadline: a
+        peer that keeps frames coming (calls from its worker threads, or
         output, cancels, releases instead of the reply) must not keep us
         reading past it."""
-        self._dispatch(event)
         if deadline is not None and waiter is not _DRAIN and time.monotonic() >= deadline:
             raise TimeoutError
 
@@ -1125,20 +1249,42 @@ class Channel:
         self.refuse(call, "the call this one is nested in is no longer waiting (it timed "
                     "out or ended)")
 
-    def serve_nested(self, call: Call, deadline: float | None = None) -> None:
+    def serve_nested(self, call: Call, deadline: float | None = None,
+                     running: list[Call] | None = None) -> None:
         """Run a call nested in one of ours, in this thread, and reply
-        (within ``deadline``, the deadline of the call it is nested in)."""
+        (within ``deadline``, the deadline of the call it is nested in).
+        ``running``: the waiter's calls to answer, ``call`` first; it leaves
+        them the moment its reply went out (one that an interrupt leaves
+        there is refused: ``_stop_waiting``)."""
+        # (Pushed inside the try, popped inline: a signal handler's exception
+        # raised as a context manager's ``__enter__`` returned, or as its
+        # ``__exit__`` was entered, would leave the entry on the stack, and
+        # every later call of this thread would be sent as nested in a call
+        # that is over.)
+        stack = serving_stack()
+        entry = (self, call.id)
         try:
-            with serving_call(self, call.id):
+            try:
+                stack.append(entry)
                 frame = self.server.execute(self, call)
+            finally:
+                if stack and stack[-1] is entry:
+                    stack.pop()
+                else:
+                    leave_serving(stack, entry)
         except BaseException:
             # KeyboardInterrupt and the like: the peer still gets an answer.
-            self.reply(self.conn.send_err(call.id, refusal("interrupted")), deadline)
-            raise
-        finally:
             if self.track_arrivals:
                 self.server.decoded(self, ("c", call.id))
+            self.reply(self.conn.send_err(call.id, refusal("interrupted")), deadline)
+            if running:
+                del running[0]
+            raise
+        if self.track_arrivals:
+            self.server.decoded(self, ("c", call.id))
         self.reply(frame, deadline)
+        if running:
+            del running[0]
 
     def idle(self) -> bool:
         """Nothing is read, buffered, queued, waited on or waiting to be
@@ -1186,30 +1332,81 @@ class Channel:
             self._fail_from_eof(f"send failed: {exc}")
 
     def _send(self, frame: bytes, deadline: float | None, fds: list[int] | tuple[int, ...] = (),
-              leading: bool = False, follower: _Waiter | None = None) -> None:
+              owner: object = None, follower: _Waiter | None = None) -> None:
         """Send a whole frame, waiting for the send lock no longer than
         ``deadline`` (``_LockBusy``): a thread stuck writing to a peer that
         does not read must not hold the others past their deadlines.
         ``fds`` are the channel's from now on: closed once sent (or not).
-        ``leading``: we lead for ourselves (``_request``'s fast path), holding
-        the send lock already, so we read while the frame waits for room (the
-        peer may be waiting for us to read); ``follower``: we wait on that
-        call, and read meanwhile if nobody else does (``took_lead``)."""
-        lock = self._send_lock
+        ``owner``: we hold the send lock already, under that token, leading
+        for ourselves (``_request``), so we read while the frame waits for
+        room (the peer may be waiting for us to read); ``follower``: we wait
+        on that call, and read meanwhile if nobody else does (``took_lead``)."""
+        token = object() if owner is None else owner
         try:
-            if leading:
-                pass
-            elif deadline is None:
-                lock.acquire()
-            elif not lock.acquire(timeout=max(deadline - time.monotonic(), 0.05)):
-                raise _LockBusy
-            try:
-                pump = self._pump if leading else (lambda: self._pump_for(follower)) if follower else None
-                self._send_whole(frame, fds, deadline, pump)
-            finally:
-                lock.release()
+            if owner is None:
+                self._wait_to_send(token, deadline)
+            pump = self._pump if owner is not None else (lambda: self._pump_for(follower)) if follower else None
+            self._send_whole(frame, fds, deadline, pump)
         finally:
+            if self._send_owner is token:  # (not if the wait for it raised)
+                self._send_owner = None
+                if self._send_queue:
+                    self._wake_senders()
             close_fds(fds)
+
+    def _wait_to_send(self, token: object, deadline: float | None) -> None:
+        """Take the send lock for ``token``, waiting no longer than
+        ``deadline`` (at least ``SEND_WAIT_MIN`` seconds). The caller gives
+        it back if ``_send_owner`` is its token, however this returns."""
+        mu = self._mu
+        me: _Waiter | None = None
+        end = None if deadline is None else max(deadline, time.monotonic() + SEND_WAIT_MIN)
+        try:
+            while True:
+                with mu:
+                    if self._send_owner is None:
+                        self._send_owner = token
+                        return
+                    if me is None:
+                        me = _Waiter()
+                        self._send_queue.append(me)
+                # In slices: a wake-up lost to an interrupted holder only
+                # delays us.
+                if end is None:
+                    me.lock.acquire(timeout=SEND_WAIT_SLICE)
+                else:
+                    remaining = end - time.monotonic()
+                    if remaining <= 0:
+                        raise _LockBusy
+                    me.lock.acquire(timeout=min(remaining, SEND_WAIT_SLICE))
+        finally:
+            if me is not None:
+                with mu:
+                    if me in self._send_queue:
+                        self._send_queue.remove(me)
+
+    @contextmanager
+    def send_lock(self, deadline: float | None = None) -> Iterator[None]:
+        """Hold the send lock (``_LockBusy`` past ``deadline``): for a
+        writer that frames by hand, as tests of hostile peers do."""
+        token = object()
+        try:
+            self._wait_to_send(token, deadline)
+            yield
+        finally:
+            if self._send_owner is token:
+                self._release_send()
+
+    def _release_send(self) -> None:
+        self._send_owner = None
+        if self._send_queue:
+            self._wake_senders()
+
+    def _wake_senders(self) -> None:
+        """The send lock is free: every sender waiting for it tries again."""
+        with self._mu:
+            for waiter in self._send_queue:
+                waiter.wake()
 
     def _pump_for(self, waiter: _Waiter) -> None:
         """``_pump`` for a follower whose frame waits for room: it reads only
@@ -1221,6 +1418,7 @@ class Channel:
                 else:
                     self._leader = True
                     self._leader_rid = 0
+                    self._lead_by = waiter
                     lead = waiter.took_lead = True
             if not lead:
                 time.sleep(0.001)  # the leader reads; the poll says readable
@@ -1335,6 +1533,7 @@ class Channel:
                 if lead:
                     self._leader = True
                     self._leader_rid = 0
+                    self._lead_by = inbox
                     self._users += 1
                     self._inbox_reading = True
                 else:
@@ -1354,6 +1553,7 @@ class Channel:
                     if not self._waiters and not self._close_requested and not self._inbox_waiting:
                         # Nobody else is here: stop leading, no hand-over.
                         self._leader = False
+                        self._lead_by = None
                         self._users -= 1
                         mu.release()
                     else:
@@ -1430,6 +1630,7 @@ class Channel:
             return
         self._leader = True
         self._leader_rid = 0
+        self._lead_by = _DRAIN
         self._users += 1
         self._mu.release()
         try:
@@ -1446,6 +1647,7 @@ class Channel:
                 return
             self._leader = True
             self._leader_rid = 0
+            self._lead_by = _DRAIN
             self._users += 1
         try:
             self._read_until(_DRAIN, time.monotonic())

@@ -684,7 +684,19 @@ class Connection:
 
 
 def close_fds(fds: Iterable[int]) -> None:
-    """Close descriptors we own, whatever state each is in."""
+    """Close descriptors we own, whatever state each is in. A list is
+    emptied as they are closed, each taken out before it is closed: one that
+    an interrupt (a signal handler's exception) stops half-way leaves in it
+    only descriptors still open, so closing what is left later can never
+    close a number that was reused meanwhile (it may leak one)."""
+    if fds.__class__ is list:
+        while fds:
+            fd = fds.pop()  # type: ignore[attr-defined]
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        return
     for fd in fds:
         try:
             os.close(fd)

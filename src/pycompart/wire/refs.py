@@ -465,13 +465,23 @@ class Exports:
 def start_collecting_fds(on: bool) -> None:
     """Encodes on this thread collect descriptors (``take_outgoing_fds``)
     if ``on``; otherwise they refuse them."""
+    _drop_untaken()
     _fd_context.out = [] if on else None
+
+
+def _drop_untaken() -> None:
+    """Descriptors an earlier encode on this thread collected and nobody
+    took (an interrupt came first) are copies of our own: closed."""
+    left = getattr(_fd_context, "out", None)
+    if left:
+        close_fds(left)
 
 
 def encode_collecting(encode: Callable[[], bytes], on: bool) -> bytes:
     """``encode()``, collecting the descriptors it meets if ``on`` (the
     channel carries them) for ``take_outgoing_fds``; on failure, the copies
     it made are closed."""
+    _drop_untaken()
     _fd_context.out = [] if on else None
     try:
         return encode()
@@ -939,23 +949,27 @@ class Peer:
         self._paths.clear()
 
 
-class sending:
-    """Context manager: the handles this thread exports inside it are "sent
-    in this request" (``sent_in_open_requests``) until it ends. Nested
-    requests stack: a callback's arguments see the enclosing call's too."""
+def sending_stack() -> list[set[int]]:
+    """This thread's open requests: the handles it exports while a set is
+    on top are "sent in this request" (``sent_in_open_requests``) until the
+    set leaves (``leave_sending``). Nested requests stack: a callback's
+    arguments see the enclosing call's too. (Not a context manager: a
+    signal handler's exception raised as its ``__enter__`` returned, or as
+    its ``__exit__`` was entered, would leave a set here for good, and every
+    export after it, in no request, would count as sent in one: main's own
+    callables would come back as themselves.)"""
+    stack = getattr(_nesting, "sent", None)
+    if stack is None:
+        stack = _nesting.sent = []
+    return stack
 
-    __slots__ = ("handles",)
 
-    def __enter__(self) -> set[int]:
-        stack = getattr(_nesting, "sent", None)
-        if stack is None:
-            stack = _nesting.sent = []
-        self.handles: set[int] = set()
-        stack.append(self.handles)
-        return self.handles
-
-    def __exit__(self, *exc: object) -> None:
-        _nesting.sent.pop()
+def leave_sending(stack: list[set[int]], handles: set[int]) -> None:
+    """Take ``handles`` off ``stack`` (by identity: it may be gone already)."""
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is handles:
+            del stack[i]
+            return
 
 
 def sent_in_open_requests(handle: int) -> bool:
