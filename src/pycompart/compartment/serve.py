@@ -36,13 +36,13 @@ from ..errors import CallCancelled, EntrypointError, ProtocolError
 from ..kernel import process, rlimits
 from ..transport.bulk import Lanes
 from ..transport import gate
-from ..transport.channel import REPLY_SEND_TIMEOUT, CallServer, Channel, leave_serving, serving, serving_stack
+from ..transport.channel import REPLY_SEND_TIMEOUT, CallServer, Channel, serving, serving_stack
 from ..transport.streams import PipeTransport, SocketTransport
 from ..wire import refs
 from ..wire.config import CANCEL_SIGNAL, EXIT_PROTOCOL, EXIT_START_FAILED, InstanceConfig
 from ..wire.contract import Contract
 from ..wire.exceptions import describe_exception
-from ..wire.protocol import OK_ENVELOPE, Call, Connection, Err, close_fds, compact_ok_frame
+from ..wire.protocol import OK_ENVELOPE, Call, Connection, Err, close_fds, compact_ok_frame, leave_stack
 from .. import compartment as _package
 from . import edges as _edges
 from . import lockdown as _lockdown
@@ -425,7 +425,7 @@ class Server(CallServer):
             stack.append(entry)
             return self.execute(channel, call, True)
         finally:
-            leave_serving(stack, entry)
+            leave_stack(stack, entry)
             self.current = None
             if channel.track_arrivals:
                 self.peer.decoded(("c", call.id))
@@ -549,7 +549,7 @@ class Server(CallServer):
         finally:
             self.in_user_code = False
             active.pop()
-            leave_serving(stack, entry)
+            leave_stack(stack, entry)
             self.current = None
 
     @staticmethod

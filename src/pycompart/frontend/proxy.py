@@ -41,7 +41,7 @@ from ..wire.exceptions import ALLOWED_EXCEPTIONS, attach_traceback, plain, rebui
 from .exceptions import imported_exception_class, standin_init, standin_reduce, standin_str
 from .importhook import search_path
 from .warn import reissue
-from ..wire.protocol import Err, ErrorInfo, close_fds
+from ..wire.protocol import Err, ErrorInfo, close_fds, leave_stack
 from ..wire.refs import exposed
 from . import subclass
 from .subclass import glue_class, make_subclass
@@ -181,7 +181,7 @@ class Compartment:
             if stack and stack[-1] is handles:  # (inline: see ``sending_stack``)
                 stack.pop()
             else:
-                refs.leave_sending(stack, handles)
+                leave_stack(stack, handles)
 
     def call_plain(self, inst: InstanceHandle | None, op: str, request: list[Any]) -> Any:
         """``call`` of a request already in wire form (``refs.encode_wire``):

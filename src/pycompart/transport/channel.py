@@ -44,6 +44,7 @@ from ..wire.protocol import (
     HEADER,
     Warn,
     close_fds,
+    leave_stack,
 )
 from ..wire.contract import BulkPayload
 from .bulk import Lanes
@@ -96,17 +97,6 @@ def spin_seconds() -> float:
         return max(0.0, min(float(value), 10_000.0)) * 1e-6
     except ValueError:
         return DEFAULT_SPIN
-
-
-def leave_serving(stack: list[tuple[Channel, int]], entry: tuple[Channel, int]) -> None:
-    """Take ``entry`` off ``stack`` (by identity: it may be gone already)."""
-    if stack and stack[-1] is entry:
-        stack.pop()
-        return
-    for i in range(len(stack) - 1, -1, -1):
-        if stack[i] is entry:
-            del stack[i]
-            return
 
 
 def serving(channel: Channel) -> int:
@@ -694,7 +684,10 @@ class Channel:
         try:
             self._send_whole(frame, (), deadline, self._pump)
         finally:
-            self._send_owner = None  # (ours: see ``_take_lead``)
+            # (Inline, not ``_release_send``: an interrupt as that is entered,
+            # after the frame went out whole, would be taken for one that
+            # stopped it going out.)
+            self._send_owner = None
             if self._send_queue:
                 self._wake_senders()
 
@@ -732,7 +725,7 @@ class Channel:
             if not gate.call(self._direct[0], rid, name, args):  # type: ignore[index]
                 self._send_whole(self.conn.call_frame(rid, entrypoint, args), (), deadline, self._pump)
         finally:
-            self._send_owner = None
+            self._send_owner = None  # (inline: see ``_write_leading``)
             if self._send_queue:
                 self._wake_senders()
 
@@ -1271,7 +1264,7 @@ class Channel:
                 if stack and stack[-1] is entry:
                     stack.pop()
                 else:
-                    leave_serving(stack, entry)
+                    leave_stack(stack, entry)
         except BaseException:
             # KeyboardInterrupt and the like: the peer still gets an answer.
             if self.track_arrivals:

@@ -44,7 +44,7 @@ import itertools
 import os
 import struct
 from collections.abc import Callable, Iterable
-from typing import Annotated, Union
+from typing import Annotated, Any, Union
 
 import msgspec
 
@@ -681,6 +681,21 @@ class Connection:
         self.frames.close_fds()
         close_fds(self.take_fds())
         self.bulk_values = None
+
+
+def leave_stack(stack: list[Any], entry: object) -> None:
+    """Take ``entry`` off a thread's stack of open calls, by identity (it
+    may be gone already). Code that must not be interrupted before the
+    entry leaves pops it inline when it is on top (a function's entry is
+    where a signal handler's exception can be raised), and calls this for
+    anything else."""
+    if stack and stack[-1] is entry:
+        stack.pop()
+        return
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is entry:
+            del stack[i]
+            return
 
 
 def close_fds(fds: Iterable[int]) -> None:

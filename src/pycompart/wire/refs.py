@@ -952,7 +952,7 @@ class Peer:
 def sending_stack() -> list[set[int]]:
     """This thread's open requests: the handles it exports while a set is
     on top are "sent in this request" (``sent_in_open_requests``) until the
-    set leaves (``leave_sending``). Nested requests stack: a callback's
+    set leaves (``protocol.leave_stack``). Nested requests stack: a callback's
     arguments see the enclosing call's too. (Not a context manager: a
     signal handler's exception raised as its ``__enter__`` returned, or as
     its ``__exit__`` was entered, would leave a set here for good, and every
@@ -962,14 +962,6 @@ def sending_stack() -> list[set[int]]:
     if stack is None:
         stack = _nesting.sent = []
     return stack
-
-
-def leave_sending(stack: list[set[int]], handles: set[int]) -> None:
-    """Take ``handles`` off ``stack`` (by identity: it may be gone already)."""
-    for i in range(len(stack) - 1, -1, -1):
-        if stack[i] is handles:
-            del stack[i]
-            return
 
 
 def sent_in_open_requests(handle: int) -> bool:
