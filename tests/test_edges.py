@@ -338,26 +338,9 @@ def test_check_prints_the_call_graph(tmp_path, capsys):
 
 
 def test_edges_work_for_a_user_who_is_not_root():
-    import subprocess
-    import sys
+    from test_escape import run_as_nobody
 
-    from test_escape import SYSTEM_PYTHON, _stage
-
-    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.skip("needs root, setpriv and a world-readable system python to become uid 65534")
-    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
-                             capture_output=True, text=True).stdout.strip()
-    if version != str(sys.version_info[:2]):
-        pytest.skip(f"{SYSTEM_PYTHON} is {version}, the compiled dependencies are for {sys.version_info[:2]}")
-    stage, path = _stage(("edgebox.py", "edge_runner.py"))
-    try:
-        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                               SYSTEM_PYTHON, "-I", os.path.join(stage, "edge_runner.py"), *path],
-                              capture_output=True, text=True, timeout=120, cwd="/tmp")
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_as_nobody(("edgebox.py", "edge_runner.py"), "edge_runner.py")
     assert report["uid"] == 65534
     assert report["handle"] == {"signature": report["expected"], "web_reads_key": False}
     assert report["crash"] == "CompartmentCrashed" and report["restarted"]

@@ -51,6 +51,27 @@ def test_unconfined_twin_as_root(root_results, name):
     assert root_results[name].startswith(escape.UNCONFINED[name]), root_results[name]
 
 
+def run_as_nobody(files, runner):
+    """Run ``runner`` (one of ``files``, staged with pycompart) as uid 65534
+    with the system python; its last line of output, parsed as JSON. Skips
+    where that cannot be done."""
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs root, setpriv and a world-readable system python to become uid 65534")
+    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        pytest.skip(f"{SYSTEM_PYTHON} is {version}, the compiled dependencies are for {sys.version_info[:2]}")
+    stage, path = _stage(files)
+    try:
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               SYSTEM_PYTHON, "-I", os.path.join(stage, runner), *path],
+                              capture_output=True, text=True, timeout=120, cwd="/tmp")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _stage(extra=()) -> tuple[str, list[str]]:
     """A world-readable copy of pycompart, msgspec, pyseccomp and the
     battery: the checkout may sit under a 0700 directory (as /root does)."""

@@ -1000,9 +1000,9 @@ def test_module_calls_and_their_replies_travel_in_compact_form(boxed, monkeypatc
     sent, compact_replies = [], []
     call, receive = channel_mod.gate.call, channel_mod.gate.receive
 
-    def spy_call(fd, rid, name, args):
+    def spy_call(fd, rid, name, args, parent=0):
         sent.append(name)
-        return call(fd, rid, name, args)
+        return call(fd, rid, name, args, parent)
 
     def spy_receive(*args):
         got = receive(*args)

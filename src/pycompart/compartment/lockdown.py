@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import sys
 
 from ..errors import PrivilegeError
@@ -124,14 +125,21 @@ def original_path(path: str) -> str:
     return path
 
 
-def apply(lock: Lockdown) -> None:
-    """Enforce ``lock`` on this process, in the design's order."""
+def apply(lock: Lockdown, template: bool = False) -> None:
+    """Enforce ``lock`` on this process, in the design's order. ``template``:
+    as a template of the compartment (``pycompart.compartment.template``),
+    which may fork its instances and read all of ``/proc`` (each instance
+    it forks adds ``restrict_instance``)."""
     # 1. prepare: every path is opened now, while it is reachable.
     ruleset = None
+    if template:
+        with _step("filesystem rules of the template's instances (Landlock)"):
+            _open_readable(lock)
     if lock.fs or lock.tcp or lock.scopes:
         with _step("filesystem/network rules (Landlock)"):
-            ruleset = _landlock_ruleset(lock)
-    if lock.seccomp and not lock.seccomp_bpf:
+            ruleset = _landlock_ruleset(lock, template)
+    program = lock.template_bpf if template else lock.seccomp_bpf
+    if lock.seccomp and not program:
         raise PrivilegeError("cannot enforce syscalls: the plan has no compiled filter")
     # 2. namespaces
     if lock.net_namespace or lock.ipc_namespace or lock.user_namespace:
@@ -174,10 +182,61 @@ def apply(lock: Lockdown) -> None:
     # 8. seccomp
     if lock.seccomp:
         with _step(f"syscalls (seccomp profile {lock.syscall_profile!r})"):
-            seccomp.load_bpf(lock.seccomp_bpf)
+            seccomp.load_bpf(program)
 
 
-def _landlock_ruleset(lock: Lockdown) -> landlock.Ruleset:
+#: What an instance reads about itself; a template's rules name its own
+#: entries, so it may read all of /proc instead, and each instance it forks
+#: narrows that to its own (``restrict_instance``).
+_PROC_SELF = "/proc/self/"
+#: ``O_PATH`` descriptors of what the compartment may read (``fs_read``,
+#: ``fs_write``, ``fs_execute`` but its /proc/self entries), opened by its
+#: template before it locked itself down, and whether each is a directory.
+_READABLE: list[tuple[int, bool]] = []
+
+
+def _open_readable(lock: Lockdown) -> None:
+    if not lock.fs:
+        return
+    for path in [*lock.fs_read, *lock.fs_write, *lock.fs_execute]:
+        if path.startswith(_PROC_SELF):
+            continue
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        _READABLE.append((fd, stat.S_ISDIR(os.fstat(fd).st_mode)))
+
+
+def restrict_instance(lock: Lockdown) -> None:
+    """In an instance forked from a template (``apply(template=True)``):
+    what it adds to the template's restrictions, which end as its
+    compartment's own. A Landlock domain of its own, nested in the
+    template's, so that it cannot signal or reach the abstract sockets of
+    the template or of another instance, and reads only what the
+    compartment may (its own /proc entries, not all of /proc); then a
+    seccomp filter that takes forking away."""
+    with _step("filesystem rules and scopes of the instance (Landlock)"):
+        scopes = landlock.SCOPE_ABSTRACT_UNIX_SOCKET | landlock.SCOPE_SIGNAL if lock.scopes else 0
+        rs = landlock.Ruleset(landlock.FS_READ if lock.fs else 0, 0, scopes)
+        try:
+            if rs.unsupported:
+                raise PrivilegeError("this kernel's Landlock lacks " + "; ".join(rs.unsupported))
+            for fd, is_dir in _READABLE:
+                rs.allow_fd(fd, landlock.FS_READ, is_dir)
+            rs.allow_paths([p for p in lock.fs_read if p.startswith(_PROC_SELF)], landlock.FS_READ)
+        except BaseException:
+            rs.close()
+            raise
+        rs.enforce()
+        while _READABLE:
+            os.close(_READABLE.pop()[0])
+    if lock.seccomp:
+        with _step("syscalls (seccomp: no forking, on top of the template's filter)"):
+            seccomp.load_bpf(lock.no_fork_bpf)
+
+
+def _landlock_ruleset(lock: Lockdown, template: bool = False) -> landlock.Ruleset:
     abi = landlock.abi_version()
     handle_fs = landlock.fs_rights(abi) if lock.fs else 0
     handle_net = landlock.NET_BIND_TCP | landlock.NET_CONNECT_TCP if lock.tcp else 0
@@ -190,7 +249,10 @@ def _landlock_ruleset(lock: Lockdown) -> landlock.Ruleset:
         raise PrivilegeError("this kernel's Landlock lacks " + "; ".join(rs.unsupported))
     try:
         read = landlock.FS_READ
-        rs.allow_paths(lock.fs_read, read)
+        if template:
+            rs.allow_paths([p for p in lock.fs_read if not p.startswith(_PROC_SELF)] + ["/proc"], read)
+        else:
+            rs.allow_paths(lock.fs_read, read)
         write = read | landlock.FS_WRITE
         if lock.fs_symlinks:
             write |= landlock.FS_MAKE_SYM

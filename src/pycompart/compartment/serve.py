@@ -77,18 +77,28 @@ def run(config: InstanceConfig, read_fd: int, write_fd: int,
     main relays its stdout and stderr from; ``control_fd`` its edge control
     socket to the monitor (``pycompart.compartment.edges``); ``bulk_fd`` the
     memory file of its bulk lanes (``pycompart.transport.bulk``). Never returns."""
+
+    def start() -> dict[str, _LazyContract]:
+        keep = {read_fd, write_fd} | {fd for fd in (control_fd, bulk_fd) if fd is not None}
+        _prepare_process(keep, config.output, output_fds)
+        if control_fd is not None:
+            # Before any of the compartment's code: its only way to
+            # other compartments is what the monitor hands out here.
+            _edges.install(config, control_fd)
+        apply_privileges(config)
+        return _load(config)
+    start_and_serve(config, read_fd, write_fd, bulk_fd, start)
+
+
+def start_and_serve(config: InstanceConfig, read_fd: int, write_fd: int, bulk_fd: int | None,
+                    start: Callable[[], dict[str, _LazyContract]]) -> NoReturn:
+    """``start()`` (its entrypoints), then serve; a start that raises is
+    reported to the caller (``Abort``). Never returns."""
     _package.CURRENT = config
     code = 0
     try:
         try:
-            keep = {read_fd, write_fd} | {fd for fd in (control_fd, bulk_fd) if fd is not None}
-            _prepare_process(keep, config.output, output_fds)
-            if control_fd is not None:
-                # Before any of the compartment's code: its only way to
-                # other compartments is what the monitor hands out here.
-                _edges.install(config, control_fd)
-            apply_privileges(config)
-            table = _load(config)
+            table = start()
         except BaseException as exc:  # report any start failure, then die
             try:
                 os.set_blocking(write_fd, True)
@@ -160,9 +170,10 @@ def _same_socket(a: int, b: int) -> bool:
     return stat.S_ISSOCK(sa.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def apply_privileges(config: InstanceConfig) -> None:
+def apply_privileges(config: InstanceConfig, template: bool = False) -> None:
     """The lock-down step (see ``pycompart.compartment.lockdown``): after it, this
-    process has only what the compartment's spec grants."""
+    process has only what the compartment's spec grants (``template``: and
+    what its template needs, ``pycompart.compartment.template``)."""
     os.environ.clear()
     os.environ.update(config.environment)
     # Before the uid drop: the new uid may not be able to reach the working
@@ -179,7 +190,7 @@ def apply_privileges(config: InstanceConfig) -> None:
         reach = _lockdown.preopen(lock.preopen)
         config.sys_path = [reach.get(os.path.abspath(p or config.cwd), p) for p in config.sys_path]
         _lockdown.reroute_packages(reach)
-    _lockdown.apply(lock)
+    _lockdown.apply(lock, template)
 
 
 def _load(config: InstanceConfig) -> dict[str, _LazyContract]:

@@ -317,12 +317,14 @@ def tifftopnm_batch(images: int) -> tuple[float, float, float] | None:
         shutil.rmtree(d)
 
 
-def instance_ready(n: int, privileges: dict | None = None, spare: bool = False) -> list[float]:  # type: ignore[type-arg]
+def instance_ready(n: int, privileges: dict | None = None, spare: bool = False,  # type: ignore[type-arg]
+                   template: bool = True) -> list[float]:
     """From asking the monitor for a new instance to that instance having
     locked itself down, imported its module and said Hello, ready for calls.
     ``spare``: taken from the compartment's ready spares (the next one is
-    let start before each ask), else a fresh start."""
-    app, null, _ = _app(privileges, instances="per-call", spares=1 if spare else 0)
+    let start before each ask), else a fresh start: forked from the
+    compartment's template, or (``template`` False) from the zygote."""
+    app, null, _ = _app(privileges, instances="per-call", spares=1 if spare else 0, template=template)
     out = []
     with app:
         monitor = app._runtime.monitor  # type: ignore[union-attr]
@@ -570,6 +572,8 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
     row("instance ready, fresh start, default lock-down", "instance_ready_fresh", instance_ready(k), base)
     row("  same, without network namespace", "instance_ready_fresh_host_net",
         instance_ready(k, {"network": "host"}), base)
+    row("  same, template = false (from the zygote)", "instance_ready_no_template",
+        instance_ready(k, template=False), base)
     row("instance ready, a ready spare taken", "instance_ready", instance_ready(k, spare=True), base)
     forks, cow = fork_floor(k)
     row("  floor: bare fork of a zygote-sized python", "fork_floor", forks, base)
@@ -578,7 +582,9 @@ def run(quick: bool = False, out: Callable[[str], None] = print) -> dict[str, fl
         f"copies ~1,000)")
     out("  (default lock-down: own network and IPC namespaces, uid nobody when root, capabilities\n"
         "   dropped, NO_NEW_PRIVS, non-dumpable, Landlock files+TCP+scopes, seccomp 'python';\n"
-        "   a spare is such an instance, started ahead of need: spares = 1 by default)")
+        "   a fresh start forks the compartment's template, locked down once, and adds its own\n"
+        "   Landlock domain and no-fork filter; a spare is such an instance, started ahead of\n"
+        "   need: spares = 1 by default)")
     row("typed call, fresh instance per call, back to back", "per_call_back_to_back",
         per_call_instance(k), base)
     row("  same, 20 ms apart (a spare is ready each time)", "per_call_spaced",

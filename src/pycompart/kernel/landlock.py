@@ -164,16 +164,20 @@ class Ruleset:
         except FileNotFoundError:
             return
         try:
-            if not stat.S_ISDIR(os.fstat(fd).st_mode):
-                access &= FS_FILE_RIGHTS
-            access &= self.handled_fs
-            if not access:
-                return
-            rule = _PathBeneathAttr(access, fd)
-            _call(self._add, ctypes.c_int(self.fd), ctypes.c_int(RULE_PATH_BENEATH),
-                  ctypes.byref(rule), ctypes.c_uint32(0))
+            self.allow_fd(fd, access, stat.S_ISDIR(os.fstat(fd).st_mode))
         finally:
             os.close(fd)
+
+    def allow_fd(self, fd: int, access: int, is_dir: bool) -> None:
+        """``allow_path`` for what ``fd`` (``O_PATH`` will do) has open."""
+        if not is_dir:
+            access &= FS_FILE_RIGHTS
+        access &= self.handled_fs
+        if not access:
+            return
+        rule = _PathBeneathAttr(access, fd)
+        _call(self._add, ctypes.c_int(self.fd), ctypes.c_int(RULE_PATH_BENEATH),
+              ctypes.byref(rule), ctypes.c_uint32(0))
 
     def allow_paths(self, paths: Iterable[str], access: int) -> None:
         for path in paths:

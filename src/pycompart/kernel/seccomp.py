@@ -176,9 +176,20 @@ def known(name: str) -> bool:
         return False
 
 
+#: The flags glibc's ``fork()`` passes to clone: a plain child process (no
+#: shared memory, files or namespaces), what a template forks an instance with.
+FORK_FLAGS = 0x01200011  # CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | SIGCHLD
+#: What a template (``pycompart.compartment.template``) may do beyond its
+#: instances' filter: fork them, and give each one restrictions of its own
+#: (a Landlock layer, its parent-death signal; neither can loosen anything).
+TEMPLATE_CALLS = frozenset({"landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self",
+                            "pidfd_open"})
+PR_SET_PDEATHSIG = 1
+
+
 def build(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (),
           kill: Iterable[str] = (), sockets: str = "none", metadata: str = "none",
-          locks: bool = False, fifos: bool = False):  # type: ignore[no-untyped-def]
+          locks: bool = False, fifos: bool = False, template: bool = False):  # type: ignore[no-untyped-def]
     """A loaded-ready libseccomp filter for ``profile`` (see PROFILES).
 
     ``ALWAYS_KILL`` applies unless a call is named in ``allow`` (an explicit
@@ -186,7 +197,11 @@ def build(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (),
     ``SOCKET_RULES``; ``metadata`` ("none" or "own-files") and ``locks``
     add the file-mode and file-lock calls, ``fifos`` ``mknod`` of FIFOs
     (never device nodes; where Landlock lets it). Naming ``fcntl`` or ``prctl`` in
-    ``allow`` lifts their argument checks."""
+    ``allow`` lifts their argument checks. ``template``: the filter of the
+    compartment's template, which also forks (``clone`` with exactly
+    ``FORK_FLAGS``) and restricts its children (``TEMPLATE_CALLS``,
+    ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, a seccomp filter); each child then adds
+    ``compile_no_fork`` on top."""
     try:
         import pyseccomp as sc
     except (ImportError, OSError) as exc:
@@ -218,8 +233,20 @@ def build(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (),
     # refuses rules that repeat the default).
     for name in sorted(killed):
         _rule(sc, f, sc.KILL_PROCESS, name)
+    if template:
+        allowed |= TEMPLATE_CALLS
     if profile in THREADED_PROFILES and "clone" not in killed | denied | allowed:
         f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
+    if template:
+        for name in sorted(TEMPLATE_CALLS):
+            _rule(sc, f, sc.ALLOW, name)
+        if "clone" not in killed | denied | allowed:
+            f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.EQ, FORK_FLAGS))
+        if "prctl" not in killed | denied | allowed:
+            f.add_rule(sc.ALLOW, "prctl", sc.Arg(0, sc.EQ, PR_SET_PDEATHSIG), sc.Arg(1, sc.EQ, 9))
+        if "seccomp" not in killed | denied | allowed:  # (a filter on top only restricts)
+            f.add_rule(sc.ALLOW, "seccomp", sc.Arg(0, sc.EQ, _SECCOMP_SET_MODE_FILTER),
+                       sc.Arg(1, sc.EQ, 0))
     if "clone3" not in allowed | killed:
         # clone3 passes its flags in memory, which seccomp cannot inspect;
         # ENOSYS makes glibc fall back to clone, whose flags it can.
@@ -292,11 +319,32 @@ def _rule(sc, f, action, name: str) -> None:  # type: ignore[no-untyped-def]
 
 def compile_bpf(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (), kill: Iterable[str] = (),
                 sockets: str = "none", metadata: str = "none", locks: bool = False,
-                fifos: bool = False) -> bytes:
+                fifos: bool = False, template: bool = False) -> bytes:
     """The filter as raw BPF (``struct sock_filter`` array) for this
     machine: built once in main, loaded by each instance with one system
     call instead of a libseccomp compile per instance."""
-    f = build(profile, allow, deny, kill, sockets, metadata, locks, fifos)
+    return _export(build(profile, allow, deny, kill, sockets, metadata, locks, fifos, template))
+
+
+def compile_no_fork() -> bytes:
+    """What an instance forked from a template loads on top of the
+    template's filter: no new processes (``clone`` without CLONE_THREAD,
+    ``fork``, ``vfork``: EPERM) and none of what the template needed for
+    its children (``pidfd_open``, ``seccomp``), everything else as the
+    template's filter decides. With it the instance has exactly its compartment's filter."""
+    try:
+        import pyseccomp as sc
+    except (ImportError, OSError) as exc:
+        raise SeccompError(0, f"seccomp filters need libseccomp (pyseccomp): {exc}") from None
+    f = sc.SyscallFilter(defaction=sc.ALLOW)
+    f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
+    f.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))
+    for name in ("fork", "vfork", "pidfd_open", "seccomp"):  # (the template's, for its children)
+        _rule(sc, f, sc.ERRNO(errno.EPERM), name)
+    return _export(f)
+
+
+def _export(f) -> bytes:  # type: ignore[no-untyped-def]
     fd = os.memfd_create("pycompart-seccomp", os.MFD_CLOEXEC)
     try:
         with os.fdopen(os.dup(fd), "rb", closefd=True) as dup:

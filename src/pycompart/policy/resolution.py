@@ -253,6 +253,19 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
         if granted:
             notes.append("explicitly allowed, normally fatal: " + ", ".join(sorted(granted)))
 
+    if comp.on_demand is not None and comp.template and lock.seccomp:
+        why_not = template_obstacle(lock)
+        if why_not is None:
+            try:
+                lock.template_bpf = _compiled(p.syscalls, tuple(p.syscalls_allow), tuple(p.syscalls_deny),
+                                              tuple(p.syscalls_kill), lock.sockets, p.file_metadata,
+                                              p.file_locks, p.fifos, True)
+                lock.no_fork_bpf = _compiled("no-fork", (), (), (), "", "", False, False, False)
+            except seccomp.SeccompError:
+                lock.template_bpf = lock.no_fork_bpf = b""
+        else:
+            notes.append(f"instances start afresh, not forked from a template: {why_not}")
+
     if comp.mechanism == "inline":
         missing.append("every privilege (mechanism = 'inline' runs the compartment inside main)")
         if not p.explicit:
@@ -260,6 +273,35 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
 
     _settle(comp, p, missing)
     return Resolution(lock, auto_read, missing, notes, warnings_)
+
+
+#: System calls with which instances forked from one template could reach
+#: each other through what they share (its IPC namespace; forking itself).
+_SHARED_REACH = frozenset("""
+shmget shmat shmctl shmdt msgget msgsnd msgrcv msgctl semget semop semtimedop semctl
+mq_open mq_unlink mq_timedsend mq_timedreceive mq_notify mq_getsetattr clone fork vfork clone3
+""".split())
+
+
+def template_obstacle(lock: Lockdown) -> str | None:
+    """Why instances of a compartment locked down by ``lock`` cannot be
+    forked from one template (``pycompart.compartment.template``), or None.
+    Instances of one template share its network and IPC namespaces and
+    its process group; each gets a Landlock domain of its own, nested in
+    the template's, so that none can signal another or reach its abstract
+    sockets. That is only as good as each instance's own would be where
+    they cannot make sockets in a private network namespace or use
+    System V / POSIX IPC, and where Landlock scopes them apart."""
+    if not lock.scopes or not lock.signal_scope:
+        return "no Landlock scopes to keep its instances apart"
+    if lock.net_namespace and lock.sockets != "none":
+        return "its instances could reach each other over a shared loopback network"
+    reach = _SHARED_REACH & set(lock.syscalls_allow)
+    if reach:
+        return f"privileges.syscalls.allow names {', '.join(sorted(reach))}"
+    if lock.keep_capabilities:
+        return "it keeps capabilities"
+    return None
 
 
 #: Compiled seccomp filters, by what they were compiled from (per user:
@@ -271,8 +313,9 @@ FILTER_CACHE = "/var/tmp/pycompart-seccomp"
 
 @functools.lru_cache(maxsize=64)
 def _compiled(profile: str, allow: tuple[str, ...], deny: tuple[str, ...], kill: tuple[str, ...],
-              sockets: str, metadata: str, locks: bool, fifos: bool) -> bytes:
-    inputs = repr((profile, allow, deny, kill, sockets, metadata, locks, fifos)).encode()
+              sockets: str, metadata: str, locks: bool, fifos: bool, template: bool = False) -> bytes:
+    """(``profile`` "no-fork": ``seccomp.compile_no_fork``.)"""
+    inputs = repr((profile, allow, deny, kill, sockets, metadata, locks, fifos, template)).encode()
     maker = files.source_digest(seccomp.__file__).encode()  # the profiles live in its source
     key = files.digest(b"\0".join((inputs, platform.machine().encode(), __version__.encode(),
                                    maker)))[:32]
@@ -284,7 +327,10 @@ def _compiled(profile: str, allow: tuple[str, ...], deny: tuple[str, ...], kill:
         cached = None
     if cached and len(cached) % 8 == 0:
         return cached
-    program = seccomp.compile_bpf(profile, allow, deny, kill, sockets, metadata, locks, fifos)
+    if profile == "no-fork":
+        program = seccomp.compile_no_fork()
+    else:
+        program = seccomp.compile_bpf(profile, allow, deny, kill, sockets, metadata, locks, fifos, template)
     if path is not None:
         try:
             files.write_own_file(path, program)

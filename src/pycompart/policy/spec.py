@@ -123,6 +123,10 @@ class CompartmentSpec:
     #: (each costs an idle instance's memory; they are not counted in
     #: ``max_instances``).
     spares: int = 1
+    #: On-demand kinds: fork instances from a template of the compartment
+    #: that imported its modules and locked itself down once
+    #: (``pycompart.compartment.template``), where the lock-down allows.
+    template: bool = True
     restart: str = "on-failure"
     max_restarts: int = 5
     restart_window: float = 60.0
@@ -386,6 +390,7 @@ def _compartment(reader: _Reader, name: str, default_mechanism: str, base_dir: s
                              '"per-connection"', d.instances),
         max_instances=reader.get("max_instances", _positive_int(4096), "", d.max_instances),
         spares=reader.get("spares", _spares, "an integer from 0 to 64", d.spares),
+        template=reader.get("template", _bool, "true or false", d.template),
         restart=reader.get("restart", _one_of(RESTART_POLICIES), "", d.restart),
         max_restarts=reader.get("max_restarts", _count, "", d.max_restarts),
         restart_window=reader.get("restart_window", parse_duration, "", d.restart_window),

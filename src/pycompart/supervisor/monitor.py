@@ -135,6 +135,8 @@ class InstanceHandle:
         self.kill_reason: str | None = None
         self.request = 0
         self.on_ready: Callable[[InstanceHandle], None] | None = None
+        #: (On demand.) Told when it fails to start, with the reason.
+        self.on_failed: Callable[[InstanceHandle, str], None] | None = None
         self.retired = False
         self.violations = 0
         self.ns_pid: int | None = None  # its pid in the app's pid namespace
@@ -409,9 +411,14 @@ class Monitor:
             if taken is not None:
                 return taken
         ready: list[InstanceHandle] = []
+        failed: list[tuple[InstanceHandle, str]] = []
         done = threading.Event()
         lock = threading.Lock()
         abandoned = [False]
+
+        def on_failed(inst: InstanceHandle, reason: str) -> None:
+            failed.append((inst, reason))
+            done.set()
 
         def on_ready(inst: InstanceHandle) -> None:
             with lock:
@@ -423,7 +430,7 @@ class Monitor:
                 self.retire(inst)  # the caller gave up waiting: nobody will use it
 
         def spawn() -> None:
-            inst = self._spawn(pool, -1, on_ready)
+            inst = self._spawn(pool, -1, on_ready, on_failed=on_failed)
             with lock:
                 late = abandoned[0]
                 if not late:
@@ -432,13 +439,19 @@ class Monitor:
                 self.retire(inst)  # spawned after the caller gave up
         spawned: list[InstanceHandle] = []
         self.submit(spawn)
-        if not done.wait(timeout):
+        if not done.wait(timeout) or (failed and not ready):
             with lock:
                 abandoned[0] = True
                 gone = list(spawned)
             if not ready:
                 for inst in gone:
                     self.retire(inst)
+                if failed:
+                    inst, reason = failed[0]
+                    error = CompartmentStartError(f"an on-demand instance of {compartment!r} failed "
+                                                  f"to start: {inst.start_error or reason}")
+                    error.__cause__ = inst.start_exception
+                    raise error
                 raise CompartmentStartError(f"an on-demand instance of {compartment!r} did not "
                                             f"become ready within {timeout:g}s")
         return ready[0]
@@ -671,7 +684,8 @@ class Monitor:
 
     def _spawn(self, pool: Pool, index: int,
                on_ready: Callable[[InstanceHandle], None] | None = None,
-               caller: InstanceHandle | None = None) -> InstanceHandle | None:
+               caller: InstanceHandle | None = None,
+               on_failed: Callable[[InstanceHandle, str], None] | None = None) -> InstanceHandle | None:
         """Start an instance of ``pool``'s compartment. ``on_ready``: an
         instance outside the pool (on demand), given to it once ready.
         ``caller``: an edge instance, serving that instance only."""
@@ -698,6 +712,7 @@ class Monitor:
         channel = Channel(transport, conn, pool.spec.name)
         inst = InstanceHandle(pool, index, channel, next(self._generation))
         inst.on_ready = on_ready
+        inst.on_failed = on_failed
         if caller is not None:
             inst.edge_depth = caller.edge_depth + 1
             inst.edge_root = caller.edge_root or caller
@@ -853,6 +868,9 @@ class Monitor:
         inst.dead.set()
         self.edges.caller_ended(inst)
         self.edges.callee_ended(inst, inst.start_error or reason, failed=True)
+        if inst.on_failed is not None:  # on demand: its caller waits for it
+            inst.on_failed(inst, reason)
+            return
         if self._started and not inst.pool.ever_ready and inst.on_ready is None:
             # Lazy start, first launch: retrying a module that cannot import
             # would only fail again. Fail the callers with the reason.

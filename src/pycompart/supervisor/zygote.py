@@ -28,64 +28,27 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 
 from ..kernel import credentials, namespaces, process
 from ..transport.streams import SocketTransport
 from ..wire.config import InstanceConfig
-from ..wire.protocol import MessageReader, encode_frame
+from ..wire.control import (
+    Exited, Forked, Shutdown, Spawn, Spawned, TemplateReady, control_decoder, encode_control,
+)
+from ..wire.protocol import MessageReader
 
 
-class Spawn(msgspec.Struct, array_like=True, tag=10):
-    request: int
-    config: InstanceConfig
-    #: The last descriptor is the instance's edge control socket.
-    control: bool = False
-    #: The one before that (or the last) is its bulk memory file.
-    bulk: bool = False
-
-
-class Spawned(msgspec.Struct, array_like=True, tag=11):
-    request: int
-    pid: int
-    error: str = ""
-
-
-class Exited(msgspec.Struct, array_like=True, tag=12):
-    """An instance ended: its raw wait status, and what it used (CPU
-    milliseconds, peak resident KiB), for the audit log."""
-
-    pid: int
-    status: int
-    cpu_ms: float = 0.0
-    max_rss_kib: int = 0
-
-
-class Shutdown(msgspec.Struct, array_like=True, tag=13):
-    grace: float
-
-
-ControlMessage = Union[Spawn, Spawned, Exited, Shutdown]
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(ControlMessage)
 _MAX_CONTROL = 16 * 1024 * 1024
-
-#: Environment the zygote keeps from main's; everything else (API keys in
-#: the environment, say) stays behind.
-
 
 # -- monitor side ---------------------------------------------------------------
 
 
-def encode_control(msg: object, nfds: int = 0) -> bytes:
-    return encode_frame(_encoder.encode(msg), nfds)
-
-
 def control_reader() -> MessageReader:
     """The monitor's reader of what the zygote sends."""
-    return MessageReader(_decoder, _MAX_CONTROL)
+    return MessageReader(control_decoder, _MAX_CONTROL)
 
 
 # -- zygote side ----------------------------------------------------------------
@@ -119,6 +82,7 @@ def main() -> None:
     zygote = Zygote(control, isolated)
     # Here, not at the top: main imports this module for its messages only.
     from ..compartment import serve as _instance
+    from ..compartment import template as _template  # noqa: F401 - forked into templates
 
     _instance.preload()
     # Everything imported so far is shared by every instance: keep the
@@ -164,6 +128,34 @@ def _become_init() -> bool:
     return True
 
 
+#: Spawns waiting for a template that is still starting; beyond, they are
+#: started afresh.
+MAX_QUEUED_SPAWNS = 64
+#: Compartment configurations whose template failed to start (their
+#: instances start afresh, and report why); bounded.
+MAX_FAILED_TEMPLATES = 64
+
+
+class _TemplateHandle:
+    """The zygote's view of one compartment's template."""
+
+    def __init__(self, compartment: str, pid: int, sock: socket.socket, key: bytes):
+        self.compartment = compartment
+        self.pid = pid
+        self.sock = sock
+        self.transport = SocketTransport(sock)
+        self.reader = MessageReader(control_decoder, _MAX_CONTROL)
+        self.key = key
+        self.ready = False
+        self.queued: list[tuple[Spawn, list[int]]] = []
+
+
+def _template_key(config: InstanceConfig) -> bytes:
+    """What instances of one template have in common: all of their config
+    but their index."""
+    return msgspec.msgpack.encode(msgspec.structs.replace(config, index=0))
+
+
 class Zygote:
     def __init__(self, control: socket.socket, isolated: bool = False):
         self.control = control
@@ -171,14 +163,20 @@ class Zygote:
         self.isolated = isolated
         self.transport = SocketTransport(control)
         self.reader = control_reader()
+        #: Instances, ours or our templates' (whose ends they report).
         self.children: set[int] = set()
+        #: Templates by compartment, and by pid.
+        self.templates: dict[str, _TemplateHandle] = {}
+        self.template_pids: dict[int, _TemplateHandle] = {}
+        self.failed_templates: set[bytes] = set()
+        self.selector: selectors.BaseSelector | None = None
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.buf = bytearray(65536)
 
     def run(self) -> None:
-        sel = selectors.DefaultSelector()
+        sel = self.selector = selectors.DefaultSelector()
         sel.register(self.control, selectors.EVENT_READ, "control")
         sel.register(self.wake_r, selectors.EVENT_READ, "signal")
         while True:
@@ -189,6 +187,9 @@ class Zygote:
                     except BlockingIOError:
                         pass
                     self.reap()
+                    continue
+                if isinstance(key.data, _TemplateHandle):
+                    self.from_template(key.data)
                     continue
                 try:
                     n, fds = self.transport.read_into(memoryview(self.buf))
@@ -217,10 +218,35 @@ class Zygote:
             pass
 
     def spawn(self, msg: Spawn, fds: list[int]) -> None:
-        """Fork an instance. ``fds``: its channel's two ends, then (when its
-        output is relayed) the write ends of its stdout and stderr pipes,
-        then (``msg.bulk``) its bulk memory file, then (``msg.control``) its
-        edge control socket."""
+        """Fork an instance, from its compartment's template where its plan
+        has one (``pycompart.compartment.template``: not for an edge's
+        instance, nor where the zygote has no pid namespace to keep a
+        template's orphans in). ``fds``: its channel's two ends, then (when
+        its output is relayed) the write ends of its stdout and stderr
+        pipes, then (``msg.bulk``) its bulk memory file, then
+        (``msg.control``) its edge control socket."""
+        if msg.config.lockdown.template_bpf and self.isolated and not msg.control \
+                and msg.config.caller == "main" and len(fds) == 2 + 2 * (msg.config.output in (
+                    "relay", "prefixed")) + msg.bulk:
+            key = _template_key(msg.config)
+            if key not in self.failed_templates:
+                template = self.templates.get(msg.config.compartment)
+                if template is not None and template.key != key:
+                    self.retire(template)  # the config changed (main's sys.path, shared data, ...)
+                    template = None
+                if template is None:
+                    template = self.start_template(msg.config, key)
+                if template is not None:
+                    if template.ready:
+                        self.pass_on(template, msg, fds)
+                        return
+                    if len(template.queued) < MAX_QUEUED_SPAWNS:
+                        template.queued.append((msg, fds))
+                        return
+        self.fork(msg, fds)
+
+    def fork(self, msg: Spawn, fds: list[int]) -> None:
+        """Fork an instance from the zygote itself (it starts afresh)."""
         channel_fds = list(fds)
         control = channel_fds.pop() if msg.control and channel_fds else None
         bulk = channel_fds.pop() if msg.bulk and channel_fds else None
@@ -253,6 +279,101 @@ class Zygote:
         finally:
             os.close(pidfd)
 
+    # -- templates ----------------------------------------------------------------
+
+    def start_template(self, config: InstanceConfig, key: bytes) -> _TemplateHandle | None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return None
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                os.close(self.wake_r)
+                os.close(self.wake_w)
+                self.control.close()
+                ours.close()
+                for other in self.templates.values():
+                    other.sock.close()
+                from ..compartment import template as _template
+
+                _template.run(config, theirs.detach())
+            finally:
+                os._exit(1)
+        theirs.close()
+        ours.setblocking(False)
+        handle = _TemplateHandle(config.compartment, pid, ours, key)
+        self.templates[config.compartment] = handle
+        self.template_pids[pid] = handle
+        if self.selector is not None:
+            self.selector.register(ours, selectors.EVENT_READ, handle)
+        return handle
+
+    def pass_on(self, template: _TemplateHandle, msg: Spawn, fds: list[int]) -> None:
+        try:
+            template.transport.send(encode_control(msg, len(fds)), fds, time.monotonic() + 5.0)
+        except (OSError, TimeoutError):
+            self.forget_template(template)
+            self.fork(msg, fds)
+            return
+        for fd in fds:
+            os.close(fd)
+
+    def from_template(self, template: _TemplateHandle) -> None:
+        try:
+            n, fds = template.transport.read_into(memoryview(self.buf))
+        except BlockingIOError:
+            return
+        except OSError:
+            n, fds = 0, []
+        if n == 0:
+            self.forget_template(template)
+            return
+        template.reader.feed(bytes(self.buf[:n]), fds)
+        for msg, fds in template.reader.messages():
+            if isinstance(msg, TemplateReady):
+                template.ready = True
+                queued, template.queued = template.queued, []
+                for spawn, spawn_fds in queued:
+                    self.pass_on(template, spawn, spawn_fds)
+            elif isinstance(msg, Forked):
+                self.children.add(msg.pid)
+                if fds:
+                    self.send(Spawned(msg.request, msg.pid), fds[:1])
+                else:
+                    self.send(Spawned(msg.request, 0, "the instance ended before it was known"))
+            elif isinstance(msg, Exited) and msg.pid in self.children:
+                self.children.discard(msg.pid)
+                self.send(msg)
+            for fd in fds:
+                os.close(fd)
+
+    def retire(self, template: _TemplateHandle) -> None:
+        """No more instances from ``template``: it exits once those it
+        forked have ended."""
+        if self.templates.get(template.compartment) is template:
+            del self.templates[template.compartment]
+        if self.selector is not None:
+            try:
+                self.selector.unregister(template.sock)
+            except (KeyError, ValueError):
+                pass
+        template.sock.close()
+        for msg, fds in template.queued:
+            self.fork(msg, fds)
+        template.queued = []
+
+    def forget_template(self, template: _TemplateHandle) -> None:
+        """Its socket closed (it died): what waited for it starts afresh, and
+        so does the rest of its compartment's instances if it never came up."""
+        if not template.ready and len(self.failed_templates) < MAX_FAILED_TEMPLATES:
+            self.failed_templates.add(template.key)
+        if template.sock.fileno() >= 0:
+            self.retire(template)
+
     def reap(self, timeout: float = 5.0) -> None:
         """Collect every child that ended. An instance's process group is
         killed before it is reaped: until then its pid, and so the group's
@@ -268,11 +389,14 @@ class Zygote:
             if info is None:
                 return
             pid = info.si_pid
-            if pid in self.children:
+            template = self.template_pids.pop(pid, None)
+            if pid in self.children or template is not None:
                 try:
                     os.killpg(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
+            if template is not None and template.sock.fileno() >= 0:
+                self.forget_template(template)
             try:
                 _, status, usage = os.wait4(pid, 0)
             except ChildProcessError:
@@ -287,9 +411,11 @@ class Zygote:
         deadline = time.monotonic() + grace
         while self.children and time.monotonic() < deadline:
             self.reap(timeout=0.2)
+            for template in list(self.templates.values()):
+                self.from_template(template)  # (the ends of its instances)
             if self.children:
                 _wait_for_any(self.children, deadline)
-        for pid in list(self.children):
+        for pid in [*self.children, *self.template_pids]:
             for kill in (os.killpg, os.kill):
                 try:
                     kill(pid, signal.SIGKILL)

@@ -24,8 +24,9 @@
  *       as the read returns: a signal handler's exception raised when this
  *       function returns would lose those bytes, and the caller can tell.
  *
- *   call(wfd, rid, name, args) -> bool
- *       A caller's top-level call in compact form (below), written with one
+ *   call(wfd, rid, name, args, parent=0) -> bool
+ *       A caller's call in compact form (below): top-level, or nested in
+ *       call parent of the peer's (a callback), written with one
  *       write: True if it went out whole; False if nothing was written (the
  *       frame is bigger than PIPE_BUF, or the pipe has no room for it), so
  *       that Python sends it another way.
@@ -444,9 +445,9 @@ static PyObject *
 gate_call(PyObject *Py_UNUSED(module), PyObject *args)
 {
     int wfd;
-    unsigned long long rid;
+    unsigned long long rid, parent = 0;
     Py_buffer name, rest;
-    if (!PyArg_ParseTuple(args, "iKy*y*:call", &wfd, &rid, &name, &rest))
+    if (!PyArg_ParseTuple(args, "iKy*y*|K:call", &wfd, &rid, &name, &rest, &parent))
         return NULL;
     PyObject *out = NULL;
     unsigned char frame[ATOMIC_WRITE];
@@ -461,7 +462,7 @@ gate_call(PyObject *Py_UNUSED(module), PyObject *args)
     frame[8] = COMPACT;
     frame[9] = COMPACT_CALL;
     put_u64le(frame + 10, rid);
-    put_u64le(frame + 18, 0);
+    put_u64le(frame + 18, parent);
     frame[26] = 0;
     put_u16le(frame + 27, (uint16_t)name.len);
     memcpy(frame + HEADER_SIZE + CALL_ENVELOPE, name.buf, (size_t)name.len);

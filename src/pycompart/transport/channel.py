@@ -290,8 +290,10 @@ class Channel:
         #: (write fd, read fd) of a pipe transport, for ``gate.receive``.
         self._direct: tuple[int, int] | None = (
             (transport.write_fd, transport.read_fd) if isinstance(transport, PipeTransport) else None)
-        #: Send top-level calls in compact form (``pycompart.wire.protocol``)
-        #: through ``gate.call``; their entrypoints' names, encoded (bounded).
+        #: Send calls (top-level, and callbacks nested in the peer's) in
+        #: compact form (``pycompart.wire.protocol``) through ``gate.call``,
+        #: and replies to callbacks too (``compact``); their entrypoints'
+        #: names, encoded (bounded).
         self._compact = self._direct is not None and fastpaths.enabled("compact")
         self._names: dict[str, bytes] = {}
         #: The bytes a read returned that are not yet taken into the decoder
@@ -335,6 +337,11 @@ class Channel:
         self.conn.bulk_kind = kind
         frames.bulk_source = lambda count: lanes.receive(count, frames.max_frame)
 
+    @property
+    def compact(self) -> bool:
+        """Whether frames to the peer may be sent in compact form."""
+        return self._compact
+
     # -- calling ----------------------------------------------------------------
 
     def request(self, entrypoint: str, payload: bytes | BulkPayload, deadline: float | None,
@@ -351,13 +358,15 @@ class Channel:
         # try of the method that gives it back, and recorded under the
         # call's id, so that what ends it by raising can give back exactly
         # that (``_unwind``).
-        if self._compact and not fds and not parent and not concurrent and payload.__class__ is bytes:
+        if self._compact and not fds and not concurrent and payload.__class__ is bytes:
+            # (A top-level call, or a callback nested in the peer's call
+            # ``parent`` that this thread serves.)
             rid = conn.new_call()
-            reply = self._exchange(rid, entrypoint, None, deadline, 0, payload)  # type: ignore[arg-type]
+            reply = self._exchange(rid, entrypoint, None, deadline, 0, payload, parent)  # type: ignore[arg-type]
             if reply is not None:
                 return reply
             nbulk = 0
-            frame = conn.call_frame(rid, entrypoint, payload)  # type: ignore[arg-type]
+            frame = conn.call_frame(rid, entrypoint, payload, 0, parent)  # type: ignore[arg-type]
         else:
             nbulk = 0  # (bulk values: the general path only)
             if payload.__class__ is BulkPayload:
@@ -561,7 +570,7 @@ class Channel:
             self._release_leadership(own=waiter)
 
     def _exchange(self, rid: int, entrypoint: str, frame: bytes | None, deadline: float | None,
-                  nbulk: int, compact: bytes | None = None) -> Ok | Err | None:
+                  nbulk: int, compact: bytes | None = None, parent: int = 0) -> Ok | Err | None:
         """``request``'s fast path on a pipe, if nobody reads or sends (else
         None, as when the channel failed): lead for ourselves holding the
         send lock, write our frame (with one ``os.write`` when the pipe has
@@ -569,8 +578,8 @@ class Channel:
         ``transport.gate.receive`` (C where built). Our plain reply ends it
         there, leaving the channel under one lock; anything else goes to the
         general loop. ``compact``: no frame yet, but the arguments of a
-        top-level call to send in compact form (not while releases or
-        output wait to go out with a frame)."""
+        call (nested in the peer's ``parent`` if not 0) to send in compact
+        form (not while releases or output wait to go out with a frame)."""
         entered = left = False
         try:
             with self._mu:
@@ -581,7 +590,7 @@ class Channel:
                 entered = True
             try:
                 if compact is not None:
-                    self._write_compact(rid, entrypoint, compact, deadline)
+                    self._write_compact(rid, entrypoint, compact, deadline, parent)
                 else:
                     self._write_leading(frame, deadline)  # type: ignore[arg-type]
             except BaseException as exc:
@@ -712,7 +721,8 @@ class Channel:
                                     f"({type(exc).__name__})"), reason="interrupted send")
             raise
 
-    def _write_compact(self, rid: int, entrypoint: str, args: bytes, deadline: float | None) -> None:
+    def _write_compact(self, rid: int, entrypoint: str, args: bytes, deadline: float | None,
+                       parent: int = 0) -> None:
         """``_write_leading`` for a call in compact form: one ``gate.call``,
         or (too big for one write, or no room in the pipe) the call as a
         msgpack frame the usual way."""
@@ -722,8 +732,9 @@ class Channel:
             if len(self._names) < 1024:
                 self._names[entrypoint] = name
         try:
-            if not gate.call(self._direct[0], rid, name, args):  # type: ignore[index]
-                self._send_whole(self.conn.call_frame(rid, entrypoint, args), (), deadline, self._pump)
+            if not gate.call(self._direct[0], rid, name, args, parent):  # type: ignore[index]
+                self._send_whole(self.conn.call_frame(rid, entrypoint, args, 0, parent), (), deadline,
+                                 self._pump)
         finally:
             self._send_owner = None  # (inline: see ``_write_leading``)
             if self._send_queue:

@@ -121,12 +121,12 @@ def py_receive(rfd: int, buf: memoryview, timeout_ms: int, spin_us: int, rid: in
             return -2
 
 
-def py_call(wfd: int, rid: int, name: bytes, args: bytes) -> bool:
+def py_call(wfd: int, rid: int, name: bytes, args: bytes, parent: int = 0) -> bool:
     """``_gate.call`` in Python."""
     total = CALL_FRAME.size + len(name) + len(args)
     if len(name) > 0xFFFF or total > ATOMIC_WRITE:
         return False
-    frame = CALL_FRAME.pack(total - 8, 0, 0, COMPACT, COMPACT_CALL, rid, 0, 0, len(name)) + name + args
+    frame = CALL_FRAME.pack(total - 8, 0, 0, COMPACT, COMPACT_CALL, rid, parent, 0, len(name)) + name + args
     try:
         n = os.write(wfd, frame)
     except BlockingIOError:

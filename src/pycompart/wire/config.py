@@ -56,6 +56,11 @@ class Lockdown(msgspec.Struct, forbid_unknown_fields=True):
     file_locks: bool = False  # seccomp: flock and fcntl locks
     seccomp_bpf: bytes = b""  # the compiled filter (built in main by the policy layer)
     preopen: list[str] = []  # import directories to reach through descriptors
+    #: Fork instances from a template (``pycompart.compartment.template``):
+    #: the template's seccomp filter (the instances' plus forking), and what
+    #: each instance loads on top of it (no forking: the instances' own).
+    template_bpf: bytes = b""
+    no_fork_bpf: bytes = b""
 
 
 CANCEL_SIGNAL = signal.SIGRTMIN + 1

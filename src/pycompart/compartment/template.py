@@ -1,0 +1,334 @@
+"""A compartment's template: the process its on-demand instances fork from.
+
+An instance started afresh is forked from the zygote, then prepares its
+process, locks itself down and imports its compartment's modules: most of
+a fresh start's ~10 ms, paid by every per-call instance. A template pays it
+once. The zygote forks it for the first instance of an on-demand
+compartment (``instances = "per-call"`` or ``"per-connection"``) whose
+lock-down allows one (``policy.resolution.template_obstacle``); it
+
+1. prepares its process as an instance does (``serve._prepare_process``);
+2. locks itself down with the compartment's restrictions, less two:
+   forking (its seccomp filter allows ``clone`` with exactly fork's flags,
+   and its instances' own restrictions) and reading /proc beyond its own
+   entries, which name the template's pid, not an instance's
+   (``lockdown.apply(template=True)``);
+3. imports the compartment's modules and builds its entrypoints' codecs;
+4. forks an instance for each ``Spawn`` the zygote passes on, reports it
+   (``Forked``) and, as its parent, its end (``Exited``).
+
+Each instance then adds what takes those two away, before it reads its
+first call (``lockdown.restrict_instance``): a Landlock domain of its own,
+nested in the template's (it reads only what the compartment may, its own
+/proc entries included, and cannot signal, or reach the abstract sockets of,
+the template or another instance), and a seccomp filter without forking. It
+ends with exactly its compartment's restrictions.
+
+What instances of one template share, which is why not every compartment
+gets one (``template = false`` in the spec turns it off):
+
+* what the compartment's modules did when imported: a value computed at
+  import (a key, a random token) is the same in every instance, as in a
+  pre-forking server. ``random`` is reseeded by the fork (CPython's at-fork
+  hook); ``os.urandom`` and ``secrets`` ask the kernel each time;
+* the template's network and IPC namespaces (no instance can make a
+  socket there, or use System V or POSIX IPC, or the template is not used),
+  its user namespace as non-root (``processes`` counts them together),
+  its process group and its uid.
+
+The template never runs a call and never reads anything but the zygote's
+messages. If it cannot start (an import fails, or leaves a thread running,
+which a fork would not take along), it exits, and the zygote starts the
+instances afresh: they report why, or run as they would unboxed.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import select
+import selectors
+import signal
+import socket
+import time
+from typing import NoReturn
+
+from ..kernel import process
+from ..transport.streams import SocketTransport
+from ..wire.config import EXIT_START_FAILED, InstanceConfig
+from ..wire.control import Exited, Forked, Spawn, TemplateReady, control_decoder, encode_control
+from ..wire.contract import Contract
+from ..wire.protocol import MessageReader
+from . import lockdown as _lockdown
+from . import serve as _serve
+
+#: The biggest control message a template reads (a ``Spawn``: a config).
+MAX_CONTROL = 16 * 1024 * 1024
+#: Seconds without a ``Spawn`` after which the next instance is forked
+#: ahead (a fork takes a CPU for a millisecond or more: not while the
+#: instance just handed over starts, or the next call arrives).
+FORK_AHEAD_AFTER = 0.0
+
+
+def run(config: InstanceConfig, control_fd: int) -> NoReturn:
+    """Become the template of ``config``'s compartment, taking ``Spawn``
+    messages from the zygote on ``control_fd``. Never returns."""
+    from .. import compartment as _package
+
+    _package.CURRENT = config
+    try:
+        # (fds 1 and 2: /dev/null until an instance puts its own there.)
+        _serve._prepare_process({control_fd}, config.output, None)
+        _serve.apply_privileges(config, template=True)
+        table = _serve._load(config)
+        if len(os.listdir("/proc/self/task")) != 1:
+            # Its import started threads (Python's or a library's own): a
+            # fork would leave them behind (and whatever locks they hold),
+            # so its instances would not be what a fresh start makes; nor
+            # may they spin here unwatched.
+            os._exit(EXIT_START_FAILED)
+        for lazy in table.values():
+            try:
+                lazy.contract = Contract(lazy.fn, lazy.key)  # type: ignore[arg-type]
+            except Exception:
+                pass  # the call says why
+        # What every instance shares, not copied by the collector's visits.
+        gc.collect()
+        gc.freeze()
+        template = _Template(config, control_fd, table)
+    except BaseException:
+        os._exit(EXIT_START_FAILED)
+    try:
+        template.run()
+    finally:
+        os._exit(0)
+
+
+class _Template:
+    def __init__(self, config: InstanceConfig, control_fd: int, table: dict[str, object]):
+        self.config = config
+        self.table = table
+        self.sock = socket.socket(fileno=control_fd)
+        self.transport = SocketTransport(self.sock)
+        self.reader = MessageReader(control_decoder, MAX_CONTROL)
+        self.children: set[int] = set()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.selector = selectors.DefaultSelector()
+        self.buf = bytearray(65536)
+        #: The child forked ahead (``fork_ahead``): its pid, our end of its
+        #: socket, its pidfd.
+        self.waiting: tuple[int, socket.socket, int] | None = None
+
+    def send(self, msg: object) -> None:
+        try:
+            self.transport.send(encode_control(msg), (), time.monotonic() + 5.0)
+        except (OSError, TimeoutError):
+            os._exit(1)  # the zygote is gone: so is everything
+
+    def run(self) -> None:
+        self.selector.register(self.sock, selectors.EVENT_READ, "control")
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "signal")
+        self.send(TemplateReady())
+        self.fork_ahead()
+        while True:
+            events = self.selector.select(None if self.waiting is not None else FORK_AHEAD_AFTER)
+            if not events:
+                self.fork_ahead()
+            for key, _ in events:
+                if key.data == "signal":
+                    try:
+                        os.read(self.wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    self.reap()
+                    continue
+                try:
+                    n, fds = self.transport.read_into(memoryview(self.buf))
+                except BlockingIOError:
+                    continue
+                if n == 0:
+                    self.retire()
+                self.reader.feed(bytes(self.buf[:n]), fds)
+                for msg, fds in self.reader.messages():
+                    if isinstance(msg, Spawn) and msg.config.compartment == self.config.compartment \
+                            and not msg.control:
+                        self.fork(msg, fds)
+                    else:
+                        for fd in fds:
+                            os.close(fd)
+            self.reap()
+
+    def fork(self, msg: Spawn, fds: list[int]) -> None:
+        """An instance for ``msg``: the child forked ahead of need, if it
+        is still waiting, else one forked now; then the next child ahead."""
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None and not self._report(msg.request, waiting[0], waiting[2], False):
+            waiting[1].close()
+            waiting = None  # it died meanwhile
+        if waiting is not None:
+            pid, sock, _ = waiting
+            try:
+                # (Reported first: the monitor takes its Hello only once it knows its pid.)
+                SocketTransport(sock).send(encode_control(msg, len(fds)), fds, time.monotonic() + 1.0)
+            except (OSError, TimeoutError):
+                os.kill(pid, signal.SIGKILL)  # its end is reported: the monitor sees it fail to start
+            sock.close()
+        else:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    self._detach()
+                    self._become_instance(msg, fds)
+                finally:
+                    os._exit(1)
+            self.children.add(pid)
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                pidfd = -1
+            self._report(msg.request, pid, pidfd)
+        for fd in fds:  # the instance's must be the only copies: its death is the caller's EOF
+            os.close(fd)
+
+    def _report(self, request: int, pid: int, pidfd: int, always: bool = True) -> bool:
+        """Tell the zygote which pid ``request`` got, with its pidfd, made
+        here (only we reap it, so the pid is still its); closes ``pidfd``.
+        False if it is gone already (reported without a pidfd if ``always``)."""
+        alive = pidfd >= 0 and not select.select([pidfd], [], [], 0)[0]
+        sent = [pidfd] if alive else []
+        try:
+            if alive or always:
+                self.transport.send(encode_control(Forked(request, pid), len(sent)), sent,
+                                    time.monotonic() + 5.0)
+        except (OSError, TimeoutError):
+            os._exit(1)  # the zygote is gone: so is everything
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+        return alive
+
+    def fork_ahead(self) -> None:
+        """Fork the next instance now, while nothing waits for it: it locks
+        itself down and waits (with nothing of anyone's yet) for the
+        ``Spawn`` that makes it an instance, so that starting one costs
+        only handing it over."""
+        if self.waiting is not None:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return
+        if pid == 0:
+            try:
+                ours.close()
+                self._detach()
+                self._wait_for_spawn(theirs)
+            finally:
+                os._exit(1)
+        theirs.close()
+        self.children.add(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            ours.close()
+            return
+        self.waiting = (pid, ours, pidfd)
+
+    def _wait_for_spawn(self, sock: socket.socket) -> NoReturn:
+        """(In a child forked ahead.) Lock down, wait for the ``Spawn``, serve it."""
+        try:
+            _lockdown.restrict_instance(self.config.lockdown)
+        except BaseException:
+            restricted = False
+        else:
+            restricted = True
+        transport = SocketTransport(sock)
+        reader = MessageReader(control_decoder, MAX_CONTROL)
+        buf = memoryview(bytearray(65536))
+        while True:
+            n, fds = transport.recv_into(buf, None)
+            if n == 0:
+                os._exit(0)  # the template retired: never used
+            reader.feed(bytes(buf[:n]), fds)
+            for msg, fds in reader.messages():
+                if isinstance(msg, Spawn):
+                    sock.close()
+                    if not restricted:
+                        # Start as a fresh child would, and report why.
+                        self._become_instance(msg, fds)
+                    self._become_instance(msg, fds, restricted=True)
+                for fd in fds:
+                    os.close(fd)
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            if self.waiting is not None and self.waiting[0] == pid:
+                self.waiting[1].close()
+                os.close(self.waiting[2])
+                self.waiting = None
+            self.send(Exited(pid, status, round((usage.ru_utime + usage.ru_stime) * 1000, 3),
+                             usage.ru_maxrss))
+
+    def retire(self) -> NoReturn:
+        """The zygote closed our socket (a newer template replaces us, or
+        the app stops): the instances we forked run on until they end
+        (the zygote kills them when it stops), then we exit."""
+        if self.waiting is not None:
+            self.waiting[1].close()  # (it exits)
+        while self.children:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            self.children.discard(pid)
+        os._exit(0)
+
+    def _detach(self) -> None:
+        """(In a child.) Drop the template's own descriptors and handlers;
+        die with the template."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.selector.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        self.sock.close()
+        if self.waiting is not None:
+            self.waiting[1].close()
+            os.close(self.waiting[2])
+        parent = os.getppid()
+        process.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    def _become_instance(self, msg: Spawn, fds: list[int], restricted: bool = False) -> NoReturn:
+        """(In the child.) Take the instance's descriptors, add its
+        restrictions (unless done already), serve."""
+        channel_fds = list(fds)
+        bulk = channel_fds.pop() if msg.bulk and channel_fds else None
+        read_fd, write_fd = channel_fds[:2]
+        if len(channel_fds) == 4:
+            for fd, target in zip(channel_fds[2:], (1, 2)):
+                os.dup2(fd, target)
+            for fd in channel_fds[2:]:
+                if fd not in (1, 2):
+                    os.close(fd)
+        table = self.table
+
+        def start() -> dict[str, object]:
+            if not restricted:
+                _lockdown.restrict_instance(msg.config.lockdown)
+            return table
+        _serve.start_and_serve(msg.config, read_fd, write_fd, bulk, start)  # type: ignore[arg-type]

@@ -1,0 +1,75 @@
+"""Placed in per-call compartments by tests/test_template.py: what an
+instance forked from its compartment's template may and may not do."""
+
+import os
+import random
+import signal
+import time
+
+#: Made once, when the module is imported (in the template, so the same in
+#: every instance of it).
+AT_IMPORT = os.urandom(8).hex()
+
+
+def parent() -> int:
+    """The instance's parent, in the app's pid namespace (the zygote is 1)."""
+    return os.getppid()
+
+
+def host_pid() -> int:
+    return int(os.readlink("/proc/self"))
+
+
+def draws() -> list:
+    return [random.random(), os.urandom(8).hex(), AT_IMPORT]
+
+
+def try_fork() -> str:
+    try:
+        pid = os.fork()
+    except PermissionError:
+        return "refused"
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return "forked"
+
+
+def read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.read(64)
+    except PermissionError:
+        return "refused"
+    except OSError as exc:
+        return type(exc).__name__
+    return "read"
+
+
+def signal_pid(pid: int) -> str:
+    """Signal 0 (does it exist, may we?), then SIGKILL, to ``pid`` in the
+    app's pid namespace."""
+    try:
+        os.kill(pid, 0)
+        os.kill(pid, signal.SIGKILL)
+    except PermissionError:
+        return "refused"
+    except ProcessLookupError:
+        return "no such process"
+    return "killed"
+
+
+def own_pid() -> int:
+    return os.getpid()
+
+
+def sleep(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def sleep_reporting(report, seconds: float) -> str:
+    """Tell main our pid (a callback), then sleep: a sibling to aim at."""
+    report(os.getpid())
+    time.sleep(seconds)
+    return "slept"

@@ -1,0 +1,155 @@
+"""Instances forked from their compartment's template
+(``pycompart.compartment.template``): each ends with exactly its
+compartment's restrictions, apart from the template and from its siblings,
+and a compartment that cannot have one starts its instances afresh."""
+
+import sys
+import threading
+import time
+
+import pytest
+
+import pycompart
+from pycompart.policy import resolution
+
+
+def _app(make_app, **spec):
+    spec.setdefault("modules", ["templatebox"])
+    spec.setdefault("instances", "per-call")
+    app = make_app({"compartments": {"box": spec}})
+    app.start(import_hook=True)
+    import templatebox
+
+    return app, templatebox
+
+
+@pytest.fixture(autouse=True)
+def _forget_module():
+    yield
+    sys.modules.pop("templatebox", None)
+
+
+def test_instances_are_forked_from_the_template_and_share_only_import_time_state(make_app):
+    app, box = _app(make_app)
+    assert app._runtime.lockdowns["box"].template_bpf  # planned
+    parents = {box.parent() for _ in range(3)}
+    assert len(parents) == 1 and parents != {1}  # the template, not the zygote (pid 1)
+    pids = {box.host_pid() for _ in range(3)}
+    assert len(pids) == 3  # still a fresh instance per call
+    a, b = box.draws(), box.draws()
+    assert a[0] != b[0]  # random reseeded by the fork
+    assert a[1] != b[1]
+    assert a[2] == b[2]  # what the module made when imported: the template's
+
+
+def test_template_false_starts_each_instance_afresh(make_app):
+    app, box = _app(make_app, template=False)
+    assert not app._runtime.lockdowns["box"].template_bpf
+    assert box.parent() == 1  # the zygote
+    a, b = box.draws(), box.draws()
+    assert a[2] != b[2]  # each imported the module itself
+
+
+def test_an_instance_of_a_template_cannot_fork(make_app):
+    # The template's filter allows fork; each instance's own takes it away.
+    _, box = _app(make_app)
+    assert box.try_fork() == "refused"
+
+
+def test_an_instance_reads_its_own_proc_entries_and_no_one_elses(make_app):
+    # The template may read all of /proc (its rules would name its own
+    # entries); each instance's Landlock layer narrows that to its own.
+    _, box = _app(make_app)
+    assert box.read("/proc/self/status") == "read"
+    assert box.read("/proc/self/environ") == "refused"
+    parent = box.parent()
+    assert box.read(f"/proc/{parent}/status") == "refused"  # the template's
+    assert box.read("/proc/1/status") == "refused"  # the zygote's
+    assert box.read("/etc/passwd") == "refused"
+
+
+def test_an_instance_cannot_signal_its_template_or_a_sibling(make_app):
+    _, box = _app(make_app, max_instances=4, may_call=["main"], call_timeout="20s")
+    template = box.parent()
+    assert box.signal_pid(template) == "refused"  # a parent Landlock domain
+    sibling: list[int] = []
+    reported = threading.Event()
+
+    def report(pid):
+        sibling.append(pid)
+        reported.set()
+
+    result: list[str] = []
+    t = threading.Thread(target=lambda: result.append(box.sleep_reporting(report, 1.5)))
+    t.start()
+    try:
+        assert reported.wait(15)
+        assert box.signal_pid(sibling[0]) == "refused"  # scoped apart
+    finally:
+        t.join(20)
+    assert result == ["slept"]  # and it was not killed
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_an_instance_that_cannot_start_says_why_at_once(make_app, template):
+    # With a template: the template fails, and the zygote falls back to
+    # fresh starts, which report the cause (not a start timeout).
+    app = make_app({"compartments": {"box": {"modules": ["broken_on_import"], "instances": "per-call",
+                                             "template": template}}})
+    app.start(import_hook=True)
+    started = time.monotonic()
+    try:
+        for _ in range(2):
+            with pytest.raises(pycompart.CompartmentStartError,
+                               match="'box' failed to start: ModuleNotFoundError.*no_such_module_xyz"):
+                import broken_on_import  # noqa: F401
+    finally:
+        sys.modules.pop("broken_on_import", None)
+    assert time.monotonic() - started < 8  # (the start timeout is 10 s)
+
+
+@pytest.mark.parametrize("obstacle, expected", [
+    ({"net_namespace": True, "sockets": "inet"}, "loopback"),
+    ({"syscalls_allow": ["shmget"]}, "shmget"),
+    ({"syscalls_allow": ["clone"]}, "clone"),
+    ({"scopes": False}, "scopes"),
+    ({"keep_capabilities": [12]}, "capabilities"),
+])
+def test_what_rules_out_a_template(obstacle, expected):
+    from pycompart.wire.config import Lockdown
+
+    lock = Lockdown(scopes=True, seccomp=True)
+    assert resolution.template_obstacle(lock) is None
+    for key, value in obstacle.items():
+        setattr(lock, key, value)
+    assert expected in resolution.template_obstacle(lock)
+
+
+def test_a_loopback_compartment_gets_no_template(make_app):
+    app, box = _app(make_app, privileges={"network": "loopback"})
+    assert not app._runtime.lockdowns["box"].template_bpf
+    assert box.parent() == 1
+
+
+def test_a_module_whose_import_starts_a_thread_gets_fresh_starts_that_keep_it(make_app):
+    app = make_app({"compartments": {"box": {"modules": ["threadimport"], "instances": "per-call",
+                                             "privileges": {"syscalls": "python-threads"}}}})
+    app.start(import_hook=True)
+    try:
+        import threadimport
+
+        assert threadimport.state() == (1, 2)  # from the zygote, its thread running
+    finally:
+        sys.modules.pop("threadimport", None)
+
+
+def test_templates_work_for_a_user_who_is_not_root():
+    from test_escape import run_as_nobody
+
+    report = run_as_nobody(("templatebox.py", "template_runner.py"), "template_runner.py")
+    assert report["uid"] == 65534 and report["planned"]
+    assert report["parent"] != 1  # forked from the template
+    assert report["fork"] == "refused"
+    assert report["own_proc"] == "read" and report["template_proc"] == "refused"
+    assert report["signal_template"] == "refused" and report["signal_sibling"] == "refused"
+    assert report["slept"] == ["slept"]
