@@ -5,6 +5,7 @@ import os
 import sys
 import warnings
 
+import msgspec
 import pytest
 
 from pycompart.policy import resolution as policy
@@ -84,7 +85,7 @@ def test_default_bounds_can_be_lifted_and_count_per_instance_as_non_root():
     res = policy.resolve(comp(), sys.path, None, host=FULL, euid=1000)
     assert res.lockdown.user_namespace and res.lockdown.limits["processes"] == 128
     assert any("this instance alone" in n for n in res.notes)
-    no_userns = HostSupport(**{**FULL.__dict__, "net_namespace": False})
+    no_userns = msgspec.structs.replace(FULL, net_namespace=False)
     res = policy.resolve(comp({"network": "host"}), sys.path, None, host=no_userns, euid=1000)
     assert "processes" not in res.lockdown.limits  # would count every process of main's user
     with pytest.raises(PrivilegeError, match="processes"):

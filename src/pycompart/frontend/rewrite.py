@@ -30,7 +30,7 @@ exception inside a segment shows where it was written.
 from __future__ import annotations
 
 import ast
-import dataclasses
+import msgspec
 import re
 
 #: Methods that change their object in place: called in a segment on a
@@ -48,8 +48,7 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 FORMAT = 4
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
+class Problem(msgspec.Struct, frozen=True):
     """A construct the rewriter will not hoist, where, and what to do."""
 
     filename: str
@@ -61,8 +60,7 @@ class Problem:
         return f"{self.filename}:{self.line}: {self.message} (fix: {self.fix})"
 
 
-@dataclasses.dataclass
-class Segment:
+class Segment(msgspec.Struct):
     compartment: str
     line: int  # the ``with`` statement
     end_line: int
@@ -76,8 +74,7 @@ class Segment:
     descriptors: bool = False
 
 
-@dataclasses.dataclass
-class Result:
+class Result(msgspec.Struct):
     filename: str
     source: str  # the rewritten program ("" when there are problems)
     segments: list[Segment]
@@ -86,7 +83,7 @@ class Result:
     problems: list[Problem]
     #: For each line of ``source``, the line of the original it stands for
     #: (a segment's call: its ``with``), or 0 for generated code.
-    line_map: list[int] = dataclasses.field(default_factory=list)
+    line_map: list[int] = msgspec.field(default_factory=list)
 
     @property
     def compartments(self) -> list[str]:

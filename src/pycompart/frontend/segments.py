@@ -353,7 +353,7 @@ def prepare_run(script: str, spec: Any) -> tuple[str | None, Any]:
 def with_entrypoints(spec: Any, keys: list[tuple[str, str]]) -> Any:
     """``spec`` with the program's entrypoints added to their compartments:
     a spec need only declare the compartments (and their privileges)."""
-    import dataclasses
+    import msgspec
 
     missing = sorted({c for c, _ in keys if c not in spec.compartments})
     if missing:
@@ -363,8 +363,8 @@ def with_entrypoints(spec: Any, keys: list[tuple[str, str]]) -> Any:
     for comp, key in keys:
         c = compartments[comp]
         if key not in c.functions:
-            compartments[comp] = dataclasses.replace(c, functions=c.functions + (key,))
-    return dataclasses.replace(spec, compartments=compartments)
+            compartments[comp] = msgspec.structs.replace(c, functions=c.functions + (key,))
+    return msgspec.structs.replace(spec, compartments=compartments)
 
 
 def _cached(script: str, data: bytes, source: str, line_map: list[int] | None = None) -> str:

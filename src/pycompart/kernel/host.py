@@ -7,7 +7,7 @@ reliable test of "may this process create a network namespace" is to try.
 
 from __future__ import annotations
 
-import dataclasses
+import msgspec
 import functools
 import os
 import sys
@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from . import landlock, namespaces, seccomp
 
 
-@dataclasses.dataclass(frozen=True)
-class HostSupport:
+class HostSupport(msgspec.Struct, frozen=True):
     root: bool
     landlock_abi: int
     seccomp: bool

@@ -9,14 +9,13 @@ once the instance has dropped to an unprivileged uid.
 
 from __future__ import annotations
 
-import dataclasses
+import msgspec
 import resource
 
 from .process import _libc
 
 
-@dataclasses.dataclass(frozen=True)
-class Limits:
+class Limits(msgspec.Struct, frozen=True):
     memory: int | None = None  # bytes of address space (RLIMIT_AS)
     cpu_seconds: int | None = None  # RLIMIT_CPU: soft = hard, so the kernel kills (SIGKILL) at the limit
     processes: int | None = None  # RLIMIT_NPROC

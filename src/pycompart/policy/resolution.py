@@ -12,7 +12,7 @@ only executes the plan (``pycompart.compartment.lockdown``).
 
 from __future__ import annotations
 
-import dataclasses
+import msgspec
 import functools
 import glob
 import os
@@ -64,8 +64,7 @@ class PrivilegeWarning(UserWarning):
     """A privilege was left unenforced under ``enforcement = "best-effort"``."""
 
 
-@dataclasses.dataclass
-class Resolution:
+class Resolution(msgspec.Struct):
     """The plan plus what ``pycompart check`` shows about it."""
 
     lockdown: Lockdown
@@ -73,7 +72,7 @@ class Resolution:
     missing: list[str]  # mechanisms this host lacks (left out under best-effort)
     notes: list[str]
     #: Grants that will likely not work (a limit too small to start in).
-    warnings: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = msgspec.field(default_factory=list)
 
 
 _warned: set[tuple[str, str]] = set()

@@ -1,7 +1,7 @@
 """The spec: what the application's compartments are and what they may do.
 
 This module is *policy* only: it turns a TOML file (or a dict built in code)
-into frozen dataclasses and rejects anything it does not understand. It never
+into frozen structs (``msgspec.Struct``) and rejects anything it does not understand. It never
 starts a process. Every error names the source, the dotted key path, what was
 expected and what was found, because a spec is security configuration and a
 silently ignored typo is a hole.
@@ -9,7 +9,6 @@ silently ignored typo is a hole.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -17,7 +16,12 @@ import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import msgspec
+
 from ..errors import SpecError
+
+#: No value given (``None`` may be one).
+_MISSING: Any = object()
 
 TRUST_MODELS = ("sandbox", "safebox", "mutual")
 RESTART_POLICIES = ("never", "on-failure", "always")
@@ -53,8 +57,7 @@ ENFORCEMENT = ("strict", "best-effort")
 DEFAULT_ENVIRONMENT = ("LANG", "LC_ALL", "LC_CTYPE", "TZ")
 
 
-@dataclasses.dataclass(frozen=True)
-class Network:
+class Network(msgspec.Struct, frozen=True):
     """``mode`` is none, loopback or host; with ``ports`` mode is "ports" and
     ``connect``/``bind`` list the TCP ports allowed on the host's network."""
 
@@ -63,8 +66,7 @@ class Network:
     bind: tuple[int, ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
-class Privileges:
+class Privileges(msgspec.Struct, frozen=True):
     """What an instance of one compartment may do. The defaults grant
     nothing beyond running Python: no files but the interpreter's and the
     compartment's code (read-only), no network, the ``python`` syscall
@@ -101,8 +103,7 @@ class Privileges:
     explicit: bool = False  # the spec had a [privileges] table
 
 
-@dataclasses.dataclass(frozen=True)
-class CompartmentSpec:
+class CompartmentSpec(msgspec.Struct, frozen=True):
     """One compartment's policy. Durations are seconds, sizes bytes."""
 
     name: str
@@ -173,8 +174,7 @@ class CompartmentSpec:
     descriptors: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
-class AppSpec:
+class AppSpec(msgspec.Struct, frozen=True):
     """The whole application: ``[app]`` plus every ``[compartments.NAME]``."""
 
     name: str = "app"
@@ -185,7 +185,7 @@ class AppSpec:
     #: Objects one message from a compartment may make main build (see
     #: ``pycompart.wire.budget``).
     max_message_objects: int = 1_000_000
-    compartments: Mapping[str, CompartmentSpec] = dataclasses.field(default_factory=dict)
+    compartments: Mapping[str, CompartmentSpec] = msgspec.field(default_factory=dict)
     #: ``[compartments.main.privileges]``: what main itself may do, enforced
     #: by ``pycompart run`` (None: main is not confined).
     main_privileges: Privileges | None = None
@@ -254,14 +254,14 @@ class _Reader:
         self.table = table
         self.used: set[str] = set()
 
-    def report(self, name: str, expected: str, value: Any = dataclasses.MISSING) -> None:
+    def report(self, name: str, expected: str, value: Any = _MISSING) -> None:
         self.errors.append(self.error(name, expected, value))
 
     def key(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
 
-    def error(self, name: str, expected: str, value: Any = dataclasses.MISSING) -> SpecError:
-        found = None if value is dataclasses.MISSING else _describe(value)
+    def error(self, name: str, expected: str, value: Any = _MISSING) -> SpecError:
+        found = None if value is _MISSING else _describe(value)
         return SpecError(self.source, self.key(name), expected, found)
 
     def get(self, name: str, convert: Callable[[Any], Any], expected: str, default: Any) -> Any:
@@ -415,18 +415,18 @@ def _compartment(reader: _Reader, name: str, default_mechanism: str, base_dir: s
     # could unboxed. A safebox or mutual compartment is protected from main.
     sandbox = spec.trust == "sandbox"
     if isinstance(spec.instances, str):
-        spec = dataclasses.replace(spec, on_demand=spec.instances, instances=0)
+        spec = msgspec.structs.replace(spec, on_demand=spec.instances, instances=0)
     if spec.stdin is None:
-        spec = dataclasses.replace(spec, stdin="main" if spec.modules else "null")
+        spec = msgspec.structs.replace(spec, stdin="main" if spec.modules else "null")
     if spec.expose is None:
-        spec = dataclasses.replace(spec, expose=("*",) if sandbox else ())
+        spec = msgspec.structs.replace(spec, expose=("*",) if sandbox else ())
     if spec.allow_setattr is None:
-        spec = dataclasses.replace(spec, allow_setattr=sandbox)
+        spec = msgspec.structs.replace(spec, allow_setattr=sandbox)
     privileges = reader.sub("privileges")
     if privileges is not None:
-        spec = dataclasses.replace(spec, privileges=_privileges(privileges, base_dir, default_enforcement))
+        spec = msgspec.structs.replace(spec, privileges=_privileges(privileges, base_dir, default_enforcement))
     else:
-        spec = dataclasses.replace(spec, privileges=Privileges(enforcement=default_enforcement))
+        spec = msgspec.structs.replace(spec, privileges=Privileges(enforcement=default_enforcement))
     reader.finish()
     return spec
 

@@ -19,7 +19,7 @@ afterwards inherits it.
 
 from __future__ import annotations
 
-import dataclasses
+import msgspec
 import os
 import sys
 from collections.abc import Sequence
@@ -42,7 +42,7 @@ def plan(privileges: Privileges, sys_path: Sequence[str], main_path: str | None)
     # names applies. Its user, when root and unnamed, stays "nobody".
     defaults = {key: None for key in privileges.defaulted}
     user = privileges.user if privileges.user is not None or os.geteuid() != 0 else "nobody"
-    p = dataclasses.replace(privileges, syscalls=profile, syscalls_allow=allow, user=user,
+    p = msgspec.structs.replace(privileges, syscalls=profile, syscalls_allow=allow, user=user,
                             defaulted=(), **defaults)
     res = policy.resolve(CompartmentSpec(name="main", privileges=p), sys_path, main_path)
     res.lockdown.signal_scope = False

@@ -19,7 +19,6 @@ replacement is spawned.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import heapq
 import itertools
 import os
@@ -67,8 +66,7 @@ HELLO_MAX = 256 * 1024
 MAX_VIOLATIONS = 100
 
 
-@dataclasses.dataclass(frozen=True)
-class InstanceEvent:
+class InstanceEvent(msgspec.Struct, frozen=True):
     """Passed to ``on_termination``: an instance ended."""
 
     compartment: str
@@ -77,8 +75,7 @@ class InstanceEvent:
     restarting: bool
 
 
-@dataclasses.dataclass(frozen=True)
-class TimeoutEvent:
+class TimeoutEvent(msgspec.Struct, frozen=True):
     """Passed to ``on_call_timeout``."""
 
     compartment: str
@@ -87,8 +84,7 @@ class TimeoutEvent:
     timeout: float | None
 
 
-@dataclasses.dataclass(frozen=True)
-class CommBreakEvent:
+class CommBreakEvent(msgspec.Struct, frozen=True):
     """Passed to ``on_comm_break``: a channel broke (protocol violation,
     failed send)."""
 
@@ -97,11 +93,10 @@ class CommBreakEvent:
     reason: str
 
 
-@dataclasses.dataclass
-class Hooks:
-    on_termination: list[Callable[[InstanceEvent], Any]] = dataclasses.field(default_factory=list)
-    on_call_timeout: list[Callable[[TimeoutEvent], Any]] = dataclasses.field(default_factory=list)
-    on_comm_break: list[Callable[[CommBreakEvent], Any]] = dataclasses.field(default_factory=list)
+class Hooks(msgspec.Struct):
+    on_termination: list[Callable[[InstanceEvent], Any]] = msgspec.field(default_factory=list)
+    on_call_timeout: list[Callable[[TimeoutEvent], Any]] = msgspec.field(default_factory=list)
+    on_comm_break: list[Callable[[CommBreakEvent], Any]] = msgspec.field(default_factory=list)
 
     @staticmethod
     def fire(hooks: list[Callable[[Any], Any]], event: Any) -> None:
