@@ -30,8 +30,9 @@ exception inside a segment shows where it was written.
 from __future__ import annotations
 
 import ast
-import msgspec
 import re
+
+import msgspec
 
 #: Methods that change their object in place: called in a segment on a
 #: variable the segment receives, the change happens to a copy, and is lost.

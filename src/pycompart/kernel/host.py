@@ -7,11 +7,12 @@ reliable test of "may this process create a network namespace" is to try.
 
 from __future__ import annotations
 
-import msgspec
 import functools
 import os
 import sys
 from collections.abc import Sequence
+
+import msgspec
 
 from . import landlock, namespaces, seccomp
 

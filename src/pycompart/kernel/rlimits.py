@@ -9,8 +9,9 @@ once the instance has dropped to an unprivileged uid.
 
 from __future__ import annotations
 
-import msgspec
 import resource
+
+import msgspec
 
 from .process import _libc
 

@@ -12,7 +12,6 @@ only executes the plan (``pycompart.compartment.lockdown``).
 
 from __future__ import annotations
 
-import msgspec
 import functools
 import glob
 import os
@@ -21,6 +20,8 @@ import stat
 import sys
 import warnings
 from collections.abc import Sequence
+
+import msgspec
 
 from .._version import __version__
 from ..errors import PrivilegeError

@@ -1,10 +1,10 @@
 """The spec: what the application's compartments are and what they may do.
 
 This module is *policy* only: it turns a TOML file (or a dict built in code)
-into frozen structs (``msgspec.Struct``) and rejects anything it does not understand. It never
-starts a process. Every error names the source, the dotted key path, what was
-expected and what was found, because a spec is security configuration and a
-silently ignored typo is a hole.
+into frozen structs (``msgspec.Struct``) and rejects anything it does not
+understand. It never starts a process. Every error names the source, the
+dotted key path, what was expected and what was found, because a spec is
+security configuration and a silently ignored typo is a hole.
 """
 
 from __future__ import annotations

@@ -19,10 +19,11 @@ afterwards inherits it.
 
 from __future__ import annotations
 
-import msgspec
 import os
 import sys
 from collections.abc import Sequence
+
+import msgspec
 
 from ..policy import resolution as policy
 from ..policy.spec import CompartmentSpec, Privileges
@@ -43,7 +44,7 @@ def plan(privileges: Privileges, sys_path: Sequence[str], main_path: str | None)
     defaults = {key: None for key in privileges.defaulted}
     user = privileges.user if privileges.user is not None or os.geteuid() != 0 else "nobody"
     p = msgspec.structs.replace(privileges, syscalls=profile, syscalls_allow=allow, user=user,
-                            defaulted=(), **defaults)
+                                defaulted=(), **defaults)
     res = policy.resolve(CompartmentSpec(name="main", privileges=p), sys_path, main_path)
     res.lockdown.signal_scope = False
     res.lockdown.bind_to_parent = False
