@@ -139,8 +139,16 @@ def test_a_broker_accepts_no_more_connections_than_instances_may_exist(make_app)
 def test_an_instance_whose_caller_gave_up_waiting_is_retired(make_app):
     app, box = _app(make_app, instances="per-call", spares=0)
     monitor = app._runtime.monitor
-    with pytest.raises(pycompart.CompartmentStartError):
-        monitor.spawn_on_demand("box", timeout=0)  # gives up before the zygote even forks
+    # The monitor thread is held until the caller has given up, so the
+    # spawn it queued runs only after that (a template's instance can be
+    # ready in ~2 ms: less than a thread switch on a busy machine).
+    release = threading.Event()
+    monitor.submit(lambda: release.wait(10))
+    try:
+        with pytest.raises(pycompart.CompartmentStartError):
+            monitor.spawn_on_demand("box", timeout=0)
+    finally:
+        release.set()
     deadline = time.monotonic() + 10
     while monitor._by_pid and time.monotonic() < deadline:
         time.sleep(0.05)
