@@ -211,6 +211,53 @@ def test_pycompart_defines_no_dataclasses_in_main_or_the_zygote():
         assert out.stdout.strip() == "False", modules
 
 
+def test_pycompart_s_own_objects_are_out_of_the_collectors_sight_and_the_program_s_are_not(program):
+    """``pycompart run`` freezes what it allocated before the program runs
+    (``gc.freeze``: the program's full collections and the interpreter's at
+    exit need not walk it); what the program allocates is collected as it
+    would be unboxed: a cycle of its own, with a finalizer, is collected by
+    ``gc.collect()``, and a buffered file it never closed is flushed."""
+    where = program(
+        "import gc, boxlib\n"
+        "frozen = gc.get_freeze_count()\n"
+        "died = []\n"
+        "class Node:\n"
+        "    def __del__(self):\n"
+        "        died.append(1)\n"
+        "a, b = Node(), Node()\n"
+        "a.other, b.other = b, a\n"
+        "del a, b\n"
+        "gc.collect()\n"
+        "print('frozen', frozen > 1000, 'collected', len(died), 'box', boxlib.apply(len, 'abc'))\n"
+        "log = open('out.txt', 'w')\n"
+        "log.write('kept')\n")
+    proc = run(where, "prog.py")
+    assert proc.returncode == 0, proc.stderr
+    assert "frozen True collected 2 box 3" in proc.stdout
+    assert (where / "out.txt").read_text() == "kept"
+
+
+@pytest.mark.parametrize("how", ["script", "-m"])
+def test_the_program_s_globals_are_finalized_at_exit_as_python_does(program, how):
+    """The program's ``__main__`` stays in ``sys.modules`` after it ends, as
+    python's does, so that the interpreter's exit clears its globals: a
+    file it wrote and never closed is flushed, and the ``__del__`` of an
+    object it holds runs (both were lost when its module was dropped: its
+    globals lived on in the cycle through its own class)."""
+    where = program(
+        "import sys, boxlib\n"
+        "class Held:\n"
+        "    def __del__(self):\n"
+        "        print('finalized', file=sys.stderr)\n"
+        "held = Held()\n"
+        "log = open('out.txt', 'w')\n"
+        "log.write('kept ' + str(boxlib.apply(len, 'abcd')))\n", name="progfin.py")
+    proc = run(where, *(["progfin.py"] if how == "script" else ["-m", "progfin"]))
+    assert proc.returncode == 0, proc.stderr
+    assert (where / "out.txt").read_text() == "kept 4"
+    assert "finalized" in proc.stderr
+
+
 def test_every_privilege_that_cannot_be_enforced_is_named_with_the_file(program):
     """Not only the first compartment's: each on a line of its own, naming
     the spec's file, before the program runs."""
