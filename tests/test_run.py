@@ -258,6 +258,29 @@ def test_the_program_s_globals_are_finalized_at_exit_as_python_does(program, how
     assert "finalized" in proc.stderr
 
 
+def test_run_module_without_runpys_private_steps_falls_back_to_run_module(tmp_path, monkeypatch):
+    """Where runpy lacks ``_get_module_details``/``_run_code`` (a future
+    CPython), ``-m`` still runs the module as ``__main__``, through
+    ``runpy.run_module``."""
+    import runpy
+    import types
+
+    from pycompart.frontend import run as shim
+
+    (tmp_path / "fallbackmod.py").write_text("import sys\nsys.ran_as = __name__\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # (Hidden from the shim only: run_module itself uses them.)
+    monkeypatch.setattr(shim, "runpy", types.SimpleNamespace(run_module=runpy.run_module))
+    monkeypatch.setattr(sys, "argv", ["fallbackmod"])
+    before = sys.modules.get("__main__")
+    try:
+        shim._run_module("fallbackmod")
+        assert sys.ran_as == "__main__"
+        assert sys.modules.get("__main__") is before  # (run_module puts its own back)
+    finally:
+        sys.__dict__.pop("ran_as", None)
+
+
 def test_every_privilege_that_cannot_be_enforced_is_named_with_the_file(program):
     """Not only the first compartment's: each on a line of its own, naming
     the spec's file, before the program runs."""
