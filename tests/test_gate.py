@@ -258,3 +258,75 @@ def test_a_deep_traceback_is_described_by_its_outermost_frames():
         info = describe_exception(exc)
     frames = info.traceback.count("File ")
     assert 0 < frames <= TRACEBACK_FRAMES + 1, frames
+
+
+def _raised(fn: Any) -> BaseException:
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - each case's exception, whatever it is
+        return exc
+    raise AssertionError("did not raise")
+
+
+def _chained() -> None:
+    try:
+        {}["key"] + 1
+    except KeyError as exc:
+        raise ValueError("from a cause") from exc
+
+
+def _in_handling() -> None:
+    try:
+        [][1]
+    except IndexError:
+        raise TypeError("while handling")  # noqa: B904 - the implicit context is the case
+
+
+def _suppressed() -> None:
+    try:
+        [][1]
+    except IndexError:
+        raise TypeError("context suppressed") from None
+
+
+def _noted() -> None:
+    exc = ValueError("with a note")
+    exc.add_note("the note")
+    raise exc
+
+
+def _cycle() -> None:
+    a, b = ValueError("a"), TypeError("b")
+    a.__context__, b.__context__ = b, a
+    raise a
+
+
+def _group() -> None:
+    raise ExceptionGroup("two", [ValueError("one"), KeyError("other")])
+
+
+def test_a_traceback_is_described_as_traceback_formats_it_without_carets():
+    """Line for line what ``traceback.format_exception`` prints (chains,
+    notes, a cycle of contexts, a group), less its lines of carets, which
+    3.11 places by parsing every frame's source line."""
+    import re
+    import traceback
+
+    from pycompart.wire.exceptions import format_traceback
+
+    def carets(text: str) -> bool:
+        return bool(re.fullmatch(r"\s*[~^]+\s*", text))
+
+    cases = [lambda: 1 / 0, _chained, _in_handling, _suppressed, _noted, _cycle, _group,
+             lambda: exec("x = (1,\n")]
+    stripped = 0
+    for case in cases:
+        exc = _raised(case)
+        ours = format_traceback(exc, exc.__traceback__, 64)
+        theirs = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=64)
+        stripped += sum(map(carets, "".join(theirs).splitlines()))
+        assert [line for line in ours.splitlines() if not carets(line)] == \
+            [line for line in "".join(theirs).splitlines() if not carets(line)], case
+        if not isinstance(exc, (BaseExceptionGroup, SyntaxError)):  # (a SyntaxError's own ^ stays)
+            assert not any(carets(line) for line in ours.splitlines()), case
+    assert stripped  # (traceback's own carets were there to leave out)

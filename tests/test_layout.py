@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
 import sys
 from collections import defaultdict
+
+import pytest
 
 PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "src", "pycompart")
@@ -204,6 +207,35 @@ def test_an_instance_loads_none_of_mains_machinery(make_app):
                  or m in ("pycompart.supervisor.monitor", "pycompart.supervisor.audit",
                           "pycompart.supervisor.confine")]
     assert not forbidden, f"an instance loaded main's machinery: {forbidden}"
+
+
+#: Standard modules the runtime imports only where they are used: each is
+#: milliseconds of every start (``inspect``, with ``ast`` and ``dis``, ~5).
+LAZY_STDLIB = ["inspect", "ast", "dis", "pickle", "fractions", "sysconfig"]
+
+
+def test_an_instance_serving_a_module_imports_no_lazy_stdlib(make_app):
+    """An instance serving a module that needs none of them (main asks
+    for its attributes, calls its functions, gets exceptions back) has not
+    imported them: neither did the zygote it was forked from."""
+    app = make_app({"compartments": {"box": {"modules": ["layoutprobe"]}}})
+    with app:
+        probe = app.compartment("box").module("layoutprobe")
+        with pytest.raises(TypeError):
+            probe.which_loaded()  # an exception described on its way back
+        assert probe.which_loaded(["sys"]) == ["sys"]  # the probe sees what it should
+        assert probe.which_loaded(LAZY_STDLIB) == []
+
+
+def test_main_imports_no_lazy_stdlib_before_the_program_runs(tmp_path):
+    """``pycompart run``'s main, up to the program's first line."""
+    (tmp_path / "prog.py").write_text(
+        "import sys\nprint(','.join(n for n in %r if n in sys.modules))\n" % LAZY_STDLIB)
+    (tmp_path / "app.toml").write_text('[compartments.box]\nmodules = ["json"]\n')
+    out = subprocess.run([sys.executable, "-m", "pycompart", "run", "app.toml", "--", "prog.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
 
 
 def matrix() -> str:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import collections
 import copy
 import importlib
-import inspect
 import os
-import pickle
 import sys
 import types
 import weakref
@@ -288,6 +286,8 @@ class ObjectServer:
         self._check_target(target)
         self.check_name(name, target=target)
         if not isinstance(target, (type, types.ModuleType)):
+            import inspect  # (here: an instance that serves only modules never needs it)
+
             static = inspect.getattr_static(target, name, None)
             if isinstance(static, types.FunctionType) and name not in _instance_dict(target):
                 return refs.METHOD  # called later with @callmethod: one round trip
@@ -423,6 +423,7 @@ class ObjectServer:
                                   "not unpickle what main sends")
         if type(data) is not bytes:
             raise TypeError("pickled bytes")
+        import pickle  # here: only a sandbox unpickles, and every instance would pay its import
         return pickle.loads(data)
 
     def op_twinset(self, twin: Any, name: Any, value: Any) -> bool:
@@ -545,6 +546,8 @@ class ObjectServer:
     def _own_callable(self, fn: Any) -> bool:
         """A function of its own, or a wrapper of one (``functools.wraps``,
         ``lru_cache``): decorated code of its modules."""
+        import inspect
+
         for _ in range(8):
             if isinstance(fn, types.FunctionType):
                 return self._own_globals(fn.__globals__)
@@ -616,6 +619,8 @@ def _kind(value: Any, name: str) -> str:
         return "classmethod"
     if isinstance(value, property):
         return "property"
+    import inspect
+
     if inspect.isfunction(value) or inspect.ismethoddescriptor(value):
         return "special" if name.startswith("__") and name.endswith("__") else "method"
     return "data"
@@ -678,6 +683,11 @@ def _issubclass(obj: Any, cls: Any) -> bool:
     return issubclass(obj, cls)
 
 
+def _pickle_dumps(obj: Any) -> bytes:
+    import pickle  # here: only a sandbox pickles for main, and every instance would pay its import
+    return pickle.dumps(obj, 4)
+
+
 # Each takes exactly what main's proxies send: ``type(obj, bases, ns)`` would
 # make a class, ``deepcopy(obj, memo)`` would write into a dict the caller
 # chose (and read private state into it).
@@ -685,7 +695,7 @@ _PROTOCOL: dict[str, Callable[..., Any]] = dict(
     protocols.OPS, isinstance=_isinstance, issubclass=_issubclass, dir=lambda obj: dir(obj),
     type=lambda obj: type(obj), copy=lambda obj: copy.copy(obj), deepcopy=lambda obj: copy.deepcopy(obj),
     describe=lambda obj: protocols.describe_callable(obj),
-    describe_method=lambda obj, name: None, pickle=lambda obj: pickle.dumps(obj, 4))  # (op_protocol checks the name first)
+    describe_method=lambda obj, name: None, pickle=lambda obj: _pickle_dumps(obj))  # (op_protocol checks the name first)
 
 
 # -- references to main's objects, inside an instance ---------------------------------

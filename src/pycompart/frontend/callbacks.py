@@ -12,7 +12,6 @@ before they could cross at all (``pycompart.wire.refs``).
 
 from __future__ import annotations
 
-import inspect
 import io
 import sys
 import threading

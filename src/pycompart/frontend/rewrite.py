@@ -105,11 +105,6 @@ class Result(msgspec.Struct):
         return out
 
 
-def uses_segments(source: str) -> bool:
-    """A cheap test: might this program be annotated?"""
-    return ("segment" in source or "entrypoint" in source) and "pycompart" in source
-
-
 # -- analysis -------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,6 @@ import re
 import socket
 import stat
 import sys
-import sysconfig
 import threading
 import types
 from collections.abc import Callable
@@ -315,18 +314,22 @@ class RewriteFailed(PycompartError):
 CACHE_DIR = "/var/tmp/pycompart-rewrite"
 
 
+def uses_segments(source: str) -> bool:
+    """A cheap test: might this program be annotated?"""
+    return ("segment" in source or "entrypoint" in source) and "pycompart" in source
+
+
 def prepare_run(script: str, spec: Any) -> tuple[str | None, Any]:
     """For ``pycompart run``: if ``script`` is annotated, its rewritten copy
     (cached by content) and ``spec`` with the generated entrypoints added to
     their compartments (a spec need only declare the compartments)."""
-    from .rewrite import rewrite, uses_segments
-
     with open(script, "rb") as f:
         data = f.read()
     text = data.decode("utf-8", "replace")
     if not uses_segments(text):
         return None, spec
-    from .rewrite import PROLOGUE, generated_entrypoints
+    # Here, not before: the rewriter (and ``ast``) costs every start ~2 ms.
+    from .rewrite import PROLOGUE, generated_entrypoints, rewrite
 
     if PROLOGUE in text:
         # Already rewritten (``pycompart rewrite --out DIR``): run as it is,
@@ -432,7 +435,9 @@ def cache_root() -> str:
     return CACHE_DIR + f"-{os.getuid()}"
 
 
-_STDLIB = os.path.join(sysconfig.get_paths()["stdlib"], "")
+#: The standard library's directory: where ``os`` is (``sysconfig``'s
+#: "stdlib" path, without importing ``sysconfig``: ~2 ms of main's start).
+_STDLIB = os.path.join(os.path.dirname(os.__file__), "")
 
 
 class ModuleRewriter:
@@ -461,8 +466,6 @@ class ModuleRewriter:
     def _find(self, fullname: str, path: Any, target: Any = None) -> Any:
         import importlib.util
 
-        from .rewrite import rewrite, uses_segments
-
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
@@ -480,6 +483,8 @@ class ModuleRewriter:
         text = data.decode("utf-8", "replace")
         if not uses_segments(text):
             return spec
+        from .rewrite import rewrite
+
         result = rewrite(text, origin, original=origin)
         if result.problems:
             raise ImportError("\n".join(str(p) for p in result.problems), name=fullname)

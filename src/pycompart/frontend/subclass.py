@@ -31,7 +31,6 @@ attributes and main-defined data (``pycompart.frontend.callbacks``).
 
 from __future__ import annotations
 
-import inspect
 import sys
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -132,6 +131,8 @@ def _main_classes(cls: type) -> list[type]:
 def _handed(cls: type) -> dict[str, str]:
     """What main hands over with this class: name -> kind, for every
     attribute main's own classes define, as the MRO resolves it."""
+    import inspect  # (here: ~5 ms of main's start-up, for a program that hands no subclass)
+
     handed: dict[str, str] = {}
     seen: set[str] = set()
     for klass in cls.__mro__:

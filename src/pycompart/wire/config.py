@@ -7,8 +7,6 @@ inside the instance by ``pycompart.compartment.lockdown``; ``InstanceConfig``
 travels from the monitor through the zygote's control socket.
 """
 
-from __future__ import annotations
-
 import signal
 
 import msgspec

@@ -18,7 +18,6 @@ rest generically and converts it, with the same strict checks, to the same types
 
 from __future__ import annotations
 
-import inspect
 import io
 import socket
 import typing
@@ -156,6 +155,8 @@ class Contract:
     def __init__(self, fn: Callable[..., Any], key: str | None = None):
         self.key = key or function_key(fn)
         self.fn = fn
+        import inspect  # here: ~5 ms of start-up where no contract is built
+
         try:
             sig = inspect.signature(fn)
         except (TypeError, ValueError) as exc:

@@ -12,8 +12,6 @@ descriptors travel beside a frame, counted in its header.
   each instance, ``Exited`` when one ends (it is their parent).
 """
 
-from __future__ import annotations
-
 from typing import Union
 
 import msgspec

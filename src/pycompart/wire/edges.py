@@ -30,8 +30,6 @@ sockets without blocking and treats anything malformed as a protocol
 violation of the instance that sent it.
 """
 
-from __future__ import annotations
-
 from typing import Union
 
 import msgspec

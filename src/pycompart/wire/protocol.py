@@ -38,8 +38,6 @@ the ids it owes a reply for; anything else is a protocol violation, counted
 and reported as an event, never an exception that kills the reader.
 """
 
-from __future__ import annotations
-
 import itertools
 import os
 import struct

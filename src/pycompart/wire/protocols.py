@@ -41,7 +41,6 @@ taken up to ``MAX_BATCH - 1`` items more from a generator than it used.
 from __future__ import annotations
 
 import collections
-import inspect
 import io
 import operator
 import sys
@@ -642,6 +641,8 @@ def describe_callable(fn: Any) -> dict[str, Any]:
         "doc": text(getattr(fn, "__doc__", None), 8192),
         "params": None,
     }
+    import inspect  # here: asked of few callables, and ~5 ms of every start-up
+
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -687,6 +688,7 @@ class _OpaqueDefault:
 
 def signature_from(description: Any) -> inspect.Signature | None:
     """The ``inspect.Signature`` a ``describe_callable`` answer describes."""
+    import inspect
     params = description.get("params") if type(description) is dict else None
     if type(params) is not list:
         return None

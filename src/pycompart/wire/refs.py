@@ -33,7 +33,6 @@ import builtins
 import collections
 import datetime
 import decimal
-import fractions
 import io
 import itertools
 import os
@@ -1079,7 +1078,6 @@ def _time(v: datetime.time) -> tuple[str, Any]:
 
 _STD_ENCODE: dict[type, Callable[[Any], tuple[str, Any]]] = {
     decimal.Decimal: lambda v: ("decimal", str(v)),
-    fractions.Fraction: lambda v: ("fraction", [str(v.numerator), str(v.denominator)]),
     datetime.datetime: _datetime,
     datetime.date: lambda v: ("date", [v.year, v.month, v.day]),
     datetime.time: _time,
@@ -1091,10 +1089,15 @@ _STD_ENCODE: dict[type, Callable[[Any], tuple[str, Any]]] = {
 
 
 def _std_encoder(tp: type) -> Callable[[Any], tuple[str, Any]] | None:
-    """How ``_STD_ENCODE`` encodes ``tp``, paths included: ``pathlib``'s
-    entries are added once a path exists (then pathlib was imported), so a
-    start-up that never sees one never imports it."""
+    """How ``_STD_ENCODE`` encodes ``tp``, paths and fractions included:
+    ``pathlib``'s (``fractions``') entries are added once a path (a fraction)
+    exists, so that a start-up that never sees one never imports it."""
     std = _STD_ENCODE.get(tp)
+    if std is None and tp.__module__ == "fractions" and "fractions" in sys.modules:
+        import fractions
+
+        _STD_ENCODE[fractions.Fraction] = lambda v: ("fraction", [str(v.numerator), str(v.denominator)])
+        std = _STD_ENCODE.get(tp)
     if std is None and tp.__module__ == "pathlib" and "pathlib" in sys.modules:
         import pathlib
 
@@ -1157,7 +1160,7 @@ def _bounded_int(text: Any) -> int:
 
 _STD_DECODE: dict[str, Callable[[Any], Any]] = {
     "decimal": lambda f: decimal.Decimal(f) if isinstance(f, str) and len(f) < 5000 else _bad(),
-    "fraction": lambda f: fractions.Fraction(_bounded_int(f[0]), _bounded_int(f[1])),
+    "fraction": lambda f: _fraction(f),
     "datetime": lambda f: datetime.datetime(*f[:7], tzinfo=_tz(f[7]), fold=f[8]),
     "date": lambda f: datetime.date(*f),
     "time": lambda f: datetime.time(*f[:4], tzinfo=_tz(f[4]), fold=f[5]),
@@ -1169,6 +1172,12 @@ _STD_DECODE: dict[str, Callable[[Any], Any]] = {
     "path": lambda f: _path("path", f),
     "stdenum": _stdenum,
 }
+
+
+def _fraction(fields: Any) -> Any:
+    import fractions
+
+    return fractions.Fraction(_bounded_int(fields[0]), _bounded_int(fields[1]))
 
 
 def _bad() -> Any:
