@@ -123,6 +123,25 @@ def start_and_serve(config: InstanceConfig, read_fd: int, write_fd: int, bulk_fd
             os._exit(code)
 
 
+def rehearse(config: InstanceConfig, table: dict[str, _LazyContract], times: int = 12) -> None:
+    """In a template, before it forks: build an instance's server a few
+    times over a pipe of its own, and drop it. What each instance would
+    otherwise do first after its ``Spawn`` (run these code paths cold, so
+    that Python specializes their code objects, and build the codecs and
+    caches they fill on first use) is then done once, in memory the
+    instances share. The globals a server sets are set again by each
+    instance's own."""
+    for _ in range(times):
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            server = Server(config, read_fd, write_fd, table)
+        except BaseException:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
+        server.channel.close()  # (its descriptors with it)
+
+
 def _prepare_process(keep: set[int], mode: str = "inherit",
                      output_fds: tuple[int, int] | None = None) -> None:
     # Die with the zygote (itself bound to the monitor). The zygote is

@@ -92,6 +92,7 @@ def run(config: InstanceConfig, control_fd: int) -> NoReturn:
                 lazy.contract = Contract(lazy.fn, lazy.key)  # type: ignore[arg-type]
             except Exception:
                 pass  # the call says why
+        _serve.rehearse(config, table)  # type: ignore[arg-type]
         # What every instance shares, not copied by the collector's visits.
         gc.collect()
         gc.freeze()
