@@ -283,3 +283,24 @@ def test_a_string_is_not_bytes_on_the_bulk_path_either(make_app):
     with app:
         with pytest.raises(ProtocolError, match="does not match the declared return type"):
             ep["reply_text_as_bytes"]()
+
+
+def test_each_on_demand_instance_gets_lanes_of_its_own(make_app):
+    """The monitor makes an on-demand compartment's next lanes ahead of its
+    next instance: still each memory file is mapped by one instance only,
+    and a stop leaves main no memory file open."""
+    def memory_files() -> int:
+        return sum("pycompart-bulk" in os.readlink(f"/proc/self/fd/{fd}")
+                   for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    before = memory_files()
+    app = make_app({"compartments": {"box": {"instances": "per-call", "spares": 0}}})
+    lane_file = app.entrypoint("box")(bulkbox.lane_file)
+    digest = app.entrypoint("box")(bulkbox.digest)
+    with app:
+        files = [lane_file() for _ in range(4)]
+        data = os.urandom(3 * MIB)
+        assert [digest(data) for _ in range(3)] == [sha(data)] * 3
+    if bulk.ENABLED:
+        assert all(files) and len(set(files)) == len(files), files
+    assert memory_files() == before
