@@ -41,19 +41,27 @@ from ..wire.config import Lockdown
 _limits_applied: dict[str, int] = {}
 
 
-def _step(what: str):  # type: ignore[no-untyped-def]
-    """Name the mechanism in any error raised while enforcing it, and the
-    real cause where it is not the mechanism itself."""
+class _Step:
+    """Names the mechanism in any error raised while enforcing it, and the
+    real cause where it is not the mechanism itself (``_step``)."""
 
-    class _Step:
-        def __enter__(self) -> None:
-            return None
+    __slots__ = ("what",)
 
-        def __exit__(self, typ, exc, tb) -> bool:  # type: ignore[no-untyped-def]
-            if exc is not None and not isinstance(exc, PrivilegeError):
-                raise PrivilegeError(f"cannot enforce {what}: {_cause(exc)}") from exc
-            return False
-    return _Step()
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ, exc, tb) -> bool:  # type: ignore[no-untyped-def]
+        if exc is not None and not isinstance(exc, PrivilegeError):
+            raise PrivilegeError(f"cannot enforce {self.what}: {_cause(exc)}") from exc
+        return False
+
+
+def _step(what: str) -> _Step:
+    """``with _step("..."):`` around each mechanism's enforcement."""
+    return _Step(what)
 
 
 def _cause(exc: BaseException) -> str:
