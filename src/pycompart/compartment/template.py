@@ -165,17 +165,21 @@ class _Template:
         """An instance for ``msg``: the child forked ahead of need, if it
         is still waiting, else one forked now; then the next child ahead."""
         waiting, self.waiting = self.waiting, None
-        if waiting is not None and not self._report(msg.request, waiting[0], waiting[2], False):
-            waiting[1].close()
-            waiting = None  # it died meanwhile
+        if waiting is not None and select.select([waiting[2]], [], [], 0)[0]:
+            waiting[1].close()  # it died meanwhile
+            os.close(waiting[2])
+            waiting = None
         if waiting is not None:
-            pid, sock, _ = waiting
+            pid, sock, pidfd = waiting
             try:
-                # (Reported first: the monitor takes its Hello only once it knows its pid.)
                 SocketTransport(sock).send(encode_control(msg, len(fds)), fds, time.monotonic() + 1.0)
             except (OSError, TimeoutError):
-                os.kill(pid, signal.SIGKILL)  # its end is reported: the monitor sees it fail to start
+                os.kill(pid, signal.SIGKILL)  # reported below: the monitor sees it fail to start
             sock.close()
+            # Reported once it has its Spawn, not before: the monitor reads
+            # its Hello only after this report, so the instance's start and
+            # the report's way to the monitor (~0.4 ms) overlap.
+            self._report(msg.request, pid, pidfd)
         else:
             pid = os.fork()
             if pid == 0:
@@ -193,22 +197,20 @@ class _Template:
         for fd in fds:  # the instance's must be the only copies: its death is the caller's EOF
             os.close(fd)
 
-    def _report(self, request: int, pid: int, pidfd: int, always: bool = True) -> bool:
+    def _report(self, request: int, pid: int, pidfd: int) -> None:
         """Tell the zygote which pid ``request`` got, with its pidfd, made
-        here (only we reap it, so the pid is still its); closes ``pidfd``.
-        False if it is gone already (reported without a pidfd if ``always``)."""
+        here (only we reap it, so the pid is still its; without one if it
+        is gone already); closes ``pidfd``."""
         alive = pidfd >= 0 and not select.select([pidfd], [], [], 0)[0]
         sent = [pidfd] if alive else []
         try:
-            if alive or always:
-                self.transport.send(encode_control(Forked(request, pid), len(sent)), sent,
-                                    time.monotonic() + 5.0)
+            self.transport.send(encode_control(Forked(request, pid), len(sent)), sent,
+                                time.monotonic() + 5.0)
         except (OSError, TimeoutError):
             os._exit(1)  # the zygote is gone: so is everything
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
-        return alive
 
     def fork_ahead(self) -> None:
         """Fork the next instance now, while nothing waits for it: it locks
