@@ -153,3 +153,16 @@ def test_templates_work_for_a_user_who_is_not_root():
     assert report["own_proc"] == "read" and report["template_proc"] == "refused"
     assert report["signal_template"] == "refused" and report["signal_sibling"] == "refused"
     assert report["slept"] == ["slept"]
+
+
+def test_an_instance_forked_ahead_serves_with_the_server_built_before_its_spawn(make_app):
+    """A child forked ahead builds its instance's server over placeholder
+    pipes while it waits; its channel's descriptors take their places: the
+    calls reach it, and no placeholder is left open."""
+    import time
+
+    app, box = _app(make_app, spares=0)
+    box.parent()  # the template is up, and forks its next child ahead
+    time.sleep(0.3)  # (which then waits, its server built)
+    assert box.how_served() == [True, 4]
+    assert box.draws()[2] == box.AT_IMPORT

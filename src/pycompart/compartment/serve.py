@@ -91,8 +91,10 @@ def run(config: InstanceConfig, read_fd: int, write_fd: int,
 
 
 def start_and_serve(config: InstanceConfig, read_fd: int, write_fd: int, bulk_fd: int | None,
-                    start: Callable[[], dict[str, _LazyContract]]) -> NoReturn:
-    """``start()`` (its entrypoints), then serve; a start that raises is
+                    start: Callable[[], dict[str, _LazyContract]],
+                    server: Server | None = None) -> NoReturn:
+    """``start()`` (its entrypoints), then serve (with ``server``, built
+    ahead over these descriptors, if given); a start that raises is
     reported to the caller (``Abort``). Never returns."""
     _package.CURRENT = config
     code = 0
@@ -107,7 +109,9 @@ def start_and_serve(config: InstanceConfig, read_fd: int, write_fd: int, bulk_fd
                 pass
             code = EXIT_START_FAILED
         else:
-            Server(config, read_fd, write_fd, table, bulk_fd).serve()
+            if server is None:
+                server = Server(config, read_fd, write_fd, table, bulk_fd)
+            server.serve()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -358,15 +362,7 @@ class Server(CallServer):
         self.channel = Channel(transport, Connection(config.max_frame), config.caller, server=self)
         self.channel.blocking_reads = True
         if bulk_fd is not None:
-            try:
-                lanes = Lanes(bulk_fd, side=1)
-            except (OSError, ValueError):  # e.g. no address space left for it: all inline
-                os.close(bulk_fd)
-            else:
-                self.channel.use_bulk(lanes, Call)
-                # What comes through a lane is copied into fresh bytes: from
-                # memory the last one freed, not from new pages.
-                rlimits.reuse_large_allocations(2 * lanes.size)
+            self.use_bulk_fd(bulk_fd)
         # Module compartments pass references: releases wait for decodes.
         self.channel.track_arrivals = bool(config.modules or config.functions)
         self.objects = ObjectServer(config.compartment, config.modules, config.functions,
@@ -388,6 +384,8 @@ class Server(CallServer):
             if compact and self.channel.track_arrivals else {})
         #: The biggest value a compact reply may carry (the message size limit).
         self._max_value = config.max_frame - OK_ENVELOPE.size
+        #: Built before its channel came (``take_descriptors``).
+        self.built_ahead = False
         self.cancel_current = False
         self.in_user_code = False
         self.depth = 0  # > 0 while the main thread is inside a channel (a callback, an edge call)
@@ -403,6 +401,33 @@ class Server(CallServer):
             CALL_WARNINGS.channel = self.channel
             CALL_WARNINGS.current_call = lambda: self.active[-1] if self.active else 0
             CALL_WARNINGS.install()
+
+    def use_bulk_fd(self, bulk_fd: int) -> None:
+        """Map the memory file of the channel's bulk lanes (and close it)."""
+        try:
+            lanes = Lanes(bulk_fd, side=1)
+        except (OSError, ValueError):  # e.g. no address space left for it: all inline
+            os.close(bulk_fd)
+        else:
+            self.channel.use_bulk(lanes, Call)
+            # What comes through a lane is copied into fresh bytes: from
+            # memory the last one freed, not from new pages.
+            rlimits.reuse_large_allocations(2 * lanes.size)
+
+    def take_descriptors(self, config: InstanceConfig, read_fd: int, write_fd: int) -> None:
+        """(A server built ahead over placeholder pipes, ``template``.) Its
+        instance's own channel, ``config`` and descriptors from now on: they
+        take the placeholders' numbers (closed here), so that everything
+        built on those numbers reads and writes the instance's pipes."""
+        transport = self.channel.transport
+        assert isinstance(transport, PipeTransport)
+        for fd, placeholder in ((read_fd, transport.read_fd), (write_fd, transport.write_fd)):
+            os.dup2(fd, placeholder, inheritable=False)
+            os.close(fd)
+        os.set_blocking(transport.write_fd, False)
+        os.set_blocking(transport.read_fd, True)  # (as built: see Channel.blocking_reads)
+        self.config = config
+        self.built_ahead = True
 
     def serve(self) -> None:
         signal.signal(CANCEL_SIGNAL, self._on_cancel_signal)
