@@ -65,9 +65,12 @@ from . import serve as _serve
 #: The biggest control message a template reads (a ``Spawn``: a config).
 MAX_CONTROL = 16 * 1024 * 1024
 #: Seconds without a ``Spawn`` after which the next instance is forked
-#: ahead (a fork takes a CPU for a millisecond or more: not while the
-#: instance just handed over starts, or the next call arrives).
-FORK_AHEAD_AFTER = 0.0
+#: ahead: a fork (and the child's lock-down) takes a CPU for a millisecond
+#: or more, not to be taken from the instance just handed over as it
+#: starts. Unless ``Spawn``s come closer than ``BUSY_WITHIN`` apart: then
+#: the next is forked at once, to be ready for the one after.
+FORK_AHEAD_AFTER = 0.001
+BUSY_WITHIN = 0.01
 
 
 def run(config: InstanceConfig, control_fd: int) -> NoReturn:
@@ -121,6 +124,10 @@ class _Template:
         #: The child forked ahead (``fork_ahead``): its pid, our end of its
         #: socket, its pidfd.
         self.waiting: tuple[int, socket.socket, int] | None = None
+        #: When the last ``Spawn`` came, and whether it came within
+        #: ``BUSY_WITHIN`` of the one before.
+        self.last_spawn = 0.0
+        self.busy = False
 
     def send(self, msg: object) -> None:
         try:
@@ -134,7 +141,8 @@ class _Template:
         self.send(TemplateReady())
         self.fork_ahead()
         while True:
-            events = self.selector.select(None if self.waiting is not None else FORK_AHEAD_AFTER)
+            events = self.selector.select(None if self.waiting is not None else
+                                          0.0 if self.busy else FORK_AHEAD_AFTER)
             if not events:
                 self.fork_ahead()
             for key, _ in events:
@@ -164,6 +172,8 @@ class _Template:
     def fork(self, msg: Spawn, fds: list[int]) -> None:
         """An instance for ``msg``: the child forked ahead of need, if it
         is still waiting, else one forked now; then the next child ahead."""
+        now = time.monotonic()
+        self.busy, self.last_spawn = now - self.last_spawn < BUSY_WITHIN, now
         waiting, self.waiting = self.waiting, None
         if waiting is not None and select.select([waiting[2]], [], [], 0)[0]:
             waiting[1].close()  # it died meanwhile

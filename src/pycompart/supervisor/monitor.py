@@ -766,7 +766,10 @@ class Monitor:
             theirs += [out_w, err_w]
             sink = Sink(self.relay, pool.spec.name, pool.spec.output == "prefixed")
             channel.output_sink = sink.write
-            self.relay.add(sink, out_r, err_r)
+            # Its pipes are looked at once the spawn is sent: waking the relay
+            # thread first put a wake-up (and its wait for the GIL) before it.
+            self.relay.add(sink, out_r, err_r, wake=False)
+            self._after(0.0, self.relay.wake_up)
         lanes = self._bulk_lanes(pool, caller)
         if lanes is not None:
             # Shared memory for its large values; used once it says it mapped it.

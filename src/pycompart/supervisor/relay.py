@@ -115,13 +115,20 @@ class OutputRelay:
         self._thread = threading.Thread(target=self._run, name="pycompart-output", daemon=True)
         self._thread.start()
 
-    def add(self, sink: Sink, stdout_fd: int, stderr_fd: int) -> None:
-        """Copy from these read ends (closed here at end of file)."""
+    def add(self, sink: Sink, stdout_fd: int, stderr_fd: int, wake: bool = True) -> None:
+        """Copy from these read ends (closed here at end of file), from the
+        relay thread's next wake-up (``wake``: now; else ``wake_up`` must
+        follow, before anything can be written to them)."""
         with self._lock:
             for fd, stream in ((stdout_fd, 1), (stderr_fd, 2)):
                 os.set_blocking(fd, False)
                 self._pipes[fd] = (sink, stream)
                 self._poll.register(fd, select.POLLIN)
+        if wake:
+            self._wake()
+
+    def wake_up(self) -> None:
+        """Make the relay thread look at the pipes ``add`` gave it."""
         self._wake()
 
     def enqueue(self, sink: Sink, stream: int, data: bytes) -> None:
