@@ -68,7 +68,8 @@ def test_bench_quick_runs(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["quick"] is True
     for key in ("raw_pipe_pinned", "null_call_pinned", "null_call_unpinned", "edge_call_unpinned",
-                "instance_ready", "instance_ready_fresh", "arg_64mib_gbs", "mp_send_bytes_64mib",
+                "instance_ready", "instance_ready_fresh", "instance_ready_fresh_back_to_back",
+                "arg_64mib_gbs", "mp_send_bytes_64mib",
                 "idle_pss_kib", "run_overhead_ms", "rewrite_ms", "tifftopnm_boxed_ms", "fork_floor",
                 "cow_fault_us"):
         assert figures["results"][key] > 0, key
