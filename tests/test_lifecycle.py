@@ -8,6 +8,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 SCRIPT = textwrap.dedent('''
     import json, os, sys, time
     import pycompart
@@ -158,3 +160,17 @@ def test_nothing_outlives_main_whatever_an_instance_does(tmp_path):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert left == [], "an instance or its child outlived a SIGKILLed main"
+
+
+def test_a_stopped_app_has_reaped_its_zygote(make_app):
+    """``App.stop`` waits for the zygote's process (only ``pycompart run``,
+    whose main exits next, leaves that to its exit): no zombie is left in a
+    program that starts and stops apps."""
+    app = make_app({"compartments": {"box": {}}})
+    app.entrypoint("box")(os.getpid)
+    app.start()
+    pid = app.zygote_pid
+    assert pid
+    app.stop()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)

@@ -111,7 +111,7 @@ def run(spec_path: str, target: str, argv: list[str], as_module: bool = False) -
         code = 1
     finally:
         _flush()
-        app.stop()
+        app._stop_before_exit()
     if interrupted:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)

@@ -299,6 +299,10 @@ class Monitor:
         self._start_done = threading.Condition()
         self.stopping = False
         self.zygote_proc: Any = None
+        #: Whether ``stop`` waits for the zygote's process to end after it
+        #: said its last (every instance reaped): not when main exits next
+        #: (``pycompart run``), which ends it anyway (its parent-death signal).
+        self.wait_for_zygote = True
         self._control: SocketTransport | None = None
         self._control_buf = memoryview(bytearray(65536))
         self._started = False
@@ -401,7 +405,7 @@ class Monitor:
         self.submit(begin)
         self._thread.join(grace + 5.0)
         proc = self.zygote_proc
-        if proc is not None:
+        if proc is not None and (self.wait_for_zygote or self._thread.is_alive()):
             try:
                 proc.wait(timeout=max(0.1, grace + 2.0))
             except Exception:

@@ -72,7 +72,7 @@ def main() -> None:
     if os.getppid() != main_pid:
         os._exit(1)  # main died before we armed PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    isolated = _become_init()
+    isolated = _become_init(control)
     # What an execve could give back, gone for every instance at once (each
     # checks, and finds nothing left to drop): the zygote never executes a
     # program, and keeps its own effective capabilities to lock instances down.
@@ -93,7 +93,7 @@ def main() -> None:
     zygote.run()
 
 
-def _become_init() -> bool:
+def _become_init(control: socket.socket) -> bool:
     """Continue as pid 1 of a new pid namespace (inside a new user namespace
     as non-root), so that nothing can outlive the zygote: when the init of a
     pid namespace dies the kernel kills every process in it, whatever they
@@ -113,6 +113,9 @@ def _become_init() -> bool:
     pid = os.fork()
     if pid:
         os.close(alive_r)
+        # Only the new one speaks to main: its end (when it has reaped every
+        # instance) is main's end of file, not this process's exit after it.
+        control.close()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         while True:
             try:
@@ -437,6 +440,9 @@ class Zygote:
             if pid in self.children:
                 self.children.discard(pid)
                 self.send(Exited(pid, status), timeout=0.2)
+        # Main's end of file now, not after this process's memory is torn
+        # down: every instance is reaped, nothing more will be said.
+        self.control.close()
         os._exit(0)
 
 
