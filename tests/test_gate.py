@@ -330,3 +330,30 @@ def test_a_traceback_is_described_as_traceback_formats_it_without_carets():
         if not isinstance(exc, (BaseExceptionGroup, SyntaxError)):  # (a SyntaxError's own ^ stays)
             assert not any(carets(line) for line in ours.splitlines()), case
     assert stripped  # (traceback's own carets were there to leave out)
+
+
+def test_a_long_chain_is_described_by_its_last_links_only(monkeypatch):
+    """A compartment's exception whose chain is thousands of links long
+    costs it the links described, not the whole chain for each (3.11's
+    ``format_exception_only`` builds the rest of the chain, every frame of
+    it, each time it is asked of one link)."""
+    import traceback
+
+    from pycompart.wire import exceptions as _exceptions
+
+    exc: BaseException = ValueError("first")
+    for i in range(300):
+        try:
+            raise KeyError(i) from exc
+        except KeyError as raised:
+            exc = raised
+    extracted = []
+    real = traceback.StackSummary._extract_from_extended_frame_gen.__func__
+
+    def counting(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+        extracted.append(1)
+        return real(cls, *args, **kwargs)
+    monkeypatch.setattr(traceback.StackSummary, "_extract_from_extended_frame_gen", classmethod(counting))
+    text = _exceptions.format_traceback(exc, exc.__traceback__, 64)
+    assert text.count("KeyError: ") == _exceptions._CHAIN
+    assert len(extracted) <= 2 * _exceptions._CHAIN, len(extracted)

@@ -187,10 +187,23 @@ def format_traceback(exc: BaseException, tb: Any, limit: int) -> str:
         if one_tb is not None:
             out.append("Traceback (most recent call last):\n")
             out.extend(traceback.StackSummary.extract(traceback.walk_tb(one_tb), limit=limit).format())
-        out.extend(traceback.format_exception_only(type(one), one))
+        out.extend(_exception_only(one))
         if i:
             out.append(joiners[i - 1])
     return "".join(out)
+
+
+def _exception_only(exc: BaseException) -> list[str]:
+    """``traceback.format_exception_only`` of one link of a chain, without
+    following the rest of it: in 3.11-3.13 that builds the whole chain's
+    tracebacks (every frame of every link, unlimited) for each link it is
+    asked of. ``_seen`` (traceback's own, private) marks it a link."""
+    try:
+        te = traceback.TracebackException(type(exc), exc, None, lookup_lines=False,
+                                          _seen={id(exc)})  # type: ignore[call-arg]
+    except TypeError:  # a Python without it
+        return traceback.format_exception_only(type(exc), exc)
+    return list(te.format_exception_only())
 
 
 def _user_frames(tb: Any) -> Any:
