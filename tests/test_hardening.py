@@ -330,3 +330,57 @@ def test_a_descriptor_made_inheritable_during_the_launch_does_not_stay_in_the_zy
         proc.wait(10)
         os.close(r)
         os.close(w)
+
+
+_PLANTER = '''
+import datetime, fractions, os, pathlib, zoneinfo
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def plant():
+    """Plant stand-ins for the modules main imports to decode what this
+    returns, in the program's own directory (first on main's sys.path)."""
+    for name in ("fractions", "pathlib", "zoneinfo"):
+        with open(os.path.join(HERE, name + ".py"), "w") as f:
+            f.write("open(%r, 'w').write('planted code ran in main')\\n"
+                    % os.path.join(HERE, "RAN-" + name))
+    return [fractions.Fraction(1, 3), pathlib.PurePosixPath("/x"),
+            datetime.datetime(2026, 1, 1, tzinfo=zoneinfo.ZoneInfo("UTC"))]
+'''
+
+_PLANT_MAIN = '''
+import json, os, sys
+import pycompart
+here = os.path.dirname(os.path.abspath(__file__))
+app = pycompart.App({"compartments": {"box": {"modules": ["planter"],
+                     "privileges": {"filesystem": {"write": [here]}}}}})
+app.start(import_hook=True)
+import planter
+before = [m for m in ("fractions", "pathlib", "zoneinfo") if m in sys.modules]
+values = planter.plant()
+app.stop()
+print(json.dumps([before, [type(v).__name__ for v in values],
+                  sorted(f for f in os.listdir(here) if f.startswith("RAN-"))]))
+'''
+
+
+def test_a_compartment_cannot_plant_the_modules_main_imports_to_decode_its_values(tmp_path):
+    """A Fraction, a path or a zoned datetime from a compartment makes main
+    import ``fractions``, ``pathlib`` or ``zoneinfo`` then, at a moment the
+    compartment picks: a compartment that may write to the program's
+    directory (first on main's ``sys.path``) plants its own first. Main
+    takes them from the standard library only."""
+    import subprocess
+    import sys
+
+    tmp_path.chmod(0o777)  # (writable by the instance's uid, nobody under root)
+    (tmp_path / "planter.py").write_text(_PLANTER)
+    (tmp_path / "main.py").write_text(_PLANT_MAIN)
+    out = subprocess.run([sys.executable, str(tmp_path / "main.py")], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    before, types_, ran = json.loads(out.stdout.strip().splitlines()[-1])
+    assert before == []  # (main had none of them: the import happens on decoding)
+    assert types_ == ["Fraction", "PurePosixPath", "datetime"]
+    assert ran == [], f"planted code ran in main: {ran}"
+    assert sorted(p.name for p in tmp_path.glob("*.py")) == ["fractions.py", "main.py", "pathlib.py",
+                                                             "planter.py", "zoneinfo.py"]

@@ -50,6 +50,7 @@ import msgspec
 from ..errors import ProtocolError, StaleReference
 from . import budget
 from .protocol import close_fds
+from .stdlib import stdlib_import
 from .protocols import (  # noqa: F401  (re-exported: the vocabulary of references)
     ALL_FLAGS, END, F_CALL, F_ITER, F_NEXT, F_STREAM, MAX_BATCH, STREAM_ATTRS, STREAM_METHODS,
     F_PRIVATE, Pushback, runs_alone, type_flags,
@@ -1049,8 +1050,7 @@ def _zone(key: Any) -> Any:
         _bad()
     found = _ZONES.get(key)
     if found is None and key not in _ZONES:
-        import zoneinfo
-
+        zoneinfo: Any = stdlib_import("zoneinfo")  # (the sender picks when: see wire.stdlib)
         try:
             found = zoneinfo.ZoneInfo(key)
         except ValueError:
@@ -1145,8 +1145,7 @@ def _stdenum(f: Any) -> Any:
 
 
 def _path(kind: str, f: Any) -> Any:
-    import pathlib
-
+    pathlib: Any = stdlib_import("pathlib")
     if not isinstance(f, str):
         _bad()
     return pathlib.PosixPath(f) if kind == "path" else pathlib.PurePosixPath(f)
@@ -1175,8 +1174,7 @@ _STD_DECODE: dict[str, Callable[[Any], Any]] = {
 
 
 def _fraction(fields: Any) -> Any:
-    import fractions
-
+    fractions: Any = stdlib_import("fractions")
     return fractions.Fraction(_bounded_int(fields[0]), _bounded_int(fields[1]))
 
 
