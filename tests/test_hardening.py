@@ -345,18 +345,26 @@ def plant():
                     % os.path.join(HERE, "RAN-" + name))
     return [fractions.Fraction(1, 3), pathlib.PurePosixPath("/x"),
             datetime.datetime(2026, 1, 1, tzinfo=zoneinfo.ZoneInfo("UTC"))]
+
+def describe(callback):
+    """Plant inspect.py, then ask main to describe one of its callables."""
+    import inspect
+    with open(os.path.join(HERE, "inspect.py"), "w") as f:
+        f.write("open(%r, 'w').write('planted code ran in main')\\n" % os.path.join(HERE, "RAN-inspect"))
+    return str(inspect.signature(callback))
 '''
 
 _PLANT_MAIN = '''
 import json, os, sys
 import pycompart
 here = os.path.dirname(os.path.abspath(__file__))
-app = pycompart.App({"compartments": {"box": {"modules": ["planter"],
+app = pycompart.App({"compartments": {"box": {"modules": ["planter"], "may_call": ["main"],
                      "privileges": {"filesystem": {"write": [here]}}}}})
 app.start(import_hook=True)
 import planter
-before = [m for m in ("fractions", "pathlib", "zoneinfo") if m in sys.modules]
+before = [m for m in ("fractions", "pathlib", "zoneinfo", "inspect") if m in sys.modules]
 values = planter.plant()
+values.append(planter.describe(lambda a, b=2: None))
 app.stop()
 print(json.dumps([before, [type(v).__name__ for v in values],
                   sorted(f for f in os.listdir(here) if f.startswith("RAN-"))]))
@@ -365,10 +373,11 @@ print(json.dumps([before, [type(v).__name__ for v in values],
 
 def test_a_compartment_cannot_plant_the_modules_main_imports_to_decode_its_values(tmp_path):
     """A Fraction, a path or a zoned datetime from a compartment makes main
-    import ``fractions``, ``pathlib`` or ``zoneinfo`` then, at a moment the
-    compartment picks: a compartment that may write to the program's
-    directory (first on main's ``sys.path``) plants its own first. Main
-    takes them from the standard library only."""
+    import ``fractions``, ``pathlib`` or ``zoneinfo`` then, and describing
+    a callback for it ``inspect``, at a moment the compartment picks: a
+    compartment that may write to the program's directory (first on main's
+    ``sys.path``) plants its own first. Main takes them from the standard
+    library only."""
     import subprocess
     import sys
 
@@ -380,7 +389,7 @@ def test_a_compartment_cannot_plant_the_modules_main_imports_to_decode_its_value
     assert out.returncode == 0, out.stderr
     before, types_, ran = json.loads(out.stdout.strip().splitlines()[-1])
     assert before == []  # (main had none of them: the import happens on decoding)
-    assert types_ == ["Fraction", "PurePosixPath", "datetime"]
+    assert types_ == ["Fraction", "PurePosixPath", "datetime", "str"]
     assert ran == [], f"planted code ran in main: {ran}"
-    assert sorted(p.name for p in tmp_path.glob("*.py")) == ["fractions.py", "main.py", "pathlib.py",
-                                                             "planter.py", "zoneinfo.py"]
+    assert sorted(p.name for p in tmp_path.glob("*.py")) == ["fractions.py", "inspect.py", "main.py",
+                                                             "pathlib.py", "planter.py", "zoneinfo.py"]

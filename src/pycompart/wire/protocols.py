@@ -51,6 +51,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .exceptions import ALLOWED_EXCEPTIONS
+from .stdlib import stdlib_import
 
 # -- which protocols a type has --------------------------------------------------
 
@@ -641,7 +642,9 @@ def describe_callable(fn: Any) -> dict[str, Any]:
         "doc": text(getattr(fn, "__doc__", None), 8192),
         "params": None,
     }
-    import inspect  # here: asked of few callables, and ~5 ms of every start-up
+    # Here, not at the top: asked of few callables, and ~5 ms of every
+    # start-up; main is asked by a compartment, at a moment it picks.
+    inspect: Any = stdlib_import("inspect")
 
     try:
         signature = inspect.signature(fn)
@@ -688,7 +691,7 @@ class _OpaqueDefault:
 
 def signature_from(description: Any) -> inspect.Signature | None:
     """The ``inspect.Signature`` a ``describe_callable`` answer describes."""
-    import inspect
+    inspect: Any = stdlib_import("inspect")
     params = description.get("params") if type(description) is dict else None
     if type(params) is not list:
         return None
