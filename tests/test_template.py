@@ -3,6 +3,7 @@
 compartment's restrictions, apart from the template and from its siblings,
 and a compartment that cannot have one starts its instances afresh."""
 
+import os
 import sys
 import threading
 import time
@@ -166,3 +167,54 @@ def test_an_instance_forked_ahead_serves_with_the_server_built_before_its_spawn(
     time.sleep(0.3)  # (which then waits, its server built)
     assert box.how_served() == [True, 4]
     assert box.draws()[2] == box.AT_IMPORT
+
+
+def _descendants_cpu(root: int) -> float:
+    """CPU seconds used so far by ``root``'s descendants (not ``root``)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    total = 0
+    for pid, (_, ticks) in parents.items():
+        up, steps = pid, 0
+        while up in parents and steps < 64:
+            up, steps = parents[up][0], steps + 1
+            if up == root:
+                total += ticks
+                break
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_at_its_processes_limit_a_template_fails_a_start_at_once_and_does_not_spin(make_app):
+    """Its compartment's ``processes`` reached, a template can neither fork
+    the next instance ahead nor one for a start: that start fails at once,
+    naming why (it waited for its start timeout, the template gone), and
+    the template tries again later, not in a loop (it took a CPU whole)."""
+    app, box = _app(make_app, spares=0, max_instances=8, privileges={"processes": 3})
+    box.parent()
+    results: list = []
+
+    def call() -> None:
+        try:
+            results.append(box.sleep(1.5))
+        except pycompart.CompartmentStartError as exc:
+            results.append(exc)
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)
+    before = _descendants_cpu(app.zygote_pid)
+    time.sleep(1.0)  # two instances asleep, the limit reached
+    spent = _descendants_cpu(app.zygote_pid) - before
+    for thread in threads:
+        thread.join()
+    failed = [r for r in results if isinstance(r, Exception)]
+    assert failed and all("could not fork it" in str(e) for e in failed), results
+    assert len(failed) < len(results)
+    assert spent < 0.5, f"the app's processes took {spent:.2f} s of CPU in 1 s, at rest"

@@ -71,6 +71,10 @@ MAX_CONTROL = 16 * 1024 * 1024
 #: the next is forked at once, to be ready for the one after.
 FORK_AHEAD_AFTER = 0.001
 BUSY_WITHIN = 0.01
+#: After a child forked ahead could not be (its compartment's ``processes``
+#: reached, say) or died unused, the next try waits twice as long as the
+#: last, up to this: not a fork a millisecond, a CPU spent on failing.
+FORK_AHEAD_RETRY_MAX = 0.25
 
 
 def run(config: InstanceConfig, control_fd: int) -> NoReturn:
@@ -128,6 +132,8 @@ class _Template:
         #: ``BUSY_WITHIN`` of the one before.
         self.last_spawn = 0.0
         self.busy = False
+        #: Children forked ahead in a row that could not be, or died unused.
+        self.ahead_failures = 0
 
     def send(self, msg: object) -> None:
         try:
@@ -141,8 +147,7 @@ class _Template:
         self.send(TemplateReady())
         self.fork_ahead()
         while True:
-            events = self.selector.select(None if self.waiting is not None else
-                                          0.0 if self.busy else FORK_AHEAD_AFTER)
+            events = self.selector.select(self._ahead_timeout())
             if not events:
                 self.fork_ahead()
             for key, _ in events:
@@ -181,6 +186,7 @@ class _Template:
             waiting = None
         if waiting is not None:
             pid, sock, pidfd = waiting
+            self.ahead_failures = 0
             try:
                 SocketTransport(sock).send(encode_control(msg, len(fds)), fds, time.monotonic() + 1.0)
             except (OSError, TimeoutError):
@@ -191,7 +197,13 @@ class _Template:
             # the report's way to the monitor (~0.4 ms) overlap.
             self._report(msg.request, pid, pidfd)
         else:
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:  # (its compartment's processes reached, say): that start fails now
+                self.send(Forked(msg.request, 0, str(exc)[:300]))
+                for fd in fds:
+                    os.close(fd)
+                return
             if pid == 0:
                 try:
                     self._detach()
@@ -222,6 +234,14 @@ class _Template:
             if pidfd >= 0:
                 os.close(pidfd)
 
+    def _ahead_timeout(self) -> float | None:
+        """How long to wait for a message before forking the next child ahead."""
+        if self.waiting is not None:
+            return None
+        if self.ahead_failures:
+            return min(FORK_AHEAD_RETRY_MAX, FORK_AHEAD_AFTER * 2 ** min(self.ahead_failures, 16))
+        return 0.0 if self.busy else FORK_AHEAD_AFTER
+
     def fork_ahead(self) -> None:
         """Fork the next instance now, while nothing waits for it: it locks
         itself down and waits (with nothing of anyone's yet) for the
@@ -229,12 +249,17 @@ class _Template:
         only handing it over."""
         if self.waiting is not None:
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            self.ahead_failures += 1
+            return
         try:
             pid = os.fork()
         except OSError:
             ours.close()
             theirs.close()
+            self.ahead_failures += 1
             return
         if pid == 0:
             try:
@@ -249,6 +274,7 @@ class _Template:
             pidfd = os.pidfd_open(pid)
         except OSError:
             ours.close()
+            self.ahead_failures += 1
             return
         self.waiting = (pid, ours, pidfd)
 
@@ -293,6 +319,7 @@ class _Template:
                 self.waiting[1].close()
                 os.close(self.waiting[2])
                 self.waiting = None
+                self.ahead_failures += 1  # (died unused: not forked again at once)
             self.send(Exited(pid, status, round((usage.ru_utime + usage.ru_stime) * 1000, 3),
                              usage.ru_maxrss))
 

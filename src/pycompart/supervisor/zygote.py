@@ -343,6 +343,9 @@ class Zygote:
                 queued, template.queued = template.queued, []
                 for spawn, spawn_fds in queued:
                     self.pass_on(template, spawn, spawn_fds)
+            elif isinstance(msg, Forked) and msg.pid <= 0:
+                # (A template's words: bounded, and only ever an error.)
+                self.send(Spawned(msg.request, 0, f"its template could not fork it: {msg.error[:300]}"))
             elif isinstance(msg, Forked):
                 self.children.add(msg.pid)
                 if fds:

@@ -54,10 +54,12 @@ class TemplateReady(msgspec.Struct, array_like=True, tag=14):
 
 
 class Forked(msgspec.Struct, array_like=True, tag=15):
-    """A template forked the instance that ``Spawn`` ``request`` asked for."""
+    """A template forked the instance that ``Spawn`` ``request`` asked for
+    (or, pid 0, could not: ``error`` says why)."""
 
     request: int
     pid: int
+    error: str = ""
 
 
 ControlMessage = Union[Spawn, Spawned, Exited, Shutdown, TemplateReady, Forked]
