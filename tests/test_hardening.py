@@ -339,12 +339,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def plant():
     """Plant stand-ins for the modules main imports to decode what this
     returns, in the program's own directory (first on main's sys.path)."""
-    for name in ("fractions", "pathlib", "zoneinfo"):
+    os.makedirs(os.path.join(HERE, "tzdata"))
+    for name in ("fractions", "pathlib", "zoneinfo", "tzdata/__init__", "tempfile", "shutil"):
         with open(os.path.join(HERE, name + ".py"), "w") as f:
             f.write("open(%r, 'w').write('planted code ran in main')\\n"
-                    % os.path.join(HERE, "RAN-" + name))
+                    % os.path.join(HERE, "RAN-" + name.split("/")[0]))
+    # A zone not in the system's data: main's zoneinfo looks for it in the
+    # tzdata package (through importlib.resources, tempfile, shutil, ...).
+    with open("/usr/share/zoneinfo/UTC", "rb") as f:
+        elsewhere = zoneinfo.ZoneInfo.from_file(f, key="Not/AZone")
     return [fractions.Fraction(1, 3), pathlib.PurePosixPath("/x"),
-            datetime.datetime(2026, 1, 1, tzinfo=zoneinfo.ZoneInfo("UTC"))]
+            datetime.datetime(2026, 1, 1, tzinfo=zoneinfo.ZoneInfo("UTC")),
+            datetime.datetime(2026, 1, 1, tzinfo=elsewhere)]
 
 def describe(callback):
     """Plant inspect.py, then ask main to describe one of its callables."""
@@ -373,8 +379,10 @@ print(json.dumps([before, [type(v).__name__ for v in values],
 
 def test_a_compartment_cannot_plant_the_modules_main_imports_to_decode_its_values(tmp_path):
     """A Fraction, a path or a zoned datetime from a compartment makes main
-    import ``fractions``, ``pathlib`` or ``zoneinfo`` then, and describing
-    a callback for it ``inspect``, at a moment the compartment picks: a
+    import ``fractions``, ``pathlib`` or ``zoneinfo`` then (and, for a zone
+    not in the system's data, ``zoneinfo`` the ``tzdata`` package through
+    ``importlib.resources``, ``tempfile``, ...), and describing a callback
+    for it ``inspect``, at a moment the compartment picks: a
     compartment that may write to the program's directory (first on main's
     ``sys.path``) plants its own first. Main takes them from the standard
     library only."""
@@ -389,7 +397,29 @@ def test_a_compartment_cannot_plant_the_modules_main_imports_to_decode_its_value
     assert out.returncode == 0, out.stderr
     before, types_, ran = json.loads(out.stdout.strip().splitlines()[-1])
     assert before == []  # (main had none of them: the import happens on decoding)
-    assert types_ == ["Fraction", "PurePosixPath", "datetime", "str"]
+    assert types_ == ["Fraction", "PurePosixPath", "datetime", "datetime", "str"]
     assert ran == [], f"planted code ran in main: {ran}"
-    assert sorted(p.name for p in tmp_path.glob("*.py")) == ["fractions.py", "inspect.py", "main.py",
-                                                             "pathlib.py", "planter.py", "zoneinfo.py"]
+    assert sorted(p.name for p in tmp_path.glob("*.py")) == [
+        "fractions.py", "inspect.py", "main.py", "pathlib.py", "planter.py", "shutil.py", "tempfile.py",
+        "zoneinfo.py"]
+    assert (tmp_path / "tzdata" / "__init__.py").exists()
+
+
+def test_a_zone_not_in_the_systems_data_is_looked_up_from_the_standard_library_only(tmp_path):
+    """Main's zoneinfo looks a zone it cannot find on its TZPATH up in the
+    ``tzdata`` package, importing ``importlib.resources``, ``tempfile``,
+    ``shutil``, ... on the way: all from the standard library only, the
+    ``tzdata`` package not at all (the zone then keeps its offset)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "tzdata").mkdir()
+    for name in ("tzdata/__init__", "tempfile", "shutil", "importlib_resources"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(tmp_path / ('RAN-' + name.split('/')[0]))!r}, 'w')\n")
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from pycompart.wire import refs\n"
+            "print(refs._zone('Not/AZone'), refs._zone('UTC'))\n") % str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "UTC"]
+    assert sorted(p.name for p in tmp_path.glob("RAN-*")) == []

@@ -50,7 +50,7 @@ import msgspec
 from ..errors import ProtocolError, StaleReference
 from . import budget
 from .protocol import close_fds
-from .stdlib import stdlib_import
+from .stdlib import standard_only, stdlib_import
 from .protocols import (  # noqa: F401  (re-exported: the vocabulary of references)
     ALL_FLAGS, END, F_CALL, F_ITER, F_NEXT, F_STREAM, MAX_BATCH, STREAM_ATTRS, STREAM_METHODS,
     F_PRIVATE, Pushback, runs_alone, type_flags,
@@ -1050,13 +1050,17 @@ def _zone(key: Any) -> Any:
         _bad()
     found = _ZONES.get(key)
     if found is None and key not in _ZONES:
-        zoneinfo: Any = stdlib_import("zoneinfo")  # (the sender picks when: see wire.stdlib)
-        try:
-            found = zoneinfo.ZoneInfo(key)
-        except ValueError:
-            found = False  # not a zone's key at all
-        except (OSError, zoneinfo.ZoneInfoNotFoundError):
-            found = None
+        # (The sender picks when, and which zone: see wire.stdlib. A zone not
+        # in the system's data is looked for in the tzdata package, which is
+        # not the standard library's: not found here, it keeps its offset.)
+        with standard_only():
+            zoneinfo: Any = stdlib_import("zoneinfo")
+            try:
+                found = zoneinfo.ZoneInfo(key)
+            except ValueError:
+                found = False  # not a zone's key at all
+            except (OSError, ImportError, zoneinfo.ZoneInfoNotFoundError):
+                found = None
         if len(_ZONES) < MAX_ZONES:
             _ZONES[key] = found
     if found is False:
@@ -1145,10 +1149,11 @@ def _stdenum(f: Any) -> Any:
 
 
 def _path(kind: str, f: Any) -> Any:
-    pathlib: Any = stdlib_import("pathlib")
     if not isinstance(f, str):
         _bad()
-    return pathlib.PosixPath(f) if kind == "path" else pathlib.PurePosixPath(f)
+    with standard_only():
+        pathlib: Any = stdlib_import("pathlib")
+        return pathlib.PosixPath(f) if kind == "path" else pathlib.PurePosixPath(f)
 
 
 def _bounded_int(text: Any) -> int:
@@ -1174,8 +1179,10 @@ _STD_DECODE: dict[str, Callable[[Any], Any]] = {
 
 
 def _fraction(fields: Any) -> Any:
-    fractions: Any = stdlib_import("fractions")
-    return fractions.Fraction(_bounded_int(fields[0]), _bounded_int(fields[1]))
+    numerator, denominator = _bounded_int(fields[0]), _bounded_int(fields[1])
+    with standard_only():
+        fractions: Any = stdlib_import("fractions")
+        return fractions.Fraction(numerator, denominator)
 
 
 def _bad() -> Any:

@@ -8,18 +8,21 @@ Decoding a value may need a module the process has not imported yet (a
 working directory) first, and a compartment allowed to write there could
 plant ``fractions.py`` and have main run it. ``stdlib_import`` finds the
 module, and every module it imports in turn, in the interpreter's own
-library directories only (builtin and frozen modules as always); other
-threads' imports are not affected.
+library directories only (builtin and frozen modules as always), and so
+does the work done with it (``standard_only``); other threads' imports
+are not affected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.machinery
 import os
 import sys
 import threading
 import types
+from collections.abc import Iterator
 from typing import Any
 
 #: The interpreter's library directories: where ``os`` is, and its
@@ -52,12 +55,14 @@ class _StandardOnly:
 _FINDER = _StandardOnly()
 
 
-def stdlib_import(name: str) -> types.ModuleType:
-    """The standard module ``name``: ``sys.modules``' if imported already,
-    else imported from the standard library only."""
-    module = sys.modules.get(name)
-    if module is not None:
-        return module
+@contextlib.contextmanager
+def standard_only() -> Iterator[None]:
+    """Within: this thread imports top-level modules from the standard
+    library only (what is imported already is taken as it is). Around all
+    the work a value needs, not just the first import: a module may import
+    others as it runs (``zoneinfo`` imports ``importlib.resources``,
+    ``tempfile``, ``pathlib`` and the ``tzdata`` package for a zone not in
+    the system's data)."""
     with _install:
         # Installed once and never removed: a thread iterating sys.meta_path
         # as it grows at the front sees a finder twice, never one less.
@@ -65,6 +70,15 @@ def stdlib_import(name: str) -> types.ModuleType:
             sys.meta_path.insert(0, _FINDER)
     _local.depth = getattr(_local, "depth", 0) + 1
     try:
-        return importlib.import_module(name)
+        yield
     finally:
         _local.depth -= 1
+
+
+def stdlib_import(name: str) -> types.ModuleType:
+    """The standard module ``name``, imported from the standard library
+    only if not imported yet (through the import system even then: a
+    module another thread is still importing is waited for, not taken
+    half made)."""
+    with standard_only():
+        return importlib.import_module(name)
