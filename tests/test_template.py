@@ -191,11 +191,33 @@ def _descendants_cpu(root: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def _quiet_uid(uid: int = 65534, timeout: float = 10.0) -> None:
+    """Wait until no process runs as ``uid``: a ``processes`` limit counts
+    every process of the compartment's uid (nobody, under root), so other
+    tests' instances still ending would count against this one's."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        busy = False
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/status") as f:
+                        busy = any(line.startswith("Uid:") and int(line.split()[1]) == uid for line in f)
+                except OSError:
+                    continue
+                if busy:
+                    break
+        if not busy:
+            return
+        time.sleep(0.05)
+
+
 def test_at_its_processes_limit_a_template_fails_a_start_at_once_and_does_not_spin(make_app):
     """Its compartment's ``processes`` reached, a template can neither fork
     the next instance ahead nor one for a start: that start fails at once,
     naming why (it waited for its start timeout, the template gone), and
     the template tries again later, not in a loop (it took a CPU whole)."""
+    _quiet_uid()
     app, box = _app(make_app, spares=0, max_instances=8, privileges={"processes": 3})
     box.parent()
     results: list = []
@@ -218,3 +240,85 @@ def test_at_its_processes_limit_a_template_fails_a_start_at_once_and_does_not_sp
     assert failed and all("could not fork it" in str(e) for e in failed), results
     assert len(failed) < len(results)
     assert spent < 0.5, f"the app's processes took {spent:.2f} s of CPU in 1 s, at rest"
+
+
+def test_after_a_spell_at_its_processes_limit_a_template_forks_ahead_again(make_app):
+    """The back-off after failed forks is a deadline, not a wait for a
+    quiet moment: calls coming faster than the longest back-off (250 ms)
+    did not let it fork ahead again, and every start was a cold fork."""
+    _quiet_uid()
+    app, box = _app(make_app, spares=0, max_instances=8, privileges={"processes": 3})
+    box.parent()
+    spell = [threading.Thread(target=box.sleep, args=(1.0,)) for _ in range(2)]
+    for thread in spell:
+        thread.start()
+        time.sleep(0.1)
+    for thread in spell:
+        thread.join()
+    served = []
+    for _ in range(6):
+        served.append(box.how_served()[0])
+        time.sleep(0.15)
+    assert all(served[-3:]), served
+
+
+def _zygote_and_template():  # type: ignore[no-untyped-def]
+    """A zygote's state as far as ``from_template`` uses it, with one
+    template's socket: what a hostile template writes, and what main sees."""
+    import socket
+
+    from pycompart.supervisor import zygote as z
+    from pycompart.wire.control import control_decoder
+    from pycompart.wire.protocol import MessageReader
+
+    main_end, zygote_end = socket.socketpair()
+    main_end.settimeout(0.3)
+    zyg = z.Zygote.__new__(z.Zygote)  # (no signals, no children of its own)
+    zyg.control, zyg.transport = zygote_end, z.SocketTransport(zygote_end)
+    zyg.children, zyg.templates, zyg.template_pids, zyg.failed_templates = set(), {}, {}, set()
+    zyg.selector, zyg.buf = None, bytearray(65536)
+    template_end, ours = socket.socketpair()
+    ours.setblocking(False)
+    handle = z._TemplateHandle("evil", 12345, ours, b"key")
+    handle.ready = True
+    zyg.templates["evil"] = handle
+    reader = MessageReader(control_decoder, 1 << 24)
+
+    def main_sees() -> list:
+        got = []
+        try:
+            while True:
+                data = main_end.recv(65536)
+                if not data:
+                    break
+                reader.feed(data, [])
+                got += [m for m, _ in reader.messages()]
+        except (TimeoutError, BlockingIOError):
+            pass
+        return got
+    return zyg, handle, template_end, main_sees
+
+
+def test_a_template_answers_only_the_starts_it_was_given_and_cannot_kill_the_zygote():
+    """It has run its compartment's code: a ``Forked`` for a request the
+    zygote did not pass it (another compartment's start, numbered 1, 2, 3
+    by main) is ignored, its error text reaches main bounded and printable,
+    and a malformed message retires it without taking the zygote along."""
+    from pycompart.wire.control import Forked, encode_control
+    from pycompart.wire.protocol import encode_frame
+
+    zyg, handle, template_end, main_sees = _zygote_and_template()
+    for request in (1, 2, 3):
+        template_end.sendall(encode_control(Forked(request, 0, "forged")))
+    zyg.from_template(handle)
+    assert main_sees() == []
+    handle.pending.add(4)  # (as pass_on records it)
+    template_end.sendall(encode_control(Forked(4, 0, "\x1b[31mEAGAIN\nforged line" + "x" * 5000)))
+    zyg.from_template(handle)
+    [spawned] = main_sees()
+    assert spawned.request == 4 and spawned.pid == 0
+    assert spawned.error.isprintable() and len(spawned.error) < 400, spawned.error
+    assert 4 not in handle.pending and not zyg.children
+    template_end.sendall(encode_frame(b"\xc1", 0))  # not msgpack
+    zyg.from_template(handle)  # retires it; does not raise
+    assert "evil" not in zyg.templates

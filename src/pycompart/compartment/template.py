@@ -132,8 +132,10 @@ class _Template:
         #: ``BUSY_WITHIN`` of the one before.
         self.last_spawn = 0.0
         self.busy = False
-        #: Children forked ahead in a row that could not be, or died unused.
+        #: Children forked ahead in a row that could not be, or died unused,
+        #: and when to fork the next (``_schedule_ahead``).
         self.ahead_failures = 0
+        self.ahead_at = 0.0
 
     def send(self, msg: object) -> None:
         try:
@@ -148,8 +150,6 @@ class _Template:
         self.fork_ahead()
         while True:
             events = self.selector.select(self._ahead_timeout())
-            if not events:
-                self.fork_ahead()
             for key, _ in events:
                 if key.data == "signal":
                     try:
@@ -173,6 +173,8 @@ class _Template:
                         for fd in fds:
                             os.close(fd)
             self.reap()
+            if self.waiting is None and time.monotonic() >= self.ahead_at:
+                self.fork_ahead()
 
     def fork(self, msg: Spawn, fds: list[int]) -> None:
         """An instance for ``msg``: the child forked ahead of need, if it
@@ -203,6 +205,7 @@ class _Template:
                 self.send(Forked(msg.request, 0, str(exc)[:300]))
                 for fd in fds:
                     os.close(fd)
+                self._schedule_ahead(failed=True)
                 return
             if pid == 0:
                 try:
@@ -211,6 +214,7 @@ class _Template:
                 finally:
                     os._exit(1)
             self.children.add(pid)
+            self.ahead_failures = 0  # (a fork works again)
             try:
                 pidfd = os.pidfd_open(pid)
             except OSError:
@@ -218,6 +222,7 @@ class _Template:
             self._report(msg.request, pid, pidfd)
         for fd in fds:  # the instance's must be the only copies: its death is the caller's EOF
             os.close(fd)
+        self._schedule_ahead()
 
     def _report(self, request: int, pid: int, pidfd: int) -> None:
         """Tell the zygote which pid ``request`` got, with its pidfd, made
@@ -238,9 +243,20 @@ class _Template:
         """How long to wait for a message before forking the next child ahead."""
         if self.waiting is not None:
             return None
+        return max(0.0, self.ahead_at - time.monotonic())
+
+    def _schedule_ahead(self, failed: bool = False) -> None:
+        """When to fork the next child ahead: after a start, at once when
+        starts are close (``busy``), else ``FORK_AHEAD_AFTER`` later; after
+        ``failed`` tries, twice as long each time. A deadline, not a wait
+        for quiet: messages coming meanwhile do not put it off."""
+        if failed:
+            self.ahead_failures += 1
         if self.ahead_failures:
-            return min(FORK_AHEAD_RETRY_MAX, FORK_AHEAD_AFTER * 2 ** min(self.ahead_failures, 16))
-        return 0.0 if self.busy else FORK_AHEAD_AFTER
+            delay = min(FORK_AHEAD_RETRY_MAX, FORK_AHEAD_AFTER * 2 ** min(self.ahead_failures, 16))
+        else:
+            delay = 0.0 if self.busy else FORK_AHEAD_AFTER
+        self.ahead_at = time.monotonic() + delay
 
     def fork_ahead(self) -> None:
         """Fork the next instance now, while nothing waits for it: it locks
@@ -252,14 +268,14 @@ class _Template:
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError:
-            self.ahead_failures += 1
+            self._schedule_ahead(failed=True)
             return
         try:
             pid = os.fork()
         except OSError:
             ours.close()
             theirs.close()
-            self.ahead_failures += 1
+            self._schedule_ahead(failed=True)
             return
         if pid == 0:
             try:
@@ -274,7 +290,7 @@ class _Template:
             pidfd = os.pidfd_open(pid)
         except OSError:
             ours.close()
-            self.ahead_failures += 1
+            self._schedule_ahead(failed=True)
             return
         self.waiting = (pid, ours, pidfd)
 
@@ -319,7 +335,10 @@ class _Template:
                 self.waiting[1].close()
                 os.close(self.waiting[2])
                 self.waiting = None
-                self.ahead_failures += 1  # (died unused: not forked again at once)
+                self._schedule_ahead(failed=True)  # (died unused: not forked again at once)
+            elif self.ahead_failures:
+                self.ahead_failures = 0  # (a place freed: try again soon)
+                self._schedule_ahead()
             self.send(Exited(pid, status, round((usage.ru_utime + usage.ru_stime) * 1000, 3),
                              usage.ru_maxrss))
 

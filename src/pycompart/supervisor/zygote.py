@@ -152,6 +152,9 @@ class _TemplateHandle:
         self.key = key
         self.ready = False
         self.queued: list[tuple[Spawn, list[int]]] = []
+        #: Requests passed on and not yet answered: the only ones its
+        #: ``Forked`` may answer (it has run the compartment's code).
+        self.pending: set[int] = set()
 
 
 def _template_key(config: InstanceConfig) -> bytes:
@@ -323,6 +326,7 @@ class Zygote:
             self.forget_template(template)
             self.fork(msg, fds)
             return
+        template.pending.add(msg.request)
         for fd in fds:
             os.close(fd)
 
@@ -337,16 +341,29 @@ class Zygote:
             self.forget_template(template)
             return
         template.reader.feed(bytes(self.buf[:n]), fds)
-        for msg, fds in template.reader.messages():
+        try:
+            messages = template.reader.messages()
+        except ValueError:
+            # Malformed: it has run the compartment's code. Retired (it ends
+            # with its instances), not a reason for the zygote, and with it
+            # every instance of every compartment, to die.
+            self.forget_template(template)
+            return
+        for msg, fds in messages:
             if isinstance(msg, TemplateReady):
                 template.ready = True
                 queued, template.queued = template.queued, []
                 for spawn, spawn_fds in queued:
                     self.pass_on(template, spawn, spawn_fds)
+            elif isinstance(msg, Forked) and msg.request not in template.pending:
+                pass  # not a start it was given: another's, or none
             elif isinstance(msg, Forked) and msg.pid <= 0:
-                # (A template's words: bounded, and only ever an error.)
-                self.send(Spawned(msg.request, 0, f"its template could not fork it: {msg.error[:300]}"))
+                template.pending.discard(msg.request)
+                # (A template's words: bounded and printable, and only ever an error.)
+                why = "".join(c if c.isprintable() else "?" for c in msg.error[:300])
+                self.send(Spawned(msg.request, 0, f"its template could not fork it: {why}"))
             elif isinstance(msg, Forked):
+                template.pending.discard(msg.request)
                 self.children.add(msg.pid)
                 if fds:
                     self.send(Spawned(msg.request, msg.pid), fds[:1])
