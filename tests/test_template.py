@@ -303,8 +303,10 @@ def test_a_template_answers_only_the_starts_it_was_given_and_cannot_kill_the_zyg
     """It has run its compartment's code: a ``Forked`` for a request the
     zygote did not pass it (another compartment's start, numbered 1, 2, 3
     by main) is ignored, its error text reaches main bounded and printable,
-    and a malformed message retires it without taking the zygote along."""
-    from pycompart.wire.control import Forked, encode_control
+    an ``Exited`` only for an instance it forked reaches main (main ends
+    the instance it names), and a malformed message retires it without
+    taking the zygote along."""
+    from pycompart.wire.control import Exited, Forked, encode_control
     from pycompart.wire.protocol import encode_frame
 
     zyg, handle, template_end, main_sees = _zygote_and_template()
@@ -319,6 +321,10 @@ def test_a_template_answers_only_the_starts_it_was_given_and_cannot_kill_the_zyg
     assert spawned.request == 4 and spawned.pid == 0
     assert spawned.error.isprintable() and len(spawned.error) < 400, spawned.error
     assert 4 not in handle.pending and not zyg.children
+    zyg.children.add(777)  # another template's instance
+    template_end.sendall(encode_control(Exited(777, 9)))
+    zyg.from_template(handle)
+    assert main_sees() == [] and 777 in zyg.children  # (not its own: not reported ended)
     template_end.sendall(encode_frame(b"\xc1", 0))  # not msgpack
     zyg.from_template(handle)  # retires it; does not raise
     assert "evil" not in zyg.templates

@@ -155,6 +155,8 @@ class _TemplateHandle:
         #: Requests passed on and not yet answered: the only ones its
         #: ``Forked`` may answer (it has run the compartment's code).
         self.pending: set[int] = set()
+        #: The instances it forked (its ``Exited`` may name only these).
+        self.children: set[int] = set()
 
 
 def _template_key(config: InstanceConfig) -> bytes:
@@ -365,11 +367,13 @@ class Zygote:
             elif isinstance(msg, Forked):
                 template.pending.discard(msg.request)
                 self.children.add(msg.pid)
+                template.children.add(msg.pid)
                 if fds:
                     self.send(Spawned(msg.request, msg.pid), fds[:1])
                 else:
                     self.send(Spawned(msg.request, 0, "the instance ended before it was known"))
-            elif isinstance(msg, Exited) and msg.pid in self.children:
+            elif isinstance(msg, Exited) and msg.pid in template.children:
+                template.children.discard(msg.pid)
                 self.children.discard(msg.pid)
                 self.send(msg)
             for fd in fds:
