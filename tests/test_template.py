@@ -328,3 +328,26 @@ def test_a_template_answers_only_the_starts_it_was_given_and_cannot_kill_the_zyg
     template_end.sendall(encode_frame(b"\xc1", 0))  # not msgpack
     zyg.from_template(handle)  # retires it; does not raise
     assert "evil" not in zyg.templates
+
+
+def test_a_template_that_answers_no_start_is_retired_past_a_bound():
+    """What the zygote keeps for it (the starts it was given, unanswered)
+    is bounded: past ``MAX_UNANSWERED`` the template is retired."""
+    from pycompart.supervisor import zygote as z
+    from pycompart.wire.config import InstanceConfig
+    from pycompart.wire.control import Spawn
+
+    zyg, handle, template_end, _ = _zygote_and_template()
+    template_end.setblocking(False)
+    config = InstanceConfig("evil", 0, [], "/", None, None, [], [], 1 << 20, {})
+    for request in range(1, z.MAX_UNANSWERED + 2):
+        zyg.pass_on(handle, Spawn(request, config, False, False), [])
+        try:
+            template_end.recv(1 << 20)  # (what it is sent, read and ignored)
+        except BlockingIOError:
+            pass
+        if "evil" not in zyg.templates:
+            break
+    assert "evil" not in zyg.templates and request == z.MAX_UNANSWERED + 1
+    template_end.close()
+    zyg.control.close()

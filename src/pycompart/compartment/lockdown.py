@@ -41,9 +41,9 @@ from ..wire.config import Lockdown
 _limits_applied: dict[str, int] = {}
 
 
-class _Step:
+class _step:  # noqa: N801 - used as ``with _step("..."):``
     """Names the mechanism in any error raised while enforcing it, and the
-    real cause where it is not the mechanism itself (``_step``)."""
+    real cause where it is not the mechanism itself."""
 
     __slots__ = ("what",)
 
@@ -57,11 +57,6 @@ class _Step:
         if exc is not None and not isinstance(exc, PrivilegeError):
             raise PrivilegeError(f"cannot enforce {self.what}: {_cause(exc)}") from exc
         return False
-
-
-def _step(what: str) -> _Step:
-    """``with _step("..."):`` around each mechanism's enforcement."""
-    return _Step(what)
 
 
 def _cause(exc: BaseException) -> str:

@@ -136,14 +136,19 @@ def rehearse(config: InstanceConfig, table: dict[str, _LazyContract], times: int
     instances share. The globals a server sets are set again by each
     instance's own."""
     for _ in range(times):
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        try:
-            server = Server(config, read_fd, write_fd, table)
-        except BaseException:
-            os.close(read_fd)
-            os.close(write_fd)
-            raise
-        server.channel.close()  # (its descriptors with it)
+        server_on_own_pipe(config, table).channel.close()  # (its descriptors with it)
+
+
+def server_on_own_pipe(config: InstanceConfig, table: dict[str, _LazyContract]) -> Server:
+    """An instance's server over a fresh pipe of its own (a rehearsal's, or
+    a server built before its channel comes: ``Server.take_descriptors``)."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    try:
+        return Server(config, read_fd, write_fd, table)
+    except BaseException:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
 
 
 def _prepare_process(keep: set[int], mode: str = "inherit",

@@ -383,14 +383,8 @@ class _Template:
         if self.config.descriptors:
             return None
         try:
-            read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            return _serve.Server(self.config, read_fd, write_fd, self.table)  # type: ignore[arg-type]
+            return _serve.server_on_own_pipe(self.config, self.table)  # type: ignore[arg-type]
         except Exception:
-            os.close(read_fd)
-            os.close(write_fd)
             return None
 
     def _become_instance(self, msg: Spawn, fds: list[int], restricted: bool = False,

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from .. import compartment as _instance
 from ..errors import PycompartError
 from ..kernel import files
+from ..wire import stdlib
 from ..wire.contract import function_key
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -435,9 +436,8 @@ def cache_root() -> str:
     return CACHE_DIR + f"-{os.getuid()}"
 
 
-#: The standard library's directory: where ``os`` is (``sysconfig``'s
-#: "stdlib" path, without importing ``sysconfig``: ~2 ms of main's start).
-_STDLIB = os.path.join(os.path.dirname(os.__file__), "")
+#: The standard library's directory (never annotated: not read).
+_STDLIB = os.path.join(stdlib.DIRECTORIES[0], "")
 
 
 class ModuleRewriter:

@@ -135,6 +135,8 @@ def _become_init(control: socket.socket) -> bool:
 #: Spawns waiting for a template that is still starting; beyond, they are
 #: started afresh.
 MAX_QUEUED_SPAWNS = 64
+#: Spawns a template may leave unanswered (``_TemplateHandle.pending``).
+MAX_UNANSWERED = 1024
 #: Compartment configurations whose template failed to start (their
 #: instances start afresh, and report why); bounded.
 MAX_FAILED_TEMPLATES = 64
@@ -331,6 +333,8 @@ class Zygote:
         template.pending.add(msg.request)
         for fd in fds:
             os.close(fd)
+        if len(template.pending) > MAX_UNANSWERED:
+            self.retire(template)  # (it does not answer: its starts time out, the next go afresh)
 
     def from_template(self, template: _TemplateHandle) -> None:
         try:

@@ -25,8 +25,9 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
-#: The interpreter's library directories: where ``os`` is, and its
-#: extension modules.
+#: The interpreter's library directories: where ``os`` is (``sysconfig``'s
+#: "stdlib" path, without importing ``sysconfig``: ~2 ms of a start), and
+#: its extension modules.
 DIRECTORIES = [os.path.dirname(os.__file__), os.path.join(os.path.dirname(os.__file__), "lib-dynload")]
 
 _local = threading.local()
