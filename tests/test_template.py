@@ -262,6 +262,17 @@ def test_after_a_spell_at_its_processes_limit_a_template_forks_ahead_again(make_
     assert all(served[-3:]), served
 
 
+def test_at_exactly_its_processes_limit_back_to_back_starts_wait_for_the_instance_before(make_app):
+    """``processes = 2``: the template and one instance. The instance
+    before a per-call start still counts while it ends; the start waits
+    for it to be reaped instead of failing with EAGAIN (1 to 40 starts of
+    40 failed, the first of them the import)."""
+    _quiet_uid()
+    app, box = _app(make_app, spares=0, privileges={"processes": 2})
+    pids = {box.host_pid() for _ in range(30)}
+    assert len(pids) == 30  # (each a fresh instance: none shared a place)
+
+
 def _zygote_and_template():  # type: ignore[no-untyped-def]
     """A zygote's state as far as ``from_template`` uses it, with one
     template's socket: what a hostile template writes, and what main sees."""

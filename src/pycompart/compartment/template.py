@@ -75,6 +75,10 @@ BUSY_WITHIN = 0.01
 #: reached, say) or died unused, the next try waits twice as long as the
 #: last, up to this: not a fork a millisecond, a CPU spent on failing.
 FORK_AHEAD_RETRY_MAX = 0.25
+#: How long a start at its compartment's ``processes`` limit waits for a
+#: place before it fails: the instance before it (a per-call one, retired
+#: as the next call comes) counts until it has ended and been reaped.
+FORK_RETRY_FOR = 0.1
 
 
 def run(config: InstanceConfig, control_fd: int) -> NoReturn:
@@ -200,7 +204,7 @@ class _Template:
             self._report(msg.request, pid, pidfd)
         else:
             try:
-                pid = os.fork()
+                pid = self._fork_for_start()
             except OSError as exc:  # (its compartment's processes reached, say): that start fails now
                 self.send(Forked(msg.request, 0, str(exc)[:300]))
                 for fd in fds:
@@ -223,6 +227,27 @@ class _Template:
         for fd in fds:  # the instance's must be the only copies: its death is the caller's EOF
             os.close(fd)
         self._schedule_ahead()
+
+    def _fork_for_start(self) -> int:
+        """``os.fork`` for a start that has no child forked ahead. At the
+        ``processes`` limit (EAGAIN), retried as our children end (each is
+        reaped at once: until then it counts), for up to ``FORK_RETRY_FOR``."""
+        end = time.monotonic() + FORK_RETRY_FOR
+        while True:
+            try:
+                return os.fork()
+            except BlockingIOError:
+                left = end - time.monotonic()
+                if left <= 0 or not self.children:
+                    raise  # (none of ours to end: another's processes fill the uid's count)
+            # Woken by a child's SIGCHLD (the wakeup descriptor), 5 ms at
+            # the most between tries.
+            if select.select([self.wake_r], [], [], min(left, 0.005))[0]:
+                try:
+                    os.read(self.wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            self.reap()
 
     def _report(self, request: int, pid: int, pidfd: int) -> None:
         """Tell the zygote which pid ``request`` got, with its pidfd, made
