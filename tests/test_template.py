@@ -4,6 +4,7 @@ compartment's restrictions, apart from the template and from its siblings,
 and a compartment that cannot have one starts its instances afresh."""
 
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -299,11 +300,14 @@ def _zygote_and_template():  # type: ignore[no-untyped-def]
         got = []
         try:
             while True:
-                data = main_end.recv(65536)
+                data, fds, _, _ = socket.recv_fds(main_end, 65536, 16)
                 if not data:
                     break
-                reader.feed(data, [])
-                got += [m for m, _ in reader.messages()]
+                reader.feed(data, fds)
+                for m, fds in reader.messages():
+                    got.append(m)
+                    for fd in fds:
+                        os.close(fd)
         except (TimeoutError, BlockingIOError):
             pass
         return got
@@ -362,3 +366,56 @@ def test_a_template_that_answers_no_start_is_retired_past_a_bound():
     assert "evil" not in zyg.templates and request == z.MAX_UNANSWERED + 1
     template_end.close()
     zyg.control.close()
+
+
+
+def _kernel_says_parent(process, pid):  # type: ignore[no-untyped-def]
+    pidfd = os.pidfd_open(pid)
+    try:
+        return process.pidfd_parent(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+def test_a_template_cannot_pass_off_another_process_as_its_instance():
+    """Main signals what the zygote reports as an instance. A template
+    names its instance by pid; the zygote opens the pidfd itself and takes
+    only a child of that template: never itself (pid 1), a process it
+    knows as something else, or another's child. One that tries is retired
+    and its starts fail, naming why. (The monitor killed the zygote, or
+    another compartment's instance, through a pidfd the template sent.)"""
+    from pycompart.kernel import process
+    from pycompart.wire.control import Forked, encode_control
+
+    sleeper = subprocess.Popen(["sleep", "30"])  # our child, not the template's
+    try:
+        fake = {"the zygote": 1, "another's instance": 777, "not its child": sleeper.pid}
+        for what, pid in fake.items():
+            zyg, handle, template_end, main_sees = _zygote_and_template()
+            zyg.children.add(777)
+            handle.pending.update({5, 6})
+            template_end.sendall(encode_control(Forked(5, pid)))
+            zyg.from_template(handle)
+            if what == "not its child" and _kernel_says_parent(process, sleeper.pid) is None:
+                continue  # (before Linux 6.13 the kernel cannot say whose child it is)
+            seen = main_sees()
+            assert sorted(m.request for m in seen) == [5, 6], what
+            assert all(m.pid == 0 and "not its instance" in m.error for m in seen), (what, seen)
+            assert "evil" not in zyg.templates, what
+        # Its own child: taken, with a pidfd the zygote opened.
+        child = subprocess.Popen(["sleep", "30"])
+        try:
+            zyg, handle, template_end, main_sees = _zygote_and_template()
+            handle.pid = os.getpid()  # (this process plays the template)
+            handle.pending.add(5)
+            template_end.sendall(encode_control(Forked(5, child.pid)))
+            zyg.from_template(handle)
+            [spawned] = main_sees()
+            assert spawned.request == 5 and spawned.pid == child.pid, spawned
+            assert child.pid in handle.children and "evil" in zyg.templates
+        finally:
+            child.kill()
+            child.wait()
+    finally:
+        sleeper.kill()
+        sleeper.wait()

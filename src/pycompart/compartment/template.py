@@ -250,14 +250,10 @@ class _Template:
             self.reap()
 
     def _report(self, request: int, pid: int, pidfd: int) -> None:
-        """Tell the zygote which pid ``request`` got, with its pidfd, made
-        here (only we reap it, so the pid is still its; without one if it
-        is gone already); closes ``pidfd``."""
-        alive = pidfd >= 0 and not select.select([pidfd], [], [], 0)[0]
-        sent = [pidfd] if alive else []
+        """Tell the zygote which pid ``request`` got (the zygote opens its
+        own pidfd for it, and checks it is our child); closes ``pidfd``."""
         try:
-            self.transport.send(encode_control(Forked(request, pid), len(sent)), sent,
-                                time.monotonic() + 5.0)
+            self.transport.send(encode_control(Forked(request, pid)), (), time.monotonic() + 5.0)
         except (OSError, TimeoutError):
             os._exit(1)  # the zygote is gone: so is everything
         finally:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import signal
+import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
@@ -52,6 +54,31 @@ def pidfd_pid(pidfd: int) -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+#: ``PIDFD_GET_INFO`` (Linux 6.13): ``_IOWR(0xFF, 11, struct pidfd_info)``,
+#: the struct's first version (64 bytes); ``PIDFD_INFO_PID`` in its mask.
+_PIDFD_GET_INFO = 0xC040FF0B
+_PIDFD_INFO_PID = 1
+_PIDFD_INFO = struct.Struct("=QQIII")
+
+
+def pidfd_parent(pidfd: int) -> int | None:
+    """The pid of the parent of the process ``pidfd`` refers to, as this
+    process's pid namespace numbers it; None where the kernel cannot say
+    (before 6.13). ``ProcessLookupError`` if it has ended."""
+    buf = bytearray(64)
+    _PIDFD_INFO.pack_into(buf, 0, _PIDFD_INFO_PID, 0, 0, 0, 0)
+    try:
+        fcntl.ioctl(pidfd, _PIDFD_GET_INFO, buf, True)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            raise ProcessLookupError(exc.errno, "the process has ended") from None
+        if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+    mask, _, _, _, ppid = _PIDFD_INFO.unpack_from(buf)
+    return ppid if mask & _PIDFD_INFO_PID else None
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")

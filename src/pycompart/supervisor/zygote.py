@@ -370,18 +370,52 @@ class Zygote:
                 self.send(Spawned(msg.request, 0, f"its template could not fork it: {why}"))
             elif isinstance(msg, Forked):
                 template.pending.discard(msg.request)
-                self.children.add(msg.pid)
-                template.children.add(msg.pid)
-                if fds:
-                    self.send(Spawned(msg.request, msg.pid), fds[:1])
-                else:
-                    self.send(Spawned(msg.request, 0, "the instance ended before it was known"))
+                self.take_forked(template, msg.request, msg.pid)
             elif isinstance(msg, Exited) and msg.pid in template.children:
                 template.children.discard(msg.pid)
                 self.children.discard(msg.pid)
                 self.send(msg)
             for fd in fds:
                 os.close(fd)
+
+    def take_forked(self, template: _TemplateHandle, request: int, pid: int) -> None:
+        """A template's word that ``pid`` is the instance it forked for
+        ``request``. Main will signal that process as the instance, so the
+        zygote checks it and opens the pidfd itself: a template has run its
+        compartment's code, and could name the zygote or another
+        compartment's instance. One that does is retired, and the starts
+        it still had fail."""
+        forged = pid <= 1 or pid in self.children or pid in self.template_pids
+        pidfd = -1
+        if not forged:
+            try:
+                pidfd = os.pidfd_open(pid)
+                # (Before Linux 6.13 the kernel cannot say whose child it
+                # is: the checks above are all there is.)
+                parent = process.pidfd_parent(pidfd)
+                forged = parent is not None and parent != template.pid
+            except OSError:  # (ProcessLookupError: ended already, and reaped by the template)
+                if pidfd >= 0:
+                    os.close(pidfd)
+                pidfd = -1
+        if forged:
+            if pidfd >= 0:
+                os.close(pidfd)
+            why = "its template named a process that is not its instance (the template was retired)"
+            for other in sorted(template.pending | {request}):
+                self.send(Spawned(other, 0, why))
+            template.pending.clear()
+            self.retire(template)
+            return
+        if pidfd < 0:
+            self.send(Spawned(request, 0, "the instance ended before it was known"))
+            return
+        self.children.add(pid)
+        template.children.add(pid)
+        try:
+            self.send(Spawned(request, pid), [pidfd])
+        finally:
+            os.close(pidfd)
 
     def retire(self, template: _TemplateHandle) -> None:
         """No more instances from ``template``: it exits once those it
