@@ -423,3 +423,34 @@ def test_a_zone_not_in_the_systems_data_is_looked_up_from_the_standard_library_o
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "UTC"]
     assert sorted(p.name for p in tmp_path.glob("RAN-*")) == []
+
+
+def test_items_pushed_back_with_mains_iterators_are_bounded_and_only_for_iterators(make_app):
+    """A compartment hands main's iterator back with items "read ahead"
+    (``EXT_PUSHBACK``): they are its bytes, held in main until it releases
+    the iterator, so they are bounded (``MAX_PUSHBACK_BYTES``); and only an
+    iterator takes them (it had main hold 16 MiB per message behind any
+    object main passed, without bound)."""
+    import sys
+
+    app = make_app({"compartments": {"box": {"modules": ["pushbackbox"]}}})
+    app.start(import_hook=True)
+    try:
+        import pushbackbox
+
+        it = iter(range(10))
+        pushbackbox.keep(it)
+        answers = pushbackbox.flood(it, 12, 4)  # 48 MiB offered
+        [inst] = app._runtime.compartments["box"].pool.ready
+        held = sum(len(x) for e in inst.peer.exports._by_handle.values() if len(e) > 2 for x in e[2].items)
+        assert held <= 16 << 20, held  # (refs.MAX_PUSHBACK_BYTES)
+        # (Each request is refused after its value was decoded: the
+        # pushback is taken as the value is.)
+        assert "pushed back" not in answers[0] and "bytes of items pushed back" in answers[-1], answers
+        plain = type("Plain", (), {})()
+        pushbackbox.keep(plain)
+        [answer] = pushbackbox.flood(plain, 1, 1)
+        assert "not an iterator" in answer, answer
+        assert pushbackbox.flood(it, 0, 1) == []  # (it serves on)
+    finally:
+        sys.modules.pop("pushbackbox", None)

@@ -53,7 +53,7 @@ from .protocol import close_fds
 from .stdlib import standard_only, stdlib_import
 from .protocols import (  # noqa: F401  (re-exported: the vocabulary of references)
     ALL_FLAGS, END, F_CALL, F_ITER, F_NEXT, F_STREAM, MAX_BATCH, STREAM_ATTRS, STREAM_METHODS,
-    F_PRIVATE, Pushback, runs_alone, type_flags,
+    F_PRIVATE, Private, Pushback, runs_alone, type_flags,
 )
 
 Ext = msgspec.msgpack.Ext
@@ -92,6 +92,9 @@ MAX_EXPORTS = 1_000_000
 MAX_TYPES = 4096
 #: Releases held back while replies wait to be decoded.
 MAX_DEFERRED = 100_000
+#: Bytes of items a peer may hand back with our iterators (``EXT_PUSHBACK``),
+#: held until it releases them: what it read ahead, but its bytes, not ours.
+MAX_PUSHBACK_BYTES = 16 * 1024 * 1024
 
 _SCALARS = frozenset({str, float, bool, type(None), bytes})
 _KEY_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
@@ -336,6 +339,7 @@ class Exports:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.pinned = 0  # lent objects the peer keeps alive for now (``pin``)
+        self.pushed_back = 0  # bytes of items pushed back, of exports not yet released
 
     def __len__(self) -> int:
         return len(self._by_handle)
@@ -377,19 +381,29 @@ class Exports:
             return obj.ref()
         return obj.obj if tp is Pinned else obj
 
-    def push_back(self, handle: Any, items: list[Any]) -> Any:
+    def push_back(self, handle: Any, items: list[Any], size: int) -> Any:
         """The peer hands our iterator ``handle`` back with ``items`` it had
-        read ahead: from now on, what decodes that handle gets a
-        ``Pushback`` yielding them first (one per export, so identity holds
-        on our side), and the peer's later pulls take them first too."""
+        read ahead (``size`` bytes on the wire): from now on, what decodes
+        that handle gets a ``Pushback`` yielding them first (one per export,
+        so identity holds on our side), and the peer's later pulls take them
+        first too. Only an iterator, and what the peer may make us hold so
+        is bounded (``MAX_PUSHBACK_BYTES``) until it releases them."""
         obj = self.get(handle)
+        tp = type(obj)
+        if tp is not Private and not (hasattr(tp, "__next__") and hasattr(tp, "__iter__")):
+            raise ProtocolError("items pushed back with an object that is not an iterator")
         with self._lock:
             entry = self._by_handle[handle]
             if len(entry) < 3:
-                entry.append(Pushback([], obj))
+                entry += [Pushback([], obj), 0]
             wrapper: Pushback = entry[2]
             if len(wrapper.items) + len(items) > 4 * MAX_BATCH:
                 raise ProtocolError("more items pushed back than were ever read ahead")
+            if self.pushed_back + size > MAX_PUSHBACK_BYTES:
+                raise ProtocolError(f"more than {MAX_PUSHBACK_BYTES} bytes of items pushed back "
+                                    "with iterators it holds")
+            self.pushed_back += size
+            entry[3] += size
             wrapper.items.extendleft(reversed(items))
         return wrapper
 
@@ -451,6 +465,8 @@ class Exports:
                 key = held.key if type(held) is Lent else id(held)
                 if key is not None and self._by_id.get(key) == handle:
                     del self._by_id[key]
+                if len(entry) > 3:
+                    self.pushed_back -= entry[3]
                 dropped = entry  # freed outside the lock: __del__ may run
         del dropped
         return True
@@ -458,7 +474,7 @@ class Exports:
     def clear(self) -> None:
         with self._lock:
             entries, self._by_handle, self._by_id = self._by_handle, {}, {}
-            self.pinned = 0
+            self.pinned = self.pushed_back = 0
         entries.clear()
 
 
@@ -778,7 +794,10 @@ class Peer:
             fields = self._list(data)
             if len(fields) != 2 or type(fields[1]) is not list or len(fields[1]) > MAX_BATCH:
                 raise ProtocolError("malformed pushback")
-            return self.exports.push_back(fields[0], fields[1])
+            wrapper = self.exports.push_back(fields[0], fields[1], len(data))
+            if self.on_yours is not None:
+                self.on_yours(wrapper.it)
+            return wrapper if self.returned is None else self.returned(self, wrapper, fields[0])
         if code == EXT_DICT:
             flat = self._list(data)
             if len(flat) % 2:
