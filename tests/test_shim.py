@@ -1247,3 +1247,33 @@ def test_an_interrupt_at_every_moment_of_a_callback_call_leaves_the_channel_whol
         assert moments > 100
     finally:
         sys.modules.pop("boxlib", None)
+
+
+def test_a_typed_call_beside_modules_does_not_hold_back_releases(make_app):
+    """A compartment with a typed entrypoint and boxed modules: main's
+    objects it was handed and dropped are released after a typed call too.
+    (Each typed reply was marked arrived and never decoded, so every later
+    release waited behind it: main kept every object it ever passed.)"""
+    import gc
+    import weakref
+
+    import bystander
+
+    app = box_app(make_app)
+    typed = app.entrypoint("box")(bystander.ping)
+    app.start(import_hook=True)
+    try:
+        import boxlib
+
+        typed()
+        things = [type("Thing", (), {})() for _ in range(3)]
+        alive = [weakref.ref(t) for t in things]
+        for thing in things:
+            boxlib.apply(id, thing)  # handed over, dropped there
+        del things, thing
+        for _ in range(3):
+            boxlib.pid()  # (releases come with replies)
+            gc.collect()
+        assert [r() for r in alive] == [None, None, None]
+    finally:
+        sys.modules.pop("boxlib", None)

@@ -500,6 +500,11 @@ class _Runtime:
         except CallTimeout as exc:
             Hooks.fire(self.app.hooks.on_call_timeout, TimeoutEvent(ep.compartment, ep.key, None, timeout))
             raise exc from None
+        if channel.track_arrivals:
+            # (A compartment of modules too: the peer's releases wait for
+            # every reply that may name main's objects to be decoded. A
+            # typed result names none.)
+            channel.server.decoded(channel, ("r", reply.id))
         if reply.__class__ is Err:
             raise rebuild_exception(reply.error, ep.compartment, resolve=ep.resolve)
         bulk = channel.take_message_bulk(("r", reply.id)) if channel.message_bulk else None
@@ -535,6 +540,8 @@ class _Runtime:
             # The channel closes each as it is sent (or not); what is left in
             # the list (interrupted first) is closed below.
             reply = inst.channel.request(ep.key, payload, deadline, fds=fds)
+            if inst.channel.track_arrivals:
+                inst.channel.server.decoded(inst.channel, ("r", reply.id))  # (as ``call``)
             with refs.receiving(inst.channel.take_message_fds(("r", reply.id))):
                 if isinstance(reply, Err):
                     outcome = f"error:{reply.error.type_name}"
