@@ -1277,3 +1277,38 @@ def test_a_typed_call_beside_modules_does_not_hold_back_releases(make_app):
         assert [r() for r in alive] == [None, None, None]
     finally:
         sys.modules.pop("boxlib", None)
+
+
+def test_a_callable_another_compartment_hands_back_inside_a_callback_is_still_refused(make_app):
+    """Whether main handed a callable over in the call in progress is
+    decided per compartment: handles are numbered per peer, and main's
+    ``admin`` that compartment B holds as its handle 1 came back as itself
+    inside a callback main had passed compartment A as A's handle 1."""
+    ran = []
+
+    def admin() -> str:
+        ran.append("admin")
+        return "admin ran"
+
+    app = make_app({"compartments": {
+        "box": {"modules": ["boxlib"], "may_call": ["main"], "privileges": {"syscalls": "python-threads"}},
+        "other": {"modules": ["keeperbox"], "privileges": {"syscalls": "python-threads"}}}})
+    app.start(import_hook=True)
+    try:
+        import boxlib
+        import keeperbox
+
+        keeperbox.keep(admin)
+
+        def callback() -> object:
+            handed_back = keeperbox.kept()
+            return handed_back() if handed_back is admin else "refused"
+
+        try:
+            result = boxlib.apply(callback)
+        except pycompart.EntrypointError:
+            result = "refused"
+        assert result == "refused" and ran == []
+    finally:
+        sys.modules.pop("boxlib", None)
+        sys.modules.pop("keeperbox", None)

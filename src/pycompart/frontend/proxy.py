@@ -168,7 +168,7 @@ class Compartment:
             self.check_alive(inst)
             parent = serving(inst.channel)
         stack = refs.sending_stack()
-        handles: set[int] = set()  # what main hands over in this call (see _returned)
+        handles: set[tuple[refs.Exports, int]] = set()  # what main hands over in this call (see _returned)
         try:
             stack.append(handles)
             payload = inst.peer.encode(args)  # type: ignore[attr-defined]
@@ -435,7 +435,7 @@ def _returned(peer: refs.Peer, obj: Any, handle: int) -> Any:
     otherwise main would run whichever of its own functions the compartment
     chose, believing it called the compartment. It then arrives as a
     ``ReturnedCallable`` that refuses to be called."""
-    if not callable(obj) or refs.sent_in_open_requests(handle) \
+    if not callable(obj) or refs.sent_in_open_requests(peer.exports, handle) \
             or subclass.is_subclass_instance(obj, peer.compartment):
         # (An instance of main's subclass of the compartment's class is
         # one main lent it with its overrides: it comes back as itself.)

@@ -719,7 +719,7 @@ class Peer:
             handle = self.exports.export(value)
         open_requests = getattr(_nesting, "sent", None)
         if open_requests:
-            open_requests[-1].add(handle)
+            open_requests[-1].add((self.exports, handle))  # (handles are numbered per peer)
         tp = type(value)
         flags = type_flags(tp)
         if private:
@@ -968,10 +968,11 @@ class Peer:
         self._paths.clear()
 
 
-def sending_stack() -> list[set[int]]:
+def sending_stack() -> list[set[tuple[Exports, int]]]:
     """This thread's open requests: the handles it exports while a set is
-    on top are "sent in this request" (``sent_in_open_requests``) until the
-    set leaves (``protocol.leave_stack``). Nested requests stack: a callback's
+    on top (with the table they are in) are "sent in this request"
+    (``sent_in_open_requests``) until the set leaves
+    (``protocol.leave_stack``). Nested requests stack: a callback's
     arguments see the enclosing call's too. (Not a context manager: a
     signal handler's exception raised as its ``__enter__`` returned, or as
     its ``__exit__`` was entered, would leave a set here for good, and every
@@ -983,9 +984,11 @@ def sending_stack() -> list[set[int]]:
     return stack
 
 
-def sent_in_open_requests(handle: int) -> bool:
-    """Whether this thread sent ``handle`` in a request it is still in."""
-    return any(handle in handles for handles in getattr(_nesting, "sent", ()) or ())
+def sent_in_open_requests(exports: Exports, handle: int) -> bool:
+    """Whether this thread sent ``handle`` of ``exports`` (one peer's) in a
+    request it is still in."""
+    key = (exports, handle)
+    return any(key in handles for handles in getattr(_nesting, "sent", ()) or ())
 
 
 METHOD = type(END)("METHOD")
