@@ -1312,3 +1312,21 @@ def test_a_callable_another_compartment_hands_back_inside_a_callback_is_still_re
     finally:
         sys.modules.pop("boxlib", None)
         sys.modules.pop("keeperbox", None)
+
+
+def test_main_keeps_a_bounded_number_of_warning_registries_per_compartment():
+    """A compartment names the module of each warning it sends; main keeps
+    a registry of those shown per module, and no more than so many (it
+    kept one for every name a compartment made up: 0.5 MiB a call)."""
+    import types
+    import warnings
+
+    from pycompart.frontend import warn as warn_mod
+    from pycompart.wire.protocol import Warn
+
+    comp = types.SimpleNamespace(warning_registry={}, spec=None, name="box")
+    found = [Warn(1, ["UserWarning"], "made up", "<made up>", 1, f"mod{i}", False) for i in range(3000)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warn_mod.reissue(comp, found)  # type: ignore[arg-type]
+    assert len(comp.warning_registry) <= 1025, len(comp.warning_registry)

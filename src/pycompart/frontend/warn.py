@@ -34,6 +34,9 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.
 #: Registries of warnings already shown, per compartment and module (the
 #: "default" action shows a warning once per location), bounded.
 _MAX_REGISTRY = 4096
+#: Modules per compartment with a registry of their own; past it, one
+#: shared registry (a compartment names the module of each warning).
+_MAX_REGISTRIES = 1024
 
 
 def reissue(comp: Compartment, found: list[Any]) -> None:
@@ -42,7 +45,11 @@ def reissue(comp: Compartment, found: list[Any]) -> None:
         if warn.at_caller:
             warnings.warn(warn.message, category, stacklevel=_caller_level())
             continue
-        registry = comp.warning_registry.setdefault(warn.module, {})
+        registries = comp.warning_registry
+        registry = registries.get(warn.module)
+        if registry is None:
+            key = warn.module if len(registries) < _MAX_REGISTRIES else "\0shared"
+            registry = registries.setdefault(key, {})
         if len(registry) > _MAX_REGISTRY:
             registry.clear()
         warnings.warn_explicit(warn.message, category, _where(comp, warn.filename), warn.lineno,
