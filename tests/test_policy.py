@@ -224,3 +224,20 @@ def test_a_filter_anybody_else_could_have_written_is_compiled_afresh(tmp_path, m
     monkeypatch.setattr(seccomp, "compile_bpf", lambda *a: compiled.append(1) or original(*a))
     assert policy._compiled.__wrapped__(*_filter_args()) == real
     assert compiled == [1]
+
+
+def test_a_home_directory_or_the_root_on_sys_path_is_not_made_readable(tmp_path, monkeypatch):
+    """``pycompart run SPEC -m pkg`` puts the working directory first on
+    ``sys.path``, as python does; run from a home directory, every
+    compartment could read ``~/.ssh``. A home directory or ``/`` is left
+    out, with a warning naming it; a directory below it is not."""
+    home = tmp_path / "home"
+    (home / "project").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    res = policy.resolve(comp(), [str(home), "/", str(home / "project")], None, host=FULL, euid=0)
+    assert str(home) not in res.lockdown.fs_read and "/" not in res.lockdown.fs_read
+    assert str(home / "project") in res.lockdown.fs_read
+    assert any(str(home) in w and "home directory" in w for w in res.warnings), res.warnings
+    assert any(w.startswith("/ is on sys.path") for w in res.warnings), res.warnings
+    granted = policy.resolve(comp({"filesystem": {"read": [str(home)]}}), [str(home)], None, host=FULL, euid=0)
+    assert str(home) in granted.lockdown.fs_read  # (the spec's to grant)

@@ -16,6 +16,7 @@ import functools
 import glob
 import os
 import platform
+import pwd
 import stat
 import sys
 import warnings
@@ -165,7 +166,12 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
                              f"{THREAD_MEMORY // 2**20} MiB of address space (stack and malloc arena)")
 
     # -- files -------------------------------------------------------------------
-    auto_read = _auto_read(sys_path, main_path)
+    auto_read, too_wide = _auto_read(sys_path, main_path)
+    for path in too_wide:
+        warnings_.append(f"{path} is on sys.path (as the working directory is, under -m) but is "
+                         f"{'the root directory' if path == os.sep else 'a home directory'}: it is "
+                         "not made readable (everything in it would be); a module there is "
+                         "importable in a compartment only if privileges.filesystem.read grants it")
     if need(host.landlock_abi >= 3, f"filesystem rules (Landlock ABI 3, this kernel has "
                                     f"{host.landlock_abi})"):
         lock.fs = True
@@ -401,16 +407,33 @@ def _settle(comp: CompartmentSpec, p: Privileges, missing: list[str]) -> None:
                           "(enforcement = best-effort)", PrivilegeWarning, stacklevel=4)
 
 
-def _auto_read(sys_path: Sequence[str], main_path: str | None) -> list[str]:
-    out = []
+def _auto_read(sys_path: Sequence[str], main_path: str | None) -> tuple[list[str], list[str]]:
+    """What every compartment may read so that it can import what main
+    can: ``sys.path``, the program and the interpreter; and the entries
+    left out as too wide (``_too_wide``)."""
+    out, skipped = [], []
     for entry in sys_path:
         path = os.path.abspath(entry or os.getcwd())
         if os.path.exists(path):
-            out.append(path)
+            (skipped if _too_wide(path) else out).append(path)
     if main_path:
         out.append(main_path)
     out.append(os.path.realpath(sys.executable))
-    return _dedupe(out)
+    return _dedupe(out), _dedupe(skipped)
+
+
+def _too_wide(path: str) -> bool:
+    """The root directory or a home directory: on ``sys.path`` as the
+    working directory (``python -m`` puts it first), they hold far more
+    than code (``~/.ssh``)."""
+    if path == os.sep:
+        return True
+    homes = {os.environ.get("HOME") or ""}
+    try:
+        homes.add(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:
+        pass
+    return any(home and os.path.abspath(home) == path for home in homes)
 
 
 def _dynamic_loaders() -> list[str]:
