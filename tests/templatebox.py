@@ -35,6 +35,24 @@ def try_fork() -> str:
     return "forked"
 
 
+def template_calls() -> dict:
+    """What the template's filter allows for its children, tried here:
+    Landlock's calls, its parent-death ``prctl``, ``pidfd_open``."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    out = {}
+    for name, number, args in (("landlock_create_ruleset", 444, (0, 0, 1)),  # (its ABI version)
+                               ("pidfd_open", 434, (os.getpid(), 0, 0))):
+        got = libc.syscall(ctypes.c_long(number), ctypes.c_long(args[0]), ctypes.c_long(args[1]),
+                           ctypes.c_long(args[2]))
+        out[name] = "refused" if got < 0 and ctypes.get_errno() == 1 else f"allowed ({got})"
+    got = libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    out["prctl PR_SET_PDEATHSIG"] = "refused" if got < 0 and ctypes.get_errno() == 1 else "allowed"
+    return out
+
+
 def read(path: str) -> str:
     try:
         with open(path, "rb") as f:

@@ -157,6 +157,17 @@ def test_templates_work_for_a_user_who_is_not_root():
     assert report["slept"] == ["slept"]
 
 
+def test_an_instance_forked_from_its_template_has_none_of_the_templates_extra_calls(make_app):
+    """The template's filter also allows what it needs for its children
+    (Landlock's calls, its parent-death prctl, pidfd_open); the instance's
+    filter on top takes them away again, as a fresh instance never had them
+    (Landlock's calls and the prctl were left)."""
+    app, box = _app(make_app)
+    box.parent()
+    assert box.template_calls() == dict.fromkeys(
+        ("landlock_create_ruleset", "pidfd_open", "prctl PR_SET_PDEATHSIG"), "refused")
+
+
 def test_an_instance_forked_ahead_serves_with_the_server_built_before_its_spawn(make_app):
     """A child forked ahead builds its instance's server over placeholder
     pipes while it waits; its channel's descriptors take their places: the

@@ -326,12 +326,14 @@ def compile_bpf(profile: str, allow: Iterable[str] = (), deny: Iterable[str] = (
     return _export(build(profile, allow, deny, kill, sockets, metadata, locks, fifos, template))
 
 
-def compile_no_fork() -> bytes:
+def compile_no_fork(allow: Iterable[str] = ()) -> bytes:
     """What an instance forked from a template loads on top of the
     template's filter: no new processes (``clone`` without CLONE_THREAD,
     ``fork``, ``vfork``: EPERM) and none of what the template needed for
-    its children (``pidfd_open``, ``seccomp``), everything else as the
-    template's filter decides. With it the instance has exactly its compartment's filter."""
+    its children (``TEMPLATE_CALLS``, ``seccomp``, its ``prctl``) unless
+    the compartment's ``allow`` lists them, everything else as the
+    template's filter decides. With it the instance has exactly its
+    compartment's filter."""
     try:
         import pyseccomp as sc
     except (ImportError, OSError) as exc:
@@ -339,8 +341,12 @@ def compile_no_fork() -> bytes:
     f = sc.SyscallFilter(defaction=sc.ALLOW)
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
     f.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))
-    for name in ("fork", "vfork", "pidfd_open", "seccomp"):  # (the template's, for its children)
-        _rule(sc, f, sc.ERRNO(errno.EPERM), name)
+    allowed = set(allow)
+    for name in ("fork", "vfork", "seccomp", *sorted(TEMPLATE_CALLS)):  # (the template's, for its children)
+        if name not in allowed or name in ("fork", "vfork"):
+            _rule(sc, f, sc.ERRNO(errno.EPERM), name)
+    if "prctl" not in allowed:
+        f.add_rule(sc.ERRNO(errno.EPERM), "prctl", sc.Arg(0, sc.EQ, PR_SET_PDEATHSIG))
     return _export(f)
 
 

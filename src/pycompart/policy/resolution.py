@@ -266,7 +266,8 @@ def resolve(comp: CompartmentSpec, sys_path: Sequence[str], main_path: str | Non
                 lock.template_bpf = _compiled(p.syscalls, tuple(p.syscalls_allow), tuple(p.syscalls_deny),
                                               tuple(p.syscalls_kill), lock.sockets, p.file_metadata,
                                               p.file_locks, p.fifos, True)
-                lock.no_fork_bpf = _compiled("no-fork", (), (), (), "", "", False, False, False)
+                lock.no_fork_bpf = _compiled("no-fork", tuple(p.syscalls_allow), (), (), "", "", False,
+                                             False, False)
             except seccomp.SeccompError:
                 lock.template_bpf = lock.no_fork_bpf = b""
         else:
@@ -334,7 +335,7 @@ def _compiled(profile: str, allow: tuple[str, ...], deny: tuple[str, ...], kill:
     if cached and len(cached) % 8 == 0:
         return cached
     if profile == "no-fork":
-        program = seccomp.compile_no_fork()
+        program = seccomp.compile_no_fork(allow)
     else:
         program = seccomp.compile_bpf(profile, allow, deny, kill, sockets, metadata, locks, fifos, template)
     if path is not None:
