@@ -235,6 +235,10 @@ def _check_exposure(boxed):
     assert c.name == "c"
     with pytest.raises(AttributeError, match="allow_setattr"):
         boxed.VERSION = "changed"
+    with pytest.raises(AttributeError, match="allow_setattr"):
+        boxed.Counter.LIMIT = 3  # (a class as a module: never only the stand-in's)
+    with pytest.raises(AttributeError, match="allow_setattr"):
+        del boxed.Counter.add
 
 
 def test_expose_and_allow_setattr(make_app):
@@ -250,6 +254,13 @@ def test_expose_and_allow_setattr(make_app):
         assert c.name == "renamed"
         with pytest.raises(AttributeError):
             c.__dict__
+        # A class attribute set from main is the class's in the compartment
+        # (it was set on main's stand-in only, and the package never saw it).
+        boxlib.Counter.LIMIT = 7
+        assert c.LIMIT == 7 and boxlib.make("d").LIMIT == 7
+        del boxlib.Counter.LIMIT
+        with pytest.raises(AttributeError):
+            c.LIMIT
     finally:
         del sys.modules["boxlib"]
 

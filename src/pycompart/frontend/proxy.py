@@ -628,6 +628,33 @@ class RemoteClassMeta(type):
                                  f"expose {name!r}")
         return comp.call(None, "@getattr", [cls, name])
 
+    def __setattr__(cls, name: str, value: Any) -> None:
+        """``Cls.FLAG = True``, ``mock.patch.object(Cls, ...)``: as for a
+        module (``ModuleProxy.__setattr__``), the class in the compartment
+        changes, or the assignment fails loudly; never only the stand-in."""
+        if _local_to_standin(name):
+            type.__setattr__(cls, name, value)
+            return
+        comp = cls._remote_attr_check(name, "set")
+        comp.call(None, "@setattr", [cls, name, value])
+
+    def __delattr__(cls, name: str) -> None:
+        if _local_to_standin(name):
+            type.__delattr__(cls, name)
+            return
+        comp = cls._remote_attr_check(name, "delete")
+        comp.call(None, "@delattr", [cls, name])
+
+    def _remote_attr_check(cls, name: str, verb: str) -> Compartment:
+        comp: Compartment = type.__getattribute__(cls, "_pc_comp")
+        if not comp.spec.allow_setattr:
+            raise AttributeError(f"cannot {verb} {name!r} of class {cls.__qualname__!r}: it lives in "
+                                 f"compartment {comp.name!r}, whose spec does not allow_setattr")
+        if not exposed(name, comp.expose):
+            raise AttributeError(f"{cls.__qualname__} (in compartment {comp.name!r}) does not "
+                                 f"expose {name!r}")
+        return comp
+
     def __instancecheck__(cls, obj: Any) -> bool:
         remote_bases = getattr(type(obj), "__pycompart_remote_bases__", None)
         if remote_bases:  # an instance of main's subclass of one of its classes
@@ -657,6 +684,12 @@ class RemoteClassMeta(type):
 
     def __repr__(cls) -> str:
         return f"<class '{cls.__module__}.{cls.__qualname__}' in compartment {cls._pc_comp.name!r}>"
+
+
+def _local_to_standin(name: str) -> bool:
+    """Names a stand-in class keeps for itself: ours, and dunders (what
+    ``functools``, ``abc`` and the import system set)."""
+    return name.startswith(("_pc_", "__pycompart")) or (name.startswith("__") and name.endswith("__"))
 
 
 def _remote_class(comp: Compartment, module: str, qualname: str) -> type:
