@@ -671,3 +671,16 @@ def name(text):
 def lookup(key):
     """Main's str subclass as a key of our own dict and set."""
     return {"fast": 1}.get(key), key in {"fast"}, hash(key) == hash("fast")
+
+
+class Delta:
+    """Adds only to its own kind (dateutil's relativedelta, in miniature)."""
+
+    def __add__(self, other):
+        return Delta() if isinstance(other, Delta) else NotImplemented
+
+    __radd__ = __add__
+
+
+def delta():
+    return Delta()

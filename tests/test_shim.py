@@ -1341,3 +1341,24 @@ def test_main_keeps_a_bounded_number_of_warning_registries_per_compartment():
         warnings.simplefilter("ignore")
         warn_mod.reissue(comp, found)  # type: ignore[arg-type]
     assert len(comp.warning_registry) <= 1025, len(comp.warning_registry)
+
+
+def test_a_binary_operator_an_operand_does_not_implement_is_tried_reflected_once(boxed):
+    """``boxed + mine``, where the boxed class answers NotImplemented: main
+    tries ``mine.__radd__`` as unboxed Python would; the owner no longer
+    runs the whole operator (it asked main's ``__radd__`` through its proxy,
+    which asked back, until RecursionError)."""
+    class NotAValue:
+        def __add__(self, other):  # type: ignore[no-untyped-def]
+            return self
+
+        __radd__ = __add__
+
+    mine = NotAValue()
+    assert boxed.delta() + mine is mine
+    assert mine + boxed.delta() is mine
+    with pytest.raises(TypeError, match="unsupported operand"):
+        boxed.delta() + 1
+    total = boxed.delta()
+    total += boxed.delta()  # (its own kind: in the compartment)
+    assert type(total).__name__ == "RemoteObject"

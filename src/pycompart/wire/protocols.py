@@ -382,11 +382,17 @@ def _pow(obj: Any, other: Any, *mod: Any) -> Any:
 
 def _binary(name: str) -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any],
                                 Callable[[Any, Any], Any]]:
-    if name == "divmod":
-        return divmod, (lambda o, x: divmod(x, o)), divmod
-    fn = getattr(operator, name if name not in ("and", "or") else name + "_")
-    inplace = getattr(operator, "i" + name)
-    return fn, (lambda o, x: fn(x, o)), inplace
+    """The owner's side of ``o + x``, ``x + o`` and ``o += x``: only ``o``'s
+    own special method, its ``NotImplemented`` sent back as itself. The
+    caller's interpreter then tries the other operand's, once (with the
+    whole operator here, ``x``'s reflected method, a proxy of the caller's,
+    asked the caller, which asked back: until RecursionError)."""
+    def special(attr: str) -> Callable[[Any, Any], Any]:
+        def run(o: Any, x: Any) -> Any:
+            method = getattr(type(o), attr, None)
+            return NotImplemented if method is None else method(o, x)
+        return run
+    return special(f"__{name}__"), special(f"__r{name}__"), special(f"__i{name}__")
 
 
 #: The longest str or bytes whose hash the other side computes itself.

@@ -78,6 +78,7 @@ EXT_CONTAINER = 19  # [kind, ...]: a container of the standard library (CONTAINE
 EXT_PUSHBACK = 20  # [handle, items]: the receiver's iterator, with items read ahead of it
 EXT_FD = 21  # [index, kind, fields]: a descriptor that came with the frame (SCM_RIGHTS)
 EXT_BULK = 22  # index: a bytes value that came beside the frame (transport.bulk), typed calls only
+EXT_NOTIMPLEMENTED = 23  # NotImplemented: an operand's answer, for the caller to try the other's
 
 #: Flags of a reference that is a class (besides its protocols): the
 #: receiver builds a class stand-in, an exception class for F_EXCEPTION.
@@ -660,6 +661,8 @@ class Peer:
                                                    self.to_wire(value.step, depth)]))
         if value is Ellipsis:
             return ELLIPSIS_EXT
+        if value is NotImplemented:
+            return NOTIMPLEMENTED_EXT
         if value is END:
             return END_EXT
         if value is METHOD:
@@ -826,6 +829,8 @@ class Peer:
         if code == EXT_SLICE:
             start, stop, step = self._list(data)
             return slice(start, stop, step)
+        if code == EXT_NOTIMPLEMENTED:
+            return NotImplemented
         if code == EXT_ELLIPSIS:
             return Ellipsis
         if code == EXT_STD:
@@ -993,6 +998,7 @@ def sent_in_open_requests(exports: Exports, handle: int) -> bool:
 
 METHOD = type(END)("METHOD")
 ELLIPSIS_EXT = Ext(EXT_ELLIPSIS, b"")
+NOTIMPLEMENTED_EXT = Ext(EXT_NOTIMPLEMENTED, b"")
 
 
 # -- standard values that cross as values -------------------------------------------------
