@@ -358,23 +358,34 @@ def test_a_template_answers_only_the_starts_it_was_given_and_cannot_kill_the_zyg
 
 def test_a_template_that_answers_no_start_is_retired_past_a_bound():
     """What the zygote keeps for it (the starts it was given, unanswered)
-    is bounded: past ``MAX_UNANSWERED`` the template is retired."""
+    is bounded: past ``MAX_UNANSWERED`` the template is retired, and those
+    starts fail at once (main would wait its start timeout for each)."""
     from pycompart.supervisor import zygote as z
     from pycompart.wire.config import InstanceConfig
     from pycompart.wire.control import Spawn
 
-    zyg, handle, template_end, _ = _zygote_and_template()
+    zyg, handle, template_end, main_sees = _zygote_and_template()
     template_end.setblocking(False)
+    seen: list = []
+    done = threading.Event()
+    reader = threading.Thread(target=lambda: [seen.extend(main_sees()) for _ in iter(done.is_set, True)])
+    reader.start()  # (what main is told: read as it comes, as the monitor does)
     config = InstanceConfig("evil", 0, [], "/", None, None, [], [], 1 << 20, {})
-    for request in range(1, z.MAX_UNANSWERED + 2):
-        zyg.pass_on(handle, Spawn(request, config, False, False), [])
-        try:
-            template_end.recv(1 << 20)  # (what it is sent, read and ignored)
-        except BlockingIOError:
-            pass
-        if "evil" not in zyg.templates:
-            break
+    try:
+        for request in range(1, z.MAX_UNANSWERED + 2):
+            zyg.pass_on(handle, Spawn(request, config, False, False), [])
+            try:
+                template_end.recv(1 << 20)  # (what it is sent, read and ignored)
+            except BlockingIOError:
+                pass
+            if "evil" not in zyg.templates:
+                break
+    finally:
+        done.set()
+        reader.join()
     assert "evil" not in zyg.templates and request == z.MAX_UNANSWERED + 1
+    assert sorted(m.request for m in seen) == list(range(1, z.MAX_UNANSWERED + 2))
+    assert all(m.pid == 0 and "unanswered" in m.error for m in seen)
     template_end.close()
     zyg.control.close()
 

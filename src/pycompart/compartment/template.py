@@ -198,10 +198,12 @@ class _Template:
             except (OSError, TimeoutError):
                 os.kill(pid, signal.SIGKILL)  # reported below: the monitor sees it fail to start
             sock.close()
+            os.close(pidfd)
             # Reported once it has its Spawn, not before: the monitor reads
             # its Hello only after this report, so the instance's start and
-            # the report's way to the monitor (~0.4 ms) overlap.
-            self._report(msg.request, pid, pidfd)
+            # the report's way to the monitor (~0.4 ms) overlap. (The zygote
+            # opens its own pidfd, and checks the pid is our child.)
+            self.send(Forked(msg.request, pid))
         else:
             try:
                 pid = self._fork_for_start()
@@ -219,11 +221,7 @@ class _Template:
                     os._exit(1)
             self.children.add(pid)
             self.ahead_failures = 0  # (a fork works again)
-            try:
-                pidfd = os.pidfd_open(pid)
-            except OSError:
-                pidfd = -1
-            self._report(msg.request, pid, pidfd)
+            self.send(Forked(msg.request, pid))
         for fd in fds:  # the instance's must be the only copies: its death is the caller's EOF
             os.close(fd)
         self._schedule_ahead()
@@ -248,17 +246,6 @@ class _Template:
                 except BlockingIOError:
                     pass
             self.reap()
-
-    def _report(self, request: int, pid: int, pidfd: int) -> None:
-        """Tell the zygote which pid ``request`` got (the zygote opens its
-        own pidfd for it, and checks it is our child); closes ``pidfd``."""
-        try:
-            self.transport.send(encode_control(Forked(request, pid)), (), time.monotonic() + 5.0)
-        except (OSError, TimeoutError):
-            os._exit(1)  # the zygote is gone: so is everything
-        finally:
-            if pidfd >= 0:
-                os.close(pidfd)
 
     def _ahead_timeout(self) -> float | None:
         """How long to wait for a message before forking the next child ahead."""

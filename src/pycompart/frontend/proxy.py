@@ -635,25 +635,17 @@ class RemoteClassMeta(type):
         if _local_to_standin(name):
             type.__setattr__(cls, name, value)
             return
-        comp = cls._remote_attr_check(name, "set")
+        comp: Compartment = type.__getattribute__(cls, "_pc_comp")
+        _check_settable(comp, name, f"class {cls.__qualname__!r}", "set")
         comp.call(None, "@setattr", [cls, name, value])
 
     def __delattr__(cls, name: str) -> None:
         if _local_to_standin(name):
             type.__delattr__(cls, name)
             return
-        comp = cls._remote_attr_check(name, "delete")
-        comp.call(None, "@delattr", [cls, name])
-
-    def _remote_attr_check(cls, name: str, verb: str) -> Compartment:
         comp: Compartment = type.__getattribute__(cls, "_pc_comp")
-        if not comp.spec.allow_setattr:
-            raise AttributeError(f"cannot {verb} {name!r} of class {cls.__qualname__!r}: it lives in "
-                                 f"compartment {comp.name!r}, whose spec does not allow_setattr")
-        if not exposed(name, comp.expose):
-            raise AttributeError(f"{cls.__qualname__} (in compartment {comp.name!r}) does not "
-                                 f"expose {name!r}")
-        return comp
+        _check_settable(comp, name, f"class {cls.__qualname__!r}", "delete")
+        comp.call(None, "@delattr", [cls, name])
 
     def __instancecheck__(cls, obj: Any) -> bool:
         remote_bases = getattr(type(obj), "__pycompart_remote_bases__", None)
@@ -684,6 +676,16 @@ class RemoteClassMeta(type):
 
     def __repr__(cls) -> str:
         return f"<class '{cls.__module__}.{cls.__qualname__}' in compartment {cls._pc_comp.name!r}>"
+
+
+def _check_settable(comp: Compartment, name: str, what: str, verb: str) -> None:
+    """Whether main may set (or delete) ``name`` on ``what`` of ``comp``'s:
+    its spec's ``allow_setattr``, and ``expose`` for private names."""
+    if not comp.spec.allow_setattr:
+        raise AttributeError(f"cannot {verb} {name!r} of {what}: it lives in compartment "
+                             f"{comp.name!r}, whose spec does not allow_setattr")
+    if not exposed(name, comp.expose):
+        raise AttributeError(f"{what} (in compartment {comp.name!r}) does not expose {name!r}")
 
 
 def _local_to_standin(name: str) -> bool:
@@ -736,13 +738,7 @@ class RemoteObject:
 
     def __setattr__(self, name: str, value: Any) -> None:
         comp = self._pc_comp
-        if not comp.spec.allow_setattr:
-            raise AttributeError(f"cannot set {name!r} on a {self._pc_tname} object of compartment "
-                                 f"{comp.name!r}: setting attributes on remote objects is not "
-                                 "allowed (spec: allow_setattr = true)")
-        if not exposed(name, comp.expose):
-            raise AttributeError(f"{self._pc_tname} object (in compartment {comp.name!r}) does "
-                                 f"not expose {name!r}")
+        _check_settable(comp, name, f"a {self._pc_tname} object", "set")
         comp.call(self._pc_inst, "@setattr", [self, name, value])
 
     def __delattr__(self, name: str) -> None:

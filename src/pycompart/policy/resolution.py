@@ -413,28 +413,27 @@ def _auto_read(sys_path: Sequence[str], main_path: str | None) -> tuple[list[str
     can: ``sys.path``, the program and the interpreter; and the entries
     left out as too wide (``_too_wide``)."""
     out, skipped = [], []
+    too_wide = _too_wide()
     for entry in sys_path:
         path = os.path.abspath(entry or os.getcwd())
         if os.path.exists(path):
-            (skipped if _too_wide(path) else out).append(path)
+            (skipped if path in too_wide else out).append(path)
     if main_path:
         out.append(main_path)
     out.append(os.path.realpath(sys.executable))
     return _dedupe(out), _dedupe(skipped)
 
 
-def _too_wide(path: str) -> bool:
-    """The root directory or a home directory: on ``sys.path`` as the
-    working directory (``python -m`` puts it first), they hold far more
-    than code (``~/.ssh``)."""
-    if path == os.sep:
-        return True
-    homes = {os.environ.get("HOME") or ""}
+def _too_wide() -> set[str]:
+    """The root directory and this user's home directories: on
+    ``sys.path`` as the working directory (``python -m`` puts it first),
+    they hold far more than code (``~/.ssh``)."""
+    homes = [os.environ.get("HOME") or ""]
     try:
-        homes.add(pwd.getpwuid(os.getuid()).pw_dir)
+        homes.append(pwd.getpwuid(os.getuid()).pw_dir)
     except KeyError:
         pass
-    return any(home and os.path.abspath(home) == path for home in homes)
+    return {os.sep} | {os.path.abspath(home) for home in homes if home}
 
 
 def _dynamic_loaders() -> list[str]:

@@ -334,7 +334,8 @@ class Zygote:
         for fd in fds:
             os.close(fd)
         if len(template.pending) > MAX_UNANSWERED:
-            self.retire(template)  # (it does not answer: its starts time out, the next go afresh)
+            self.retire(template, "its template left more than "  # (the next go afresh)
+                        f"{MAX_UNANSWERED} starts unanswered (it was retired)")
 
     def from_template(self, template: _TemplateHandle) -> None:
         try:
@@ -383,43 +384,40 @@ class Zygote:
         ``request``. Main will signal that process as the instance, so the
         zygote checks it and opens the pidfd itself: a template has run its
         compartment's code, and could name the zygote or another
-        compartment's instance. One that does is retired, and the starts
-        it still had fail."""
-        forged = pid <= 1 or pid in self.children or pid in self.template_pids
-        pidfd = -1
-        if not forged:
-            try:
-                pidfd = os.pidfd_open(pid)
-                # (Before Linux 6.13 the kernel cannot say whose child it
-                # is: the checks above are all there is.)
-                parent = process.pidfd_parent(pidfd)
-                forged = parent is not None and parent != template.pid
-            except OSError:  # (ProcessLookupError: ended already, and reaped by the template)
-                if pidfd >= 0:
-                    os.close(pidfd)
-                pidfd = -1
-        if forged:
-            if pidfd >= 0:
-                os.close(pidfd)
-            why = "its template named a process that is not its instance (the template was retired)"
-            for other in sorted(template.pending | {request}):
-                self.send(Spawned(other, 0, why))
-            template.pending.clear()
-            self.retire(template)
+        compartment's instance. One that does is retired."""
+        if pid <= 1 or pid in self.children or pid in self.template_pids:
+            self._refuse_forked(template, request)
             return
-        if pidfd < 0:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # (ProcessLookupError: ended already, and reaped by the template)
             self.send(Spawned(request, 0, "the instance ended before it was known"))
             return
-        self.children.add(pid)
-        template.children.add(pid)
         try:
+            # (Before Linux 6.13 the kernel cannot say whose child it is:
+            # the checks above are all there is.)
+            parent = process.pidfd_parent(pidfd)
+            if parent is not None and parent != template.pid:
+                self._refuse_forked(template, request)
+                return
+            self.children.add(pid)
+            template.children.add(pid)
             self.send(Spawned(request, pid), [pidfd])
+        except OSError:
+            self.send(Spawned(request, 0, "the instance ended before it was known"))
         finally:
             os.close(pidfd)
 
-    def retire(self, template: _TemplateHandle) -> None:
+    def _refuse_forked(self, template: _TemplateHandle, request: int) -> None:
+        why = "its template named a process that is not its instance (the template was retired)"
+        self.send(Spawned(request, 0, why))
+        self.retire(template, why)
+
+    def retire(self, template: _TemplateHandle,
+               why: str = "its template was retired before it reported the instance") -> None:
         """No more instances from ``template``: it exits once those it
-        forked have ended."""
+        forked have ended. The starts it was given and did not answer fail
+        now, saying ``why`` (its socket closed, no answer can come)."""
         if self.templates.get(template.compartment) is template:
             del self.templates[template.compartment]
         if self.selector is not None:
@@ -428,6 +426,9 @@ class Zygote:
             except (KeyError, ValueError):
                 pass
         template.sock.close()
+        for request in sorted(template.pending):
+            self.send(Spawned(request, 0, why))
+        template.pending.clear()
         for msg, fds in template.queued:
             self.fork(msg, fds)
         template.queued = []

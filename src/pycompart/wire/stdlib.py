@@ -35,7 +35,7 @@ _install = threading.Lock()
 
 
 class _StandardOnly:
-    """A meta path finder that, in a thread inside ``stdlib_import``, finds
+    """A meta path finder that, in a thread inside ``standard_only``, finds
     top-level modules in ``DIRECTORIES`` only (a package's submodules come
     from its own ``__path__``, as always). Outside it finds nothing."""
 
@@ -64,11 +64,12 @@ def standard_only() -> Iterator[None]:
     others as it runs (``zoneinfo`` imports ``importlib.resources``,
     ``tempfile``, ``pathlib`` and the ``tzdata`` package for a zone not in
     the system's data)."""
-    with _install:
-        # Installed once and never removed: a thread iterating sys.meta_path
-        # as it grows at the front sees a finder twice, never one less.
-        if not any(finder is _FINDER for finder in sys.meta_path):
-            sys.meta_path.insert(0, _FINDER)
+    if sys.meta_path[:1] != [_FINDER]:  # (once, usually: the lock only until then)
+        with _install:
+            # Installed once and never removed: a thread iterating sys.meta_path
+            # as it grows at the front sees a finder twice, never one less.
+            if not any(finder is _FINDER for finder in sys.meta_path):
+                sys.meta_path.insert(0, _FINDER)
     _local.depth = getattr(_local, "depth", 0) + 1
     try:
         yield
