@@ -684,3 +684,28 @@ class Delta:
 
 def delta():
     return Delta()
+
+
+class SlowKey:
+    """Hashed and compared slowly once this module's own code is done
+    with it: a set of them costs main one slow round trip per element."""
+
+    quiet = True
+
+    def __hash__(self):
+        if not SlowKey.quiet:
+            time.sleep(0.25)
+        return id(self)
+
+    def __eq__(self, other):
+        return self is other
+
+
+def slow_keys(n, as_dict=False):
+    SlowKey.quiet = True
+    try:
+        keys = [SlowKey() for _ in range(n)]
+        value = {k: 1 for k in keys} if as_dict else set(keys)
+    finally:
+        SlowKey.quiet = False
+    return value

@@ -1362,3 +1362,18 @@ def test_a_binary_operator_an_operand_does_not_implement_is_tried_reflected_once
     total = boxed.delta()
     total += boxed.delta()  # (its own kind: in the compartment)
     assert type(total).__name__ == "RemoteObject"
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["set", "dict"])
+def test_decoding_a_value_is_bounded_by_the_call_timeout(make_app, as_dict):
+    # A set (or dict keys) of the compartment's hashable objects is rebuilt
+    # in main by asking their hashes, one round trip each: all of them
+    # share the call's timeout, not one each (40 x 0.25 s here).
+    app = box_app(make_app, call_timeout="1s")
+    with app:
+        box = app.compartment("box").module("boxlib")
+        started = time.monotonic()
+        with pytest.raises(pycompart.CallTimeout):
+            box.slow_keys(40, as_dict)
+        assert time.monotonic() - started < 5
+        assert len(box.slow_keys(2, as_dict)) == 2  # served on (replaced if it had to be)

@@ -421,6 +421,7 @@ class _Runtime:
         comp = self.compartments[inst.pool.spec.name]
         peer = comp.make_peer()
         peer.max_objects = self.max_objects
+        peer.decode_timeout = comp.spec.call_timeout
         peer.instance = inst
         peer.pending_release = inst.channel.pending_release
         peer.can_pass_fds = inst.channel.transport.can_pass_fds

@@ -39,6 +39,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import types
 import uuid
 import weakref
@@ -47,7 +48,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import ProtocolError, StaleReference
+from ..errors import CallTimeout, ProtocolError, StaleReference
 from . import budget
 from .protocol import close_fds
 from .stdlib import standard_only, stdlib_import
@@ -183,6 +184,14 @@ class Lent:
 MAX_FDS = 16
 
 _fd_context = threading.local()
+_decoding = threading.local()
+
+
+def decode_deadline() -> float | None:
+    """The ``time.monotonic()`` by which the decode this thread is in must
+    end (``Peer.decode_timeout``): a round trip it makes (a hash, an
+    equality test) waits no longer. None: no bound."""
+    return getattr(_decoding, "deadline", None)
 
 
 class Fd:
@@ -609,6 +618,9 @@ class Peer:
         self.can_pass_fds = False
         #: Called with each of our objects a message hands back to us.
         self.on_yours: Callable[[Any], None] | None = None
+        #: Seconds one ``decode`` may take in all, round trips to the peer
+        #: included (``decode_deadline``); None: no bound.
+        self.decode_timeout: float | None = None
 
     # -- encoding -------------------------------------------------------------------
 
@@ -751,17 +763,37 @@ class Peer:
     def decode(self, data: bytes | memoryview | msgspec.Raw, fds: list[int] | None = None) -> Any:
         """``data`` as values; ``fds``: the descriptors that came with it
         (each used at most once; those it does not name are closed)."""
+        timeout = self.decode_timeout
+        if timeout is not None:
+            return self._decode_within(data, fds, timeout)
         if fds:
             with receiving(fds):
                 return self._decode(data)
         return self._decode(data)
+
+    def _decode_within(self, data: bytes | memoryview | msgspec.Raw, fds: list[int] | None,
+                       timeout: float) -> Any:
+        # Building a set or a dict of the peer's objects hashes and compares
+        # them, each a round trip the peer may answer slowly: without one
+        # bound for them all, a value of n such objects could hold the
+        # decoder (main's caller) for n call timeouts.
+        outer = getattr(_decoding, "deadline", None)
+        deadline = time.monotonic() + timeout
+        _decoding.deadline = deadline if outer is None else min(outer, deadline)
+        try:
+            if fds:
+                with receiving(fds):
+                    return self._decode(data)
+            return self._decode(data)
+        finally:
+            _decoding.deadline = outer
 
     def _decode(self, data: bytes | memoryview | msgspec.Raw) -> Any:
         if len(data) > self.max_objects:  # smaller cannot hold more objects than bytes
             budget.check(data, self.max_objects, f"a value from {self.compartment!r}")
         try:
             return self._decoder.decode(data)
-        except (ProtocolError, StaleReference, PermissionError):
+        except (ProtocolError, StaleReference, PermissionError, CallTimeout):
             raise  # (PermissionError: a reference the receiver will not take back)
         except Exception as exc:  # DecodeError, and any shape error in an extension
             raise ProtocolError(f"{self.compartment!r}: a malformed value "
