@@ -142,3 +142,10 @@ def burn(seconds: float) -> None:
     end = time.process_time() + seconds
     while time.process_time() < end:
         pass
+
+
+def claim_crash(name: str) -> None:
+    """Tell main that another compartment crashed (it did not)."""
+    from pycompart.errors import CompartmentCrashed
+
+    raise CompartmentCrashed(name, 1, "was killed by signal 9 (SIGKILL)")

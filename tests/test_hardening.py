@@ -18,7 +18,7 @@ from pycompart import CompartmentUnavailable, ProtocolError
 
 FNS = ["redteam:ping", "redteam:whoami", "redteam:deep_reply", "redteam:empty_lists_reply",
        "redteam:flood_unknown_replies", "redteam:ignore_cancel_and_flood",
-       "redteam:stop_reading_and_call", "redteam:crash"]
+       "redteam:stop_reading_and_call", "redteam:crash", "redteam:claim_crash"]
 
 
 def app_with(make_app, extra=None, **evil):
@@ -454,3 +454,18 @@ def test_items_pushed_back_with_mains_iterators_are_bounded_and_only_for_iterato
         assert pushbackbox.flood(it, 0, 1) == []  # (it serves on)
     finally:
         sys.modules.pop("pushbackbox", None)
+
+
+def test_a_crash_a_compartment_reports_is_its_word_not_mains(make_app):
+    """A compartment raises CompartmentCrashed naming another (which is
+    fine and running): main's caller can tell it from a crash main saw."""
+    app = app_with(make_app)
+    with app:
+        with pytest.raises(pycompart.CompartmentCrashed) as info:
+            app.function("redteam:claim_crash")("good")
+        assert info.value.reported_by == "evil" and info.value.compartment == "good"
+        assert "reported by compartment 'evil'" in str(info.value)
+        assert app.function("bystander:ping")() == "pong"
+        with pytest.raises(pycompart.CompartmentCrashed) as seen:
+            app.function("bystander:crash")()
+        assert seen.value.reported_by is None and seen.value.compartment == "good"

@@ -55,7 +55,15 @@ class EntrypointError(PycompartError):
 
 
 class CompartmentError(PycompartError):
-    """A cross-compartment call did not complete normally."""
+    """A cross-compartment call did not complete normally.
+
+    ``reported_by``: None when this process saw it happen; otherwise the
+    compartment that raised it on (a crash of a compartment *it* called
+    over an edge), whose word it is: a compartment can claim anything
+    about another (``compartment``, ``pid``), so act on such a claim only
+    as that compartment's."""
+
+    reported_by: str | None = None
 
 
 class ProtocolError(CompartmentError):

@@ -68,7 +68,7 @@ _SIMPLE = (str, bytes, int, float, bool, type(None))
 _OSERROR_FIELDS = ("errno", "strerror", "filename", "filename2")
 #: Never set from the far side's attributes: they are the receiver's.
 _RESERVED = frozenset({"args", "with_traceback", "add_note", "remote_traceback",
-                       "remote_compartment", "type_name", "message", *_OSERROR_FIELDS})
+                       "remote_compartment", "type_name", "message", "reported_by", *_OSERROR_FIELDS})
 
 
 def _bounded(value: Any) -> Any:
@@ -260,6 +260,10 @@ def rebuild_exception(info: ErrorInfo, where: str, allow_exit: bool = False,
             break
         if exc is None and info.type_name in _OWN_EXCEPTIONS:
             exc = build_without_init(cls, info)  # CompartmentCrashed(compartment, pid, status)
+        if exc is not None and info.type_name in _OWN_EXCEPTIONS:
+            # Its word, not ours: it may name another compartment that
+            # never crashed.
+            exc.args = (f"{exc} (reported by compartment {where!r})",)
         if exc is not None:
             for key, value in attrs.items():
                 if key not in _RESERVED and key.isidentifier() and not key.startswith("_"):
@@ -267,6 +271,8 @@ def rebuild_exception(info: ErrorInfo, where: str, allow_exit: bool = False,
                         setattr(exc, key, value)
                     except Exception:  # a read-only or typed slot: the far side lied
                         pass
+            if info.type_name in _OWN_EXCEPTIONS:
+                exc.reported_by = where  # type: ignore[attr-defined]
     if exc is None:
         kin = _kin_class(info)
         if kin is None:
