@@ -709,3 +709,15 @@ def slow_keys(n, as_dict=False):
     finally:
         SlowKey.quiet = False
     return value
+
+
+import enum  # noqa: E402
+
+
+class Colour(enum.Enum):
+    RED = 1
+    GREEN = 2
+
+
+def is_red(colour):
+    return colour is Colour.RED

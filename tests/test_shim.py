@@ -94,6 +94,23 @@ def test_isinstance_against_proxied_classes(boxed):
     assert issubclass(boxed.Counter, boxed.Counter)
 
 
+def test_a_class_stand_in_has_its_metaclass_protocols(boxed):
+    # enum.EnumMeta's: members by iteration, name, value and membership,
+    # each asked of the class in the compartment; a plain class has none.
+    Colour = boxed.Colour
+    assert [c.name for c in Colour] == ["RED", "GREEN"] and len(Colour) == 2
+    assert Colour["RED"] is Colour.RED and Colour(2) is Colour.GREEN
+    assert Colour.RED in Colour and [c.name for c in reversed(Colour)] == ["GREEN", "RED"]
+    assert bool(Colour) and boxed.is_red(list(Colour)[0])
+    with pytest.raises(KeyError):
+        Colour["BLUE"]
+    assert not hasattr(type(boxed.Counter), "__iter__")
+    with pytest.raises(TypeError):
+        iter(boxed.Counter)
+    with pytest.raises(TypeError):
+        len(boxed.Counter)
+
+
 def test_exceptions_become_catchable_stand_ins(boxed):
     with pytest.raises(boxed.BoxError) as info:
         boxed.fail(deep=True)

@@ -201,7 +201,8 @@ class ObjectServer:
         if isinstance(obj, type):
             if issubclass(obj, BaseException):
                 return refs.path_ext(module, qualname, "exception", [qualified(c) for c in obj.__mro__[:32]])
-            return refs.path_ext(module, qualname, "class")
+            return refs.path_ext(module, qualname, "class", None,
+                                 protocols.type_flags(type(obj)) & protocols.CLASS_FLAGS)
         return refs.path_ext(module, qualname, "function" if isinstance(obj, types.FunctionType)
                              else "builtin")
 
@@ -1016,7 +1017,8 @@ def instance_peer(server: ObjectServer) -> refs.Peer:
             return peer.export(value)  # our own copy of a stdlib module, by reference
         return ext
 
-    def from_path(peer: refs.Peer, module: str, qualname: str, kind: str, mro: list[str]) -> Any:
+    def from_path(peer: refs.Peer, module: str, qualname: str, kind: str, mro: list[str],
+                  flags: int = 0) -> Any:
         if kind == "stdlib":  # a module of the standard library main passed: ours
             if qualname or module.partition(".")[0] not in sys.stdlib_module_names:
                 raise LookupError(f"{module!r} is not a module of the standard library")

@@ -310,7 +310,8 @@ class Compartment:
 
     # -- stand-ins by name ----------------------------------------------------------
 
-    def from_path(self, peer: refs.Peer, module: str, qualname: str, kind: str, mro: list[str]) -> Any:
+    def from_path(self, peer: refs.Peer, module: str, qualname: str, kind: str, mro: list[str],
+                  flags: int = 0) -> Any:
         if kind == "stdlib" and not qualname:
             # A module of the standard library a guarded compartment names:
             # ours, if we have imported it (nothing is imported on its word).
@@ -322,9 +323,10 @@ class Compartment:
         if not places(self.spec, module, qualname):
             raise ProtocolError(f"compartment {self.name!r} named {module}:{qualname}, which is not "
                                 "placed in it")
-        return self.path_object(module, qualname, kind, mro)
+        return self.path_object(module, qualname, kind, mro, flags)
 
-    def path_object(self, module: str, qualname: str, kind: str, mro: list[str] | None = None) -> Any:
+    def path_object(self, module: str, qualname: str, kind: str, mro: list[str] | None = None,
+                    flags: int = 0) -> Any:
         key = (module, qualname)
         with self._lock:
             obj = self._paths.get(key)
@@ -336,7 +338,7 @@ class Compartment:
             elif kind == "exception" and mro:
                 obj = self.standin(mro)
             elif kind == "class":
-                obj = _remote_class(self, module, qualname)
+                obj = _remote_class(self, module, qualname, flags)
             else:
                 obj = PathFunction(self, module, qualname, binds=kind == "function")
             if len(self._paths) < MAX_CACHED:
@@ -681,6 +683,30 @@ class RemoteClassMeta(type):
         return f"<class '{cls.__module__}.{cls.__qualname__}' in compartment {cls._pc_comp.name!r}>"
 
 
+#: RemoteClassMeta with a metaclass's protocols, by ``protocols.CLASS_FLAGS``
+#: bits (at most 64 of them, whatever a compartment sends).
+_CLASS_METAS: dict[int, type] = {}
+
+
+def _class_meta(flags: int) -> type:
+    """The metaclass of a stand-in whose class's own metaclass has the
+    protocols ``flags`` (``enum.EnumMeta``: iteration, ``len``, lookup by
+    name): each carried out on the class in the compartment."""
+    flags &= protocols.CLASS_FLAGS
+    if not flags:
+        return RemoteClassMeta
+    meta = _CLASS_METAS.get(flags)
+    if meta is None:
+        ns = protocols.proxy_namespace(flags)
+        ns["_pc_op"] = _class_op
+        meta = _CLASS_METAS.setdefault(flags, type(f"RemoteClassMeta_{flags:x}", (RemoteClassMeta,), ns))
+    return meta
+
+
+def _class_op(cls: Any, op: str, *args: Any) -> Any:
+    return type.__getattribute__(cls, "_pc_comp").call(None, "@op", [cls, op, list(args)])
+
+
 def _check_settable(comp: Compartment, name: str, what: str, verb: str) -> None:
     """Whether main may set (or delete) ``name`` on ``what`` of ``comp``'s:
     its spec's ``allow_setattr``, and ``expose`` for private names."""
@@ -697,12 +723,13 @@ def _local_to_standin(name: str) -> bool:
     return name.startswith(("_pc_", "__pycompart")) or (name.startswith("__") and name.endswith("__"))
 
 
-def _remote_class(comp: Compartment, module: str, qualname: str) -> type:
+def _remote_class(comp: Compartment, module: str, qualname: str, flags: int = 0) -> type:
+    """The stand-in of a class; ``flags``: its metaclass's protocols."""
     specials, cell = subclass.unbound_specials(comp)
     ns = {"__module__": module, "__qualname__": qualname, "_pc_comp": comp,
           "__pycompart_path__": (comp.name, module, qualname, "class"), "__slots__": (),
           **specials}
-    cls = type.__new__(RemoteClassMeta, qualname.rpartition(".")[2], (), ns)
+    cls = type.__new__(_class_meta(flags), qualname.rpartition(".")[2], (), ns)
     cell.append(cls)
     return cls
 

@@ -85,6 +85,9 @@ F_BINDS = 1 << 24  # a Python function: a class attribute binds it as a method
 #: owner (jinja2's TokenStream has ``__next__`` but iterates with another
 #: object).
 F_ITER_SELF = 1 << 25
+#: The protocols of a class's *metaclass* a class stand-in takes on
+#: (``enum.EnumMeta``: ``list(Color)``, ``Color["RED"]``, ``len(Color)``).
+CLASS_FLAGS = F_LEN | F_ITER | F_GETITEM | F_CONTAINS | F_BOOL | F_REVERSED
 
 #: The methods of the collection protocols (what ``collections.abc``'s
 #: Mapping, Sequence and Set families define, duck-typed: a class that

@@ -53,7 +53,7 @@ from . import budget
 from .protocol import close_fds
 from .stdlib import standard_only, stdlib_import
 from .protocols import (  # noqa: F401  (re-exported: the vocabulary of references)
-    ALL_FLAGS, END, F_CALL, F_ITER, F_NEXT, F_STREAM, MAX_BATCH, STREAM_ATTRS, STREAM_METHODS,
+    ALL_FLAGS, CLASS_FLAGS, END, F_CALL, F_ITER, F_NEXT, F_STREAM, MAX_BATCH, STREAM_ATTRS, STREAM_METHODS,
     F_PRIVATE, Private, Pushback, runs_alone, type_flags,
 )
 
@@ -891,11 +891,19 @@ class Peer:
         found = self._paths.get(key) if keep else None
         if found is not None:
             return found
-        module, qualname, kind, mro = self._decoder.decode(data)
-        if not (isinstance(module, str) and isinstance(qualname, str) and isinstance(kind, str)
-                and isinstance(mro, list) and all(isinstance(m, str) for m in mro)):
+        fields = self._decoder.decode(data)
+        if type(fields) is not list or len(fields) not in (4, 5):
             raise ProtocolError("malformed path reference")
-        found = self._from_path(self, module, qualname, kind, mro[:32])
+        module, qualname, kind, mro = fields[:4]
+        flags = fields[4] if len(fields) == 5 else 0
+        if not (isinstance(module, str) and isinstance(qualname, str) and isinstance(kind, str)
+                and isinstance(mro, list) and all(isinstance(m, str) for m in mro)
+                and type(flags) is int):
+            raise ProtocolError("malformed path reference")
+        if flags:
+            found = self._from_path(self, module, qualname, kind, mro[:32], flags & CLASS_FLAGS)
+        else:
+            found = self._from_path(self, module, qualname, kind, mro[:32])
         if keep and isinstance(found, _STAYS_PUT) and len(self._paths) < MAX_PATHS:
             self._paths[key] = found
         return found
@@ -1252,8 +1260,13 @@ END_EXT = Ext(EXT_END, b"")
 METHOD_EXT = Ext(EXT_METHOD, b"")
 
 
-def path_ext(module: str, qualname: str, kind: str, mro: list[str] | None = None) -> Ext:
-    return Ext(EXT_PATH, _encoder.encode([module, qualname, kind, mro or []]))
+def path_ext(module: str, qualname: str, kind: str, mro: list[str] | None = None,
+             flags: int = 0) -> Ext:
+    """``flags``: of a class, its metaclass's protocols (``CLASS_FLAGS``)."""
+    fields = [module, qualname, kind, mro or []]
+    if flags:
+        fields.append(flags)
+    return Ext(EXT_PATH, _encoder.encode(fields))
 
 
 def _stale(handle: Any) -> None:
