@@ -297,3 +297,45 @@ def test_instances_the_compartment_makes_live_as_long_as_it_keeps_them(plugins):
     plugins.build_many(Counted, 3, keep=True)
     gc.collect()
     assert len(alive) == 3 and plugins.use_made("x") == ["[x!]"] * 3
+
+
+class Maintenance:
+    """main's own class, with a method that must never run on a box's word."""
+
+    ran = []
+
+    @staticmethod
+    def purge(path):
+        Maintenance.ran.append(path)
+
+
+@pytest.mark.parametrize("claimed, error", [
+    ((__name__, "Maintenance"), pycompart.ProtocolError),  # main's own module
+    (("pycompart", "Broker"), pycompart.ProtocolError),  # not the standard library
+    (("collections", "abc.Sized.__len__"), pycompart.ProtocolError),  # not a class
+    (("json", "dumps"), pycompart.ProtocolError),
+    (("subprocess", "Popen"), TypeError),  # the standard library's, but it would run in main
+], ids=["main-class", "not-stdlib", "not-a-class", "a-function", "powerful"])
+def test_a_lie_about_a_classes_ancestry_is_refused(make_app, claimed, error):
+    """The compartment names the standard-library classes of its class's
+    ancestry, which main puts into its subclass's bases: a class of main's
+    own (whose methods it could then have main run) or one that would run
+    with main's arguments is refused, and nothing is imported for it."""
+    import subprocess  # noqa: F401  (imported by main: still refused)
+
+    app = make_app({"compartments": {"box": {"modules": ["liarbox"], "may_call": ["main"]}}})
+    with app:
+        box = app.compartment("box").module("liarbox")
+        box.claim(claimed)
+        had_broker = "pycompart.frontend.broker" in sys.modules
+        with pytest.raises(error):
+            class Mine(box.Base):
+                pass
+        assert Maintenance.ran == []
+        assert ("pycompart.frontend.broker" in sys.modules) == had_broker
+        box.claim()
+
+        class Honest(box.Mapped):
+            pass
+
+        assert len(Honest()) == 3 and isinstance(Honest(), __import__("collections").abc.Sized)

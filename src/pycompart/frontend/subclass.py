@@ -32,9 +32,11 @@ attributes and main-defined data (``pycompart.frontend.callbacks``).
 from __future__ import annotations
 
 import sys
+import types
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ProtocolError
 from ..wire import refs
 
 if TYPE_CHECKING:
@@ -284,14 +286,59 @@ def glue_class(comp: Compartment, box_class: type, info: dict[str, Any]) -> tupl
                 object.__setattr__(self, name, value)
     ns["__setattr__"] = __setattr__
 
-    stdlib = []
-    for module, qualname in info["stdlib"]:
-        found: Any = sys.modules.get(module)
-        for part in qualname.split("."):
-            found = getattr(found, part, None) if found is not None else None
-        if isinstance(found, type) and found is not object:
-            stdlib.append(found)
-    return type(box_class.__name__, (), ns), stdlib
+    stdlib = [_stdlib_base(comp, box_class, entry) for entry in _entries(comp, info.get("stdlib"))]
+    return type(box_class.__name__, (), ns), [c for c in stdlib if c is not object]
+
+
+#: Standard-library modules whose classes main never puts into its own
+#: class's bases on a compartment's word: their methods would run in main
+#: with main's arguments (``Mine(path)`` as ``Popen(path)``).
+_POWERFUL = ("subprocess", "os", "posix", "shutil", "pty", "multiprocessing", "ctypes", "_ctypes",
+             "importlib", "runpy", "code", "codeop", "pdb", "bdb", "socket", "_socket",
+             "socketserver", "ssl", "http", "urllib", "ftplib", "smtplib", "poplib", "imaplib",
+             "telnetlib", "nntplib", "tempfile", "zipfile", "tarfile", "pickle", "_pickle", "shelve",
+             "marshal", "webbrowser", "sqlite3", "asyncio.subprocess", "zipimport", "pkgutil")
+#: ... except these, which only declare an interface.
+_HARMLESS = frozenset({("os", "PathLike")})
+MAX_STDLIB_BASES = 64
+
+
+def _entries(comp: Compartment, stdlib: Any) -> list[tuple[str, str]]:
+    if type(stdlib) is not list or len(stdlib) > MAX_STDLIB_BASES or not all(
+            type(e) is list and len(e) == 2 and type(e[0]) is str and type(e[1]) is str
+            and len(e[0]) <= 200 and len(e[1]) <= 300 for e in stdlib):
+        raise ProtocolError(f"compartment {comp.name!r} described a class's ancestry badly")
+    return [(e[0], e[1]) for e in stdlib]
+
+
+def _stdlib_base(comp: Compartment, box_class: type, entry: tuple[str, str]) -> Any:
+    """The class of main's own that stands for a standard-library class in
+    ``box_class``'s ancestry, as the compartment names it. Its word is
+    checked: a module of the standard library main has imported itself
+    (nothing is imported for it), the class found in that module's own
+    namespace (no ``getattr``: no properties or module ``__getattr__`` of
+    main's run) and defined there, and not one of ``_POWERFUL``'s."""
+    module, qualname = entry
+    if module != "builtins" and not _stdlib(module):
+        raise ProtocolError(f"compartment {comp.name!r} named {module}.{qualname} as a "
+                            f"standard-library ancestor of {box_class.__qualname__!r}: "
+                            f"{module!r} is not a module of the standard library")
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        if type(found) is not types.ModuleType and not isinstance(found, type):
+            found = None
+            break
+        found = vars(found).get(part)
+    if not isinstance(found, type) or found.__module__ != module or found.__qualname__ != qualname:
+        raise ProtocolError(f"compartment {comp.name!r} named {module}.{qualname} as a "
+                            f"standard-library ancestor of {box_class.__qualname__!r}, which main "
+                            "has not imported (or which is not a class defined there)")
+    if (module, qualname) not in _HARMLESS and \
+            any(module == p or module.startswith(p + ".") for p in _POWERFUL):
+        raise TypeError(f"{box_class.__qualname__!r} (in compartment {comp.name!r}) derives from "
+                        f"{module}.{qualname}: main does not put that class among its own class's "
+                        "bases (its methods would run in main)")
+    return found
 
 
 def twin_of(inst: Any, instance: Any = None) -> Any:
