@@ -721,3 +721,19 @@ class Colour(enum.Enum):
 
 def is_red(colour):
     return colour is Colour.RED
+
+
+def read_stdin_from_a_thread():
+    """A worker thread's input(): main must not read for it."""
+    out = []
+
+    def work():
+        try:
+            out.append(sys.stdin.readline())
+        except Exception as exc:
+            out.append(f"{type(exc).__name__}: {exc}")
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(10)
+    return out

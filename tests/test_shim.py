@@ -858,6 +858,17 @@ def test_the_boxs_stdin_is_mains_as_it_is_at_the_call(boxed, monkeypatch, capsys
         assert boxed.forge_stdin(*bad)[0] == "error", bad
 
 
+def test_a_worker_thread_of_the_box_cannot_read_mains_stdin(boxed, monkeypatch):
+    # main's thread serving it would wait on main's stdin past the end of
+    # the call and take the line main's own code reads next.
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("password\n"))
+    [answer] = boxed.read_stdin_from_a_thread()
+    assert "worker thread" in answer and "password" not in answer
+    assert sys.stdin.readline() == "password\n"
+
+
 def test_stdin_null_is_end_of_file_and_main_refuses_reads(make_app, monkeypatch):
     import io
 

@@ -77,6 +77,12 @@ class CallbackGate(CallServer):
         main's call is in flight: run on a thread of main's own, as it would
         run unboxed, not on the thread waiting for that call (which may be
         needed for what comes next, and whose ``call_timeout`` still runs)."""
+        if call.entrypoint == "@stdin":
+            # Its read would wait on main's stdin past the end of main's
+            # call, and take what main's own code reads next.
+            channel.refuse(call, "main's stdin is read only for the thread serving main's call, "
+                           "not for a worker thread of the compartment")
+            return
         if not self._concurrent.acquire(blocking=False):
             channel.refuse(call, f"more than {MAX_CONCURRENT_CALLBACKS} callbacks from worker "
                            "threads are already running")

@@ -260,7 +260,7 @@ def rebuild_exception(info: ErrorInfo, where: str, allow_exit: bool = False,
             break
         if exc is None and info.type_name in _OWN_EXCEPTIONS:
             exc = build_without_init(cls, info)  # CompartmentCrashed(compartment, pid, status)
-        if exc is not None and info.type_name in _OWN_EXCEPTIONS:
+        if exc is not None and info.type_name in _OWN_EXCEPTIONS and where != "main":
             # Its word, not ours: it may name another compartment that
             # never crashed.
             exc.args = (f"{exc} (reported by compartment {where!r})",)
@@ -271,7 +271,7 @@ def rebuild_exception(info: ErrorInfo, where: str, allow_exit: bool = False,
                         setattr(exc, key, value)
                     except Exception:  # a read-only or typed slot: the far side lied
                         pass
-            if info.type_name in _OWN_EXCEPTIONS:
+            if info.type_name in _OWN_EXCEPTIONS and where != "main":
                 exc.reported_by = where  # type: ignore[attr-defined]
     if exc is None:
         kin = _kin_class(info)
