@@ -768,3 +768,20 @@ def test_warnings_make_main_read_a_bounded_number_of_source_files(monkeypatch, t
         names.append(warn._where(Comp, str(path)))
     assert names[:3] == [str(tmp_path / f"m{i}.py") for i in range(3)]
     assert names[3:] == [f"<box: {tmp_path / f'm{i}.py'}>" for i in (3, 4)]
+
+
+def test_warnings_make_main_keep_a_bounded_number_of_source_lines(monkeypatch, tmp_path):
+    """A file of short lines costs main ~40 times its size in linecache:
+    256 files of 1 MiB held 11 GiB. The lines kept are bounded in all."""
+    from pycompart.frontend import warn
+
+    class Comp:
+        name = "box"
+    monkeypatch.setattr(warn, "_PRIMED", set())
+    monkeypatch.setattr(warn, "_primed_lines", [0])
+    monkeypatch.setattr(warn, "MAX_PRIMED_LINES", 1000)
+    small, big = tmp_path / "small.py", tmp_path / "big.py"
+    small.write_text("x = 1\n" * 10)
+    big.write_text("\xff\n" * 5000)
+    assert warn._where(Comp, str(big)) == f"<box: {big}>"
+    assert warn._where(Comp, str(small)) == str(small)

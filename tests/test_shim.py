@@ -1363,12 +1363,40 @@ def test_main_keeps_a_bounded_number_of_warning_registries_per_compartment():
     from pycompart.frontend import warn as warn_mod
     from pycompart.wire.protocol import Warn
 
-    comp = types.SimpleNamespace(warning_registry={}, spec=None, name="box")
+    comp = types.SimpleNamespace(warning_registry={}, warning_chars=0, spec=None, name="box")
     found = [Warn(1, ["UserWarning"], "made up", "<made up>", 1, f"mod{i}", False) for i in range(3000)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         warn_mod.reissue(comp, found)  # type: ignore[arg-type]
     assert len(comp.warning_registry) <= 1025, len(comp.warning_registry)
+
+
+@pytest.mark.parametrize("at_caller", [False, True], ids=["at-module", "at-caller"])
+def test_the_warning_text_main_keeps_for_a_compartment_is_bounded(at_caller):
+    """Each distinct text the "default" action shows stays in a registry:
+    long texts of astral characters under 1024 made-up module names held
+    64 GiB at most (6 GiB seen after 4000 calls); one pointing at main's
+    caller went into the caller module's own __warningregistry__, for
+    ever. Now a budget of characters per compartment, in registries of its
+    own."""
+    import types
+    import warnings
+
+    from pycompart.frontend import warn as warn_mod
+    from pycompart.wire.protocol import Warn
+
+    comp = types.SimpleNamespace(warning_registry={}, warning_chars=0, spec=None, name="box")
+    text = "\U0001F600" * 4000
+    globals().pop("__warningregistry__", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda *a, **k: None
+        for i in range(2000):
+            warn_mod.reissue(comp, [Warn(1, ["UserWarning"], f"{i}{text}", "<made up>", 1,  # type: ignore[arg-type]
+                                         f"mod{i}", at_caller)])
+    kept = sum(len(k[0]) for r in comp.warning_registry.values() for k in r if type(k) is tuple)
+    assert 0 < kept <= warn_mod.MAX_REGISTERED_CHARS + len(text) + 10, kept
+    assert len(globals().get("__warningregistry__", {})) <= 1
 
 
 def test_a_binary_operator_an_operand_does_not_implement_is_tried_reflected_once(boxed):

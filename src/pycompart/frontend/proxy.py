@@ -92,6 +92,7 @@ class Compartment:
         self._glue: dict[tuple[str, ...], tuple[type, list[type]]] = {}
         #: Per module of the compartment's: warnings already shown (warn.py).
         self.warning_registry: dict[str, dict[Any, Any]] = {}
+        self.warning_chars = 0  # of text its warning registries keep (frontend.warn)
         _live[self.name] = self
         self._lock = threading.RLock()
         #: ``call_plain`` may be used: no audit record to write, no fresh

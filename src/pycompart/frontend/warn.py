@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 #: Registries of warnings already shown, per compartment and module (the
-#: "default" action shows a warning once per location), bounded.
-_MAX_REGISTRY = 4096
+#: "default" action shows a warning once per location), bounded: in all,
+#: a compartment's registries hold at most this many characters of
+#: warning text (past it they are emptied, and such warnings show again).
+MAX_REGISTERED_CHARS = 1 << 21
 #: Modules per compartment with a registry of their own; past it, one
 #: shared registry (a compartment names the module of each warning).
 _MAX_REGISTRIES = 1024
@@ -43,24 +45,48 @@ def reissue(comp: Compartment, found: list[Any]) -> None:
     for warn in found:
         category = _category(comp, warn.mro)
         if warn.at_caller:
-            warnings.warn(warn.message, category, stacklevel=_caller_level())
-            continue
-        registries = comp.warning_registry
-        registry = registries.get(warn.module)
-        if registry is None:
-            key = warn.module if len(registries) < _MAX_REGISTRIES else "\0shared"
-            registry = registries.setdefault(key, {})
-        if len(registry) > _MAX_REGISTRY:
-            registry.clear()
-        warnings.warn_explicit(warn.message, category, _where(comp, warn.filename), warn.lineno,
-                               module=warn.module or None, registry=registry)
+            # As ``warnings.warn(stacklevel=...)`` would, but into a registry
+            # of ours: the caller module's own ``__warningregistry__`` would
+            # keep every distinct text the compartment sends, for ever.
+            frame = sys._getframe(_caller_level() - 1)  # (stacklevel counts from 1: this frame)
+            module = frame.f_globals.get("__name__")
+            module = module if type(module) is str else "<unknown>"
+            registry = _registry(comp, "\0caller:" + module)
+            before = len(registry)
+            warnings.warn_explicit(warn.message, category, frame.f_code.co_filename, frame.f_lineno,
+                                   module=module, registry=registry, module_globals=frame.f_globals)
+        else:
+            registry = _registry(comp, warn.module)
+            before = len(registry)
+            warnings.warn_explicit(warn.message, category, _where(comp, warn.filename), warn.lineno,
+                                   module=warn.module or None, registry=registry)
+        if len(registry) > before:  # what the registry now keeps of it
+            comp.warning_chars += len(str(warn.message)) + 64
+
+
+def _registry(comp: Compartment, module: Any) -> dict[Any, Any]:
+    """The registry a warning of ``comp``'s is recorded in, within the
+    compartment's bounds (``MAX_REGISTERED_CHARS``, ``_MAX_REGISTRIES``)."""
+    registries = comp.warning_registry
+    if comp.warning_chars > MAX_REGISTERED_CHARS:
+        registries.clear()
+        comp.warning_chars = 0
+    registry = registries.get(module)
+    if registry is None:
+        key = module if len(registries) < _MAX_REGISTRIES else "\0shared"
+        registry = registries.setdefault(key, {})
+    return registry
 
 
 #: The largest source file main reads to show the line a warning points at,
 #: and how many it reads for compartments at most (each stays in linecache).
 MAX_SOURCE = 1 << 20
 MAX_PRIMED = 256
+#: ... and in all, at most so many lines (each a str object in main:
+#: a file of short lines costs ~40 times its size).
+MAX_PRIMED_LINES = 100_000
 _PRIMED: set[str] = set()
+_primed_lines = [0]
 
 
 def _where(comp: Compartment, filename: Any) -> str:
@@ -84,10 +110,13 @@ def _where(comp: Compartment, filename: Any) -> str:
                 if stat.S_ISREG(st.st_mode) and st.st_size <= MAX_SOURCE:
                     data = os.read(fd, MAX_SOURCE + 1)
                     if len(data) <= MAX_SOURCE:
-                        lines = data.decode("utf-8", "replace").splitlines(keepends=True)
-                        linecache.cache[name] = (len(data), st.st_mtime, lines, name)
-                        _PRIMED.add(name)
-                        return name
+                        count = data.count(b"\n") + 1
+                        if _primed_lines[0] + count <= MAX_PRIMED_LINES:
+                            lines = data.decode("utf-8", "replace").splitlines(keepends=True)
+                            linecache.cache[name] = (len(data), st.st_mtime, lines, name)
+                            _PRIMED.add(name)
+                            _primed_lines[0] += count
+                            return name
             except OSError:
                 pass
             finally:
