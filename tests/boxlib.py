@@ -737,3 +737,12 @@ def read_stdin_from_a_thread():
     worker.start()
     worker.join(10)
     return out
+
+
+def same(value):
+    return value
+
+
+def fail_on_name(raw):
+    """An error naming a file whose name is not UTF-8, as os decodes it."""
+    raise FileNotFoundError(2, "No such file", os.fsdecode(raw))

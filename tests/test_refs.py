@@ -501,3 +501,36 @@ def test_a_compartment_whose_call_is_wrapped_takes_no_direct_path():
 
     spec = load_spec({"compartments": {"box": {"modules": ["boxlib"]}}}).compartments["box"]
     assert not Wrapped(spec, _Pool()).direct
+
+
+SURROGATE_VALUES = ["a\udc80b", ["x", "\ud800"], {"k\udcff": "v\udcff"}, ("\udce9",), {"\udce9"},
+                    frozenset({"\udce9", "ok"}), __import__("collections").deque(["\udce9"]),
+                    __import__("collections").OrderedDict([("\udce9", 1)]),
+                    __import__("pathlib").PurePosixPath("caf\udce9.txt")]
+
+
+@pytest.mark.parametrize("value", SURROGATE_VALUES, ids=repr)
+def test_strings_with_lone_surrogates_cross_exactly(value):
+    """msgpack holds only valid UTF-8: such a str (os.fsdecode of a name
+    that is not UTF-8, pyparsing's character ranges) failed to encode, and
+    a compartment returning one died."""
+    _, peer = main_peer()
+    back = peer.decode(peer.encode(value))
+    assert back == value and type(back) is type(value)
+
+
+def test_an_error_with_lone_surrogates_can_always_be_sent():
+    from pycompart.wire.exceptions import describe_exception
+    from pycompart.wire.protocol import Connection
+
+    caller, callee = Connection(1 << 20), Connection(1 << 20)
+    rid, frame = caller.send_call("m:f", b"\x90")
+    callee.receive_data(frame)
+    callee.next_event()
+    try:
+        "a\udc80".encode()
+    except UnicodeEncodeError as exc:
+        info = describe_exception(exc)
+    caller.receive_data(callee.send_err(rid, info))
+    event = caller.next_event()
+    assert event.error.type_name == "UnicodeEncodeError" and "\\udc80" in event.error.args[1]

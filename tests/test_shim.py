@@ -1433,3 +1433,16 @@ def test_decoding_a_value_is_bounded_by_the_call_timeout(make_app, as_dict):
             box.slow_keys(40, as_dict)
         assert time.monotonic() - started < 5
         assert len(box.slow_keys(2, as_dict)) == 2  # served on (replaced if it had to be)
+
+
+def test_strings_with_lone_surrogates_cross_and_errors_naming_them_arrive(boxed):
+    """A str msgpack cannot hold (os.fsdecode of a name that is not UTF-8):
+    returning one killed the instance (its error, naming the same str,
+    could not be sent either); passing one raised in main."""
+    pid = boxed.pid()
+    assert boxed.same("caf\udce9") == "caf\udce9" and boxed.same(["\ud800", {"\udcff": 1}]) == \
+        ["\ud800", {"\udcff": 1}]
+    with pytest.raises(FileNotFoundError) as info:
+        boxed.fail_on_name(b"caf\xe9.txt")
+    assert "caf" in info.value.filename and info.value.errno == 2
+    assert boxed.pid() == pid  # served on, never restarted

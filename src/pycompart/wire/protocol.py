@@ -269,6 +269,25 @@ def compact_ok_frame(rid: int, value: bytes) -> bytes:
     return OK_FRAME.pack(OK_ENVELOPE.size + len(value), 0, 0, COMPACT, COMPACT_OK, rid) + value
 
 
+
+def _text(value: Any) -> Any:
+    if type(value) is str:
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode()
+    return value
+
+
+def _escaped(info: ErrorInfo) -> ErrorInfo:
+    """``info`` with each str that msgpack cannot hold (lone surrogates: a
+    file name ``os.fsdecode`` kept) escaped, ``\\udce9``: an error must
+    always be describable, or the side sending it could not answer at all."""
+    return ErrorInfo(_text(info.type_name), _text(info.message), [_text(a) for a in info.args],
+                     _text(info.traceback), [_text(m) for m in info.mro],
+                     {_text(k): _text(v) for k, v in info.attributes.items()},
+                     **{f: getattr(info, f) for f in info.__struct_fields__[6:]})
+
 def encode_frame(payload: bytes, nfds: int = 0) -> bytes:
     return HEADER.pack(len(payload), nfds, 0) + payload
 
@@ -518,7 +537,11 @@ class Connection:
         return HEADER.pack(len(payload), nfds, nbulk) + payload
 
     def send_err(self, rid: int, info: ErrorInfo) -> bytes:
-        payload = _encoder.encode(Err(rid, info))
+        try:
+            payload = _encoder.encode(Err(rid, info))
+        except UnicodeEncodeError:  # a str with lone surrogates: msgpack cannot hold it
+            info = _escaped(info)
+            payload = _encoder.encode(Err(rid, info))
         if len(payload) > self.max_frame:
             payload = _encoder.encode(Err(rid, ErrorInfo(info.type_name[:200], info.message[:1000], [], "",
                                                          info.mro[:32], {})))

@@ -80,6 +80,7 @@ EXT_PUSHBACK = 20  # [handle, items]: the receiver's iterator, with items read a
 EXT_FD = 21  # [index, kind, fields]: a descriptor that came with the frame (SCM_RIGHTS)
 EXT_BULK = 22  # index: a bytes value that came beside the frame (transport.bulk), typed calls only
 EXT_NOTIMPLEMENTED = 23  # NotImplemented: an operand's answer, for the caller to try the other's
+EXT_SURROGATES = 24  # a str msgpack cannot hold (lone surrogates: os.fsdecode), as UTF-8 "surrogatepass"
 
 #: Flags of a reference that is a class (besides its protocols): the
 #: receiver builds a class stand-in, an exception class for F_EXCEPTION.
@@ -132,7 +133,32 @@ def plain(values: tuple[Any, ...] | list[Any]) -> bool:
 def encode_wire(value: Any) -> bytes:
     """``Peer.encode`` of a value already in wire form: plain values (``plain``)
     and exts (a path or handle of the peer's own), in lists and dicts."""
-    return _encoder.encode(value)
+    try:
+        return _encoder.encode(value)
+    except UnicodeEncodeError:
+        return _encoder.encode(_without_surrogates(value))
+
+
+def _without_surrogates(wire: Any) -> Any:
+    """A value in wire form whose encoding failed on a str with lone
+    surrogates (a file name ``os.fsdecode`` kept, pyparsing's character
+    ranges): each such str as an ``EXT_SURROGATES``, a dict with such a key
+    as an ``EXT_DICT``. Rare, so only tried once the plain encoding failed."""
+    tp = type(wire)
+    if tp is str:
+        try:
+            wire.encode()
+            return wire
+        except UnicodeEncodeError:
+            return Ext(EXT_SURROGATES, wire.encode("utf-8", "surrogatepass"))
+    if tp is list:
+        return [_without_surrogates(v) for v in wire]
+    if tp is dict:
+        fixed = [(_without_surrogates(k), _without_surrogates(v)) for k, v in wire.items()]
+        if any(type(k) is Ext for k, _ in fixed):
+            return Ext(EXT_DICT, encode_wire([x for kv in fixed for x in kv]))
+        return dict(fixed)
+    return wire
 
 
 def _only_by_reference(tp: type) -> bool:
@@ -628,7 +654,7 @@ class Peer:
         """``value`` for the wire. Descriptors in it (``Fd``, sockets, files)
         are collected for the frame (``take_outgoing_fds``) when the channel
         carries descriptors."""
-        return encode_collecting(lambda: _encoder.encode(self.to_wire(value, 0)), self.can_pass_fds)
+        return encode_collecting(lambda: encode_wire(self.to_wire(value, 0)), self.can_pass_fds)
 
 
     def to_wire(self, value: Any, depth: int) -> Any:
@@ -657,18 +683,18 @@ class Peer:
             for k, v in value.items():
                 flat.append(self.to_wire(k, depth))
                 flat.append(self.to_wire(v, depth))
-            return Ext(EXT_DICT, _encoder.encode(flat))
+            return Ext(EXT_DICT, encode_wire(flat))
         if tp is tuple:
-            return Ext(EXT_TUPLE, _encoder.encode([self.to_wire(v, depth) for v in value]))
+            return Ext(EXT_TUPLE, encode_wire([self.to_wire(v, depth) for v in value]))
         if tp is set or tp is frozenset:
             return Ext(EXT_SET if tp is set else EXT_FROZENSET,
-                       _encoder.encode([self.to_wire(v, depth) for v in value]))
+                       encode_wire([self.to_wire(v, depth) for v in value]))
         if tp is complex:
-            return Ext(EXT_COMPLEX, _encoder.encode([value.real, value.imag]))
+            return Ext(EXT_COMPLEX, encode_wire([value.real, value.imag]))
         if tp is bytearray:
             return Ext(EXT_BYTEARRAY, bytes(value))
         if tp is slice:
-            return Ext(EXT_SLICE, _encoder.encode([self.to_wire(value.start, depth),
+            return Ext(EXT_SLICE, encode_wire([self.to_wire(value.start, depth),
                                                    self.to_wire(value.stop, depth),
                                                    self.to_wire(value.step, depth)]))
         if value is Ellipsis:
@@ -685,7 +711,7 @@ class Peer:
         if std is not None:
             kind, fields = std(value)
             if kind:
-                return Ext(EXT_STD, _encoder.encode([kind, fields]))
+                return Ext(EXT_STD, encode_wire([kind, fields]))
         if tp is type and getattr(builtins, value.__name__, None) is value and value.__module__ == "builtins":
             return Ext(EXT_BUILTIN, value.__name__.encode())
         if issubclass(tp, types.ModuleType) and not hasattr(value, "__pycompart_proxy__"):
@@ -716,7 +742,7 @@ class Peer:
                 flat.append(self.to_wire(v, depth))
             fields = [flat, self.to_wire(value.default_factory, depth)] if kind == "defaultdict" \
                 else [flat]
-        return Ext(EXT_CONTAINER, _encoder.encode([kind, *fields]))
+        return Ext(EXT_CONTAINER, encode_wire([kind, *fields]))
 
     def export(self, value: Any) -> Ext:
         private = False
@@ -865,6 +891,8 @@ class Peer:
             return NotImplemented
         if code == EXT_ELLIPSIS:
             return Ellipsis
+        if code == EXT_SURROGATES:
+            return bytes(data).decode("utf-8", "surrogatepass")
         if code == EXT_STD:
             kind, fields = self._list(data)
             decode = _STD_DECODE.get(kind) if isinstance(kind, str) else None
