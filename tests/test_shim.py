@@ -481,6 +481,20 @@ def test_a_star_import_does_not_rebind_mains_builtins(boxed):
     assert boxed.stolen() == []
 
 
+def test_a_star_import_does_not_rebind_the_modules_main_imported(boxed):
+    """Red team: ``import json`` then ``from boxed import *`` whose
+    ``__all__`` lists ``json``: main's ``json.dumps(secrets)`` went to the
+    compartment. Names bound to something else are rebound, as unboxed."""
+    import json
+
+    namespace = {"make": json, "VERSION": 0}
+    with pytest.warns(RuntimeWarning, match="'make'"):
+        exec("from boxlib import *", namespace)
+    assert namespace["make"] is json and namespace["VERSION"] == boxed.VERSION
+    with pytest.warns(RuntimeWarning, match="'print'"):
+        assert "make" in boxed.__all__  # read otherwise, it is the module's own
+
+
 def test_main_never_runs_its_own_callable_on_a_compartments_word(boxed):
     """Finding 13: a callable main had handed over came back later as a
     module attribute; main called it (its own shutdown_everything)

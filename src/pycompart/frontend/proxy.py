@@ -27,6 +27,7 @@ and goes to that instance (see ``pycompart.transport.channel``).
 from __future__ import annotations
 
 import builtins
+import dis
 import sys
 import threading
 import time
@@ -527,15 +528,17 @@ class ModuleProxy(types.ModuleType):
         if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
             raise ProtocolError(f"module {self.__name__!r} in compartment {comp.name!r} has an "
                                 "__all__ that is not a list of names")
+        bound = _star_importer_modules()
         kept = [n for n in names if n.isidentifier() and exposed(n, comp.expose)
-                and n not in _BUILTIN_NAMES]
+                and n not in _BUILTIN_NAMES and n not in bound]
         dropped = sorted(set(names) - set(kept))
         if dropped:
             import warnings
 
             warnings.warn(f"module {self.__name__!r} (in compartment {comp.name!r}) lists "
                           f"{', '.join(map(repr, dropped[:10]))} in __all__: left out, a star import "
-                          "does not rebind main's builtins or reach hidden names", RuntimeWarning,
+                          "does not rebind main's builtins or the modules main imported, or reach "
+                          "hidden names", RuntimeWarning,
                           stacklevel=3)
         return kept
 
@@ -716,6 +719,25 @@ def _check_settable(comp: Compartment, name: str, what: str, verb: str) -> None:
                              f"{comp.name!r}, whose spec does not allow_setattr")
     if not exposed(name, comp.expose):
         raise AttributeError(f"{what} (in compartment {comp.name!r}) does not expose {name!r}")
+
+
+_IMPORT_STAR = dis.opmap["IMPORT_STAR"]
+
+
+def _star_importer_modules() -> frozenset[str]:
+    """If ``__all__`` is being read by ``from module import *``, the names
+    the importing namespace binds to modules (``import json`` before it):
+    a compartment's ``__all__`` listing ``json`` would have main's code use
+    the compartment's object for it from then on."""
+    try:
+        frame = sys._getframe(3)  # (_public_names, __getattr__, the importer)
+    except ValueError:
+        return frozenset()
+    code = frame.f_code.co_code
+    if not 0 <= frame.f_lasti < len(code) or code[frame.f_lasti] != _IMPORT_STAR:
+        return frozenset()
+    return frozenset(name for name, value in frame.f_locals.items()
+                     if isinstance(value, types.ModuleType))
 
 
 def _local_to_standin(name: str) -> bool:
