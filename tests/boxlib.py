@@ -746,3 +746,9 @@ def same(value):
 def fail_on_name(raw):
     """An error naming a file whose name is not UTF-8, as os decodes it."""
     raise FileNotFoundError(2, "No such file", os.fsdecode(raw))
+
+
+def what_main_shows(fn):
+    """repr, str, and (asked by hand, as hostile code would) hash of one of
+    main's callables."""
+    return [repr(fn), str(fn), fn._pc_op("hash"), format(fn, "")]

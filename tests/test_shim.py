@@ -1460,3 +1460,15 @@ def test_strings_with_lone_surrogates_cross_and_errors_naming_them_arrive(boxed)
         boxed.fail_on_name(b"caf\xe9.txt")
     assert "caf" in info.value.filename and info.value.errno == 2
     assert boxed.pid() == pid  # served on, never restarted
+
+
+def test_no_address_of_mains_objects_reaches_the_compartment(boxed):
+    """Red team: the repr of a callback main passed, and its hash (id >> 4),
+    gave main's addresses away."""
+    def double(x):
+        return 2 * x
+    shown = boxed.what_main_shows(double)
+    address = f"{id(double):x}"
+    assert all(address not in str(v) for v in shown), shown
+    assert shown[0].startswith("<function ") and "double" in shown[0] and " at 0x..." in shown[0]
+    assert shown[2] != hash(double) and shown[2] == boxed.what_main_shows(double)[2]  # stable

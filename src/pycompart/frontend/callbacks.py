@@ -13,6 +13,8 @@ before they could cross at all (``pycompart.wire.refs``).
 from __future__ import annotations
 
 import io
+import os
+import re
 import sys
 import threading
 from typing import Any
@@ -35,6 +37,19 @@ MAX_PINNED = 4096
 
 #: Characters of main's stdin one request from a compartment may read.
 STDIN_CHUNK = 64 * 1024
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_HASH_KEY = os.urandom(16)
+
+
+def _identity_hash(obj: Any) -> int:
+    """A hash for an object hashed by identity, stable while it lives, that
+    does not give its address away (``hash(f)`` is ``id(f) >> 4``)."""
+    import hashlib  # (here: asked of few objects, and a cost of main's start-up)
+
+    digest = hashlib.blake2b(id(obj).to_bytes(8, "little"), key=_HASH_KEY, digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True) or 1
 
 
 class CallbackGate(CallServer):
@@ -191,7 +206,14 @@ class CallbackGate(CallServer):
         fn = protocols.OPS.get(op) if type(op) is str else None
         if fn is None:
             raise TypeError(f"unknown operation {op!r}")
-        return fn(target, *args)
+        if op == "hash" and type(target).__hash__ is object.__hash__:
+            return _identity_hash(target)
+        result = fn(target, *args)
+        if op in ("repr", "str", "format") and type(result) is str:
+            # A default repr names the object's address ("<function f at
+            # 0x7f...>"): none of main's addresses go on the wire.
+            result = _ADDRESS.sub(" at 0x...", result)
+        return result
 
     def describe(self, exc: BaseException) -> ErrorInfo:
         """What the compartment learns of an exception raised by main's
