@@ -752,3 +752,31 @@ def what_main_shows(fn):
     """repr, str, and (asked by hand, as hostile code would) hash of one of
     main's callables."""
     return [repr(fn), str(fn), fn._pc_op("hash"), format(fn, "")]
+
+
+import datetime  # noqa: E402
+
+
+class Zone(datetime.tzinfo):
+    """Two hours east of UTC, three in July: rules of its own, so never a
+    fixed-offset value."""
+
+    def utcoffset(self, dt):
+        return datetime.timedelta(hours=2) + self.dst(dt)
+
+    def dst(self, dt):
+        return datetime.timedelta(hours=1 if dt is not None and dt.month == 7 else 0)
+
+    def tzname(self, dt):
+        return "ZS" if self.dst(dt) else "Z"
+
+
+ZONE = Zone()
+
+
+def in_zone(month):
+    return datetime.datetime(2020, month, 1, 12, tzinfo=ZONE)
+
+
+def zone_facts(dt):
+    return [dt.tzinfo is ZONE, dt.utcoffset(), dt.hour]

@@ -534,3 +534,17 @@ def test_an_error_with_lone_surrogates_can_always_be_sent():
     caller.receive_data(callee.send_err(rid, info))
     event = caller.next_event()
     assert event.error.type_name == "UnicodeEncodeError" and "\\udc80" in event.error.args[1]
+
+
+def test_a_datetime_whose_zone_is_not_a_tzinfo_is_refused():
+    """A datetime's zone may come as a reference (a zone with rules of its
+    own): one that is not a tzinfo (main's own object, or the peer's) is a
+    malformed value, never an aware datetime."""
+    _, peer = main_peer()
+    obj = object()
+    handle = peer.exports.export(obj)
+    for zone in (Ext(refs.EXT_YOURS, enc.encode(handle)),
+                 Ext(refs.EXT_REF, enc.encode([99, "t#1", 0, "Thing"]))):
+        value = Ext(refs.EXT_STD, enc.encode(["datetime", [2020, 1, 1, 0, 0, 0, 0, zone, 0]]))
+        with pytest.raises(ProtocolError):
+            peer.decode(enc.encode(value))

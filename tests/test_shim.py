@@ -1472,3 +1472,22 @@ def test_no_address_of_mains_objects_reaches_the_compartment(boxed):
     assert all(address not in str(v) for v in shown), shown
     assert shown[0].startswith("<function ") and "double" in shown[0] and " at 0x..." in shown[0]
     assert shown[2] != hash(double) and shown[2] == boxed.what_main_shows(double)[2]  # stable
+
+
+def test_a_boxed_tzinfo_is_a_tzinfo_in_main(boxed):
+    """dateutil's zones from a box: main's datetime(..., tzinfo=zone) took
+    only a real tzinfo (TypeError); a datetime in such a zone came back as
+    a reference, not a datetime. Now the zone's proxy is a tzinfo whose
+    offsets the compartment computes, and such datetimes cross as copies."""
+    import datetime
+
+    zone = boxed.ZONE
+    assert isinstance(zone, datetime.tzinfo)
+    mine = datetime.datetime(2020, 7, 1, 12, tzinfo=zone)
+    assert mine.utcoffset() == datetime.timedelta(hours=3) and mine.tzname() == "ZS"
+    assert datetime.datetime(2020, 1, 1, tzinfo=zone).isoformat() == "2020-01-01T00:00:00+02:00"
+    theirs = boxed.in_zone(7)
+    assert type(theirs) is datetime.datetime and theirs.tzinfo is zone
+    assert theirs.astimezone(datetime.timezone.utc).hour == 9
+    assert boxed.zone_facts(mine) == [True, datetime.timedelta(hours=3), 12]  # its own zone, back
+    assert datetime.time(1, tzinfo=zone).tzname() == "Z"

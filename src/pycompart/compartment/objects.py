@@ -1046,6 +1046,7 @@ def instance_peer(server: ObjectServer) -> refs.Peer:
     # A guarded server checks every path it is sent: what it owns is what
     # its own code makes of its modules, which may change.
     peer.keep_paths = not server.guarded
+    peer.tz_by_reference = True  # main's proxies of our tzinfos are tzinfos
     # A twin handed to our code: watch_twins looks at it; a guarded server
     # takes back only its own objects.
     peer.on_yours = server.check_used

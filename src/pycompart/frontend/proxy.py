@@ -27,12 +27,14 @@ and goes to that instance (see ``pycompart.transport.channel``).
 from __future__ import annotations
 
 import builtins
+import datetime
 import dis
 import sys
 import threading
 import time
 import types
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CallTimeout, EntrypointError, ProtocolError, RemoteError, StaleReference
@@ -889,6 +891,13 @@ class RemoteMethod(protocols.Described):
         return self.name
 
 
+def _tz_method(name: str) -> Callable[[Any, Any], Any]:
+    def method(self: RemoteObject, dt: Any) -> Any:
+        return self._pc_comp.call(self._pc_inst, "@callmethod", [self, name, [dt], {}])
+    method.__name__ = name
+    return method
+
+
 def _call(self: RemoteObject, *args: Any, **kwargs: Any) -> Any:
     return self._pc_comp.call(self._pc_inst, "@call", [self, list(args), kwargs])
 
@@ -910,7 +919,13 @@ def _proxy_class(flags: int) -> type:
             ns["__call__"] = _call
             ns["__signature__"] = property(lambda self: protocols.signature_from(
                 _describe_remote(self)))
-        cls = type("RemoteObject", (RemoteObject,), ns)
+        bases: tuple[type, ...] = (RemoteObject,)
+        if flags & protocols.F_TZINFO:
+            # A datetime of main's may carry it: its offsets are the owner's.
+            bases = (RemoteObject, datetime.tzinfo)
+            for name in ("utcoffset", "dst", "tzname", "fromutc"):
+                ns[name] = _tz_method(name)
+        cls = type("RemoteObject", bases, ns)
         cls.__module__ = "pycompart.frontend.proxy"
         if flags & protocols.F_CALL:
             cls.__doc__ = property(lambda self: _describe_remote(self).get("doc"))  # type: ignore[assignment]

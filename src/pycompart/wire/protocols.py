@@ -41,6 +41,7 @@ taken up to ``MAX_BATCH - 1`` items more from a generator than it used.
 from __future__ import annotations
 
 import collections
+import datetime
 import io
 import operator
 import sys
@@ -85,6 +86,9 @@ F_BINDS = 1 << 24  # a Python function: a class attribute binds it as a method
 #: owner (jinja2's TokenStream has ``__next__`` but iterates with another
 #: object).
 F_ITER_SELF = 1 << 25
+#: A ``datetime.tzinfo``: the proxy is one too (a ``datetime`` takes only
+#: those), its ``utcoffset``/``dst``/``tzname``/``fromutc`` asked of the owner.
+F_TZINFO = 1 << 26
 #: The protocols of a class's *metaclass* a class stand-in takes on
 #: (``enum.EnumMeta``: ``list(Color)``, ``Color["RED"]``, ``len(Color)``).
 CLASS_FLAGS = F_LEN | F_ITER | F_GETITEM | F_CONTAINS | F_BOOL | F_REVERSED
@@ -101,7 +105,7 @@ COLLECTION_METHODS = ("keys", "items", "values", "get", "pop", "popitem", "clear
                       "count", "add", "discard", "isdisjoint", "copy")
 _METHOD_BITS = {name: 1 << (32 + i) for i, name in enumerate(COLLECTION_METHODS)}
 ALL_METHOD_FLAGS = sum(_METHOD_BITS.values())
-ALL_FLAGS = (1 << 26) - 1 | ALL_METHOD_FLAGS
+ALL_FLAGS = (1 << 27) - 1 | ALL_METHOD_FLAGS
 
 
 def check_arguments(args: Any, kwargs: Any) -> None:
@@ -186,6 +190,8 @@ def type_flags(tp: type) -> int:
         flags |= F_ITER_SELF
     if tp is types.FunctionType:
         flags |= F_BINDS
+    if issubclass(tp, datetime.tzinfo):
+        flags |= F_TZINFO
     flags |= collection_flags(tp)
     if len(_flag_cache) < 4096:
         _flag_cache[tp] = flags

@@ -644,6 +644,10 @@ class Peer:
         self.can_pass_fds = False
         #: Called with each of our objects a message hands back to us.
         self.on_yours: Callable[[Any], None] | None = None
+        #: The peer's proxies of our tzinfos are tzinfos (main's are): a
+        #: datetime of ours with a zone of its own rules crosses as a copy
+        #: whose tzinfo is a reference (``_zone_by_reference``).
+        self.tz_by_reference = False
         #: Seconds one ``decode`` may take in all, round trips to the peer
         #: included (``decode_deadline``); None: no bound.
         self.decode_timeout: float | None = None
@@ -712,6 +716,10 @@ class Peer:
             kind, fields = std(value)
             if kind:
                 return Ext(EXT_STD, encode_wire([kind, fields]))
+            if tp is datetime.datetime or tp is datetime.time:
+                ext = self._zone_by_reference(value, tp, depth)
+                if ext is not None:
+                    return ext
         if tp is type and getattr(builtins, value.__name__, None) is value and value.__module__ == "builtins":
             return Ext(EXT_BUILTIN, value.__name__.encode())
         if issubclass(tp, types.ModuleType) and not hasattr(value, "__pycompart_proxy__"):
@@ -730,6 +738,24 @@ class Peer:
         if ext is not None:
             return ext
         return self.export(value)
+
+    def _zone_by_reference(self, value: Any, tp: type, depth: int) -> Ext | None:
+        """A datetime or time whose tzinfo is not a value (a dateutil or
+        pytz zone, with rules of its own): a copy, its tzinfo a reference
+        (one of the peer's own going home, or, where the peer's proxies are
+        tzinfos, ``tz_by_reference``, ours). None: it crosses by reference."""
+        tz = value.tzinfo
+        ext = self._reference(self, tz)
+        if ext is None:
+            if not self.tz_by_reference:
+                return None
+            ext = self.export(tz)
+        if tp is datetime.datetime:
+            fields = [value.year, value.month, value.day, value.hour, value.minute, value.second,
+                      value.microsecond, ext, value.fold]
+            return Ext(EXT_STD, encode_wire(["datetime", fields]))
+        return Ext(EXT_STD, encode_wire(["time", [value.hour, value.minute, value.second,
+                                                  value.microsecond, ext, value.fold]]))
 
     def _container(self, value: Any, tp: type, depth: int) -> Ext:
         kind = _CONTAINER_KINDS[tp]
@@ -1117,6 +1143,8 @@ def _tz_fields(tz: Any, at: Any = None) -> Any:
 def _tz(fields: Any) -> Any:
     if fields is None:
         return None
+    if issubclass(type(fields), datetime.tzinfo):  # (the real type: a proxy answers __class__)
+        return fields  # a reference (``Peer._zone_by_reference``), already decoded
     if len(fields) == 6 and fields[0] == "zoneinfo":
         zone = _zone(fields[1])
         if zone is not None:
