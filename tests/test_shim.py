@@ -1491,3 +1491,13 @@ def test_a_boxed_tzinfo_is_a_tzinfo_in_main(boxed):
     assert theirs.astimezone(datetime.timezone.utc).hour == 9
     assert boxed.zone_facts(mine) == [True, datetime.timedelta(hours=3), 12]  # its own zone, back
     assert datetime.time(1, tzinfo=zone).tzname() == "Z"
+
+    class West(datetime.tzinfo):  # main's own zone: the box asks main for its offsets
+        def utcoffset(self, dt):
+            return datetime.timedelta(hours=-5)
+
+        def dst(self, dt):
+            return datetime.timedelta(0)
+
+    facts = boxed.zone_facts(datetime.datetime(2020, 7, 1, 12, tzinfo=West()))
+    assert facts == [False, datetime.timedelta(hours=-5), 12]

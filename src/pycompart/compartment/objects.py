@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import datetime
 import importlib
 import os
 import sys
@@ -908,13 +909,26 @@ def _main_proxy_class(flags: int) -> type:
             ns = protocols.proxy_namespace(flags)
             ns.update(protocols.abc_namespace(flags))  # d.items(), d.update(x), ...
         ns["__slots__"] = ()
-        cls = type(base.__name__, (base,), ns)
+        bases: tuple[type, ...] = (base,)
+        if flags & protocols.F_TZINFO and base is MainRef:
+            # A datetime of ours may carry it: its offsets are main's (``@op``).
+            bases = (base, datetime.tzinfo)
+            for name in protocols.TZINFO_OPS:
+                ns[name] = _main_tz_method(name)
+        cls = type(base.__name__, bases, ns)
         if base is Callback:
             for key, value in _CALLBACK_INFO.items():
                 setattr(cls, key, value)
         if len(_proxy_classes) < 4096:
             _proxy_classes[flags] = cls
     return cls
+
+
+def _main_tz_method(name: str) -> Callable[[Any, Any], Any]:
+    def method(self: MainRef, dt: Any) -> Any:
+        return MainRef.call_out([self, name, [dt]], "@op")
+    method.__name__ = name
+    return method
 
 
 class MainClass(type):

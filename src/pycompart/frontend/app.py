@@ -422,6 +422,9 @@ class _Runtime:
         peer = comp.make_peer()
         peer.max_objects = self.max_objects
         peer.decode_timeout = comp.spec.call_timeout
+        # The instance's proxies of main's tzinfos are tzinfos, served (as
+        # protocols) if it may call main.
+        peer.tz_by_reference = "main" in comp.spec.may_call
         peer.instance = inst
         peer.pending_release = inst.channel.pending_release
         peer.can_pass_fds = inst.channel.transport.can_pass_fds

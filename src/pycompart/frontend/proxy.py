@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import builtins
 import datetime
-import dis
 import sys
 import threading
 import time
@@ -723,9 +722,6 @@ def _check_settable(comp: Compartment, name: str, what: str, verb: str) -> None:
         raise AttributeError(f"{what} (in compartment {comp.name!r}) does not expose {name!r}")
 
 
-_IMPORT_STAR = dis.opmap["IMPORT_STAR"]
-
-
 def _star_importer_modules() -> frozenset[str]:
     """If ``__all__`` is being read by ``from module import *``, the names
     the importing namespace binds to modules (``import json`` before it):
@@ -735,8 +731,10 @@ def _star_importer_modules() -> frozenset[str]:
         frame = sys._getframe(3)  # (_public_names, __getattr__, the importer)
     except ValueError:
         return frozenset()
+    import dis  # (here: a cost of main's start-up, and star imports are few)
+
     code = frame.f_code.co_code
-    if not 0 <= frame.f_lasti < len(code) or code[frame.f_lasti] != _IMPORT_STAR:
+    if not 0 <= frame.f_lasti < len(code) or code[frame.f_lasti] != dis.opmap["IMPORT_STAR"]:
         return frozenset()
     return frozenset(name for name, value in frame.f_locals.items()
                      if isinstance(value, types.ModuleType))

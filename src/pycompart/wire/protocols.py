@@ -448,6 +448,20 @@ def _exit_op(obj: Any, name: Any, message: Any) -> bool:
 
 
 OPS["exit"] = _exit_op
+#: A tzinfo's methods, served as protocols (``F_TZINFO``): only on a tzinfo.
+TZINFO_OPS = ("utcoffset", "dst", "tzname", "fromutc")
+
+
+def _tz_op(name: str) -> Callable[[Any, Any], Any]:
+    def op(obj: Any, dt: Any) -> Any:
+        if not isinstance(obj, datetime.tzinfo):
+            raise TypeError(f"{type(obj).__name__!r} object is not a tzinfo")
+        return getattr(type(obj), name)(obj, dt)
+    return op
+
+
+for _name in TZINFO_OPS:
+    OPS[_name] = _tz_op(_name)
 for _name in _ARITH + _BITS:
     if _name == "pow":
         _, OPS["rpow"], OPS["ipow"] = _binary("pow")
