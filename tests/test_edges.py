@@ -426,6 +426,22 @@ def test_an_edge_caller_gets_no_private_names_and_sets_no_attributes(make_app, d
     assert edgemod_b._private == "reader's own"
 
 
+def test_an_edge_caller_cannot_change_the_callees_module_state_in_place(make_app, data_file):
+    """Red team: attribute writes were refused, but reader's module-level
+    list (what it serves) came by reference, and app appended to it. An
+    untrusted caller gets copies of module-level containers."""
+    app = make_app(module_spec(data_file))
+    app.start(import_hook=True)
+    import edgemod_a
+    import edgemod_b
+
+    outcome = edgemod_a.rewire_b_in_place()
+    assert outcome[3] == "PermissionError" and outcome[4] == "the data", outcome
+    assert edgemod_b.ALLOWED == ["data"] and edgemod_b.OPTIONS == {"prefix": ""}
+    edgemod_b.ALLOWED.append("x")  # main, the trusted side, shares them
+    assert edgemod_b.ALLOWED == ["data", "x"]
+
+
 def test_an_exception_of_the_callee_reaches_main_through_the_caller_as_itself(make_app, data_file):
     app = make_app(module_spec(data_file))
     app.start(import_hook=True)

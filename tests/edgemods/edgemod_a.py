@@ -73,6 +73,25 @@ def rewire_b() -> list:
     return out
 
 
+def rewire_b_in_place() -> list:
+    """Hostile: change reader's module-level list and dict in place."""
+    out = []
+    for change in (lambda: edgemod_b.ALLOWED.append("secret"),
+                   lambda: edgemod_b.ALLOWED.__setitem__(0, "secret"),
+                   lambda: edgemod_b.OPTIONS.update(prefix="owned:")):
+        try:
+            change()
+            out.append("changed")
+        except Exception as exc:
+            out.append(type(exc).__name__)
+    try:
+        out.append(edgemod_b.read_named("secret"))
+    except Exception as exc:
+        out.append(type(exc).__name__)
+    out.append(edgemod_b.read_named("data"))
+    return out
+
+
 def get_through(name: str) -> str:
     return edgemod_b.Store("").get(name)  # b's NotFound goes on through a
 

@@ -74,10 +74,14 @@ class ObjectServer:
     library crosses by name: the caller uses its own copy."""
 
     def __init__(self, compartment: str, modules: list[str], functions: list[str],
-                 expose: list[str], allow_setattr: bool, trusts_main: bool = False):
+                 expose: list[str], allow_setattr: bool, trusts_main: bool = False,
+                 shares_containers: bool = True):
         self.compartment = compartment
         self.trusts_main = trusts_main
         self.guarded = not trusts_main
+        #: Module-level containers go to the caller by reference (main);
+        #: another compartment, over an edge, gets copies.
+        self.shares_containers = shares_containers
         self._own_classes: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
         self.modules = tuple(modules)
         self.functions = frozenset(functions)
@@ -294,11 +298,13 @@ class ObjectServer:
             if isinstance(static, types.FunctionType) and name not in _instance_dict(target):
                 return refs.METHOD  # called later with @callmethod: one round trip
         value = getattr(target, name)
-        if type(value) in SHARED_MUTABLE and not name.startswith("__"):
+        if type(value) in SHARED_MUTABLE and not name.startswith("__") and self.shares_containers:
             # A registry, a table, an options dict (``md.block_level_elements``,
             # ``env.filters``): read from an attribute, it is shared state,
             # so main gets the object itself, and its changes are made here.
-            # Values a call returns or main passes in are copies.
+            # Values a call returns or main passes in are copies. Another
+            # compartment, over an edge, gets a copy: it may not change our
+            # state in place any more than by setting the attribute.
             return refs.AsReference(value)
         return value
 

@@ -371,7 +371,8 @@ class Server(CallServer):
         # Module compartments pass references: releases wait for decodes.
         self.channel.track_arrivals = bool(config.modules or config.functions)
         self.objects = ObjectServer(config.compartment, config.modules, config.functions,
-                                    config.expose, config.allow_setattr, config.trusts_main)
+                                    config.expose, config.allow_setattr, config.trusts_main,
+                                    shares_containers=config.caller == "main")
         self.peer = instance_peer(self.objects)
         self.peer.can_pass_fds = transport.can_pass_fds
         self.peer.pending_release = self.channel.pending_release
