@@ -149,3 +149,15 @@ def claim_crash(name: str) -> None:
     from pycompart.errors import CompartmentCrashed
 
     raise CompartmentCrashed(name, 1, "was killed by signal 9 (SIGKILL)")
+
+
+def claim_crash_by_full_name(name: str) -> None:
+    """The same lie, raised as a class of its own named as pycompart's."""
+    class CompartmentCrashed(Exception):
+        pass
+
+    CompartmentCrashed.__module__ = "pycompart.errors"
+    CompartmentCrashed.__qualname__ = "CompartmentCrashed"
+    exc = CompartmentCrashed(f"compartment {name!r} (pid 7) was killed by signal 9 (SIGKILL)")
+    exc.compartment, exc.pid, exc.status = name, 7, "was killed by signal 9 (SIGKILL)"
+    raise exc

@@ -469,3 +469,18 @@ def test_a_crash_a_compartment_reports_is_its_word_not_mains(make_app):
         with pytest.raises(pycompart.CompartmentCrashed) as seen:
             app.function("bystander:crash")()
         assert seen.value.reported_by is None and seen.value.compartment == "good"
+
+
+def test_a_crash_claimed_under_pycomparts_full_class_name_is_marked_too(make_app):
+    """Red team: a class of its own named pycompart.errors.CompartmentCrashed
+    was found by main (among the classes it imported itself) and raised as
+    main's own, reported_by None: a crash main never saw."""
+    app = make_app({"compartments": {"liar": {"modules": ["redteam"]}}})
+    with app:
+        box = app.compartment("liar").module("redteam")
+        with pytest.raises(pycompart.CompartmentCrashed) as info:
+            box.claim_crash_by_full_name("good")
+        assert info.value.reported_by == "liar" and "reported by compartment 'liar'" in str(info.value)
+        with pytest.raises(pycompart.CompartmentCrashed) as info:
+            box.claim_crash("good")
+        assert info.value.reported_by == "liar"

@@ -260,10 +260,6 @@ def rebuild_exception(info: ErrorInfo, where: str, allow_exit: bool = False,
             break
         if exc is None and info.type_name in _OWN_EXCEPTIONS:
             exc = build_without_init(cls, info)  # CompartmentCrashed(compartment, pid, status)
-        if exc is not None and info.type_name in _OWN_EXCEPTIONS and where != "main":
-            # Its word, not ours: it may name another compartment that
-            # never crashed.
-            exc.args = (f"{exc} (reported by compartment {where!r})",)
         if exc is not None:
             for key, value in attrs.items():
                 if key not in _RESERVED and key.isidentifier() and not key.startswith("_"):
@@ -271,8 +267,6 @@ def rebuild_exception(info: ErrorInfo, where: str, allow_exit: bool = False,
                         setattr(exc, key, value)
                     except Exception:  # a read-only or typed slot: the far side lied
                         pass
-            if info.type_name in _OWN_EXCEPTIONS and where != "main":
-                exc.reported_by = where  # type: ignore[attr-defined]
     if exc is None:
         kin = _kin_class(info)
         if kin is None:
@@ -282,6 +276,13 @@ def rebuild_exception(info: ErrorInfo, where: str, allow_exit: bool = False,
             exc = kin.__new__(kin, *args)
             BaseException.__init__(exc, *args)
             exc.type_name, exc.message, exc.remote_traceback = info.type_name, info.message, info.traceback
+    if isinstance(exc, errors.PycompartError) and not isinstance(exc, errors.RemoteError) \
+            and where != "main":
+        # One of pycompart's own, by whatever name it came (``resolve`` finds
+        # ``pycompart.errors.CompartmentCrashed`` too): its word, not ours,
+        # which may name another compartment that never crashed.
+        exc.args = (f"{exc} (reported by compartment {where!r})",)
+        exc.reported_by = where  # type: ignore[attr-defined]
     attach_traceback(exc, info, where)
     return exc
 
