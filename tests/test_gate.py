@@ -357,3 +357,27 @@ def test_a_long_chain_is_described_by_its_last_links_only(monkeypatch):
     text = _exceptions.format_traceback(exc, exc.__traceback__, 64)
     assert text.count("KeyError: ") == _exceptions._CHAIN
     assert len(extracted) <= 2 * _exceptions._CHAIN, len(extracted)
+
+
+def test_a_typed_set_of_keys_sharing_a_hash_is_refused_before_it_is_built():
+    """A typed result annotated set[tuple[int, int]] (or a dict keyed by
+    tuples) is built by msgspec in C: keys of one hash made that quadratic
+    (20,000 tuples: 3.7 s, holding the GIL). They are counted first."""
+    import typing
+
+    import msgspec
+
+    from pycompart.wire.contract import Contract
+
+    def pairs() -> set[tuple[int, int]]: ...
+    def table() -> typing.Optional[dict[tuple[int, int], int]]: ...
+    def plain() -> dict[str, list[int]]: ...
+
+    # hash(-1) == hash(-2): each pair of these tuples shares a hash.
+    colliding = [(i, -1) for i in range(100)] + [(i, -2) for i in range(100)]
+    for fn, value in ((pairs, colliding), (table, {t: 1 for t in colliding})):
+        with pytest.raises(ProtocolError, match="share a hash"):
+            Contract(fn).decode_result(msgspec.msgpack.encode(value), "box")
+    fine = [(i, i) for i in range(1000)]
+    assert Contract(pairs).decode_result(msgspec.msgpack.encode(fine), "box") == set(fine)
+    assert not Contract(plain)._result_floods  # nothing to count: decoded once

@@ -548,3 +548,25 @@ def test_a_datetime_whose_zone_is_not_a_tzinfo_is_refused():
         value = Ext(refs.EXT_STD, enc.encode(["datetime", [2020, 1, 1, 0, 0, 0, 0, zone, 0]]))
         with pytest.raises(ProtocolError):
             peer.decode(enc.encode(value))
+
+
+P61 = 2**61 - 1  # hash(n) is n mod P61: these ints all share one hash
+
+
+@pytest.mark.parametrize("kind", ["set", "frozenset", "dict", "counter"])
+def test_a_set_or_dict_of_keys_sharing_one_hash_is_refused(kind):
+    """Red team: 100,000 tuples of one hash made main build their set for
+    100 s, in C, holding the GIL: every thread of main stopped. Keys of
+    one hash past a bound are a ProtocolError, found in linear time."""
+    _, peer = main_peer()
+    keys = [7 + k * P61 for k in range(1, 3000)]
+    assert len({hash(k) for k in keys}) == 1
+    value = {"set": set(keys), "frozenset": frozenset(keys), "dict": dict.fromkeys(keys, 1),
+             "counter": __import__("collections").Counter(dict.fromkeys(keys, 1))}[kind]
+    data = peer.encode(value)
+    with pytest.raises(ProtocolError, match="share a hash"):
+        peer.decode(data)
+    fine = {"set": set(range(3000)), "frozenset": frozenset(range(3000)),
+            "dict": dict.fromkeys(range(3000), 1),
+            "counter": __import__("collections").Counter(range(3000))}[kind]
+    assert peer.decode(peer.encode(fine)) == fine

@@ -149,6 +149,116 @@ def function_key(fn: Callable[..., Any]) -> str:
     return f"{'__main__' if module == '__mp_main__' else module}:{fn.__qualname__}"
 
 
+# -- hash floods ---------------------------------------------------------------------
+# A set, or a dict's keys, of tuples or frozen Structs is built by msgspec, in
+# C, holding the GIL: keys that all share a hash (tuple and Struct hashes are
+# the same in every process, and easy to collide) make that quadratic (20,000
+# tuples: 3.7 s). Where an annotation holds such a set or dict, the value is
+# first decoded untyped, and those keys are hashed one by one (linear)
+# before msgspec builds the table (``refs.MAX_SHARED_HASHES``).
+
+_SET_ORIGINS = (set, frozenset)
+_DICT_ORIGINS = (dict,)
+
+
+def _strip(ann: Any) -> Any:
+    while typing.get_origin(ann) is typing.Annotated:
+        ann = typing.get_args(ann)[0]
+    return ann
+
+
+def _struct_fields(ann: Any) -> list[tuple[str, Any]] | None:
+    """``(name, annotation)`` of a Struct's or dataclass's fields, else None."""
+    if isinstance(ann, type) and issubclass(ann, msgspec.Struct):
+        return [(f.encode_name, f.type) for f in msgspec.structs.fields(ann)]
+    import dataclasses
+
+    if isinstance(ann, type) and dataclasses.is_dataclass(ann):
+        hints = typing.get_type_hints(ann)
+        return [(f.name, hints.get(f.name, Any)) for f in dataclasses.fields(ann)]
+    return None
+
+
+def _collidable(ann: Any) -> bool:
+    """Whether values of ``ann`` have hashes an attacker can collide."""
+    ann = _strip(ann)
+    origin = typing.get_origin(ann) or ann
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        return any(_collidable(a) for a in typing.get_args(ann))
+    return origin in (tuple, frozenset) or (isinstance(ann, type) and issubclass(ann, tuple)) \
+        or _struct_fields(ann) is not None
+
+
+def _may_flood(ann: Any, seen: set[int] | None = None) -> bool:
+    """Whether decoding ``ann`` may build a set or dict of collidable keys."""
+    seen = set() if seen is None else seen
+    ann = _strip(ann)
+    if id(ann) in seen:
+        return False
+    seen.add(id(ann))
+    origin = typing.get_origin(ann)
+    args = typing.get_args(ann)
+    if origin in _SET_ORIGINS:
+        return bool(args) and (_collidable(args[0]) or _may_flood(args[0], seen))
+    if origin in _DICT_ORIGINS:
+        return len(args) == 2 and (_collidable(args[0]) or _may_flood(args[1], seen))
+    if args:
+        return any(_may_flood(a, seen) for a in args if a is not Ellipsis)
+    fields = _struct_fields(ann)
+    return fields is not None and any(_may_flood(t, seen) for _, t in fields)
+
+
+def _check_spread(value: Any, ann: Any, depth: int = 0) -> None:
+    """Raise ProtocolError if ``value`` (decoded untyped) holds, where
+    ``ann`` would build a set or dict, more keys of one hash than
+    ``refs.MAX_SHARED_HASHES``; each such key is converted to its type
+    (exact hashes: a frozen Struct hashes unlike a tuple)."""
+    if depth > 64:
+        return
+    ann = _strip(ann)
+    origin = typing.get_origin(ann)
+    args = typing.get_args(ann)
+    if origin in _SET_ORIGINS and type(value) is list and args:
+        if len(value) > refs.MAX_SHARED_HASHES and _collidable(args[0]):
+            _spread_keys(value, args[0])
+        for item in value:
+            _check_spread(item, args[0], depth + 1)
+    elif origin in _DICT_ORIGINS and type(value) is dict and len(args) == 2:
+        if len(value) > refs.MAX_SHARED_HASHES and _collidable(args[0]):
+            _spread_keys(list(value), args[0])
+        for item in value.values():
+            _check_spread(item, args[1], depth + 1)
+    elif origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        for arm in args:
+            _check_spread(value, arm, depth + 1)
+    elif args and type(value) is list:
+        if origin is tuple and Ellipsis not in args:
+            for item, arm in zip(value, args):
+                _check_spread(item, arm, depth + 1)
+        else:
+            for item in value:
+                _check_spread(item, args[0], depth + 1)
+    else:
+        fields = _struct_fields(ann)
+        if fields is None:
+            return
+        if type(value) is dict:
+            for name, arm in fields:
+                if name in value:
+                    _check_spread(value[name], arm, depth + 1)
+        elif type(value) is list:
+            for item, (_, arm) in zip(value, fields):
+                _check_spread(item, arm, depth + 1)
+
+
+def _spread_keys(raw: list[Any], ann: Any) -> None:
+    try:
+        keys = [msgspec.convert(k, ann, dec_hook=_dec_hook) for k in raw]
+    except (msgspec.ValidationError, TypeError, ValueError):
+        return  # not of that type: the typed decode refuses it
+    refs.spread(keys)
+
+
 class Contract:
     """The typed interface of one entrypoint, shared by both ends of a call."""
 
@@ -189,10 +299,12 @@ class Contract:
                 # The callee's own default applies; UNSET means "not passed".
                 fields.append((p.name, typing.Union[ann, msgspec.UnsetType], msgspec.UNSET))
         self.return_type = hints.get("return", Any)
+        self._result_floods = _may_flood(self.return_type)
         try:
             args_struct = msgspec.defstruct(
                 "Args", fields, forbid_unknown_fields=True, module=__name__)
             self._args_struct = args_struct
+            self._args_flood = _may_flood(args_struct)
             self._args_decoder = msgspec.msgpack.Decoder(args_struct, ext_hook=_ext_hook,
                                                          dec_hook=_dec_hook)
             self._result_decoder = msgspec.msgpack.Decoder(self.return_type, ext_hook=_ext_hook,
@@ -277,9 +389,13 @@ class Contract:
         if len(raw) > max_objects:  # smaller cannot hold more objects than bytes
             budget.check(raw, max_objects, f"the reply of {where!r} to {self.key}")
         try:
+            if self._result_floods:
+                _check_spread(msgspec.msgpack.decode(raw, ext_hook=_ext_hook), self.return_type)
             if bulk is not None:
                 return decode_with_bulk(raw, bulk, self.return_type)
             return self._result_decoder.decode(raw)
+        except ProtocolError:
+            raise
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise ProtocolError(
                 f"compartment {where!r} returned a value that does not match the declared "
@@ -299,6 +415,11 @@ class Contract:
         if not self.params and len(raw_args) == 1 and bytes(raw_args) == _EMPTY_MAP:
             return self.encode_result(self.fn(), bulk_out)  # no parameters, no arguments: skip the decoder
         try:
+            if self._args_flood:
+                try:
+                    _check_spread(msgspec.msgpack.decode(raw_args, ext_hook=_ext_hook), self._args_struct)
+                except ProtocolError as exc:
+                    raise TypeError(f"{self.key}(): {exc}") from None
             if bulk is not None:
                 decoded = decode_with_bulk(raw_args, bulk, self._args_struct)
             else:

@@ -681,7 +681,8 @@ class Peer:
                 return value
             if "__builtins__" in value or value is _BUILTINS_DICT:
                 raise TypeError("a module's globals cannot be passed to another compartment")
-            if all(type(k) in _KEY_SCALARS for k in value):
+            if all(type(k) in _KEY_SCALARS and (type(k) is not int or -(2**63) <= k < 2**64)
+                   for k in value):
                 return {k: self.to_wire(v, depth) for k, v in value.items()}
             flat: list[Any] = []
             for k, v in value.items():
@@ -889,13 +890,15 @@ class Peer:
             flat = self._list(data)
             if len(flat) % 2:
                 raise ProtocolError("malformed dict")
-            return dict(zip(flat[::2], flat[1::2]))
+            keys = flat[::2]
+            spread(keys)
+            return dict(zip(keys, flat[1::2]))
         if code == EXT_CONTAINER:
             return _decode_container(self._list(data))
         if code == EXT_SET:
-            return set(self._list(data))
+            return set(spread(self._list(data)))
         if code == EXT_FROZENSET:
-            return frozenset(self._list(data))
+            return frozenset(spread(self._list(data)))
         if code == EXT_BIGINT:
             text = bytes(data)
             if len(text) > 5000:
@@ -1367,6 +1370,23 @@ _CONTAINER_KINDS: dict[type, str] = {
     collections.Counter: "counter", collections.deque: "deque"}
 
 
+#: Distinct keys of one set or dict from the peer that may share a hash.
+#: int, float and tuple hashes are the same in every process and easy to
+#: collide: 100,000 tuples of one hash made main build their set for 100 s,
+#: in C, holding the GIL (every thread of main stopped).
+MAX_SHARED_HASHES = 64
+
+
+def spread(keys: list[Any]) -> list[Any]:
+    """``keys``, if building a hash table of them is not quadratic."""
+    if len(keys) > MAX_SHARED_HASHES:
+        hashes = list(map(hash, keys))  # (each distinct hash once: a set of them is linear)
+        if len(hashes) - len(set(hashes)) > MAX_SHARED_HASHES:
+            raise ProtocolError(f"a set or dict of {len(keys)} keys, more than {MAX_SHARED_HASHES} "
+                                "of which share a hash (a hash flood)")
+    return keys
+
+
 def _decode_container(fields: list[Any]) -> Any:
     kind = fields[0] if fields else None
     try:
@@ -1377,6 +1397,7 @@ def _decode_container(fields: list[Any]) -> Any:
             return collections.deque(fields[1], maxlen)
         if len(fields) >= 2 and type(fields[1]) is list and len(fields[1]) % 2 == 0:
             flat = fields[1]
+            spread(flat[::2])
             pairs = zip(flat[::2], flat[1::2])
             if kind == "defaultdict" and len(fields) == 3:
                 factory = fields[2]
