@@ -570,3 +570,21 @@ def test_a_set_or_dict_of_keys_sharing_one_hash_is_refused(kind):
             "dict": dict.fromkeys(range(3000), 1),
             "counter": __import__("collections").Counter(range(3000))}[kind]
     assert peer.decode(peer.encode(fine)) == fine
+
+
+def test_a_map_keyed_by_arrays_is_refused_before_msgspec_hashes_them():
+    """msgspec decodes a map's array keys as tuples, hashing them as it
+    reads (in C, holding the GIL): the codec never sends such a map (its
+    dicts of tuples are EXT_DICT, counted first), so a peer's is refused,
+    nested in an extension too."""
+    _, peer = main_peer()
+    keyed = {(i, -1): 1 for i in range(5000)}
+    for data in (enc.encode(keyed), enc.encode([1, keyed]),
+                 enc.encode(Ext(refs.EXT_TUPLE, enc.encode([keyed])))):
+        assert len(data) > 16 * 1024
+        with pytest.raises(ProtocolError, match="map whose key"):
+            peer.decode(data)
+    # What the codec itself sends of such a dict, and big plain maps, pass.
+    assert peer.decode(peer.encode(keyed)) == keyed
+    plain = {f"k{i}": [i, float(i)] for i in range(5000)}
+    assert peer.decode(peer.encode(plain)) == plain

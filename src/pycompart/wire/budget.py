@@ -118,3 +118,105 @@ def count_objects(data: bytes | bytearray | memoryview, limit: int) -> int:
             else:
                 return count  # 0xc1 (never used): malformed, the decoder says so
     return count
+
+
+# -- keys a map may have -----------------------------------------------------------
+# pycompart's codec sends a dict with keys other than plain scalars as an
+# extension (refs.EXT_DICT, whose keys are hashed and counted before the
+# dict is built: refs.spread), never as a msgpack map. msgspec decodes a
+# map's array keys as tuples and hashes them as it reads, in C, holding the
+# GIL: a peer's map of tuples that share one hash (tuple hashes are the
+# same in every process) is quadratic there. So a map key that is an
+# array, a map or an extension is refused before the decoder sees it.
+
+#: Bytes past which a message is walked for such keys (below it, the worst
+#: a map of colliding keys can cost is ~30 ms).
+KEY_CHECK_BYTES = 16 * 1024
+# Bytes that may begin a map of 16 entries or more (map16, map32): a
+# message without any has none worth checking (a fixmap's at most 15 keys
+# cost little however they collide).
+_NOT_BIG_MAP = bytes(b for b in range(256) if b not in (0xDE, 0xDF))
+
+
+def check_map_keys(data: Any, what: str = "a value") -> None:
+    """Raise ``ProtocolError`` if a map in ``data`` (msgpack, extension
+    payloads included) has a key that is an array, a map or an extension."""
+    if len(data) <= KEY_CHECK_BYTES:
+        return
+    buf = memoryview(data).cast("B")
+    try:
+        if count_objects(buf, _QUICK) <= _QUICK:
+            return  # a few big objects (a 64 MiB bytes value): no map of many keys
+        if not bytes(buf).translate(None, _NOT_BIG_MAP):
+            return
+        bad = _bad_map_key(buf)
+    except (struct.error, IndexError):
+        return  # truncated: the decoder refuses it as malformed
+    if bad:
+        raise ProtocolError(f"{what} has a map whose key is an array, a map or an extension "
+                            "(pycompart never sends one)")
+
+
+def _bad_map_key(buf: memoryview) -> bool:
+    regions = [(0, len(buf))]
+    while regions:
+        pos, end = regions.pop()
+        # Per open container: [items left, is a map, index of the next item].
+        frames: list[list[Any]] = []
+        while pos < end:
+            b = buf[pos]
+            if frames:
+                top = frames[-1]
+                at_key = top[1] and top[2] % 2 == 0
+                top[2] += 1
+                top[0] -= 1
+                if top[0] == 0:
+                    frames.pop()
+            else:
+                at_key = False
+            if at_key and (0x80 <= b <= 0x9F or b in (0xDC, 0xDD, 0xDE, 0xDF, 0xC7, 0xC8, 0xC9)
+                           or 0xD4 <= b <= 0xD8):
+                return True
+            if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+                pos += 1
+            elif b <= 0x9F:  # fixmap, fixarray
+                n = b & 0x0F
+                is_map = b <= 0x8F
+                pos += 1
+                if n:
+                    frames.append([2 * n if is_map else n, is_map, 0])
+            elif b <= 0xBF:
+                pos += 1 + (b & 0x1F)
+            elif b in (0xC4, 0xD9):
+                pos += 2 + _U8(buf, pos + 1)[0]
+            elif b in (0xC5, 0xDA):
+                pos += 3 + _U16(buf, pos + 1)[0]
+            elif b in (0xC6, 0xDB):
+                pos += 5 + _U32(buf, pos + 1)[0]
+            elif b in (0xDC, 0xDE):
+                n = _U16(buf, pos + 1)[0]
+                pos += 3
+                if n:
+                    frames.append([2 * n if b == 0xDE else n, b == 0xDE, 0])
+            elif b in (0xDD, 0xDF):
+                n = _U32(buf, pos + 1)[0]
+                pos += 5
+                if n:
+                    frames.append([2 * n if b == 0xDF else n, b == 0xDF, 0])
+            elif b in _FIXED:
+                pos += _FIXED[b]
+            elif b in _FIXEXT or b in (0xC7, 0xC8, 0xC9):
+                if b in _FIXEXT:
+                    size, head = _FIXEXT[b], 2
+                else:
+                    width = {0xC7: 1, 0xC8: 2, 0xC9: 4}[b]
+                    size = (_U8, _U16, _U32)[width // 2](buf, pos + 1)[0]
+                    head = 2 + width
+                code = buf[pos + head - 1]
+                start = pos + head
+                pos = start + size
+                if code not in RAW_EXTENSIONS and start < min(pos, end):
+                    regions.append((start, min(pos, end)))
+            else:
+                return False  # 0xc1: malformed, the decoder says so
+    return False

@@ -201,7 +201,12 @@ def _may_flood(ann: Any, seen: set[int] | None = None) -> bool:
     if origin in _SET_ORIGINS:
         return bool(args) and (_collidable(args[0]) or _may_flood(args[0], seen))
     if origin in _DICT_ORIGINS:
-        return len(args) == 2 and (_collidable(args[0]) or _may_flood(args[1], seen))
+        if len(args) == 2 and _collidable(args[0]):
+            # msgspec would hash the keys as it reads the map, before any
+            # check of ours could count them.
+            raise TypeError(f"a dict keyed by {_type_name(args[0])} (keys whose hashes the far "
+                            "side could make collide); use a list of pairs")
+        return len(args) == 2 and _may_flood(args[1], seen)
     if args:
         return any(_may_flood(a, seen) for a in args if a is not Ellipsis)
     fields = _struct_fields(ann)
@@ -299,12 +304,17 @@ class Contract:
                 # The callee's own default applies; UNSET means "not passed".
                 fields.append((p.name, typing.Union[ann, msgspec.UnsetType], msgspec.UNSET))
         self.return_type = hints.get("return", Any)
-        self._result_floods = _may_flood(self.return_type)
+        try:
+            self._result_floods = _may_flood(self.return_type)
+            args_flood = any(_may_flood(hints.get(p.name, Any)) for p in self.params)
+        except TypeError as exc:
+            raise EntrypointError(f"{self.key}: its annotations cannot be carried across a "
+                                  f"compartment boundary: {exc}") from None
         try:
             args_struct = msgspec.defstruct(
                 "Args", fields, forbid_unknown_fields=True, module=__name__)
             self._args_struct = args_struct
-            self._args_flood = _may_flood(args_struct)
+            self._args_flood = args_flood
             self._args_decoder = msgspec.msgpack.Decoder(args_struct, ext_hook=_ext_hook,
                                                          dec_hook=_dec_hook)
             self._result_decoder = msgspec.msgpack.Decoder(self.return_type, ext_hook=_ext_hook,
@@ -388,6 +398,8 @@ class Contract:
         the decoder itself) is a ``ProtocolError``."""
         if len(raw) > max_objects:  # smaller cannot hold more objects than bytes
             budget.check(raw, max_objects, f"the reply of {where!r} to {self.key}")
+        if len(raw) > budget.KEY_CHECK_BYTES:  # (an Any in the annotation takes any map)
+            budget.check_map_keys(raw, f"the reply of {where!r} to {self.key}")
         try:
             if self._result_floods:
                 _check_spread(msgspec.msgpack.decode(raw, ext_hook=_ext_hook), self.return_type)
@@ -414,6 +426,11 @@ class Contract:
         as a ``BulkPayload``)."""
         if not self.params and len(raw_args) == 1 and bytes(raw_args) == _EMPTY_MAP:
             return self.encode_result(self.fn(), bulk_out)  # no parameters, no arguments: skip the decoder
+        if len(raw_args) > budget.KEY_CHECK_BYTES:
+            try:
+                budget.check_map_keys(raw_args, f"the arguments of {self.key}")
+            except ProtocolError as exc:
+                raise TypeError(str(exc)) from None
         try:
             if self._args_flood:
                 try:

@@ -844,6 +844,8 @@ class Peer:
     def _decode(self, data: bytes | memoryview | msgspec.Raw) -> Any:
         if len(data) > self.max_objects:  # smaller cannot hold more objects than bytes
             budget.check(data, self.max_objects, f"a value from {self.compartment!r}")
+        if len(data) > budget.KEY_CHECK_BYTES:  # (extension payloads inside it too)
+            budget.check_map_keys(data, f"a value from {self.compartment!r}")
         try:
             return self._decoder.decode(data)
         except (ProtocolError, StaleReference, PermissionError, CallTimeout):
