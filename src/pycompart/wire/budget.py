@@ -71,6 +71,24 @@ def check(data: Any, limit: int, what: str = "a value") -> None:
                             f"({n} bytes; [app] max_message_objects)")
 
 
+def _past_extension(buf: memoryview, pos: int, end: int, regions: list[tuple[int, int]]) -> int:
+    """Where the extension at ``pos`` ends; its payload, if msgpack, is
+    added to ``regions`` to walk."""
+    b = buf[pos]
+    if b in _FIXEXT:
+        size, head = _FIXEXT[b], 2
+    else:
+        width = {0xC7: 1, 0xC8: 2, 0xC9: 4}[b]
+        size = (_U8, _U16, _U32)[width // 2](buf, pos + 1)[0]
+        head = 2 + width
+    code = buf[pos + head - 1]
+    start = pos + head
+    after = start + size
+    if code not in RAW_EXTENSIONS and start < min(after, end):
+        regions.append((start, min(after, end)))
+    return after
+
+
 def count_objects(data: bytes | bytearray | memoryview, limit: int) -> int:
     """Objects that allocate in ``data`` (a msgpack stream), counting up to
     just past ``limit``. Malformed input is left to the decoder to refuse."""
@@ -104,17 +122,7 @@ def count_objects(data: bytes | bytearray | memoryview, limit: int) -> int:
             elif b in _FIXED:
                 pos += _FIXED[b]
             elif b in _FIXEXT or b in (0xC7, 0xC8, 0xC9):
-                if b in _FIXEXT:
-                    size, head = _FIXEXT[b], 2
-                else:
-                    width = {0xC7: 1, 0xC8: 2, 0xC9: 4}[b]
-                    size = (_U8, _U16, _U32)[width // 2](buf, pos + 1)[0]
-                    head = 2 + width
-                code = buf[pos + head - 1]
-                start = pos + head
-                pos = start + size
-                if code not in RAW_EXTENSIONS and start < min(pos, end):
-                    stack.append((start, min(pos, end)))
+                pos = _past_extension(buf, pos, end, stack)
             else:
                 return count  # 0xc1 (never used): malformed, the decoder says so
     return count
@@ -206,17 +214,7 @@ def _bad_map_key(buf: memoryview) -> bool:
             elif b in _FIXED:
                 pos += _FIXED[b]
             elif b in _FIXEXT or b in (0xC7, 0xC8, 0xC9):
-                if b in _FIXEXT:
-                    size, head = _FIXEXT[b], 2
-                else:
-                    width = {0xC7: 1, 0xC8: 2, 0xC9: 4}[b]
-                    size = (_U8, _U16, _U32)[width // 2](buf, pos + 1)[0]
-                    head = 2 + width
-                code = buf[pos + head - 1]
-                start = pos + head
-                pos = start + size
-                if code not in RAW_EXTENSIONS and start < min(pos, end):
-                    regions.append((start, min(pos, end)))
+                pos = _past_extension(buf, pos, end, regions)
             else:
                 return False  # 0xc1: malformed, the decoder says so
     return False
