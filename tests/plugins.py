@@ -138,3 +138,16 @@ def build_many(factory, n, keep=False):
 
 def use_made(text):
     return [obj.run(text) for obj in _made]
+
+
+class ShoutAsserts:
+    """A mixin of assertions (pyparsing's TestParseResultsAsserts): main's
+    test class puts unittest.TestCase beside it, and its code calls
+    TestCase's methods on self."""
+
+    def assertShouted(self, text):
+        self.assertEqual(text, text.upper(), msg=f"{text!r} is not shouted")
+
+    def assertRefused(self, fn):
+        with self.assertRaises(ValueError):
+            fn()

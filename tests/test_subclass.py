@@ -121,6 +121,30 @@ def test_unittest_helpers_run_under_mains_unittest(plugins):
     assert not result.errors, result.errors
 
 
+def test_a_boxed_mixin_uses_the_standard_library_bases_main_chose(plugins):
+    """``class T(boxed.Mixin, unittest.TestCase)``: the mixin's code calls
+    ``self.assertEqual`` and ``self.assertRaises``, methods of the base main
+    put there itself; they were not handed over ('no attribute
+    assertEqual for the compartment')."""
+    class MyCase(plugins.ShoutAsserts, unittest.TestCase):
+        def test_shouted(self):
+            self.assertShouted("LOUD")
+
+        def test_not_shouted(self):
+            self.assertShouted("quiet")
+
+        def test_refused(self):
+            def bad():
+                raise ValueError("no")
+            self.assertRefused(bad)
+
+    result = unittest.TestResult()
+    unittest.defaultTestLoader.loadTestsFromTestCase(MyCase).run(result)
+    assert result.testsRun == 3 and not result.errors, result.errors
+    assert len(result.failures) == 1 and "is not shouted" in result.failures[0][1]
+    assert "assertEqual" in MyCase.__pycompart_handed__ and "_callTestMethod" not in MyCase.__pycompart_handed__
+
+
 def test_two_compartments_cannot_be_mixed(make_app):
     app = make_app({"compartments": {
         "a": {"modules": ["plugins"], "may_call": ["main"]},

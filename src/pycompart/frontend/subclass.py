@@ -103,7 +103,13 @@ def make_subclass(remote_meta: type, name: str, bases: tuple[type, ...], ns: dic
     cls.__pycompart_compartment__ = comp.name
     cls.__pycompart_remote_bases__ = tuple(dict.fromkeys(remote + remote_ancestry))
     cls.__pycompart_twinclasses__ = {}
-    cls.__pycompart_handed__ = _handed(cls)
+    # The standard-library classes main itself put among the bases
+    # (``class T(boxed.Mixin, unittest.TestCase)``): the mixin's code calls
+    # their methods on self (``self.assertEqual``), as main's.
+    chosen = {c for base in bases if not isinstance(base, RemoteClassMeta)
+              for c in getattr(base, "__mro__", ()) if c is not object and c not in tail
+              and _stdlib(c.__module__) and not _powerful(c)}
+    cls.__pycompart_handed__ = _handed(cls, chosen)
     return cls
 
 
@@ -130,19 +136,23 @@ def _main_classes(cls: type) -> list[type]:
     return out
 
 
-def _handed(cls: type) -> dict[str, str]:
+def _handed(cls: type, chosen: set[type] | frozenset[type] = frozenset()) -> dict[str, str]:
     """What main hands over with this class: name -> kind, for every
-    attribute main's own classes define, as the MRO resolves it."""
+    attribute main's own classes define, as the MRO resolves it, and the
+    public methods of the standard-library classes main ``chosen`` as bases."""
     import inspect  # (here: ~5 ms of main's start-up, for a program that hands no subclass)
 
     handed: dict[str, str] = {}
     seen: set[str] = set()
+    own = _main_classes(cls)
     for klass in cls.__mro__:
         for name, value in klass.__dict__.items():
             if name in seen:
                 continue
             seen.add(name)
-            if name in _MACHINERY or klass not in _main_classes(cls):
+            if name in _MACHINERY:
+                continue
+            if klass not in own and not (klass in chosen and not name.startswith("_")):
                 continue
             if isinstance(value, staticmethod):
                 handed[name] = "staticmethod"
@@ -303,6 +313,12 @@ _HARMLESS = frozenset({("os", "PathLike")})
 MAX_STDLIB_BASES = 64
 
 
+def _powerful(cls: type) -> bool:
+    module = cls.__module__
+    return (module, cls.__qualname__) not in _HARMLESS and \
+        any(module == p or module.startswith(p + ".") for p in _POWERFUL)
+
+
 def _entries(comp: Compartment, stdlib: Any) -> list[tuple[str, str]]:
     if type(stdlib) is not list or len(stdlib) > MAX_STDLIB_BASES or not all(
             type(e) is list and len(e) == 2 and type(e[0]) is str and type(e[1]) is str
@@ -333,8 +349,7 @@ def _stdlib_base(comp: Compartment, box_class: type, entry: tuple[str, str]) -> 
         raise ProtocolError(f"compartment {comp.name!r} named {module}.{qualname} as a "
                             f"standard-library ancestor of {box_class.__qualname__!r}, which main "
                             "has not imported (or which is not a class defined there)")
-    if (module, qualname) not in _HARMLESS and \
-            any(module == p or module.startswith(p + ".") for p in _POWERFUL):
+    if _powerful(found):
         raise TypeError(f"{box_class.__qualname__!r} (in compartment {comp.name!r}) derives from "
                         f"{module}.{qualname}: main does not put that class among its own class's "
                         "bases (its methods would run in main)")
