@@ -780,3 +780,26 @@ def in_zone(month):
 
 def zone_facts(dt):
     return [dt.tzinfo is ZONE, dt.utcoffset(), dt.hour]
+
+
+class SlotError(Exception):
+    """Keeps its state in slots and computes some in properties
+    (pyparsing's ParseException)."""
+
+    __slots__ = ("loc", "pstr", "parser")
+
+    def __init__(self, pstr, loc):
+        self.pstr, self.loc, self.parser = pstr, loc, object()
+        super().__init__(pstr, loc)
+
+    @property
+    def col(self):
+        return self.loc + 1
+
+    @property
+    def broken(self):
+        raise RuntimeError("not sent")
+
+
+def fail_with_slots(text):
+    raise SlotError(text, 3)

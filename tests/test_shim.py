@@ -1501,3 +1501,13 @@ def test_a_boxed_tzinfo_is_a_tzinfo_in_main(boxed):
 
     facts = boxed.zone_facts(datetime.datetime(2020, 7, 1, 12, tzinfo=West()))
     assert facts == [False, datetime.timedelta(hours=-5), 12]
+
+
+def test_an_exceptions_slots_and_properties_reach_main(boxed):
+    """pyparsing's ParseException keeps loc, msg and pstr in __slots__ and
+    computes lineno, col and line in properties: the stand-in had none."""
+    with pytest.raises(boxed.SlotError) as info:
+        boxed.fail_with_slots("abc def")
+    exc = info.value
+    assert (exc.loc, exc.pstr, exc.col) == (3, "abc def", 4)
+    assert not hasattr(exc, "parser") and not hasattr(exc, "broken")  # not simple; raised

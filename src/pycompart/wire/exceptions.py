@@ -118,9 +118,39 @@ def describe_exception(exc: BaseException, brief: bool = False) -> ErrorInfo:
         if isinstance(key, str) and key.isidentifier() and not key.startswith("_") \
                 and isinstance(value, _SIMPLE) and len(attributes) < 36:
             attributes[key[:100]] = _bounded(value)
+    for key, value in _slots_and_properties(exc):
+        if key not in attributes and len(attributes) < 36:
+            attributes[key] = _bounded(value)
     suppress = bool(exc.__suppress_context__) and exc.__cause__ is None
     return ErrorInfo(name[:200], message[:MAX_ERROR_TEXT], args[:16], tb[-MAX_ERROR_TEXT:],
                      [m[:200] for m in mro], attributes, suppress=suppress)
+
+
+def _slots_and_properties(exc: BaseException) -> list[tuple[str, Any]]:
+    """Public values an exception keeps in ``__slots__`` (pyparsing's
+    ``loc``, ``msg``, ``pstr``) or computes in properties of its own
+    classes (``lineno``, ``col``, ``line``), simple ones only: the
+    receiver's stand-in has neither the slots nor the code."""
+    out: list[tuple[str, Any]] = []
+    for klass in type(exc).__mro__:
+        if klass.__module__ == "builtins":
+            continue
+        slots = klass.__dict__.get("__slots__", ())
+        names = [slots] if isinstance(slots, str) else list(slots) if isinstance(slots, (tuple, list)) else []
+        names += [n for n, v in klass.__dict__.items() if isinstance(v, property)]
+        for name in names[:64]:
+            if not isinstance(name, str) or not name.isidentifier() or name.startswith("_") \
+                    or name in _OSERROR_FIELDS or name == "args":
+                continue
+            try:
+                value = getattr(exc, name)
+            except Exception:  # unset, or a property that fails: not sent
+                continue
+            if isinstance(value, _SIMPLE):
+                out.append((name[:100], value))
+        if len(out) >= 36:
+            break
+    return out
 
 
 def _describe_brief(exc: BaseException) -> ErrorInfo:
