@@ -803,3 +803,8 @@ class SlotError(Exception):
 
 def fail_with_slots(text):
     raise SlotError(text, 3)
+
+
+def own_spec_name():
+    """What a package's code asks of its own module (humanize's locale path)."""
+    return __spec__ and __spec__.name

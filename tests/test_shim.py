@@ -1511,3 +1511,19 @@ def test_an_exceptions_slots_and_properties_reach_main(boxed):
     exc = info.value
     assert (exc.loc, exc.pstr, exc.col) == (3, "abc def", 4)
     assert not hasattr(exc, "parser") and not hasattr(exc, "broken")  # not simple; raised
+
+
+def test_monkeypatching_a_boxed_modules_dunder_reaches_its_code_and_is_undone(boxed, monkeypatch):
+    """monkeypatch.setattr(mod, "__spec__", None): the module's own code
+    looks at its own __spec__; the change stayed on main's stand-in, and
+    humanize's activate() did not raise (174 of its tests then ran in
+    Russian). Undone, the compartment's module is as it was."""
+    assert boxed.own_spec_name() == "boxlib"
+    with monkeypatch.context() as patch:
+        patch.setattr(boxed, "__spec__", None)
+        assert boxed.own_spec_name() is None and boxed.__spec__ is None
+    assert boxed.own_spec_name() == "boxlib" and boxed.__spec__.name == "boxlib"
+    with monkeypatch.context() as patch:
+        patch.setattr(boxed, "__version__", "9.9", raising=False)
+        assert boxed.__version__ == "9.9"
+    assert not hasattr(boxed, "__version__")

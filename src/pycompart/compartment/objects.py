@@ -79,6 +79,8 @@ class ObjectServer:
         self.compartment = compartment
         self.trusts_main = trusts_main
         self.guarded = not trusts_main
+        #: Module dunders main changed, as they were first (``op_setattr``).
+        self._dunders: dict[tuple[str, str], Any] = {}
         #: Module-level containers go to the caller by reference (main);
         #: another compartment, over an edge, gets copies.
         self.shares_containers = shares_containers
@@ -313,7 +315,21 @@ class ObjectServer:
         if not self.allow_setattr:
             raise PermissionError(f"setting attributes in compartment {self.compartment!r} is not "
                                   "allowed (spec: allow_setattr)")
-        setattr(target, self.check_name(name, target=target), value)
+        name = self.check_name(name, target=target)
+        if isinstance(target, types.ModuleType) and name.startswith("__") and name.endswith("__"):
+            # main's monkeypatch of a module's __spec__ or __file__: kept to
+            # be put back (END: as it was before main's first change).
+            key = (target.__name__, name)
+            if key not in self._dunders and len(self._dunders) < MAX_DUNDERS:
+                self._dunders[key] = target.__dict__.get(name, _MISSING)
+            if value is refs.END:
+                original = self._dunders.get(key, _MISSING)
+                if original is _MISSING:
+                    target.__dict__.pop(name, None)
+                else:
+                    setattr(target, name, original)
+                return
+        setattr(target, name, value)
 
     # -- main's subclasses of our classes (pycompart.frontend.subclass) ---------------------
 
@@ -614,6 +630,10 @@ MAX_WATCHED_TWINS = 4096
 _OWN_KINDS = frozenset({types.GeneratorType, types.AsyncGeneratorType, types.CoroutineType,
                         tuple, frozenset, type(iter([])), type(iter(())), type(iter({})),
                         type(iter(range(0))), type({}.items()), type({}.keys()), type({}.values())})
+
+#: Module dunders main may change and put back (``op_setattr``), at most.
+MAX_DUNDERS = 256
+_MISSING = object()
 
 #: Mutable containers an attribute read hands over by reference.
 SHARED_MUTABLE = frozenset({list, dict, set, bytearray, collections.defaultdict,

@@ -131,7 +131,13 @@ class _ProxyLoader:
         return self.comp.module(spec.name)
 
     def exec_module(self, module: types.ModuleType) -> None:
-        pass  # it ran in the compartment
+        # It ran in the compartment. What the import system set on the proxy
+        # (``__spec__``, ``__file__``, ...) from now on is the program's to
+        # change (``ModuleProxy.__setattr__``); these are its values now.
+        if _is_proxy(module):
+            module.__dict__["__pycompart_dunders__"] = {
+                name: value for name, value in module.__dict__.items()
+                if name.startswith("__") and name.endswith("__") and not name.startswith("__pycompart")}
 
 
 def search_path() -> list[str]:

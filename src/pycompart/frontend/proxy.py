@@ -489,6 +489,9 @@ _RESERVED = frozenset({"type_name", "message", "remote_traceback", "remote_compa
 _BUILTIN_NAMES = frozenset(vars(builtins))
 
 
+_UNSET: Any = object()  # (a dunder deleted: ``ModuleProxy._pc_dunder``)
+
+
 class ModuleProxy(types.ModuleType):
     """A module placed in a compartment, as seen from elsewhere."""
 
@@ -551,8 +554,7 @@ class ModuleProxy(types.ModuleType):
         """``mod.FLAG = True``, ``mock.patch.object(mod, "f", ...)``: the
         module in the compartment changes (where its code looks), or the
         assignment fails loudly. Import machinery (dunders) stays local."""
-        if name.startswith("__") and name.endswith("__"):
-            super().__setattr__(name, value)
+        if name.startswith("__") and name.endswith("__") and self._pc_dunder(name, value):
             return
         comp: Compartment = self.__dict__["__pycompart_comp__"]
         if not comp.spec.allow_setattr:
@@ -561,9 +563,42 @@ class ModuleProxy(types.ModuleType):
         self.__dict__.pop(name, None)
         comp.call(None, "@setattr", [self, name, value])
 
+    def _pc_dunder(self, name: str, value: Any) -> bool:
+        """A dunder set (or, ``value`` ``_UNSET``, deleted): True if done
+        here. The import system's (``__spec__``, ``__file__``) stay on the
+        proxy, and once the import is over, a plain value set on one goes to
+        the compartment too (``monkeypatch.setattr(mod, "__spec__", None)``:
+        the module's code looks at its own), the proxy's own value again
+        puts back the compartment's (monkeypatch's undo). Others, as any
+        attribute, once imported (``mod.__version__ = ...``)."""
+        d = self.__dict__
+        mine = d.get("__pycompart_dunders__")
+        comp: Compartment = d["__pycompart_comp__"]
+        if mine is None or name.startswith("__pycompart") or not comp.spec.allow_setattr \
+                or not exposed(name, comp.expose):
+            if value is _UNSET:
+                super().__delattr__(name)
+            else:
+                super().__setattr__(name, value)
+            return True
+        if name not in mine:
+            if value is _UNSET:
+                d.pop(name, None)
+                comp.call(None, "@delattr", [self, name])
+                return True
+            return False  # as any attribute
+        if value is _UNSET:
+            d.pop(name, None)
+        else:
+            super().__setattr__(name, value)
+        if value is _UNSET or value is mine[name]:
+            comp.call(None, "@setattr", [self, name, refs.END])  # END: as it was
+        elif refs.plain((value,)):
+            comp.call(None, "@setattr", [self, name, value])
+        return True
+
     def __delattr__(self, name: str) -> None:
-        if name.startswith("__") and name.endswith("__"):
-            super().__delattr__(name)
+        if name.startswith("__") and name.endswith("__") and self._pc_dunder(name, _UNSET):
             return
         comp: Compartment = self.__dict__["__pycompart_comp__"]
         if not comp.spec.allow_setattr:
