@@ -588,3 +588,27 @@ def test_a_map_keyed_by_arrays_is_refused_before_msgspec_hashes_them():
     assert peer.decode(peer.encode(keyed)) == keyed
     plain = {f"k{i}": [i, float(i)] for i in range(5000)}
     assert peer.decode(peer.encode(plain)) == plain
+
+
+def test_hashing_a_peers_object_while_decoding_is_bounded_however_it_comes(monkeypatch):
+    """A key's hash is a round trip to its owner: whether the key came in
+    a set, an EXT_DICT or (from a hostile peer) a msgpack map, those round
+    trips share one deadline (``decode_deadline``), and none is left set
+    after the decode."""
+    comp, peer = main_peer()
+    peer.decode_timeout = 30.0
+    seen = []
+
+    def op(self, name, *args):
+        seen.append((name, refs.decode_deadline()))
+        return 5
+    monkeypatch.setattr(RemoteObject, "_pc_op", op)
+    flags = protocols.F_EQ | protocols.F_HASH
+    ref = Ext(refs.EXT_REF, enc.encode([1, "t#1", flags, "Key"]))
+    native_map = b"\x81" + enc.encode(ref) + b"\x01"  # {ref: 1}, as no pycompart sends it
+    for data in (native_map, enc.encode(Ext(refs.EXT_SET, enc.encode([ref]))),
+                 enc.encode(Ext(refs.EXT_DICT, enc.encode([ref, 1])))):
+        seen.clear()
+        peer.decode(data)
+        assert seen and all(name == "hash" and deadline is not None for name, deadline in seen), seen
+        assert refs.decode_deadline() is None

@@ -816,30 +816,29 @@ class Peer:
     def decode(self, data: bytes | memoryview | msgspec.Raw, fds: list[int] | None = None) -> Any:
         """``data`` as values; ``fds``: the descriptors that came with it
         (each used at most once; those it does not name are closed)."""
-        timeout = self.decode_timeout
-        if timeout is not None:
-            return self._decode_within(data, fds, timeout)
-        if fds:
-            with receiving(fds):
-                return self._decode(data)
-        return self._decode(data)
-
-    def _decode_within(self, data: bytes | memoryview | msgspec.Raw, fds: list[int] | None,
-                       timeout: float) -> Any:
-        # Building a set or a dict of the peer's objects hashes and compares
-        # them, each a round trip the peer may answer slowly: without one
-        # bound for them all, a value of n such objects could hold the
-        # decoder (main's caller) for n call timeouts.
+        if self.decode_timeout is None:
+            if fds:
+                with receiving(fds):
+                    return self._decode(data)
+            return self._decode(data)
         outer = getattr(_decoding, "deadline", None)
-        deadline = time.monotonic() + timeout
-        _decoding.deadline = deadline if outer is None else min(outer, deadline)
         try:
             if fds:
                 with receiving(fds):
                     return self._decode(data)
             return self._decode(data)
         finally:
-            _decoding.deadline = outer
+            if outer is None:
+                _decoding.deadline = None  # (set by ``_bound_round_trips``, if it was)
+
+    def _bound_round_trips(self) -> None:
+        # Building a set or a dict of the peer's objects hashes and compares
+        # them, each a round trip the peer may answer slowly: without one
+        # bound for them all, a value of n such objects could hold the
+        # decoder (main's caller) for n call timeouts. Set the first time a
+        # decode builds one (most decode none), for the rest of it.
+        if self.decode_timeout is not None and getattr(_decoding, "deadline", None) is None:
+            _decoding.deadline = time.monotonic() + self.decode_timeout
 
     def _decode(self, data: bytes | memoryview | msgspec.Raw) -> Any:
         if len(data) > self.max_objects:  # smaller cannot hold more objects than bytes
@@ -868,6 +867,8 @@ class Peer:
         if code == EXT_FD:
             return descriptor_from(self._decoder.decode(data))
         if code == EXT_REF:
+            # (A proxy may be hashed where it lands: a key of a msgpack map.)
+            self._bound_round_trips()
             fields = self._decoder.decode(data)
             if type(fields) is not list or len(fields) not in (4, 5):
                 raise ProtocolError("malformed reference")
@@ -893,13 +894,17 @@ class Peer:
             if len(flat) % 2:
                 raise ProtocolError("malformed dict")
             keys = flat[::2]
+            self._bound_round_trips()
             spread(keys)
             return dict(zip(keys, flat[1::2]))
         if code == EXT_CONTAINER:
+            self._bound_round_trips()
             return _decode_container(self._list(data))
         if code == EXT_SET:
+            self._bound_round_trips()
             return set(spread(self._list(data)))
         if code == EXT_FROZENSET:
+            self._bound_round_trips()
             return frozenset(spread(self._list(data)))
         if code == EXT_BIGINT:
             text = bytes(data)
