@@ -396,3 +396,20 @@ def test_a_typed_any_result_with_a_map_keyed_by_arrays_is_refused():
     payload = msgspec.msgpack.encode({(i, -1): 1 for i in range(5000)})
     with pytest.raises(ProtocolError, match="map whose key"):
         Contract(anything).decode_result(payload, "box")
+
+
+def test_a_typed_dict_keyed_by_datetimes_crosses_however_big():
+    """msgspec sends a datetime key as its timestamp extension: a map key
+    that is an extension, and yet legitimate (red team: refused past 16 KiB)."""
+    import datetime
+
+    import msgspec
+
+    from pycompart.wire.contract import Contract
+
+    def series() -> dict[datetime.datetime, int]: ...
+    start = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    value = {start + datetime.timedelta(minutes=i): i for i in range(2000)}
+    payload = msgspec.msgpack.encode(value)
+    assert len(payload) > 16 * 1024
+    assert Contract(series).decode_result(payload, "box") == value

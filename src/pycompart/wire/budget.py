@@ -27,9 +27,15 @@ from ..errors import ProtocolError
 #: max_message_objects``): ~60-100 bytes each, so ~100 MB at the most.
 DEFAULT_MAX_OBJECTS = 1_000_000
 
-#: Extension codes whose payload is raw bytes, not msgpack (refs.EXT_BIGINT,
-#: refs.EXT_BYTEARRAY).
-RAW_EXTENSIONS = frozenset({4, 6})
+#: Extension codes whose payload is itself msgpack (``pycompart.wire.refs``:
+#: EXT_TUPLE, SET, FROZENSET, COMPLEX, DICT, REF, YOURS, PATH, SLICE, STD,
+#: CONTAINER, PUSHBACK, FD, BULK), walked too. Any other payload is raw
+#: bytes (a big int's digits, a bytearray, a builtin's name, a str with
+#: lone surrogates, msgspec's timestamps) or empty, and is skipped.
+MSGPACK_EXTENSIONS = frozenset({1, 2, 3, 5, 7, 10, 11, 12, 15, 17, 19, 20, 21, 22})
+#: msgspec's timestamp extension (-1, as a byte): a datetime, which may be
+#: a typed dict's key.
+TIMESTAMP = 0xFF
 
 # Bytes that may begin an object that allocates: fixmap, fixarray, fixstr
 # (0x80-0xbf), bin/ext/float/uint/int/fixext/str/array/map (0xc4-0xdf).
@@ -46,12 +52,73 @@ _U32 = struct.Struct(">I").unpack_from
 # Fixed sizes (header included) of scalar types that carry no length.
 _FIXED = {0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}
 _FIXEXT = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+_EXT_WIDTH = {0xC7: 1, 0xC8: 2, 0xC9: 4}
+_LENGTH = {0xC4: (_U8, 2), 0xD9: (_U8, 2), 0xC5: (_U16, 3), 0xDA: (_U16, 3),
+           0xC6: (_U32, 5), 0xDB: (_U32, 5)}
+
+
+class _Malformed(Exception):
+    """What a walk found is not msgpack (the decoder would refuse it too)."""
+
+
+# What one element is, for the walkers.
+_PLAIN, _ALLOCATES, _ARRAY, _MAP, _EXT = range(5)
+
+
+def _element(buf: memoryview, pos: int, end: int) -> tuple[int, int, int, int, int]:
+    """The element at ``pos`` of a region ending at ``end``: (where it ends,
+    kind, items for an array or map, extension code, payload start). Never
+    past ``end``: a length that runs past it is malformed."""
+    if pos >= end:
+        raise _Malformed
+    b = buf[pos]
+    if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+        return pos + 1, _PLAIN, 0, 0, 0
+    if b <= 0x8F:
+        return pos + 1, _MAP, b & 0x0F, 0, 0
+    if b <= 0x9F:
+        return pos + 1, _ARRAY, b & 0x0F, 0, 0
+    if b <= 0xBF:
+        after = pos + 1 + (b & 0x1F)
+    elif b in _LENGTH:
+        unpack, head = _LENGTH[b]
+        if pos + head > end:
+            raise _Malformed
+        after = pos + head + unpack(buf, pos + 1)[0]
+    elif b in (0xDC, 0xDD, 0xDE, 0xDF):
+        head = 3 if b in (0xDC, 0xDE) else 5
+        if pos + head > end:
+            raise _Malformed
+        n = (_U16 if head == 3 else _U32)(buf, pos + 1)[0]
+        return pos + head, _MAP if b in (0xDE, 0xDF) else _ARRAY, n, 0, 0
+    elif b in _FIXED:
+        after = pos + _FIXED[b]
+    elif b in _FIXEXT or b in _EXT_WIDTH:
+        if b in _FIXEXT:
+            size, head = _FIXEXT[b], 2
+        else:
+            width = _EXT_WIDTH[b]
+            if pos + 2 + width > end:
+                raise _Malformed
+            size = (_U8, _U16, _U32)[width // 2](buf, pos + 1)[0]
+            head = 2 + width
+        if pos + head > end:
+            raise _Malformed
+        after = pos + head + size
+        if after > end:
+            raise _Malformed
+        return after, _EXT, 0, buf[pos + head - 1], pos + head
+    else:
+        raise _Malformed  # 0xc1, never used
+    if after > end:
+        raise _Malformed
+    return after, _ALLOCATES, 0, 0, 0
 
 
 def check(data: Any, limit: int, what: str = "a value") -> None:
     """Raise ``ProtocolError`` if decoding ``data`` (bytes, or anything with
     the buffer protocol, ``msgspec.Raw`` included) would build more than
-    ``limit`` objects."""
+    ``limit`` objects, or if it is not msgpack."""
     n = len(data)
     if n <= limit:
         return
@@ -64,67 +131,31 @@ def check(data: Any, limit: int, what: str = "a value") -> None:
         if len(bytes(data).translate(None, _OTHER)) <= limit:
             return
         count = count_objects(data, limit)
-    except (struct.error, IndexError):
-        return  # truncated: the decoder refuses it as malformed
+    except _Malformed:
+        raise ProtocolError(f"{what} is not well-formed msgpack") from None
     if count > limit:
         raise ProtocolError(f"{what} would build more than {limit} objects when decoded "
                             f"({n} bytes; [app] max_message_objects)")
 
 
-def _past_extension(buf: memoryview, pos: int, end: int, regions: list[tuple[int, int]]) -> int:
-    """Where the extension at ``pos`` ends; its payload, if msgpack, is
-    added to ``regions`` to walk."""
-    b = buf[pos]
-    if b in _FIXEXT:
-        size, head = _FIXEXT[b], 2
-    else:
-        width = {0xC7: 1, 0xC8: 2, 0xC9: 4}[b]
-        size = (_U8, _U16, _U32)[width // 2](buf, pos + 1)[0]
-        head = 2 + width
-    code = buf[pos + head - 1]
-    start = pos + head
-    after = start + size
-    if code not in RAW_EXTENSIONS and start < min(after, end):
-        regions.append((start, min(after, end)))
-    return after
-
-
 def count_objects(data: bytes | bytearray | memoryview, limit: int) -> int:
-    """Objects that allocate in ``data`` (a msgpack stream), counting up to
-    just past ``limit``. Malformed input is left to the decoder to refuse."""
+    """Objects that allocate in ``data`` (a msgpack stream, extension
+    payloads included), counting up to just past ``limit``. Raises
+    ``_Malformed`` for what is not msgpack."""
     buf = memoryview(data).cast("B")
     count = 0
-    stack = [(0, len(buf))]
-    while stack:
-        pos, end = stack.pop()
+    regions = [(0, len(buf))]
+    while regions:
+        pos, end = regions.pop()
         while pos < end:
-            b = buf[pos]
-            if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
-                pos += 1
+            pos, kind, _, code, start = _element(buf, pos, end)
+            if kind == _PLAIN:
                 continue
             count += 1
             if count > limit:
                 return count
-            if b <= 0x9F:  # fixmap, fixarray: their items follow inline
-                pos += 1
-            elif b <= 0xBF:  # fixstr
-                pos += 1 + (b & 0x1F)
-            elif b in (0xC4, 0xD9):  # bin8, str8
-                pos += 2 + _U8(buf, pos + 1)[0]
-            elif b in (0xC5, 0xDA):  # bin16, str16
-                pos += 3 + _U16(buf, pos + 1)[0]
-            elif b in (0xC6, 0xDB):  # bin32, str32
-                pos += 5 + _U32(buf, pos + 1)[0]
-            elif b in (0xDC, 0xDE):  # array16, map16
-                pos += 3
-            elif b in (0xDD, 0xDF):  # array32, map32
-                pos += 5
-            elif b in _FIXED:
-                pos += _FIXED[b]
-            elif b in _FIXEXT or b in (0xC7, 0xC8, 0xC9):
-                pos = _past_extension(buf, pos, end, stack)
-            else:
-                return count  # 0xc1 (never used): malformed, the decoder says so
+            if kind == _EXT and code in MSGPACK_EXTENSIONS and start < pos:
+                regions.append((start, pos))
     return count
 
 
@@ -148,7 +179,8 @@ _NOT_BIG_MAP = bytes(b for b in range(256) if b not in (0xDE, 0xDF))
 
 def check_map_keys(data: Any, what: str = "a value") -> None:
     """Raise ``ProtocolError`` if a map in ``data`` (msgpack, extension
-    payloads included) has a key that is an array, a map or an extension."""
+    payloads included) has a key that is an array, a map or an extension
+    (a timestamp apart), or if it is not msgpack."""
     if len(data) <= KEY_CHECK_BYTES:
         return
     buf = memoryview(data).cast("B")
@@ -158,8 +190,8 @@ def check_map_keys(data: Any, what: str = "a value") -> None:
         if not bytes(buf).translate(None, _NOT_BIG_MAP):
             return
         bad = _bad_map_key(buf)
-    except (struct.error, IndexError):
-        return  # truncated: the decoder refuses it as malformed
+    except _Malformed:
+        raise ProtocolError(f"{what} is not well-formed msgpack") from None
     if bad:
         raise ProtocolError(f"{what} has a map whose key is an array, a map or an extension "
                             "(pycompart never sends one)")
@@ -172,7 +204,7 @@ def _bad_map_key(buf: memoryview) -> bool:
         # Per open container: [items left, is a map, index of the next item].
         frames: list[list[Any]] = []
         while pos < end:
-            b = buf[pos]
+            at_key = False
             if frames:
                 top = frames[-1]
                 at_key = top[1] and top[2] % 2 == 0
@@ -180,41 +212,13 @@ def _bad_map_key(buf: memoryview) -> bool:
                 top[0] -= 1
                 if top[0] == 0:
                     frames.pop()
-            else:
-                at_key = False
-            if at_key and (0x80 <= b <= 0x9F or b in (0xDC, 0xDD, 0xDE, 0xDF, 0xC7, 0xC8, 0xC9)
-                           or 0xD4 <= b <= 0xD8):
+            pos, kind, n, code, start = _element(buf, pos, end)
+            if at_key and (kind in (_ARRAY, _MAP) or (kind == _EXT and code != TIMESTAMP)):
                 return True
-            if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
-                pos += 1
-            elif b <= 0x9F:  # fixmap, fixarray
-                n = b & 0x0F
-                is_map = b <= 0x8F
-                pos += 1
-                if n:
-                    frames.append([2 * n if is_map else n, is_map, 0])
-            elif b <= 0xBF:
-                pos += 1 + (b & 0x1F)
-            elif b in (0xC4, 0xD9):
-                pos += 2 + _U8(buf, pos + 1)[0]
-            elif b in (0xC5, 0xDA):
-                pos += 3 + _U16(buf, pos + 1)[0]
-            elif b in (0xC6, 0xDB):
-                pos += 5 + _U32(buf, pos + 1)[0]
-            elif b in (0xDC, 0xDE):
-                n = _U16(buf, pos + 1)[0]
-                pos += 3
-                if n:
-                    frames.append([2 * n if b == 0xDE else n, b == 0xDE, 0])
-            elif b in (0xDD, 0xDF):
-                n = _U32(buf, pos + 1)[0]
-                pos += 5
-                if n:
-                    frames.append([2 * n if b == 0xDF else n, b == 0xDF, 0])
-            elif b in _FIXED:
-                pos += _FIXED[b]
-            elif b in _FIXEXT or b in (0xC7, 0xC8, 0xC9):
-                pos = _past_extension(buf, pos, end, regions)
-            else:
-                return False  # 0xc1: malformed, the decoder says so
+            if kind in (_ARRAY, _MAP) and n:
+                frames.append([2 * n if kind == _MAP else n, kind == _MAP, 0])
+            elif kind == _EXT and code in MSGPACK_EXTENSIONS and start < pos:
+                regions.append((start, pos))
+        if frames:
+            raise _Malformed  # a container the region ends inside
     return False
