@@ -1524,6 +1524,10 @@ def test_monkeypatching_a_boxed_modules_dunder_reaches_its_code_and_is_undone(bo
         assert boxed.own_spec_name() is None and boxed.__spec__ is None
     assert boxed.own_spec_name() == "boxlib" and boxed.__spec__.name == "boxlib"
     with monkeypatch.context() as patch:
+        patch.delattr(boxed, "__spec__")  # gone there too (humanize: activate() must raise)
+        assert boxed.own_spec_name() == "builtins"  # (the name falls back to builtins')
+    assert boxed.own_spec_name() == "boxlib"
+    with monkeypatch.context() as patch:
         patch.setattr(boxed, "__version__", "9.9", raising=False)
         assert boxed.__version__ == "9.9"
     assert not hasattr(boxed, "__version__")

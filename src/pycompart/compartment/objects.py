@@ -316,12 +316,8 @@ class ObjectServer:
             raise PermissionError(f"setting attributes in compartment {self.compartment!r} is not "
                                   "allowed (spec: allow_setattr)")
         name = self.check_name(name, target=target)
-        if isinstance(target, types.ModuleType) and name.startswith("__") and name.endswith("__"):
-            # main's monkeypatch of a module's __spec__ or __file__: kept to
-            # be put back (END: as it was before main's first change).
+        if self._keep_dunder(target, name):
             key = (target.__name__, name)
-            if key not in self._dunders and len(self._dunders) < MAX_DUNDERS:
-                self._dunders[key] = target.__dict__.get(name, _MISSING)
             if value is refs.END:
                 original = self._dunders.get(key, _MISSING)
                 if original is _MISSING:
@@ -488,7 +484,20 @@ class ObjectServer:
         if not self.allow_setattr:
             raise PermissionError(f"deleting attributes in compartment {self.compartment!r} is not "
                                   "allowed (spec: allow_setattr)")
-        delattr(target, self.check_name(name, target=target))
+        name = self.check_name(name, target=target)
+        self._keep_dunder(target, name)
+        delattr(target, name)
+
+    def _keep_dunder(self, target: Any, name: str) -> bool:
+        """main's monkeypatch of a module's ``__spec__`` or ``__file__``:
+        what it was before main's first change is kept, to be put back
+        (``op_setattr`` with END). Whether ``name`` is such a dunder."""
+        if not (isinstance(target, types.ModuleType) and name.startswith("__") and name.endswith("__")):
+            return False
+        key = (target.__name__, name)
+        if key not in self._dunders and len(self._dunders) < MAX_DUNDERS:
+            self._dunders[key] = target.__dict__.get(name, _MISSING)
+        return True
 
     def op_call(self, target: Any, args: Any, kwargs: Any) -> Any:
         self._check_target(target)

@@ -589,12 +589,13 @@ class ModuleProxy(types.ModuleType):
             return False  # as any attribute
         if value is _UNSET:
             d.pop(name, None)
+            comp.call(None, "@delattr", [self, name])
         else:
             super().__setattr__(name, value)
-        if value is _UNSET or value is mine[name]:
-            comp.call(None, "@setattr", [self, name, refs.END])  # END: as it was
-        elif refs.plain((value,)):
-            comp.call(None, "@setattr", [self, name, value])
+            if value is mine[name]:
+                comp.call(None, "@setattr", [self, name, refs.END])  # END: as it was
+            elif refs.plain((value,)):
+                comp.call(None, "@setattr", [self, name, value])
         return True
 
     def __delattr__(self, name: str) -> None:
