@@ -808,3 +808,8 @@ def fail_with_slots(text):
 def own_spec_name():
     """What a package's code asks of its own module (humanize's locale path)."""
     return __spec__ and __spec__.name
+
+
+def colliding_set(n):
+    """A set main refuses to build (its keys all share one hash)."""
+    return {7 + k * (2**61 - 1) for k in range(1, n)}

@@ -1531,3 +1531,23 @@ def test_monkeypatching_a_boxed_modules_dunder_reaches_its_code_and_is_undone(bo
         patch.setattr(boxed, "__version__", "9.9", raising=False)
         assert boxed.__version__ == "9.9"
     assert not hasattr(boxed, "__version__")
+
+
+def test_an_instance_that_sends_a_value_main_refuses_is_replaced(make_app):
+    """Red team: a reply value main refused (a ProtocolError) left the
+    instance serving, with whatever state it had built."""
+    app = box_app(make_app)
+    with app:
+        box = app.compartment("box").module("boxlib")
+        before = box.pid()
+        with pytest.raises(pycompart.ProtocolError, match="share a hash"):
+            box.colliding_set(200)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if box.pid() != before:
+                    break
+            except (pycompart.CompartmentError, pycompart.StaleReference):
+                pass
+            time.sleep(0.05)
+        assert box.pid() != before

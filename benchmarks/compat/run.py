@@ -82,6 +82,13 @@ PACKAGES = [
     Package("toolz", "0.12.1", ("toolz", "tlz"), tests="toolz/tests", copy_tests_out=True),
     Package("cachetools", "5.5.0", ("cachetools",)),
     Package("boltons", "24.1.0", ("boltons",)),
+    Package("python-dateutil", "2.9.0.post0", ("dateutil",),
+            deps=("freezegun==1.5.1", "hypothesis==6.115.0", "pytest-cov==5.0.0")),
+    Package("humanize", "4.11.0", ("humanize",), deps=("freezegun==1.5.1", "pytest-cov==5.0.0")),
+    Package("parse", "1.20.2", ("parse",)),
+    Package("pyparsing", "3.2.0", ("pyparsing",), deps=("railroad-diagrams==3.0.1", "jinja2==3.1.4"),
+            args=("--ignore=tests/test_matplotlib_cases.py",)),
+    Package("wcwidth", "0.2.13", ("wcwidth",), args=("-o", "addopts=")),
 ]
 
 SPEC = """\

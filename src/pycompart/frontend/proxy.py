@@ -224,7 +224,14 @@ class Compartment:
             if reply.__class__ is Err:
                 close_fds(got)
                 raise self.exception(reply.error)  # type: ignore[union-attr]
-            return peer.decode(reply.value, got)  # type: ignore[union-attr]
+            try:
+                return peer.decode(reply.value, got)  # type: ignore[union-attr]
+            except ProtocolError as exc:
+                # A value main refuses to build: the instance that sent it is
+                # replaced (with whatever state it had), as for a broken frame.
+                channel.fail(ProtocolError(f"compartment {self.name!r} sent a value main refused: "
+                                           f"{exc}"), reason="refused value")
+                raise
         finally:
             peer.decoded(("r", reply.id))
 
