@@ -813,3 +813,7 @@ def own_spec_name():
 def colliding_set(n):
     """A set main refuses to build (its keys all share one hash)."""
     return {7 + k * (2**61 - 1) for k in range(1, n)}
+
+
+def is_tzinfo(zone):
+    return isinstance(zone, datetime.tzinfo)

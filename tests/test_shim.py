@@ -1551,3 +1551,22 @@ def test_an_instance_that_sends_a_value_main_refuses_is_replaced(make_app):
                 pass
             time.sleep(0.05)
         assert box.pid() != before
+
+
+def test_mains_tzinfo_is_a_tzinfo_only_where_main_serves_its_offsets(make_app):
+    """Without may_call = ["main"], main would refuse to compute the
+    offsets of its zones: their proxies are not tzinfos there (a datetime
+    the compartment built in one would fail at its first use in main)."""
+    import datetime
+
+    class West(datetime.tzinfo):
+        def utcoffset(self, dt):
+            return datetime.timedelta(hours=-5)
+
+    app = box_app(make_app, may_call=[])
+    with app:
+        box = app.compartment("box").module("boxlib")
+        assert box.is_tzinfo(West()) is False
+    app = box_app(make_app)
+    with app:
+        assert app.compartment("box").module("boxlib").is_tzinfo(West()) is True

@@ -79,6 +79,9 @@ class ObjectServer:
         self.compartment = compartment
         self.trusts_main = trusts_main
         self.guarded = not trusts_main
+        #: Main serves its tzinfos' offsets to us (we may call main): its
+        #: tzinfos' proxies are tzinfos (set by the serve loop).
+        self.main_zones = False
         #: Module dunders main changed, as they were first (``op_setattr``).
         self._dunders: dict[tuple[str, str], Any] = {}
         #: Module-level containers go to the caller by reference (main);
@@ -1022,6 +1025,8 @@ def instance_peer(server: ObjectServer) -> refs.Peer:
     """The instance's Peer for its channel to main."""
 
     def make_proxy(peer: refs.Peer, handle: int, type_key: str, flags: int, tname: str) -> MainRef:
+        if not server.main_zones:
+            flags &= ~protocols.F_TZINFO  # main would not serve its offsets: not a tzinfo here
         ref = object.__new__(_named_proxy_class(flags, tname))
         set_ = object.__setattr__  # (a Callback's own __setattr__ is for the compartment's code)
         set_(ref, "_pc_peer", peer)

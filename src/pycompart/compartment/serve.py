@@ -373,6 +373,7 @@ class Server(CallServer):
         self.objects = ObjectServer(config.compartment, config.modules, config.functions,
                                     config.expose, config.allow_setattr, config.trusts_main,
                                     shares_containers=config.caller == "main")
+        self.objects.main_zones = config.may_call_main
         self.peer = instance_peer(self.objects)
         self.peer.can_pass_fds = transport.can_pass_fds
         self.peer.pending_release = self.channel.pending_release
