@@ -658,3 +658,38 @@ def test_every_extension_is_walked_or_known_raw():
                     refs.EXT_END, refs.EXT_METHOD, refs.EXT_ELLIPSIS, refs.EXT_NOTIMPLEMENTED}
     codes = {v for k, v in vars(refs).items() if k.startswith("EXT_") and type(v) is int}
     assert codes - raw_or_empty == budget.MSGPACK_EXTENSIONS
+
+
+def test_a_path_past_path_max_does_not_cross_as_a_value():
+    """Red team: a 120 MB PurePosixPath (one str on the wire) made main's
+    pathlib split and intern 20 million parts: 14 s past a 1 s timeout,
+    2 GiB. Longer than PATH_MAX, a path is a reference (sent) or refused
+    (received)."""
+    import pathlib
+
+    _, peer = main_peer()
+    fine = pathlib.PurePosixPath("a/" * 2000 + "b")
+    assert peer.decode(peer.encode(fine)) == fine
+    forged = Ext(refs.EXT_STD, enc.encode(["purepath", "a/" * 3000]))
+    with pytest.raises(ProtocolError):
+        peer.decode(enc.encode(forged))
+    long_one = pathlib.PurePosixPath("a/" * 3000)
+    assert type(peer.decode(peer.encode(long_one))) is not pathlib.PurePosixPath  # by reference
+
+
+def test_lookups_of_zones_a_peer_made_up_are_bounded(monkeypatch):
+    """Red team: past the zone cache, each made-up key cost main a lookup
+    (~45 us): 110,000 values held main 5 s on a 1 s call."""
+    import zoneinfo
+
+    looked = []
+
+    def lookup(key):
+        looked.append(key)
+        raise zoneinfo.ZoneInfoNotFoundError(key)
+    monkeypatch.setattr(zoneinfo, "ZoneInfo", lookup)
+    monkeypatch.setattr(refs, "_ZONES", {f"Made/Up{i}": None for i in range(refs.MAX_ZONES)})
+    monkeypatch.setattr(refs, "_zone_window", [0.0, 0])
+    for i in range(1000):
+        assert refs._zone(f"Europe/Nowhere{i}") is None  # (the value keeps its offset)
+    assert len(looked) == refs.MAX_ZONE_LOOKUPS_PER_SECOND

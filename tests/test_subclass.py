@@ -339,13 +339,18 @@ class Maintenance:
     (("collections", "abc.Sized.__len__"), pycompart.ProtocolError),  # not a class
     (("json", "dumps"), pycompart.ProtocolError),
     (("subprocess", "Popen"), TypeError),  # the standard library's, but it would run in main
-], ids=["main-class", "not-stdlib", "not-a-class", "a-function", "powerful"])
+    (("logging", "FileHandler"), TypeError),  # so would these (red team)
+    (("configparser", "ConfigParser"), TypeError),
+], ids=["main-class", "not-stdlib", "not-a-class", "a-function", "powerful", "file-handler",
+        "config-parser"])
 def test_a_lie_about_a_classes_ancestry_is_refused(make_app, claimed, error):
     """The compartment names the standard-library classes of its class's
     ancestry, which main puts into its subclass's bases: a class of main's
     own (whose methods it could then have main run) or one that would run
     with main's arguments is refused, and nothing is imported for it."""
-    import subprocess  # noqa: F401  (imported by main: still refused)
+    import configparser  # noqa: F401  (imported by main: still refused)
+    import logging  # noqa: F401
+    import subprocess  # noqa: F401
 
     app = make_app({"compartments": {"box": {"modules": ["liarbox"], "may_call": ["main"]}}})
     with app:

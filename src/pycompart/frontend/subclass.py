@@ -300,23 +300,41 @@ def glue_class(comp: Compartment, box_class: type, info: dict[str, Any]) -> tupl
     return type(box_class.__name__, (), ns), [c for c in stdlib if c is not object]
 
 
-#: Standard-library modules whose classes main never puts into its own
-#: class's bases on a compartment's word: their methods would run in main
-#: with main's arguments (``Mine(path)`` as ``Popen(path)``).
-_POWERFUL = ("subprocess", "os", "posix", "shutil", "pty", "multiprocessing", "ctypes", "_ctypes",
-             "importlib", "runpy", "code", "codeop", "pdb", "bdb", "socket", "_socket",
-             "socketserver", "ssl", "http", "urllib", "ftplib", "smtplib", "poplib", "imaplib",
-             "telnetlib", "nntplib", "tempfile", "zipfile", "tarfile", "pickle", "_pickle", "shelve",
-             "marshal", "webbrowser", "sqlite3", "asyncio.subprocess", "zipimport", "pkgutil")
-#: ... except these, which only declare an interface.
-_HARMLESS = frozenset({("os", "PathLike")})
+#: The standard-library modules whose classes main puts into its own
+#: class's bases (for the ancestry a compartment names, and for the public
+#: methods it hands over of the bases main names itself): interfaces,
+#: containers, values, test cases, parsers of strings main passes. Not a
+#: class that would act for main on files, processes or the network with
+#: main's arguments (``Mine(path)`` as ``Popen(path)``, ``FileHandler(path)``,
+#: ``ProcessPoolExecutor``, ``ConfigParser.read``): an allowlist, so that a
+#: module added to the standard library is refused until it is looked at.
+_INTERFACE_MODULES = frozenset({
+    "builtins", "abc", "collections", "collections.abc", "_collections_abc", "numbers", "enum",
+    "typing", "contextlib", "string", "json", "json.encoder", "json.decoder", "html.parser",
+    "_markupbase", "codecs", "datetime", "_datetime", "decimal", "_decimal", "_pydecimal",
+    "fractions", "dataclasses", "functools", "weakref", "_weakrefset", "queue", "types",
+    "textwrap", "pprint", "difflib", "random", "reprlib", "operator", "copy", "struct",
+    "unittest", "unittest.case", "unittest.suite", "unittest.result", "unittest.loader",
+    "unittest.async_case", "argparse", "xml.sax.handler", "xml.etree.ElementTree",
+    "asyncio.protocols", "email.message", "ipaddress", "uuid", "graphlib", "heapq", "bisect",
+    "ast", "inspect",
+})
+#: ... and these classes of other modules, which only declare an interface.
+_INTERFACE_CLASSES = frozenset({("os", "PathLike"), ("io", "IOBase"), ("_io", "_IOBase"),
+                                ("io", "RawIOBase"), ("io", "BufferedIOBase"), ("io", "TextIOBase"),
+                                ("_io", "StringIO"), ("_io", "BytesIO"), ("logging", "Handler"),
+                                ("logging", "Filter"), ("logging", "Formatter"),
+                                ("logging", "Filterer"), ("logging", "LoggerAdapter")})
 MAX_STDLIB_BASES = 64
 
 
 def _powerful(cls: type) -> bool:
-    module = cls.__module__
-    return (module, cls.__qualname__) not in _HARMLESS and \
-        any(module == p or module.startswith(p + ".") for p in _POWERFUL)
+    """Whether main keeps ``cls`` (of the standard library) out of its
+    classes' bases and what it hands over (``_INTERFACE_MODULES``)."""
+    if issubclass(cls, BaseException):
+        return False  # an exception class: raised, caught, its values read
+    return cls.__module__ not in _INTERFACE_MODULES \
+        and (cls.__module__, cls.__qualname__) not in _INTERFACE_CLASSES
 
 
 def _entries(comp: Compartment, stdlib: Any) -> list[tuple[str, str]]:
@@ -333,7 +351,7 @@ def _stdlib_base(comp: Compartment, box_class: type, entry: tuple[str, str]) -> 
     checked: a module of the standard library main has imported itself
     (nothing is imported for it), the class found in that module's own
     namespace (no ``getattr``: no properties or module ``__getattr__`` of
-    main's run) and defined there, and not one of ``_POWERFUL``'s."""
+    main's run) and defined there, and not a ``_powerful`` one."""
     module, qualname = entry
     if module != "builtins" and not _stdlib(module):
         raise ProtocolError(f"compartment {comp.name!r} named {module}.{qualname} as a "

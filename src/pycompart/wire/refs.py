@@ -1176,6 +1176,22 @@ _ZONES: dict[str, Any] = {}
 MAX_ZONES = 1024
 
 
+#: Lookups of zones not cached (past MAX_ZONES keys: made up by a peer, as
+#: there are ~600 zones) per second, at most: each reads the time zone
+#: data (~45 us), and 110,000 values of made-up zones in one message held
+#: main 5 s.
+MAX_ZONE_LOOKUPS_PER_SECOND = 256
+_zone_window = [0.0, 0]
+
+
+def _zone_lookup_allowed() -> bool:
+    now = time.monotonic()
+    if now - _zone_window[0] >= 1.0:
+        _zone_window[0], _zone_window[1] = now, 0
+    _zone_window[1] += 1
+    return _zone_window[1] <= MAX_ZONE_LOOKUPS_PER_SECOND
+
+
 def _zone(key: Any) -> Any:
     """The ZoneInfo named ``key``, from this machine's time zone data, or
     None if this process cannot read it. zoneinfo refuses keys that leave
@@ -1184,6 +1200,8 @@ def _zone(key: Any) -> Any:
         _bad()
     found = _ZONES.get(key)
     if found is None and key not in _ZONES:
+        if len(_ZONES) >= MAX_ZONES and not _zone_lookup_allowed():
+            return None  # (the value keeps its offset)
         # (The sender picks when, and which zone: see wire.stdlib. A zone not
         # in the system's data is looked for in the tzdata package, which is
         # not the standard library's: not found here, it keeps its offset.)
@@ -1239,8 +1257,8 @@ def _std_encoder(tp: type) -> Callable[[Any], tuple[str, Any]] | None:
     if std is None and tp.__module__ == "pathlib" and "pathlib" in sys.modules:
         import pathlib
 
-        _STD_ENCODE[pathlib.PurePosixPath] = lambda v: ("purepath", str(v))
-        _STD_ENCODE[pathlib.PosixPath] = lambda v: ("path", str(v))
+        _STD_ENCODE[pathlib.PurePosixPath] = lambda v: _path_fields("purepath", str(v))
+        _STD_ENCODE[pathlib.PosixPath] = lambda v: _path_fields("path", str(v))
         std = _STD_ENCODE.get(tp)
     if std is None and _stdlib_int_or_str_enum(tp):
         where = [tp.__module__, tp.__qualname__]
@@ -1282,8 +1300,18 @@ def _stdenum(f: Any) -> Any:
     return value
 
 
+#: The longest path that crosses as a value (PATH_MAX): pathlib splits it
+#: and interns every part, one object each, past the object budget (20
+#: million parts held main 14 s and 2 GiB).
+MAX_PATH_CHARS = 4096
+
+
+def _path_fields(kind: str, text: str) -> tuple[str, Any]:
+    return (kind, text) if len(text) <= MAX_PATH_CHARS else ("", None)  # longer: by reference
+
+
 def _path(kind: str, f: Any) -> Any:
-    if not isinstance(f, str):
+    if not isinstance(f, str) or len(f) > MAX_PATH_CHARS:
         _bad()
     with standard_only():
         pathlib: Any = stdlib_import("pathlib")
