@@ -151,3 +151,27 @@ class ShoutAsserts:
     def assertRefused(self, fn):
         with self.assertRaises(ValueError):
             fn()
+
+
+class lazy_class_property:
+    """pyparsing's _lazyclassproperty: computed from the class it is read on."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __get__(self, obj, cls):
+        return self.fn(cls if cls is not None else type(obj))
+
+
+class CharSet:
+    _ranges: list = []
+
+    @lazy_class_property
+    def chars(cls):
+        out = []
+        for klass in cls.__mro__:
+            if klass is CharSet:
+                break
+            for low, high in getattr(klass, "_ranges", ()):
+                out.extend(range(low, high + 1))
+        return "".join(map(chr, out))

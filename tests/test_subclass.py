@@ -145,6 +145,17 @@ def test_a_boxed_mixin_uses_the_standard_library_bases_main_chose(plugins):
     assert "assertEqual" in MyCase.__pycompart_handed__ and "_callTestMethod" not in MyCase.__pycompart_handed__
 
 
+def test_a_class_property_of_the_box_is_read_on_mains_subclass(plugins):
+    """pyparsing's unicode sets: ``Cuneiform.identchars`` on main's
+    subclass is computed from the ranges main's class sets. It was taken
+    for a method (anything with __get__ was) and read as a function."""
+    class Letters(plugins.CharSet):
+        _ranges = [(65, 70)]
+
+    assert Letters.chars == "ABCDEF" and Letters().chars == "ABCDEF"
+    assert plugins.CharSet.chars == ""
+
+
 def test_two_compartments_cannot_be_mixed(make_app):
     app = make_app({"compartments": {
         "a": {"modules": ["plugins"], "may_call": ["main"]},

@@ -661,9 +661,15 @@ def _kind(value: Any, name: str) -> str:
         return "property"
     import inspect
 
-    if inspect.isfunction(value) or inspect.ismethoddescriptor(value):
+    # (A function, or a builtin's method: not any object with __get__, which
+    # a lazy class property is too, whose value is what is read.)
+    if inspect.isfunction(value) or isinstance(value, _METHOD_KINDS):
         return "special" if name.startswith("__") and name.endswith("__") else "method"
     return "data"
+
+
+_METHOD_KINDS = (types.MethodDescriptorType, types.WrapperDescriptorType, types.BuiltinFunctionType,
+                 types.ClassMethodDescriptorType)
 
 
 def _stub(name: str, kind: str) -> Any:

@@ -233,6 +233,12 @@ class _BoxAttr:
         if inst is None:
             if self.kind in ("method", "special"):
                 return _unbound(self, owner)
+            if owner is not None and owner.__dict__.get("__pycompart_remote_bases__"):
+                # Read on main's subclass itself (``Mine.chars``, a class
+                # property of the box's): on its twins' class, so that it
+                # sees what main's class sets (``_ranges``), as unboxed.
+                inst_handle = comp.pool.pick(None)
+                return comp.call(inst_handle, "@getattr", [twin_class_of(owner, inst_handle), name])
             return comp.call(None, "@getattr", [self.box_class, name])
         twin = twin_of(inst)
         if self.kind in ("method", "special"):
@@ -374,6 +380,25 @@ def _stdlib_base(comp: Compartment, box_class: type, entry: tuple[str, str]) -> 
     return found
 
 
+def twin_class_of(cls: type, inst_handle: Any) -> Any:
+    """The class of the twins of ``cls``'s instances in ``inst_handle``
+    (made there on first need)."""
+    comp: Compartment = cls.__pycompart_remote_bases__[0]._pc_comp  # type: ignore[attr-defined]
+    key = id(inst_handle)
+    found = cls.__pycompart_twinclasses__.get(key)  # type: ignore[attr-defined]
+    twinclass = found[1] if found is not None and found[0] is inst_handle else None
+    if twinclass is None:
+        box_bases = list(cls.__pycompart_remote_bases__)  # type: ignore[attr-defined]
+        twinclass = comp.call(inst_handle, "@twinclass", [
+            cls.__name__, cls.__qualname__, box_bases, cls.__pycompart_handed__,  # type: ignore[attr-defined]
+            class_data(cls), cls])
+        classes = cls.__pycompart_twinclasses__  # type: ignore[attr-defined]
+        for k in [k for k, (h, _) in classes.items() if h.channel.failure is not None]:
+            del classes[k]  # twin classes of dead instances
+        classes[key] = (inst_handle, twinclass)
+    return twinclass
+
+
 def twin_of(inst: Any, instance: Any = None) -> Any:
     """The instance's twin in the compartment (made on first need, in
     ``instance`` if given, else in whichever instance the pool picks; made
@@ -385,18 +410,7 @@ def twin_of(inst: Any, instance: Any = None) -> Any:
     cls = type(inst)
     comp: Compartment = cls.__pycompart_remote_bases__[0]._pc_comp
     inst_handle = instance if instance is not None else comp.pool.pick(None)
-    key = id(inst_handle)
-    found = cls.__pycompart_twinclasses__.get(key)
-    twinclass = found[1] if found is not None and found[0] is inst_handle else None
-    if twinclass is None:
-        box_bases = list(cls.__pycompart_remote_bases__)
-        twinclass = comp.call(inst_handle, "@twinclass", [
-            cls.__name__, cls.__qualname__, box_bases, cls.__pycompart_handed__, class_data(cls),
-            cls])
-        classes = cls.__pycompart_twinclasses__
-        for k in [k for k, (h, _) in classes.items() if h.channel.failure is not None]:
-            del classes[k]  # twin classes of dead instances
-        classes[key] = (inst_handle, twinclass)
+    twinclass = twin_class_of(cls, inst_handle)
     # Main's instance is lent weakly: the twin must not keep it alive (the
     # twin is main's instance's to keep).
     twin = comp.call(inst_handle, "@twin", [twinclass, refs.Lent(weakref.ref(inst))])
