@@ -693,3 +693,26 @@ def test_lookups_of_zones_a_peer_made_up_are_bounded(monkeypatch):
     for i in range(1000):
         assert refs._zone(f"Europe/Nowhere{i}") is None  # (the value keeps its offset)
     assert len(looked) == refs.MAX_ZONE_LOOKUPS_PER_SECOND
+
+
+def test_a_made_up_exception_ancestry_costs_one_stand_in_per_name(monkeypatch):
+    """Red team: with the stand-in cache full (the compartment fills it),
+    a made-up MRO whose classes fail to combine rebuilt each tail again
+    for every class before it: 65,000 classes (~1 s) for 32 names, three
+    times a warning, 100 warnings a call (300 s against a 1 s timeout)."""
+    from pycompart.frontend import proxy, warn
+
+    comp, _ = main_peer()
+    monkeypatch.setattr(proxy, "MAX_CACHED", 0)  # as full as a compartment can make it
+    mro = (["boxlib.A0"] + [f"boxlib.A{i % 4 + 1}" for i in range(26)]
+           + ["ImportError", "boxlib.A9", "OSError", "boxlib.A8", "UnicodeDecodeError"])
+    calls = []
+    standin = proxy.Compartment.standin
+    monkeypatch.setattr(proxy.Compartment, "standin",
+                        lambda self, m, built=None: calls.append(1) or (
+                            standin(self, m) if built is None else standin(self, m, built)))
+    comp.standin(mro)
+    assert len(calls) < 100, len(calls)
+    calls.clear()
+    warn._category(comp, mro + ["UserWarning"])
+    assert len(calls) < 100, len(calls)

@@ -273,11 +273,16 @@ class Compartment:
         """Whether ``module.Name`` is in a module placed in this compartment."""
         return dotted_in(self.spec, dotted)
 
-    def standin(self, mro: list[str]) -> type:
-        """The stand-in class for the compartment's exception class ``mro[0]``."""
+    def standin(self, mro: list[str], built: dict[str, type] | None = None) -> type:
+        """The stand-in class for the compartment's exception class ``mro[0]``.
+        ``built``: the stand-ins made so far for one message, by name, kept
+        whatever the cache's bound (``MAX_CACHED``): without it, a cache the
+        compartment had filled left each base of a made-up MRO to be made
+        again for every class after it (2**n: 3 s a warning)."""
         name = mro[0]
+        built = {} if built is None else built
         with self._lock:
-            cls = self._standins.get(name)
+            cls = self._standins.get(name) or built.get(name)
             if cls is not None:
                 return cls
             # Every base the class has that main can stand for: the
@@ -292,7 +297,7 @@ class Compartment:
                     continue
                 base: type | None = None
                 if dotted_in(self.spec, ancestor):
-                    base = self.standin(mro[i:])
+                    base = self.standin(mro[i:], built)
                 else:
                     builtin = ALLOWED_EXCEPTIONS.get(ancestor)
                     if builtin is not None and builtin is not Exception:
@@ -314,6 +319,7 @@ class Compartment:
                 except TypeError:  # no consistent MRO, or incompatible builtin layouts
                     continue
             assert cls is not None
+            built[name] = cls
             if len(self._standins) < MAX_CACHED:
                 self._standins[name] = cls
             return cls

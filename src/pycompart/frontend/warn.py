@@ -125,10 +125,11 @@ def _where(comp: Compartment, filename: Any) -> str:
 
 
 def _category(comp: Compartment, mro: list[str]) -> type[Warning]:
+    built: dict[str, type] = {}  # (shared: each stand-in made once for this warning)
     for i, name in enumerate(mro):
         cls: Any = ALLOWED_EXCEPTIONS.get(name)
         if cls is None and comp.places_name(name):
-            cls = comp.standin(mro[i:])
+            cls = comp.standin(mro[i:], built)
         if cls is None:
             cls = imported_exception_class(name)
         if isinstance(cls, type) and issubclass(cls, Warning):
