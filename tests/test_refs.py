@@ -716,3 +716,20 @@ def test_a_made_up_exception_ancestry_costs_one_stand_in_per_name(monkeypatch):
     calls.clear()
     warn._category(comp, mro + ["UserWarning"])
     assert len(calls) < 100, len(calls)
+
+
+def test_the_digits_of_numbers_count_against_the_object_budget():
+    """Red team: parsing a number costs ~20 ns a digit: 128 MiB of
+    4300-digit fractions (each a few objects) held main ~2.7 s. Every 16
+    digits of a big int, Decimal or Fraction count as one object more."""
+    from fractions import Fraction
+
+    _, peer = main_peer()
+    big = Fraction(int("7" * 4299), int("3" * 4298 + "1"))
+    with pytest.raises(ProtocolError, match="objects"):
+        peer.decode(peer.encode([big] * 2000))
+    assert peer.decode(peer.encode([big] * 50)) == [big] * 50
+    ints = [2**14000 + i for i in range(300)]
+    assert peer.decode(peer.encode(ints)) == ints
+    with pytest.raises(ProtocolError, match="objects"):
+        peer.decode(peer.encode([2**14000 + i for i in range(5000)]))

@@ -36,6 +36,12 @@ MSGPACK_EXTENSIONS = frozenset({1, 2, 3, 5, 7, 10, 11, 12, 15, 17, 19, 20, 21, 2
 #: msgspec's timestamp extension (-1, as a byte): a datetime, which may be
 #: a typed dict's key.
 TIMESTAMP = 0xFF
+#: refs.EXT_BIGINT (its digits) and refs.EXT_STD (a Decimal's or a
+#: Fraction's digits, in its strs): parsing a number costs like building
+#: objects (~20 ns a digit: 128 MiB of 4300-digit fractions held main
+#: 2.7 s), so every so many digits count as one object more.
+BIGINT, STD = 4, 17
+DIGITS_PER_OBJECT = 16
 
 # Bytes that may begin an object that allocates: fixmap, fixarray, fixstr
 # (0x80-0xbf), bin/ext/float/uint/int/fixext/str/array/map (0xc4-0xdf).
@@ -128,7 +134,7 @@ def check(data: Any, limit: int, what: str = "a value") -> None:
         # many small ones are bounded by their header bytes first.
         if count_objects(data, _QUICK) <= _QUICK:
             return
-        if len(bytes(data).translate(None, _OTHER)) <= limit:
+        if len(bytes(data).translate(None, _OTHER)) + n // DIGITS_PER_OBJECT <= limit:
             return
         count = count_objects(data, limit)
     except _Malformed:
@@ -144,18 +150,24 @@ def count_objects(data: bytes | bytearray | memoryview, limit: int) -> int:
     ``_Malformed`` for what is not msgpack."""
     buf = memoryview(data).cast("B")
     count = 0
-    regions = [(0, len(buf))]
+    regions = [(0, len(buf), False)]
     while regions:
-        pos, end = regions.pop()
+        pos, end, digits = regions.pop()
         while pos < end:
+            begin = pos
             pos, kind, _, code, start = _element(buf, pos, end)
             if kind == _PLAIN:
                 continue
             count += 1
+            if digits and kind == _ALLOCATES:
+                count += (pos - begin) // DIGITS_PER_OBJECT  # a number's digits, parsed
             if count > limit:
                 return count
-            if kind == _EXT and code in MSGPACK_EXTENSIONS and start < pos:
-                regions.append((start, pos))
+            if kind == _EXT:
+                if code == BIGINT:
+                    count += (pos - start) // DIGITS_PER_OBJECT
+                elif code in MSGPACK_EXTENSIONS and start < pos:
+                    regions.append((start, pos, code == STD))
     return count
 
 
