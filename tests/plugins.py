@@ -175,3 +175,18 @@ class CharSet:
             for low, high in getattr(klass, "_ranges", ()):
                 out.extend(range(low, high + 1))
         return "".join(map(chr, out))
+
+
+class TreeHelpers:
+    """Hostile beside xml.etree.ElementTree.ElementTree: asks main to
+    write a file where the compartment may not (red team)."""
+
+    def save_to(self, path):
+        self.write(path)
+        return "written"
+
+
+class CountAsserts:
+    def count_big(self, n):
+        self.assertCountEqual([[i] for i in range(n)], [[i] for i in range(n)])
+        return "counted"

@@ -145,6 +145,33 @@ def test_a_boxed_mixin_uses_the_standard_library_bases_main_chose(plugins):
     assert "assertEqual" in MyCase.__pycompart_handed__ and "_callTestMethod" not in MyCase.__pycompart_handed__
 
 
+def test_a_boxed_mixin_gets_only_a_test_cases_assertions_and_within_bounds(plugins, tmp_path):
+    """Red team: every public method of any standard-library base main
+    named was handed over: ElementTree.write let the compartment have main
+    write a file outside its grant; a 20,000-item assertCountEqual held
+    main's caller 21 s (unittest's code, quadratic, in main)."""
+    import xml.etree.ElementTree as ET
+
+    class MyTree(plugins.TreeHelpers, ET.ElementTree):
+        pass
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("main's")
+    tree = MyTree(ET.fromstring("<r/>"))
+    assert "write" not in MyTree.__pycompart_handed__
+    with pytest.raises((AttributeError, pycompart.CompartmentError)):
+        tree.save_to(str(victim))
+    assert victim.read_text() == "main's"
+
+    class T(plugins.CountAsserts, unittest.TestCase):
+        def test_x(self):
+            pass
+
+    assert T("test_x").count_big(50) == "counted"  # (a temporary: alive while its method runs)
+    with pytest.raises(pycompart.EntrypointError, match="more than"):
+        T("test_x").count_big(20_000)
+
+
 def test_a_class_property_of_the_box_is_read_on_mains_subclass(plugins):
     """pyparsing's unicode sets: ``Cuneiform.identchars`` on main's
     subclass is computed from the ranges main's class sets. It was taken

@@ -35,6 +35,10 @@ MAX_CONCURRENT_CALLBACKS = 16
 MAX_PINNED = 4096
 
 
+#: Bytes of arguments a compartment may pass to one of unittest's
+#: assertions on main's test case (``subclass.make_subclass``).
+MAX_ASSERTION_ARGS = 8 * 1024
+
 #: Characters of main's stdin one request from a compartment may read.
 STDIN_CHUNK = 64 * 1024
 
@@ -131,7 +135,7 @@ class CallbackGate(CallServer):
                     request[0] = request[0]._pc_obj
                 if subclass.is_subclass_instance(request[0], self.compartment) \
                         or subclass.is_main_subclass(request[0], self.compartment):
-                    return self._override(call.entrypoint, request)
+                    return self._override(call.entrypoint, request, len(call.args))
             return self._stream(call.entrypoint, request)
         if call.entrypoint == "@stdin":
             return self._read_stdin(self.peer.decode(call.args))
@@ -229,7 +233,7 @@ class CallbackGate(CallServer):
                 pass
         return info
 
-    def _override(self, op: str, request: list[Any]) -> Any:
+    def _override(self, op: str, request: list[Any], size: int = 0) -> Any:
         """The compartment's twin of one of main's instances (a subclass of
         the compartment's class, ``pycompart.frontend.subclass``) asks main:
         to run a method main's classes define (an override main handed
@@ -254,6 +258,12 @@ class CallbackGate(CallServer):
                 raise AttributeError(f"{type(target).__qualname__!r} hands over no method {name!r}")
             args, kwargs = request[2], request[3]
             protocols.check_arguments(args, kwargs)
+            if size > MAX_ASSERTION_ARGS and name in getattr(type(target), "__pycompart_handed_std__", ()):
+                # unittest's code, not main's: its diffs and counts are
+                # quadratic in what they compare, and main's caller could
+                # not interrupt them (20,000 items: 21 s).
+                raise EntrypointError(f"the arguments of {name}() on main's test case are "
+                                      f"{size} bytes, more than {MAX_ASSERTION_ARGS}")
             return getattr(target, name)(*args, **kwargs)
         if name in target.__dict__ and not name.startswith("__pycompart"):
             if op == "@getattr" and len(request) == 2:

@@ -103,13 +103,21 @@ def make_subclass(remote_meta: type, name: str, bases: tuple[type, ...], ns: dic
     cls.__pycompart_compartment__ = comp.name
     cls.__pycompart_remote_bases__ = tuple(dict.fromkeys(remote + remote_ancestry))
     cls.__pycompart_twinclasses__ = {}
-    # The standard-library classes main itself put among the bases
-    # (``class T(boxed.Mixin, unittest.TestCase)``): the mixin's code calls
-    # their methods on self (``self.assertEqual``), as main's.
+    # A unittest.TestCase main itself put among the bases (``class
+    # T(boxed.Mixin, unittest.TestCase)``): the mixin's code calls its
+    # assertions on self (``self.assertEqual``), as main's. Only those:
+    # other public methods of the standard library's would act for main
+    # with the compartment's arguments (``ElementTree.write(path)``,
+    # ``TestLoader.discover``).
+    import unittest
+
     chosen = {c for base in bases if not isinstance(base, RemoteClassMeta)
-              for c in getattr(base, "__mro__", ()) if c is not object and c not in tail
-              and _stdlib(c.__module__) and not _powerful(c)}
+              for c in getattr(base, "__mro__", ()) if c is unittest.TestCase and c not in tail}
     cls.__pycompart_handed__ = _handed(cls, chosen)
+    cls.__pycompart_handed_std__ = frozenset(
+        name for name in cls.__pycompart_handed__
+        if any(name in c.__dict__ for c in chosen) and not any(
+            name in k.__dict__ for k in _main_classes(cls)))
     return cls
 
 
@@ -136,6 +144,10 @@ def _main_classes(cls: type) -> list[type]:
     return out
 
 
+#: The methods of a TestCase main chose that a mixin of the box may call.
+_ASSERTIONS = ("assert", "fail")
+
+
 def _handed(cls: type, chosen: set[type] | frozenset[type] = frozenset()) -> dict[str, str]:
     """What main hands over with this class: name -> kind, for every
     attribute main's own classes define, as the MRO resolves it, and the
@@ -152,7 +164,7 @@ def _handed(cls: type, chosen: set[type] | frozenset[type] = frozenset()) -> dic
             seen.add(name)
             if name in _MACHINERY:
                 continue
-            if klass not in own and not (klass in chosen and not name.startswith("_")):
+            if klass not in own and not (klass in chosen and name.startswith(_ASSERTIONS)):
                 continue
             if isinstance(value, staticmethod):
                 handed[name] = "staticmethod"
@@ -246,6 +258,9 @@ class _BoxAttr:
                 return comp.call(twin._pc_inst, "@callsuper", [twin, self.box_class, name,
                                                                 list(args), kwargs])
             forward.__name__ = name
+            # (main's instance lives while its method runs, as a bound
+            # method keeps it: ``T("x").check()`` lends it only weakly.)
+            forward.__pycompart_self__ = inst  # type: ignore[attr-defined]
             return forward
         return comp.call(twin._pc_inst, "@getsuper", [twin, self.box_class, name])
 
