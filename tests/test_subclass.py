@@ -167,6 +167,9 @@ def test_a_boxed_mixin_gets_only_a_test_cases_assertions_and_within_bounds(plugi
         def test_x(self):
             pass
 
+    handed = T.__pycompart_handed__
+    assert "assertEqual" in handed and "assertRaises" in handed
+    assert not {"assertRegex", "assertRaisesRegex", "assertAlmostEqual"} & set(handed)  # cost unbounded
     assert T("test_x").count_big(50) == "counted"  # (a temporary: alive while its method runs)
     with pytest.raises(pycompart.EntrypointError, match="more than"):
         T("test_x").count_big(20_000)

@@ -146,6 +146,10 @@ def _main_classes(cls: type) -> list[type]:
 
 #: The methods of a TestCase main chose that a mixin of the box may call.
 _ASSERTIONS = ("assert", "fail")
+#: ... but not those whose cost the arguments alone set, whatever their
+#: size: a regular expression main would run (``(a+)+$``), the ``places``
+#: of ``round`` on a Fraction (10**places digits).
+_UNBOUNDED = ("Regex", "Regexp", "AlmostEqual", "AlmostEquals")
 
 
 def _handed(cls: type, chosen: set[type] | frozenset[type] = frozenset()) -> dict[str, str]:
@@ -164,7 +168,8 @@ def _handed(cls: type, chosen: set[type] | frozenset[type] = frozenset()) -> dic
             seen.add(name)
             if name in _MACHINERY:
                 continue
-            if klass not in own and not (klass in chosen and name.startswith(_ASSERTIONS)):
+            if klass not in own and not (klass in chosen and name.startswith(_ASSERTIONS)
+                                         and not any(w in name for w in _UNBOUNDED)):
                 continue
             if isinstance(value, staticmethod):
                 handed[name] = "staticmethod"
