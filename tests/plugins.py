@@ -190,3 +190,9 @@ class CountAsserts:
     def count_big(self, n):
         self.assertCountEqual([[i] for i in range(n)], [[i] for i in range(n)])
         return "counted"
+
+
+class LineAsserts:
+    def same_text(self, first, second):
+        self.assertEqual(first, second, msg="texts differ")
+        return "same"

@@ -171,6 +171,21 @@ def test_a_boxed_mixin_gets_only_a_test_cases_assertions_and_within_bounds(plugi
     assert "assertEqual" in handed and "assertRaises" in handed
     assert not {"assertRegex", "assertRaisesRegex", "assertAlmostEqual"} & set(handed)  # cost unbounded
     assert T("test_x").count_big(50) == "counted"  # (a temporary: alive while its method runs)
+
+    class Lines(plugins.LineAsserts, unittest.TestCase):
+        def test_x(self):
+            pass
+
+    import random
+    import time
+
+    picks = random.Random(7)
+    first, second = ("".join(picks.choice("ab") + "\n" for _ in range(600)) for _ in range(2))
+    assert Lines("test_x").same_text(first, first) == "same"
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match="texts differ"):
+        Lines("test_x").same_text(first, second)  # difflib took 14 s on these in main
+    assert time.monotonic() - started < 3
     with pytest.raises(pycompart.EntrypointError, match="more than"):
         T("test_x").count_big(20_000)
 

@@ -56,6 +56,28 @@ def _identity_hash(obj: Any) -> int:
     return int.from_bytes(digest, "little", signed=True) or 1
 
 
+#: unittest's equality assertions, which diff what they compare with
+#: difflib (cubic on short lines: 600 lines of one character held main
+#: 14 s): asked by a compartment, main compares, and says only that the
+#: two differ.
+_DIFFING = frozenset({"assertEqual", "assertEquals", "assertListEqual", "assertTupleEqual",
+                      "assertSequenceEqual", "assertDictEqual", "assertSetEqual",
+                      "assertMultiLineEqual", "failUnlessEqual"})
+
+
+def _compared(case: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
+    if len(args) < 2 or set(kwargs) - {"msg", "seq_type"}:
+        raise TypeError("an equality assertion takes two values and msg")
+    first, second = args[0], args[1]
+    msg = args[2] if len(args) > 2 else kwargs.get("msg")
+    if first == second:
+        return None
+    from unittest.util import safe_repr
+
+    standard = f"{safe_repr(first, True)} != {safe_repr(second, True)}"
+    raise case.failureException(case._formatMessage(msg, standard))
+
+
 class CallbackGate(CallServer):
     """main's server for calls from one instance: callbacks only."""
 
@@ -258,12 +280,15 @@ class CallbackGate(CallServer):
                 raise AttributeError(f"{type(target).__qualname__!r} hands over no method {name!r}")
             args, kwargs = request[2], request[3]
             protocols.check_arguments(args, kwargs)
-            if size > MAX_ASSERTION_ARGS and name in getattr(type(target), "__pycompart_handed_std__", ()):
-                # unittest's code, not main's: its diffs and counts are
-                # quadratic in what they compare, and main's caller could
-                # not interrupt them (20,000 items: 21 s).
-                raise EntrypointError(f"the arguments of {name}() on main's test case are "
-                                      f"{size} bytes, more than {MAX_ASSERTION_ARGS}")
+            if name in getattr(type(target), "__pycompart_handed_std__", ()):
+                # unittest's code, not main's: its counts are quadratic in
+                # what they compare (20,000 items: 21 s), and main's caller
+                # could not interrupt them.
+                if size > MAX_ASSERTION_ARGS:
+                    raise EntrypointError(f"the arguments of {name}() on main's test case are "
+                                          f"{size} bytes, more than {MAX_ASSERTION_ARGS}")
+                if name in _DIFFING:
+                    return _compared(target, args, kwargs)
             return getattr(target, name)(*args, **kwargs)
         if name in target.__dict__ and not name.startswith("__pycompart"):
             if op == "@getattr" and len(request) == 2:
