@@ -327,8 +327,8 @@ def glue_class(comp: Compartment, box_class: type, info: dict[str, Any]) -> tupl
 
 
 #: The standard-library modules whose classes main puts into its own
-#: class's bases (for the ancestry a compartment names, and for the public
-#: methods it hands over of the bases main names itself): interfaces,
+#: class's bases for the ancestry a compartment names (of the bases main
+#: names itself, only a TestCase's assertions are handed over): interfaces,
 #: containers, values, test cases, parsers of strings main passes. Not a
 #: class that would act for main on files, processes or the network with
 #: main's arguments (``Mine(path)`` as ``Popen(path)``, ``FileHandler(path)``,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import socket
+import types
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -159,6 +160,7 @@ def function_key(fn: Callable[..., Any]) -> str:
 
 _SET_ORIGINS = (set, frozenset)
 _DICT_ORIGINS = (dict,)
+_UNION_ORIGINS = (typing.Union, types.UnionType)
 
 
 def _strip(ann: Any) -> Any:
@@ -183,7 +185,7 @@ def _collidable(ann: Any) -> bool:
     """Whether values of ``ann`` have hashes an attacker can collide."""
     ann = _strip(ann)
     origin = typing.get_origin(ann) or ann
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+    if origin in _UNION_ORIGINS:
         return any(_collidable(a) for a in typing.get_args(ann))
     return origin in (tuple, frozenset) or (isinstance(ann, type) and issubclass(ann, tuple)) \
         or _struct_fields(ann) is not None
@@ -229,11 +231,10 @@ def _check_spread(value: Any, ann: Any, depth: int = 0) -> None:
         for item in value:
             _check_spread(item, args[0], depth + 1)
     elif origin in _DICT_ORIGINS and type(value) is dict and len(args) == 2:
-        if len(value) > refs.MAX_SHARED_HASHES and _collidable(args[0]):
-            _spread_keys(list(value), args[0])
+        # (Keys that could collide are refused at declaration: ``_may_flood``.)
         for item in value.values():
             _check_spread(item, args[1], depth + 1)
-    elif origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+    elif origin in _UNION_ORIGINS:
         for arm in args:
             _check_spread(value, arm, depth + 1)
     elif args and type(value) is list:

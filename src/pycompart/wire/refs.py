@@ -751,12 +751,7 @@ class Peer:
             if not self.tz_by_reference:
                 return None
             ext = self.export(tz)
-        if tp is datetime.datetime:
-            fields = [value.year, value.month, value.day, value.hour, value.minute, value.second,
-                      value.microsecond, ext, value.fold]
-            return Ext(EXT_STD, encode_wire(["datetime", fields]))
-        return Ext(EXT_STD, encode_wire(["time", [value.hour, value.minute, value.second,
-                                                  value.microsecond, ext, value.fold]]))
+        return Ext(EXT_STD, encode_wire(list((_datetime if tp is datetime.datetime else _time)(value, ext))))
 
     def _container(self, value: Any, tp: type, depth: int) -> Ext:
         kind = _CONTAINER_KINDS[tp]
@@ -816,20 +811,16 @@ class Peer:
     def decode(self, data: bytes | memoryview | msgspec.Raw, fds: list[int] | None = None) -> Any:
         """``data`` as values; ``fds``: the descriptors that came with it
         (each used at most once; those it does not name are closed)."""
-        if self.decode_timeout is None:
-            if fds:
-                with receiving(fds):
-                    return self._decode(data)
-            return self._decode(data)
-        outer = getattr(_decoding, "deadline", None)
+        # Not inside another decode: what ``_bound_round_trips`` sets ends with this one.
+        outermost = self.decode_timeout is not None and getattr(_decoding, "deadline", None) is None
         try:
             if fds:
                 with receiving(fds):
                     return self._decode(data)
             return self._decode(data)
         finally:
-            if outer is None:
-                _decoding.deadline = None  # (set by ``_bound_round_trips``, if it was)
+            if outermost:
+                _decoding.deadline = None
 
     def _bound_round_trips(self) -> None:
         # Building a set or a dict of the peer's objects hashes and compares
@@ -964,10 +955,9 @@ class Peer:
                 and isinstance(mro, list) and all(isinstance(m, str) for m in mro)
                 and type(flags) is int):
             raise ProtocolError("malformed path reference")
-        if flags:
-            found = self._from_path(self, module, qualname, kind, mro[:32], flags & CLASS_FLAGS)
-        else:
-            found = self._from_path(self, module, qualname, kind, mro[:32])
+        # (``from_path`` takes the metaclass's flags only from a class with some.)
+        extra = (flags & CLASS_FLAGS,) if flags else ()
+        found = self._from_path(self, module, qualname, kind, mro[:32], *extra)
         if keep and isinstance(found, _STAYS_PUT) and len(self._paths) < MAX_PATHS:
             self._paths[key] = found
         return found
@@ -1220,14 +1210,15 @@ def _zone(key: Any) -> Any:
     return found
 
 
-def _datetime(v: datetime.datetime) -> tuple[str, Any]:
-    tz = _tz_fields(v.tzinfo, v)
+def _datetime(v: datetime.datetime, tz: Any = False) -> tuple[str, Any]:
+    """``tz``: its zone's fields (or a reference: ``Peer._zone_by_reference``)."""
+    tz = _tz_fields(v.tzinfo, v) if tz is False else tz
     return ("datetime", [v.year, v.month, v.day, v.hour, v.minute, v.second, v.microsecond,
                          tz, v.fold]) if tz is not False else ("", None)
 
 
-def _time(v: datetime.time) -> tuple[str, Any]:
-    tz = _tz_fields(v.tzinfo, None)
+def _time(v: datetime.time, tz: Any = False) -> tuple[str, Any]:
+    tz = _tz_fields(v.tzinfo, None) if tz is False else tz
     return ("time", [v.hour, v.minute, v.second, v.microsecond, tz, v.fold]) if tz is not False \
         else ("", None)
 
